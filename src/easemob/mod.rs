@@ -1,0 +1,1 @@
+//! The embedded Easemob REST client. STUB: being written.

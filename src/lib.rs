@@ -1,0 +1,23 @@
+//! friendhook: receive, verify, store and reconcile Easemob friend (roster) callbacks.
+//!
+//! Crate map (data flows top to bottom on the receive path):
+//! - [`config`]: command line and environment (clap); secrets redacted.
+//! - [`app`]: application state, router assembly, the HTTP server and its shutdown.
+//! - [`http`]: one module per resource; handlers translate HTTP to store and domain calls.
+//! - [`error`]: the one API error type, rendered as `{"code": "...", "detail": "..."}`.
+//! - [`signature`]: pure signature verification (Easemob md5, standard-webhooks HMAC).
+//! - [`callback`]: pure, lenient parsing of a callback body and its dedup key.
+//! - [`store`]: all SQL; the single group-commit writer; migrations.
+//! - [`easemob`]: the embedded Easemob REST client (token cache, limiter, retries).
+//! - [`sandbox`]: the Easemob-compatible fake, in the same binary.
+//! - [`reconcile`]: matching calls against callbacks, as plain functions.
+//! - [`model`], [`clock`], [`secret`]: shared vocabulary, injectable time, redacted secrets.
+
+pub mod callback;
+pub mod clock;
+pub mod easemob;
+pub mod model;
+pub mod reconcile;
+pub mod sandbox;
+pub mod secret;
+pub mod signature;

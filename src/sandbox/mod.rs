@@ -1,0 +1,1 @@
+//! The embedded Easemob-compatible sandbox. STUB: being written.

@@ -1,0 +1,1 @@
+//! Easemob's post-send callback signature. STUB.
