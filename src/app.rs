@@ -1,0 +1,194 @@
+//! Application state, router assembly, and the HTTP server with its limits and graceful shutdown.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::ConnectInfo;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tower::ServiceExt;
+use tower_http::catch_panic::CatchPanicLayer;
+use tower_http::timeout::TimeoutLayer;
+use tower_http::trace::TraceLayer;
+
+use crate::clock::SharedClock;
+use crate::config::OnBadSignature;
+use crate::error::error_response;
+use crate::signature::Verifier;
+use crate::store::Store;
+
+/// Settings the handlers read.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// Largest callback body.
+    pub max_body_bytes: usize,
+    /// Reject or quarantine on a bad signature.
+    pub on_bad_signature: OnBadSignature,
+    /// Source allow-list (empty: any).
+    pub allow_from: Vec<ipnet::IpNet>,
+    /// Reconciliation skew (ms).
+    pub match_skew_ms: i64,
+    /// Reconciliation window (ms).
+    pub match_window_ms: i64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 65536,
+            on_bad_signature: OnBadSignature::Reject,
+            allow_from: Vec::new(),
+            match_skew_ms: 5_000,
+            match_window_ms: 300_000,
+        }
+    }
+}
+
+/// Counters exposed in logs and `/readyz`.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests answered 401.
+    pub rejected: AtomicU64,
+    /// Requests kept in quarantine.
+    pub quarantined: AtomicU64,
+}
+
+/// Everything a handler needs.
+#[derive(Debug)]
+pub struct AppState {
+    /// The database.
+    pub store: Store,
+    /// Signature verification.
+    pub verifier: Verifier,
+    /// Time source.
+    pub clock: SharedClock,
+    /// Handler settings.
+    pub settings: Settings,
+    /// Counters.
+    pub metrics: Metrics,
+}
+
+/// State as the router holds it.
+pub type SharedState = Arc<AppState>;
+
+/// Limits applied around the router.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// Most requests handled at once (more wait).
+    pub max_in_flight: usize,
+    /// Headers must arrive within this time.
+    pub header_timeout: Duration,
+    /// Whole request (body read and handling) deadline.
+    pub request_timeout: Duration,
+    /// How long shutdown waits for in-flight requests.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            max_in_flight: 4096,
+            header_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+            shutdown_grace: Duration::from_secs(10),
+        }
+    }
+}
+
+/// The full router with its middleware.
+pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
+    Router::new()
+        .merge(crate::http::health::router())
+        .merge(crate::http::callbacks::router())
+        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API") })
+        .with_state(state)
+        .layer(CatchPanicLayer::custom(|_| {
+            error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the service log")
+        }))
+        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight))
+        .layer(TraceLayer::new_for_http())
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
+/// requests finish for up to `limits.shutdown_grace`, and returns.
+///
+/// hyper's connection builder is used directly (rather than `axum::serve`) for the header read
+/// timeout, which cuts off clients that trickle their headers (slow loris).
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    shutdown: impl Future<Output = ()> + Send,
+) -> std::io::Result<()> {
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(err) => {
+                    // Running out of file descriptors must not end the server; back off briefly.
+                    tracing::warn!(error = %err, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let router = router.clone();
+        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+            let router = router.clone();
+            async move { Ok::<_, Infallible>(router.oneshot(req.map(axum::body::Body::new)).await.into_response()) }
+        });
+        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let conn = graceful.watch(conn);
+        tokio::spawn(async move {
+            if let Err(err) = conn.await {
+                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("shutting down: no longer accepting; waiting for in-flight requests");
+    tokio::select! {
+        () = graceful.shutdown() => tracing::info!("all connections closed"),
+        () = tokio::time::sleep(limits.shutdown_grace) => {
+            tracing::warn!(grace = ?limits.shutdown_grace, "in-flight requests did not finish within the shutdown grace; exiting anyway");
+        }
+    }
+    Ok(())
+}
+
+/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
+pub async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => tracing::info!("received SIGINT"),
+        () = term => tracing::info!("received SIGTERM"),
+    }
+}

@@ -1,0 +1,101 @@
+//! `friendhook serve`: open the store, build the verifier, start the sandbox if no real Easemob is
+//! configured, and serve HTTP until SIGTERM/SIGINT.
+
+use std::sync::Arc;
+
+use anyhow::{Context, bail};
+use tokio::net::TcpListener;
+
+use crate::app::{self, AppState, Metrics, ServerLimits, Settings};
+use crate::clock::{self, SharedClock};
+use crate::config::ServeArgs;
+use crate::secret::Secret;
+use crate::signature::{Scheme, Verifier};
+use crate::store::{Store, StoreOptions, WriterLimits};
+
+/// Everything `serve` starts, bound and ready; `run` serves it.
+pub struct Service {
+    /// The receiver's listener.
+    pub listener: TcpListener,
+    /// The router with all state.
+    pub router: axum::Router,
+    /// Server limits.
+    pub limits: ServerLimits,
+    /// Shared state (tests inspect the store through it).
+    pub state: Arc<AppState>,
+}
+
+/// Store options from the serve flags.
+pub fn store_options(args: &ServeArgs) -> StoreOptions {
+    StoreOptions {
+        database_url: args.db.database_url.clone(),
+        synchronous: args.db.sqlite_synchronous,
+        write_queue: args.write_queue,
+        limits: WriterLimits {
+            max_batch: args.max_batch.max(1),
+            rejection_cap: args.rejection_log_cap.max(1),
+            quarantine_cap: args.quarantine_cap.max(0),
+        },
+        read_connections: 4,
+    }
+}
+
+fn generated_secret() -> Secret {
+    let bytes: [u8; 16] = rand::random();
+    Secret::new(hex::encode(bytes))
+}
+
+/// Binds the listener and builds every part, without serving yet.
+pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Service> {
+    let sandbox_mode = args.easemob.easemob_base_url.is_none();
+    let mut secrets: Vec<Secret> = args.callback_secret.iter().filter(|s| !s.expose().is_empty()).cloned().collect();
+    if secrets.is_empty() {
+        if sandbox_mode && args.signature_scheme == Scheme::Easemob {
+            secrets.push(generated_secret());
+            tracing::info!("no --callback-secret given: generated one for the built-in sandbox (not shown)");
+        } else {
+            bail!(
+                "no callback secret: pass --callback-secret (or FRIENDHOOK_CALLBACK_SECRET) with the secret of your \
+                 Easemob callback rule (standard-webhooks: whsec_<base64>)"
+            );
+        }
+    }
+    let verifier = Verifier::new(args.signature_scheme, secrets, args.timestamp_tolerance.as_secs() as i64)
+        .context("invalid --callback-secret")?;
+    let store = Store::open(store_options(args), clock.clone())
+        .await
+        .with_context(|| format!("could not open the database {}", args.db.database_url))?;
+    let listener = TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("could not listen on {} (is another friendhook running? try --listen)", args.listen))?;
+    let settings = Settings {
+        max_body_bytes: args.max_body_bytes,
+        on_bad_signature: args.on_bad_signature,
+        allow_from: args.allow_from.clone(),
+        match_skew_ms: args.match_skew.as_millis() as i64,
+        match_window_ms: args.match_window.as_millis() as i64,
+    };
+    let state = Arc::new(AppState { store, verifier, clock, settings, metrics: Metrics::default() });
+    let limits = ServerLimits {
+        max_in_flight: args.max_in_flight.max(1),
+        header_timeout: args.header_timeout,
+        request_timeout: args.request_timeout,
+        shutdown_grace: args.shutdown_grace,
+    };
+    let router = app::router(state.clone(), &limits);
+    Ok(Service { listener, router, limits, state })
+}
+
+/// `friendhook serve`.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let service = build(&args, clock::system()).await?;
+    let addr = service.listener.local_addr()?;
+    tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
+        "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");
+    app::serve(service.listener, service.router, service.limits, app::shutdown_signal()).await?;
+    let store = service.state.store.clone();
+    drop(service.state);
+    store.close().await;
+    tracing::info!("stopped");
+    Ok(())
+}

@@ -1,0 +1,196 @@
+//! Command line and environment configuration (clap derive).
+//!
+//! Every option of `friendhook serve` has a long flag and an environment variable, and the
+//! defaults run with no configuration at all: an SQLite file in the working directory and the
+//! built-in Easemob sandbox. Secrets are [`Secret`]s, so `{:?}` on any of these structs is safe.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::secret::Secret;
+use crate::signature::Scheme;
+
+/// friendhook: trigger Easemob friend additions, receive and verify their callbacks, store them
+/// durably, and reconcile one against the other.
+#[derive(Debug, Parser)]
+#[command(name = "friendhook", version, about, long_about = None, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP service (receiver, trigger API, reconciliation, feed). With no
+    /// --easemob-base-url it also starts the built-in Easemob sandbox and wires the two together.
+    Serve(Box<ServeArgs>),
+}
+
+/// How hard SQLite flushes to disk on commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum SqliteSynchronous {
+    /// fsync the WAL on every commit: an acknowledged callback survives power loss.
+    Full,
+    /// fsync only at checkpoints: survives a crash of the process, but the last commits before a
+    /// power loss or kernel crash may be rolled back. Faster (fewer fsyncs).
+    Normal,
+}
+
+/// What to do with a callback that fails verification.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum OnBadSignature {
+    /// Answer 401 and record a rejection (hash and size, not the body).
+    Reject,
+    /// Keep the request in a bounded quarantine (not the event store) and answer 200, so that a
+    /// wrong secret after a rotation does not get the Easemob rule banned or the events lost.
+    Quarantine,
+}
+
+/// Storage options shared by every command that opens the database.
+#[derive(Debug, Clone, Args)]
+pub struct DatabaseArgs {
+    /// SQLite database URL; the file is created if missing and migrations are applied at start.
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    pub database_url: String,
+
+    /// SQLite `synchronous` mode for the write connection (WAL journal either way). `full`: every
+    /// acknowledged callback survives power loss. `normal`: faster, survives process crashes,
+    /// may lose the last commits on power loss.
+    #[arg(long, env = "FRIENDHOOK_SQLITE_SYNCHRONOUS", value_enum, default_value = "full")]
+    pub sqlite_synchronous: SqliteSynchronous,
+}
+
+/// Options of `friendhook serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address the HTTP service listens on.
+    #[arg(long, env = "FRIENDHOOK_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    #[command(flatten)]
+    pub db: DatabaseArgs,
+
+    /// Callback secret(s), comma-separated; any of them may verify a callback (several are active
+    /// during a rotation). Easemob scheme: the rule's secret from the Easemob console.
+    /// standard-webhooks: `whsec_<base64>`. Empty in sandbox mode: one is generated at start.
+    #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',')]
+    pub callback_secret: Vec<Secret>,
+
+    /// Signature scheme checked on POST /callbacks/easemob.
+    #[arg(long, env = "FRIENDHOOK_SIGNATURE_SCHEME", value_enum, default_value = "easemob")]
+    pub signature_scheme: Scheme,
+
+    /// Largest accepted callback body; larger requests get 413 without the rest being read.
+    #[arg(long, env = "FRIENDHOOK_MAX_BODY_BYTES", default_value_t = 65536)]
+    pub max_body_bytes: usize,
+
+    /// standard-webhooks only: how far `webhook-timestamp` may be from now, either way.
+    #[arg(long, env = "FRIENDHOOK_TIMESTAMP_TOLERANCE", default_value = "5m", value_parser = parse_duration)]
+    pub timestamp_tolerance: Duration,
+
+    /// At most this many rejected deliveries are kept (oldest pruned first).
+    #[arg(long, env = "FRIENDHOOK_REJECTION_LOG_CAP", default_value_t = 10_000)]
+    pub rejection_log_cap: i64,
+
+    /// Requests waiting for the writer beyond this many are answered 503 with Retry-After
+    /// (never 200 before commit); bounds memory under overload.
+    #[arg(long, env = "FRIENDHOOK_WRITE_QUEUE", default_value_t = 8192)]
+    pub write_queue: usize,
+
+    /// Most rows committed in one transaction by the group-commit writer.
+    #[arg(long, env = "FRIENDHOOK_MAX_BATCH", default_value_t = 512)]
+    pub max_batch: usize,
+
+    /// Most requests handled at once; further requests wait in the accept queue.
+    #[arg(long, env = "FRIENDHOOK_MAX_IN_FLIGHT", default_value_t = 4096)]
+    pub max_in_flight: usize,
+
+    /// A client must send its request headers within this time, or the connection is closed
+    /// (slow-loris protection).
+    #[arg(long, env = "FRIENDHOOK_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub header_timeout: Duration,
+
+    /// A request (body read and handling) must finish within this time, or it is answered 408.
+    #[arg(long, env = "FRIENDHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub request_timeout: Duration,
+
+    /// On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
+    #[arg(long, env = "FRIENDHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// What to do with a callback that fails verification: `reject` (401) or `quarantine`
+    /// (keep it aside, answer 200; see `friendhook quarantine`).
+    #[arg(long, env = "FRIENDHOOK_ON_BAD_SIGNATURE", value_enum, default_value = "reject")]
+    pub on_bad_signature: OnBadSignature,
+
+    /// quarantine mode: keep at most this many quarantined requests (further ones are rejected).
+    #[arg(long, env = "FRIENDHOOK_QUARANTINE_CAP", default_value_t = 10_000)]
+    pub quarantine_cap: i64,
+
+    /// Only accept callbacks from these source networks (comma-separated CIDRs, e.g.
+    /// `203.0.113.0/24,127.0.0.1/32`). Empty: any source.
+    #[arg(long, env = "FRIENDHOOK_ALLOW_FROM", value_delimiter = ',')]
+    pub allow_from: Vec<ipnet::IpNet>,
+
+    /// Reconciliation: how far before the call a callback's timestamp may lie (clock skew).
+    #[arg(long, env = "FRIENDHOOK_MATCH_SKEW", default_value = "5s", value_parser = parse_duration)]
+    pub match_skew: Duration,
+
+    /// Reconciliation: how long after the call completed its callback may come.
+    #[arg(long, env = "FRIENDHOOK_MATCH_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub match_window: Duration,
+
+    #[command(flatten)]
+    pub easemob: EasemobArgs,
+}
+
+/// How to reach Easemob. With no base URL, the built-in sandbox plays Easemob.
+#[derive(Debug, Clone, Args)]
+pub struct EasemobArgs {
+    /// Easemob REST base URL (e.g. `https://a1.easemob.com`). Unset: start the built-in sandbox
+    /// and use it (org demo-org, app demo-app, client id sandbox-client-id).
+    #[arg(long, env = "EASEMOB_BASE_URL")]
+    pub easemob_base_url: Option<String>,
+
+    /// Easemob org name (the part of the App Key before `#`).
+    #[arg(long, env = "EASEMOB_ORG")]
+    pub easemob_org: Option<String>,
+
+    /// Easemob app name (the part of the App Key after `#`).
+    #[arg(long, env = "EASEMOB_APP")]
+    pub easemob_app: Option<String>,
+
+    /// Client ID from the Easemob console.
+    #[arg(long, env = "EASEMOB_CLIENT_ID")]
+    pub easemob_client_id: Option<String>,
+
+    /// Client secret from the Easemob console (never logged).
+    #[arg(long, env = "EASEMOB_CLIENT_SECRET")]
+    pub easemob_client_secret: Option<Secret>,
+
+    /// Client-side rate limit for Easemob calls, requests per second per App Key (Easemob's limit
+    /// for the contact APIs is 100/s).
+    #[arg(long, env = "EASEMOB_RATE_LIMIT", default_value_t = 100)]
+    pub easemob_rate_limit: u32,
+
+    /// Most HTTP attempts per Easemob call (429, 5xx and transport errors are retried).
+    #[arg(long, env = "EASEMOB_MAX_ATTEMPTS", default_value_t = 5)]
+    pub easemob_max_attempts: u32,
+
+    /// Total time budget for retries of one Easemob call.
+    #[arg(long, env = "EASEMOB_MAX_RETRY_TIME", default_value = "30s", value_parser = parse_duration)]
+    pub easemob_max_retry_time: Duration,
+
+    /// Sandbox mode: where the built-in sandbox listens.
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_LISTEN", default_value = "127.0.0.1:8081")]
+    pub sandbox_listen: SocketAddr,
+}
+
+/// Parses `5s`, `250ms`, `5m`, `1h`.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 5s, 250ms or 5m: {e}"))
+}

@@ -1,0 +1,143 @@
+//! The one error type of the HTTP API, rendered as `{"code": "...", "detail": "..."}`.
+//!
+//! Handlers return `Result<_, ApiError>`. Client errors carry a detail that tells the caller what
+//! to change; server errors log their whole cause chain and answer a generic detail, so internals
+//! (paths, SQL, secrets) never reach a response body.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+
+/// An API error: status, stable machine code, human detail.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// 400: the request is malformed or invalid.
+    #[error("{detail}")]
+    BadRequest {
+        /// Stable machine code.
+        code: &'static str,
+        /// What is wrong and how to fix it.
+        detail: String,
+    },
+    /// 401: the callback failed verification. Deliberately says nothing about which check.
+    #[error("signature verification failed")]
+    Unauthorized,
+    /// 403: the source address is not allowed.
+    #[error("source address not allowed")]
+    Forbidden,
+    /// 404: no such resource.
+    #[error("{0}")]
+    NotFound(String),
+    /// 409: conflicting state (e.g. an idempotency key still in flight).
+    #[error("{detail}")]
+    Conflict {
+        /// Stable machine code.
+        code: &'static str,
+        /// What is going on.
+        detail: String,
+    },
+    /// 413: body over the configured limit.
+    #[error("request body exceeds {limit} bytes")]
+    PayloadTooLarge {
+        /// The configured limit.
+        limit: usize,
+    },
+    /// 415: the body is not declared as JSON.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 422: well-formed but semantically unacceptable.
+    #[error("{detail}")]
+    Unprocessable {
+        /// Stable machine code.
+        code: &'static str,
+        /// What is wrong.
+        detail: String,
+    },
+    /// 503: cannot commit right now (queue full, database fault); the caller should retry.
+    #[error("{detail}")]
+    Unavailable {
+        /// Stable machine code.
+        code: &'static str,
+        /// What is going on.
+        detail: String,
+        /// Seconds to wait before retrying.
+        retry_after_secs: u32,
+    },
+    /// 500: a bug or an unexpected fault; logged with its cause, answered generically.
+    #[error("internal error")]
+    Internal(#[source] anyhow::Error),
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    code: &'a str,
+    detail: &'a str,
+}
+
+impl ApiError {
+    /// Shorthand for a 400.
+    pub fn bad_request(code: &'static str, detail: impl Into<String>) -> Self {
+        ApiError::BadRequest { code, detail: detail.into() }
+    }
+
+    /// Shorthand for a 500 from any error.
+    pub fn internal(err: impl Into<anyhow::Error>) -> Self {
+        ApiError::Internal(err.into())
+    }
+
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest { .. } => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::Conflict { .. } => StatusCode::CONFLICT,
+            ApiError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// The stable machine code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest { code, .. } => code,
+            ApiError::Unauthorized => "unauthorized",
+            ApiError::Forbidden => "forbidden",
+            ApiError::NotFound(_) => "not_found",
+            ApiError::Conflict { code, .. } => code,
+            ApiError::PayloadTooLarge { .. } => "payload_too_large",
+            ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
+            ApiError::Unprocessable { code, .. } => code,
+            ApiError::Unavailable { code, .. } => code,
+            ApiError::Internal(_) => "internal",
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = match &self {
+            ApiError::Internal(err) => {
+                tracing::error!(error = format!("{err:#}"), "internal error while handling a request");
+                "internal error; see the service log".to_string()
+            }
+            other => other.to_string(),
+        };
+        let mut response = (status, Json(ErrorBody { code: self.code(), detail: &detail })).into_response();
+        if let ApiError::Unavailable { retry_after_secs, .. } = &self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+        }
+        response
+    }
+}
+
+/// Renders a plain `{"code","detail"}` response; for middleware that has no `ApiError` at hand.
+pub fn error_response(status: StatusCode, code: &str, detail: &str) -> Response {
+    (status, Json(ErrorBody { code, detail })).into_response()
+}

@@ -1,0 +1,236 @@
+//! `POST /callbacks/easemob` (receive, verify, deduplicate, store, then 200) and the read-back
+//! endpoints `GET /v1/callbacks` and `GET /v1/callbacks/{seq}`.
+//!
+//! The receive path takes `HeaderMap + Body`, never a JSON extractor: the signature covers the
+//! exact bytes, and the raw body is stored byte-exact.
+
+use std::net::SocketAddr;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{HeaderMap, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::query::{parse_cursor, parse_limit, parse_opt_time};
+use crate::app::SharedState;
+use crate::callback::{self, ParsedCallback};
+use crate::config::OnBadSignature;
+use crate::error::ApiError;
+use crate::signature::{Scheme, VerifyError};
+use crate::store::{CallbackFilter, NewCallback, QuarantineEntry, Rejection, StoreError, chain};
+
+/// Routes of this module.
+pub fn router() -> axum::Router<SharedState> {
+    axum::Router::new()
+        .route("/callbacks/easemob", post(receive_callback))
+        .route("/v1/callbacks", get(list_callbacks))
+        .route("/v1/callbacks/{seq}", get(get_callback))
+}
+
+impl From<StoreError> for ApiError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::QueueFull => ApiError::Unavailable {
+                code: "overloaded",
+                detail: "the write queue is full; retry shortly".into(),
+                retry_after_secs: 1,
+            },
+            StoreError::WriterGone => ApiError::Unavailable {
+                code: "shutting_down",
+                detail: "the service is shutting down; retry shortly".into(),
+                retry_after_secs: 1,
+            },
+            other => {
+                tracing::error!(error = %other, "storage error");
+                ApiError::Unavailable {
+                    code: "storage_unavailable",
+                    detail: "the database cannot commit right now; nothing was stored, retry shortly".into(),
+                    retry_after_secs: 1,
+                }
+            }
+        }
+    }
+}
+
+/// The body if it fits, else 413; stops reading at the limit instead of buffering the rest.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(ApiError::PayloadTooLarge { limit });
+    }
+    match Limited::new(body, limit).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.downcast_ref::<LengthLimitError>().is_some() => Err(ApiError::PayloadTooLarge { limit }),
+        Err(err) => Err(ApiError::bad_request("body_read_failed", format!("could not read the request body: {err}"))),
+    }
+}
+
+fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_TYPE) else {
+        // Easemob always sends application/json; a missing header is tolerated, a wrong one is not.
+        return Ok(());
+    };
+    let essence = value.to_str().unwrap_or("").split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    if essence == "application/json" {
+        Ok(())
+    } else {
+        Err(ApiError::UnsupportedMediaType(format!(
+            "Content-Type must be application/json, got `{}`",
+            value.to_str().unwrap_or("(not text)")
+        )))
+    }
+}
+
+async fn receive_callback(
+    State(state): State<SharedState>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    if !state.settings.allow_from.is_empty() && !state.settings.allow_from.iter().any(|net| net.contains(&peer.ip())) {
+        tracing::warn!(%peer, "callback from a source outside --allow-from; answered 403");
+        return Err(ApiError::Forbidden);
+    }
+    check_content_type(&headers)?;
+    let body = read_body(&headers, body, state.settings.max_body_bytes).await?;
+    let received_at_ms = state.clock.now_ms();
+    let verifier = &state.verifier;
+
+    let verified: Result<(ParsedCallback, usize), VerifyError> = match verifier.scheme() {
+        Scheme::Easemob => {
+            let event = callback::parse(&body, true).map_err(parse_error)?;
+            let security = event.security.as_deref().unwrap_or_default();
+            verifier.verify_easemob(&event.call_id, &event.timestamp_text, security).map(|i| (event, i))
+        }
+        Scheme::StandardWebhooks => match verifier.verify_standard(&headers, &body, received_at_ms) {
+            Ok(i) => Ok((callback::parse(&body, false).map_err(parse_error)?, i)),
+            Err(e) => Err(e),
+        },
+    };
+
+    let (event, secret_index) = match verified {
+        Ok(v) => v,
+        Err(err) => return bad_signature(&state, peer, &headers, body, received_at_ms, err).await,
+    };
+
+    // The body parsed as JSON, so it is valid UTF-8; the fallback is unreachable in practice.
+    let raw_body = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::bad_request("invalid_json", "body is not valid UTF-8"))?;
+    let ack = state
+        .store
+        .insert_callback(NewCallback {
+            body_sha256: chain::sha256_hex(raw_body.as_bytes()),
+            raw_body,
+            received_at_ms,
+            remote_addr: Some(peer.to_string()),
+            scheme: verifier.scheme().as_str(),
+            secret_index: secret_index as i64,
+            event,
+        })
+        .await?;
+    // Easemob accepts at most 1,000 characters in the answer; this stays far below.
+    Ok(Json(json!({"status": "ok", "seq": ack.seq, "duplicate": ack.duplicate})).into_response())
+}
+
+fn parse_error(err: callback::ParseError) -> ApiError {
+    ApiError::bad_request(err.code(), err.to_string())
+}
+
+async fn bad_signature(
+    state: &SharedState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    body: Bytes,
+    received_at_ms: i64,
+    err: VerifyError,
+) -> Result<Response, ApiError> {
+    let body_sha256 = chain::sha256_hex(&body);
+    if state.settings.on_bad_signature == OnBadSignature::Quarantine {
+        let kept: serde_json::Map<String, serde_json::Value> = ["webhook-id", "webhook-timestamp", "webhook-signature", "content-type"]
+            .iter()
+            .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(|v| (h.to_string(), json!(v))))
+            .collect();
+        let held = state
+            .store
+            .insert_quarantine(QuarantineEntry {
+                received_at_ms,
+                remote_addr: Some(peer.to_string()),
+                reason: err.reason(),
+                headers_json: serde_json::Value::Object(kept).to_string(),
+                raw_body: body.to_vec(),
+            })
+            .await?;
+        if let Some(id) = held {
+            state.metrics.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(%peer, reason = err.reason(), quarantine_id = id, body_sha256,
+                "callback failed verification; QUARANTINED and answered 200 (check the callback secret; see `friendhook quarantine list`)");
+            return Ok(Json(json!({"status": "quarantined"})).into_response());
+        }
+        tracing::warn!(%peer, "quarantine is full; rejecting instead");
+    }
+    state.metrics.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    tracing::warn!(%peer, reason = err.reason(), body_sha256, size = body.len(), "callback failed verification; answered 401");
+    let rejection = Rejection {
+        received_at_ms,
+        remote_addr: Some(peer.to_string()),
+        reason: err.reason(),
+        body_sha256,
+        body_size: body.len() as i64,
+    };
+    if let Err(e) = state.store.insert_rejection(rejection).await {
+        tracing::warn!(error = %e, "could not record a rejected delivery");
+    }
+    Err(ApiError::Unauthorized)
+}
+
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    call_id: Option<String>,
+    operation: Option<String>,
+    from: Option<String>,
+    to: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+async fn list_callbacks(
+    State(state): State<SharedState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let limit = parse_limit(q.limit)?;
+    let filter = CallbackFilter {
+        call_id: q.call_id,
+        operation: q.operation,
+        from_user: q.from,
+        to_user: q.to,
+        since_ms: parse_opt_time("since", q.since.as_deref())?,
+        until_ms: parse_opt_time("until", q.until.as_deref())?,
+        after_seq: parse_cursor(q.cursor.as_deref())?,
+        limit,
+    };
+    let items = state.store.list_callbacks(&filter).await?;
+    let next_cursor = (items.len() as i64 == limit).then(|| items.last().map(|i| i.seq.to_string())).flatten();
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
+}
+
+async fn get_callback(State(state): State<SharedState>, Path(seq): Path<String>) -> Result<Response, ApiError> {
+    let seq: i64 = seq
+        .parse()
+        .map_err(|_| ApiError::bad_request("invalid_path", format!("`{seq}` is not a sequence number")))?;
+    match state.store.get_callback(seq).await? {
+        Some(detail) => Ok(Json(detail).into_response()),
+        None => Err(ApiError::NotFound(format!("no callback with seq {seq}"))),
+    }
+}

@@ -1,0 +1,34 @@
+//! `GET /healthz` (the process is up) and `GET /readyz` (the database reads and the writer commits).
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde_json::json;
+
+use crate::app::SharedState;
+
+/// Routes of this module.
+pub fn router() -> axum::Router<SharedState> {
+    axum::Router::new().route("/healthz", get(healthz)).route("/readyz", get(readyz))
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+async fn readyz(State(state): State<SharedState>) -> Response {
+    let read = state.store.probe_read().await.err().map(|e| e.to_string());
+    let write = match state.store.probe_write().await {
+        Ok(()) => state.store.writer_health().last_error(),
+        Err(e) => Some(e.to_string()),
+    };
+    let ready = read.is_none() && write.is_none();
+    let body = json!({
+        "status": if ready { "ready" } else { "not_ready" },
+        "database": { "read": read.as_deref().unwrap_or("ok"), "write": write.as_deref().unwrap_or("ok") },
+    });
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}

@@ -1,0 +1,7 @@
+//! HTTP resources, one module each; every module exposes a `router()`.
+//!
+//! Handlers translate requests into store and domain calls and back; they hold no SQL.
+
+pub mod callbacks;
+pub mod health;
+pub mod query;

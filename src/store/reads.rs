@@ -1,0 +1,266 @@
+//! Read queries. Each function is one statement (or one streamed statement) over the read pool.
+
+use serde::Serialize;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection};
+
+use super::writer::ChainHead;
+use super::{CallRecord, SELECT_CALL, Store, StoreError, chain};
+use crate::model::Outcome;
+
+/// Loads the chain head (highest seq of either table). Both lookups use the unique seq indexes.
+pub(super) async fn load_head(conn: &mut SqliteConnection) -> Result<ChainHead, StoreError> {
+    let a: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, chain_hash FROM callbacks WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let b: Option<(i64, String)> =
+        sqlx::query_as("SELECT seq, chain_hash FROM calls WHERE seq IS NOT NULL ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *conn)
+            .await?;
+    let best = match (a, b) {
+        (Some(a), Some(b)) => Some(if a.0 > b.0 { a } else { b }),
+        (a, b) => a.or(b),
+    };
+    Ok(match best {
+        Some((seq, hash)) => ChainHead { seq, hash },
+        None => ChainHead { seq: 0, hash: chain::GENESIS.to_string() },
+    })
+}
+
+/// Filters of `GET /v1/callbacks`.
+#[derive(Debug, Clone, Default)]
+pub struct CallbackFilter {
+    /// Exact callId.
+    pub call_id: Option<String>,
+    /// Exact payload.operation.
+    pub operation: Option<String>,
+    /// Exact normalised from.
+    pub from_user: Option<String>,
+    /// Exact normalised to.
+    pub to_user: Option<String>,
+    /// Event time lower bound (inclusive, epoch ms).
+    pub since_ms: Option<i64>,
+    /// Event time upper bound (exclusive, epoch ms).
+    pub until_ms: Option<i64>,
+    /// Only seq greater than this (the cursor).
+    pub after_seq: Option<i64>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// A stored callback event as listed.
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+pub struct CallbackItem {
+    /// Sequence number.
+    pub seq: i64,
+    /// callId.
+    pub call_id: String,
+    /// msg_id.
+    pub msg_id: Option<String>,
+    /// eventType.
+    pub event_type: Option<String>,
+    /// chat_type.
+    pub chat_type: Option<String>,
+    /// payload.operation.
+    pub operation: Option<String>,
+    /// Normalised from.
+    pub from_user: Option<String>,
+    /// Normalised to.
+    pub to_user: Option<String>,
+    /// appkey.
+    pub appkey: Option<String>,
+    /// Event time (epoch ms).
+    pub timestamp: i64,
+    /// First receipt (epoch ms).
+    pub received_at: i64,
+    /// Number of deliveries received.
+    pub deliveries: i64,
+    /// Scheme that verified it.
+    pub scheme: String,
+    /// Index of the verifying secret.
+    pub secret_index: i64,
+    /// Hex SHA-256 of the raw body.
+    pub body_sha256: String,
+    /// Hash-chain link.
+    pub chain_hash: Option<String>,
+}
+
+/// One callback with its raw body and delivery times.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallbackDetail {
+    /// The listed fields.
+    #[serde(flatten)]
+    pub item: CallbackItem,
+    /// The exact body as received.
+    pub raw_body: String,
+    /// Every delivery: time and source.
+    pub delivery_log: Vec<Delivery>,
+}
+
+/// One delivery of an event.
+#[derive(Debug, Clone, Serialize)]
+pub struct Delivery {
+    /// When (epoch ms).
+    pub received_at: i64,
+    /// From where.
+    pub remote_addr: Option<String>,
+}
+
+const CALLBACK_COLUMNS: &str = "seq, call_id, msg_id, event_type, chat_type, operation, from_user, to_user, appkey, \
+     timestamp_ms, received_at_ms, deliveries, scheme, secret_index, body_sha256, chain_hash";
+
+fn callback_item(row: &sqlx::sqlite::SqliteRow) -> Result<CallbackItem, sqlx::Error> {
+    Ok(CallbackItem {
+        seq: row.try_get("seq")?,
+        call_id: row.try_get("call_id")?,
+        msg_id: row.try_get("msg_id")?,
+        event_type: row.try_get("event_type")?,
+        chat_type: row.try_get("chat_type")?,
+        operation: row.try_get("operation")?,
+        from_user: row.try_get("from_user")?,
+        to_user: row.try_get("to_user")?,
+        appkey: row.try_get("appkey")?,
+        timestamp: row.try_get("timestamp_ms")?,
+        received_at: row.try_get("received_at_ms")?,
+        deliveries: row.try_get("deliveries")?,
+        scheme: row.try_get("scheme")?,
+        secret_index: row.try_get("secret_index")?,
+        body_sha256: row.try_get("body_sha256")?,
+        chain_hash: row.try_get("chain_hash")?,
+    })
+}
+
+/// Filters of `GET /v1/calls`.
+#[derive(Debug, Clone, Default)]
+pub struct CallFilter {
+    /// Exact owner.
+    pub owner: Option<String>,
+    /// Exact friend.
+    pub friend: Option<String>,
+    /// Outcome (`in_flight` = none yet).
+    pub outcome: Option<Outcome>,
+    /// requested_at lower bound (inclusive).
+    pub since_ms: Option<i64>,
+    /// requested_at upper bound (exclusive).
+    pub until_ms: Option<i64>,
+    /// Only ids greater than this (the cursor).
+    pub after_id: Option<i64>,
+    /// Page size.
+    pub limit: i64,
+}
+
+/// Counts for `/readyz` and the logs.
+#[derive(Debug, Clone, Copy, Serialize)]
+pub struct RejectionStats {
+    /// Rows currently in the rejection log.
+    pub rejected_deliveries: i64,
+}
+
+impl Store {
+    /// `GET /v1/callbacks`: a page in sequence order.
+    pub async fn list_callbacks(&self, f: &CallbackFilter) -> Result<Vec<CallbackItem>, StoreError> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {CALLBACK_COLUMNS} FROM callbacks WHERE seq IS NOT NULL"));
+        if let Some(v) = &f.call_id {
+            q.push(" AND call_id = ").push_bind(v.clone());
+        }
+        if let Some(v) = &f.operation {
+            q.push(" AND operation = ").push_bind(v.clone());
+        }
+        if let Some(v) = &f.from_user {
+            q.push(" AND from_user = ").push_bind(v.clone());
+        }
+        if let Some(v) = &f.to_user {
+            q.push(" AND to_user = ").push_bind(v.clone());
+        }
+        if let Some(v) = f.since_ms {
+            q.push(" AND timestamp_ms >= ").push_bind(v);
+        }
+        if let Some(v) = f.until_ms {
+            q.push(" AND timestamp_ms < ").push_bind(v);
+        }
+        if let Some(v) = f.after_seq {
+            q.push(" AND seq > ").push_bind(v);
+        }
+        q.push(" ORDER BY seq LIMIT ").push_bind(f.limit);
+        let rows = q.build().fetch_all(self.read_pool()).await?;
+        Ok(rows.iter().map(callback_item).collect::<Result<_, _>>()?)
+    }
+
+    /// `GET /v1/callbacks/{seq}`.
+    pub async fn get_callback(&self, seq: i64) -> Result<Option<CallbackDetail>, StoreError> {
+        let row = sqlx::query(&format!("SELECT id, raw_body, {CALLBACK_COLUMNS} FROM callbacks WHERE seq = ?1"))
+            .bind(seq)
+            .fetch_optional(self.read_pool())
+            .await?;
+        let Some(row) = row else { return Ok(None) };
+        let id: i64 = row.try_get("id")?;
+        let deliveries = sqlx::query(
+            "SELECT received_at_ms, remote_addr FROM callback_deliveries WHERE callback_id = ?1 ORDER BY rowid",
+        )
+        .bind(id)
+        .fetch_all(self.read_pool())
+        .await?
+        .iter()
+        .map(|r| Ok(Delivery { received_at: r.try_get(0)?, remote_addr: r.try_get(1)? }))
+        .collect::<Result<Vec<_>, sqlx::Error>>()?;
+        Ok(Some(CallbackDetail { item: callback_item(&row)?, raw_body: row.try_get("raw_body")?, delivery_log: deliveries }))
+    }
+
+    /// Number of rows in the rejection log.
+    pub async fn rejection_stats(&self) -> Result<RejectionStats, StoreError> {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM rejected_deliveries").fetch_one(self.read_pool()).await?;
+        Ok(RejectionStats { rejected_deliveries: n })
+    }
+
+    /// Number of stored callback events (not deliveries).
+    pub async fn count_callbacks(&self) -> Result<i64, StoreError> {
+        Ok(sqlx::query_scalar("SELECT count(*) FROM callbacks").fetch_one(self.read_pool()).await?)
+    }
+
+    /// `GET /v1/calls/{id}`.
+    pub async fn get_call(&self, id: i64) -> Result<Option<CallRecord>, StoreError> {
+        let row = sqlx::query(&format!("{SELECT_CALL} WHERE id = ?1")).bind(id).fetch_optional(self.read_pool()).await?;
+        Ok(row.as_ref().map(CallRecord::from_row).transpose()?)
+    }
+
+    /// The call recorded under an idempotency key.
+    pub async fn get_call_by_idempotency_key(&self, key: &str) -> Result<Option<CallRecord>, StoreError> {
+        let row = sqlx::query(&format!("{SELECT_CALL} WHERE idempotency_key = ?1"))
+            .bind(key)
+            .fetch_optional(self.read_pool())
+            .await?;
+        Ok(row.as_ref().map(CallRecord::from_row).transpose()?)
+    }
+
+    /// `GET /v1/calls`: a page in id order.
+    pub async fn list_calls(&self, f: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
+        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{SELECT_CALL} WHERE 1 = 1"));
+        if let Some(v) = &f.owner {
+            q.push(" AND owner = ").push_bind(v.clone());
+        }
+        if let Some(v) = &f.friend {
+            q.push(" AND friend = ").push_bind(v.clone());
+        }
+        match f.outcome {
+            Some(Outcome::InFlight) => {
+                q.push(" AND outcome IS NULL");
+            }
+            Some(o) => {
+                q.push(" AND outcome = ").push_bind(o.as_str());
+            }
+            None => {}
+        }
+        if let Some(v) = f.since_ms {
+            q.push(" AND requested_at_ms >= ").push_bind(v);
+        }
+        if let Some(v) = f.until_ms {
+            q.push(" AND requested_at_ms < ").push_bind(v);
+        }
+        if let Some(v) = f.after_id {
+            q.push(" AND id > ").push_bind(v);
+        }
+        q.push(" ORDER BY id LIMIT ").push_bind(f.limit);
+        let rows = q.build().fetch_all(self.read_pool()).await?;
+        Ok(rows.iter().map(CallRecord::from_row).collect::<Result<_, _>>()?)
+    }
+}

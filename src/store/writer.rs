@@ -1,0 +1,555 @@
+//! The single group-commit writer: the only code that writes to the database.
+//!
+//! Requests hand their row to this task over a bounded channel and wait for a oneshot answer.
+//! The task takes everything queued (up to `max_batch`), writes it in ONE transaction with one
+//! statement per kind of row (rows travel as a JSON array bound to `json_each(?)`), commits, and
+//! only then answers. Why this shape (see shared/reference/performance-probe.md):
+//! - SQLite has one writer; more write connections only add lock contention.
+//! - One commit per request tops out at a few thousand per second (one fsync each); a batch
+//!   shares one fsync among all its rows.
+//! - sqlx-sqlite pays a cross-thread round trip per statement, so the statement count per batch
+//!   is kept constant rather than proportional to the rows.
+//!
+//! Because only this task assigns `seq` and extends the hash chain, both are gap-free and in
+//! commit order. Deduplication is still atomic in the database (`INSERT ... ON CONFLICT` on the
+//! unique dedup key), not a check in memory.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use serde_json::{Value, json};
+use sqlx::{Connection, Row, SqliteConnection};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::chain::{self, CallContent, CallbackContent};
+use super::{CallRecord, NewCall, StoreError};
+use crate::callback::ParsedCallback;
+use crate::clock::SharedClock;
+use crate::model::Outcome;
+
+/// A verified callback to store.
+#[derive(Debug, Clone)]
+pub struct NewCallback {
+    /// Parsed fields.
+    pub event: ParsedCallback,
+    /// The exact body (valid UTF-8: it parsed as JSON).
+    pub raw_body: String,
+    /// Hex SHA-256 of the body.
+    pub body_sha256: String,
+    /// When this delivery arrived.
+    pub received_at_ms: i64,
+    /// Peer address of this delivery.
+    pub remote_addr: Option<String>,
+    /// Scheme that verified it.
+    pub scheme: &'static str,
+    /// Index of the secret that verified it.
+    pub secret_index: i64,
+}
+
+/// What the writer answers for a stored callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallbackAck {
+    /// The event's sequence number.
+    pub seq: i64,
+    /// This delivery repeated an event already stored.
+    pub duplicate: bool,
+}
+
+/// A delivery that failed verification (metadata only).
+#[derive(Debug, Clone)]
+pub struct Rejection {
+    /// Arrival time.
+    pub received_at_ms: i64,
+    /// Peer address.
+    pub remote_addr: Option<String>,
+    /// Short reason code.
+    pub reason: &'static str,
+    /// Hex SHA-256 of the body.
+    pub body_sha256: String,
+    /// Body size in bytes.
+    pub body_size: i64,
+}
+
+/// A request kept in quarantine.
+#[derive(Debug, Clone)]
+pub struct QuarantineEntry {
+    /// Arrival time.
+    pub received_at_ms: i64,
+    /// Peer address.
+    pub remote_addr: Option<String>,
+    /// Why verification failed.
+    pub reason: &'static str,
+    /// The signature-relevant headers, as a JSON object.
+    pub headers_json: String,
+    /// The exact body.
+    pub raw_body: Vec<u8>,
+}
+
+/// The outcome of a call, to record once.
+#[derive(Debug, Clone)]
+pub struct CallOutcome {
+    /// The call as its intent was stored.
+    pub call: CallRecord,
+    /// succeeded / rejected / failed / unknown.
+    pub outcome: Outcome,
+    /// Easemob's HTTP status.
+    pub upstream_status: Option<i64>,
+    /// Easemob's error type.
+    pub upstream_error: Option<String>,
+    /// HTTP attempts.
+    pub attempts: i64,
+    /// Easemob's response body (JSON text).
+    pub response_body: Option<String>,
+}
+
+/// Result of recording an intent.
+#[derive(Debug, Clone)]
+pub enum IntentResult {
+    /// A new call row.
+    Created(CallRecord),
+    /// The idempotency key was already used; the existing row.
+    Existing(CallRecord),
+}
+
+pub(super) enum Job {
+    Callback(Box<NewCallback>, oneshot::Sender<Result<CallbackAck, StoreError>>),
+    Rejection(Rejection, oneshot::Sender<Result<(), StoreError>>),
+    Quarantine(Box<QuarantineEntry>, oneshot::Sender<Result<Option<i64>, StoreError>>),
+    Intent(NewCall, oneshot::Sender<Result<IntentResult, StoreError>>),
+    Outcome(Box<CallOutcome>, oneshot::Sender<Result<CallRecord, StoreError>>),
+    Probe(oneshot::Sender<Result<(), StoreError>>),
+}
+
+impl Job {
+    fn fail(self, err: &StoreError) {
+        let e = || err.clone_for_ack();
+        match self {
+            Job::Callback(_, tx) => drop(tx.send(Err(e()))),
+            Job::Rejection(_, tx) => drop(tx.send(Err(e()))),
+            Job::Quarantine(_, tx) => drop(tx.send(Err(e()))),
+            Job::Intent(_, tx) => drop(tx.send(Err(e()))),
+            Job::Outcome(_, tx) => drop(tx.send(Err(e()))),
+            Job::Probe(tx) => drop(tx.send(Err(e()))),
+        }
+    }
+}
+
+/// The head of the hash chain: last assigned seq and its link.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ChainHead {
+    /// Last sequence number (0 when empty).
+    pub seq: i64,
+    /// Its chain hash ([`chain::GENESIS`] when empty).
+    pub hash: String,
+}
+
+/// Health of the write path, for `/readyz`.
+#[derive(Debug, Default)]
+pub struct WriterHealth {
+    last_error: Mutex<Option<String>>,
+}
+
+impl WriterHealth {
+    /// The last write error, if the most recent write failed.
+    pub fn last_error(&self) -> Option<String> {
+        self.last_error.lock().map(|g| g.clone()).unwrap_or(None)
+    }
+
+    fn set(&self, err: Option<String>) {
+        if let Ok(mut g) = self.last_error.lock() {
+            *g = err;
+        }
+    }
+}
+
+/// Limits the writer enforces.
+#[derive(Debug, Clone, Copy)]
+pub struct WriterLimits {
+    /// Most jobs per transaction.
+    pub max_batch: usize,
+    /// Rejection log cap.
+    pub rejection_cap: i64,
+    /// Quarantine cap.
+    pub quarantine_cap: i64,
+}
+
+pub(super) struct Writer {
+    pub conn: SqliteConnection,
+    pub head: ChainHead,
+    pub clock: SharedClock,
+    pub limits: WriterLimits,
+    pub committed: watch::Sender<i64>,
+    pub health: Arc<WriterHealth>,
+}
+
+const INSERT_CALLBACKS: &str = "\
+INSERT INTO callbacks (dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation,
+                       from_user, to_user, pair_key, timestamp_ms, received_at_ms, scheme,
+                       secret_index, raw_body, body_sha256)
+SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
+       value->>7, value->>8, value->>9, value->>10, value->>11, value->>12,
+       value->>13, value->>14, value->>15
+FROM json_each(?1) WHERE true
+ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1
+RETURNING id, dedup_key, deliveries, seq";
+
+const CHAIN_CALLBACKS: &str = "\
+UPDATE callbacks SET seq = j.value->>1, prev_hash = j.value->>2, chain_hash = j.value->>3
+FROM json_each(?1) AS j WHERE callbacks.id = j.value->>0";
+
+const INSERT_DELIVERIES: &str = "\
+INSERT INTO callback_deliveries (callback_id, received_at_ms, remote_addr)
+SELECT value->>0, value->>1, value->>2 FROM json_each(?1)";
+
+const INSERT_REJECTIONS: &str = "\
+INSERT INTO rejected_deliveries (received_at_ms, remote_addr, reason, body_sha256, body_size)
+SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1)";
+
+const PRUNE_REJECTIONS: &str = "\
+DELETE FROM rejected_deliveries WHERE id <= (SELECT max(id) FROM rejected_deliveries) - ?1";
+
+/// The pair key both tables use: the two users in a fixed order, joined by a unit separator.
+pub fn pair_key(a: &str, b: &str) -> String {
+    if a <= b { format!("{a}\u{1f}{b}") } else { format!("{b}\u{1f}{a}") }
+}
+
+impl Writer {
+    /// Closes calls that were cut off between intent and outcome (crash, kill) as `unknown`.
+    pub async fn close_interrupted_calls(&mut self) -> Result<u64, StoreError> {
+        let rows = sqlx::query(
+            "SELECT id, op, owner, friend, idempotency_key, requested_at_ms FROM calls WHERE outcome IS NULL ORDER BY id",
+        )
+        .fetch_all(&mut self.conn)
+        .await?;
+        if rows.is_empty() {
+            return Ok(0);
+        }
+        let now = self.clock.now_ms();
+        let mut head = self.head.clone();
+        let mut tx = self.conn.begin().await?;
+        for row in &rows {
+            let call = CallRecord::intent_from_row(row)?;
+            let outcome = CallOutcome {
+                call,
+                outcome: Outcome::Unknown,
+                upstream_status: None,
+                upstream_error: None,
+                attempts: 0,
+                response_body: None,
+            };
+            record_outcome(&mut tx, &mut head, &outcome, now).await?;
+        }
+        tx.commit().await?;
+        self.head = head;
+        let _ = self.committed.send(self.head.seq);
+        Ok(rows.len() as u64)
+    }
+
+    /// Runs until every sender is gone, then returns (after committing what was queued).
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
+        let mut batch = Vec::with_capacity(self.limits.max_batch);
+        while rx.recv_many(&mut batch, self.limits.max_batch).await > 0 {
+            self.commit_batch(&mut batch).await;
+        }
+        tracing::debug!("writer: channel closed, exiting");
+    }
+
+    async fn commit_batch(&mut self, batch: &mut Vec<Job>) {
+        let now = self.clock.now_ms();
+        let mut head = self.head.clone();
+        match self.write(batch, &mut head, now).await {
+            Ok(answers) => {
+                self.head = head;
+                self.health.set(None);
+                let _ = self.committed.send(self.head.seq);
+                for (job, answer) in batch.drain(..).zip(answers) {
+                    answer.send(job);
+                }
+            }
+            Err(err) => {
+                tracing::error!(error = %err, jobs = batch.len(), "write batch failed; answering 503");
+                self.health.set(Some(err.to_string()));
+                for job in batch.drain(..) {
+                    job.fail(&err);
+                }
+            }
+        }
+    }
+
+    async fn write(&mut self, batch: &[Job], head: &mut ChainHead, now: i64) -> Result<Vec<Answer>, StoreError> {
+        let mut tx = self.conn.begin().await?;
+        let mut answers: Vec<Answer> = (0..batch.len()).map(|_| Answer::Pending).collect();
+
+        // Callbacks: one upsert for all, then chain links for the new ones, then deliveries.
+        let cb_idx: Vec<usize> =
+            batch.iter().enumerate().filter(|(_, j)| matches!(j, Job::Callback(..))).map(|(i, _)| i).collect();
+        if !cb_idx.is_empty() {
+            let mut rows = Vec::with_capacity(cb_idx.len());
+            for &i in &cb_idx {
+                let Job::Callback(cb, _) = &batch[i] else { continue };
+                let e = &cb.event;
+                let pk = match (&e.from_user, &e.to_user) {
+                    (Some(f), Some(t)) => Some(pair_key(f, t)),
+                    _ => None,
+                };
+                rows.push(json!([
+                    e.dedup_key, e.call_id, e.msg_id, e.appkey, e.event_type, e.chat_type, e.operation,
+                    e.from_user, e.to_user, pk, e.timestamp_ms, cb.received_at_ms, cb.scheme,
+                    cb.secret_index, cb.raw_body, cb.body_sha256
+                ]));
+            }
+            let returned = sqlx::query(INSERT_CALLBACKS)
+                .bind(Value::Array(rows).to_string())
+                .fetch_all(&mut *tx)
+                .await?;
+            // RETURNING order is unspecified, so rows say which key they belong to. A row returned
+            // with deliveries == 1 was inserted by this batch; the others were already stored (or
+            // inserted earlier in this same batch) and carry their seq, if they have one yet.
+            let mut new_ids: Vec<i64> = Vec::new();
+            let mut seq_by_id: HashMap<i64, i64> = HashMap::new();
+            let mut id_by_key: HashMap<String, i64> = HashMap::with_capacity(returned.len());
+            for r in &returned {
+                let id: i64 = r.try_get(0)?;
+                let key: String = r.try_get(1)?;
+                let deliveries: i64 = r.try_get(2)?;
+                let seq: Option<i64> = r.try_get(3)?;
+                if deliveries == 1 {
+                    new_ids.push(id);
+                } else if let Some(seq) = seq {
+                    seq_by_id.insert(id, seq);
+                }
+                id_by_key.insert(key, id);
+            }
+            // Ids grow in insertion order, which is batch order: chaining by id keeps seq in the
+            // order requests were queued.
+            new_ids.sort_unstable();
+            new_ids.dedup();
+            // Chain the new rows in id order.
+            let new_set: std::collections::HashSet<i64> = new_ids.iter().copied().collect();
+            let mut job_for_id: HashMap<i64, usize> = HashMap::new();
+            for &i in &cb_idx {
+                let Job::Callback(cb, _) = &batch[i] else { continue };
+                if let Some(id) = id_by_key.get(cb.event.dedup_key.as_str()) {
+                    job_for_id.entry(*id).or_insert(i);
+                }
+            }
+            let mut links = Vec::with_capacity(new_ids.len());
+            for id in &new_ids {
+                let Some(&i) = job_for_id.get(id) else {
+                    return Err(StoreError::Write(format!("inserted callback row {id} has no job")));
+                };
+                let Job::Callback(cb, _) = &batch[i] else { continue };
+                let seq = head.seq + 1;
+                let e = &cb.event;
+                let content = CallbackContent {
+                    seq,
+                    dedup_key: &e.dedup_key,
+                    call_id: &e.call_id,
+                    msg_id: e.msg_id.as_deref(),
+                    appkey: e.appkey.as_deref(),
+                    event_type: e.event_type.as_deref(),
+                    chat_type: e.chat_type.as_deref(),
+                    operation: e.operation.as_deref(),
+                    from_user: e.from_user.as_deref(),
+                    to_user: e.to_user.as_deref(),
+                    timestamp_ms: e.timestamp_ms,
+                    received_at_ms: cb.received_at_ms,
+                    scheme: cb.scheme,
+                    secret_index: cb.secret_index,
+                    body_sha256: &cb.body_sha256,
+                };
+                let hash = chain::link(&head.hash, &content.canonical());
+                links.push(json!([id, seq, head.hash, hash]));
+                *head = ChainHead { seq, hash };
+                seq_by_id.insert(*id, seq);
+            }
+            if !links.is_empty() {
+                sqlx::query(CHAIN_CALLBACKS).bind(Value::Array(links).to_string()).execute(&mut *tx).await?;
+            }
+            // Existing rows (duplicates of earlier batches) need their seq for the answer.
+            let mut deliveries = Vec::with_capacity(cb_idx.len());
+            let mut first_seen: std::collections::HashSet<i64> = std::collections::HashSet::new();
+            for &i in &cb_idx {
+                let Job::Callback(cb, _) = &batch[i] else { continue };
+                let Some(&id) = id_by_key.get(cb.event.dedup_key.as_str()) else {
+                    return Err(StoreError::Write("stored callback row not found".into()));
+                };
+                deliveries.push(json!([id, cb.received_at_ms, cb.remote_addr]));
+                let duplicate = !(new_set.contains(&id) && first_seen.insert(id));
+                let Some(&seq) = seq_by_id.get(&id) else {
+                    return Err(StoreError::Write(format!("callback row {id} has no sequence number")));
+                };
+                answers[i] = Answer::Callback(CallbackAck { seq, duplicate });
+            }
+            sqlx::query(INSERT_DELIVERIES).bind(Value::Array(deliveries).to_string()).execute(&mut *tx).await?;
+        }
+
+        // Rejections: metadata rows, then prune beyond the cap.
+        let rejections: Vec<Value> = batch
+            .iter()
+            .filter_map(|j| match j {
+                Job::Rejection(r, _) => {
+                    Some(json!([r.received_at_ms, r.remote_addr, r.reason, r.body_sha256, r.body_size]))
+                }
+                _ => None,
+            })
+            .collect();
+        if !rejections.is_empty() {
+            sqlx::query(INSERT_REJECTIONS).bind(Value::Array(rejections).to_string()).execute(&mut *tx).await?;
+            sqlx::query(PRUNE_REJECTIONS).bind(self.limits.rejection_cap).execute(&mut *tx).await?;
+        }
+
+        // Everything else is low volume: one statement per job.
+        for (i, job) in batch.iter().enumerate() {
+            match job {
+                Job::Rejection(..) => answers[i] = Answer::Unit,
+                Job::Probe(..) => answers[i] = Answer::Unit,
+                Job::Quarantine(q, _) => {
+                    let held: i64 =
+                        sqlx::query_scalar("SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL")
+                            .fetch_one(&mut *tx)
+                            .await?;
+                    if held >= self.limits.quarantine_cap {
+                        answers[i] = Answer::Quarantine(None);
+                    } else {
+                        let id: i64 = sqlx::query_scalar(
+                            "INSERT INTO quarantine (received_at_ms, remote_addr, reason, headers_json, raw_body, body_sha256)
+                             VALUES (?1, ?2, ?3, ?4, ?5, ?6) RETURNING id",
+                        )
+                        .bind(q.received_at_ms)
+                        .bind(&q.remote_addr)
+                        .bind(q.reason)
+                        .bind(&q.headers_json)
+                        .bind(&q.raw_body)
+                        .bind(chain::sha256_hex(&q.raw_body))
+                        .fetch_one(&mut *tx)
+                        .await?;
+                        answers[i] = Answer::Quarantine(Some(id));
+                    }
+                }
+                Job::Intent(new, _) => {
+                    let inserted: Option<i64> = sqlx::query_scalar(
+                        "INSERT INTO calls (op, owner, friend, pair_key, idempotency_key, requested_at_ms)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                         ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
+                    )
+                    .bind(new.op.as_str())
+                    .bind(&new.owner)
+                    .bind(&new.friend)
+                    .bind(pair_key(&new.owner, &new.friend))
+                    .bind(&new.idempotency_key)
+                    .bind(now)
+                    .fetch_optional(&mut *tx)
+                    .await?;
+                    answers[i] = match inserted {
+                        Some(id) => Answer::Intent(IntentResult::Created(CallRecord {
+                            id,
+                            op: new.op,
+                            owner: new.owner.clone(),
+                            friend: new.friend.clone(),
+                            idempotency_key: new.idempotency_key.clone(),
+                            requested_at_ms: now,
+                            ..CallRecord::default()
+                        })),
+                        None => {
+                            let row = sqlx::query(&format!("{} WHERE idempotency_key = ?1", super::SELECT_CALL))
+                                .bind(&new.idempotency_key)
+                                .fetch_one(&mut *tx)
+                                .await?;
+                            Answer::Intent(IntentResult::Existing(CallRecord::from_row(&row)?))
+                        }
+                    };
+                }
+                Job::Outcome(o, _) => {
+                    let rec = record_outcome(&mut tx, head, o, now).await?;
+                    answers[i] = Answer::Outcome(Box::new(rec));
+                }
+                Job::Callback(..) => {}
+            }
+        }
+        tx.commit().await?;
+        Ok(answers)
+    }
+}
+
+async fn record_outcome(
+    tx: &mut SqliteConnection,
+    head: &mut ChainHead,
+    o: &CallOutcome,
+    now: i64,
+) -> Result<CallRecord, StoreError> {
+    let seq = head.seq + 1;
+    let c = &o.call;
+    let content = CallContent {
+        seq,
+        id: c.id,
+        op: c.op.as_str(),
+        owner: &c.owner,
+        friend: &c.friend,
+        idempotency_key: c.idempotency_key.as_deref(),
+        requested_at_ms: c.requested_at_ms,
+        completed_at_ms: now,
+        outcome: o.outcome.as_str(),
+        upstream_status: o.upstream_status,
+        upstream_error: o.upstream_error.as_deref(),
+        attempts: o.attempts,
+        response_body: o.response_body.as_deref(),
+    };
+    let hash = chain::link(&head.hash, &content.canonical());
+    let done = sqlx::query(
+        "UPDATE calls SET completed_at_ms = ?1, outcome = ?2, upstream_status = ?3, upstream_error = ?4,
+                attempts = ?5, response_body = ?6, seq = ?7, prev_hash = ?8, chain_hash = ?9
+         WHERE id = ?10 AND outcome IS NULL",
+    )
+    .bind(now)
+    .bind(o.outcome.as_str())
+    .bind(o.upstream_status)
+    .bind(&o.upstream_error)
+    .bind(o.attempts)
+    .bind(&o.response_body)
+    .bind(seq)
+    .bind(&head.hash)
+    .bind(&hash)
+    .bind(c.id)
+    .execute(&mut *tx)
+    .await?;
+    if done.rows_affected() != 1 {
+        return Err(StoreError::Write(format!("call {} has no open intent (outcome already recorded?)", c.id)));
+    }
+    *head = ChainHead { seq, hash };
+    Ok(CallRecord {
+        completed_at_ms: Some(now),
+        outcome: o.outcome,
+        upstream_status: o.upstream_status,
+        upstream_error: o.upstream_error.clone(),
+        attempts: Some(o.attempts),
+        response_body: o.response_body.clone(),
+        seq: Some(seq),
+        ..c.clone()
+    })
+}
+
+enum Answer {
+    Pending,
+    Unit,
+    Callback(CallbackAck),
+    Quarantine(Option<i64>),
+    Intent(IntentResult),
+    Outcome(Box<CallRecord>),
+}
+
+impl Answer {
+    fn send(self, job: Job) {
+        // A dropped receiver means the request went away (client disconnect, timeout): the data
+        // is committed regardless, which is what matters.
+        match (job, self) {
+            (Job::Callback(_, tx), Answer::Callback(a)) => drop(tx.send(Ok(a))),
+            (Job::Rejection(_, tx), Answer::Unit) => drop(tx.send(Ok(()))),
+            (Job::Probe(tx), Answer::Unit) => drop(tx.send(Ok(()))),
+            (Job::Quarantine(_, tx), Answer::Quarantine(id)) => drop(tx.send(Ok(id))),
+            (Job::Intent(_, tx), Answer::Intent(r)) => drop(tx.send(Ok(r))),
+            (Job::Outcome(_, tx), Answer::Outcome(r)) => drop(tx.send(Ok(*r))),
+            (job, _) => job.fail(&StoreError::Write("writer produced no answer for a job".into())),
+        }
+    }
+}
