@@ -107,6 +107,7 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
     Router::new()
         .merge(crate::http::health::router())
         .merge(crate::http::callbacks::router())
+        .merge(crate::http::journal::router())
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API") })
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_| {

@@ -27,3 +27,4 @@ pub mod error;
 pub mod http;
 pub mod store;
 pub mod commands;
+pub mod report;

@@ -4,4 +4,5 @@
 
 pub mod callbacks;
 pub mod health;
+pub mod journal;
 pub mod query;

@@ -6,6 +6,7 @@
 //! separate pool (WAL lets them run while the writer commits).
 
 pub mod chain;
+pub mod journal;
 mod reads;
 pub mod writer;
 
@@ -17,6 +18,7 @@ use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, S
 use sqlx::{ConnectOptions, Connection, Row, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
 
+pub use journal::*;
 pub use reads::*;
 pub use writer::{
     CallOutcome, CallbackAck, ChainHead, IntentResult, NewCallback, QuarantineEntry, Rejection, WriterHealth,

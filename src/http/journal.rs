@@ -1,0 +1,150 @@
+//! `GET /v1/reconciliation`, `GET /v1/feed` (NDJSON, resumable, optional long-poll) and
+//! `GET /v1/audit/head`.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::Body;
+use axum::extract::{Query, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::Deserialize;
+
+use super::query::{parse_opt_time, parse_time};
+use crate::app::SharedState;
+use crate::error::ApiError;
+use crate::reconcile::MatchParams;
+use crate::report::{self, ReportQuery};
+
+/// Routes of this module.
+pub fn router() -> axum::Router<SharedState> {
+    axum::Router::new()
+        .route("/v1/reconciliation", get(get_reconciliation))
+        .route("/v1/feed", get(get_feed))
+        .route("/v1/audit/head", get(get_audit_head))
+}
+
+#[derive(Debug, Deserialize)]
+struct ReconciliationQuery {
+    since: Option<String>,
+    until: Option<String>,
+    status: Option<String>,
+    owner: Option<String>,
+    friend: Option<String>,
+    limit: Option<usize>,
+    cursor: Option<String>,
+}
+
+fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", e.body_text())
+}
+
+async fn get_reconciliation(
+    State(state): State<SharedState>,
+    query: Result<Query<ReconciliationQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(bad_query)?;
+    if let Some(s) = &q.status {
+        if !report::STATUSES.contains(&s.as_str()) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!("`status` must be one of {}, got `{s}`", report::STATUSES.join(", ")),
+            ));
+        }
+    }
+    let limit = q.limit.unwrap_or(100);
+    if !(1..=1000).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", "`limit` must be between 1 and 1000"));
+    }
+    if let Some(c) = &q.cursor {
+        if report::decode_cursor(c).is_none() {
+            return Err(ApiError::bad_request("invalid_query", "`cursor` must be a `next_cursor` from a previous page"));
+        }
+    }
+    let rq = ReportQuery {
+        since_ms: parse_opt_time("since", q.since.as_deref())?,
+        until_ms: parse_opt_time("until", q.until.as_deref())?,
+        status: q.status,
+        owner: q.owner,
+        friend: q.friend,
+        limit,
+        cursor: q.cursor,
+    };
+    let params = MatchParams {
+        skew_ms: state.settings.match_skew_ms,
+        window_ms: state.settings.match_window_ms,
+        now_ms: state.clock.now_ms(),
+    };
+    let report = report::build(&state.store, &rq, params).await?;
+    Ok(Json(report).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct FeedQuery {
+    after: Option<i64>,
+    limit: Option<i64>,
+    wait: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+}
+
+/// Longest long-poll a client may ask for.
+const MAX_WAIT: Duration = Duration::from_secs(60);
+
+async fn get_feed(
+    State(state): State<SharedState>,
+    query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(bad_query)?;
+    let after = q.after.unwrap_or(0);
+    let limit = q.limit.unwrap_or(1000);
+    if !(1..=10_000).contains(&limit) {
+        return Err(ApiError::bad_request("invalid_query", "`limit` must be between 1 and 10000"));
+    }
+    let wait = match q.wait.as_deref() {
+        None => Duration::ZERO,
+        Some(w) => crate::config::parse_duration(w)
+            .map_err(|e| ApiError::bad_request("invalid_query", format!("`wait`: {e}")))?
+            .min(MAX_WAIT),
+    };
+    let since = q.since.as_deref().map(|s| parse_time("since", s)).transpose()?.unwrap_or(i64::MIN);
+    let until = q.until.as_deref().map(|s| parse_time("until", s)).transpose()?.unwrap_or(i64::MAX);
+
+    // Long-poll: subscribe before reading, so a commit between the read and the wait is not missed.
+    let mut committed = state.store.committed();
+    let mut page = state.store.feed_page(after, limit, since, until).await?;
+    if page.is_empty() && !wait.is_zero() {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            match tokio::time::timeout_at(deadline, committed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => break, // timed out, or the writer stopped
+            }
+            if *committed.borrow_and_update() <= after {
+                continue;
+            }
+            page = state.store.feed_page(after, limit, since, until).await?;
+            if !page.is_empty() {
+                break;
+            }
+        }
+    }
+    let mut out = String::with_capacity(page.len() * 200);
+    for rec in &page {
+        out.push_str(&serde_json::to_string(rec).map_err(ApiError::internal)?);
+        out.push('\n');
+    }
+    let last = page.last().map(|r| r.seq).unwrap_or(after);
+    Ok((
+        [(header::CONTENT_TYPE, "application/x-ndjson"), (header::HeaderName::from_static("x-last-seq"), &last.to_string())],
+        Body::from(out),
+    )
+        .into_response())
+}
+
+async fn get_audit_head(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    let head = state.store.chain_head().await?;
+    Ok(Json(head).into_response())
+}
+

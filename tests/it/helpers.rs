@@ -1,0 +1,142 @@
+//! `spawn_app()` and friends: start the real service on port 0 with a temporary database.
+
+#![allow(dead_code)]
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use friendhook::config::{Cli, Command, ServeArgs};
+use serde_json::{Value, json};
+use tokio::sync::oneshot;
+
+pub const SECRET: &str = "test-secret";
+pub const APPKEY: &str = "demo-org#demo-app";
+
+/// A running service.
+pub struct TestApp {
+    pub addr: SocketAddr,
+    pub base: String,
+    pub db_path: PathBuf,
+    pub db_url: String,
+    pub client: reqwest::Client,
+    shutdown: Option<oneshot::Sender<()>>,
+    join: Option<tokio::task::JoinHandle<()>>,
+    _dir: Option<tempfile::TempDir>,
+}
+
+pub fn serve_args(db_url: &str, extra: &[&str]) -> ServeArgs {
+    let mut argv = vec![
+        "friendhook",
+        "serve",
+        "--listen",
+        "127.0.0.1:0",
+        "--sandbox-listen",
+        "127.0.0.1:0",
+        "--database-url",
+        db_url,
+        "--callback-secret",
+        SECRET,
+    ];
+    argv.extend_from_slice(extra);
+    match Cli::try_parse_from(argv).expect("valid test arguments").command {
+        Command::Serve(args) => *args,
+        #[allow(unreachable_patterns)]
+        _ => unreachable!(),
+    }
+}
+
+impl TestApp {
+    /// Starts a service on a fresh temporary database.
+    pub async fn spawn(extra: &[&str]) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db_path = dir.path().join("friendhook.db");
+        let mut app = TestApp::spawn_on(&db_path, extra).await;
+        app._dir = Some(dir);
+        app
+    }
+
+    /// Starts a service on the given database file (kept after the service stops).
+    pub async fn spawn_on(db_path: &std::path::Path, extra: &[&str]) -> TestApp {
+        let db_url = format!("sqlite://{}", db_path.display());
+        let args = serve_args(&db_url, extra);
+        let service = friendhook::commands::serve::build(&args, friendhook::clock::system())
+            .await
+            .expect("service starts");
+        let addr = service.listener.local_addr().expect("addr");
+        let (tx, rx) = oneshot::channel::<()>();
+        let join = tokio::spawn(async move {
+            let state = service.state.clone();
+            friendhook::app::serve(service.listener, service.router, service.limits, async {
+                let _ = rx.await;
+            })
+            .await
+            .expect("serve");
+            let store = state.store.clone();
+            drop(state);
+            store.close().await;
+        });
+        TestApp {
+            addr,
+            base: format!("http://{addr}"),
+            db_path: db_path.to_path_buf(),
+            db_url,
+            client: reqwest::Client::new(),
+            shutdown: Some(tx),
+            join: Some(join),
+            _dir: None,
+        }
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        if let Some(join) = self.join.take() {
+            let _ = join.await;
+        }
+        self._dir.take()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    /// POSTs a callback body with the JSON content type.
+    pub async fn post_callback(&self, body: impl Into<reqwest::Body>) -> reqwest::Response {
+        self.client
+            .post(self.url("/callbacks/easemob"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request")
+    }
+
+    pub async fn get_json(&self, path: &str) -> (u16, Value) {
+        let r = self.client.get(self.url(path)).send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
+    }
+}
+
+/// A correctly signed roster callback body.
+pub fn roster_body(msg_id: &str, from: &str, to: &str, operation: &str, timestamp: i64, secret: &str) -> String {
+    let call_id = format!("{APPKEY}_{msg_id}");
+    let security = friendhook::signature::easemob::sign(&call_id, secret, &timestamp.to_string());
+    json!({
+        "chat_type": "roster",
+        "callId": call_id,
+        "security": security,
+        "payload": {"reason": "", "operation": operation},
+        "host": "msync-api-01",
+        "appkey": APPKEY,
+        "from": format!("{APPKEY}_{from}@easemob.com"),
+        "to": to,
+        "eventType": "chat",
+        "msg_id": msg_id,
+        "timestamp": timestamp,
+    })
+    .to_string()
+}

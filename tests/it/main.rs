@@ -1,0 +1,5 @@
+//! Integration tests: the real router over real HTTP on 127.0.0.1, a real SQLite file per test,
+//! and the built-in sandbox as Easemob. One test binary, one module per area.
+
+mod helpers;
+mod receiver;

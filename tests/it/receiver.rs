@@ -1,0 +1,230 @@
+//! POST /callbacks/easemob and the read-back endpoints.
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn valid_callback_is_stored_with_its_raw_body() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("1187654321098765432", "alice", "bob", "add", 1_700_000_000_123, SECRET);
+
+    let r = app.post_callback(body.clone()).await;
+    assert_eq!(r.status(), 200);
+    let ack: Value = r.json().await.unwrap();
+    assert_eq!(ack["status"], "ok");
+    assert_eq!(ack["duplicate"], false);
+    let seq = ack["seq"].as_i64().unwrap();
+
+    let (status, list) = app.get_json("/v1/callbacks").await;
+    assert_eq!(status, 200);
+    let item = &list["items"][0];
+    assert_eq!(item["seq"], seq);
+    assert_eq!(item["call_id"], format!("{APPKEY}_1187654321098765432"));
+    assert_eq!(item["msg_id"], "1187654321098765432");
+    assert_eq!(item["operation"], "add");
+    assert_eq!(item["from_user"], "alice");
+    assert_eq!(item["to_user"], "bob");
+    assert_eq!(item["chat_type"], "roster");
+    assert_eq!(item["event_type"], "chat");
+    assert_eq!(item["appkey"], APPKEY);
+    assert_eq!(item["timestamp"], 1_700_000_000_123i64);
+    assert_eq!(item["deliveries"], 1);
+    assert_eq!(item["scheme"], "easemob");
+    assert_eq!(item["secret_index"], 0);
+
+    let (status, one) = app.get_json(&format!("/v1/callbacks/{seq}")).await;
+    assert_eq!(status, 200);
+    assert_eq!(one["raw_body"].as_str().unwrap(), body, "raw body is kept byte-exact");
+    assert_eq!(one["delivery_log"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn duplicate_delivery_is_stored_once_and_counted() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("42", "alice", "bob", "add", 1_700_000_000_000, SECRET);
+    let first: Value = app.post_callback(body.clone()).await.json().await.unwrap();
+    let r = app.post_callback(body.clone()).await;
+    assert_eq!(r.status(), 200);
+    let second: Value = r.json().await.unwrap();
+    assert_eq!(second["duplicate"], true);
+    assert_eq!(second["seq"], first["seq"]);
+
+    let (_, list) = app.get_json("/v1/callbacks").await;
+    assert_eq!(list["items"].as_array().unwrap().len(), 1);
+    assert_eq!(list["items"][0]["deliveries"], 2);
+    let (_, one) = app.get_json(&format!("/v1/callbacks/{}", first["seq"])).await;
+    assert_eq!(one["delivery_log"].as_array().unwrap().len(), 2);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn accept_and_remote_accept_sharing_a_call_id_are_two_events() {
+    let app = TestApp::spawn(&[]).await;
+    let ts = 1_642_648_213_494i64;
+    let call_id = format!("{APPKEY}_966725899779049516");
+    let security = friendhook::signature::easemob::sign(&call_id, SECRET, &ts.to_string());
+    for (to, op) in [("alice", "remote_accept"), ("bob", "accept")] {
+        let body = json!({"chat_type":"roster","callId":call_id,"security":security,
+            "payload":{"roster_ver":"DD6E14FE5EE5A9ABC52CA86C5DE1601CF729BFD6","operation":op},
+            "host":"x","appkey":APPKEY,"from":format!("{APPKEY}_bob@easemob.com"),"to":to,
+            "eventType":"chat","msg_id":"966725899779049516","timestamp":ts});
+        let r = app.post_callback(body.to_string()).await;
+        assert_eq!(r.status(), 200);
+        let ack: Value = r.json().await.unwrap();
+        assert_eq!(ack["duplicate"], false);
+    }
+    let (_, list) = app.get_json(&format!("/v1/callbacks?call_id={}", urlencode(&call_id))).await;
+    let ops: Vec<&str> = list["items"].as_array().unwrap().iter().map(|i| i["operation"].as_str().unwrap()).collect();
+    assert_eq!(ops, vec!["remote_accept", "accept"]);
+    app.stop().await;
+}
+
+fn urlencode(s: &str) -> String {
+    s.replace('#', "%23")
+}
+
+#[tokio::test]
+async fn from_user_containing_underscores_keeps_them() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("7", "al_ice_x", "b_o_b", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let (_, list) = app.get_json("/v1/callbacks?from=al_ice_x").await;
+    assert_eq!(list["items"][0]["from_user"], "al_ice_x");
+    assert_eq!(list["items"][0]["to_user"], "b_o_b");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn bad_signature_gets_401_and_a_rejection_record_but_no_event() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("9", "alice", "bob", "add", 1_700_000_000_000, "wrong-secret");
+    let r = app.post_callback(body).await;
+    assert_eq!(r.status(), 401);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["code"], "unauthorized");
+    assert_eq!(err["detail"], "signature verification failed", "does not say which check failed");
+
+    let (_, list) = app.get_json("/v1/callbacks").await;
+    assert!(list["items"].as_array().unwrap().is_empty());
+    let db = app.db_url.clone();
+    app.stop().await;
+    let rows = sqlite_count(&db, "SELECT count(*) FROM rejected_deliveries WHERE reason = 'signature_mismatch' AND body_size > 0").await;
+    assert_eq!(rows, 1);
+}
+
+#[tokio::test]
+async fn rejection_log_is_capped() {
+    let app = TestApp::spawn(&["--rejection-log-cap", "5"]).await;
+    for i in 0..12 {
+        let body = roster_body(&i.to_string(), "alice", "bob", "add", 1_700_000_000_000, "wrong-secret");
+        assert_eq!(app.post_callback(body).await.status(), 401);
+    }
+    let db = app.db_url.clone();
+    app.stop().await;
+    assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rejected_deliveries").await, 5);
+    assert_eq!(sqlite_count(&db, "SELECT min(id) FROM rejected_deliveries").await, 8, "oldest pruned first");
+}
+
+pub async fn sqlite_count(db_url: &str, sql: &str) -> i64 {
+    use sqlx::Connection;
+    let mut conn = sqlx::SqliteConnection::connect(db_url).await.unwrap();
+    sqlx::query_scalar(sql).fetch_one(&mut conn).await.unwrap()
+}
+
+#[tokio::test]
+async fn malformed_json_gets_400_with_code_and_detail() {
+    let app = TestApp::spawn(&[]).await;
+    for body in ["{not json", "", "[1,2]", r#"{"timestamp": 1, "security": "x"}"#] {
+        let r = app.post_callback(body.to_string()).await;
+        assert_eq!(r.status(), 400, "body {body:?}");
+        let err: Value = r.json().await.unwrap();
+        assert!(err["code"].is_string() && err["detail"].is_string(), "{err}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn oversized_body_gets_413() {
+    let app = TestApp::spawn(&["--max-body-bytes", "1024"]).await;
+    let big = format!(r#"{{"callId":"x","timestamp":1,"security":"{}"}}"#, "a".repeat(4096));
+    let r = app.post_callback(big).await;
+    assert_eq!(r.status(), 413);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["code"], "payload_too_large");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn fifty_identical_concurrent_deliveries_make_one_event_with_fifty_deliveries() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("5050", "alice", "bob", "add", 1_700_000_000_000, SECRET);
+    let mut tasks = Vec::new();
+    for _ in 0..50 {
+        let client = app.client.clone();
+        let url = app.url("/callbacks/easemob");
+        let body = body.clone();
+        tasks.push(tokio::spawn(async move {
+            client.post(url).header("content-type", "application/json").body(body).send().await.unwrap().status().as_u16()
+        }));
+    }
+    for t in tasks {
+        assert_eq!(t.await.unwrap(), 200);
+    }
+    let (_, list) = app.get_json("/v1/callbacks").await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["deliveries"], 50);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn stored_event_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("restart.db");
+    let app = TestApp::spawn_on(&db, &[]).await;
+    let body = roster_body("77", "alice", "bob", "add", 1_700_000_000_000, SECRET);
+    let ack: Value = app.post_callback(body.clone()).await.json().await.unwrap();
+    app.stop().await;
+
+    let app = TestApp::spawn_on(&db, &[]).await;
+    let (status, one) = app.get_json(&format!("/v1/callbacks/{}", ack["seq"])).await;
+    assert_eq!(status, 200);
+    assert_eq!(one["raw_body"].as_str().unwrap(), body);
+    // and a re-delivery after the restart is still recognised as a duplicate
+    let again: Value = app.post_callback(body).await.json().await.unwrap();
+    assert_eq!(again["duplicate"], true);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_callback_seq_is_404_json() {
+    let app = TestApp::spawn(&[]).await;
+    let (status, err) = app.get_json("/v1/callbacks/999").await;
+    assert_eq!(status, 404);
+    assert_eq!(err["code"], "not_found");
+    let (status, _) = app.get_json("/readyz").await;
+    assert_eq!(status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn listing_pages_with_a_cursor_in_sequence_order() {
+    let app = TestApp::spawn(&[]).await;
+    for i in 0..5 {
+        let body = roster_body(&format!("10{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+    let (_, p1) = app.get_json("/v1/callbacks?limit=3").await;
+    assert_eq!(p1["items"].as_array().unwrap().len(), 3);
+    let cursor = p1["next_cursor"].as_str().unwrap().to_string();
+    let (_, p2) = app.get_json(&format!("/v1/callbacks?limit=3&cursor={cursor}")).await;
+    let seqs: Vec<i64> = p1["items"].as_array().unwrap().iter().chain(p2["items"].as_array().unwrap()).map(|i| i["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs.len(), 5);
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]));
+    assert!(p2["next_cursor"].is_null());
+    let (_, ranged) = app.get_json("/v1/callbacks?since=1700000000002&until=1700000000004").await;
+    assert_eq!(ranged["items"].as_array().unwrap().len(), 2);
+    app.stop().await;
+}
