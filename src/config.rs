@@ -28,6 +28,12 @@ pub enum Command {
     /// Run the HTTP service (receiver, trigger API, reconciliation, feed). With no
     /// --easemob-base-url it also starts the built-in Easemob sandbox and wires the two together.
     Serve(Box<ServeArgs>),
+    /// Reconcile calls against callbacks and print what needs attention.
+    Reconcile(crate::commands::reconcile::ReconcileArgs),
+    /// Verify the tamper-evident hash chain.
+    Audit(crate::commands::audit::AuditArgs),
+    /// Export the feed (calls and callbacks) as NDJSON or CSV.
+    Export(crate::commands::export::ExportArgs),
 }
 
 /// How hard SQLite flushes to disk on commit.

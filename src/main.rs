@@ -13,6 +13,12 @@ async fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => friendhook::commands::serve::run(*args).await,
+        Command::Reconcile(args) => friendhook::commands::reconcile::run(args).await,
+        Command::Export(args) => friendhook::commands::export::run(args).await,
+        Command::Audit(args) => match friendhook::commands::audit::run(args).await {
+            Ok(code) => return std::process::ExitCode::from(code),
+            Err(e) => Err(e),
+        },
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,3 +1,6 @@
 //! The subcommands: each turns parsed config into running parts of the library.
 
+pub mod audit;
+pub mod export;
+pub mod reconcile;
 pub mod serve;

@@ -200,6 +200,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Records that should carry a chain link but do not: callbacks without seq, and calls with
+    /// an outcome but no seq.
+    pub async fn count_unchained(&self) -> Result<i64, StoreError> {
+        let a: i64 = sqlx::query_scalar("SELECT count(*) FROM callbacks WHERE seq IS NULL OR chain_hash IS NULL")
+            .fetch_one(self.read_pool())
+            .await?;
+        let b: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM calls WHERE outcome IS NOT NULL AND (seq IS NULL OR chain_hash IS NULL)",
+        )
+        .fetch_one(self.read_pool())
+        .await?;
+        Ok(a + b)
+    }
+
     /// Calls requested in [since, until) (all when `None`), for reconciliation.
     pub async fn calls_for_reconcile(&self, since_ms: i64, until_ms: i64) -> Result<Vec<CallRow>, StoreError> {
         let rows = sqlx::query(

@@ -246,6 +246,19 @@ impl Store {
         Ok(Store { read, jobs, committed: committed_rx, health, recovered_calls })
     }
 
+    /// Opens an existing database for reading only: no migrations, no writer, no recovery. For the
+    /// CLI commands that inspect a database a running service may be writing to.
+    pub async fn open_read_only(database_url: &str) -> Result<Store, StoreError> {
+        let opts = SqliteConnectOptions::from_str(database_url)?
+            .create_if_missing(false)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(5));
+        let read = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
+        let (jobs, _) = mpsc::channel(1);
+        let (_, committed) = watch::channel(0);
+        Ok(Store { read, jobs, committed, health: Arc::new(WriterHealth::default()), recovered_calls: 0 })
+    }
+
     /// The read pool (for the query functions in this module).
     pub(crate) fn read_pool(&self) -> &SqlitePool {
         &self.read

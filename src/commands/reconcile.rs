@@ -1,0 +1,201 @@
+//! `friendhook reconcile`: print the reconciliation summary and the items that need attention
+//! (missing, unexpected, orphan) as a table, or everything as JSON. Reads the database directly
+//! (read-only) or asks a running service.
+
+use clap::Args;
+
+use crate::clock::{self, Clock};
+use crate::config::parse_duration;
+use crate::http::query::parse_time;
+use crate::reconcile::MatchParams;
+use crate::report::{self, ReportQuery};
+use serde_json::Value;
+use crate::store::Store;
+
+/// `friendhook reconcile` options.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// The database to read (opened read-only). Ignored with --url.
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    pub database_url: String,
+    /// Ask a running service instead (e.g. http://127.0.0.1:8080).
+    #[arg(long)]
+    pub url: Option<String>,
+    /// Calls requested (and orphans timestamped) at or after this: epoch ms or RFC 3339.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// ... and before this.
+    #[arg(long)]
+    pub until: Option<String>,
+    /// Only this status (matched, pending, missing, not_expected, unexpected, orphan).
+    /// Default: missing, unexpected and orphan.
+    #[arg(long)]
+    pub status: Option<String>,
+    /// Only calls of this owner (orphans: either side).
+    #[arg(long)]
+    pub owner: Option<String>,
+    /// Only calls with this friend (orphans: either side).
+    #[arg(long)]
+    pub friend: Option<String>,
+    /// Print JSON (the same document as GET /v1/reconciliation, all pages merged).
+    #[arg(long)]
+    pub json: bool,
+    /// Matching skew (direct database mode).
+    #[arg(long, env = "FRIENDHOOK_MATCH_SKEW", default_value = "5s", value_parser = parse_duration)]
+    pub match_skew: std::time::Duration,
+    /// Matching window (direct database mode).
+    #[arg(long, env = "FRIENDHOOK_MATCH_WINDOW", default_value = "5m", value_parser = parse_duration)]
+    pub match_window: std::time::Duration,
+}
+
+async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>) -> anyhow::Result<Value> {
+    if let Some(base) = &args.url {
+        let mut cursor: Option<String> = None;
+        let mut doc: Option<Value> = None;
+        loop {
+            let mut q: Vec<(&str, String)> = vec![("limit", "1000".into())];
+            for (k, v) in [("since", &args.since), ("until", &args.until), ("owner", &args.owner), ("friend", &args.friend)] {
+                if let Some(v) = v {
+                    q.push((k, v.clone()));
+                }
+            }
+            if let Some(s) = status {
+                q.push(("status", s.to_string()));
+            }
+            if let Some(c) = &cursor {
+                q.push(("cursor", c.clone()));
+            }
+            let resp = reqwest::Client::new()
+                .get(format!("{}/v1/reconciliation", base.trim_end_matches('/')))
+                .query(&q)
+                .send()
+                .await?;
+            if !resp.status().is_success() {
+                anyhow::bail!("the service answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
+            }
+            let page: Value = resp.json().await?;
+            cursor = page["next_cursor"].as_str().map(str::to_string);
+            match doc.as_mut() {
+                None => doc = Some(page),
+                Some(d) => {
+                    let more = page["items"].as_array().cloned().unwrap_or_default();
+                    if let Some(items) = d["items"].as_array_mut() {
+                        items.extend(more);
+                    }
+                }
+            }
+            if cursor.is_none() {
+                break;
+            }
+        }
+        return doc.ok_or_else(|| anyhow::anyhow!("no report"));
+    }
+    let store = Store::open_read_only(&args.database_url).await?;
+    let time = |name: &'static str, v: &Option<String>| {
+        v.as_deref().map(|s| parse_time(name, s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))
+    };
+    let query = ReportQuery {
+        since_ms: time("since", &args.since)?,
+        until_ms: time("until", &args.until)?,
+        status: status.map(str::to_string),
+        owner: args.owner.clone(),
+        friend: args.friend.clone(),
+        limit: usize::MAX / 2,
+        cursor: None,
+    };
+    let params = MatchParams {
+        skew_ms: args.match_skew.as_millis() as i64,
+        window_ms: args.match_window.as_millis() as i64,
+        now_ms: clock::SystemClock.now_ms(),
+    };
+    Ok(serde_json::to_value(report::build(&store, &query, params).await?)?)
+}
+
+/// Runs the command.
+pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
+    let statuses: Vec<Option<&str>> = match args.status.as_deref() {
+        Some(s) => vec![Some(s)],
+        None if args.json => vec![None],
+        None => vec![Some("missing"), Some("unexpected"), Some("orphan")],
+    };
+    let mut merged: Option<Value> = None;
+    for status in statuses {
+        let r = fetch_all_pages(&args, status).await?;
+        match merged.as_mut() {
+            None => merged = Some(r),
+            Some(m) => {
+                let more = r["items"].as_array().cloned().unwrap_or_default();
+                if let Some(items) = m["items"].as_array_mut() {
+                    items.extend(more);
+                }
+            }
+        }
+    }
+    let mut report = merged.ok_or_else(|| anyhow::anyhow!("no report"))?;
+    report["next_cursor"] = Value::Null;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", render_table(&report));
+    }
+    Ok(())
+}
+
+/// Renders a reconciliation document (as served by GET /v1/reconciliation) as a text table.
+pub fn render_table(r: &Value) -> String {
+    use std::fmt::Write;
+    let s = &r["summary"];
+    let n = |k: &str| s[k].as_i64().unwrap_or(0);
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "matched {}  pending {}  missing {}  not_expected {}  unexpected {}  orphan {}",
+        n("matched"), n("pending"), n("missing"), n("not_expected"), n("unexpected"), n("orphan")
+    );
+    let l = &s["match_latency_ms"];
+    let f = |k: &str| l[k].as_i64().map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
+    let _ = writeln!(out, "match latency  p50 {}  p95 {}  p99 {}  max {}", f("p50"), f("p95"), f("p99"), f("max"));
+    let items = r["items"].as_array().cloned().unwrap_or_default();
+    if items.is_empty() {
+        let _ = writeln!(out, "\nnothing to list");
+        return out;
+    }
+    let _ = writeln!(
+        out,
+        "\n{:<12} {:<8} {:>8}  {:<16} {:<16} {:<24} detail",
+        "STATUS", "KIND", "ID/SEQ", "OWNER/FROM", "FRIEND/TO", "TIME (UTC)"
+    );
+    let str_of = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    for item in &items {
+        let call = item["kind"] == "call";
+        let (id, a, b, t, detail) = if call {
+            (
+                str_of(&item["id"]),
+                str_of(&item["owner"]),
+                str_of(&item["friend"]),
+                item["requested_at"].as_i64().unwrap_or(0),
+                format!("{} {}{}", str_of(&item["op"]), str_of(&item["outcome"]),
+                    if item["late"] == true { " (late)" } else { "" }),
+            )
+        } else {
+            (
+                str_of(&item["seq"]),
+                str_of(&item["from_user"]),
+                str_of(&item["to_user"]),
+                item["timestamp"].as_i64().unwrap_or(0),
+                str_of(&item["operation"]),
+            )
+        };
+        let _ = writeln!(
+            out,
+            "{:<12} {:<8} {:>8}  {:<16} {:<16} {:<24} {}",
+            str_of(&item["status"]), str_of(&item["kind"]), id, a, b, fmt_time(t), detail
+        );
+    }
+    out
+}
+
+fn fmt_time(ms: i64) -> String {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}

@@ -1,0 +1,297 @@
+//! The trigger API: `POST /v1/friends`, `POST /v1/friends/batch`, `DELETE /v1/friends/{owner}/{friend}`,
+//! and the call records `GET /v1/calls`, `GET /v1/calls/{id}`.
+//!
+//! Every call is recorded before anything is sent (intent) and again once Easemob has answered
+//! (outcome). The Easemob call runs in its own task, so a client that disconnects mid-call cannot
+//! leave a call without an outcome; only a crash can, and start-up closes those as `unknown`.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::extract::rejection::JsonRejection;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use super::query::{parse_cursor, parse_limit, parse_opt_time};
+use crate::app::SharedState;
+use crate::easemob::{self, ApiFailure, EasemobClient};
+use crate::error::ApiError;
+use crate::model::{CallOp, Outcome};
+use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall, Store};
+
+/// Routes of this module.
+pub fn router() -> axum::Router<SharedState> {
+    axum::Router::new()
+        .route("/v1/friends", post(add_friend))
+        .route("/v1/friends/batch", post(add_friends_batch))
+        .route("/v1/friends/{owner}/{friend}", delete(remove_friend))
+        .route("/v1/calls", get(list_calls))
+        .route("/v1/calls/{id}", get(get_call))
+}
+
+/// The JSON shape of a call record.
+#[derive(Debug, Clone, Serialize)]
+pub struct CallView {
+    /// Call id.
+    pub id: i64,
+    /// `add` or `remove`.
+    pub op: &'static str,
+    /// Owner.
+    pub owner: String,
+    /// Friend.
+    pub friend: String,
+    /// Intent time (epoch ms).
+    pub requested_at: i64,
+    /// Outcome time (epoch ms).
+    pub completed_at: Option<i64>,
+    /// succeeded / rejected / failed / unknown / in_flight.
+    pub outcome: Outcome,
+    /// Easemob's HTTP status.
+    pub upstream_status: Option<i64>,
+    /// Easemob's error type (`exceed_limit`, `service_resource_not_found`, ...).
+    pub upstream_error: Option<String>,
+    /// HTTP attempts made.
+    pub attempts: Option<i64>,
+    /// Easemob's response body.
+    pub response: Option<Value>,
+    /// The client's idempotency key.
+    pub idempotency_key: Option<String>,
+    /// Journal position of the outcome.
+    pub seq: Option<i64>,
+}
+
+impl From<CallRecord> for CallView {
+    fn from(c: CallRecord) -> Self {
+        Self {
+            id: c.id,
+            op: c.op.as_str(),
+            owner: c.owner,
+            friend: c.friend,
+            requested_at: c.requested_at_ms,
+            completed_at: c.completed_at_ms,
+            outcome: c.outcome,
+            upstream_status: c.upstream_status,
+            upstream_error: c.upstream_error,
+            attempts: c.attempts,
+            response: c.response_body.as_deref().and_then(|b| serde_json::from_str(b).ok()),
+            idempotency_key: c.idempotency_key,
+            seq: c.seq,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct PairBody {
+    owner: Option<String>,
+    friend: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BatchBody {
+    pairs: Vec<PairBody>,
+}
+
+/// Largest batch accepted.
+pub const MAX_BATCH: usize = 1000;
+
+fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+    body.map(|Json(b)| b).map_err(|e| ApiError::bad_request("invalid_json", e.body_text()))
+}
+
+/// Validates and lower-cases a pair (Easemob stores user IDs lower-case, and its callbacks carry
+/// them that way, so matching needs the same form).
+fn validate_pair(owner: Option<&str>, friend: Option<&str>) -> Result<(String, String), String> {
+    let owner = owner.map(str::trim).filter(|s| !s.is_empty()).ok_or("`owner` is required")?;
+    let friend = friend.map(str::trim).filter(|s| !s.is_empty()).ok_or("`friend` is required")?;
+    easemob::validate_username(owner).map_err(|e| format!("`owner`: {e}"))?;
+    easemob::validate_username(friend).map_err(|e| format!("`friend`: {e}"))?;
+    let (owner, friend) = (owner.to_ascii_lowercase(), friend.to_ascii_lowercase());
+    if owner == friend {
+        return Err("`owner` and `friend` must be different users".into());
+    }
+    Ok((owner, friend))
+}
+
+fn client(state: &SharedState) -> Result<EasemobClient, ApiError> {
+    state.easemob.clone().ok_or_else(|| ApiError::Unavailable {
+        code: "no_easemob_client",
+        detail: "no Easemob client is configured".into(),
+        retry_after_secs: 60,
+    })
+}
+
+/// Records the intent, calls Easemob, records the outcome. Runs detached from the request so a
+/// disconnect cannot cut it between the two records.
+async fn execute(store: Store, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), ApiError> {
+    let record = match store.insert_call_intent(call).await? {
+        IntentResult::Existing(existing) => return Ok((existing, true)),
+        IntentResult::Created(record) => record,
+    };
+    let task = tokio::spawn(async move {
+        let result = match record.op {
+            CallOp::Add => client.add_friend(&record.owner, &record.friend).await,
+            CallOp::Remove => client.delete_friend(&record.owner, &record.friend).await,
+        };
+        let outcome = match result {
+            Ok(ok) => CallOutcome {
+                call: record,
+                outcome: Outcome::Succeeded,
+                upstream_status: Some(i64::from(ok.status)),
+                upstream_error: None,
+                attempts: i64::from(ok.attempts),
+                response_body: Some(ok.body.to_string()),
+            },
+            Err(fail) => CallOutcome {
+                outcome: match fail {
+                    ApiFailure::Rejected { .. } => Outcome::Rejected,
+                    ApiFailure::Failed { .. } => Outcome::Failed,
+                },
+                upstream_status: fail.upstream_status().map(i64::from),
+                upstream_error: fail.upstream_error().map(str::to_string),
+                attempts: i64::from(fail.attempts()),
+                response_body: fail.body().map(Value::to_string),
+                call: record,
+            },
+        };
+        store.mark_call_outcome(outcome).await
+    });
+    let record = task.await.map_err(ApiError::internal)??;
+    Ok((record, false))
+}
+
+fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
+    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
+    let key = v
+        .to_str()
+        .ok()
+        .map(str::trim)
+        .filter(|k| !k.is_empty() && k.len() <= 255)
+        .ok_or_else(|| ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters"))?;
+    Ok(Some(key.to_string()))
+}
+
+async fn trigger(state: SharedState, headers: HeaderMap, op: CallOp, owner: Option<&str>, friend: Option<&str>) -> Result<Response, ApiError> {
+    let (owner, friend) = validate_pair(owner, friend).map_err(|d| ApiError::bad_request("invalid_request", d))?;
+    let key = idempotency_key(&headers)?;
+    let client = client(&state)?;
+    let new = NewCall { op, owner, friend, idempotency_key: key };
+    let (record, replayed) = execute(state.store.clone(), client, new.clone()).await?;
+    if replayed {
+        if record.op != new.op || record.owner != new.owner || record.friend != new.friend {
+            return Err(ApiError::Unprocessable {
+                code: "idempotency_key_reused",
+                detail: format!("Idempotency-Key was already used for call {} with a different request; use a new key", record.id),
+            });
+        }
+        if record.outcome == Outcome::InFlight {
+            return Err(ApiError::Conflict {
+                code: "idempotency_in_flight",
+                detail: format!("call {} with this Idempotency-Key is still running; retry shortly", record.id),
+            });
+        }
+    }
+    let mut response = (StatusCode::CREATED, Json(CallView::from(record))).into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+async fn add_friend(State(state): State<SharedState>, headers: HeaderMap, body: Result<Json<PairBody>, JsonRejection>) -> Result<Response, ApiError> {
+    let body = json_body(body)?;
+    trigger(state, headers, CallOp::Add, body.owner.as_deref(), body.friend.as_deref()).await
+}
+
+async fn remove_friend(State(state): State<SharedState>, headers: HeaderMap, Path((owner, friend)): Path<(String, String)>) -> Result<Response, ApiError> {
+    trigger(state, headers, CallOp::Remove, Some(&owner), Some(&friend)).await
+}
+
+async fn add_friends_batch(State(state): State<SharedState>, body: Result<Json<BatchBody>, JsonRejection>) -> Result<Response, ApiError> {
+    let body = json_body(body)?;
+    if body.pairs.is_empty() || body.pairs.len() > MAX_BATCH {
+        return Err(ApiError::bad_request("invalid_request", format!("`pairs` must hold 1 to {MAX_BATCH} pairs, got {}", body.pairs.len())));
+    }
+    // Validate everything first: a batch with a bad pair sends nothing.
+    let mut calls = Vec::with_capacity(body.pairs.len());
+    for (i, p) in body.pairs.iter().enumerate() {
+        let (owner, friend) = validate_pair(p.owner.as_deref(), p.friend.as_deref())
+            .map_err(|d| ApiError::bad_request("invalid_request", format!("pairs[{i}]: {d}")))?;
+        calls.push(NewCall { op: CallOp::Add, owner, friend, idempotency_key: None });
+    }
+    let client = client(&state)?;
+    // All run at once; the client's rate limiter paces them to Easemob's limit.
+    let tasks: Vec<_> = calls
+        .into_iter()
+        .map(|c| tokio::spawn(execute(state.store.clone(), client.clone(), c)))
+        .collect();
+    let mut results = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        let (record, _) = t.await.map_err(ApiError::internal)??;
+        results.push(CallView::from(record));
+    }
+    Ok(Json(json!({ "results": results })).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+struct CallsQuery {
+    owner: Option<String>,
+    friend: Option<String>,
+    outcome: Option<String>,
+    since: Option<String>,
+    until: Option<String>,
+    limit: Option<i64>,
+    cursor: Option<String>,
+}
+
+async fn list_calls(
+    State(state): State<SharedState>,
+    query: Result<Query<CallsQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Response, ApiError> {
+    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let outcome = q
+        .outcome
+        .as_deref()
+        .map(|o| {
+            Outcome::parse(o).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "`outcome` must be succeeded, rejected, failed, unknown or in_flight")
+            })
+        })
+        .transpose()?;
+    let limit = parse_limit(q.limit)?;
+    let filter = CallFilter {
+        owner: q.owner.map(|s| s.to_ascii_lowercase()),
+        friend: q.friend.map(|s| s.to_ascii_lowercase()),
+        outcome,
+        since_ms: parse_opt_time("since", q.since.as_deref())?,
+        until_ms: parse_opt_time("until", q.until.as_deref())?,
+        after_id: parse_cursor(q.cursor.as_deref())?,
+        limit,
+    };
+    let items: Vec<CallView> = state.store.list_calls(&filter).await?.into_iter().map(CallView::from).collect();
+    let next_cursor = (items.len() as i64 == limit).then(|| items.last().map(|c| c.id.to_string())).flatten();
+    Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
+}
+
+async fn get_call(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+    let id: i64 = id.parse().map_err(|_| ApiError::bad_request("invalid_path", format!("`{id}` is not a call id")))?;
+    match state.store.get_call(id).await? {
+        Some(c) => Ok(Json(CallView::from(c)).into_response()),
+        None => Err(ApiError::NotFound(format!("no call with id {id}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pairs_are_validated_and_lower_cased() {
+        assert_eq!(validate_pair(Some("Alice"), Some("bob")), Ok(("alice".into(), "bob".into())));
+        assert!(validate_pair(None, Some("bob")).is_err());
+        assert!(validate_pair(Some(""), Some("bob")).is_err());
+        assert!(validate_pair(Some("bob"), Some("BOB")).is_err());
+        assert!(validate_pair(Some("al ice"), Some("bob")).is_err());
+    }
+}
