@@ -51,39 +51,43 @@ pub async fn export(store: &Store, since: i64, until: i64, format: Format, out: 
     let started = Instant::now();
     let mut after = 0i64;
     let mut written = 0u64;
-    let mut csv = (format == Format::Csv).then(|| csv::Writer::from_writer(&mut *out));
-    if let Some(w) = csv.as_mut() {
-        w.write_record(CSV_HEADER)?;
+    if format == Format::Csv {
+        out.write_all(&csv_bytes(std::iter::once(CSV_HEADER.map(str::to_string)))?)?;
     }
-    let mut lines: Vec<u8> = Vec::with_capacity(1 << 20);
     loop {
         let page = store.feed_page(after, 10_000, since, until).await?;
         let Some(last) = page.last() else { break };
         after = last.seq;
-        for rec in &page {
-            match csv.as_mut() {
-                Some(w) => w.write_record(csv_row(rec))?,
-                None => {
+        // One buffer per page: a few MB at most, whatever the total size.
+        let chunk = match format {
+            Format::Csv => csv_bytes(page.iter().map(csv_row))?,
+            Format::Ndjson => {
+                let mut lines = Vec::with_capacity(page.len() * 200);
+                for rec in &page {
                     serde_json::to_writer(&mut lines, rec)?;
                     lines.push(b'\n');
                 }
+                lines
             }
-            written += 1;
-            if progress_every > 0 && written % progress_every == 0 {
-                let secs = started.elapsed().as_secs_f64();
-                eprintln!("exported {written} records ({:.0}/s)", written as f64 / secs.max(1e-9));
-            }
-        }
-        if csv.is_none() {
-            out.write_all(&lines)?;
-            lines.clear();
+        };
+        out.write_all(&chunk)?;
+        let before = written;
+        written += page.len() as u64;
+        if progress_every > 0 && before / progress_every != written / progress_every {
+            let secs = started.elapsed().as_secs_f64();
+            eprintln!("exported {written} records ({:.0}/s)", written as f64 / secs.max(1e-9));
         }
     }
-    match csv {
-        Some(mut w) => w.flush()?,
-        None => out.flush()?,
-    }
+    out.flush()?;
     Ok(written)
+}
+
+fn csv_bytes(rows: impl Iterator<Item = [String; 12]>) -> anyhow::Result<Vec<u8>> {
+    let mut w = csv::WriterBuilder::new().has_headers(false).from_writer(Vec::new());
+    for row in rows {
+        w.write_record(&row)?;
+    }
+    w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))
 }
 
 fn csv_row(r: &FeedRecord) -> [String; 12] {
