@@ -34,6 +34,8 @@ pub enum Command {
     Audit(crate::commands::audit::AuditArgs),
     /// Export the feed (calls and callbacks) as NDJSON or CSV.
     Export(crate::commands::export::ExportArgs),
+    /// Benchmarks that print throughput, latency percentiles and memory.
+    Bench(crate::bench::BenchArgs),
 }
 
 /// How hard SQLite flushes to disk on commit.

@@ -28,3 +28,4 @@ pub mod http;
 pub mod store;
 pub mod commands;
 pub mod report;
+pub mod bench;

@@ -8,6 +8,7 @@
 pub mod chain;
 pub mod journal;
 mod reads;
+pub mod seed;
 pub mod writer;
 
 use std::str::FromStr;
@@ -197,6 +198,7 @@ pub struct Store {
     jobs: mpsc::Sender<Job>,
     committed: watch::Receiver<i64>,
     health: Arc<WriterHealth>,
+    database_url: String,
     /// Calls closed as `unknown` at start-up.
     pub recovered_calls: u64,
 }
@@ -243,7 +245,7 @@ impl Store {
         }
         let (jobs, rx) = mpsc::channel(opts.write_queue.max(1));
         tokio::spawn(writer.run(rx));
-        Ok(Store { read, jobs, committed: committed_rx, health, recovered_calls })
+        Ok(Store { read, jobs, committed: committed_rx, health, database_url: opts.database_url, recovered_calls })
     }
 
     /// Opens an existing database for reading only: no migrations, no writer, no recovery. For the
@@ -256,7 +258,7 @@ impl Store {
         let read = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
         let (jobs, _) = mpsc::channel(1);
         let (_, committed) = watch::channel(0);
-        Ok(Store { read, jobs, committed, health: Arc::new(WriterHealth::default()), recovered_calls: 0 })
+        Ok(Store { read, jobs, committed, health: Arc::new(WriterHealth::default()), database_url: database_url.to_string(), recovered_calls: 0 })
     }
 
     /// The read pool (for the query functions in this module).

@@ -1,0 +1,347 @@
+//! `friendhook bench`: the benchmarks a user runs on their own machine. Each prints its figures;
+//! none asserts a target (targets are judged by reading the output, never in a timed test).
+//!
+//! - `ingest`: the service as a child process; the same client and concurrency measure the bare
+//!   HTTP ceiling (`GET /healthz`) and the verified-and-committed callback path, then an open-loop
+//!   run at a fixed rate; peak RSS of the service; acknowledged vs stored.
+//! - `trigger`: friend additions through the trigger API against the built-in sandbox.
+//! - `reconcile` / `feed`: a database seeded with a million calls and callbacks.
+
+pub mod load;
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use clap::{Args, Subcommand};
+use http_body_util::Full;
+use hyper::Request;
+
+use crate::clock::{Clock, SystemClock};
+use crate::config::{SqliteSynchronous, parse_duration};
+use crate::reconcile::MatchParams;
+use crate::report::{self, ReportQuery};
+use crate::store::{Store, StoreOptions, seed::SeedSpec};
+
+/// `friendhook bench ...`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[command(subcommand)]
+    pub command: BenchCommand,
+}
+
+/// The benchmarks.
+#[derive(Debug, Subcommand)]
+pub enum BenchCommand {
+    /// Callback ingest: bare HTTP ceiling vs verified-and-committed, open-loop latency, RSS.
+    Ingest(IngestArgs),
+    /// Reconciliation query times over a seeded database (1,000,000 calls and callbacks).
+    Reconcile(SeedArgs),
+    /// Full feed export rate over a seeded database.
+    Feed(SeedArgs),
+}
+
+/// Options of `bench ingest`.
+#[derive(Debug, Args)]
+pub struct IngestArgs {
+    /// Concurrent connections of the closed-loop phases.
+    #[arg(long, default_value_t = 64)]
+    pub connections: usize,
+    /// Length of each closed-loop phase.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub duration: Duration,
+    /// SQLite synchronous mode of the service under test.
+    #[arg(long, value_enum, default_value = "full")]
+    pub sqlite_synchronous: SqliteSynchronous,
+    /// Rate of the open-loop phase (callbacks per second); 0 skips it.
+    #[arg(long, default_value_t = 5000)]
+    pub rate: u64,
+    /// Length of the open-loop phase.
+    #[arg(long, default_value = "10s", value_parser = parse_duration)]
+    pub open_loop_duration: Duration,
+    /// The friendhook binary to run as the service (default: this one).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+}
+
+/// Options of `bench reconcile` / `bench feed`.
+#[derive(Debug, Args)]
+pub struct SeedArgs {
+    /// Seeded database file; created (about a minute) if missing, reused if present.
+    #[arg(long, default_value = "friendhook-bench-1m.db")]
+    pub database: PathBuf,
+    /// Calls to seed.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub calls: u64,
+    /// Callbacks to seed.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub callbacks: u64,
+}
+
+/// Runs a benchmark.
+pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+    match args.command {
+        BenchCommand::Ingest(a) => ingest(a).await,
+        BenchCommand::Reconcile(a) => bench_reconcile(a).await,
+        BenchCommand::Feed(a) => bench_feed(a).await,
+    }
+}
+
+/// The service under test, as a child process.
+pub struct ServiceProcess {
+    child: tokio::process::Child,
+    /// Its HTTP address.
+    pub addr: SocketAddr,
+    /// Its sandbox's address.
+    pub sandbox_addr: SocketAddr,
+    /// Its database URL.
+    pub db_url: String,
+    _dir: tempfile::TempDir,
+}
+
+fn free_port() -> anyhow::Result<SocketAddr> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(l.local_addr()?)
+}
+
+impl ServiceProcess {
+    /// Starts `friendhook serve` on free ports with a fresh database and waits until it is ready.
+    pub async fn start(binary: Option<&Path>, extra: &[&str]) -> anyhow::Result<Self> {
+        let dir = tempfile::tempdir()?;
+        let db_url = format!("sqlite://{}", dir.path().join("bench.db").display());
+        let addr = free_port()?;
+        let sandbox_addr = free_port()?;
+        let exe = match binary {
+            Some(b) => b.to_path_buf(),
+            None => std::env::current_exe()?,
+        };
+        let child = tokio::process::Command::new(exe)
+            .arg("serve")
+            .args(["--listen", &addr.to_string(), "--sandbox-listen", &sandbox_addr.to_string(), "--database-url", &db_url])
+            .args(extra)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()?;
+        let svc = Self { child, addr, sandbox_addr, db_url, _dir: dir };
+        let client = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(r) = client.get(format!("http://{addr}/readyz")).send().await {
+                if r.status().is_success() {
+                    return Ok(svc);
+                }
+            }
+            if Instant::now() > deadline {
+                anyhow::bail!("the service did not become ready within 30 s");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Peak resident set size (VmHWM) in bytes.
+    pub fn peak_rss(&self) -> Option<u64> {
+        let pid = self.child.id()?;
+        peak_rss_of(pid)
+    }
+
+    /// SIGTERM, then wait for exit.
+    pub async fn stop(mut self) -> anyhow::Result<String> {
+        if let Some(pid) = self.child.id() {
+            let _ = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
+        Ok(self.db_url.clone())
+    }
+}
+
+/// Peak RSS of a process from /proc (Linux).
+pub fn peak_rss_of(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// A signed roster callback body for bench request `n` of run `run`.
+pub fn bench_callback(run: u64, n: u64, secret: &str, now_ms: i64) -> String {
+    let appkey = "demo-org#demo-app";
+    let msg_id = format!("{run}{n:012}");
+    let call_id = format!("{appkey}_{msg_id}");
+    let ts = now_ms.to_string();
+    let security = crate::signature::easemob::sign(&call_id, secret, &ts);
+    format!(
+        r#"{{"chat_type":"roster","callId":"{call_id}","security":"{security}","payload":{{"reason":"","operation":"add"}},"host":"bench","appkey":"{appkey}","from":"{appkey}_u{a}@easemob.com","to":"u{b}","eventType":"chat","msg_id":"{msg_id}","timestamp":{ts}}}"#,
+        a = n % 10_000,
+        b = (n * 7 + 1) % 10_000
+    )
+}
+
+fn row(name: &str, r: &load::LoadResult) -> String {
+    format!(
+        "{name:<34} {:>9.0} {:>9.2} {:>9.2} {:>9.2} {:>9}",
+        r.throughput(),
+        r.percentile_ms(0.50),
+        r.percentile_ms(0.99),
+        r.percentile_ms(0.999),
+        r.errors
+    )
+}
+
+async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
+    let secret = "bench-secret";
+    let sync = match a.sqlite_synchronous {
+        SqliteSynchronous::Full => "full",
+        SqliteSynchronous::Normal => "normal",
+    };
+    let svc = ServiceProcess::start(a.binary.as_deref(), &["--callback-secret", secret, "--sqlite-synchronous", sync]).await?;
+    let addr = svc.addr;
+    println!(
+        "friendhook bench ingest: {} connections, {:?} per closed-loop phase, synchronous={sync}, {} cores",
+        a.connections,
+        a.duration,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+    );
+    println!("{:<34} {:>9} {:>9} {:>9} {:>9} {:>9}", "phase", "req/s", "p50 ms", "p99 ms", "p99.9 ms", "non-2xx");
+
+    let host = addr.to_string();
+    let healthz: load::MakeRequest = {
+        let host = host.clone();
+        Arc::new(move |_| {
+            Request::get("/healthz").header("host", host.as_str()).body(Full::new(Bytes::new())).unwrap_or_default()
+        })
+    };
+    let bare = load::closed_loop(addr, a.connections, a.duration, healthz).await?;
+    println!("{}", row("bare HTTP (GET /healthz)", &bare));
+
+    let run_id: u64 = 1 + u64::from(rand::random::<u16>());
+    let callback = |run: u64| -> load::MakeRequest {
+        let host = host.clone();
+        Arc::new(move |n| {
+            let body = bench_callback(run, n, secret, SystemClock.now_ms());
+            Request::post("/callbacks/easemob")
+                .header("host", host.as_str())
+                .header("content-type", "application/json")
+                .body(Full::new(Bytes::from(body)))
+                .unwrap_or_default()
+        })
+    };
+    let full = load::closed_loop(addr, a.connections, a.duration, callback(run_id)).await?;
+    println!("{}", row("verified + committed (POST)", &full));
+    let ratio = full.throughput() / bare.throughput().max(1e-9);
+    println!("{:<34} {:>9.2}", "ratio committed / bare", ratio);
+
+    let mut acknowledged = full.ok;
+    if a.rate > 0 {
+        let open = load::open_loop(addr, a.connections, a.rate, a.open_loop_duration, callback(run_id + 100_000)).await?;
+        println!("{}", row(&format!("open loop at {}/s (from schedule)", a.rate), &open));
+        acknowledged += open.ok;
+    }
+    let rss = svc.peak_rss();
+    let db_url = svc.stop().await?;
+    let store = Store::open_read_only(&db_url).await?;
+    let stored = store.count_callbacks().await?;
+    match rss {
+        Some(b) => println!("{:<34} {:>9.1} MB", "peak RSS of the service", b as f64 / 1_048_576.0),
+        None => println!("{:<34} {:>9}", "peak RSS of the service", "n/a"),
+    }
+    println!(
+        "{:<34} acknowledged {acknowledged}, stored {stored}: {}",
+        "durability",
+        if acknowledged as i64 == stored { "equal" } else { "NOT EQUAL" }
+    );
+    Ok(())
+}
+
+async fn seeded_store(a: &SeedArgs) -> anyhow::Result<Store> {
+    let url = format!("sqlite://{}", a.database.display());
+    if a.database.exists() {
+        let store = Store::open_read_only(&url).await?;
+        let n = store.count_callbacks().await?;
+        println!("reusing {} ({n} callbacks)", a.database.display());
+        return Ok(store);
+    }
+    println!("seeding {} with {} calls and {} callbacks ...", a.database.display(), a.calls, a.callbacks);
+    let started = Instant::now();
+    let store = Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await?;
+    // A week of history ending now: about 6,000 calls per hour at a million calls.
+    let span_ms = 7 * 24 * 3_600_000i64;
+    let step = (span_ms / a.calls.max(1) as i64).max(1);
+    let start = SystemClock.now_ms() - span_ms;
+    let mut last_print = Instant::now();
+    store
+        .seed_bulk(SeedSpec { calls: a.calls, callbacks: a.callbacks, start_ms: start, step_ms: step }, |n| {
+            if last_print.elapsed() > Duration::from_secs(2) {
+                eprintln!("  ... {n} rows");
+                last_print = Instant::now();
+            }
+        })
+        .await?;
+    store.close().await;
+    println!("seeded in {:.1} s", started.elapsed().as_secs_f64());
+    Ok(Store::open_read_only(&url).await?)
+}
+
+async fn bench_reconcile(a: SeedArgs) -> anyhow::Result<()> {
+    let store = seeded_store(&a).await?;
+    let now = SystemClock.now_ms();
+    let params = MatchParams { skew_ms: 5_000, window_ms: 300_000, now_ms: now };
+    let hour = 3_600_000;
+    let mid = now - 3 * 24 * hour;
+    let mut window_times = Vec::new();
+    let mut last = None;
+    for k in 0..5 {
+        let q = ReportQuery { since_ms: Some(mid + k * hour), until_ms: Some(mid + (k + 1) * hour), limit: 100, ..Default::default() };
+        let t = Instant::now();
+        let r = report::build(&store, &q, params).await?;
+        window_times.push(t.elapsed());
+        last = Some(r.summary);
+    }
+    window_times.sort();
+    if let Some(s) = last {
+        println!(
+            "one-hour window: median {:.1} ms, max {:.1} ms over 5 windows (last: matched {}, missing {}, not_expected {}, orphan {})",
+            window_times[2].as_secs_f64() * 1e3,
+            window_times[4].as_secs_f64() * 1e3,
+            s.matched,
+            s.missing,
+            s.not_expected,
+            s.orphan
+        );
+    }
+    let t = Instant::now();
+    let r = report::build(&store, &ReportQuery { limit: 100, ..Default::default() }, params).await?;
+    let s = r.summary;
+    println!(
+        "full summary over everything: {:.2} s (matched {}, pending {}, missing {}, not_expected {}, unexpected {}, orphan {}; p50 {:?} ms, p99 {:?} ms)",
+        t.elapsed().as_secs_f64(),
+        s.matched,
+        s.pending,
+        s.missing,
+        s.not_expected,
+        s.unexpected,
+        s.orphan,
+        s.match_latency_ms.p50,
+        s.match_latency_ms.p99
+    );
+    Ok(())
+}
+
+async fn bench_feed(a: SeedArgs) -> anyhow::Result<()> {
+    let store = seeded_store(&a).await?;
+    let t = Instant::now();
+    let mut sink = std::io::sink();
+    let n = crate::commands::export::export(&store, i64::MIN, i64::MAX, crate::commands::export::Format::Ndjson, &mut sink, 0).await?;
+    let secs = t.elapsed().as_secs_f64();
+    println!("feed export (NDJSON): {n} records in {secs:.2} s = {:.0} lines/s", n as f64 / secs.max(1e-9));
+    let t = Instant::now();
+    let n = crate::commands::export::export(&store, i64::MIN, i64::MAX, crate::commands::export::Format::Csv, &mut sink, 0).await?;
+    let secs = t.elapsed().as_secs_f64();
+    println!("feed export (CSV):    {n} records in {secs:.2} s = {:.0} lines/s", n as f64 / secs.max(1e-9));
+    Ok(())
+}
