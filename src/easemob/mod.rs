@@ -17,6 +17,7 @@
 //! for the token request body; the token likewise only leaves it for the `Authorization` header.
 //! Neither is logged, and `Debug` of the client or its config shows neither.
 
+mod backoff;
 mod body;
 mod config;
 mod error;
