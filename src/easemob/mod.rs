@@ -21,6 +21,8 @@ mod backoff;
 mod body;
 mod config;
 mod error;
+mod pacer;
+mod token;
 mod username;
 
 pub use body::{ApiSuccess, Entity, Envelope, ErrorBody, NewUser};
