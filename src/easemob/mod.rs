@@ -19,6 +19,7 @@
 
 mod backoff;
 mod body;
+mod client;
 mod config;
 mod error;
 mod pacer;
@@ -26,6 +27,7 @@ mod token;
 mod username;
 
 pub use body::{ApiSuccess, Entity, Envelope, ErrorBody, NewUser};
+pub use client::{EasemobClient, MAX_USERS_PER_REGISTER};
 pub use config::ClientConfig;
 pub use error::{ApiFailure, ClientError};
 pub use username::{MAX_USERNAME_BYTES, validate_username};
