@@ -18,7 +18,9 @@ pub struct ClientConfig {
     /// Client secret from the Easemob console; only ever sent in the token request body.
     pub client_secret: Secret,
     /// Client-side ceiling on API requests per second for this App Key (Easemob's default
-    /// limit is 100/s). Requests are spaced evenly, one every `1 s / rate`. Default 100.
+    /// limit is 100/s). Requests are spaced evenly, with no burst and 2 % to spare (one every
+    /// `1.02 s / rate`), so no one-second window of the server sees more. Token requests are
+    /// not counted. Default 100.
     pub rate_limit_per_sec: u32,
     /// Most HTTP attempts per call for 429, 5xx and transport errors. Default 5.
     pub max_attempts: u32,
