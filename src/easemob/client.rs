@@ -1,0 +1,846 @@
+//! The HTTP side of the client: the endpoints, and the attempt loop every call goes through.
+//!
+//! One call = token, pacer, HTTP attempt, then by the answer:
+//! - 2xx: done.
+//! - 401: the token is dropped, a new one fetched, and the call re-sent once; a second 401 is
+//!   final (`Rejected`). The docs warn that a token can stop working before `expires_in`.
+//! - 429, 5xx, transport error or timeout: back off (see [`backoff`](super::backoff)) and try again,
+//!   while fewer than `max_attempts` attempts were made and `max_retry_time` since the first
+//!   attempt is not used up; then `Failed`.
+//! - any other status: final (`Rejected`), with Easemob's error body.
+//!
+//! The token request is not paced (Easemob limits `/token` separately, at 300/s) and is not
+//! counted in `attempts`.
+
+use std::fmt;
+use std::num::NonZeroU32;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderValue};
+use reqwest::{Method, Url};
+use serde_json::{Value, json};
+use tokio::time::Instant;
+
+use super::backoff::backoff_delay;
+use super::body::{ApiSuccess, Envelope, ErrorBody, NewUser, body_to_value};
+use super::config::ClientConfig;
+use super::error::{ApiFailure, ClientError, TIMED_OUT};
+use super::pacer::RequestPacer;
+use super::token::{AppToken, FetchedToken, TokenCache, TokenFailure};
+use super::username::validate_username;
+use crate::clock::SharedClock;
+use crate::secret::Secret;
+
+/// Most users Easemob accepts in one batch registration; larger input is sent in chunks.
+pub const MAX_USERS_PER_REGISTER: usize = 60;
+
+const USER_AGENT: &str = concat!("friendhook/", env!("CARGO_PKG_VERSION"));
+const JSON: &str = "application/json";
+
+/// Client for one Easemob App Key. Cheap to clone: clones share the token cache, the rate
+/// limiter and the connection pool, so build one per App Key and clone it.
+#[derive(Clone)]
+pub struct EasemobClient {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    config: ClientConfig,
+    /// `base_url` + `/{org}/{app}`, validated once.
+    app_url: Url,
+    http: reqwest::Client,
+    tokens: TokenCache,
+    pacer: RequestPacer,
+    jitter: Mutex<StdRng>,
+}
+
+impl fmt::Debug for EasemobClient {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // The config's Debug redacts the secret; the token is never shown.
+        f.debug_struct("EasemobClient")
+            .field("app_url", &self.inner.app_url.as_str())
+            .field("config", &self.inner.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// One request as the attempt loop sees it.
+struct Call {
+    method: Method,
+    url: Url,
+    body: Option<Bytes>,
+}
+
+/// What one HTTP attempt produced.
+enum Answer {
+    Received { status: u16, body: Value },
+    NotReceived { reason: String },
+}
+
+impl EasemobClient {
+    /// Builds a client; nothing is sent until the first call (the token is fetched lazily).
+    pub fn new(config: ClientConfig, clock: SharedClock) -> Result<Self, ClientError> {
+        let app_url = app_url(&config)?;
+        let rate = NonZeroU32::new(config.rate_limit_per_sec).ok_or_else(|| {
+            ClientError::InvalidConfig("rate_limit_per_sec must be at least 1".into())
+        })?;
+        if config.max_attempts == 0 {
+            return Err(ClientError::InvalidConfig(
+                "max_attempts must be at least 1 (1 means no retries)".into(),
+            ));
+        }
+
+        let mut headers = HeaderMap::new();
+        headers.insert(ACCEPT, HeaderValue::from_static(JSON));
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static(JSON));
+        let http = reqwest::Client::builder()
+            .user_agent(USER_AGENT)
+            .default_headers(headers)
+            .connect_timeout(config.connect_timeout)
+            .timeout(config.request_timeout)
+            // Easemob does not redirect; following one could turn a POST into a GET, and a 3xx
+            // is better reported than guessed at.
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .map_err(ClientError::Http)?;
+
+        let jitter = match config.jitter_seed {
+            Some(seed) => StdRng::seed_from_u64(seed),
+            None => StdRng::from_os_rng(),
+        };
+
+        Ok(Self {
+            inner: Arc::new(Inner {
+                app_url,
+                http,
+                tokens: TokenCache::new(clock),
+                pacer: RequestPacer::new(rate),
+                jitter: Mutex::new(jitter),
+                config,
+            }),
+        })
+    }
+
+    /// The App Key, `org#app`.
+    pub fn app_key(&self) -> String {
+        self.inner.config.app_key()
+    }
+
+    /// Makes `owner` and `friend` friends of each other:
+    /// `POST /{org}/{app}/users/{owner}/contacts/users/{friend}`. Easemob adds both directions and
+    /// fires the roster `add` callback. `envelope.entities[0]` is the friend.
+    pub async fn add_friend(&self, owner: &str, friend: &str) -> Result<ApiSuccess, ApiFailure> {
+        check_usernames(&[owner, friend]).map_err(|f| *f)?;
+        let url = self.app_path(&["users", owner, "contacts", "users", friend]);
+        self.send(Method::POST, url, None).await
+    }
+
+    /// Ends the friendship in both directions:
+    /// `DELETE /{org}/{app}/users/{owner}/contacts/users/{friend}`; fires the roster `remove` callback.
+    pub async fn delete_friend(&self, owner: &str, friend: &str) -> Result<ApiSuccess, ApiFailure> {
+        check_usernames(&[owner, friend]).map_err(|f| *f)?;
+        let url = self.app_path(&["users", owner, "contacts", "users", friend]);
+        self.send(Method::DELETE, url, None).await
+    }
+
+    /// The usernames `owner` is friends with: `GET /{org}/{app}/users/{owner}/contacts/users`
+    /// (Easemob answers them in `data`).
+    ///
+    /// A 2xx whose `data` is not a list of usernames is reported as `Failed` rather than read as
+    /// "no friends", so that reconciliation never acts on a misread list.
+    pub async fn list_friends(&self, owner: &str) -> Result<Vec<String>, ApiFailure> {
+        check_usernames(&[owner]).map_err(|f| *f)?;
+        let url = self.app_path(&["users", owner, "contacts", "users"]);
+        let success = self.send(Method::GET, url, None).await?;
+        match usernames_in(success.envelope.data.as_ref()) {
+            Some(friends) => Ok(friends),
+            None => Err(ApiFailure::Failed {
+                status: Some(success.status),
+                error: None,
+                reason: format!(
+                    "Easemob answered {} to the friend list request, but its `data` is not a list of usernames; see `body`",
+                    success.status
+                ),
+                body: Some(success.body),
+                attempts: success.attempts,
+            }),
+        }
+    }
+
+    /// Registers users with `POST /{org}/{app}/users` and an array body.
+    ///
+    /// Easemob takes at most [`MAX_USERS_PER_REGISTER`] (60) users per request, so longer input is
+    /// sent in consecutive chunks of 60 and the answers merged: `entities` and `data` are
+    /// concatenated, `attempts` summed, `status` is the last chunk's. Per-user failures (such as
+    /// "already exists") arrive in `data` with a 200, as Easemob reports them. If a chunk fails,
+    /// the call stops there and returns that failure (its `attempts` include the earlier chunks');
+    /// the users of earlier chunks stay registered, which a warning in the log records. An empty
+    /// slice is sent as `[]` and Easemob decides.
+    pub async fn register_users(&self, users: &[NewUser]) -> Result<ApiSuccess, ApiFailure> {
+        let url = self.app_path(&["users"]);
+        if users.len() <= MAX_USERS_PER_REGISTER {
+            return self.send(Method::POST, url, Some(json_bytes(&users))).await;
+        }
+
+        let mut merged: Option<ApiSuccess> = None;
+        for (index, chunk) in users.chunks(MAX_USERS_PER_REGISTER).enumerate() {
+            let earlier_attempts = merged.as_ref().map_or(0, |m| m.attempts);
+            match self
+                .send(Method::POST, url.clone(), Some(json_bytes(&chunk)))
+                .await
+            {
+                Ok(next) => {
+                    merged = Some(match merged {
+                        None => next,
+                        Some(so_far) => merge_register_answers(so_far, next),
+                    });
+                }
+                Err(failure) => {
+                    let sent_before = index * MAX_USERS_PER_REGISTER;
+                    if sent_before > 0 {
+                        tracing::warn!(
+                            registered_chunks = index,
+                            users_before_failure = sent_before,
+                            total_users = users.len(),
+                            "batch registration stopped part-way; users of earlier chunks were registered"
+                        );
+                    }
+                    return Err(add_attempts(failure, earlier_attempts, sent_before));
+                }
+            }
+        }
+        // More than 60 users means at least two chunks, so `merged` is set.
+        merged.ok_or_else(|| ApiFailure::Failed {
+            status: None,
+            error: None,
+            body: None,
+            attempts: 0,
+            reason: "internal: batch registration sent no chunk".into(),
+        })
+    }
+
+    /// Registers one user with `POST /{org}/{app}/users` and an object body.
+    pub async fn register_user(&self, user: &NewUser) -> Result<ApiSuccess, ApiFailure> {
+        let url = self.app_path(&["users"]);
+        self.send(Method::POST, url, Some(json_bytes(user))).await
+    }
+
+    /// One user's details: `GET /{org}/{app}/users/{username}`; 404 `service_resource_not_found`
+    /// (as `Rejected`) when there is no such user.
+    pub async fn get_user(&self, username: &str) -> Result<ApiSuccess, ApiFailure> {
+        check_usernames(&[username]).map_err(|f| *f)?;
+        let url = self.app_path(&["users", username]);
+        self.send(Method::GET, url, None).await
+    }
+
+    /// `{base}/{org}/{app}/{segments...}`, each segment percent-encoded.
+    fn app_path(&self, segments: &[&str]) -> Url {
+        let mut url = self.inner.app_url.clone();
+        if let Ok(mut path) = url.path_segments_mut() {
+            path.extend(segments);
+        }
+        url
+    }
+
+    /// The attempt loop (see the module docs).
+    async fn send(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Bytes>,
+    ) -> Result<ApiSuccess, ApiFailure> {
+        let call = Call { method, url, body };
+        let config = &self.inner.config;
+        let mut attempts: u32 = 0;
+        let mut retries: u32 = 0;
+        let mut renewed_after_401 = false;
+        let mut first_attempt_at: Option<Instant> = None;
+
+        loop {
+            let token = self.token().await.map_err(|failure| ApiFailure::Failed {
+                status: failure.status,
+                error: failure.error,
+                body: failure.body,
+                attempts,
+                reason: format!("token: {}", failure.reason),
+            })?;
+            self.inner.pacer.wait_turn().await;
+            attempts += 1;
+            let first_attempt_at = *first_attempt_at.get_or_insert_with(Instant::now);
+
+            let (status, body, transport_reason) = match self.attempt(&call, &token).await {
+                Answer::Received { status, body } => {
+                    tracing::debug!(
+                        method = %call.method,
+                        path = call.url.path(),
+                        attempt = attempts,
+                        status,
+                        "Easemob answered"
+                    );
+                    (Some(status), body, None)
+                }
+                Answer::NotReceived { reason } => {
+                    tracing::debug!(
+                        method = %call.method,
+                        path = call.url.path(),
+                        attempt = attempts,
+                        reason = %reason,
+                        "no answer from Easemob"
+                    );
+                    (None, Value::Null, Some(reason))
+                }
+            };
+            let error = ErrorBody::from_value(&body);
+            let body = (!body.is_null()).then_some(body);
+
+            let reason = match status {
+                Some(status) if (200..300).contains(&status) => {
+                    let body = body.unwrap_or(Value::Null);
+                    return Ok(ApiSuccess {
+                        status,
+                        envelope: Envelope::from_value(&body),
+                        body,
+                        attempts,
+                    });
+                }
+                Some(401) if !renewed_after_401 => {
+                    renewed_after_401 = true;
+                    tracing::warn!(
+                        method = %call.method,
+                        path = call.url.path(),
+                        attempt = attempts,
+                        error = error.as_ref().map(|e| e.error.as_str()),
+                        "Easemob refused the app token; fetching a new one and retrying once"
+                    );
+                    self.inner.tokens.invalidate(token.generation).await;
+                    continue;
+                }
+                Some(status) if status == 429 || (500..600).contains(&status) => match &error {
+                    Some(error) => format!("HTTP {status} {}", error.summary()),
+                    None => format!("HTTP {status}"),
+                },
+                Some(status) => {
+                    return Err(ApiFailure::Rejected {
+                        status,
+                        error,
+                        body,
+                        attempts,
+                    });
+                }
+                None => transport_reason.unwrap_or_default(),
+            };
+
+            let failed = |reason: String| ApiFailure::Failed {
+                status,
+                error: error.clone(),
+                body: body.clone(),
+                attempts,
+                reason,
+            };
+            if attempts >= config.max_attempts {
+                return Err(failed(format!(
+                    "gave up after {attempts} attempt(s) (max_attempts); last: {reason}"
+                )));
+            }
+            let delay = self.next_backoff(retries);
+            let elapsed = first_attempt_at.elapsed();
+            if elapsed + delay > config.max_retry_time {
+                return Err(failed(format!(
+                    "gave up after {attempts} attempt(s): a retry in {delay:?} would pass max_retry_time ({:?}, {elapsed:?} used); last: {reason}",
+                    config.max_retry_time
+                )));
+            }
+            tracing::warn!(
+                method = %call.method,
+                path = call.url.path(),
+                attempt = attempts,
+                status,
+                delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                reason = %reason,
+                "Easemob call failed; retrying after backoff"
+            );
+            tokio::time::sleep(delay).await;
+            retries += 1;
+        }
+    }
+
+    /// One HTTP exchange.
+    async fn attempt(&self, call: &Call, token: &AppToken) -> Answer {
+        let mut request = self
+            .inner
+            .http
+            .request(call.method.clone(), call.url.clone())
+            // bearer_auth marks the header sensitive, so reqwest's own Debug hides it too.
+            .bearer_auth(token.value.expose());
+        if let Some(body) = &call.body {
+            request = request.body(body.clone());
+        }
+        let response = match request.send().await {
+            Ok(response) => response,
+            Err(error) => {
+                return Answer::NotReceived {
+                    reason: self.describe_transport_error(&error),
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        match response.bytes().await {
+            Ok(bytes) => Answer::Received {
+                status,
+                body: body_to_value(&bytes),
+            },
+            Err(error) => Answer::NotReceived {
+                reason: format!(
+                    "answer {status} cut short: {}",
+                    self.describe_transport_error(&error)
+                ),
+            },
+        }
+    }
+
+    async fn token(&self) -> Result<AppToken, TokenFailure> {
+        self.inner.tokens.get(|| self.fetch_token()).await
+    }
+
+    /// `POST /{org}/{app}/token` with the client credentials.
+    async fn fetch_token(&self) -> Result<FetchedToken, TokenFailure> {
+        let config = &self.inner.config;
+        let url = self.app_path(&["token"]);
+        tracing::debug!(path = url.path(), "fetching an Easemob app token");
+        let request = json!({
+            "grant_type": "client_credentials",
+            "client_id": config.client_id,
+            "client_secret": config.client_secret.expose(),
+        });
+        let failure = |status, error, body, reason| TokenFailure {
+            status,
+            error,
+            body,
+            reason,
+        };
+
+        let response = self
+            .inner
+            .http
+            .post(url.clone())
+            .body(json_bytes(&request))
+            .send()
+            .await
+            .map_err(|error| {
+                failure(
+                    None,
+                    None,
+                    None,
+                    format!(
+                        "could not reach the token endpoint {url}: {}; check --easemob-base-url and the network",
+                        self.describe_transport_error(&error)
+                    ),
+                )
+            })?;
+        let status = response.status().as_u16();
+        let bytes = response.bytes().await.map_err(|error| {
+            failure(
+                Some(status),
+                None,
+                None,
+                format!(
+                    "the token endpoint's answer was cut short: {}",
+                    self.describe_transport_error(&error)
+                ),
+            )
+        })?;
+        let body = body_to_value(&bytes);
+        tracing::debug!(path = url.path(), status, "token endpoint answered");
+
+        if (200..300).contains(&status) {
+            let access_token = body
+                .get("access_token")
+                .and_then(Value::as_str)
+                .filter(|token| !token.is_empty());
+            let Some(access_token) = access_token else {
+                // The body is not kept: it may hold a token under another name.
+                return Err(failure(
+                    Some(status),
+                    None,
+                    None,
+                    format!(
+                        "the token endpoint answered {status} without an access_token; is --easemob-base-url ({}) Easemob's REST API?",
+                        config.base_url
+                    ),
+                ));
+            };
+            // Missing or unreadable `expires_in` is treated as "no known expiry": the token is
+            // then renewed when Easemob answers 401.
+            let expires_in_secs = body
+                .get("expires_in")
+                .and_then(|v| v.as_i64().or_else(|| v.as_str()?.trim().parse().ok()))
+                .unwrap_or(0);
+            tracing::debug!(expires_in_secs, "obtained an Easemob app token");
+            return Ok(FetchedToken {
+                access_token: Secret::new(access_token),
+                expires_in_secs,
+            });
+        }
+
+        let error = ErrorBody::from_value(&body);
+        let summary = match &error {
+            Some(error) => format!("{status} {}", error.summary()),
+            None => format!("{status}"),
+        };
+        let reason = match status {
+            400 | 401 | 403 => format!(
+                "Easemob refused the app credentials ({summary}); check --easemob-client-id and --easemob-client-secret (Easemob console, application details)"
+            ),
+            404 => format!(
+                "Easemob does not know the App Key {} ({summary}); check --easemob-org, --easemob-app and --easemob-base-url (each data centre has its own host)",
+                config.app_key()
+            ),
+            429 | 500..=599 => format!(
+                "the token endpoint answered {summary}; it will be asked again in {} s",
+                super::token::FAILURE_COOLDOWN_MS / 1000
+            ),
+            _ => format!("the token endpoint answered {summary}"),
+        };
+        tracing::warn!(status, reason = %reason, "could not obtain an Easemob app token");
+        Err(failure(
+            Some(status),
+            error,
+            (!body.is_null()).then_some(body),
+            reason,
+        ))
+    }
+
+    fn next_backoff(&self, retry: u32) -> Duration {
+        let config = &self.inner.config;
+        // A poisoned lock only means another call panicked mid-draw; the RNG is still usable.
+        let mut rng = self
+            .inner
+            .jitter
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        backoff_delay(retry, config.base_backoff, config.max_backoff, &mut rng)
+    }
+
+    fn describe_transport_error(&self, error: &reqwest::Error) -> String {
+        let config = &self.inner.config;
+        let chain = error_chain(error);
+        if error.is_timeout() {
+            format!(
+                "request {TIMED_OUT} (connect_timeout {:?}, request_timeout {:?}): {chain}",
+                config.connect_timeout, config.request_timeout
+            )
+        } else if error.is_connect() {
+            format!("could not connect: {chain}")
+        } else {
+            format!("transport error: {chain}")
+        }
+    }
+}
+
+/// Checks usernames bound for a URL path: a name like `..` or `a/b` would address another
+/// resource, so it is answered like Easemob would (400 `illegal_argument`) without sending
+/// anything.
+fn check_usernames(usernames: &[&str]) -> Result<(), Box<ApiFailure>> {
+    for name in usernames {
+        validate_username(name)
+            .map_err(|problem| ApiFailure::Rejected {
+                status: 400,
+                error: Some(ErrorBody {
+                    error: "illegal_argument".into(),
+                    exception: None,
+                    timestamp: None,
+                    duration: None,
+                    error_description: Some(format!("not sent: {problem}")),
+                }),
+                body: None,
+                attempts: 0,
+            })
+            .map_err(Box::new)?;
+    }
+    Ok(())
+}
+
+/// `base_url` plus `/{org}/{app}`, checked once so that calls cannot fail on URL building.
+fn app_url(config: &ClientConfig) -> Result<Url, ClientError> {
+    let invalid = |reason: String| ClientError::InvalidBaseUrl {
+        url: config.base_url.clone(),
+        reason,
+    };
+    let mut url = Url::parse(&config.base_url).map_err(|e| invalid(e.to_string()))?;
+    if !matches!(url.scheme(), "http" | "https") {
+        return Err(invalid(format!(
+            "scheme {:?} is not http or https",
+            url.scheme()
+        )));
+    }
+    if url.host_str().is_none_or(str::is_empty) {
+        return Err(invalid("it has no host".into()));
+    }
+    for (name, value) in [("org", &config.org), ("app", &config.app)] {
+        if value.is_empty() || value == "." || value == ".." || value.contains(['/', '#']) {
+            return Err(ClientError::InvalidConfig(format!(
+                "{name} {value:?} cannot be part of the App Key; expected the {name} name from the Easemob console"
+            )));
+        }
+    }
+    url.set_query(None);
+    url.set_fragment(None);
+    url.path_segments_mut()
+        .map_err(|()| invalid("it cannot carry a path".into()))?
+        .pop_if_empty()
+        .extend([config.org.as_str(), config.app.as_str()]);
+    Ok(url)
+}
+
+fn json_bytes<T: serde::Serialize + ?Sized>(value: &T) -> Bytes {
+    // Serialising these plain structs cannot fail (string keys, no maps with other keys).
+    Bytes::from(serde_json::to_vec(value).unwrap_or_default())
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text.push_str(": ");
+            text.push_str(&cause_text);
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Reads the friend list out of `data`: strings, or objects with a `username` (as the paged
+/// endpoint answers). `None` when `data` is anything else.
+fn usernames_in(data: Option<&Value>) -> Option<Vec<String>> {
+    data?
+        .as_array()?
+        .iter()
+        .map(|item| match item {
+            Value::String(name) => Some(name.clone()),
+            other => other.get("username")?.as_str().map(str::to_owned),
+        })
+        .collect()
+}
+
+fn merge_register_answers(mut so_far: ApiSuccess, next: ApiSuccess) -> ApiSuccess {
+    for key in ["entities", "data"] {
+        let Some(more) = next.body.get(key) else {
+            continue;
+        };
+        match (so_far.body.get_mut(key), more) {
+            (Some(Value::Array(items)), Value::Array(more)) => items.extend(more.iter().cloned()),
+            (None, _) => {
+                if let Some(object) = so_far.body.as_object_mut() {
+                    object.insert(key.to_owned(), more.clone());
+                }
+            }
+            _ => {}
+        }
+    }
+    if let Some(object) = so_far.body.as_object_mut() {
+        if object.contains_key("count") {
+            let count = object
+                .get("entities")
+                .and_then(Value::as_array)
+                .map_or(0, Vec::len);
+            object.insert("count".into(), json!(count));
+        }
+    }
+    ApiSuccess {
+        status: next.status,
+        envelope: Envelope::from_value(&so_far.body),
+        body: so_far.body,
+        attempts: so_far.attempts + next.attempts,
+    }
+}
+
+/// A chunk's failure, counted as the whole batch call's: earlier chunks' attempts added, and
+/// (for `Failed`) the reason saying how many users went through before.
+fn add_attempts(failure: ApiFailure, earlier: u32, users_before: usize) -> ApiFailure {
+    match failure {
+        ApiFailure::Rejected {
+            status,
+            error,
+            body,
+            attempts,
+        } => ApiFailure::Rejected {
+            status,
+            error,
+            body,
+            attempts: attempts + earlier,
+        },
+        ApiFailure::Failed {
+            status,
+            error,
+            body,
+            attempts,
+            reason,
+        } => ApiFailure::Failed {
+            status,
+            error,
+            body,
+            attempts: attempts + earlier,
+            reason: if users_before > 0 {
+                format!(
+                    "{reason} (the first {users_before} users were sent in earlier chunks and registered)"
+                )
+            } else {
+                reason
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    fn config(base_url: &str) -> ClientConfig {
+        ClientConfig::new(
+            base_url,
+            "demo-org",
+            "demo-app",
+            "id",
+            Secret::new("hunter2"),
+        )
+    }
+
+    fn client(base_url: &str) -> EasemobClient {
+        EasemobClient::new(config(base_url), ManualClock::new(0)).expect("client")
+    }
+
+    #[test]
+    fn paths_are_built_under_the_app_key() {
+        let client = client("https://a1.easemob.com");
+        assert_eq!(
+            client
+                .app_path(&["users", "alice", "contacts", "users", "bob"])
+                .as_str(),
+            "https://a1.easemob.com/demo-org/demo-app/users/alice/contacts/users/bob"
+        );
+        assert_eq!(
+            client.app_path(&["token"]).as_str(),
+            "https://a1.easemob.com/demo-org/demo-app/token"
+        );
+    }
+
+    #[test]
+    fn base_url_prefix_and_trailing_slash_are_kept_tidy() {
+        let client = client("http://127.0.0.1:8080/prefix/?x=1#f");
+        assert_eq!(
+            client.app_path(&["users"]).as_str(),
+            "http://127.0.0.1:8080/prefix/demo-org/demo-app/users"
+        );
+    }
+
+    #[test]
+    fn path_segments_are_percent_encoded() {
+        let client = client("https://a1.easemob.com");
+        assert_eq!(
+            client.app_path(&["users", "a b/c#d?e"]).path(),
+            "/demo-org/demo-app/users/a%20b%2Fc%23d%3Fe"
+        );
+    }
+
+    #[test]
+    fn usernames_that_would_escape_the_path_are_rejected_without_a_request() {
+        for name in ["..", "a/b", ""] {
+            let failure = check_usernames(&["alice", name]).expect_err(name);
+            assert_eq!(failure.upstream_status(), Some(400));
+            assert_eq!(failure.upstream_error(), Some("illegal_argument"));
+            assert_eq!(failure.attempts(), 0);
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_refused_with_advice() {
+        let clock = ManualClock::new(0);
+        for url in ["not a url", "ftp://x", "mailto:a@b"] {
+            let err = EasemobClient::new(config(url), clock.clone()).expect_err(url);
+            assert!(
+                matches!(err, ClientError::InvalidBaseUrl { .. }),
+                "{url}: {err}"
+            );
+        }
+        let mut zero_rate = config("http://x");
+        zero_rate.rate_limit_per_sec = 0;
+        assert!(EasemobClient::new(zero_rate, clock.clone()).is_err());
+        let mut zero_attempts = config("http://x");
+        zero_attempts.max_attempts = 0;
+        assert!(EasemobClient::new(zero_attempts, clock.clone()).is_err());
+        let mut bad_org = config("http://x");
+        bad_org.org = "a/b".into();
+        assert!(EasemobClient::new(bad_org, clock).is_err());
+    }
+
+    #[test]
+    fn debug_output_hides_the_secret() {
+        let debug = format!("{:?}", client("https://a1.easemob.com"));
+        assert!(!debug.contains("hunter2"), "{debug}");
+        assert!(debug.contains("demo-org"), "{debug}");
+    }
+
+    #[test]
+    fn friend_lists_are_read_from_strings_or_username_objects() {
+        assert_eq!(
+            usernames_in(Some(&json!(["a", {"username": "b", "remark": null}]))),
+            Some(vec!["a".to_owned(), "b".to_owned()])
+        );
+        assert_eq!(usernames_in(Some(&json!([]))), Some(vec![]));
+        assert_eq!(usernames_in(Some(&json!([1]))), None);
+        assert_eq!(usernames_in(Some(&json!({"contacts": []}))), None);
+        assert_eq!(usernames_in(None), None);
+    }
+
+    #[test]
+    fn register_answers_merge_entities_data_and_attempts() {
+        let answer = |body: Value, attempts| ApiSuccess {
+            status: 200,
+            envelope: Envelope::from_value(&body),
+            body,
+            attempts,
+        };
+        let merged = merge_register_answers(
+            answer(
+                json!({"action":"post","entities":[{"username":"a"}],"data":[],"count":1}),
+                1,
+            ),
+            answer(
+                json!({"action":"post","entities":[{"username":"b"}],"data":[{"username":"c","registerUserFailReason":"exists"}]}),
+                2,
+            ),
+        );
+        assert_eq!(merged.attempts, 3);
+        assert_eq!(merged.envelope.entities.len(), 2);
+        assert_eq!(merged.envelope.count, Some(2));
+        assert_eq!(
+            merged.body["data"],
+            json!([{"username":"c","registerUserFailReason":"exists"}])
+        );
+    }
+
+    #[test]
+    fn error_chain_lists_each_cause_once() {
+        #[derive(Debug)]
+        struct Outer(std::io::Error);
+        impl fmt::Display for Outer {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("outer")
+            }
+        }
+        impl std::error::Error for Outer {
+            fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+                Some(&self.0)
+            }
+        }
+        let error = Outer(std::io::Error::other("inner"));
+        assert_eq!(error_chain(&error), "outer: inner");
+    }
+}

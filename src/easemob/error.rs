@@ -1,0 +1,206 @@
+//! How a client call or the client's construction can fail.
+//!
+//! [`ApiFailure`] separates the two outcomes a caller must treat differently: `Rejected` means
+//! Easemob gave a final answer (the operation was not done, and repeating it unchanged will not
+//! help), `Failed` means the client gave up (retries exhausted, transport trouble, or no token),
+//! so the operation may or may not have happened and can be tried again later.
+
+use serde_json::Value;
+
+use super::body::ErrorBody;
+
+/// Why an API call did not succeed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiFailure {
+    /// Easemob answered a final 4xx (e.g. 403 exceed_limit, 404 service_resource_not_found,
+    /// 401 after one refresh+retry).
+    ///
+    /// The client answers a username that cannot be put into a URL path (see
+    /// [`validate_username`](super::validate_username)) the way Easemob would, with 400
+    /// `illegal_argument`, without sending anything: `attempts` is then 0.
+    #[error("Easemob rejected the request: HTTP {status} {}", describe(.error.as_ref(), .body.as_ref()))]
+    Rejected {
+        /// The HTTP status.
+        status: u16,
+        /// The parsed error body, when the body was one.
+        error: Option<ErrorBody>,
+        /// The raw body, when there was one.
+        body: Option<Value>,
+        /// HTTP attempts made for this call.
+        attempts: u32,
+    },
+    /// Retries exhausted on 429/5xx, or a transport error/timeout.
+    ///
+    /// Also used when no app token could be had; `reason` then starts with `token:` and says what
+    /// to fix, and `status`/`error`/`body` describe the token endpoint's answer.
+    #[error("Easemob call failed after {attempts} attempt(s): {reason}")]
+    Failed {
+        /// The last HTTP status, if an answer was received at all.
+        status: Option<u16>,
+        /// The last parsed error body.
+        error: Option<ErrorBody>,
+        /// The last raw body.
+        body: Option<Value>,
+        /// HTTP attempts made for this call (0 when no token could be had).
+        attempts: u32,
+        /// What went wrong and, where there is something to do, what to do.
+        reason: String,
+    },
+}
+
+impl ApiFailure {
+    /// HTTP attempts made for this call (token fetches not counted).
+    pub fn attempts(&self) -> u32 {
+        match self {
+            ApiFailure::Rejected { attempts, .. } | ApiFailure::Failed { attempts, .. } => {
+                *attempts
+            }
+        }
+    }
+
+    /// The last HTTP status Easemob answered with, if any.
+    pub fn upstream_status(&self) -> Option<u16> {
+        match self {
+            ApiFailure::Rejected { status, .. } => Some(*status),
+            ApiFailure::Failed { status, .. } => *status,
+        }
+    }
+
+    /// Easemob's error type (`ErrorBody::error`), or `"timeout"`/`"transport"` for a failure
+    /// where no answer arrived at all.
+    pub fn upstream_error(&self) -> Option<&str> {
+        match self {
+            ApiFailure::Rejected { error, .. } => error.as_ref().map(|e| e.error.as_str()),
+            ApiFailure::Failed {
+                error: Some(error), ..
+            } => Some(error.error.as_str()),
+            // An answer without an error body (an HTML 502 page, an empty 503) has no error type.
+            ApiFailure::Failed {
+                status: Some(_), ..
+            } => None,
+            ApiFailure::Failed { reason, .. } if reason.contains(TIMED_OUT) => Some("timeout"),
+            ApiFailure::Failed { .. } => Some("transport"),
+        }
+    }
+
+    /// The raw body of the last answer, if there was one.
+    pub fn body(&self) -> Option<&Value> {
+        match self {
+            ApiFailure::Rejected { body, .. } | ApiFailure::Failed { body, .. } => body.as_ref(),
+        }
+    }
+}
+
+/// Marker the client puts into a `Failed` reason when the request (or the connection) ran out
+/// of time, which is how [`ApiFailure::upstream_error`] tells a timeout from other transport
+/// trouble.
+pub(crate) const TIMED_OUT: &str = "timed out";
+
+fn describe(error: Option<&ErrorBody>, body: Option<&Value>) -> String {
+    match (error, body) {
+        (Some(error), _) => error.summary(),
+        (None, Some(Value::String(text))) => text.chars().take(200).collect(),
+        (None, Some(body)) => body.to_string().chars().take(200).collect(),
+        (None, None) => "(no body)".into(),
+    }
+}
+
+/// Why an [`EasemobClient`](super::EasemobClient) could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The base URL does not parse or cannot carry a path.
+    #[error(
+        "invalid Easemob base URL {url:?}: {reason}; expected something like https://a1.easemob.com"
+    )]
+    InvalidBaseUrl {
+        /// The URL as configured.
+        url: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A setting is out of range.
+    #[error("invalid Easemob client setting: {0}")]
+    InvalidConfig(String),
+    /// The HTTP client (TLS backend, connection pool) could not be initialised.
+    #[error("could not initialise the HTTP client for Easemob: {0}")]
+    Http(#[source] reqwest::Error),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn failed(reason: &str, error: Option<ErrorBody>) -> ApiFailure {
+        ApiFailure::Failed {
+            status: None,
+            error,
+            body: None,
+            attempts: 3,
+            reason: reason.into(),
+        }
+    }
+
+    #[test]
+    fn upstream_error_names_the_error_type_or_the_kind_of_transport_failure() {
+        let body = ErrorBody {
+            error: "reach_limit".into(),
+            exception: None,
+            timestamp: None,
+            duration: None,
+            error_description: None,
+        };
+        assert_eq!(
+            failed("x", Some(body.clone())).upstream_error(),
+            Some("reach_limit")
+        );
+        assert_eq!(
+            failed("request timed out after 15s", None).upstream_error(),
+            Some("timeout")
+        );
+        assert_eq!(
+            failed("connection refused", None).upstream_error(),
+            Some("transport")
+        );
+        let rejected = ApiFailure::Rejected {
+            status: 404,
+            error: None,
+            body: Some(json!("not found")),
+            attempts: 1,
+        };
+        assert_eq!(rejected.upstream_error(), None);
+        assert_eq!(rejected.upstream_status(), Some(404));
+        assert_eq!(rejected.body(), Some(&json!("not found")));
+        assert_eq!(rejected.attempts(), 1);
+
+        let html_502 = ApiFailure::Failed {
+            status: Some(502),
+            error: None,
+            body: Some(json!("<html>")),
+            attempts: 5,
+            reason: "x".into(),
+        };
+        assert_eq!(html_502.upstream_error(), None);
+        assert_eq!(html_502.upstream_status(), Some(502));
+    }
+
+    #[test]
+    fn messages_carry_the_error_summary() {
+        let rejected = ApiFailure::Rejected {
+            status: 403,
+            error: Some(ErrorBody {
+                error: "exceed_limit".into(),
+                exception: None,
+                timestamp: None,
+                duration: None,
+                error_description: Some("user contact number exceed limit".into()),
+            }),
+            body: None,
+            attempts: 1,
+        };
+        assert_eq!(
+            rejected.to_string(),
+            "Easemob rejected the request: HTTP 403 exceed_limit (user contact number exceed limit)"
+        );
+    }
+}

@@ -1,0 +1,360 @@
+//! The app-token cache: when to reuse, refresh or fetch the token, and single flight.
+//!
+//! The rules, all judged by the injected clock:
+//! - A token is *fresh* for the first half of its life (`expires_in` counted from the moment the
+//!   request was sent), *stale* for the second half, *expired* after. Fresh tokens are used as
+//!   they are; a stale one triggers a refresh, like the official SDKs, which cache for half the
+//!   lifetime, so a token is never used near its end (Easemob warns that a token can stop working
+//!   slightly before `expires_in` runs out).
+//! - Fetches are single flight: the state sits behind one async mutex that is held while a fetch
+//!   runs, so when many calls need a token at once, one fetches and the others wait and reuse it.
+//! - A failed fetch is remembered for [`FAILURE_COOLDOWN_MS`]; meanwhile calls fail fast with the
+//!   same error instead of hammering the token endpoint (Easemob warns that requesting tokens
+//!   too often can get an account banned; the Java SDK caches errors for 10 s). A stale token
+//!   that is still valid keeps being used while a refresh is failing.
+//! - [`TokenCache::invalidate`] drops the token a 401 was answered to, and only that one: when
+//!   50 calls get a 401 for the same token, the first invalidates it and the others find the
+//!   replacement.
+//!
+//! The HTTP request itself is the caller's (see `client.rs`); this module only decides.
+
+use std::future::Future;
+
+use serde_json::Value;
+use tokio::sync::Mutex;
+
+use super::body::ErrorBody;
+use crate::clock::SharedClock;
+use crate::secret::Secret;
+
+/// How long a failed token fetch is remembered before the endpoint is asked again.
+pub(crate) const FAILURE_COOLDOWN_MS: i64 = 5_000;
+
+/// A cached app token.
+#[derive(Clone, Debug)]
+pub(crate) struct AppToken {
+    /// The bearer token; `Secret` so that no `Debug` of the client can print it.
+    pub(crate) value: Secret,
+    /// When the token request was sent (clock milliseconds).
+    pub(crate) issued_at_ms: i64,
+    /// When Easemob says it expires; `None` when it does not (`expires_in` of 0).
+    pub(crate) expires_at_ms: Option<i64>,
+    /// Tells tokens apart, so that a 401 invalidates only the token it was answered to.
+    pub(crate) generation: u64,
+}
+
+/// Where a token is in its life.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Freshness {
+    /// First half of its life: use it.
+    Fresh,
+    /// Second half: refresh, but it may still be used if the refresh fails.
+    Stale,
+    /// Past `expires_in`: unusable.
+    Expired,
+}
+
+/// Judges a token at `now_ms`.
+pub(crate) fn freshness(token: &AppToken, now_ms: i64) -> Freshness {
+    let Some(expires_at_ms) = token.expires_at_ms else {
+        return Freshness::Fresh;
+    };
+    let half_life_at_ms = token.issued_at_ms + (expires_at_ms - token.issued_at_ms) / 2;
+    if now_ms >= expires_at_ms {
+        Freshness::Expired
+    } else if now_ms >= half_life_at_ms {
+        Freshness::Stale
+    } else {
+        Freshness::Fresh
+    }
+}
+
+/// What the token endpoint granted.
+#[derive(Debug)]
+pub(crate) struct FetchedToken {
+    pub(crate) access_token: Secret,
+    /// Lifetime in seconds; 0 or less means "does not expire".
+    pub(crate) expires_in_secs: i64,
+}
+
+/// Why no token could be had; becomes `ApiFailure::Failed { reason: "token: ..." }`.
+#[derive(Clone, Debug)]
+pub(crate) struct TokenFailure {
+    pub(crate) status: Option<u16>,
+    pub(crate) error: Option<ErrorBody>,
+    pub(crate) body: Option<Value>,
+    /// What went wrong and what to fix, without the `token: ` prefix.
+    pub(crate) reason: String,
+}
+
+#[derive(Default)]
+struct TokenState {
+    token: Option<AppToken>,
+    /// The last failed fetch and when the endpoint may be asked again.
+    failure: Option<(TokenFailure, i64)>,
+    last_generation: u64,
+}
+
+/// The cache; one per client, shared by its clones.
+pub(crate) struct TokenCache {
+    clock: SharedClock,
+    state: Mutex<TokenState>,
+}
+
+impl TokenCache {
+    pub(crate) fn new(clock: SharedClock) -> Self {
+        Self {
+            clock,
+            state: Mutex::new(TokenState::default()),
+        }
+    }
+
+    /// A usable token: the cached one if fresh, otherwise the result of `fetch` (run by at most
+    /// one caller at a time; the others wait and reuse its result).
+    pub(crate) async fn get<F, Fut>(&self, fetch: F) -> Result<AppToken, TokenFailure>
+    where
+        F: FnOnce() -> Fut,
+        Fut: Future<Output = Result<FetchedToken, TokenFailure>>,
+    {
+        let mut state = self.state.lock().await;
+        let now_ms = self.clock.now_ms();
+        let cached = state
+            .token
+            .as_ref()
+            .map(|token| (token.clone(), freshness(token, now_ms)));
+        let usable_while_refreshing = match cached {
+            Some((token, Freshness::Fresh)) => return Ok(token),
+            Some((token, Freshness::Stale)) => Some(token),
+            Some((_, Freshness::Expired)) | None => None,
+        };
+
+        if let Some((failure, retry_at_ms)) = &state.failure {
+            if now_ms < *retry_at_ms {
+                return usable_while_refreshing.ok_or_else(|| failure.clone());
+            }
+        }
+
+        match fetch().await {
+            Ok(fetched) => {
+                state.last_generation += 1;
+                let token = AppToken {
+                    value: fetched.access_token,
+                    // The request time, not the answer time: errs towards refreshing early.
+                    issued_at_ms: now_ms,
+                    expires_at_ms: (fetched.expires_in_secs > 0).then(|| {
+                        now_ms.saturating_add(fetched.expires_in_secs.saturating_mul(1000))
+                    }),
+                    generation: state.last_generation,
+                };
+                state.token = Some(token.clone());
+                state.failure = None;
+                Ok(token)
+            }
+            Err(failure) => {
+                state.failure = Some((failure.clone(), now_ms + FAILURE_COOLDOWN_MS));
+                match usable_while_refreshing {
+                    Some(stale) => {
+                        tracing::warn!(
+                            reason = %failure.reason,
+                            "refreshing the Easemob app token failed; using the current token until it expires"
+                        );
+                        Ok(stale)
+                    }
+                    None => {
+                        state.token = None;
+                        Err(failure)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Forgets the token with this generation (Easemob answered 401 to it); a newer token, fetched
+    /// meanwhile by another call, is kept.
+    pub(crate) async fn invalidate(&self, generation: u64) {
+        let mut state = self.state.lock().await;
+        if state
+            .token
+            .as_ref()
+            .is_some_and(|token| token.generation == generation)
+        {
+            state.token = None;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    const START_MS: i64 = 1_700_000_000_000;
+
+    fn token(issued_at_ms: i64, expires_at_ms: Option<i64>) -> AppToken {
+        AppToken {
+            value: Secret::new("t"),
+            issued_at_ms,
+            expires_at_ms,
+            generation: 1,
+        }
+    }
+
+    async fn granted(value: &str, expires_in_secs: i64) -> Result<FetchedToken, TokenFailure> {
+        Ok(FetchedToken {
+            access_token: Secret::new(value),
+            expires_in_secs,
+        })
+    }
+
+    async fn refused() -> Result<FetchedToken, TokenFailure> {
+        Err(TokenFailure {
+            status: Some(503),
+            error: None,
+            body: None,
+            reason: "token endpoint answered 503".into(),
+        })
+    }
+
+    #[test]
+    fn token_is_fresh_for_the_first_half_of_its_life() {
+        let t = token(0, Some(1_000));
+        assert_eq!(freshness(&t, 0), Freshness::Fresh);
+        assert_eq!(freshness(&t, 499), Freshness::Fresh);
+        assert_eq!(freshness(&t, 500), Freshness::Stale);
+        assert_eq!(freshness(&t, 999), Freshness::Stale);
+        assert_eq!(freshness(&t, 1_000), Freshness::Expired);
+        assert_eq!(freshness(&t, i64::MAX), Freshness::Expired);
+    }
+
+    #[test]
+    fn token_without_expiry_stays_fresh() {
+        assert_eq!(freshness(&token(0, None), i64::MAX), Freshness::Fresh);
+    }
+
+    #[tokio::test]
+    async fn cached_token_is_reused_until_half_life_then_refreshed() {
+        let clock = ManualClock::new(START_MS);
+        let cache = TokenCache::new(clock.clone());
+
+        let first = cache.get(|| granted("one", 100)).await.expect("token");
+        assert_eq!(first.value.expose(), "one");
+        assert_eq!(first.expires_at_ms, Some(START_MS + 100_000));
+
+        clock.advance_ms(49_999);
+        let reused = cache
+            .get(|| async { panic!("a fresh token must not be refetched") })
+            .await
+            .expect("token");
+        assert_eq!(reused.value.expose(), "one");
+
+        clock.advance_ms(1);
+        let refreshed = cache.get(|| granted("two", 100)).await.expect("token");
+        assert_eq!(refreshed.value.expose(), "two");
+        assert!(refreshed.generation > first.generation);
+    }
+
+    #[tokio::test]
+    async fn expired_token_is_replaced() {
+        let clock = ManualClock::new(START_MS);
+        let cache = TokenCache::new(clock.clone());
+        cache.get(|| granted("one", 10)).await.expect("token");
+        clock.advance_ms(10_000);
+        let next = cache.get(|| granted("two", 10)).await.expect("token");
+        assert_eq!(next.value.expose(), "two");
+    }
+
+    #[tokio::test]
+    async fn failed_fetch_is_cached_for_the_cooldown() {
+        let clock = ManualClock::new(START_MS);
+        let cache = TokenCache::new(clock.clone());
+        let fetches = AtomicU32::new(0);
+
+        for _ in 0..3 {
+            let failure = cache
+                .get(|| async {
+                    fetches.fetch_add(1, Ordering::SeqCst);
+                    refused().await
+                })
+                .await
+                .expect_err("no token");
+            assert_eq!(failure.status, Some(503));
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+
+        clock.advance_ms(FAILURE_COOLDOWN_MS);
+        let token = cache.get(|| granted("one", 100)).await.expect("token");
+        assert_eq!(token.value.expose(), "one");
+    }
+
+    #[tokio::test]
+    async fn stale_token_is_used_while_its_refresh_fails() {
+        let clock = ManualClock::new(START_MS);
+        let cache = TokenCache::new(clock.clone());
+        cache.get(|| granted("one", 100)).await.expect("token");
+
+        clock.advance_ms(60_000);
+        let still = cache.get(refused).await.expect("stale token");
+        assert_eq!(still.value.expose(), "one");
+        // Within the cooldown the stale token is served without asking again.
+        let again = cache
+            .get(|| async { panic!("cooldown must prevent a fetch") })
+            .await
+            .expect("stale token");
+        assert_eq!(again.value.expose(), "one");
+
+        clock.advance_ms(40_000);
+        cache
+            .get(refused)
+            .await
+            .expect_err("expired and no refresh");
+    }
+
+    #[tokio::test]
+    async fn invalidate_drops_only_the_token_it_names() {
+        let clock = ManualClock::new(START_MS);
+        let cache = TokenCache::new(clock.clone());
+        let first = cache.get(|| granted("one", 100)).await.expect("token");
+
+        cache.invalidate(first.generation).await;
+        let second = cache.get(|| granted("two", 100)).await.expect("token");
+        assert_eq!(second.value.expose(), "two");
+
+        // A late 401 for the first token must not throw away the second.
+        cache.invalidate(first.generation).await;
+        let kept = cache
+            .get(|| async { panic!("second token is still valid") })
+            .await
+            .expect("token");
+        assert_eq!(kept.generation, second.generation);
+    }
+
+    #[tokio::test]
+    async fn concurrent_callers_share_one_fetch() {
+        let clock = ManualClock::new(START_MS);
+        let cache = Arc::new(TokenCache::new(clock));
+        let fetches = Arc::new(AtomicU32::new(0));
+
+        let tasks: Vec<_> = (0..50)
+            .map(|_| {
+                let cache = cache.clone();
+                let fetches = fetches.clone();
+                tokio::spawn(async move {
+                    cache
+                        .get(|| async move {
+                            fetches.fetch_add(1, Ordering::SeqCst);
+                            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                            granted("one", 100).await
+                        })
+                        .await
+                        .expect("token")
+                })
+            })
+            .collect();
+        for task in tasks {
+            assert_eq!(task.await.expect("task").value.expose(), "one");
+        }
+        assert_eq!(fetches.load(Ordering::SeqCst), 1);
+    }
+}
