@@ -73,6 +73,8 @@ pub struct AppState {
     pub settings: Settings,
     /// Counters.
     pub metrics: Metrics,
+    /// The Easemob client for the trigger API (the sandbox's, in sandbox mode).
+    pub easemob: Option<crate::easemob::EasemobClient>,
 }
 
 /// State as the router holds it.
@@ -108,6 +110,7 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
         .merge(crate::http::health::router())
         .merge(crate::http::callbacks::router())
         .merge(crate::http::journal::router())
+        .merge(crate::http::friends::router())
         .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API") })
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_| {

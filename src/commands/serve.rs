@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use crate::app::{self, AppState, Metrics, ServerLimits, Settings};
 use crate::clock::{self, SharedClock};
 use crate::config::ServeArgs;
+use crate::easemob::{ClientConfig, EasemobClient};
 use crate::secret::Secret;
 use crate::signature::{Scheme, Verifier};
 use crate::store::{Store, StoreOptions, WriterLimits};
@@ -45,6 +46,28 @@ fn generated_secret() -> Secret {
     Secret::new(hex::encode(bytes))
 }
 
+fn client_config(args: &ServeArgs, base_url: String, org: String, app: String, client_id: String, secret: Secret) -> ClientConfig {
+    let mut cfg = ClientConfig::new(base_url, org, app, client_id, secret);
+    cfg.rate_limit_per_sec = args.easemob.easemob_rate_limit.max(1);
+    cfg.max_attempts = args.easemob.easemob_max_attempts.max(1);
+    cfg.max_retry_time = args.easemob.easemob_max_retry_time;
+    cfg
+}
+
+fn real_client(args: &ServeArgs, base: &str, clock: SharedClock) -> anyhow::Result<EasemobClient> {
+    let e = &args.easemob;
+    let missing = |what: &str, flag: &str| anyhow::anyhow!("--easemob-base-url is set, so {what} is required: pass {flag}");
+    let org = e.easemob_org.clone().ok_or_else(|| missing("the org", "--easemob-org (EASEMOB_ORG)"))?;
+    let app = e.easemob_app.clone().ok_or_else(|| missing("the app", "--easemob-app (EASEMOB_APP)"))?;
+    let id = e.easemob_client_id.clone().ok_or_else(|| missing("the client id", "--easemob-client-id (EASEMOB_CLIENT_ID)"))?;
+    let secret = e
+        .easemob_client_secret
+        .clone()
+        .ok_or_else(|| missing("the client secret", "--easemob-client-secret (EASEMOB_CLIENT_SECRET)"))?;
+    let cfg = client_config(args, base.to_string(), org, app, id, secret);
+    Ok(EasemobClient::new(cfg, clock).context("could not build the Easemob client")?)
+}
+
 /// Binds the listener and builds every part, without serving yet.
 pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Service> {
     let sandbox_mode = args.easemob.easemob_base_url.is_none();
@@ -75,7 +98,11 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         match_skew_ms: args.match_skew.as_millis() as i64,
         match_window_ms: args.match_window.as_millis() as i64,
     };
-    let state = Arc::new(AppState { store, verifier, clock, settings, metrics: Metrics::default() });
+    let easemob = match &args.easemob.easemob_base_url {
+        Some(base) => Some(real_client(args, base, clock.clone())?),
+        None => None,
+    };
+    let state = Arc::new(AppState { store, verifier, clock, settings, metrics: Metrics::default(), easemob });
     let limits = ServerLimits {
         max_in_flight: args.max_in_flight.max(1),
         header_timeout: args.header_timeout,
