@@ -3,8 +3,8 @@
 //! Owns the shape of a callback body: which fields are required (`callId`, `timestamp`, and
 //! `security` under the easemob scheme), which are read leniently (everything else; a wrong type
 //! reads as absent, because Easemob's documented shapes disagree with each other, easemob-api.md
-//! §10 item 6), how `from`/`to` lose their JID decoration, and the dedup key. It does not verify the
-//! signature (see [`crate::signature`]) and does not store anything: the raw body is kept
+//! §10 item 6), how `from`/`to` lose their JID decoration, and the dedup key. It does not verify
+//! the signature (see [`crate::signature`]) and does not store anything: the raw body is kept
 //! byte-exact by the caller.
 //!
 //! The body is hostile until verified, so parsing is bounded: invalid UTF-8, nesting deeper than
