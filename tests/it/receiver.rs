@@ -109,7 +109,7 @@ async fn bad_signature_gets_401_and_a_rejection_record_but_no_event() {
     let (_, list) = app.get_json("/v1/callbacks").await;
     assert!(list["items"].as_array().unwrap().is_empty());
     let db = app.db_url.clone();
-    app.stop().await;
+    let _dir = app.stop().await;
     let rows = sqlite_count(&db, "SELECT count(*) FROM rejected_deliveries WHERE reason = 'signature_mismatch' AND body_size > 0").await;
     assert_eq!(rows, 1);
 }
@@ -122,7 +122,7 @@ async fn rejection_log_is_capped() {
         assert_eq!(app.post_callback(body).await.status(), 401);
     }
     let db = app.db_url.clone();
-    app.stop().await;
+    let _dir = app.stop().await;
     assert_eq!(sqlite_count(&db, "SELECT count(*) FROM rejected_deliveries").await, 5);
     assert_eq!(sqlite_count(&db, "SELECT min(id) FROM rejected_deliveries").await, 8, "oldest pruned first");
 }
