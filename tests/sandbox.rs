@@ -327,6 +327,41 @@ async fn a_token_request_without_client_id_or_json_is_refused() {
 }
 
 #[tokio::test]
+async fn a_token_request_without_a_json_content_type_is_unsupported() {
+    let sandbox = spawn_sandbox(SandboxConfig::default()).await;
+    let form = sandbox
+        .http
+        .post(sandbox.api("/token"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body("grant_type=client_credentials")
+        .send()
+        .await
+        .expect("token request");
+    let (status, body) = read(form).await;
+    assert_easemob_error(
+        status,
+        &body,
+        415,
+        "web_application",
+        "Unsupported Media Type",
+    );
+}
+
+#[tokio::test]
+async fn an_invalid_config_is_refused_at_start() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let config = SandboxConfig {
+        drop_rate: 2.0,
+        ..SandboxConfig::default()
+    };
+    assert!(
+        sandbox::spawn(listener, config, ManualClock::new(0))
+            .await
+            .is_err()
+    );
+}
+
+#[tokio::test]
 async fn a_token_request_for_an_unknown_app_is_not_found() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let url = format!("{}/demo-org/other-app/token", sandbox.handle.base_url());
