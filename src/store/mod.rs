@@ -199,6 +199,7 @@ pub struct Store {
     committed: watch::Receiver<i64>,
     health: Arc<WriterHealth>,
     database_url: String,
+    writer_task: Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
     /// Calls closed as `unknown` at start-up.
     pub recovered_calls: u64,
 }
@@ -244,8 +245,8 @@ impl Store {
             tracing::warn!(calls = recovered_calls, "closed calls interrupted by a previous stop as outcome=unknown");
         }
         let (jobs, rx) = mpsc::channel(opts.write_queue.max(1));
-        tokio::spawn(writer.run(rx));
-        Ok(Store { read, jobs, committed: committed_rx, health, database_url: opts.database_url, recovered_calls })
+        let writer_task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(writer.run(rx)))));
+        Ok(Store { read, jobs, committed: committed_rx, health, database_url: opts.database_url, writer_task, recovered_calls })
     }
 
     /// Opens an existing database for reading only: no migrations, no writer, no recovery. For the
@@ -258,7 +259,15 @@ impl Store {
         let read = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
         let (jobs, _) = mpsc::channel(1);
         let (_, committed) = watch::channel(0);
-        Ok(Store { read, jobs, committed, health: Arc::new(WriterHealth::default()), database_url: database_url.to_string(), recovered_calls: 0 })
+        Ok(Store {
+            read,
+            jobs,
+            committed,
+            health: Arc::new(WriterHealth::default()),
+            database_url: database_url.to_string(),
+            writer_task: Arc::new(std::sync::Mutex::new(None)),
+            recovered_calls: 0,
+        })
     }
 
     /// The read pool (for the query functions in this module).
@@ -322,9 +331,16 @@ impl Store {
         Ok(())
     }
 
-    /// Closes the read pool and lets the writer finish what is queued.
+    /// Closes the read pool, then waits for the writer to commit what is queued and close its
+    /// connection. Other clones of this store must be dropped first, or the writer keeps running.
     pub async fn close(self) {
+        let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
         drop(self.jobs);
         self.read.close().await;
+        if let Some(task) = task {
+            if tokio::time::timeout(Duration::from_secs(30), task).await.is_err() {
+                tracing::warn!("the writer did not finish within 30 s (is another handle to the store still alive?)");
+            }
+        }
     }
 }

@@ -251,7 +251,12 @@ impl Writer {
         while rx.recv_many(&mut batch, self.limits.max_batch).await > 0 {
             self.commit_batch(&mut batch).await;
         }
-        tracing::debug!("writer: channel closed, exiting");
+        // Closing (rather than dropping) the connection runs SQLite's final checkpoint before the
+        // process exits, so a stopped service leaves a clean database file.
+        if let Err(err) = self.conn.close().await {
+            tracing::warn!(error = %err, "closing the write connection failed");
+        }
+        tracing::debug!("writer: channel closed, exited");
     }
 
     async fn commit_batch(&mut self, batch: &mut Vec<Job>) {

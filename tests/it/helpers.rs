@@ -66,8 +66,8 @@ impl TestApp {
         let addr = service.listener.local_addr().expect("addr");
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(async move {
-            let state = service.state.clone();
-            friendhook::app::serve(service.listener, service.router, service.limits, async {
+            let friendhook::commands::serve::Service { listener, router, limits, state, .. } = service;
+            friendhook::app::serve(listener, router, limits, async {
                 let _ = rx.await;
             })
             .await

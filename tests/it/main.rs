@@ -2,4 +2,5 @@
 //! and the built-in sandbox as Easemob. One test binary, one module per area.
 
 mod helpers;
+mod journal;
 mod receiver;
