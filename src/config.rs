@@ -28,6 +28,9 @@ pub enum Command {
     /// Run the HTTP service (receiver, trigger API, reconciliation, feed). With no
     /// --easemob-base-url it also starts the built-in Easemob sandbox and wires the two together.
     Serve(Box<ServeArgs>),
+    /// Run the Easemob-compatible sandbox on its own (token, users, contacts, roster callbacks,
+    /// fault injection).
+    Sandbox(crate::sandbox::SandboxArgs),
     /// Reconcile calls against callbacks and print what needs attention.
     Reconcile(crate::commands::reconcile::ReconcileArgs),
     /// Verify the tamper-evident hash chain.
@@ -196,6 +199,34 @@ pub struct EasemobArgs {
     /// Sandbox mode: where the built-in sandbox listens.
     #[arg(long, env = "FRIENDHOOK_SANDBOX_LISTEN", default_value = "127.0.0.1:8081")]
     pub sandbox_listen: SocketAddr,
+
+    /// Sandbox mode: friends per user before 403 exceed_limit (Easemob's free plan: 100).
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_FRIEND_LIMIT", default_value_t = 100)]
+    pub sandbox_friend_limit: usize,
+
+    /// Sandbox mode: share of callbacks never sent (0..1), to exercise reconciliation.
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_DROP_RATE", default_value_t = 0.0)]
+    pub sandbox_drop_rate: f64,
+
+    /// Sandbox mode: share of callbacks sent twice (0..1).
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_DUPLICATE_RATE", default_value_t = 0.0)]
+    pub sandbox_duplicate_rate: f64,
+
+    /// Sandbox mode: random delay before each callback, up to this many ms.
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_DELAY_MS", default_value_t = 0)]
+    pub sandbox_delay_ms: u64,
+
+    /// Sandbox mode: callbacks per add, 1 (owner to friend) or 2 (one in each direction).
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_CALLBACKS_PER_ADD", default_value_t = 1)]
+    pub sandbox_callbacks_per_add: u8,
+
+    /// Sandbox mode: share of callbacks signed with a wrong secret (0..1).
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_BAD_SIGNATURE_RATE", default_value_t = 0.0)]
+    pub sandbox_bad_signature_rate: f64,
+
+    /// Sandbox mode: seed of the fault generator (same seed, same faults).
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_SEED", default_value_t = 0)]
+    pub sandbox_seed: u64,
 }
 
 /// Parses `5s`, `250ms`, `5m`, `1h`.

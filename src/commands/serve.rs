@@ -24,6 +24,8 @@ pub struct Service {
     pub limits: ServerLimits,
     /// Shared state (tests inspect the store through it).
     pub state: Arc<AppState>,
+    /// The built-in sandbox, when no real Easemob is configured.
+    pub sandbox: Option<crate::sandbox::SandboxHandle>,
 }
 
 /// Store options from the serve flags.
@@ -68,6 +70,46 @@ fn real_client(args: &ServeArgs, base: &str, clock: SharedClock) -> anyhow::Resu
     Ok(EasemobClient::new(cfg, clock).context("could not build the Easemob client")?)
 }
 
+/// Starts the built-in sandbox as Easemob: its callbacks go to this receiver, signed with the
+/// receiver's first secret; the client talks to it with the sandbox's documented credentials.
+async fn start_sandbox(
+    args: &ServeArgs,
+    receiver: std::net::SocketAddr,
+    secret: Secret,
+    clock: SharedClock,
+) -> anyhow::Result<(EasemobClient, crate::sandbox::SandboxHandle)> {
+    let listener = TcpListener::bind(args.easemob.sandbox_listen).await.with_context(|| {
+        format!("could not start the sandbox on {} (try --sandbox-listen)", args.easemob.sandbox_listen)
+    })?;
+    let config = crate::sandbox::SandboxConfig {
+        callback_url: Some(format!("http://{receiver}/callbacks/easemob")),
+        callback_secret: Some(secret),
+        rate_limit: args.easemob.easemob_rate_limit.max(1),
+        friend_limit: args.easemob.sandbox_friend_limit,
+        drop_rate: args.easemob.sandbox_drop_rate,
+        duplicate_rate: args.easemob.sandbox_duplicate_rate,
+        delay_ms: args.easemob.sandbox_delay_ms,
+        callbacks_per_add: args.easemob.sandbox_callbacks_per_add,
+        bad_signature_rate: args.easemob.sandbox_bad_signature_rate,
+        seed: args.easemob.sandbox_seed,
+        ..crate::sandbox::SandboxConfig::default()
+    };
+    if args.signature_scheme != Scheme::Easemob {
+        tracing::warn!("the sandbox signs callbacks with Easemob's scheme; with --signature-scheme standard-webhooks they will be rejected");
+    }
+    let (org, app, id, client_secret) =
+        (config.org.clone(), config.app.clone(), config.client_id.clone(), config.client_secret.clone());
+    let sandbox = crate::sandbox::spawn(listener, config, clock.clone()).await?;
+    tracing::info!(
+        sandbox = %sandbox.base_url(), org = %org, app = %app, client_id = %id,
+        callback_url = %format!("http://{receiver}/callbacks/easemob"),
+        "sandbox mode: no --easemob-base-url, so the built-in Easemob sandbox plays Easemob"
+    );
+    let cfg = client_config(args, sandbox.base_url(), org, app, id, client_secret);
+    let client = EasemobClient::new(cfg, clock).context("could not build the Easemob client")?;
+    Ok((client, sandbox))
+}
+
 /// Binds the listener and builds every part, without serving yet.
 pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Service> {
     let sandbox_mode = args.easemob.easemob_base_url.is_none();
@@ -83,14 +125,15 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
             );
         }
     }
+    let verifier_first_secret = secrets[0].clone();
     let verifier = Verifier::new(args.signature_scheme, secrets, args.timestamp_tolerance.as_secs() as i64)
         .context("invalid --callback-secret")?;
-    let store = Store::open(store_options(args), clock.clone())
-        .await
-        .with_context(|| format!("could not open the database {}", args.db.database_url))?;
     let listener = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("could not listen on {} (is another friendhook running? try --listen)", args.listen))?;
+    let store = Store::open(store_options(args), clock.clone())
+        .await
+        .with_context(|| format!("could not open the database {}", args.db.database_url))?;
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         on_bad_signature: args.on_bad_signature,
@@ -98,10 +141,15 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         match_skew_ms: args.match_skew.as_millis() as i64,
         match_window_ms: args.match_window.as_millis() as i64,
     };
-    let easemob = match &args.easemob.easemob_base_url {
-        Some(base) => Some(real_client(args, base, clock.clone())?),
-        None => None,
+    let receiver_addr = listener.local_addr()?;
+    let (easemob, sandbox) = match &args.easemob.easemob_base_url {
+        Some(base) => (real_client(args, base, clock.clone())?, None),
+        None => {
+            let (client, sandbox) = start_sandbox(args, receiver_addr, verifier_first_secret.clone(), clock.clone()).await?;
+            (client, Some(sandbox))
+        }
     };
+    let easemob = Some(easemob);
     let state = Arc::new(AppState { store, verifier, clock, settings, metrics: Metrics::default(), easemob });
     let limits = ServerLimits {
         max_in_flight: args.max_in_flight.max(1),
@@ -110,18 +158,25 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         shutdown_grace: args.shutdown_grace,
     };
     let router = app::router(state.clone(), &limits);
-    Ok(Service { listener, router, limits, state })
+    Ok(Service { listener, router, limits, state, sandbox })
 }
 
 /// `friendhook serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let service = build(&args, clock::system()).await?;
     let addr = service.listener.local_addr()?;
+    if service.state.store.recovered_calls > 0 {
+        tracing::warn!(calls = service.state.store.recovered_calls, "calls cut off by the previous stop are now outcome=unknown");
+    }
     tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
         "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");
-    app::serve(service.listener, service.router, service.limits, app::shutdown_signal()).await?;
-    let store = service.state.store.clone();
-    drop(service.state);
+    let Service { listener, router, limits, state, sandbox } = service;
+    app::serve(listener, router, limits, app::shutdown_signal()).await?;
+    if let Some(sandbox) = sandbox {
+        sandbox.shutdown().await;
+    }
+    let store = state.store.clone();
+    drop(state);
     store.close().await;
     tracing::info!("stopped");
     Ok(())

@@ -20,6 +20,7 @@ pub struct TestApp {
     pub db_path: PathBuf,
     pub db_url: String,
     pub client: reqwest::Client,
+    pub sandbox: Option<friendhook::sandbox::SandboxHandle>,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
@@ -64,6 +65,8 @@ impl TestApp {
             .await
             .expect("service starts");
         let addr = service.listener.local_addr().expect("addr");
+        let mut service = service;
+        let sandbox = service.sandbox.take();
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(async move {
             let friendhook::commands::serve::Service { listener, router, limits, state, .. } = service;
@@ -82,6 +85,7 @@ impl TestApp {
             db_path: db_path.to_path_buf(),
             db_url,
             client: reqwest::Client::new(),
+            sandbox,
             shutdown: Some(tx),
             join: Some(join),
             _dir: None,
@@ -96,7 +100,47 @@ impl TestApp {
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }
+        if let Some(sandbox) = self.sandbox.take() {
+            sandbox.shutdown().await;
+        }
         self._dir.take()
+    }
+
+    /// The built-in sandbox (sandbox mode only).
+    pub fn sandbox(&self) -> &friendhook::sandbox::SandboxHandle {
+        self.sandbox.as_ref().expect("sandbox mode")
+    }
+
+    /// Registers users in the sandbox through the real client.
+    pub async fn register(&self, names: &[&str]) {
+        let cfg = friendhook::easemob::ClientConfig::new(
+            self.sandbox().base_url(),
+            "demo-org",
+            "demo-app",
+            "sandbox-client-id",
+            friendhook::secret::Secret::new("sandbox-client-secret"),
+        );
+        let client = friendhook::easemob::EasemobClient::new(cfg, friendhook::clock::system()).expect("client");
+        for chunk in names.chunks(60) {
+            let users: Vec<friendhook::easemob::NewUser> = chunk
+                .iter()
+                .map(|n| friendhook::easemob::NewUser { username: n.to_string(), password: "pw".into(), nickname: None })
+                .collect();
+            client.register_users(&users).await.expect("register users");
+        }
+    }
+
+    /// Waits (bounded) until the sandbox has no callback delivery in flight.
+    pub async fn settle(&self) {
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.sandbox().wait_callbacks_settled())
+            .await
+            .expect("callbacks settle within 30 s");
+    }
+
+    pub async fn post_json(&self, path: &str, body: Value) -> (u16, Value) {
+        let r = self.client.post(self.url(path)).json(&body).send().await.expect("request");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or(Value::Null))
     }
 
     pub fn url(&self, path: &str) -> String {

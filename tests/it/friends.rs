@@ -1,0 +1,188 @@
+//! The trigger API against the built-in sandbox, and the callbacks that come back.
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn adding_a_friend_records_the_call_and_its_callback_arrives_verified_and_stored() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob"]).await;
+
+    let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(status, 201, "{call}");
+    assert_eq!(call["outcome"], "succeeded");
+    assert_eq!(call["owner"], "alice");
+    assert_eq!(call["friend"], "bob");
+    assert_eq!(call["upstream_status"], 200);
+    assert_eq!(call["attempts"], 1);
+    assert!(call["upstream_error"].is_null());
+    assert_eq!(call["response"]["entities"][0]["username"], "bob");
+    assert!(call["completed_at"].as_i64().unwrap() >= call["requested_at"].as_i64().unwrap());
+
+    app.settle().await;
+    let (_, list) = app.get_json("/v1/callbacks?operation=add").await;
+    let cb = &list["items"][0];
+    assert_eq!(cb["from_user"], "alice");
+    assert_eq!(cb["to_user"], "bob");
+    assert_eq!(cb["chat_type"], "roster");
+    assert_eq!(app.sandbox().stats().callbacks_sent, 1);
+
+    let (status, same) = app.get_json(&format!("/v1/calls/{}", call["id"])).await;
+    assert_eq!(status, 200);
+    assert_eq!(same["outcome"], "succeeded");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn easemob_errors_are_recorded_as_rejected_calls() {
+    let app = TestApp::spawn(&["--sandbox-friend-limit", "1"]).await;
+    app.register(&["alice", "bob", "carol"]).await;
+
+    let (status, unknown) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "nobody"})).await;
+    assert_eq!(status, 201);
+    assert_eq!(unknown["outcome"], "rejected");
+    assert_eq!(unknown["upstream_status"], 404);
+    assert_eq!(unknown["upstream_error"], "service_resource_not_found");
+    assert_eq!(unknown["response"]["error"], "service_resource_not_found");
+
+    let (_, first) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(first["outcome"], "succeeded");
+    let (_, limited) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "carol"})).await;
+    assert_eq!(limited["outcome"], "rejected");
+    assert_eq!(limited["upstream_status"], 403);
+    assert_eq!(limited["upstream_error"], "exceed_limit");
+
+    let (_, rejected) = app.get_json("/v1/calls?outcome=rejected").await;
+    assert_eq!(rejected["items"].as_array().unwrap().len(), 2);
+    let (_, alices) = app.get_json("/v1/calls?owner=alice&friend=bob").await;
+    assert_eq!(alices["items"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn invalid_input_gets_400_and_nothing_is_sent() {
+    let app = TestApp::spawn(&[]).await;
+    let before = app.sandbox().stats().requests;
+    for body in [
+        json!({"owner": "alice"}),
+        json!({"owner": "", "friend": "bob"}),
+        json!({"owner": "alice", "friend": "ALICE"}),
+        json!({"owner": "al ice", "friend": "bob"}),
+        json!({"owner": "a".repeat(65), "friend": "bob"}),
+    ] {
+        let (status, err) = app.post_json("/v1/friends", body.clone()).await;
+        assert_eq!(status, 400, "{body}");
+        assert!(err["code"].is_string() && err["detail"].is_string());
+    }
+    let r = app.client.post(app.url("/v1/friends")).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(app.sandbox().stats().requests, before, "nothing reached Easemob");
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert!(calls["items"].as_array().unwrap().is_empty(), "and nothing was recorded");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn the_same_idempotency_key_returns_the_same_call_and_calls_easemob_once() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob"]).await;
+    let send = || {
+        app.client
+            .post(app.url("/v1/friends"))
+            .header("idempotency-key", "order-42")
+            .json(&json!({"owner": "alice", "friend": "bob"}))
+            .send()
+    };
+    let first = send().await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+    let adds_after_first = app.sandbox().stats().requests;
+    let second = send().await.unwrap();
+    assert_eq!(second.status(), 201);
+    assert_eq!(second.headers()["idempotent-replayed"], "true");
+    let second: Value = second.json().await.unwrap();
+    assert_eq!(first, second);
+    assert_eq!(app.sandbox().stats().requests, adds_after_first, "Easemob was not called again");
+
+    let other = app
+        .client
+        .post(app.url("/v1/friends"))
+        .header("idempotency-key", "order-42")
+        .json(&json!({"owner": "alice", "friend": "carol"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(other.status(), 422);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_batch_runs_every_pair_and_answers_in_request_order() {
+    let app = TestApp::spawn(&[]).await;
+    let names: Vec<String> = (0..40).map(|i| format!("user_{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    app.register(&refs).await;
+    let mut pairs: Vec<Value> = (0..20).map(|i| json!({"owner": names[2 * i], "friend": names[2 * i + 1]})).collect();
+    pairs.push(json!({"owner": "user_0", "friend": "ghost"}));
+    let (status, body) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 21);
+    for (i, r) in results.iter().take(20).enumerate() {
+        assert_eq!(r["owner"], names[2 * i]);
+        assert_eq!(r["outcome"], "succeeded");
+    }
+    assert_eq!(results[20]["outcome"], "rejected");
+    assert_eq!(app.sandbox().stats().rate_limited, 0);
+
+    let (status, _) = app.post_json("/v1/friends/batch", json!({"pairs": [{"owner": "a", "friend": "a"}]})).await;
+    assert_eq!(status, 400);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_friend_is_a_recorded_call_with_a_remove_callback() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, add) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(add["outcome"], "succeeded");
+    let r = app.client.delete(app.url("/v1/friends/alice/bob")).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let del: Value = r.json().await.unwrap();
+    assert_eq!(del["op"], "remove");
+    assert_eq!(del["outcome"], "succeeded");
+    app.settle().await;
+    let (_, removes) = app.get_json("/v1/callbacks?operation=remove").await;
+    assert_eq!(removes["items"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_cut_off_between_intent_and_outcome_shows_as_unknown_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("crash.db");
+    let url = format!("sqlite://{}", db.display());
+    // Simulate the crash window: the intent is committed, the process dies before the outcome.
+    let store = friendhook::store::Store::open(friendhook::store::StoreOptions::new(url.clone()), friendhook::clock::system())
+        .await
+        .unwrap();
+    let intent = store
+        .insert_call_intent(friendhook::store::NewCall {
+            op: friendhook::model::CallOp::Add,
+            owner: "alice".into(),
+            friend: "bob".into(),
+            idempotency_key: None,
+        })
+        .await
+        .unwrap();
+    let friendhook::store::IntentResult::Created(record) = intent else { panic!("new intent") };
+    store.close().await;
+
+    let app = TestApp::spawn_on(&db, &[]).await;
+    let (status, call) = app.get_json(&format!("/v1/calls/{}", record.id)).await;
+    assert_eq!(status, 200);
+    assert_eq!(call["outcome"], "unknown");
+    assert!(call["completed_at"].is_i64());
+    app.stop().await;
+}
