@@ -1,0 +1,621 @@
+//! The sandbox's in-memory world: users and friendships, issued tokens, the request budget, the
+//! injected-fault queue, the seeded RNGs and the callback log, behind one mutex.
+//!
+//! The mutex is a `std` one and is never held across an `.await`: every operation takes it,
+//! changes the world, plans its callbacks and lets go before anything is sent. Holding it while
+//! planning is what makes fault draws follow request order, and so makes seeds reproducible.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+
+use super::callbacks::{self, CallbackLog, CallbackRecord, Delivery, RosterEvent};
+use super::config::SandboxConfig;
+use super::error::{ApiError, EasemobError};
+use super::faults::{FaultQueue, InjectedFault};
+use super::limiter::FixedWindow;
+use crate::clock::SharedClock;
+
+/// How long the sandbox waits for a callback receiver, per attempt.
+const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Counters, as `GET /_sandbox/stats` reports them.
+///
+/// Every generated callback is in exactly one of sent, dropped, failed or pending, so their sum
+/// is the number of callbacks generated.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct SandboxStats {
+    /// API requests received (everything except `/_sandbox/...`), whatever the answer.
+    pub requests: u64,
+    /// Requests answered 429 by the rate limiter (injected 429s are not counted).
+    pub rate_limited: u64,
+    /// Callbacks some attempt of which was answered 200.
+    pub callbacks_sent: u64,
+    /// Callbacks never sent (drop fault).
+    pub callbacks_dropped: u64,
+    /// Callbacks chosen to be sent twice (they are also counted by their fate).
+    pub callbacks_duplicated: u64,
+    /// Callbacks whose every attempt failed.
+    pub callbacks_failed: u64,
+    /// Callbacks still being delayed, sent or retried.
+    pub callbacks_pending: u64,
+    /// Tokens issued by `POST /{org}/{app}/token`.
+    pub tokens_issued: u64,
+}
+
+/// One registered user.
+#[derive(Debug, Clone)]
+pub struct User {
+    /// Entity uuid.
+    pub uuid: String,
+    /// Creation time, ms.
+    pub created: i64,
+    /// Last modification time, ms.
+    pub modified: i64,
+    /// Optional display name.
+    pub nickname: Option<String>,
+    /// Friends' usernames, sorted (so the friend list has a stable order).
+    pub friends: BTreeSet<String>,
+}
+
+/// Everything that changes, behind [`SandboxState`]'s mutex.
+#[derive(Debug)]
+pub struct World {
+    /// Users by lower-case username.
+    pub users: HashMap<String, User>,
+    /// Token -> expiry (ms since epoch; `None` = never expires).
+    tokens: HashMap<String, Option<i64>>,
+    limiter: FixedWindow,
+    faults: FaultQueue,
+    /// Draws callback faults; seeded from the config.
+    fault_rng: StdRng,
+    /// Draws entity uuids; seeded too, so the same seed gives the same uuids.
+    id_rng: StdRng,
+    last_msg_id: u64,
+    callbacks: CallbackLog,
+    requests: u64,
+    rate_limited: u64,
+    tokens_issued: u64,
+}
+
+impl World {
+    /// An empty world whose RNGs start from `seed`.
+    pub fn new(seed: u64) -> Self {
+        Self {
+            users: HashMap::new(),
+            tokens: HashMap::new(),
+            limiter: FixedWindow::default(),
+            faults: FaultQueue::default(),
+            fault_rng: StdRng::seed_from_u64(seed),
+            id_rng: StdRng::seed_from_u64(seed ^ ID_SEED_SALT),
+            last_msg_id: 0,
+            callbacks: CallbackLog::default(),
+            requests: 0,
+            rate_limited: 0,
+            tokens_issued: 0,
+        }
+    }
+}
+
+/// The shared state of one sandbox server.
+pub struct SandboxState {
+    config: SandboxConfig,
+    clock: SharedClock,
+    base_url: String,
+    application: String,
+    world: Mutex<World>,
+    http: reqwest::Client,
+    in_flight: watch::Sender<u64>,
+    deliveries: Mutex<JoinSet<()>>,
+}
+
+impl std::fmt::Debug for SandboxState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SandboxState")
+            .field("config", &self.config)
+            .field("base_url", &self.base_url)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stable uuid-shaped string for the application, derived from the App Key so it survives
+/// restarts like Easemob's does.
+fn application_uuid(app_key: &str) -> String {
+    use md5::{Digest, Md5};
+    let digest = Md5::digest(app_key.as_bytes());
+    uuid_from_bytes(&digest)
+}
+
+fn uuid_from_bytes(bytes: &[u8]) -> String {
+    let hex = hex::encode(bytes);
+    format!(
+        "{}-{}-{}-{}-{}",
+        &hex[0..8],
+        &hex[8..12],
+        &hex[12..16],
+        &hex[16..20],
+        &hex[20..32]
+    )
+}
+
+/// Mixed into the seed so the uuid stream differs from the fault stream of the same seed.
+const ID_SEED_SALT: u64 = 0x5eed_1d5a_17b0_0c75;
+
+impl SandboxState {
+    /// State for a server reachable at `base_url` (used in the `uri` fields of responses).
+    pub fn new(
+        config: SandboxConfig,
+        clock: SharedClock,
+        base_url: String,
+    ) -> anyhow::Result<Arc<Self>> {
+        config.validate()?;
+        let http = reqwest::Client::builder()
+            .timeout(CALLBACK_TIMEOUT)
+            .build()?;
+        let world = World::new(config.seed);
+        Ok(Arc::new(Self {
+            application: application_uuid(&config.app_key()),
+            config,
+            clock,
+            base_url,
+            world: Mutex::new(world),
+            http,
+            in_flight: watch::Sender::new(0),
+            deliveries: Mutex::new(JoinSet::new()),
+        }))
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &SandboxConfig {
+        &self.config
+    }
+
+    /// The injected clock.
+    pub fn clock(&self) -> &SharedClock {
+        &self.clock
+    }
+
+    /// The application uuid reported in responses.
+    pub fn application(&self) -> &str {
+        &self.application
+    }
+
+    /// `http://host:port/{org}/{app}`, the prefix of every `uri` field.
+    pub fn app_url(&self) -> String {
+        format!("{}/{}/{}", self.base_url, self.config.org, self.config.app)
+    }
+
+    pub(crate) fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// Locks the world. A panic while it was held cannot leave it half-changed in a way that
+    /// matters to a fake server, so a poisoned lock is simply taken over.
+    pub fn world(&self) -> MutexGuard<'_, World> {
+        self.world.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> SandboxStats {
+        let world = self.world();
+        SandboxStats {
+            requests: world.requests,
+            rate_limited: world.rate_limited,
+            callbacks_sent: world.callbacks.sent,
+            callbacks_dropped: world.callbacks.dropped,
+            callbacks_duplicated: world.callbacks.duplicated,
+            callbacks_failed: world.callbacks.failed,
+            callbacks_pending: world.callbacks.pending,
+            tokens_issued: world.tokens_issued,
+        }
+    }
+
+    /// The remembered callback records, in generation order.
+    pub fn callback_records(&self) -> Vec<CallbackRecord> {
+        self.world().callbacks.records()
+    }
+
+    /// Queues an injected fault; an invalid status is refused.
+    pub fn inject_fault(&self, fault: InjectedFault) -> Result<(), String> {
+        self.world().faults.push(fault)
+    }
+
+    /// The gate every API request (`/{org}/{app}/...`) passes, in this order: count it, apply an
+    /// injected fault, check the App Key, then (except for `/token`) the rate limit and the
+    /// bearer token. Injected faults come first so that a test's fault always wins.
+    pub fn admit(&self, path: &str, authorization: Option<&str>) -> Result<(), EasemobError> {
+        let now = self.clock.now_ms();
+        let mut world = self.world();
+        world.requests += 1;
+        if let Some(status) = world.faults.take(path) {
+            return Err(EasemobError::Injected(status));
+        }
+        let Some((org, app, rest)) = split_api_path(path) else {
+            return Err(EasemobError::RouteNotFound);
+        };
+        if org != self.config.org || app != self.config.app {
+            return Err(EasemobError::AppNotFound {
+                org: org.to_owned(),
+                app: app.to_owned(),
+                uri_path: path.trim_start_matches('/').to_owned(),
+            });
+        }
+        if rest == "token" {
+            return Ok(());
+        }
+        if !world.limiter.try_acquire(now, self.config.rate_limit) {
+            world.rate_limited += 1;
+            return Err(EasemobError::ReachLimit);
+        }
+        let token = bearer_token(authorization).ok_or(EasemobError::Unauthorized)?;
+        if !looks_like_token(token) {
+            return Err(EasemobError::CorruptToken);
+        }
+        match world.tokens.get(token) {
+            Some(None) => Ok(()),
+            Some(Some(expires_at)) if now < *expires_at => Ok(()),
+            _ => Err(EasemobError::Unauthorized),
+        }
+    }
+
+    /// Issues an app token that lives `ttl_secs` (0 = forever) from now on the injected clock.
+    pub fn issue_token(&self, ttl_secs: i64) -> String {
+        let now = self.clock.now_ms();
+        // Tokens come from the OS-seeded RNG, not the seeded one: a token cached by a client
+        // must not become valid again in a restarted sandbox with the same seed.
+        let token = format!("YWMt{}", hex::encode(rand::rng().random::<[u8; 24]>()));
+        let expires_at = (ttl_secs > 0).then(|| now.saturating_add(ttl_secs.saturating_mul(1000)));
+        let mut world = self.world();
+        world
+            .tokens
+            .retain(|_, expiry| expiry.is_none_or(|at| now < at));
+        world.tokens.insert(token.clone(), expires_at);
+        world.tokens_issued += 1;
+        token
+    }
+
+    /// Plans the callbacks for `events` while the caller holds the world (so fault draws follow
+    /// request order) and returns the deliveries to start once the lock is released.
+    /// Without a callback URL nothing is generated.
+    pub fn plan_callbacks(&self, world: &mut World, events: Vec<RosterEvent>) -> Vec<Delivery> {
+        if self.config.callback_url.is_none() {
+            return Vec::new();
+        }
+        let app_key = self.config.app_key();
+        let secret = self
+            .config
+            .callback_secret
+            .as_ref()
+            .map(|s| s.expose())
+            .unwrap_or("");
+        let mut deliveries = Vec::new();
+        for event in events {
+            let now = self.clock.now_ms();
+            let msg_id = callbacks::next_msg_id(world.last_msg_id, now);
+            world.last_msg_id = msg_id;
+            let draw = callbacks::draw_faults(&mut world.fault_rng, &self.config);
+            let signing_secret = if draw.bad_signature {
+                callbacks::wrong_secret(secret)
+            } else {
+                secret.to_owned()
+            };
+            let body = callbacks::build_callback(&app_key, msg_id, &event, &signing_secret, now);
+            let encoded = serde_json::to_vec(&body);
+            let fate = match (&encoded, draw.drop) {
+                (Err(_), _) => callbacks::fate::FAILED,
+                (Ok(_), true) => callbacks::fate::DROPPED,
+                (Ok(_), false) => callbacks::fate::PENDING,
+            };
+            let record = CallbackRecord {
+                call_id: body.call_id.clone(),
+                msg_id: body.msg_id.clone(),
+                from_user: event.from.clone(),
+                to_user: event.to.clone(),
+                operation: event.operation.as_str().to_owned(),
+                fate: fate.to_owned(),
+                attempts: 0,
+            };
+            let seq = world
+                .callbacks
+                .push(record, draw.duplicate && fate == callbacks::fate::PENDING);
+            match encoded {
+                Ok(bytes) if !draw.drop => deliveries.push(Delivery {
+                    seq,
+                    body: Bytes::from(bytes),
+                    duplicate: draw.duplicate,
+                    delay_ms: draw.delay_ms,
+                }),
+                Ok(_) => {}
+                Err(error) => tracing::error!(%error, "could not encode a roster callback"),
+            }
+        }
+        deliveries
+    }
+
+    /// Starts the planned deliveries, each in its own task so delays reorder them.
+    pub fn start_deliveries(self: &Arc<Self>, deliveries: Vec<Delivery>) {
+        let Some(url) = self.config.callback_url.clone() else {
+            return;
+        };
+        let mut tasks = self
+            .deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        // Reap finished tasks so the set does not grow with every callback ever sent.
+        while tasks.try_join_next().is_some() {}
+        for delivery in deliveries {
+            let guard = InFlightGuard::new(&self.in_flight);
+            tasks.spawn(callbacks::deliver(
+                Arc::clone(self),
+                delivery,
+                url.clone(),
+                guard,
+            ));
+        }
+    }
+
+    pub(crate) fn set_callback_attempts(&self, seq: u64, attempts: u32) {
+        self.world().callbacks.set_attempts(seq, attempts);
+    }
+
+    pub(crate) fn finish_callback(&self, seq: u64, delivered: bool, attempts: u32) {
+        self.world().callbacks.finish(seq, delivered, attempts);
+    }
+
+    /// Resolves once no delivery is in flight (delays and retries included).
+    pub async fn wait_deliveries_settled(&self) {
+        let mut in_flight = self.in_flight.subscribe();
+        // The sender lives as long as `self`, so this can only end by reaching zero.
+        let _ = in_flight.wait_for(|count| *count == 0).await;
+    }
+
+    /// Stops every delivery still in flight (used at shutdown); their records stay `pending`.
+    pub fn abort_deliveries(&self) {
+        self.deliveries
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .abort_all();
+    }
+
+    /// Draws a fresh entity uuid from the seeded id RNG.
+    pub fn new_uuid(world: &mut World) -> String {
+        let bytes: [u8; 16] = world.id_rng.random();
+        uuid_from_bytes(&bytes)
+    }
+
+    /// Stamps an error with the request's times.
+    pub fn reject(&self, timing: &Timing, error: EasemobError) -> ApiError {
+        let now = self.clock.now_ms();
+        error.at(now, timing.elapsed_at(now))
+    }
+}
+
+/// Counts one delivery as in flight for as long as it lives, so even an aborted delivery task
+/// releases `wait_callbacks_settled`.
+#[derive(Debug)]
+pub struct InFlightGuard(watch::Sender<u64>);
+
+impl InFlightGuard {
+    fn new(in_flight: &watch::Sender<u64>) -> Self {
+        in_flight.send_modify(|count| *count += 1);
+        Self(in_flight.clone())
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|count| *count = count.saturating_sub(1));
+    }
+}
+
+/// `/{org}/{app}/{rest}` split into its parts; `None` for paths with fewer segments.
+pub fn split_api_path(path: &str) -> Option<(&str, &str, &str)> {
+    let mut parts = path.trim_start_matches('/').splitn(3, '/');
+    let org = parts.next().filter(|s| !s.is_empty())?;
+    let app = parts.next().filter(|s| !s.is_empty())?;
+    let rest = parts.next().filter(|s| !s.is_empty())?;
+    Some((org, app, rest))
+}
+
+/// The token of an `Authorization: Bearer <token>` header.
+fn bearer_token(header: Option<&str>) -> Option<&str> {
+    let header = header?.trim();
+    let (scheme, token) = header.split_once(' ')?;
+    let token = token.trim();
+    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
+}
+
+/// Whether a token is shaped like the ones this sandbox issues (`YWMt` + URL-safe characters);
+/// anything else is "corrupt" rather than "expired".
+fn looks_like_token(token: &str) -> bool {
+    token.len() > 4
+        && token.starts_with("YWMt")
+        && token
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
+}
+
+/// When the current request started on the injected clock, for the `timestamp`/`duration`
+/// fields. The gate puts it in the request's extensions; outside the gate it starts now.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    /// Start of the request, ms since epoch.
+    pub start_ms: i64,
+}
+
+impl Timing {
+    /// The `duration` field for a response produced at `now_ms`.
+    pub fn elapsed_at(&self, now_ms: i64) -> i64 {
+        now_ms.saturating_sub(self.start_ms).max(0)
+    }
+}
+
+impl FromRequestParts<Arc<SandboxState>> for Timing {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &Arc<SandboxState>,
+    ) -> Result<Self, Self::Rejection> {
+        Ok(parts
+            .extensions
+            .get::<Timing>()
+            .copied()
+            .unwrap_or_else(|| Timing {
+                start_ms: state.clock.now_ms(),
+            }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+
+    const P: &str = "/demo-org/demo-app/users/x";
+
+    fn state(config: SandboxConfig) -> (Arc<SandboxState>, Arc<ManualClock>) {
+        let clock = ManualClock::new(1_700_000_000_000);
+        let state = SandboxState::new(config, clock.clone(), "http://127.0.0.1:1".into())
+            .expect("valid config");
+        (state, clock)
+    }
+
+    #[test]
+    fn bearer_tokens_are_taken_from_the_header() {
+        assert_eq!(bearer_token(Some("Bearer YWMtabc")), Some("YWMtabc"));
+        assert_eq!(bearer_token(Some("bearer  YWMtabc ")), Some("YWMtabc"));
+        assert_eq!(bearer_token(Some("Basic abc")), None);
+        assert_eq!(bearer_token(Some("Bearer")), None);
+        assert_eq!(bearer_token(None), None);
+    }
+
+    #[test]
+    fn only_tokens_of_our_shape_count_as_tokens() {
+        assert!(looks_like_token("YWMt0123abcd"));
+        assert!(!looks_like_token("YWMt"));
+        assert!(!looks_like_token("hello"));
+        assert!(!looks_like_token("YWMt{}"));
+    }
+
+    #[test]
+    fn a_token_works_until_its_ttl_has_passed_on_the_injected_clock() {
+        let (state, clock) = state(SandboxConfig::default());
+        let token = state.issue_token(60);
+        let header = format!("Bearer {token}");
+        assert_eq!(state.admit(P, Some(&header)), Ok(()));
+        clock.advance_ms(59_999);
+        assert_eq!(state.admit(P, Some(&header)), Ok(()));
+        clock.advance_ms(1);
+        assert_eq!(
+            state.admit(P, Some(&header)),
+            Err(EasemobError::Unauthorized)
+        );
+    }
+
+    #[test]
+    fn a_zero_ttl_token_never_expires() {
+        let (state, clock) = state(SandboxConfig::default());
+        let header = format!("Bearer {}", state.issue_token(0));
+        clock.advance_ms(i64::from(u32::MAX));
+        assert_eq!(state.admit(P, Some(&header)), Ok(()));
+    }
+
+    #[test]
+    fn missing_unknown_and_corrupt_tokens_are_told_apart() {
+        let (state, _) = state(SandboxConfig::default());
+        assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
+        assert_eq!(
+            state.admit(P, Some("Bearer YWMtunknown")),
+            Err(EasemobError::Unauthorized)
+        );
+        assert_eq!(
+            state.admit(P, Some("Bearer !!")),
+            Err(EasemobError::CorruptToken)
+        );
+        assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()));
+        assert_eq!(state.stats().requests, 4);
+    }
+
+    #[test]
+    fn the_rate_limit_applies_before_authentication_and_is_counted() {
+        let (state, _) = state(SandboxConfig {
+            rate_limit: 2,
+            ..SandboxConfig::default()
+        });
+        assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
+        assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
+        assert_eq!(state.admit(P, None), Err(EasemobError::ReachLimit));
+        assert_eq!(
+            state.admit("/demo-org/demo-app/token", None),
+            Ok(()),
+            "token requests are not limited"
+        );
+        assert_eq!(state.stats().rate_limited, 1);
+    }
+
+    #[test]
+    fn an_unknown_app_key_is_not_found_and_short_paths_are_no_route() {
+        let (state, _) = state(SandboxConfig::default());
+        assert!(matches!(
+            state.admit("/other/demo-app/token", None),
+            Err(EasemobError::AppNotFound { .. })
+        ));
+        assert_eq!(
+            state.admit("/demo-org/demo-app", None),
+            Err(EasemobError::RouteNotFound)
+        );
+        assert_eq!(split_api_path("/o/a/users/x"), Some(("o", "a", "users/x")));
+    }
+
+    #[test]
+    fn injected_faults_win_over_everything_else() {
+        let (state, _) = state(SandboxConfig::default());
+        state
+            .inject_fault(InjectedFault {
+                status: 503,
+                count: 1,
+                path_contains: Some("/token".into()),
+            })
+            .expect("valid fault");
+        let first = state.admit("/demo-org/demo-app/token", None);
+        assert_eq!(
+            first,
+            Err(EasemobError::Injected(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE
+            ))
+        );
+        assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()));
+    }
+
+    #[test]
+    fn no_callback_url_means_no_callbacks() {
+        let (state, _) = state(SandboxConfig::default());
+        let event = RosterEvent {
+            from: "a".into(),
+            to: "b".into(),
+            operation: callbacks::RosterOperation::Add,
+            roster_ver: String::new(),
+        };
+        let mut world = state.world();
+        assert!(state.plan_callbacks(&mut world, vec![event]).is_empty());
+        assert!(world.callbacks.records().is_empty());
+    }
+
+    #[test]
+    fn the_application_uuid_is_stable_and_uuid_shaped() {
+        let uuid = application_uuid("demo-org#demo-app");
+        assert_eq!(uuid, application_uuid("demo-org#demo-app"));
+        assert_eq!(uuid.len(), 36);
+        assert_eq!(uuid.matches('-').count(), 4);
+    }
+}
