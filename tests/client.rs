@@ -317,6 +317,33 @@ async fn a_failing_token_endpoint_is_not_asked_again_during_the_cooldown() {
 }
 
 #[tokio::test]
+async fn a_token_endpoint_outage_fails_fast_then_recovers_after_the_cooldown() {
+    let h = harness().await;
+    h.sandbox.inject_faults(InjectedFault {
+        status: 503,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+    });
+
+    let failure = h.client.get_user("alice").await.expect_err("no token");
+    assert!(
+        matches!(&failure, ApiFailure::Failed { status: Some(503), reason, .. } if reason.starts_with("token: ")),
+        "{failure:?}"
+    );
+    assert_eq!(failure.attempts(), 0);
+
+    // The endpoint is healthy again, but the failure is remembered for 5 s.
+    let again = h.client.get_user("alice").await.expect_err("cooldown");
+    assert_eq!(again.upstream_status(), Some(503));
+    assert_eq!(h.sandbox.stats().tokens_issued, 0);
+
+    h.clock.advance_ms(5_000);
+    register(&h.client, &["alice"]).await;
+    h.client.get_user("alice").await.expect("found");
+    assert_eq!(h.sandbox.stats().tokens_issued, 1);
+}
+
+#[tokio::test]
 async fn unreachable_server_fails_as_transport_without_retrying_the_token() {
     // Bind and drop a listener: nothing listens on that port any more.
     let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -406,6 +433,34 @@ async fn token_is_reused_then_refreshed_at_half_life() {
         "refreshed proactively at half-life"
     );
     assert_eq!(fetched.attempts, 1, "no 401 was needed");
+}
+
+#[tokio::test]
+async fn a_failed_refresh_keeps_using_the_still_valid_token() {
+    let h = harness_with(
+        SandboxConfig {
+            token_ttl_secs: 100,
+            ..sandbox_config()
+        },
+        |_| {},
+    )
+    .await;
+    register(&h.client, &["alice"]).await;
+    h.sandbox.inject_faults(InjectedFault {
+        status: 500,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+    });
+
+    h.clock.advance_ms(60_000);
+    let fetched = h
+        .client
+        .get_user("alice")
+        .await
+        .expect("old token still works");
+
+    assert_eq!(fetched.attempts, 1);
+    assert_eq!(h.sandbox.stats().tokens_issued, 1, "the refresh failed");
 }
 
 #[tokio::test]
