@@ -1,0 +1,747 @@
+//! The Easemob client against the embedded sandbox, over real HTTP on 127.0.0.1.
+//!
+//! Each test starts its own sandbox on port 0. Time-dependent behaviour (token expiry) runs on a
+//! `ManualClock` shared by the sandbox and the client, so the tests move time instead of
+//! sleeping; only the rate-limit test uses the system clock, because the sandbox's per-second
+//! window is what it is about. Backoffs are set to milliseconds so retries cost nothing.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use friendhook::clock::{self, ManualClock, SharedClock};
+use friendhook::easemob::{ApiFailure, ClientConfig, EasemobClient, NewUser};
+use friendhook::sandbox::{self, InjectedFault, SandboxConfig, SandboxHandle};
+use friendhook::secret::Secret;
+use tokio::net::TcpListener;
+
+const START_MS: i64 = 1_700_000_000_000;
+
+/// A sandbox with room for the functional tests: no rate limit unless a test asks for one (the
+/// sandbox's window runs on the manual clock, where every request falls in the same second).
+fn sandbox_config() -> SandboxConfig {
+    SandboxConfig {
+        rate_limit: 0,
+        token_ttl_secs: 3_600,
+        ..SandboxConfig::default()
+    }
+}
+
+async fn start_sandbox(config: SandboxConfig, clock: SharedClock) -> SandboxHandle {
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind a free port");
+    sandbox::spawn(listener, config, clock)
+        .await
+        .expect("sandbox starts")
+}
+
+/// Client settings matching the sandbox, with millisecond backoffs and a fixed jitter seed.
+fn client_config(sandbox: &SandboxHandle, config: &SandboxConfig) -> ClientConfig {
+    let mut client = ClientConfig::new(
+        sandbox.base_url().to_string(),
+        config.org.clone(),
+        config.app.clone(),
+        config.client_id.clone(),
+        config.client_secret.clone(),
+    );
+    client.base_backoff = Duration::from_millis(1);
+    client.max_backoff = Duration::from_millis(5);
+    client.max_retry_time = Duration::from_secs(5);
+    client.request_timeout = Duration::from_secs(5);
+    client.jitter_seed = Some(7);
+    client
+}
+
+/// A sandbox and a client sharing one manual clock.
+struct Harness {
+    sandbox: SandboxHandle,
+    client: EasemobClient,
+    clock: Arc<ManualClock>,
+}
+
+async fn harness_with(config: SandboxConfig, tune: impl FnOnce(&mut ClientConfig)) -> Harness {
+    let clock = ManualClock::new(START_MS);
+    let sandbox = start_sandbox(config.clone(), clock.clone()).await;
+    let mut client_config = client_config(&sandbox, &config);
+    tune(&mut client_config);
+    let client = EasemobClient::new(client_config, clock.clone()).expect("client builds");
+    Harness {
+        sandbox,
+        client,
+        clock,
+    }
+}
+
+async fn harness() -> Harness {
+    harness_with(sandbox_config(), |_| {}).await
+}
+
+fn user(name: &str) -> NewUser {
+    NewUser {
+        username: name.to_owned(),
+        password: format!("{name}-password"),
+        nickname: None,
+    }
+}
+
+async fn register(client: &EasemobClient, names: &[&str]) {
+    let users: Vec<NewUser> = names.iter().map(|name| user(name)).collect();
+    client.register_users(&users).await.expect("users register");
+}
+
+fn contacts_fault(status: u16, count: u32) -> InjectedFault {
+    InjectedFault {
+        status,
+        count,
+        path_contains: Some("/contacts/".to_owned()),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Endpoints
+
+#[tokio::test]
+async fn add_friend_makes_both_users_friends() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+
+    let added = h.client.add_friend("alice", "bob").await.expect("added");
+
+    assert_eq!(added.status, 200);
+    assert_eq!(added.attempts, 1);
+    assert_eq!(added.envelope.action.as_deref(), Some("post"));
+    assert_eq!(
+        added.envelope.entities[0].username.as_deref(),
+        Some("bob"),
+        "entities[0] is the friend"
+    );
+    assert_eq!(h.client.list_friends("alice").await.expect("list"), ["bob"]);
+    assert_eq!(h.client.list_friends("bob").await.expect("list"), ["alice"]);
+}
+
+#[tokio::test]
+async fn delete_friend_ends_the_friendship_both_ways() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob", "carol"]).await;
+    h.client.add_friend("alice", "bob").await.expect("added");
+    h.client.add_friend("alice", "carol").await.expect("added");
+
+    let deleted = h
+        .client
+        .delete_friend("alice", "bob")
+        .await
+        .expect("deleted");
+
+    assert_eq!(deleted.status, 200);
+    assert_eq!(deleted.envelope.action.as_deref(), Some("delete"));
+    assert_eq!(
+        h.client.list_friends("alice").await.expect("list"),
+        ["carol"]
+    );
+    assert!(h.client.list_friends("bob").await.expect("list").is_empty());
+}
+
+#[tokio::test]
+async fn register_user_sends_one_object_and_get_user_reads_it_back() {
+    let h = harness().await;
+    let alice = NewUser {
+        nickname: Some("Alice A.".to_owned()),
+        ..user("alice")
+    };
+
+    let registered = h.client.register_user(&alice).await.expect("registered");
+    assert_eq!(registered.status, 200);
+    assert_eq!(
+        registered.envelope.entities[0].username.as_deref(),
+        Some("alice")
+    );
+
+    let fetched = h.client.get_user("alice").await.expect("found");
+    let entity = &fetched.envelope.entities[0];
+    assert_eq!(entity.username.as_deref(), Some("alice"));
+    assert_eq!(entity.nickname.as_deref(), Some("Alice A."));
+    assert_eq!(entity.activated, Some(true));
+    assert!(entity.uuid.is_some());
+}
+
+#[tokio::test]
+async fn register_users_sends_a_batch_and_splits_more_than_60_into_chunks() {
+    let h = harness().await;
+    let small: Vec<NewUser> = (0..3).map(|i| user(&format!("small{i}"))).collect();
+    let batch = h.client.register_users(&small).await.expect("registered");
+    assert_eq!(batch.envelope.entities.len(), 3);
+    assert_eq!(batch.attempts, 1);
+
+    let many: Vec<NewUser> = (0..130).map(|i| user(&format!("many{i}"))).collect();
+    let merged = h.client.register_users(&many).await.expect("registered");
+
+    assert_eq!(merged.attempts, 3, "130 users take chunks of 60, 60 and 10");
+    assert_eq!(merged.envelope.entities.len(), 130);
+    h.client.get_user("many0").await.expect("first chunk");
+    h.client.get_user("many129").await.expect("last chunk");
+}
+
+#[tokio::test]
+async fn upper_case_usernames_are_stored_lower_case() {
+    let h = harness().await;
+    h.client
+        .register_user(&user("MixedCase"))
+        .await
+        .expect("registered");
+    let fetched = h.client.get_user("mixedcase").await.expect("found");
+    assert_eq!(
+        fetched.envelope.entities[0].username.as_deref(),
+        Some("mixedcase")
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Final errors
+
+#[tokio::test]
+async fn unknown_user_is_rejected_with_404_service_resource_not_found() {
+    let h = harness().await;
+    register(&h.client, &["alice"]).await;
+
+    for failure in [
+        h.client.get_user("nobody").await.expect_err("no such user"),
+        h.client
+            .add_friend("alice", "nobody")
+            .await
+            .expect_err("no such friend"),
+    ] {
+        assert!(
+            matches!(failure, ApiFailure::Rejected { .. }),
+            "{failure:?}"
+        );
+        assert_eq!(failure.upstream_status(), Some(404));
+        assert_eq!(failure.upstream_error(), Some("service_resource_not_found"));
+        assert_eq!(failure.attempts(), 1, "a 404 is not retried");
+        assert!(failure.body().is_some());
+    }
+}
+
+#[tokio::test]
+async fn adding_past_the_friend_limit_is_rejected_with_403_exceed_limit() {
+    let h = harness_with(
+        SandboxConfig {
+            friend_limit: 2,
+            ..sandbox_config()
+        },
+        |_| {},
+    )
+    .await;
+    register(&h.client, &["alice", "bob", "carol", "dave"]).await;
+    h.client.add_friend("alice", "bob").await.expect("first");
+    h.client.add_friend("alice", "carol").await.expect("second");
+
+    let failure = h
+        .client
+        .add_friend("alice", "dave")
+        .await
+        .expect_err("over the limit");
+
+    let ApiFailure::Rejected {
+        status,
+        error,
+        attempts,
+        ..
+    } = &failure
+    else {
+        panic!("expected Rejected, got {failure:?}");
+    };
+    assert_eq!(*status, 403);
+    assert_eq!(*attempts, 1);
+    let error = error.as_ref().expect("error body");
+    assert_eq!(error.error, "exceed_limit");
+    assert!(error.error_description.is_some());
+}
+
+#[tokio::test]
+async fn wrong_client_secret_fails_with_invalid_grant_and_says_what_to_fix() {
+    let h = harness_with(sandbox_config(), |config| {
+        config.client_secret = Secret::new("not-the-secret");
+    })
+    .await;
+
+    let failure = h.client.get_user("alice").await.expect_err("no token");
+
+    let ApiFailure::Failed {
+        status,
+        reason,
+        attempts,
+        ..
+    } = &failure
+    else {
+        panic!("expected Failed, got {failure:?}");
+    };
+    assert_eq!(*status, Some(400));
+    assert_eq!(failure.upstream_error(), Some("invalid_grant"));
+    assert_eq!(*attempts, 0, "the API call itself was never sent");
+    assert!(reason.starts_with("token: "), "{reason}");
+    assert!(reason.contains("--easemob-client-secret"), "{reason}");
+    assert!(!format!("{failure:?} {failure}").contains("not-the-secret"));
+    assert_eq!(h.sandbox.stats().tokens_issued, 0);
+}
+
+#[tokio::test]
+async fn a_failing_token_endpoint_is_not_asked_again_during_the_cooldown() {
+    let h = harness_with(sandbox_config(), |config| {
+        config.client_secret = Secret::new("not-the-secret");
+    })
+    .await;
+    h.client.get_user("alice").await.expect_err("no token");
+    let requests_after_first = h.sandbox.stats().requests;
+
+    for _ in 0..5 {
+        let failure = h
+            .client
+            .get_user("alice")
+            .await
+            .expect_err("still no token");
+        assert_eq!(failure.upstream_error(), Some("invalid_grant"));
+    }
+    assert_eq!(
+        h.sandbox.stats().requests,
+        requests_after_first,
+        "failed fast from the cached failure"
+    );
+
+    h.clock.advance_ms(5_000);
+    h.client
+        .get_user("alice")
+        .await
+        .expect_err("asks again, fails again");
+    assert_eq!(h.sandbox.stats().requests, requests_after_first + 1);
+}
+
+#[tokio::test]
+async fn a_token_endpoint_outage_fails_fast_then_recovers_after_the_cooldown() {
+    let h = harness().await;
+    h.sandbox.inject_faults(InjectedFault {
+        status: 503,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+    });
+
+    let failure = h.client.get_user("alice").await.expect_err("no token");
+    assert!(
+        matches!(&failure, ApiFailure::Failed { status: Some(503), reason, .. } if reason.starts_with("token: ")),
+        "{failure:?}"
+    );
+    assert_eq!(failure.attempts(), 0);
+
+    // The endpoint is healthy again, but the failure is remembered for 5 s.
+    let again = h.client.get_user("alice").await.expect_err("cooldown");
+    assert_eq!(again.upstream_status(), Some(503));
+    assert_eq!(h.sandbox.stats().tokens_issued, 0);
+
+    h.clock.advance_ms(5_000);
+    register(&h.client, &["alice"]).await;
+    h.client.get_user("alice").await.expect("found");
+    assert_eq!(h.sandbox.stats().tokens_issued, 1);
+}
+
+#[tokio::test]
+async fn unreachable_server_fails_as_transport_without_retrying_the_token() {
+    // Bind and drop a listener: nothing listens on that port any more.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let config = ClientConfig::new(
+        format!("http://127.0.0.1:{port}"),
+        "demo-org",
+        "demo-app",
+        "id",
+        Secret::new("s"),
+    );
+    let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
+
+    let failure = client
+        .add_friend("alice", "bob")
+        .await
+        .expect_err("nobody there");
+
+    assert!(matches!(failure, ApiFailure::Failed { .. }), "{failure:?}");
+    assert_eq!(failure.upstream_status(), None);
+    assert_eq!(failure.upstream_error(), Some("transport"));
+    assert_eq!(failure.attempts(), 0);
+    assert!(
+        failure.to_string().contains("token: could not reach"),
+        "{failure}"
+    );
+}
+
+#[tokio::test]
+async fn a_silent_server_times_out() {
+    // Accepts connections and never answers.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let _silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut config = ClientConfig::new(
+        format!("http://{address}"),
+        "demo-org",
+        "demo-app",
+        "id",
+        Secret::new("s"),
+    );
+    config.request_timeout = Duration::from_millis(200);
+
+    let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
+    let failure = client.get_user("alice").await.expect_err("timed out");
+
+    assert_eq!(failure.upstream_error(), Some("timeout"), "{failure}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Token lifecycle
+
+#[tokio::test]
+async fn token_is_reused_then_refreshed_at_half_life() {
+    let h = harness_with(
+        SandboxConfig {
+            token_ttl_secs: 100,
+            ..sandbox_config()
+        },
+        |_| {},
+    )
+    .await;
+    register(&h.client, &["alice"]).await;
+    assert_eq!(h.sandbox.stats().tokens_issued, 1);
+
+    h.clock.advance_ms(49_000);
+    h.client.get_user("alice").await.expect("found");
+    assert_eq!(
+        h.sandbox.stats().tokens_issued,
+        1,
+        "still in its first half"
+    );
+
+    h.clock.advance_ms(2_000);
+    let fetched = h.client.get_user("alice").await.expect("found");
+    assert_eq!(
+        h.sandbox.stats().tokens_issued,
+        2,
+        "refreshed proactively at half-life"
+    );
+    assert_eq!(fetched.attempts, 1, "no 401 was needed");
+}
+
+#[tokio::test]
+async fn a_failed_refresh_keeps_using_the_still_valid_token() {
+    let h = harness_with(
+        SandboxConfig {
+            token_ttl_secs: 100,
+            ..sandbox_config()
+        },
+        |_| {},
+    )
+    .await;
+    register(&h.client, &["alice"]).await;
+    h.sandbox.inject_faults(InjectedFault {
+        status: 500,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+    });
+
+    h.clock.advance_ms(60_000);
+    let fetched = h
+        .client
+        .get_user("alice")
+        .await
+        .expect("old token still works");
+
+    assert_eq!(fetched.attempts, 1);
+    assert_eq!(h.sandbox.stats().tokens_issued, 1, "the refresh failed");
+}
+
+#[tokio::test]
+async fn expired_token_is_replaced_before_the_call() {
+    let h = harness_with(
+        SandboxConfig {
+            token_ttl_secs: 100,
+            ..sandbox_config()
+        },
+        |_| {},
+    )
+    .await;
+    register(&h.client, &["alice"]).await;
+
+    h.clock.advance_ms(101_000);
+    let fetched = h.client.get_user("alice").await.expect("found");
+
+    assert_eq!(fetched.attempts, 1);
+    assert_eq!(h.sandbox.stats().tokens_issued, 2);
+}
+
+#[tokio::test]
+async fn a_401_renews_the_token_and_retries_once() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(401, 1));
+
+    let added = h.client.add_friend("alice", "bob").await.expect("added");
+
+    assert_eq!(added.attempts, 2);
+    assert_eq!(
+        h.sandbox.stats().tokens_issued,
+        2,
+        "a second token was fetched"
+    );
+    assert_eq!(h.client.list_friends("alice").await.expect("list"), ["bob"]);
+}
+
+#[tokio::test]
+async fn a_second_401_is_final() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(401, 2));
+
+    let failure = h
+        .client
+        .add_friend("alice", "bob")
+        .await
+        .expect_err("401 twice");
+
+    assert!(
+        matches!(failure, ApiFailure::Rejected { status: 401, .. }),
+        "{failure:?}"
+    );
+    assert_eq!(failure.attempts(), 2);
+    assert_eq!(failure.upstream_error(), Some("unauthorized"));
+    assert_eq!(h.sandbox.stats().tokens_issued, 2);
+}
+
+#[tokio::test]
+async fn fifty_concurrent_calls_on_a_fresh_client_fetch_one_token() {
+    let h = harness().await;
+    // Register through a second client so the one under test starts without a token.
+    let setup = EasemobClient::new(
+        client_config(&h.sandbox, &sandbox_config()),
+        h.clock.clone(),
+    )
+    .expect("client");
+    register(&setup, &["alice"]).await;
+    let issued_before = h.sandbox.stats().tokens_issued;
+
+    let calls: Vec<_> = (0..50)
+        .map(|_| {
+            let client = h.client.clone();
+            tokio::spawn(async move { client.get_user("alice").await })
+        })
+        .collect();
+    for call in calls {
+        call.await.expect("task").expect("found");
+    }
+
+    assert_eq!(h.sandbox.stats().tokens_issued - issued_before, 1);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Retries
+
+#[tokio::test]
+async fn two_429s_are_retried_after_backoff_then_succeed() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(429, 2));
+
+    let added = h.client.add_friend("alice", "bob").await.expect("added");
+
+    assert_eq!(added.attempts, 3);
+    assert_eq!(
+        h.sandbox.stats().tokens_issued,
+        1,
+        "a 429 does not touch the token"
+    );
+}
+
+#[tokio::test]
+async fn persistent_5xx_fails_after_max_attempts() {
+    let h = harness_with(sandbox_config(), |config| config.max_attempts = 4).await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(503, 100));
+
+    let failure = h
+        .client
+        .add_friend("alice", "bob")
+        .await
+        .expect_err("exhausted");
+
+    let ApiFailure::Failed {
+        status,
+        attempts,
+        reason,
+        ..
+    } = &failure
+    else {
+        panic!("expected Failed, got {failure:?}");
+    };
+    assert_eq!(*status, Some(503));
+    assert_eq!(*attempts, 4);
+    assert!(reason.contains("max_attempts"), "{reason}");
+}
+
+#[tokio::test]
+async fn retries_stop_when_max_retry_time_is_used_up() {
+    let h = harness_with(sandbox_config(), |config| {
+        config.max_attempts = 100;
+        config.base_backoff = Duration::from_millis(40);
+        config.max_backoff = Duration::from_millis(40);
+        config.max_retry_time = Duration::from_millis(150);
+    })
+    .await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(500, 100));
+
+    let started = Instant::now();
+    let failure = h
+        .client
+        .add_friend("alice", "bob")
+        .await
+        .expect_err("out of time");
+
+    assert!(
+        matches!(
+            failure,
+            ApiFailure::Failed {
+                status: Some(500),
+                ..
+            }
+        ),
+        "{failure:?}"
+    );
+    assert!(
+        failure.attempts() > 1 && failure.attempts() < 100,
+        "{failure}"
+    );
+    assert!(failure.to_string().contains("max_retry_time"), "{failure}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rate limit
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_thousand_concurrent_adds_draw_no_429() {
+    // The system clock: the sandbox's one-second windows must pass in real time.
+    let clock = clock::system();
+    let config = SandboxConfig {
+        rate_limit: 100,
+        friend_limit: 2_000,
+        ..sandbox_config()
+    };
+    let sandbox = start_sandbox(config.clone(), clock.clone()).await;
+    let mut client_config = client_config(&sandbox, &config);
+    client_config.rate_limit_per_sec = 100;
+    client_config.max_retry_time = Duration::from_secs(60);
+    let client = EasemobClient::new(client_config, clock).expect("client");
+
+    let friends: Vec<String> = (0..1_000).map(|i| format!("friend{i}")).collect();
+    let mut users: Vec<NewUser> = friends.iter().map(|name| user(name)).collect();
+    users.push(user("hub"));
+    client.register_users(&users).await.expect("registered");
+
+    let started = Instant::now();
+    let calls: Vec<_> = friends
+        .into_iter()
+        .map(|friend| {
+            let client = client.clone();
+            tokio::spawn(async move { client.add_friend("hub", &friend).await })
+        })
+        .collect();
+    let mut retried = 0;
+    for call in calls {
+        let added = call.await.expect("task").expect("added");
+        retried += usize::from(added.attempts > 1);
+    }
+    let elapsed = started.elapsed();
+
+    let stats = sandbox.stats();
+    assert_eq!(
+        stats.rate_limited, 0,
+        "the pacer kept every window under 100"
+    );
+    assert_eq!(retried, 0);
+    assert_eq!(client.list_friends("hub").await.expect("list").len(), 1_000);
+    // 1,000 calls at (just under) 100/s cannot finish much faster than 10 s.
+    assert!(elapsed >= Duration::from_secs(9), "{elapsed:?}");
+}
+
+// ---------------------------------------------------------------------------------------------
+// Logging
+
+/// Collects everything written by a tracing subscriber.
+#[derive(Clone, Default)]
+struct CapturedLog(Arc<Mutex<Vec<u8>>>);
+
+impl Write for CapturedLog {
+    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .extend_from_slice(bytes);
+        Ok(bytes.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl CapturedLog {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(
+            &self
+                .0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+        .into_owned()
+    }
+}
+
+#[tokio::test]
+async fn logs_show_attempts_and_retries_but_never_the_secret_or_token() {
+    let log = CapturedLog::default();
+    let writer = log.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::DEBUG)
+        .with_ansi(false)
+        .with_writer(move || writer.clone())
+        .finish();
+    // The test runtime is single-threaded, so a thread-local default sees every event.
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(401, 1));
+    h.sandbox.inject_faults(contacts_fault(429, 1));
+    h.client.add_friend("alice", "bob").await.expect("added");
+    let wrong = EasemobClient::new(
+        ClientConfig {
+            client_secret: Secret::new("wrong-secret"),
+            ..client_config(&h.sandbox, &sandbox_config())
+        },
+        h.clock.clone(),
+    )
+    .expect("client");
+    wrong.get_user("alice").await.expect_err("no token");
+
+    let text = log.text();
+    assert!(text.contains("retrying"), "{text}");
+    assert!(text.contains("attempt=3"), "{text}");
+    assert!(!text.contains("sandbox-client-secret"), "{text}");
+    assert!(!text.contains("wrong-secret"), "{text}");
+    assert!(!text.contains("Bearer"), "{text}");
+    // The client's own Debug output is just as discreet.
+    let debug = format!("{:?}", h.client);
+    assert!(!debug.contains("sandbox-client-secret"), "{debug}");
+}
