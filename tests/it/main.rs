@@ -5,3 +5,4 @@ mod friends;
 mod helpers;
 mod journal;
 mod receiver;
+mod reconciliation;

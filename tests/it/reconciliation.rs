@@ -1,0 +1,185 @@
+//! Reconciliation over real traffic: the sandbox's fault knobs drop, duplicate, delay and double
+//! callbacks, and the report must agree exactly with the sandbox's own ground truth.
+
+use std::collections::HashMap;
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn all_report_items(app: &TestApp, query: &str) -> (Value, Vec<Value>) {
+    let mut items = Vec::new();
+    let mut cursor: Option<String> = None;
+    let mut summary = Value::Null;
+    loop {
+        let q = match &cursor {
+            Some(c) => format!("/v1/reconciliation?limit=50&{query}&cursor={c}"),
+            None => format!("/v1/reconciliation?limit=50&{query}"),
+        };
+        let (status, page) = app.get_json(&q).await;
+        assert_eq!(status, 200, "{page}");
+        summary = page["summary"].clone();
+        items.extend(page["items"].as_array().unwrap().iter().cloned());
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = Some(c.to_string()),
+            None => break,
+        }
+    }
+    (summary, items)
+}
+
+#[tokio::test]
+async fn reconciliation_counts_equal_the_sandbox_ground_truth_under_faults() {
+    // Window 0: every callback's event time lies within its call's [t0, t1] (the sandbox stamps it
+    // while handling the add), so a call with no delivered callback is `missing` at once and the
+    // test needs no waiting.
+    let app = TestApp::spawn(&[
+        "--sandbox-drop-rate", "0.3",
+        "--sandbox-duplicate-rate", "0.3",
+        "--sandbox-delay-ms", "40",
+        "--sandbox-callbacks-per-add", "2",
+        "--sandbox-seed", "20261125",
+        "--match-window", "0s",
+    ])
+    .await;
+    let names: Vec<String> = (0..300).map(|i| format!("u_{i}")).collect();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    app.register(&refs).await;
+    let mut pairs: Vec<Value> = (0..150).map(|i| json!({"owner": names[2 * i], "friend": names[2 * i + 1]})).collect();
+    for i in 0..10 {
+        pairs.push(json!({"owner": names[i], "friend": format!("ghost_{i}")})); // rejected: unknown user
+    }
+    let (status, batch) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
+    assert_eq!(status, 200);
+    let results = batch["results"].as_array().unwrap();
+    app.settle().await;
+
+    // Ground truth: which adds had at least one callback delivered.
+    let truth = app.sandbox().callbacks();
+    let mut delivered_by_pair: HashMap<(String, String), usize> = HashMap::new();
+    let mut delivered_records = 0;
+    for cb in &truth {
+        assert_ne!(cb.fate, "pending");
+        let key = if cb.from_user < cb.to_user { (cb.from_user.clone(), cb.to_user.clone()) } else { (cb.to_user.clone(), cb.from_user.clone()) };
+        let e = delivered_by_pair.entry(key).or_default();
+        if cb.fate == "delivered" {
+            *e += 1;
+            delivered_records += 1;
+        }
+    }
+    let mut expect_matched = 0;
+    let mut expect_missing = 0;
+    let mut expect_status: HashMap<i64, &str> = HashMap::new();
+    for r in results {
+        let id = r["id"].as_i64().unwrap();
+        if r["outcome"] == "succeeded" {
+            let (o, f) = (r["owner"].as_str().unwrap().to_string(), r["friend"].as_str().unwrap().to_string());
+            let key = if o < f { (o, f) } else { (f, o) };
+            if delivered_by_pair.get(&key).copied().unwrap_or(0) > 0 {
+                expect_matched += 1;
+                expect_status.insert(id, "matched");
+            } else {
+                expect_missing += 1;
+                expect_status.insert(id, "missing");
+            }
+        } else {
+            assert_eq!(r["outcome"], "rejected");
+            expect_status.insert(id, "not_expected");
+        }
+    }
+    assert!(expect_missing > 0 && expect_matched > 0, "the seed must exercise both (matched {expect_matched}, missing {expect_missing})");
+
+    let (summary, items) = all_report_items(&app, "").await;
+    assert_eq!(summary["matched"], expect_matched, "{summary}");
+    assert_eq!(summary["missing"], expect_missing, "{summary}");
+    assert_eq!(summary["not_expected"], 10);
+    assert_eq!(summary["pending"], 0);
+    assert_eq!(summary["unexpected"], 0);
+    assert_eq!(summary["orphan"], 0, "second-direction callbacks and duplicates attach as extras, never orphans");
+    for item in &items {
+        let id = item["id"].as_i64().unwrap();
+        assert_eq!(item["status"], expect_status[&id], "call {id}: {item}");
+    }
+    // Every delivered callback is accounted for exactly once, as a primary match or an extra
+    // (duplicates are deduplicated on the way in, so count distinct events).
+    let attached: usize = items
+        .iter()
+        .map(|i| usize::from(!i["matched"].is_null()) + i["extras"].as_array().map_or(0, Vec::len))
+        .sum();
+    let (_, stored) = app.get_json("/v1/callbacks?limit=1000").await;
+    let stored_events = stored["items"].as_array().unwrap().len();
+    assert_eq!(attached, stored_events);
+    assert_eq!(stored_events, delivered_records, "every delivered callback stored once");
+    let duplicated = app.sandbox().stats().callbacks_duplicated;
+    assert!(duplicated > 0, "the seed must exercise duplicates");
+
+    // Status filter and paging.
+    let (missing_summary, missing_items) = all_report_items(&app, "status=missing").await;
+    assert_eq!(missing_items.len(), expect_missing);
+    assert_eq!(missing_summary["matched"], expect_matched, "the summary covers the whole selection");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_callback_no_call_explains_is_an_orphan_and_one_for_a_failed_call_is_unexpected() {
+    let app = TestApp::spawn(&["--match-window", "0s"]).await;
+    app.register(&["alice"]).await;
+    let (_, rejected) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "ghost"})).await;
+    assert_eq!(rejected["outcome"], "rejected");
+    let t = rejected["requested_at"].as_i64().unwrap();
+    // Easemob says the friendship happened after all (e.g. a client app added it): unexpected.
+    let body = roster_body("900001", "alice", "ghost", "add", t, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    // A friendship made entirely outside friendhook: orphan.
+    let body = roster_body("900002", "carol", "dave", "add", t, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+
+    let (summary, items) = all_report_items(&app, "").await;
+    assert_eq!(summary["unexpected"], 1, "{summary}");
+    assert_eq!(summary["orphan"], 1, "{summary}");
+    let orphan = items.iter().find(|i| i["status"] == "orphan").unwrap();
+    assert_eq!(orphan["from_user"], "carol");
+    assert_eq!(orphan["kind"], "callback");
+    let (_, only_carol) = all_report_items(&app, "owner=carol").await;
+    assert_eq!(only_carol.len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_without_its_callback_is_pending_while_the_window_is_open() {
+    let app = TestApp::spawn(&["--sandbox-drop-rate", "1"]).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(call["outcome"], "succeeded");
+    let (summary, _) = all_report_items(&app, "").await;
+    assert_eq!(summary["pending"], 1, "default window is 5 minutes: {summary}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
+    let app = TestApp::spawn(&["--match-window", "0s", "--sandbox-drop-rate", "1"]).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(call["outcome"], "succeeded");
+    let base = app.base.clone();
+    let db = app.db_url.clone();
+    // tokio's Command: the service runs on this test's runtime and must keep answering meanwhile.
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--url", &base])
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("missing 1"), "{text}");
+    assert!(text.contains("alice") && text.contains("bob"), "{text}");
+    let _dir = app.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--database-url", &db, "--json", "--match-window", "0s"])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["summary"]["missing"], 1);
+}
