@@ -28,6 +28,9 @@ pub enum Command {
     /// Run the HTTP service (receiver, trigger API, reconciliation, feed). With no
     /// --easemob-base-url it also starts the built-in Easemob sandbox and wires the two together.
     Serve(Box<ServeArgs>),
+    /// One command, the whole loop: service + sandbox, a few hundred friend additions (some
+    /// bound to fail), their callbacks, and the reconciliation report.
+    Demo(crate::commands::demo::DemoArgs),
     /// Run the Easemob-compatible sandbox on its own (token, users, contacts, roster callbacks,
     /// fault injection).
     Sandbox(crate::sandbox::SandboxArgs),

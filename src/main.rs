@@ -13,6 +13,7 @@ async fn main() -> std::process::ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => friendhook::commands::serve::run(*args).await,
+        Command::Demo(args) => friendhook::commands::demo::run(args).await,
         Command::Sandbox(args) => friendhook::sandbox::run(args).await,
         Command::Reconcile(args) => friendhook::commands::reconcile::run(args).await,
         Command::Export(args) => friendhook::commands::export::run(args).await,

@@ -1,0 +1,156 @@
+//! `friendhook demo`: the whole loop on one machine in one command. Starts the service with its
+//! sandbox, registers users, triggers a few hundred friend additions (some bound to fail), waits
+//! for the callbacks, and prints what was called, what came back and how it reconciles.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use rand::{Rng, SeedableRng};
+use serde_json::{Value, json};
+
+use crate::config::{Cli, Command};
+use crate::easemob::{ClientConfig, EasemobClient, NewUser};
+use crate::secret::Secret;
+
+/// `friendhook demo` options.
+#[derive(Debug, Args)]
+pub struct DemoArgs {
+    /// Database for the demo (recreated on every run).
+    #[arg(long, default_value = "friendhook-demo.db")]
+    pub database: std::path::PathBuf,
+    /// Friend additions to trigger.
+    #[arg(long, default_value_t = 300)]
+    pub adds: usize,
+    /// Users to register in the sandbox.
+    #[arg(long, default_value_t = 120)]
+    pub users: usize,
+    /// Sandbox friend limit (low, so that some additions hit 403 exceed_limit).
+    #[arg(long, default_value_t = 8)]
+    pub friend_limit: usize,
+    /// Share of callbacks the sandbox drops, so that some calls end up `missing`.
+    #[arg(long, default_value_t = 0.03)]
+    pub drop_rate: f64,
+    /// Seed for the pairs and the sandbox's faults.
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+    /// Keep serving after the report (Ctrl-C to stop), to explore the HTTP API.
+    #[arg(long)]
+    pub keep_running: bool,
+    /// Where the service listens (with --keep-running you may want a fixed port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+}
+
+/// Runs the demo.
+pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    for suffix in ["", "-wal", "-shm"] {
+        let mut p = args.database.clone().into_os_string();
+        p.push(suffix);
+        let _ = std::fs::remove_file(p);
+    }
+    let db_url = format!("sqlite://{}", args.database.display());
+    let drop_rate = args.drop_rate.to_string();
+    let friend_limit = args.friend_limit.to_string();
+    let seed = args.seed.to_string();
+    let argv = [
+        "friendhook", "serve", "--listen", &args.listen, "--sandbox-listen", "127.0.0.1:0", "--database-url", &db_url,
+        "--callback-secret", "demo-secret", "--sandbox-drop-rate", &drop_rate, "--sandbox-friend-limit", &friend_limit,
+        "--sandbox-seed", &seed, "--sandbox-delay-ms", "200", "--match-window", "1s",
+    ];
+    let Command::Serve(serve_args) = Cli::try_parse_from(argv)?.command else { unreachable!("serve args") };
+    let service = crate::commands::serve::build(&serve_args, crate::clock::system()).await?;
+    let crate::commands::serve::Service { listener, router, limits, state, sandbox } = service;
+    let sandbox = sandbox.ok_or_else(|| anyhow::anyhow!("demo needs sandbox mode"))?;
+    let addr = listener.local_addr()?;
+    let base = format!("http://{addr}");
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::app::serve(listener, router, limits, async move {
+        let _ = stop_rx.await;
+    }));
+    println!("friendhook demo: service on {base}, sandbox (playing Easemob) on {}, database {}", sandbox.base_url(), args.database.display());
+
+    // Users, registered through the embedded client like any Easemob app back end would.
+    let client = EasemobClient::new(
+        ClientConfig::new(sandbox.base_url(), "demo-org", "demo-app", "sandbox-client-id", Secret::new("sandbox-client-secret")),
+        crate::clock::system(),
+    )?;
+    let names: Vec<String> = (0..args.users.max(2)).map(|i| format!("user_{i:03}")).collect();
+    for chunk in names.chunks(60) {
+        let users: Vec<NewUser> =
+            chunk.iter().map(|n| NewUser { username: n.clone(), password: "demo-password".into(), nickname: None }).collect();
+        client.register_users(&users).await.map_err(|e| anyhow::anyhow!("registering users: {e}"))?;
+    }
+    println!("registered {} users (friend limit {} per user)", names.len(), args.friend_limit);
+
+    // Pairs: mostly real users (some will hit the friend limit), a few unknown ones.
+    let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
+    let pairs: Vec<Value> = (0..args.adds)
+        .map(|i| {
+            let owner = &names[rng.random_range(0..names.len())];
+            let friend = if i % 20 == 7 {
+                format!("ghost_{i}")
+            } else {
+                loop {
+                    let f = &names[rng.random_range(0..names.len())];
+                    if f != owner {
+                        break f.clone();
+                    }
+                }
+            };
+            json!({"owner": owner, "friend": friend})
+        })
+        .collect();
+    let http = reqwest::Client::new();
+    let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
+    let mut done = 0;
+    for chunk in pairs.chunks(50) {
+        let resp: Value = http.post(format!("{base}/v1/friends/batch")).json(&json!({"pairs": chunk})).send().await?.json().await?;
+        for r in resp["results"].as_array().cloned().unwrap_or_default() {
+            let key = match r["upstream_error"].as_str() {
+                Some(e) => format!("{} ({e})", r["outcome"].as_str().unwrap_or("?")),
+                None => r["outcome"].as_str().unwrap_or("?").to_string(),
+            };
+            *outcomes.entry(key).or_default() += 1;
+        }
+        done += chunk.len();
+        eprintln!("  triggered {done}/{} friend additions", pairs.len());
+    }
+    println!("\ncalls made to Easemob (POST /v1/friends/batch):");
+    for (k, n) in &outcomes {
+        println!("  {n:>5}  {k}");
+    }
+
+    eprintln!("  waiting for the callbacks ...");
+    let _ = tokio::time::timeout(Duration::from_secs(60), sandbox.wait_callbacks_settled()).await;
+    // Let the 1 s match window close, so calls whose callback was dropped show as missing.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    let stats = sandbox.stats();
+    println!(
+        "\ncallbacks: the sandbox sent {}, dropped {} on purpose; friendhook stored {}",
+        stats.callbacks_sent,
+        stats.callbacks_dropped,
+        state.store.count_callbacks().await?
+    );
+    let report: Value = http.get(format!("{base}/v1/reconciliation?limit=1000")).send().await?.json().await?;
+    let mut attention = report.clone();
+    if let Some(items) = attention["items"].as_array_mut() {
+        items.retain(|i| matches!(i["status"].as_str(), Some("missing" | "unexpected" | "orphan")));
+    }
+    println!("\nreconciliation (GET /v1/reconciliation; items needing attention):");
+    print!("{}", crate::commands::reconcile::render_table(&attention));
+
+    if args.keep_running {
+        println!("\nstill serving on {base} (Ctrl-C to stop); try: curl '{base}/v1/reconciliation?status=missing'");
+        crate::app::shutdown_signal().await;
+    } else {
+        println!("\nexplore the stored data afterwards:\n  friendhook reconcile --database-url {db_url}\n  friendhook audit verify --database-url {db_url}");
+    }
+    let _ = stop_tx.send(());
+    server.await??;
+    sandbox.shutdown().await;
+    let store = state.store.clone();
+    drop(state);
+    store.close().await;
+    Ok(())
+}
