@@ -1,5 +1,7 @@
 //! The `friendhook` binary: parse the command line, set up logging, hand over to the library.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 use friendhook::config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
@@ -10,6 +12,7 @@ async fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
         Command::Serve(args) => friendhook::commands::serve::run(*args).await,
