@@ -88,7 +88,7 @@ pub struct ServeArgs {
     /// Callback secret(s), comma-separated; any of them may verify a callback (several are active
     /// during a rotation). Easemob scheme: the rule's secret from the Easemob console.
     /// standard-webhooks: `whsec_<base64>`. Empty in sandbox mode: one is generated at start.
-    #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',')]
+    #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', hide_env_values = true)]
     pub callback_secret: Vec<Secret>,
 
     /// Signature scheme checked on POST /callbacks/easemob.
@@ -180,7 +180,7 @@ pub struct EasemobArgs {
     pub easemob_client_id: Option<String>,
 
     /// Client secret from the Easemob console (never logged).
-    #[arg(long, env = "EASEMOB_CLIENT_SECRET")]
+    #[arg(long, env = "EASEMOB_CLIENT_SECRET", hide_env_values = true)]
     pub easemob_client_secret: Option<Secret>,
 
     /// Client-side rate limit for Easemob calls, requests per second per App Key (Easemob's limit
