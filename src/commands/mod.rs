@@ -2,5 +2,6 @@
 
 pub mod audit;
 pub mod export;
+pub mod quarantine;
 pub mod reconcile;
 pub mod serve;
