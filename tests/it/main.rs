@@ -4,4 +4,5 @@
 mod friends;
 mod helpers;
 mod journal;
+mod quarantine;
 mod receiver;
