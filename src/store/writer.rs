@@ -13,8 +13,9 @@
 //! Because only this task assigns `seq` and extends the hash chain, both are gap-free and in
 //! commit order. Another process may run a writer of its own on the same file
 //! (`friendhook quarantine reverify`); each transaction takes SQLite's write lock first and starts
-//! from the head as committed (`refresh_head`), so the numbering stays one sequence. Deduplication is still atomic in the database (`INSERT ... ON CONFLICT` on the
-//! unique dedup key), not a check in memory.
+//! from the head as committed (`refresh_head`), so the numbering stays one sequence.
+//! Deduplication is still atomic in the database (`INSERT ... ON CONFLICT` on the unique dedup
+//! key), not a check in memory.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
