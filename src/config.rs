@@ -38,6 +38,8 @@ pub enum Command {
     Reconcile(crate::commands::reconcile::ReconcileArgs),
     /// Verify the tamper-evident hash chain.
     Audit(crate::commands::audit::AuditArgs),
+    /// Inspect and re-verify callbacks held in quarantine (--on-bad-signature quarantine).
+    Quarantine(crate::commands::quarantine::QuarantineArgs),
     /// Export the feed (calls and callbacks) as NDJSON or CSV.
     Export(crate::commands::export::ExportArgs),
     /// Benchmarks that print throughput, latency percentiles and memory.

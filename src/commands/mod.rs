@@ -3,5 +3,6 @@
 pub mod audit;
 pub mod demo;
 pub mod export;
+pub mod quarantine;
 pub mod reconcile;
 pub mod serve;

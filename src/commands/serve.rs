@@ -40,6 +40,7 @@ pub fn store_options(args: &ServeArgs) -> StoreOptions {
             quarantine_cap: args.quarantine_cap.max(0),
         },
         read_connections: 4,
+        recover_interrupted_calls: true,
     }
 }
 

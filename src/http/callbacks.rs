@@ -22,7 +22,7 @@ use crate::app::SharedState;
 use crate::callback::{self, ParsedCallback};
 use crate::config::OnBadSignature;
 use crate::error::ApiError;
-use crate::signature::{Scheme, VerifyError};
+use crate::signature::{Scheme, Verifier, VerifyError};
 use crate::store::{CallbackFilter, NewCallback, QuarantineEntry, Rejection, StoreError, chain};
 
 /// Routes of this module.
@@ -105,21 +105,10 @@ async fn receive_callback(
     let received_at_ms = state.clock.now_ms();
     let verifier = &state.verifier;
 
-    let verified: Result<(ParsedCallback, usize), VerifyError> = match verifier.scheme() {
-        Scheme::Easemob => {
-            let event = callback::parse(&body, true).map_err(parse_error)?;
-            let security = event.security.as_deref().unwrap_or_default();
-            verifier.verify_easemob(&event.call_id, &event.timestamp_text, security).map(|i| (event, i))
-        }
-        Scheme::StandardWebhooks => match verifier.verify_standard(&headers, &body, received_at_ms) {
-            Ok(i) => Ok((callback::parse(&body, false).map_err(parse_error)?, i)),
-            Err(e) => Err(e),
-        },
-    };
-
-    let (event, secret_index) = match verified {
+    let (event, secret_index) = match verify_request(verifier, &headers, &body, received_at_ms) {
         Ok(v) => v,
-        Err(err) => return bad_signature(&state, peer, &headers, body, received_at_ms, err).await,
+        Err(Refusal::Unparseable(err)) => return Err(parse_error(err)),
+        Err(Refusal::BadSignature(err)) => return bad_signature(&state, peer, &headers, body, received_at_ms, err).await,
     };
 
     // The body parsed as JSON, so it is valid UTF-8; the fallback is unreachable in practice.
@@ -139,6 +128,44 @@ async fn receive_callback(
         .await?;
     // Easemob accepts at most 1,000 characters in the answer; this stays far below.
     Ok(Json(json!({"status": "ok", "seq": ack.seq, "duplicate": ack.duplicate})).into_response())
+}
+
+/// Why a request is not a verified callback.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The body is not a callback friendhook can read (answered 400).
+    Unparseable(callback::ParseError),
+    /// The signature does not verify (answered 401, or quarantined).
+    BadSignature(VerifyError),
+}
+
+/// Verifies and parses one request: the receive path's whole decision, pure, so that
+/// `friendhook quarantine reverify` applies exactly the same rules to a held request later.
+/// Returns the event and the index of the secret that verified it.
+///
+/// The order depends on the scheme. Easemob signs fields of the body, so the body must parse
+/// before the signature can be checked; standard-webhooks signs the exact bytes, so the signature
+/// is checked before the body is trusted enough to parse. `now_ms` is the instant the
+/// standard-webhooks timestamp tolerance is measured from (the arrival time).
+pub fn verify_request(
+    verifier: &Verifier,
+    headers: &HeaderMap,
+    body: &[u8],
+    now_ms: i64,
+) -> Result<(ParsedCallback, usize), Refusal> {
+    match verifier.scheme() {
+        Scheme::Easemob => {
+            let event = callback::parse(body, true).map_err(Refusal::Unparseable)?;
+            let security = event.security.as_deref().unwrap_or_default();
+            let index =
+                verifier.verify_easemob(&event.call_id, &event.timestamp_text, security).map_err(Refusal::BadSignature)?;
+            Ok((event, index))
+        }
+        Scheme::StandardWebhooks => {
+            let index = verifier.verify_standard(headers, body, now_ms).map_err(Refusal::BadSignature)?;
+            Ok((callback::parse(body, false).map_err(Refusal::Unparseable)?, index))
+        }
+    }
 }
 
 fn parse_error(err: callback::ParseError) -> ApiError {

@@ -1,4 +1,7 @@
-//! `GET /healthz` (the process is up) and `GET /readyz` (the database reads and the writer commits).
+//! `GET /healthz` (the process is up) and `GET /readyz` (the database reads and the writer commits;
+//! also how many requests the quarantine holds).
+
+use std::sync::atomic::Ordering;
 
 use axum::Json;
 use axum::extract::State;
@@ -25,9 +28,17 @@ async fn readyz(State(state): State<SharedState>) -> Response {
         Err(e) => Some(e.to_string()),
     };
     let ready = read.is_none() && write.is_none();
+    // Held requests are not a readiness problem, but they are events not stored yet: showing them
+    // here is how a wrong secret gets noticed. The count walks the partial index of held rows
+    // (bounded by --quarantine-cap); null if it could not be read.
+    let held = state.store.count_quarantine_held().await.ok();
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "database": { "read": read.as_deref().unwrap_or("ok"), "write": write.as_deref().unwrap_or("ok") },
+        "quarantine": {
+            "held": held,
+            "quarantined_since_start": state.metrics.quarantined.load(Ordering::Relaxed),
+        },
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()

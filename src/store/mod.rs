@@ -7,6 +7,7 @@
 
 pub mod chain;
 pub mod journal;
+pub mod quarantine;
 mod reads;
 pub mod seed;
 pub mod writer;
@@ -22,8 +23,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use journal::*;
 pub use reads::*;
 pub use writer::{
-    CallOutcome, CallbackAck, ChainHead, IntentResult, NewCallback, QuarantineEntry, Rejection, WriterHealth,
-    WriterLimits,
+    CallOutcome, CallbackAck, ChainHead, IntentResult, NewCallback, Promotion, PromotionResult, QuarantineEntry,
+    Rejection, WriterHealth, WriterLimits,
 };
 
 use crate::clock::SharedClock;
@@ -176,6 +177,10 @@ pub struct StoreOptions {
     pub limits: WriterLimits,
     /// Read pool size.
     pub read_connections: u32,
+    /// Close calls left without an outcome by a previous stop as `unknown` when opening. Only the
+    /// service itself may do this: another process opening the database while the service runs
+    /// (e.g. `friendhook quarantine reverify`) would close calls that are still in flight.
+    pub recover_interrupted_calls: bool,
 }
 
 impl StoreOptions {
@@ -187,6 +192,7 @@ impl StoreOptions {
             write_queue: 8192,
             limits: WriterLimits { max_batch: 512, rejection_cap: 10_000, quarantine_cap: 10_000 },
             read_connections: 4,
+            recover_interrupted_calls: true,
         }
     }
 }
@@ -223,7 +229,8 @@ fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
 
 impl Store {
     /// Opens (creating if missing) the database, applies migrations, closes calls interrupted by
-    /// a previous crash as `unknown`, and starts the writer task.
+    /// a previous crash as `unknown` (unless `recover_interrupted_calls` is off), and starts the
+    /// writer task.
     pub async fn open(opts: StoreOptions, clock: SharedClock) -> Result<Store, StoreError> {
         let sync = match opts.synchronous {
             SyncMode::Full => SqliteSynchronous::Full,
@@ -239,8 +246,16 @@ impl Store {
         let head = reads::load_head(&mut conn).await?;
         let (committed_tx, committed_rx) = watch::channel(head.seq);
         let health = Arc::new(WriterHealth::default());
-        let mut writer = Writer { conn, head, clock, limits: opts.limits, committed: committed_tx, health: health.clone() };
-        let recovered_calls = writer.close_interrupted_calls().await?;
+        let mut writer = Writer {
+            conn,
+            head,
+            clock,
+            limits: opts.limits,
+            committed: committed_tx,
+            health: health.clone(),
+            data_version: None,
+        };
+        let recovered_calls = if opts.recover_interrupted_calls { writer.close_interrupted_calls().await? } else { 0 };
         if recovered_calls > 0 {
             tracing::warn!(calls = recovered_calls, "closed calls interrupted by a previous stop as outcome=unknown");
         }

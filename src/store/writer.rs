@@ -11,8 +11,11 @@
 //!   is kept constant rather than proportional to the rows.
 //!
 //! Because only this task assigns `seq` and extends the hash chain, both are gap-free and in
-//! commit order. Deduplication is still atomic in the database (`INSERT ... ON CONFLICT` on the
-//! unique dedup key), not a check in memory.
+//! commit order. Another process may run a writer of its own on the same file
+//! (`friendhook quarantine reverify`); each transaction takes SQLite's write lock first and starts
+//! from the head as committed (`refresh_head`), so the numbering stays one sequence.
+//! Deduplication is still atomic in the database (`INSERT ... ON CONFLICT` on the unique dedup
+//! key), not a check in memory.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -85,6 +88,25 @@ pub struct QuarantineEntry {
     pub raw_body: Vec<u8>,
 }
 
+/// A quarantined request that now verifies: to store as an event and mark promoted, atomically.
+#[derive(Debug, Clone)]
+pub struct Promotion {
+    /// The quarantine row.
+    pub quarantine_id: i64,
+    /// The event, exactly as the receive path would have stored it on arrival.
+    pub callback: NewCallback,
+}
+
+/// What promoting one quarantined request did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PromotionResult {
+    /// Stored as an event (`duplicate`: the event was already stored, e.g. delivered again
+    /// correctly signed; this request was counted as one more delivery of it).
+    Promoted(CallbackAck),
+    /// Another run promoted this row first; nothing was written.
+    AlreadyPromoted,
+}
+
 /// The outcome of a call, to record once.
 #[derive(Debug, Clone)]
 pub struct CallOutcome {
@@ -115,6 +137,7 @@ pub(super) enum Job {
     Callback(Box<NewCallback>, oneshot::Sender<Result<CallbackAck, StoreError>>),
     Rejection(Rejection, oneshot::Sender<Result<(), StoreError>>),
     Quarantine(Box<QuarantineEntry>, oneshot::Sender<Result<Option<i64>, StoreError>>),
+    Promote(Box<Promotion>, oneshot::Sender<Result<PromotionResult, StoreError>>),
     Intent(NewCall, oneshot::Sender<Result<IntentResult, StoreError>>),
     Outcome(Box<CallOutcome>, oneshot::Sender<Result<CallRecord, StoreError>>),
     Probe(oneshot::Sender<Result<(), StoreError>>),
@@ -127,6 +150,7 @@ impl Job {
             Job::Callback(_, tx) => drop(tx.send(Err(e()))),
             Job::Rejection(_, tx) => drop(tx.send(Err(e()))),
             Job::Quarantine(_, tx) => drop(tx.send(Err(e()))),
+            Job::Promote(_, tx) => drop(tx.send(Err(e()))),
             Job::Intent(_, tx) => drop(tx.send(Err(e()))),
             Job::Outcome(_, tx) => drop(tx.send(Err(e()))),
             Job::Probe(tx) => drop(tx.send(Err(e()))),
@@ -180,6 +204,35 @@ pub(super) struct Writer {
     pub limits: WriterLimits,
     pub committed: watch::Sender<i64>,
     pub health: Arc<WriterHealth>,
+    /// `PRAGMA data_version` when `head` was last known to be current; `None`: reload it before
+    /// the next write. See [`refresh_head`].
+    pub data_version: Option<i64>,
+}
+
+/// Every write transaction starts with this: it takes the write lock at once (rather than at the
+/// first write), so the head checked by [`refresh_head`] cannot change before the commit.
+const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
+
+/// Brings `head` up to date when another connection committed since this writer last looked.
+///
+/// This task is the only writer inside one process, but not the only possible writer of the file:
+/// `friendhook quarantine reverify` stores events from its own process while the service runs.
+/// Without this check the service would go on numbering from a stale head: the next callback would
+/// collide on `seq` (every batch failing until a restart) and the next call outcome would silently
+/// fork the hash chain. `PRAGMA data_version` changes exactly when another connection has
+/// committed, so the common case costs one cheap statement per batch, not a reload. Must run
+/// inside a transaction begun with [`BEGIN_WRITE`].
+async fn refresh_head(
+    tx: &mut SqliteConnection,
+    seen: &mut Option<i64>,
+    head: &mut ChainHead,
+) -> Result<(), StoreError> {
+    let version: i64 = sqlx::query_scalar("PRAGMA data_version").fetch_one(&mut *tx).await?;
+    if *seen != Some(version) {
+        *head = super::reads::load_head(tx).await?;
+        *seen = Some(version);
+    }
+    Ok(())
 }
 
 const INSERT_CALLBACKS: &str = "\
@@ -208,6 +261,15 @@ SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1)"
 const PRUNE_REJECTIONS: &str = "\
 DELETE FROM rejected_deliveries WHERE id <= (SELECT max(id) FROM rejected_deliveries) - ?1";
 
+const CLAIM_QUARANTINE: &str = "\
+UPDATE quarantine SET promoted_at_ms = ?2
+WHERE id IN (SELECT value FROM json_each(?1)) AND promoted_at_ms IS NULL
+RETURNING id";
+
+const MARK_QUARANTINE_PROMOTED: &str = "\
+UPDATE quarantine SET promoted_seq = j.value->>1
+FROM json_each(?1) AS j WHERE quarantine.id = j.value->>0";
+
 /// The pair key both tables use: the two users in a fixed order, joined by a unit separator.
 pub fn pair_key(a: &str, b: &str) -> String {
     if a <= b { format!("{a}\u{1f}{b}") } else { format!("{b}\u{1f}{a}") }
@@ -226,7 +288,8 @@ impl Writer {
         }
         let now = self.clock.now_ms();
         let mut head = self.head.clone();
-        let mut tx = self.conn.begin().await?;
+        let mut tx = self.conn.begin_with(BEGIN_WRITE).await?;
+        refresh_head(&mut tx, &mut self.data_version, &mut head).await?;
         for row in &rows {
             let call = CallRecord::intent_from_row(row)?;
             let outcome = CallOutcome {
@@ -274,6 +337,8 @@ impl Writer {
             Err(err) => {
                 tracing::error!(error = %err, jobs = batch.len(), "write batch failed; answering 503");
                 self.health.set(Some(err.to_string()));
+                // The head may have been refreshed for a transaction that did not commit.
+                self.data_version = None;
                 for job in batch.drain(..) {
                     job.fail(&err);
                 }
@@ -282,16 +347,46 @@ impl Writer {
     }
 
     async fn write(&mut self, batch: &[Job], head: &mut ChainHead, now: i64) -> Result<Vec<Answer>, StoreError> {
-        let mut tx = self.conn.begin().await?;
+        let mut tx = self.conn.begin_with(BEGIN_WRITE).await?;
+        refresh_head(&mut tx, &mut self.data_version, head).await?;
         let mut answers: Vec<Answer> = (0..batch.len()).map(|_| Answer::Pending).collect();
 
+        // Promotions first claim their quarantine row, so that a row another process promoted in
+        // the meantime (two `quarantine reverify` runs at once) is skipped instead of counting its
+        // event's delivery twice. A claimed promotion is then stored exactly like a callback.
+        let promote_ids: Vec<i64> = batch
+            .iter()
+            .filter_map(|j| match j {
+                Job::Promote(p, _) => Some(p.quarantine_id),
+                _ => None,
+            })
+            .collect();
+        let mut claimed: std::collections::HashSet<i64> = if promote_ids.is_empty() {
+            std::collections::HashSet::new()
+        } else {
+            sqlx::query_scalar(CLAIM_QUARANTINE)
+                .bind(json!(promote_ids).to_string())
+                .bind(now)
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect()
+        };
+
         // Callbacks: one upsert for all, then chain links for the new ones, then deliveries.
-        let cb_idx: Vec<usize> =
-            batch.iter().enumerate().filter(|(_, j)| matches!(j, Job::Callback(..))).map(|(i, _)| i).collect();
-        if !cb_idx.is_empty() {
-            let mut rows = Vec::with_capacity(cb_idx.len());
-            for &i in &cb_idx {
-                let Job::Callback(cb, _) = &batch[i] else { continue };
+        let cb_jobs: Vec<(usize, &NewCallback)> = batch
+            .iter()
+            .enumerate()
+            .filter_map(|(i, j)| match j {
+                Job::Callback(cb, _) => Some((i, &**cb)),
+                // `remove`: the same row twice in one batch is promoted once.
+                Job::Promote(p, _) if claimed.remove(&p.quarantine_id) => Some((i, &p.callback)),
+                _ => None,
+            })
+            .collect();
+        if !cb_jobs.is_empty() {
+            let mut rows = Vec::with_capacity(cb_jobs.len());
+            for &(_, cb) in &cb_jobs {
                 let e = &cb.event;
                 let pk = match (&e.from_user, &e.to_user) {
                     (Some(f), Some(t)) => Some(pair_key(f, t)),
@@ -331,19 +426,17 @@ impl Writer {
             new_ids.dedup();
             // Chain the new rows in id order.
             let new_set: std::collections::HashSet<i64> = new_ids.iter().copied().collect();
-            let mut job_for_id: HashMap<i64, usize> = HashMap::new();
-            for &i in &cb_idx {
-                let Job::Callback(cb, _) = &batch[i] else { continue };
+            let mut job_for_id: HashMap<i64, &NewCallback> = HashMap::new();
+            for &(_, cb) in &cb_jobs {
                 if let Some(id) = id_by_key.get(cb.event.dedup_key.as_str()) {
-                    job_for_id.entry(*id).or_insert(i);
+                    job_for_id.entry(*id).or_insert(cb);
                 }
             }
             let mut links = Vec::with_capacity(new_ids.len());
             for id in &new_ids {
-                let Some(&i) = job_for_id.get(id) else {
+                let Some(&cb) = job_for_id.get(id) else {
                     return Err(StoreError::Write(format!("inserted callback row {id} has no job")));
                 };
-                let Job::Callback(cb, _) = &batch[i] else { continue };
                 let seq = head.seq + 1;
                 let e = &cb.event;
                 let content = CallbackContent {
@@ -372,10 +465,9 @@ impl Writer {
                 sqlx::query(CHAIN_CALLBACKS).bind(Value::Array(links).to_string()).execute(&mut *tx).await?;
             }
             // Existing rows (duplicates of earlier batches) need their seq for the answer.
-            let mut deliveries = Vec::with_capacity(cb_idx.len());
+            let mut deliveries = Vec::with_capacity(cb_jobs.len());
             let mut first_seen: std::collections::HashSet<i64> = std::collections::HashSet::new();
-            for &i in &cb_idx {
-                let Job::Callback(cb, _) = &batch[i] else { continue };
+            for &(i, cb) in &cb_jobs {
                 let Some(&id) = id_by_key.get(cb.event.dedup_key.as_str()) else {
                     return Err(StoreError::Write("stored callback row not found".into()));
                 };
@@ -387,6 +479,23 @@ impl Writer {
                 answers[i] = Answer::Callback(CallbackAck { seq, duplicate });
             }
             sqlx::query(INSERT_DELIVERIES).bind(Value::Array(deliveries).to_string()).execute(&mut *tx).await?;
+        }
+
+        // Promotions: record which event each claimed row became, in this same transaction, so a
+        // row is marked promoted if and only if its event is stored.
+        let mut marks = Vec::new();
+        for (i, job) in batch.iter().enumerate() {
+            let Job::Promote(p, _) = job else { continue };
+            answers[i] = match &answers[i] {
+                Answer::Callback(ack) => {
+                    marks.push(json!([p.quarantine_id, ack.seq]));
+                    Answer::Promote(PromotionResult::Promoted(*ack))
+                }
+                _ => Answer::Promote(PromotionResult::AlreadyPromoted),
+            };
+        }
+        if !marks.is_empty() {
+            sqlx::query(MARK_QUARANTINE_PROMOTED).bind(Value::Array(marks).to_string()).execute(&mut *tx).await?;
         }
 
         // Rejections: metadata rows, then prune beyond the cap.
@@ -469,7 +578,7 @@ impl Writer {
                     let rec = record_outcome(&mut tx, head, o, now).await?;
                     answers[i] = Answer::Outcome(Box::new(rec));
                 }
-                Job::Callback(..) => {}
+                Job::Callback(..) | Job::Promote(..) => {}
             }
         }
         tx.commit().await?;
@@ -539,6 +648,7 @@ enum Answer {
     Unit,
     Callback(CallbackAck),
     Quarantine(Option<i64>),
+    Promote(PromotionResult),
     Intent(IntentResult),
     Outcome(Box<CallRecord>),
 }
@@ -552,6 +662,7 @@ impl Answer {
             (Job::Rejection(_, tx), Answer::Unit) => drop(tx.send(Ok(()))),
             (Job::Probe(tx), Answer::Unit) => drop(tx.send(Ok(()))),
             (Job::Quarantine(_, tx), Answer::Quarantine(id)) => drop(tx.send(Ok(id))),
+            (Job::Promote(_, tx), Answer::Promote(r)) => drop(tx.send(Ok(r))),
             (Job::Intent(_, tx), Answer::Intent(r)) => drop(tx.send(Ok(r))),
             (Job::Outcome(_, tx), Answer::Outcome(r)) => drop(tx.send(Ok(*r))),
             (job, _) => job.fail(&StoreError::Write("writer produced no answer for a job".into())),

@@ -4,5 +4,6 @@
 mod friends;
 mod helpers;
 mod journal;
+mod quarantine;
 mod receiver;
 mod reconciliation;

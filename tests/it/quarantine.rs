@@ -1,0 +1,428 @@
+//! `--on-bad-signature quarantine` on the receive path, and `friendhook quarantine list|reverify`
+//! run as the real binary against the service's SQLite file (while it runs, and after it stopped).
+
+use serde_json::Value;
+
+use crate::helpers::*;
+
+/// The secret Easemob signs with after a rotation the service has not caught up with.
+const ROTATED: &str = "rotated-secret";
+
+struct Output {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+async fn friendhook(args: &[&str]) -> Output {
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(args)
+        // The tests' own environment must not choose the database or the secret.
+        .env_remove("FRIENDHOOK_DATABASE_URL")
+        .env_remove("FRIENDHOOK_CALLBACK_SECRET")
+        .env_remove("FRIENDHOOK_SIGNATURE_SCHEME")
+        .output()
+        .await
+        .expect("run the friendhook binary");
+    Output {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+async fn list_json(db_url: &str, all: bool) -> Value {
+    let mut args = vec!["quarantine", "list", "--json", "--database-url", db_url];
+    if all {
+        args.push("--all");
+    }
+    let out = friendhook(&args).await;
+    assert_eq!(out.code, 0, "list failed: {}", out.stderr);
+    serde_json::from_str(&out.stdout).expect("list --json prints JSON")
+}
+
+async fn reverify(db_url: &str, secrets: &str, extra: &[&str]) -> String {
+    let mut args = vec![
+        "quarantine",
+        "reverify",
+        "--database-url",
+        db_url,
+        "--callback-secret",
+        secrets,
+    ];
+    args.extend_from_slice(extra);
+    let out = friendhook(&args).await;
+    assert_eq!(
+        out.code, 0,
+        "reverify failed: {}\n{}",
+        out.stderr, out.stdout
+    );
+    out.stdout
+}
+
+async fn audit_verify(db_url: &str) -> Output {
+    friendhook(&["audit", "verify", "--database-url", db_url]).await
+}
+
+async fn callbacks(app: &TestApp) -> Vec<Value> {
+    let (status, list) = app.get_json("/v1/callbacks").await;
+    assert_eq!(status, 200);
+    list["items"].as_array().expect("items").clone()
+}
+
+fn sha256_hex(bytes: &[u8]) -> String {
+    friendhook::store::chain::sha256_hex(bytes)
+}
+
+#[tokio::test]
+async fn wrong_secret_in_quarantine_mode_is_answered_200_and_held_but_not_an_event() {
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine"]).await;
+    let body = roster_body("3001", "alice", "bob", "add", 1_700_000_000_123, ROTATED);
+
+    let r = app.post_callback(body.clone()).await;
+    assert_eq!(r.status(), 200);
+    let ack: Value = r.json().await.expect("json");
+    assert_eq!(ack, serde_json::json!({"status": "quarantined"}));
+
+    assert!(
+        callbacks(&app).await.is_empty(),
+        "a quarantined request is not an event"
+    );
+    let (_, ready) = app.get_json("/readyz").await;
+    assert_eq!(ready["quarantine"]["held"], 1);
+    assert_eq!(ready["quarantine"]["quarantined_since_start"], 1);
+
+    let listed = list_json(&app.db_url, false).await;
+    assert_eq!(listed["held"], 1);
+    let item = &listed["items"][0];
+    assert_eq!(item["call_id"], format!("{APPKEY}_3001"));
+    assert_eq!(item["timestamp"], 1_700_000_000_123i64);
+    assert_eq!(item["reason"], "signature_mismatch");
+    assert_eq!(item["body_size"], body.len());
+    assert_eq!(item["body_sha256"], sha256_hex(body.as_bytes()));
+    assert_eq!(item["promoted"], false);
+    assert!(
+        item["remote_addr"]
+            .as_str()
+            .expect("remote")
+            .starts_with("127.0.0.1:")
+    );
+    assert!(
+        item["received_at"].as_str().expect("time").ends_with('Z'),
+        "RFC 3339: {item}"
+    );
+
+    let table = friendhook(&["quarantine", "list", "--database-url", &app.db_url]).await;
+    assert_eq!(table.code, 0, "{}", table.stderr);
+    assert!(
+        table.stdout.contains("signature_mismatch") && table.stdout.contains("_3001"),
+        "{}",
+        table.stdout
+    );
+    assert!(
+        table.stdout.contains("friendhook quarantine reverify"),
+        "says what to do next: {}",
+        table.stdout
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reverify_promotes_only_with_the_right_secret_while_the_service_runs() {
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine"]).await;
+    let body = roster_body("3002", "alice", "bob", "add", 1_700_000_000_000, ROTATED);
+    assert_eq!(app.post_callback(body.clone()).await.status(), 200);
+    let received_at_ms = list_json(&app.db_url, false).await["items"][0]["received_at_ms"].clone();
+
+    let out = reverify(&app.db_url, "yet-another-secret", &[]).await;
+    assert!(
+        out.contains("checked 1, promoted 0 (of which 0 were duplicates of events already stored), still held 1"),
+        "{out}"
+    );
+    assert!(out.contains("Easemob console"), "says what to check: {out}");
+    let out = reverify(&app.db_url, ROTATED, &["--dry-run"]).await;
+    assert!(out.contains("would promote 1"), "{out}");
+    assert!(
+        callbacks(&app).await.is_empty(),
+        "neither a wrong secret nor a dry run stores anything"
+    );
+    assert_eq!(list_json(&app.db_url, false).await["held"], 1);
+
+    let out = reverify(&app.db_url, &format!("yet-another-secret,{ROTATED}"), &[]).await;
+    assert!(
+        out.contains("checked 1, promoted 1 (of which 0 were duplicates of events already stored), still held 0"),
+        "{out}"
+    );
+
+    let items = callbacks(&app).await;
+    assert_eq!(items.len(), 1);
+    let seq = items[0]["seq"].as_i64().expect("seq");
+    assert_eq!(items[0]["call_id"], format!("{APPKEY}_3002"));
+    assert_eq!(
+        items[0]["secret_index"], 1,
+        "index among the secrets given to reverify"
+    );
+    assert_eq!(
+        items[0]["received_at"], received_at_ms,
+        "the event keeps its arrival time"
+    );
+    let (_, one) = app.get_json(&format!("/v1/callbacks/{seq}")).await;
+    assert_eq!(
+        one["raw_body"].as_str().expect("raw body"),
+        body,
+        "raw body is kept byte-exact"
+    );
+
+    assert!(
+        list_json(&app.db_url, false).await["items"]
+            .as_array()
+            .expect("items")
+            .is_empty()
+    );
+    let all = list_json(&app.db_url, true).await;
+    assert_eq!(all["items"][0]["promoted"], true);
+    assert_eq!(all["items"][0]["promoted_seq"], seq);
+    let (_, ready) = app.get_json("/readyz").await;
+    assert_eq!(ready["quarantine"]["held"], 0);
+
+    let out = reverify(&app.db_url, ROTATED, &[]).await;
+    assert!(
+        out.contains("checked 0, promoted 0"),
+        "a second run finds nothing to do: {out}"
+    );
+
+    // The running service numbers its next event after the one reverify stored.
+    let next = roster_body("3003", "carol", "dave", "add", 1_700_000_000_001, SECRET);
+    let r = app.post_callback(next).await;
+    assert_eq!(r.status(), 200);
+    let ack: Value = r.json().await.expect("json");
+    assert_eq!(ack["seq"], seq + 1);
+    let audit = audit_verify(&app.db_url).await;
+    assert_eq!(
+        audit.code, 0,
+        "audit chain: {}{}",
+        audit.stdout, audit.stderr
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_callback_quarantined_and_later_delivered_correctly_signed_is_stored_once() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = dir.path().join("rotation.db");
+    // Easemob signs with the rotated secret; the service still only knows the old one.
+    let app = TestApp::spawn_on(&db, &["--on-bad-signature", "quarantine"]).await;
+    let signed = roster_body("3004", "alice", "bob", "add", 1_700_000_000_000, ROTATED);
+    let r = app.post_callback(signed.clone()).await;
+    assert_eq!(
+        r.json::<Value>().await.expect("json")["status"],
+        "quarantined"
+    );
+    app.stop().await;
+
+    // Fixed configuration; Easemob delivers the same event again.
+    let app = TestApp::spawn_on(
+        &db,
+        &[
+            "--on-bad-signature",
+            "quarantine",
+            "--callback-secret",
+            ROTATED,
+        ],
+    )
+    .await;
+    let r = app.post_callback(signed.clone()).await;
+    let ack: Value = r.json().await.expect("json");
+    assert_eq!(
+        (ack["status"].as_str(), ack["duplicate"].as_bool()),
+        (Some("ok"), Some(false))
+    );
+    let db_url = app.db_url.clone();
+    app.stop().await;
+
+    // Reverify on the stopped database.
+    let out = reverify(&db_url, ROTATED, &[]).await;
+    assert!(
+        out.contains("checked 1, promoted 1 (of which 1 were duplicates of events already stored), still held 0"),
+        "{out}"
+    );
+    let app = TestApp::spawn_on(&db, &[]).await;
+    let items = callbacks(&app).await;
+    assert_eq!(items.len(), 1, "stored once");
+    assert_eq!(items[0]["seq"], ack["seq"]);
+    assert_eq!(
+        items[0]["deliveries"], 2,
+        "the quarantined request counts as a delivery"
+    );
+    assert_eq!(
+        list_json(&db_url, true).await["items"][0]["promoted_seq"],
+        ack["seq"]
+    );
+    let audit = audit_verify(&db_url).await;
+    assert_eq!(
+        audit.code, 0,
+        "audit chain: {}{}",
+        audit.stdout, audit.stderr
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn beyond_the_quarantine_cap_a_bad_request_is_answered_401_and_recorded_as_a_rejection() {
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine", "--quarantine-cap", "3"]).await;
+    for i in 0..3 {
+        let body = roster_body(
+            &format!("31{i}"),
+            "alice",
+            "bob",
+            "add",
+            1_700_000_000_000,
+            ROTATED,
+        );
+        let r = app.post_callback(body).await;
+        assert_eq!(r.status(), 200, "request {i} fits in the quarantine");
+    }
+    let fourth = roster_body("314", "alice", "bob", "add", 1_700_000_000_000, ROTATED);
+    let r = app.post_callback(fourth.clone()).await;
+    assert_eq!(r.status(), 401);
+    let err: Value = r.json().await.expect("json");
+    assert_eq!(err["code"], "unauthorized");
+
+    let reader = friendhook::store::Store::open_read_only(&app.db_url)
+        .await
+        .expect("open read-only");
+    assert_eq!(
+        reader
+            .rejection_stats()
+            .await
+            .expect("stats")
+            .rejected_deliveries,
+        1
+    );
+    assert_eq!(reader.count_quarantine_held().await.expect("count"), 3);
+
+    // Promoting frees room: the next bad request is held again.
+    reverify(&app.db_url, ROTATED, &[]).await;
+    assert_eq!(app.post_callback(fourth).await.status(), 200);
+    assert_eq!(reader.count_quarantine_held().await.expect("count"), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn default_reject_mode_still_answers_401_and_holds_nothing() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("3005", "alice", "bob", "add", 1_700_000_000_000, ROTATED);
+    assert_eq!(app.post_callback(body).await.status(), 401);
+    let listed = list_json(&app.db_url, true).await;
+    assert_eq!(listed["held"], 0);
+    assert!(listed["items"].as_array().expect("items").is_empty());
+    let table = friendhook(&["quarantine", "list", "--database-url", &app.db_url]).await;
+    assert!(table.stdout.contains("Nothing held"), "{}", table.stdout);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reverify_during_live_traffic_keeps_one_gap_free_chain() {
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine"]).await;
+    for i in 0..40 {
+        let body = roster_body(
+            &format!("32{i:02}"),
+            "alice",
+            &format!("q{i}"),
+            "add",
+            1_700_000_000_000 + i,
+            ROTATED,
+        );
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+    // Valid callbacks keep arriving while reverify promotes the held ones from another process.
+    let traffic = {
+        let client = app.client.clone();
+        let url = app.url("/callbacks/easemob");
+        tokio::spawn(async move {
+            let mut statuses = Vec::new();
+            for i in 0..40 {
+                let body = roster_body(
+                    &format!("33{i:02}"),
+                    "bob",
+                    &format!("v{i}"),
+                    "add",
+                    1_700_000_100_000 + i,
+                    SECRET,
+                );
+                let r = client
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(body)
+                    .send()
+                    .await;
+                statuses.push(r.map(|r| r.status().as_u16()).unwrap_or(0));
+                tokio::task::yield_now().await;
+            }
+            statuses
+        })
+    };
+    let out = reverify(&app.db_url, ROTATED, &[]).await;
+    assert!(out.contains("checked 40, promoted 40"), "{out}");
+    let statuses = traffic.await.expect("traffic task");
+    assert!(
+        statuses.iter().all(|s| *s == 200),
+        "every live callback stored: {statuses:?}"
+    );
+
+    let mut seqs = Vec::new();
+    let mut cursor = String::new();
+    loop {
+        let (_, page) = app
+            .get_json(&format!("/v1/callbacks?limit=1000{cursor}"))
+            .await;
+        seqs.extend(
+            page["items"]
+                .as_array()
+                .expect("items")
+                .iter()
+                .map(|i| i["seq"].as_i64().expect("seq")),
+        );
+        match page["next_cursor"].as_str() {
+            Some(c) => cursor = format!("&cursor={c}"),
+            None => break,
+        }
+    }
+    assert_eq!(
+        seqs,
+        (1..=80).collect::<Vec<i64>>(),
+        "one gap-free numbering across both processes"
+    );
+    let audit = audit_verify(&app.db_url).await;
+    assert_eq!(
+        audit.code, 0,
+        "audit chain: {}{}",
+        audit.stdout, audit.stderr
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reverify_refuses_a_database_that_does_not_exist() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("typo.db").display());
+    let out = friendhook(&[
+        "quarantine",
+        "reverify",
+        "--database-url",
+        &url,
+        "--callback-secret",
+        ROTATED,
+    ])
+    .await;
+    assert_ne!(out.code, 0);
+    assert!(
+        out.stderr.contains("--database-url"),
+        "says what to check: {}",
+        out.stderr
+    );
+    assert!(
+        !dir.path().join("typo.db").exists(),
+        "no empty database is created"
+    );
+}
