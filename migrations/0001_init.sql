@@ -29,7 +29,10 @@ CREATE TABLE callbacks (
     secret_index    INTEGER NOT NULL,
     raw_body        TEXT    NOT NULL,
     body_sha256     TEXT    NOT NULL,
+    remote_addr     TEXT,
     deliveries      INTEGER NOT NULL DEFAULT 1,
+    last_received_at_ms INTEGER,
+    last_remote_addr    TEXT,
     prev_hash       TEXT,
     chain_hash      TEXT
 );
@@ -50,6 +53,20 @@ CREATE TABLE callback_deliveries (
     remote_addr     TEXT
 );
 CREATE INDEX callback_deliveries_by_callback ON callback_deliveries (callback_id);
+
+-- The delivery log is written by triggers inside the writer's single upsert statement (one
+-- statement per batch matters for throughput): the first delivery when the event is inserted,
+-- every further one when the upsert bumps `deliveries` (it sets last_* from the new delivery).
+CREATE TRIGGER callbacks_log_first_delivery AFTER INSERT ON callbacks
+BEGIN
+    INSERT INTO callback_deliveries (callback_id, received_at_ms, remote_addr)
+    VALUES (NEW.id, NEW.received_at_ms, NEW.remote_addr);
+END;
+CREATE TRIGGER callbacks_log_redelivery AFTER UPDATE OF deliveries ON callbacks
+BEGIN
+    INSERT INTO callback_deliveries (callback_id, received_at_ms, remote_addr)
+    VALUES (NEW.id, NEW.last_received_at_ms, NEW.last_remote_addr);
+END;
 
 -- Requests that failed verification: metadata only (never the body, which is untrusted).
 -- Bounded: the writer prunes the oldest rows beyond the configured cap.
@@ -97,7 +114,8 @@ CREATE TRIGGER callbacks_no_delete BEFORE DELETE ON callbacks
 BEGIN SELECT RAISE(ABORT, 'callbacks are append-only'); END;
 CREATE TRIGGER callbacks_immutable BEFORE UPDATE OF
     dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation, from_user, to_user,
-    pair_key, timestamp_ms, received_at_ms, scheme, secret_index, raw_body, body_sha256 ON callbacks
+    pair_key, timestamp_ms, received_at_ms, scheme, secret_index, raw_body, body_sha256, remote_addr
+    ON callbacks
 BEGIN SELECT RAISE(ABORT, 'callbacks are append-only'); END;
 CREATE TRIGGER callbacks_chain_once BEFORE UPDATE OF seq, prev_hash, chain_hash ON callbacks
 WHEN OLD.seq IS NOT NULL

@@ -150,13 +150,14 @@ impl ServiceProcess {
         peak_rss_of(pid)
     }
 
-    /// SIGTERM, then wait for exit.
-    pub async fn stop(mut self) -> anyhow::Result<String> {
+    /// SIGTERM, then wait for exit. The returned directory holds the database; it is removed
+    /// when dropped.
+    pub async fn stop(mut self) -> anyhow::Result<(String, tempfile::TempDir)> {
         if let Some(pid) = self.child.id() {
             let _ = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(30), self.child.wait()).await;
-        Ok(self.db_url.clone())
+        Ok((self.db_url.clone(), self._dir))
     }
 }
 
@@ -243,7 +244,7 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         acknowledged += open.ok;
     }
     let rss = svc.peak_rss();
-    let db_url = svc.stop().await?;
+    let (db_url, _dir) = svc.stop().await?;
     let store = Store::open_read_only(&db_url).await?;
     let stored = store.count_callbacks().await?;
     match rss {

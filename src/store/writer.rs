@@ -238,21 +238,43 @@ async fn refresh_head(
 const INSERT_CALLBACKS: &str = "\
 INSERT INTO callbacks (dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation,
                        from_user, to_user, pair_key, timestamp_ms, received_at_ms, scheme,
-                       secret_index, raw_body, body_sha256)
+                       secret_index, raw_body, body_sha256, remote_addr)
 SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
        value->>7, value->>8, value->>9, value->>10, value->>11, value->>12,
-       value->>13, value->>14, value->>15
+       value->>13, value->>14, value->>15, value->>16
 FROM json_each(?1) WHERE true
-ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1
+ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1,
+    last_received_at_ms = excluded.received_at_ms, last_remote_addr = excluded.remote_addr
 RETURNING id, dedup_key, deliveries, seq";
+
+/// The fast path: a whole batch of callbacks in ONE autocommit statement, chain links included.
+///
+/// The writer computes `seq` and the chain links in advance, assuming every distinct dedup key is
+/// new and that it knows the chain head. Two guards make that assumption safe inside the same
+/// atomic statement: the head in the database must equal the writer's (another process, such as
+/// `quarantine reverify`, may have written), and none of the keys marked new may exist yet. If
+/// either fails, the statement inserts nothing and the batch goes the transactional way. Rows
+/// repeating a key of the same batch carry no seq and land in `ON CONFLICT` as another delivery.
+/// Because the SELECT reads the target table, SQLite evaluates it fully before inserting, so the
+/// guards see the state before this batch.
+const INSERT_CALLBACKS_CHAINED: &str = "\
+INSERT INTO callbacks (dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation,
+                       from_user, to_user, pair_key, timestamp_ms, received_at_ms, scheme,
+                       secret_index, raw_body, body_sha256, remote_addr, seq, prev_hash, chain_hash)
+SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
+       value->>7, value->>8, value->>9, value->>10, value->>11, value->>12,
+       value->>13, value->>14, value->>15, value->>16, value->>17, value->>18, value->>19
+FROM json_each(?1)
+WHERE max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)) = ?2
+  AND NOT EXISTS (SELECT 1 FROM json_each(?1) AS j JOIN callbacks AS c ON c.dedup_key = j.value->>0
+                  WHERE j.value->>17 IS NOT NULL)
+ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1,
+    last_received_at_ms = excluded.received_at_ms, last_remote_addr = excluded.remote_addr
+RETURNING dedup_key, seq";
 
 const CHAIN_CALLBACKS: &str = "\
 UPDATE callbacks SET seq = j.value->>1, prev_hash = j.value->>2, chain_hash = j.value->>3
 FROM json_each(?1) AS j WHERE callbacks.id = j.value->>0";
-
-const INSERT_DELIVERIES: &str = "\
-INSERT INTO callback_deliveries (callback_id, received_at_ms, remote_addr)
-SELECT value->>0, value->>1, value->>2 FROM json_each(?1)";
 
 const INSERT_REJECTIONS: &str = "\
 INSERT INTO rejected_deliveries (received_at_ms, remote_addr, reason, body_sha256, body_size)
@@ -323,6 +345,29 @@ impl Writer {
     }
 
     async fn commit_batch(&mut self, batch: &mut Vec<Job>) {
+        // Under load almost every job is a callback: those go in one statement if they can.
+        if batch.iter().any(|j| matches!(j, Job::Callback(..))) {
+            match self.write_callbacks_fast(batch).await {
+                Ok(true) => {
+                    self.health.set(None);
+                    let _ = self.committed.send(self.head.seq);
+                    batch.retain(|j| !matches!(j, Job::Callback(..)));
+                    if batch.is_empty() {
+                        return;
+                    }
+                }
+                Ok(false) => {} // a guard tripped: everything goes the transactional way
+                Err(err) => {
+                    tracing::error!(error = %err, jobs = batch.len(), "write batch failed; answering 503");
+                    self.health.set(Some(err.to_string()));
+                    self.data_version = None;
+                    for job in batch.drain(..) {
+                        job.fail(&err);
+                    }
+                    return;
+                }
+            }
+        }
         let now = self.clock.now_ms();
         let mut head = self.head.clone();
         match self.write(batch, &mut head, now).await {
@@ -344,6 +389,94 @@ impl Writer {
                 }
             }
         }
+    }
+
+    /// Stores the batch's callbacks with [`INSERT_CALLBACKS_CHAINED`] and answers them. `Ok(false)`:
+    /// a guard tripped and nothing was written; the caller retries them in a transaction.
+    async fn write_callbacks_fast(&mut self, batch: &mut [Job]) -> Result<bool, StoreError> {
+        let mut head = self.head.clone();
+        // Distinct keys in batch order get the next seqs; repeats within the batch get none.
+        let mut seq_of_key: HashMap<&str, i64> = HashMap::new();
+        let mut rows = Vec::with_capacity(batch.len());
+        for job in batch.iter() {
+            let Job::Callback(cb, _) = job else { continue };
+            let e = &cb.event;
+            let pk = match (&e.from_user, &e.to_user) {
+                (Some(f), Some(t)) => Some(pair_key(f, t)),
+                _ => None,
+            };
+            let (seq, prev, hash) = if seq_of_key.contains_key(e.dedup_key.as_str()) {
+                (None, None, None)
+            } else {
+                let seq = head.seq + 1;
+                let content = CallbackContent {
+                    seq,
+                    dedup_key: &e.dedup_key,
+                    call_id: &e.call_id,
+                    msg_id: e.msg_id.as_deref(),
+                    appkey: e.appkey.as_deref(),
+                    event_type: e.event_type.as_deref(),
+                    chat_type: e.chat_type.as_deref(),
+                    operation: e.operation.as_deref(),
+                    from_user: e.from_user.as_deref(),
+                    to_user: e.to_user.as_deref(),
+                    timestamp_ms: e.timestamp_ms,
+                    received_at_ms: cb.received_at_ms,
+                    scheme: cb.scheme,
+                    secret_index: cb.secret_index,
+                    body_sha256: &cb.body_sha256,
+                };
+                let hash = chain::link(&head.hash, &content.canonical());
+                let prev = std::mem::replace(&mut head, ChainHead { seq, hash: hash.clone() }).hash;
+                seq_of_key.insert(e.dedup_key.as_str(), seq);
+                (Some(seq), Some(prev), Some(hash))
+            };
+            rows.push(json!([
+                e.dedup_key, e.call_id, e.msg_id, e.appkey, e.event_type, e.chat_type, e.operation,
+                e.from_user, e.to_user, pk, e.timestamp_ms, cb.received_at_ms, cb.scheme,
+                cb.secret_index, cb.raw_body, cb.body_sha256, cb.remote_addr, seq, prev, hash
+            ]));
+        }
+        let returned = sqlx::query(INSERT_CALLBACKS_CHAINED)
+            .bind(Value::Array(rows).to_string())
+            .bind(self.head.seq)
+            .fetch_all(&mut self.conn)
+            .await?;
+        if returned.is_empty() {
+            return Ok(false);
+        }
+        for r in &returned {
+            let key: &str = r.try_get(0)?;
+            let seq: Option<i64> = r.try_get(1)?;
+            if seq.is_none() || seq_of_key.get(key) != seq.as_ref() {
+                // Cannot happen while the guards hold; never answer 200 on a surprise.
+                self.data_version = None;
+                return Err(StoreError::Write(format!("callback {key} was stored with an unexpected seq")));
+            }
+        }
+        self.head = head;
+        let mut answered: std::collections::HashSet<&str> = std::collections::HashSet::new();
+        let mut answers = Vec::new();
+        for job in batch.iter() {
+            let Job::Callback(cb, _) = job else { continue };
+            let key = cb.event.dedup_key.as_str();
+            let seq = seq_of_key.get(key).copied().unwrap_or_default();
+            answers.push(CallbackAck { seq, duplicate: !answered.insert(key) });
+        }
+        drop(seq_of_key);
+        drop(answered);
+        let mut answers = answers.into_iter();
+        for job in batch.iter_mut() {
+            if let Job::Callback(_, tx) = job {
+                if let Some(ack) = answers.next() {
+                    // Swap the sender out: the job is removed from the batch by the caller.
+                    let (dummy, _) = oneshot::channel();
+                    let tx = std::mem::replace(tx, dummy);
+                    let _ = tx.send(Ok(ack));
+                }
+            }
+        }
+        Ok(true)
     }
 
     async fn write(&mut self, batch: &[Job], head: &mut ChainHead, now: i64) -> Result<Vec<Answer>, StoreError> {
@@ -395,7 +528,7 @@ impl Writer {
                 rows.push(json!([
                     e.dedup_key, e.call_id, e.msg_id, e.appkey, e.event_type, e.chat_type, e.operation,
                     e.from_user, e.to_user, pk, e.timestamp_ms, cb.received_at_ms, cb.scheme,
-                    cb.secret_index, cb.raw_body, cb.body_sha256
+                    cb.secret_index, cb.raw_body, cb.body_sha256, cb.remote_addr
                 ]));
             }
             let returned = sqlx::query(INSERT_CALLBACKS)
@@ -465,20 +598,17 @@ impl Writer {
                 sqlx::query(CHAIN_CALLBACKS).bind(Value::Array(links).to_string()).execute(&mut *tx).await?;
             }
             // Existing rows (duplicates of earlier batches) need their seq for the answer.
-            let mut deliveries = Vec::with_capacity(cb_jobs.len());
             let mut first_seen: std::collections::HashSet<i64> = std::collections::HashSet::new();
             for &(i, cb) in &cb_jobs {
                 let Some(&id) = id_by_key.get(cb.event.dedup_key.as_str()) else {
                     return Err(StoreError::Write("stored callback row not found".into()));
                 };
-                deliveries.push(json!([id, cb.received_at_ms, cb.remote_addr]));
                 let duplicate = !(new_set.contains(&id) && first_seen.insert(id));
                 let Some(&seq) = seq_by_id.get(&id) else {
                     return Err(StoreError::Write(format!("callback row {id} has no sequence number")));
                 };
                 answers[i] = Answer::Callback(CallbackAck { seq, duplicate });
             }
-            sqlx::query(INSERT_DELIVERIES).bind(Value::Array(deliveries).to_string()).execute(&mut *tx).await?;
         }
 
         // Promotions: record which event each claimed row became, in this same transaction, so a
