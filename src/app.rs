@@ -152,6 +152,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
     tokio::pin!(shutdown);
@@ -177,7 +178,9 @@ pub async fn serve(
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        // Reap finished connections, so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(err) = conn.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
@@ -191,6 +194,13 @@ pub async fn serve(
             tracing::warn!(grace = ?limits.shutdown_grace, "in-flight requests did not finish within the shutdown grace; exiting anyway");
         }
     }
+    // Connections still open past the grace are cut here. Merely walking away would leave their
+    // tasks running, each holding the router and so a handle to the store, and the caller's
+    // `Store::close` waits for every handle to go before the writer finishes: a single stalled
+    // client would hold the exit well past the grace. Nothing acknowledged is lost by this: a
+    // request still running has not been answered.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
     Ok(())
 }
 
