@@ -8,14 +8,14 @@ use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::ConnectInfo;
+use axum::extract::{ConnectInfo, Request, State};
 use axum::http::StatusCode;
-use axum::response::IntoResponse;
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::timeout::TimeoutLayer;
 use tower_http::trace::TraceLayer;
 
 use crate::clock::SharedClock;
@@ -116,9 +116,28 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the service log")
         }))
-        .layer(TimeoutLayer::with_status_code(StatusCode::REQUEST_TIMEOUT, limits.request_timeout))
+        .layer(axum::middleware::from_fn_with_state(limits.request_timeout, request_deadline))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight))
         .layer(TraceLayer::new_for_http())
+}
+
+/// Answers 408 when a request (reading its body included) is not done within `limit`.
+///
+/// Rather than tower-http's `TimeoutLayer`, whose 408 has an empty body: every error of this API
+/// is `{"code", "detail"}` JSON, and a sender trickling its body is exactly the client that needs
+/// to be told what happened.
+async fn request_deadline(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(request)).await {
+        Ok(response) => response,
+        Err(_) => error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            &format!(
+                "the request did not complete within {} (a body sent too slowly, or a slow upstream); retry it",
+                humantime::format_duration(limit)
+            ),
+        ),
+    }
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
@@ -133,6 +152,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut connections = tokio::task::JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
     tokio::pin!(shutdown);
@@ -158,7 +178,9 @@ pub async fn serve(
         });
         let conn = http.serve_connection(TokioIo::new(stream), service);
         let conn = graceful.watch(conn);
-        tokio::spawn(async move {
+        // Reap finished connections, so the set holds only live ones.
+        while connections.try_join_next().is_some() {}
+        connections.spawn(async move {
             if let Err(err) = conn.await {
                 tracing::debug!(%peer, error = %err, "connection ended with an error");
             }
@@ -172,6 +194,13 @@ pub async fn serve(
             tracing::warn!(grace = ?limits.shutdown_grace, "in-flight requests did not finish within the shutdown grace; exiting anyway");
         }
     }
+    // Connections still open past the grace are cut here. Merely walking away would leave their
+    // tasks running, each holding the router and so a handle to the store, and the caller's
+    // `Store::close` waits for every handle to go before the writer finishes: a single stalled
+    // client would hold the exit well past the grace. Nothing acknowledged is lost by this: a
+    // request still running has not been answered.
+    connections.abort_all();
+    while connections.join_next().await.is_some() {}
     Ok(())
 }
 

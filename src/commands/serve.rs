@@ -2,6 +2,7 @@
 //! configured, and serve HTTP until SIGTERM/SIGINT.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
@@ -172,9 +173,17 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
         "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");
     let Service { listener, router, limits, state, sandbox } = service;
-    app::serve(listener, router, limits, app::shutdown_signal()).await?;
+    // One grace for the whole stop: the sandbox gets what the receiver left of it, so a client
+    // stalled on either port cannot hold the exit much past --shutdown-grace.
+    let signalled = std::sync::OnceLock::<Instant>::new();
+    let shutdown = async {
+        app::shutdown_signal().await;
+        let _ = signalled.set(Instant::now());
+    };
+    app::serve(listener, router, limits, shutdown).await?;
     if let Some(sandbox) = sandbox {
-        sandbox.shutdown().await;
+        let deadline = *signalled.get_or_init(Instant::now) + limits.shutdown_grace;
+        sandbox.shutdown_within(deadline.saturating_duration_since(Instant::now())).await;
     }
     let store = state.store.clone();
     drop(state);

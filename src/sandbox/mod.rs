@@ -221,4 +221,22 @@ impl SandboxHandle {
         }
         self.state.abort_deliveries();
     }
+
+    /// Like [`SandboxHandle::shutdown`], but gives requests in flight at most `grace`: a client
+    /// that stalls mid-request would otherwise hold the caller forever (the sandbox has no
+    /// request timeout). Past the grace the server task is aborted; connections still open end
+    /// with the runtime.
+    pub async fn shutdown_within(self, grace: std::time::Duration) {
+        let _ = self.stop.send(());
+        let mut server = self.server;
+        match tokio::time::timeout(grace, &mut server).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "sandbox server task failed"),
+            Err(_) => {
+                tracing::warn!(?grace, "sandbox requests did not finish within the shutdown grace; abandoning them");
+                server.abort();
+            }
+        }
+        self.state.abort_deliveries();
+    }
 }
