@@ -41,12 +41,12 @@ CREATE INDEX callbacks_by_call_id ON callbacks (call_id);
 CREATE INDEX callbacks_by_from ON callbacks (from_user, timestamp_ms);
 CREATE INDEX callbacks_by_to ON callbacks (to_user, timestamp_ms);
 CREATE INDEX callbacks_by_operation ON callbacks (operation, seq);
-CREATE INDEX callbacks_roster_by_pair ON callbacks (pair_key, timestamp_ms)
-    WHERE chat_type = 'roster' AND operation IN ('add', 'remove');
-CREATE INDEX callbacks_roster_by_timestamp ON callbacks (timestamp_ms)
-    WHERE chat_type = 'roster' AND operation IN ('add', 'remove');
+-- Every index costs each insert a B-tree update on the hot path, so there is one per filter the
+-- API offers and no more; reconciliation reads roster events by timestamp through
+-- callbacks_by_timestamp.
 
--- Every delivery of every stored event, first one included: when and from where.
+-- Further deliveries of stored events (re-deliveries): when and from where. The first delivery
+-- is the event row itself (received_at_ms, remote_addr), which keeps the hot path to one row.
 CREATE TABLE callback_deliveries (
     callback_id     INTEGER NOT NULL REFERENCES callbacks (id),
     received_at_ms  INTEGER NOT NULL,
@@ -54,14 +54,9 @@ CREATE TABLE callback_deliveries (
 );
 CREATE INDEX callback_deliveries_by_callback ON callback_deliveries (callback_id);
 
--- The delivery log is written by triggers inside the writer's single upsert statement (one
--- statement per batch matters for throughput): the first delivery when the event is inserted,
--- every further one when the upsert bumps `deliveries` (it sets last_* from the new delivery).
-CREATE TRIGGER callbacks_log_first_delivery AFTER INSERT ON callbacks
-BEGIN
-    INSERT INTO callback_deliveries (callback_id, received_at_ms, remote_addr)
-    VALUES (NEW.id, NEW.received_at_ms, NEW.remote_addr);
-END;
+-- Written by a trigger inside the writer's single upsert statement (one statement per batch
+-- matters for throughput): when the upsert bumps `deliveries`, it has set last_* from the new
+-- delivery, and the trigger appends them here.
 CREATE TRIGGER callbacks_log_redelivery AFTER UPDATE OF deliveries ON callbacks
 BEGIN
     INSERT INTO callback_deliveries (callback_id, received_at_ms, remote_addr)

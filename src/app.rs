@@ -89,6 +89,8 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Whole request (body read and handling) deadline.
     pub request_timeout: Duration,
+    /// Deadline of the trigger endpoints (`/v1/friends...`), which wait for Easemob.
+    pub trigger_timeout: Duration,
     /// How long shutdown waits for in-flight requests.
     pub shutdown_grace: Duration,
 }
@@ -99,6 +101,7 @@ impl Default for ServerLimits {
             max_in_flight: 4096,
             header_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            trigger_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
         }
     }
@@ -116,7 +119,7 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
         .layer(CatchPanicLayer::custom(|_| {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the service log")
         }))
-        .layer(axum::middleware::from_fn_with_state(limits.request_timeout, request_deadline))
+        .layer(axum::middleware::from_fn_with_state(*limits, request_deadline))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight))
         .layer(TraceLayer::new_for_http())
 }
@@ -126,7 +129,18 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
 /// Rather than tower-http's `TimeoutLayer`, whose 408 has an empty body: every error of this API
 /// is `{"code", "detail"}` JSON, and a sender trickling its body is exactly the client that needs
 /// to be told what happened.
-async fn request_deadline(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+///
+/// Trigger endpoints get `trigger_timeout` instead: a batch of 1,000 additions at Easemob's
+/// 100/s takes ten seconds by design, plus retries. The feed's long-poll gets its wait on top.
+async fn request_deadline(State(limits): State<ServerLimits>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let limit = if path.starts_with("/v1/friends") {
+        limits.trigger_timeout
+    } else if path == "/v1/feed" {
+        limits.request_timeout + crate::http::journal::MAX_WAIT
+    } else {
+        limits.request_timeout
+    };
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
         Err(_) => error_response(

@@ -134,6 +134,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
+    /// Deadline of the trigger endpoints (POST /v1/friends, /v1/friends/batch, DELETE), which wait
+    /// for Easemob: a batch of 1,000 at 100/s takes 10 s, plus retries.
+    #[arg(long, env = "FRIENDHOOK_TRIGGER_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    pub trigger_timeout: Duration,
+
     /// On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
     #[arg(long, env = "FRIENDHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,

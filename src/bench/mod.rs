@@ -39,6 +39,9 @@ pub struct BenchArgs {
 pub enum BenchCommand {
     /// Callback ingest: bare HTTP ceiling vs verified-and-committed, open-loop latency, RSS.
     Ingest(IngestArgs),
+    /// Friend additions through the trigger API against the built-in sandbox: throughput at the
+    /// rate limit, 429s drawn, trigger-to-stored-callback latency.
+    Trigger(TriggerArgs),
     /// Reconciliation query times over a seeded database (1,000,000 calls and callbacks).
     Reconcile(SeedArgs),
     /// Full feed export rate over a seeded database.
@@ -68,6 +71,20 @@ pub struct IngestArgs {
     pub binary: Option<PathBuf>,
 }
 
+/// Options of `bench trigger`.
+#[derive(Debug, Args)]
+pub struct TriggerArgs {
+    /// Friend additions to trigger (one batch request each of up to 1,000 pairs).
+    #[arg(long, default_value_t = 1000)]
+    pub adds: usize,
+    /// Rate limit of both the client and the sandbox, requests per second.
+    #[arg(long, default_value_t = 100)]
+    pub rate_limit: u32,
+    /// The friendhook binary to run as the service (default: this one).
+    #[arg(long)]
+    pub binary: Option<PathBuf>,
+}
+
 /// Options of `bench reconcile` / `bench feed`.
 #[derive(Debug, Args)]
 pub struct SeedArgs {
@@ -86,6 +103,7 @@ pub struct SeedArgs {
 pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
     match args.command {
         BenchCommand::Ingest(a) => ingest(a).await,
+        BenchCommand::Trigger(a) => bench_trigger(a).await,
         BenchCommand::Reconcile(a) => bench_reconcile(a).await,
         BenchCommand::Feed(a) => bench_feed(a).await,
     }
@@ -123,7 +141,7 @@ impl ServiceProcess {
             .arg("serve")
             .args(["--listen", &addr.to_string(), "--sandbox-listen", &sandbox_addr.to_string(), "--database-url", &db_url])
             .args(extra)
-            .env("RUST_LOG", "warn")
+            .env("RUST_LOG", std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
             .kill_on_drop(true)
@@ -256,6 +274,66 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         "durability",
         if acknowledged as i64 == stored { "equal" } else { "NOT EQUAL" }
     );
+    Ok(())
+}
+
+async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
+    let rate = a.rate_limit.max(1).to_string();
+    let svc = ServiceProcess::start(a.binary.as_deref(), &["--easemob-rate-limit", &rate, "--sandbox-friend-limit", "100000"]).await?;
+    let base = format!("http://{}", svc.addr);
+    let sandbox = format!("http://{}", svc.sandbox_addr);
+    println!("friendhook bench trigger: {} friend additions, rate limit {}/s on the client and the sandbox", a.adds, a.rate_limit);
+    // Users, registered through the embedded client (they share the sandbox's rate budget).
+    let mut cfg = crate::easemob::ClientConfig::new(
+        sandbox.clone(),
+        "demo-org",
+        "demo-app",
+        "sandbox-client-id",
+        crate::secret::Secret::new("sandbox-client-secret"),
+    );
+    cfg.rate_limit_per_sec = a.rate_limit.max(1);
+    let client = crate::easemob::EasemobClient::new(cfg, crate::clock::system())?;
+    let users = (a.adds * 2).max(2);
+    let names: Vec<String> = (0..users).map(|i| format!("bench_{i}")).collect();
+    for chunk in names.chunks(60) {
+        let batch: Vec<crate::easemob::NewUser> =
+            chunk.iter().map(|n| crate::easemob::NewUser { username: n.clone(), password: "pw".into(), nickname: None }).collect();
+        client.register_users(&batch).await.map_err(|e| anyhow::anyhow!("registering users: {e}"))?;
+    }
+    let http = reqwest::Client::new();
+    // Start from a clean window: registrations used part of this second's budget.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let before: serde_json::Value = http.get(format!("{sandbox}/_sandbox/stats")).send().await?.json().await?;
+    let started = Instant::now();
+    let mut succeeded = 0usize;
+    for (k, chunk) in names.chunks(2).collect::<Vec<_>>().chunks(1000).enumerate() {
+        let pairs: Vec<serde_json::Value> =
+            chunk.iter().filter(|p| p.len() == 2).map(|p| serde_json::json!({"owner": p[0], "friend": p[1]})).collect();
+        let resp: serde_json::Value =
+            http.post(format!("{base}/v1/friends/batch")).json(&serde_json::json!({"pairs": pairs})).send().await?.json().await?;
+        succeeded += resp["results"].as_array().map_or(0, |r| r.iter().filter(|c| c["outcome"] == "succeeded").count());
+        eprintln!("  batch {} done ({succeeded} succeeded so far)", k + 1);
+    }
+    let elapsed = started.elapsed();
+    let after: serde_json::Value = http.get(format!("{sandbox}/_sandbox/stats")).send().await?.json().await?;
+    // Wait (bounded) for every callback to be stored, then read the latency from reconciliation.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let summary = loop {
+        let r: serde_json::Value = http.get(format!("{base}/v1/reconciliation?limit=1")).send().await?.json().await?;
+        if r["summary"]["matched"].as_u64().unwrap_or(0) as usize >= succeeded || Instant::now() > deadline {
+            break r["summary"].clone();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let d = |k: &str| after[k].as_i64().unwrap_or(0) - before[k].as_i64().unwrap_or(0);
+    println!("{:<36} {:>10}", "friend additions triggered", a.adds);
+    println!("{:<36} {:>10}", "succeeded", succeeded);
+    println!("{:<36} {:>10.1} /s", "throughput", a.adds as f64 / elapsed.as_secs_f64().max(1e-9));
+    println!("{:<36} {:>10}", "429s drawn from the sandbox", d("rate_limited"));
+    println!("{:<36} {:>10}", "callbacks matched", summary["matched"]);
+    let l = &summary["match_latency_ms"];
+    println!("{:<36} {:>7} ms {:>7} ms {:>7} ms", "trigger to stored callback p50/p99/max", l["p50"], l["p99"], l["max"]);
+    let (_, _dir) = svc.stop().await?;
     Ok(())
 }
 

@@ -157,6 +157,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         max_in_flight: args.max_in_flight.max(1),
         header_timeout: args.header_timeout,
         request_timeout: args.request_timeout,
+        trigger_timeout: args.trigger_timeout,
         shutdown_grace: args.shutdown_grace,
     };
     let router = app::router(state.clone(), &limits);

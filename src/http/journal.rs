@@ -90,7 +90,7 @@ struct FeedQuery {
 }
 
 /// Longest long-poll a client may ask for.
-const MAX_WAIT: Duration = Duration::from_secs(60);
+pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
 async fn get_feed(
     State(state): State<SharedState>,

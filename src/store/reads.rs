@@ -195,7 +195,10 @@ impl Store {
         let Some(row) = row else { return Ok(None) };
         let id: i64 = row.try_get("id")?;
         let deliveries = sqlx::query(
-            "SELECT received_at_ms, remote_addr FROM callback_deliveries WHERE callback_id = ?1 ORDER BY rowid",
+            "SELECT received_at_ms, remote_addr FROM callbacks WHERE id = ?1
+             UNION ALL
+             SELECT received_at_ms, remote_addr FROM (
+                 SELECT received_at_ms, remote_addr FROM callback_deliveries WHERE callback_id = ?1 ORDER BY rowid)",
         )
         .bind(id)
         .fetch_all(self.read_pool())

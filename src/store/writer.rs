@@ -270,7 +270,7 @@ WHERE max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(se
                   WHERE j.value->>17 IS NOT NULL)
 ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1,
     last_received_at_ms = excluded.received_at_ms, last_remote_addr = excluded.remote_addr
-RETURNING dedup_key, seq";
+";
 
 const CHAIN_CALLBACKS: &str = "\
 UPDATE callbacks SET seq = j.value->>1, prev_hash = j.value->>2, chain_hash = j.value->>3
@@ -333,8 +333,12 @@ impl Writer {
     /// Runs until every sender is gone, then returns (after committing what was queued).
     pub async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut batch = Vec::with_capacity(self.limits.max_batch);
+        let mut stats = BatchStats::default();
         while rx.recv_many(&mut batch, self.limits.max_batch).await > 0 {
+            let started = std::time::Instant::now();
+            let jobs = batch.len();
             self.commit_batch(&mut batch).await;
+            stats.record(jobs, started.elapsed());
         }
         // Closing (rather than dropping) the connection runs SQLite's final checkpoint before the
         // process exits, so a stopped service leaves a clean database file.
@@ -437,21 +441,22 @@ impl Writer {
                 cb.secret_index, cb.raw_body, cb.body_sha256, cb.remote_addr, seq, prev, hash
             ]));
         }
-        let returned = sqlx::query(INSERT_CALLBACKS_CHAINED)
+        let expected = rows.len() as u64;
+        // `execute`, not RETURNING: sqlx would hand each returned row across threads one by one.
+        // The guards make the count enough: either every row was inserted or upserted (all new
+        // keys with exactly the seqs computed above), or a guard tripped and nothing was written.
+        let done = sqlx::query(INSERT_CALLBACKS_CHAINED)
             .bind(Value::Array(rows).to_string())
             .bind(self.head.seq)
-            .fetch_all(&mut self.conn)
+            .execute(&mut self.conn)
             .await?;
-        if returned.is_empty() {
-            return Ok(false);
-        }
-        for r in &returned {
-            let key: &str = r.try_get(0)?;
-            let seq: Option<i64> = r.try_get(1)?;
-            if seq.is_none() || seq_of_key.get(key) != seq.as_ref() {
+        match done.rows_affected() {
+            0 => return Ok(false),
+            n if n == expected => {}
+            n => {
                 // Cannot happen while the guards hold; never answer 200 on a surprise.
                 self.data_version = None;
-                return Err(StoreError::Write(format!("callback {key} was stored with an unexpected seq")));
+                return Err(StoreError::Write(format!("expected {expected} callback rows written, SQLite reports {n}")));
             }
         }
         self.head = head;
@@ -771,6 +776,38 @@ async fn record_outcome(
         seq: Some(seq),
         ..c.clone()
     })
+}
+
+/// Batch sizes and time spent writing, logged at debug level every 10 s: the first thing to look
+/// at when ingest is slower than expected (small batches under load mean the writer is not the
+/// bottleneck; long write times mean the disk or SQLite is).
+#[derive(Default)]
+struct BatchStats {
+    since: Option<std::time::Instant>,
+    batches: u64,
+    jobs: u64,
+    busy: std::time::Duration,
+}
+
+impl BatchStats {
+    fn record(&mut self, jobs: usize, took: std::time::Duration) {
+        let since = *self.since.get_or_insert_with(std::time::Instant::now);
+        self.batches += 1;
+        self.jobs += jobs as u64;
+        self.busy += took;
+        let elapsed = since.elapsed();
+        if elapsed >= std::time::Duration::from_secs(10) {
+            tracing::debug!(
+                batches = self.batches,
+                jobs = self.jobs,
+                avg_batch = self.jobs as f64 / self.batches.max(1) as f64,
+                busy_pct = 100.0 * self.busy.as_secs_f64() / elapsed.as_secs_f64(),
+                avg_write_ms = 1e3 * self.busy.as_secs_f64() / self.batches.max(1) as f64,
+                "writer activity"
+            );
+            *self = BatchStats::default();
+        }
+    }
 }
 
 enum Answer {
