@@ -114,7 +114,9 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
         .merge(crate::http::callbacks::router())
         .merge(crate::http::journal::router())
         .merge(crate::http::friends::router())
-        .fallback(|| async { error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API") })
+        .fallback(|| async {
+            error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API")
+        })
         .with_state(state)
         .layer(CatchPanicLayer::custom(|_| {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the service log")

@@ -138,25 +138,17 @@ pub fn parse(body: &[u8], require_security: bool) -> Result<ParsedCallback, Pars
     let text = std::str::from_utf8(body)
         .map_err(|e| ParseError::NotJson(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
     if nesting_exceeds(text.as_bytes(), MAX_NESTING) {
-        return Err(ParseError::NotJson(format!(
-            "nested deeper than {MAX_NESTING} levels"
-        )));
+        return Err(ParseError::NotJson(format!("nested deeper than {MAX_NESTING} levels")));
     }
     // A derived struct would also accept a JSON array (fields by position), so only an object
     // may reach it. Anything else is classified: broken JSON vs. JSON of the wrong kind.
-    if text
-        .trim_start_matches([' ', '\t', '\n', '\r'])
-        .as_bytes()
-        .first()
-        != Some(&b'{')
-    {
+    if text.trim_start_matches([' ', '\t', '\n', '\r']).as_bytes().first() != Some(&b'{') {
         return match serde_json::from_str::<IgnoredAny>(text) {
             Ok(_) => Err(ParseError::NotObject),
             Err(e) => Err(ParseError::NotJson(e.to_string())),
         };
     }
-    let fields: Fields<'_> =
-        serde_json::from_str(text).map_err(|e| ParseError::NotJson(e.to_string()))?;
+    let fields: Fields<'_> = serde_json::from_str(text).map_err(|e| ParseError::NotJson(e.to_string()))?;
 
     let call_id = required_string(fields.call_id, "callId")?;
     if call_id.is_empty() {
@@ -171,15 +163,9 @@ pub fn parse(body: &[u8], require_security: bool) -> Result<ParsedCallback, Pars
     let appkey = lenient_string(fields.appkey);
     let event_type = lenient_string(fields.event_type);
     let operation = operation(fields.payload)?;
-    let from_user =
-        lenient_string(fields.from).map(|from| normalize_user(&from, appkey.as_deref()));
+    let from_user = lenient_string(fields.from).map(|from| normalize_user(&from, appkey.as_deref()));
     let to_user = lenient_string(fields.to).map(|to| normalize_user(&to, appkey.as_deref()));
-    let dedup_key = dedup_key(
-        &call_id,
-        event_type.as_deref(),
-        to_user.as_deref(),
-        operation.as_deref(),
-    );
+    let dedup_key = dedup_key(&call_id, event_type.as_deref(), to_user.as_deref(), operation.as_deref());
 
     Ok(ParsedCallback {
         call_id,
@@ -198,10 +184,7 @@ pub fn parse(body: &[u8], require_security: bool) -> Result<ParsedCallback, Pars
 }
 
 fn invalid(field: &'static str, detail: &str) -> ParseError {
-    ParseError::InvalidField {
-        field,
-        detail: detail.to_owned(),
-    }
+    ParseError::InvalidField { field, detail: detail.to_owned() }
 }
 
 /// True if `[`/`{` nest deeper than `limit` outside strings. Only meaningful for valid JSON, which
@@ -255,10 +238,7 @@ fn timestamp(raw: Option<&RawValue>) -> Result<(i64, String), ParseError> {
     // RawValue holds the value's text without surrounding whitespace, so digits-only rules out
     // strings, signs, fractions and exponents in one check (JSON itself forbids leading zeros).
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(invalid(
-            "timestamp",
-            "must be a non-negative JSON integer (epoch milliseconds)",
-        ));
+        return Err(invalid("timestamp", "must be a non-negative JSON integer (epoch milliseconds)"));
     }
     let value = text
         .parse::<u64>()
@@ -279,11 +259,8 @@ fn operation(payload: Option<&RawValue>) -> Result<Option<String>, ParseError> {
     if !payload.get().starts_with('{') {
         return Ok(None);
     }
-    let payload: Payload<'_> =
-        serde_json::from_str(payload.get()).map_err(|e| ParseError::InvalidField {
-            field: "payload",
-            detail: e.to_string(),
-        })?;
+    let payload: Payload<'_> = serde_json::from_str(payload.get())
+        .map_err(|e| ParseError::InvalidField { field: "payload", detail: e.to_string() })?;
     Ok(lenient_string(payload.operation))
 }
 
@@ -313,8 +290,7 @@ fn looks_like_domain(s: &str) -> bool {
     s.contains('.')
         && !s.starts_with('.')
         && !s.ends_with('.')
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
+        && s.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'.')
 }
 
 /// The deduplication key: (callId, eventType, to, payload.operation), unambiguously encoded.
@@ -323,12 +299,7 @@ fn looks_like_domain(s: &str) -> bool {
 /// an absent value: JSON string escaping makes it injective (no separator can be forged inside a
 /// value, and absent differs from empty), and it stays readable in the database. `callId` alone is
 /// not enough: the accept/remote_accept pair shares it and differs only in `to` and operation.
-pub fn dedup_key(
-    call_id: &str,
-    event_type: Option<&str>,
-    to: Option<&str>,
-    operation: Option<&str>,
-) -> String {
+pub fn dedup_key(call_id: &str, event_type: Option<&str>, to: Option<&str>, operation: Option<&str>) -> String {
     serde_json::json!([call_id, event_type, to, operation]).to_string()
 }
 
@@ -415,45 +386,25 @@ mod tests {
     #[test]
     fn chat_offline_variant_gets_its_own_dedup_key() {
         let offline = ACCEPT.replace(r#""eventType":"chat""#, r#""eventType":"chat_offline""#);
-        assert_ne!(
-            parse_str(&offline).expect("parses").dedup_key,
-            parse_str(ACCEPT).expect("parses").dedup_key
-        );
+        assert_ne!(parse_str(&offline).expect("parses").dedup_key, parse_str(ACCEPT).expect("parses").dedup_key);
     }
 
     #[test]
     fn from_with_underscores_in_the_user_id_keeps_them() {
         let body = ROSTER_ADD.replace("demo-app_alice@", "demo-app_al_ice_@");
-        assert_eq!(
-            parse_str(&body).expect("parses").from_user.as_deref(),
-            Some("al_ice_")
-        );
+        assert_eq!(parse_str(&body).expect("parses").from_user.as_deref(), Some("al_ice_"));
     }
 
     #[test]
     fn reason_may_be_an_object() {
-        let body = ROSTER_ADD.replace(
-            r#""reason": """#,
-            r#""reason": {"text": "hi", "extra": [1, 2]}"#,
-        );
-        assert_eq!(
-            parse_str(&body).expect("parses").operation.as_deref(),
-            Some("add")
-        );
+        let body = ROSTER_ADD.replace(r#""reason": """#, r#""reason": {"text": "hi", "extra": [1, 2]}"#);
+        assert_eq!(parse_str(&body).expect("parses").operation.as_deref(), Some("add"));
     }
 
     #[test]
     fn payload_without_an_operation_string_has_no_operation() {
-        for payload in [
-            r#""add""#,
-            r#"["add"]"#,
-            r#"{"operation": 1}"#,
-            r#"{"reason": "x"}"#,
-            "null",
-            "{}",
-        ] {
-            let body =
-                format!(r#"{{"callId":"c","timestamp":1,"security":"s","payload":{payload}}}"#);
+        for payload in [r#""add""#, r#"["add"]"#, r#"{"operation": 1}"#, r#"{"reason": "x"}"#, "null", "{}"] {
+            let body = format!(r#"{{"callId":"c","timestamp":1,"security":"s","payload":{payload}}}"#);
             let parsed = parse_str(&body).expect(payload);
             assert_eq!(parsed.operation, None, "{payload}");
             assert_eq!(parsed.dedup_key, r#"["c",null,null,null]"#);
@@ -472,82 +423,41 @@ mod tests {
             "chat_type":{},"from":true,"to":1.5,"securityVersion":1,"group_id":[],"host":0}"#;
         let parsed = parse_str(body).expect("lenient");
         assert_eq!(
-            (
-                parsed.msg_id,
-                parsed.appkey,
-                parsed.event_type,
-                parsed.chat_type,
-                parsed.from_user,
-                parsed.to_user
-            ),
+            (parsed.msg_id, parsed.appkey, parsed.event_type, parsed.chat_type, parsed.from_user, parsed.to_user),
             (None, None, None, None, None, None)
         );
     }
 
     #[test]
     fn unknown_fields_are_ignored() {
-        let body = ROSTER_ADD.replacen(
-            '{',
-            r#"{"brand_new": {"deep": [1, {"x": null}]}, "n": 1e400,"#,
-            1,
-        );
-        assert_eq!(
-            parse_str(&body).expect("parses"),
-            parse_str(ROSTER_ADD).expect("parses")
-        );
+        let body = ROSTER_ADD.replacen('{', r#"{"brand_new": {"deep": [1, {"x": null}]}, "n": 1e400,"#, 1);
+        assert_eq!(parse_str(&body).expect("parses"), parse_str(ROSTER_ADD).expect("parses"));
     }
 
     #[test]
     fn missing_required_fields_are_named() {
         let without = |key: &str| {
-            let mut value: serde_json::Value =
-                serde_json::from_str(ROSTER_ADD).expect("example is JSON");
+            let mut value: serde_json::Value = serde_json::from_str(ROSTER_ADD).expect("example is JSON");
             value.as_object_mut().expect("object").remove(key);
             value.to_string()
         };
-        assert_eq!(
-            parse_str(&without("callId")),
-            Err(ParseError::MissingField("callId"))
-        );
-        assert_eq!(
-            parse_str(&without("timestamp")),
-            Err(ParseError::MissingField("timestamp"))
-        );
-        assert_eq!(
-            parse_str(&without("security")),
-            Err(ParseError::MissingField("security"))
-        );
+        assert_eq!(parse_str(&without("callId")), Err(ParseError::MissingField("callId")));
+        assert_eq!(parse_str(&without("timestamp")), Err(ParseError::MissingField("timestamp")));
+        assert_eq!(parse_str(&without("security")), Err(ParseError::MissingField("security")));
         // null counts as absent.
-        let null_call_id = ROSTER_ADD.replace(
-            r#""callId": "demo-org#demo-app_1187654321098765432""#,
-            r#""callId": null"#,
-        );
-        assert_eq!(
-            parse_str(&null_call_id),
-            Err(ParseError::MissingField("callId"))
-        );
+        let null_call_id =
+            ROSTER_ADD.replace(r#""callId": "demo-org#demo-app_1187654321098765432""#, r#""callId": null"#);
+        assert_eq!(parse_str(&null_call_id), Err(ParseError::MissingField("callId")));
     }
 
     #[test]
     fn security_is_optional_when_not_required() {
         let body = r#"{"callId":"c","timestamp":1}"#;
-        assert_eq!(
-            parse(body.as_bytes(), false).expect("parses").security,
-            None
-        );
-        assert_eq!(
-            parse(body.as_bytes(), true),
-            Err(ParseError::MissingField("security"))
-        );
+        assert_eq!(parse(body.as_bytes(), false).expect("parses").security, None);
+        assert_eq!(parse(body.as_bytes(), true), Err(ParseError::MissingField("security")));
         let numeric = r#"{"callId":"c","timestamp":1,"security":5}"#;
-        assert_eq!(
-            parse(numeric.as_bytes(), false).expect("lenient").security,
-            None
-        );
-        assert_eq!(
-            invalid_field(parse(numeric.as_bytes(), true)),
-            Some("security")
-        );
+        assert_eq!(parse(numeric.as_bytes(), false).expect("lenient").security, None);
+        assert_eq!(invalid_field(parse(numeric.as_bytes(), true)), Some("security"));
     }
 
     #[test]
@@ -586,10 +496,7 @@ mod tests {
         for (text, ms) in [("0", 0), ("9999999999999", 9_999_999_999_999)] {
             let body = format!(r#"{{"callId":"c","timestamp":{text},"security":"s"}}"#);
             let parsed = parse_str(&body).expect(text);
-            assert_eq!(
-                (parsed.timestamp_ms, parsed.timestamp_text.as_str()),
-                (ms, text)
-            );
+            assert_eq!((parsed.timestamp_ms, parsed.timestamp_text.as_str()), (ms, text));
         }
     }
 
@@ -628,8 +535,7 @@ mod tests {
     #[test]
     fn hostile_bodies_are_refused_as_not_json() {
         let deep_open = "[".repeat(100_000);
-        let deep_in_field =
-            format!(r#"{{"callId":"c","timestamp":1,"security":"s","x":{deep_open}"#);
+        let deep_in_field = format!(r#"{{"callId":"c","timestamp":1,"security":"s","x":{deep_open}"#);
         let deep_closed = format!(
             r#"{{"callId":"c","timestamp":1,"security":"s","x":{}{}}}"#,
             "[".repeat(100_000),
@@ -643,45 +549,20 @@ mod tests {
         let cases: Vec<(&str, Vec<u8>)> = vec![
             ("empty", b"".to_vec()),
             ("whitespace", b"  \n ".to_vec()),
-            (
-                "invalid UTF-8",
-                b"{\"callId\":\"\xff\xfe\",\"timestamp\":1,\"security\":\"s\"}".to_vec(),
-            ),
+            ("invalid UTF-8", b"{\"callId\":\"\xff\xfe\",\"timestamp\":1,\"security\":\"s\"}".to_vec()),
             ("lone continuation byte", b"\x80".to_vec()),
             ("100,000 [", deep_open.clone().into_bytes()),
             ("deep unterminated field", deep_in_field.into_bytes()),
             ("deep closed field", deep_closed.into_bytes()),
             ("deep payload", deep_payload.into_bytes()),
-            (
-                "NUL in a string",
-                b"{\"callId\":\"a\x00b\",\"timestamp\":1,\"security\":\"s\"}".to_vec(),
-            ),
-            (
-                "NUL outside strings",
-                b"{\"callId\":\"a\",\x00\"timestamp\":1,\"security\":\"s\"}".to_vec(),
-            ),
+            ("NUL in a string", b"{\"callId\":\"a\x00b\",\"timestamp\":1,\"security\":\"s\"}".to_vec()),
+            ("NUL outside strings", b"{\"callId\":\"a\",\x00\"timestamp\":1,\"security\":\"s\"}".to_vec()),
             ("NUL alone", b"\x00".to_vec()),
-            (
-                "truncated",
-                ROSTER_ADD.as_bytes()[..ROSTER_ADD.len() / 2].to_vec(),
-            ),
-            (
-                "missing closing brace",
-                ROSTER_ADD
-                    .trim_end()
-                    .trim_end_matches('}')
-                    .as_bytes()
-                    .to_vec(),
-            ),
+            ("truncated", ROSTER_ADD.as_bytes()[..ROSTER_ADD.len() / 2].to_vec()),
+            ("missing closing brace", ROSTER_ADD.trim_end().trim_end_matches('}').as_bytes().to_vec()),
             ("trailing garbage", format!("{ROSTER_ADD}x").into_bytes()),
-            (
-                "two objects",
-                format!("{ROSTER_ADD}{ROSTER_ADD}").into_bytes(),
-            ),
-            (
-                "byte order mark",
-                format!("\u{feff}{ROSTER_ADD}").into_bytes(),
-            ),
+            ("two objects", format!("{ROSTER_ADD}{ROSTER_ADD}").into_bytes()),
+            ("byte order mark", format!("\u{feff}{ROSTER_ADD}").into_bytes()),
             ("single quotes", b"{'callId':'c'}".to_vec()),
         ];
         for (name, body) in cases {
@@ -693,28 +574,16 @@ mod tests {
     #[test]
     fn nesting_limit_is_exactly_128_levels() {
         // The outer object is level 1, so 127 more brackets reach the limit.
-        let at_limit = format!(
-            r#"{{"callId":"c","timestamp":1,"security":"s","x":{}{}}}"#,
-            "[".repeat(127),
-            "]".repeat(127)
-        );
+        let at_limit =
+            format!(r#"{{"callId":"c","timestamp":1,"security":"s","x":{}{}}}"#, "[".repeat(127), "]".repeat(127));
         assert!(parse_str(&at_limit).is_ok());
-        let beyond = format!(
-            r#"{{"callId":"c","timestamp":1,"security":"s","x":{}{}}}"#,
-            "[".repeat(128),
-            "]".repeat(128)
-        );
+        let beyond =
+            format!(r#"{{"callId":"c","timestamp":1,"security":"s","x":{}{}}}"#, "[".repeat(128), "]".repeat(128));
         assert!(is_not_json(&parse_str(&beyond)));
         // Brackets inside strings do not count.
-        let in_string = format!(
-            r#"{{"callId":"{}","timestamp":1,"security":"s"}}"#,
-            "[".repeat(1000)
-        );
+        let in_string = format!(r#"{{"callId":"{}","timestamp":1,"security":"s"}}"#, "[".repeat(1000));
         assert!(parse_str(&in_string).is_ok());
-        let escaped_quote = format!(
-            r#"{{"callId":"\"{}","timestamp":1,"security":"s"}}"#,
-            "{".repeat(1000)
-        );
+        let escaped_quote = format!(r#"{{"callId":"\"{}","timestamp":1,"security":"s"}}"#, "{".repeat(1000));
         assert!(parse_str(&escaped_quote).is_ok());
     }
 
@@ -727,16 +596,7 @@ mod tests {
 
     #[test]
     fn json_that_is_not_an_object_is_not_an_object() {
-        for body in [
-            "[]",
-            r#"["c", 1, "s"]"#,
-            r#""callId""#,
-            "1642648213494",
-            "-1",
-            "null",
-            "true",
-            " [1] ",
-        ] {
+        for body in ["[]", r#"["c", 1, "s"]"#, r#""callId""#, "1642648213494", "-1", "null", "true", " [1] "] {
             assert_eq!(parse_str(body), Err(ParseError::NotObject), "{body}");
         }
     }
@@ -747,10 +607,7 @@ mod tests {
         assert_eq!(ParseError::NotObject.code(), "invalid_json");
         assert_eq!(ParseError::MissingField("callId").code(), "missing_field");
         assert_eq!(invalid("timestamp", "x").code(), "invalid_field");
-        assert_eq!(
-            ParseError::MissingField("callId").detail(),
-            "missing required field `callId`"
-        );
+        assert_eq!(ParseError::MissingField("callId").detail(), "missing required field `callId`");
     }
 
     #[test]
@@ -766,16 +623,8 @@ mod tests {
             ("x_bob@easemob.com", appkey, "x_bob"),
             ("x_bob", appkey, "x_bob"),
             // Without the app key there is no safe way to find where a prefix ends.
-            (
-                "demo-org#demo-app_alice@easemob.com",
-                None,
-                "demo-org#demo-app_alice",
-            ),
-            (
-                "other-org#other-app_alice@easemob.com",
-                appkey,
-                "other-org#other-app_alice",
-            ),
+            ("demo-org#demo-app_alice@easemob.com", None, "demo-org#demo-app_alice"),
+            ("other-org#other-app_alice@easemob.com", appkey, "other-org#other-app_alice"),
             // Only the last `@`, and only if a domain follows.
             ("a@b@easemob.com", appkey, "a@b"),
             ("alice@home", appkey, "alice@home"),
@@ -786,11 +635,7 @@ mod tests {
             // The prefix must be followed by `_` and a non-empty user.
             ("demo-org#demo-appalice", appkey, "demo-org#demo-appalice"),
             ("demo-org#demo-app_", appkey, "demo-org#demo-app_"),
-            (
-                "demo-org#demo-app_demo-org#demo-app_x",
-                appkey,
-                "demo-org#demo-app_x",
-            ),
+            ("demo-org#demo-app_demo-org#demo-app_x", appkey, "demo-org#demo-app_x"),
             ("", appkey, ""),
             ("demo-org#demo-app_bob", Some(""), "demo-org#demo-app_bob"),
         ] {
@@ -800,24 +645,12 @@ mod tests {
 
     #[test]
     fn dedup_key_is_unambiguous() {
-        assert_eq!(
-            dedup_key("c", Some("chat"), Some("bob"), Some("add")),
-            r#"["c","chat","bob","add"]"#
-        );
+        assert_eq!(dedup_key("c", Some("chat"), Some("bob"), Some("add")), r#"["c","chat","bob","add"]"#);
         assert_eq!(dedup_key("c", None, None, None), r#"["c",null,null,null]"#);
         // Absent is not empty, and separators inside values cannot shift fields.
-        assert_ne!(
-            dedup_key("c", None, None, None),
-            dedup_key("c", Some(""), None, None)
-        );
-        assert_ne!(
-            dedup_key("a\",\"b", None, None, None),
-            dedup_key("a", Some("b"), None, None)
-        );
-        assert_ne!(
-            dedup_key("c", Some("chat"), Some("bob"), None),
-            dedup_key("c", Some("chat"), None, Some("bob"))
-        );
+        assert_ne!(dedup_key("c", None, None, None), dedup_key("c", Some(""), None, None));
+        assert_ne!(dedup_key("a\",\"b", None, None, None), dedup_key("a", Some("b"), None, None));
+        assert_ne!(dedup_key("c", Some("chat"), Some("bob"), None), dedup_key("c", Some("chat"), None, Some("bob")));
     }
 
     /// Any JSON value, a few levels deep.
@@ -858,16 +691,11 @@ mod tests {
             "payload",
             "other",
         ];
-        proptest::collection::vec(proptest::option::of(arb_json()), keys.len()).prop_map(
-            move |values| {
-                let object: serde_json::Map<String, serde_json::Value> = keys
-                    .iter()
-                    .zip(values)
-                    .filter_map(|(key, value)| value.map(|v| ((*key).to_owned(), v)))
-                    .collect();
-                serde_json::Value::Object(object).to_string()
-            },
-        )
+        proptest::collection::vec(proptest::option::of(arb_json()), keys.len()).prop_map(move |values| {
+            let object: serde_json::Map<String, serde_json::Value> =
+                keys.iter().zip(values).filter_map(|(key, value)| value.map(|v| ((*key).to_owned(), v))).collect();
+            serde_json::Value::Object(object).to_string()
+        })
     }
 
     proptest! {

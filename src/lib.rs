@@ -13,19 +13,19 @@
 //! - [`reconcile`]: matching calls against callbacks, as plain functions.
 //! - [`model`], [`clock`], [`secret`]: shared vocabulary, injectable time, redacted secrets.
 
+pub mod app;
+pub mod bench;
 pub mod callback;
 pub mod clock;
+pub mod commands;
+pub mod config;
 pub mod easemob;
+pub mod error;
+pub mod http;
 pub mod model;
 pub mod reconcile;
+pub mod report;
 pub mod sandbox;
 pub mod secret;
 pub mod signature;
-pub mod app;
-pub mod config;
-pub mod error;
-pub mod http;
 pub mod store;
-pub mod commands;
-pub mod report;
-pub mod bench;

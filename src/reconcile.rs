@@ -196,22 +196,12 @@ pub fn reconcile(calls: &[CallRow], callbacks: &[CallbackRow], params: &MatchPar
     let mut cb_order: Vec<(GroupKey<'_>, i64, i64, usize)> = callbacks
         .iter()
         .enumerate()
-        .map(|(i, cb)| {
-            (
-                group_key(&cb.from_user, &cb.to_user, &cb.operation),
-                cb.timestamp_ms,
-                cb.seq,
-                i,
-            )
-        })
+        .map(|(i, cb)| (group_key(&cb.from_user, &cb.to_user, &cb.operation), cb.timestamp_ms, cb.seq, i))
         .collect();
     cb_order.sort_unstable();
 
-    let mut out = Assignments {
-        primary: vec![None; calls.len()],
-        extras: vec![Vec::new(); calls.len()],
-        orphans: Vec::new(),
-    };
+    let mut out =
+        Assignments { primary: vec![None; calls.len()], extras: vec![Vec::new(); calls.len()], orphans: Vec::new() };
     // Buffers reused across groups: with a million small groups, per-group allocation would
     // dominate.
     let mut scratch = Scratch::default();
@@ -249,10 +239,7 @@ pub fn reconcile(calls: &[CallRow], callbacks: &[CallbackRow], params: &MatchPar
             report(call, primary.map(|k| &callbacks[k]), extras, params)
         })
         .collect();
-    Reconciliation {
-        calls: reports,
-        orphans: out.orphans,
-    }
+    Reconciliation { calls: reports, orphans: out.orphans }
 }
 
 /// Counts and latency percentiles of a reconciliation.
@@ -324,12 +311,7 @@ impl Span {
             _ => call.completed_at_ms.unwrap_or(t0),
         }
         .max(t0);
-        Span {
-            t0,
-            t1,
-            open: t0.saturating_sub(params.skew_ms),
-            close: t1.saturating_add(params.window_ms),
-        }
+        Span { t0, t1, open: t0.saturating_sub(params.skew_ms), close: t1.saturating_add(params.window_ms) }
     }
 
     /// 0 inside `[t0, t1]`, else the gap to the nearer end.
@@ -461,11 +443,7 @@ mod tests {
     const DELIVERY: i64 = 50;
 
     fn params(now_ms: i64) -> MatchParams {
-        MatchParams {
-            skew_ms: SKEW,
-            window_ms: WINDOW,
-            now_ms,
-        }
+        MatchParams { skew_ms: SKEW, window_ms: WINDOW, now_ms }
     }
 
     fn call(id: i64, op: CallOp, t0: i64, t1: Option<i64>, outcome: Outcome) -> CallRow {
@@ -520,11 +498,7 @@ mod tests {
 
     #[test]
     fn a_callback_from_friend_to_owner_matches_the_call() {
-        let r = reconcile(
-            &[add(1, 100_000, 100_500)],
-            &[cb(10, "add", "bob", "alice", 100_200)],
-            &params(LATER),
-        );
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[cb(10, "add", "bob", "alice", 100_200)], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::Matched);
         assert_eq!(single(&r).matched, Some(10));
     }
@@ -537,22 +511,14 @@ mod tests {
 
     #[test]
     fn a_callback_exactly_skew_before_t0_matches() {
-        let r = reconcile(
-            &[add(1, 100_000, 100_500)],
-            &[add_cb(10, 100_000 - SKEW)],
-            &params(LATER),
-        );
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[add_cb(10, 100_000 - SKEW)], &params(LATER));
         assert_eq!(single(&r).matched, Some(10));
         assert!(r.orphans.is_empty());
     }
 
     #[test]
     fn a_callback_one_ms_before_the_skew_edge_is_an_orphan() {
-        let r = reconcile(
-            &[add(1, 100_000, 100_500)],
-            &[add_cb(10, 100_000 - SKEW - 1)],
-            &params(LATER),
-        );
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[add_cb(10, 100_000 - SKEW - 1)], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::Missing);
         assert_eq!(single(&r).matched, None);
         assert_eq!(r.orphans, vec![10]);
@@ -560,22 +526,14 @@ mod tests {
 
     #[test]
     fn a_callback_exactly_window_after_t1_matches() {
-        let r = reconcile(
-            &[add(1, 100_000, 100_500)],
-            &[add_cb(10, 100_500 + WINDOW)],
-            &params(LATER),
-        );
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[add_cb(10, 100_500 + WINDOW)], &params(LATER));
         assert_eq!(single(&r).matched, Some(10));
         assert!(r.orphans.is_empty());
     }
 
     #[test]
     fn a_callback_one_ms_after_the_window_is_an_orphan() {
-        let r = reconcile(
-            &[add(1, 100_000, 100_500)],
-            &[add_cb(10, 100_500 + WINDOW + 1)],
-            &params(LATER),
-        );
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[add_cb(10, 100_500 + WINDOW + 1)], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::Missing);
         assert_eq!(r.orphans, vec![10]);
     }
@@ -598,11 +556,7 @@ mod tests {
 
     #[test]
     fn an_in_flight_call_without_callback_stays_pending() {
-        let r = reconcile(
-            &[call(1, CallOp::Add, 100_000, None, Outcome::InFlight)],
-            &[],
-            &params(LATER),
-        );
+        let r = reconcile(&[call(1, CallOp::Add, 100_000, None, Outcome::InFlight)], &[], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::Pending);
     }
 
@@ -645,11 +599,7 @@ mod tests {
         let r = reconcile(&calls, &[add_cb(10, 160_300), add_cb(11, 100_300)], &params(LATER));
         assert_eq!(r.calls[0].matched, Some(11));
         assert_eq!(r.calls[1].matched, Some(10));
-        assert!(
-            r.calls
-                .iter()
-                .all(|c| c.status == CallStatus::Matched && c.extras.is_empty())
-        );
+        assert!(r.calls.iter().all(|c| c.status == CallStatus::Matched && c.extras.is_empty()));
         assert!(r.orphans.is_empty());
     }
 
@@ -732,33 +682,22 @@ mod tests {
     #[test]
     fn a_rejected_or_failed_call_without_callback_is_not_expected() {
         for outcome in [Outcome::Rejected, Outcome::Failed] {
-            let r = reconcile(
-                &[call(1, CallOp::Add, 100_000, Some(100_500), outcome)],
-                &[],
-                &params(LATER),
-            );
+            let r = reconcile(&[call(1, CallOp::Add, 100_000, Some(100_500), outcome)], &[], &params(LATER));
             assert_eq!(single(&r).status, CallStatus::NotExpected, "{outcome:?}");
         }
     }
 
     #[test]
     fn an_unknown_call_with_a_callback_is_matched() {
-        let r = reconcile(
-            &[call(1, CallOp::Add, 100_000, None, Outcome::Unknown)],
-            &[add_cb(10, 100_200)],
-            &params(LATER),
-        );
+        let r =
+            reconcile(&[call(1, CallOp::Add, 100_000, None, Outcome::Unknown)], &[add_cb(10, 100_200)], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::Matched);
         assert_eq!(single(&r).matched, Some(10));
     }
 
     #[test]
     fn an_unknown_call_without_callback_is_not_expected() {
-        let r = reconcile(
-            &[call(1, CallOp::Add, 100_000, None, Outcome::Unknown)],
-            &[],
-            &params(LATER),
-        );
+        let r = reconcile(&[call(1, CallOp::Add, 100_000, None, Outcome::Unknown)], &[], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::NotExpected);
     }
 
@@ -776,11 +715,7 @@ mod tests {
 
     #[test]
     fn a_callback_between_other_users_does_not_match() {
-        let r = reconcile(
-            &[add(1, 100_000, 100_500)],
-            &[cb(10, "add", "alice", "carol", 100_200)],
-            &params(LATER),
-        );
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[cb(10, "add", "alice", "carol", 100_200)], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::Missing);
         assert_eq!(r.orphans, vec![10]);
     }
@@ -799,35 +734,20 @@ mod tests {
 
     #[test]
     fn an_add_call_ignores_remove_callbacks() {
-        let r = reconcile(
-            &[add(1, 100_000, 100_500)],
-            &[cb(10, "remove", "alice", "bob", 100_200)],
-            &params(LATER),
-        );
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[cb(10, "remove", "alice", "bob", 100_200)], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::Missing);
         assert_eq!(r.orphans, vec![10]);
     }
 
     #[test]
     fn reports_come_back_in_input_order() {
-        let calls = [
-            add(5, 300_000, 300_100),
-            add(1, 100_000, 100_100),
-            add(3, 200_000, 200_100),
-        ];
+        let calls = [add(5, 300_000, 300_100), add(1, 100_000, 100_100), add(3, 200_000, 200_100)];
         let r = reconcile(&calls, &[], &params(LATER));
         assert_eq!(r.calls.iter().map(|c| c.call_id).collect::<Vec<_>>(), vec![5, 1, 3]);
     }
 
     fn report_with(status: CallStatus, latency_ms: Option<i64>) -> CallReport {
-        CallReport {
-            call_id: 0,
-            status,
-            matched: latency_ms.map(|_| 0),
-            extras: Vec::new(),
-            late: false,
-            latency_ms,
-        }
+        CallReport { call_id: 0, status, matched: latency_ms.map(|_| 0), extras: Vec::new(), late: false, latency_ms }
     }
 
     #[test]
@@ -843,12 +763,7 @@ mod tests {
         ];
         let mut rejected_cb = cb(11, "add", "bob", "alice", 100_250);
         rejected_cb.received_at_ms = 100_000 + 900;
-        let callbacks = [
-            add_cb(10, 100_200),
-            rejected_cb,
-            cb(12, "add", "x", "y", 1),
-            cb(13, "add", "x", "y", 2),
-        ];
+        let callbacks = [add_cb(10, 100_200), rejected_cb, cb(12, "add", "x", "y", 1), cb(13, "add", "x", "y", 2)];
         let r = reconcile(&calls, &callbacks, &params(9_000_600));
         let s = summarize(&r);
         assert_eq!(
@@ -871,12 +786,7 @@ mod tests {
         let s = summarize(&Reconciliation { calls, orphans: vec![] });
         assert_eq!(
             s.match_latency_ms,
-            LatencySummary {
-                p50: Some(100),
-                p95: Some(190),
-                p99: Some(200),
-                max: Some(200),
-            }
+            LatencySummary { p50: Some(100), p95: Some(190), p99: Some(200), max: Some(200) }
         );
         assert_eq!((s.matched, s.missing), (20, 1));
     }
@@ -884,20 +794,14 @@ mod tests {
     #[test]
     fn nearest_rank_of_one_hundred_values_is_the_value_at_that_rank() {
         let v: Vec<i64> = (1..=100).collect();
-        assert_eq!(
-            [50, 95, 99, 100].map(|p| nearest_rank(&v, p)),
-            [Some(50), Some(95), Some(99), Some(100)]
-        );
+        assert_eq!([50, 95, 99, 100].map(|p| nearest_rank(&v, p)), [Some(50), Some(95), Some(99), Some(100)]);
         assert_eq!(nearest_rank(&[7], 50), Some(7));
         assert_eq!(nearest_rank(&[7], 99), Some(7));
     }
 
     #[test]
     fn summarize_without_matched_calls_has_no_percentiles() {
-        let s = summarize(&Reconciliation {
-            calls: vec![report_with(CallStatus::Pending, None)],
-            orphans: vec![1, 2],
-        });
+        let s = summarize(&Reconciliation { calls: vec![report_with(CallStatus::Pending, None)], orphans: vec![1, 2] });
         assert_eq!(s.match_latency_ms, LatencySummary::default());
         assert_eq!((s.pending, s.orphan), (1, 2));
     }
@@ -909,10 +813,7 @@ mod tests {
 
     impl Lcg {
         fn next(&mut self) -> u64 {
-            self.0 = self
-                .0
-                .wrapping_mul(6_364_136_223_846_793_005)
-                .wrapping_add(1_442_695_040_888_963_407);
+            self.0 = self.0.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1_442_695_040_888_963_407);
             self.0 >> 33
         }
 
@@ -972,11 +873,8 @@ mod tests {
                 }
             })
             .collect();
-        let p = MatchParams {
-            skew_ms: 2_000,
-            window_ms: 20_000,
-            now_ms: rng.below(span_s + span_s / 3) as i64 * 1_000,
-        };
+        let p =
+            MatchParams { skew_ms: 2_000, window_ms: 20_000, now_ms: rng.below(span_s + span_s / 3) as i64 * 1_000 };
         (calls, callbacks, p)
     }
 
@@ -1090,17 +988,10 @@ mod tests {
         let mut total = Summary::default();
         let mut extras = 0;
         for round in 0..600 {
-            let (calls, callbacks, p) = if round % 2 == 0 {
-                scenario(&mut rng, 4, 300)
-            } else {
-                scenario(&mut rng, 2, 60)
-            };
+            let (calls, callbacks, p) =
+                if round % 2 == 0 { scenario(&mut rng, 4, 300) } else { scenario(&mut rng, 2, 60) };
             let r = reconcile(&calls, &callbacks, &p);
-            assert_eq!(
-                r,
-                brute_force(&calls, &callbacks, &p),
-                "calls {calls:?}\ncallbacks {callbacks:?}"
-            );
+            assert_eq!(r, brute_force(&calls, &callbacks, &p), "calls {calls:?}\ncallbacks {callbacks:?}");
             assert_each_callback_accounted_once(&r, &callbacks);
             let s = summarize(&r);
             total.matched += s.matched;
@@ -1129,11 +1020,8 @@ mod tests {
     fn results_do_not_depend_on_input_order() {
         let mut rng = Lcg(42);
         for round in 0..200 {
-            let (mut calls, mut callbacks, p) = if round % 2 == 0 {
-                scenario(&mut rng, 4, 300)
-            } else {
-                scenario(&mut rng, 2, 60)
-            };
+            let (mut calls, mut callbacks, p) =
+                if round % 2 == 0 { scenario(&mut rng, 4, 300) } else { scenario(&mut rng, 2, 60) };
             let first = reconcile(&calls, &callbacks, &p);
             for _ in 0..5 {
                 rng.shuffle(&mut calls);
@@ -1190,10 +1078,7 @@ mod tests {
         let r = reconcile(&calls, &callbacks, &params(LATER));
         let s = summarize(&r);
         assert_eq!(r.calls.len(), calls.len());
-        assert_eq!(
-            s.matched + s.pending + s.missing + s.not_expected + s.unexpected,
-            calls.len() as u64
-        );
+        assert_eq!(s.matched + s.pending + s.missing + s.not_expected + s.unexpected, calls.len() as u64);
         assert_each_callback_accounted_once(&r, &callbacks);
         // One callback per call, each nearest its own call: everything pairs up.
         assert_eq!(s.matched, calls.len() as u64);

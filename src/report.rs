@@ -169,10 +169,11 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
     let margin = params.window_ms.saturating_add(params.skew_ms);
     let since = q.since_ms.unwrap_or(i64::MIN);
     let until = q.until_ms.unwrap_or(i64::MAX);
-    let calls = store.calls_for_reconcile(since.saturating_sub(margin), until.saturating_add(margin)).await?;
-    let callbacks = store
-        .roster_callbacks_for_reconcile(since.saturating_sub(margin), until.saturating_add(margin))
-        .await?;
+    // Two read connections load both sides at once.
+    let (calls, callbacks) = tokio::try_join!(
+        store.calls_for_reconcile(since.saturating_sub(margin), until.saturating_add(margin)),
+        store.roster_callbacks_for_reconcile(since.saturating_sub(margin), until.saturating_add(margin)),
+    )?;
     let result = reconcile::reconcile(&calls, &callbacks, &params);
     let by_seq: HashMap<i64, &CallbackRow> = callbacks.iter().map(|c| (c.seq, c)).collect();
 

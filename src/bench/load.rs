@@ -81,7 +81,12 @@ async fn send(
 }
 
 /// Closed loop: `connections` workers, each sending back to back for `duration`.
-pub async fn closed_loop(addr: SocketAddr, connections: usize, duration: Duration, make: MakeRequest) -> anyhow::Result<LoadResult> {
+pub async fn closed_loop(
+    addr: SocketAddr,
+    connections: usize,
+    duration: Duration,
+    make: MakeRequest,
+) -> anyhow::Result<LoadResult> {
     let counter = Arc::new(AtomicU64::new(0));
     let start = Instant::now();
     let deadline = start + duration;
@@ -97,7 +102,11 @@ pub async fn closed_loop(addr: SocketAddr, connections: usize, duration: Duratio
                 let n = counter.fetch_add(1, Ordering::Relaxed);
                 let req = make(n);
                 let t = Instant::now();
-                if send(&mut sender, addr, req).await { ok += 1 } else { err += 1 }
+                if send(&mut sender, addr, req).await {
+                    ok += 1
+                } else {
+                    err += 1
+                }
                 lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
             }
             (lat, ok, err)
@@ -118,7 +127,13 @@ pub async fn closed_loop(addr: SocketAddr, connections: usize, duration: Duratio
 
 /// Open loop: requests scheduled at `rate` per second for `duration`, served by up to
 /// `connections` connections; latency counts from the scheduled send time.
-pub async fn open_loop(addr: SocketAddr, connections: usize, rate: u64, duration: Duration, make: MakeRequest) -> anyhow::Result<LoadResult> {
+pub async fn open_loop(
+    addr: SocketAddr,
+    connections: usize,
+    rate: u64,
+    duration: Duration,
+    make: MakeRequest,
+) -> anyhow::Result<LoadResult> {
     let total = (rate as f64 * duration.as_secs_f64()) as u64;
     let (tx, rx) = async_channel(total as usize);
     let start = Instant::now() + Duration::from_millis(50);
@@ -134,7 +149,11 @@ pub async fn open_loop(addr: SocketAddr, connections: usize, rate: u64, duration
                 let next = { rx.lock().await.recv().await };
                 let Some((n, scheduled)) = next else { break };
                 let req = make(n);
-                if send(&mut sender, addr, req).await { ok += 1 } else { err += 1 }
+                if send(&mut sender, addr, req).await {
+                    ok += 1
+                } else {
+                    err += 1
+                }
                 let l = Instant::now().saturating_duration_since(scheduled);
                 lat.push(l.as_micros().min(u128::from(u32::MAX)) as u32);
             }

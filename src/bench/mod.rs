@@ -139,7 +139,14 @@ impl ServiceProcess {
         };
         let child = tokio::process::Command::new(exe)
             .arg("serve")
-            .args(["--listen", &addr.to_string(), "--sandbox-listen", &sandbox_addr.to_string(), "--database-url", &db_url])
+            .args([
+                "--listen",
+                &addr.to_string(),
+                "--sandbox-listen",
+                &sandbox_addr.to_string(),
+                "--database-url",
+                &db_url,
+            ])
             .args(extra)
             .env("RUST_LOG", std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()))
             .stdout(Stdio::null())
@@ -218,7 +225,8 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         SqliteSynchronous::Full => "full",
         SqliteSynchronous::Normal => "normal",
     };
-    let svc = ServiceProcess::start(a.binary.as_deref(), &["--callback-secret", secret, "--sqlite-synchronous", sync]).await?;
+    let svc = ServiceProcess::start(a.binary.as_deref(), &["--callback-secret", secret, "--sqlite-synchronous", sync])
+        .await?;
     let addr = svc.addr;
     println!(
         "friendhook bench ingest: {} connections, {:?} per closed-loop phase, synchronous={sync}, {} cores",
@@ -257,7 +265,8 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
 
     let mut acknowledged = full.ok;
     if a.rate > 0 {
-        let open = load::open_loop(addr, a.connections, a.rate, a.open_loop_duration, callback(run_id + 100_000)).await?;
+        let open =
+            load::open_loop(addr, a.connections, a.rate, a.open_loop_duration, callback(run_id + 100_000)).await?;
         println!("{}", row(&format!("open loop at {}/s (from schedule)", a.rate), &open));
         acknowledged += open.ok;
     }
@@ -279,10 +288,17 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
 
 async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
     let rate = a.rate_limit.max(1).to_string();
-    let svc = ServiceProcess::start(a.binary.as_deref(), &["--easemob-rate-limit", &rate, "--sandbox-friend-limit", "100000"]).await?;
+    let svc = ServiceProcess::start(
+        a.binary.as_deref(),
+        &["--easemob-rate-limit", &rate, "--sandbox-friend-limit", "100000"],
+    )
+    .await?;
     let base = format!("http://{}", svc.addr);
     let sandbox = format!("http://{}", svc.sandbox_addr);
-    println!("friendhook bench trigger: {} friend additions, rate limit {}/s on the client and the sandbox", a.adds, a.rate_limit);
+    println!(
+        "friendhook bench trigger: {} friend additions, rate limit {}/s on the client and the sandbox",
+        a.adds, a.rate_limit
+    );
     // Users, registered through the embedded client (they share the sandbox's rate budget).
     let mut cfg = crate::easemob::ClientConfig::new(
         sandbox.clone(),
@@ -296,8 +312,10 @@ async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
     let users = (a.adds * 2).max(2);
     let names: Vec<String> = (0..users).map(|i| format!("bench_{i}")).collect();
     for chunk in names.chunks(60) {
-        let batch: Vec<crate::easemob::NewUser> =
-            chunk.iter().map(|n| crate::easemob::NewUser { username: n.clone(), password: "pw".into(), nickname: None }).collect();
+        let batch: Vec<crate::easemob::NewUser> = chunk
+            .iter()
+            .map(|n| crate::easemob::NewUser { username: n.clone(), password: "pw".into(), nickname: None })
+            .collect();
         client.register_users(&batch).await.map_err(|e| anyhow::anyhow!("registering users: {e}"))?;
     }
     let http = reqwest::Client::new();
@@ -309,8 +327,13 @@ async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
     for (k, chunk) in names.chunks(2).collect::<Vec<_>>().chunks(1000).enumerate() {
         let pairs: Vec<serde_json::Value> =
             chunk.iter().filter(|p| p.len() == 2).map(|p| serde_json::json!({"owner": p[0], "friend": p[1]})).collect();
-        let resp: serde_json::Value =
-            http.post(format!("{base}/v1/friends/batch")).json(&serde_json::json!({"pairs": pairs})).send().await?.json().await?;
+        let resp: serde_json::Value = http
+            .post(format!("{base}/v1/friends/batch"))
+            .json(&serde_json::json!({"pairs": pairs}))
+            .send()
+            .await?
+            .json()
+            .await?;
         succeeded += resp["results"].as_array().map_or(0, |r| r.iter().filter(|c| c["outcome"] == "succeeded").count());
         eprintln!("  batch {} done ({succeeded} succeeded so far)", k + 1);
     }
@@ -332,7 +355,10 @@ async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
     println!("{:<36} {:>10}", "429s drawn from the sandbox", d("rate_limited"));
     println!("{:<36} {:>10}", "callbacks matched", summary["matched"]);
     let l = &summary["match_latency_ms"];
-    println!("{:<36} {:>7} ms {:>7} ms {:>7} ms", "trigger to stored callback p50/p99/max", l["p50"], l["p99"], l["max"]);
+    println!(
+        "{:<36} {:>7} ms {:>7} ms {:>7} ms",
+        "trigger to stored callback p50/p99/max", l["p50"], l["p99"], l["max"]
+    );
     let (_, _dir) = svc.stop().await?;
     Ok(())
 }
@@ -375,7 +401,12 @@ async fn bench_reconcile(a: SeedArgs) -> anyhow::Result<()> {
     let mut window_times = Vec::new();
     let mut last = None;
     for k in 0..5 {
-        let q = ReportQuery { since_ms: Some(mid + k * hour), until_ms: Some(mid + (k + 1) * hour), limit: 100, ..Default::default() };
+        let q = ReportQuery {
+            since_ms: Some(mid + k * hour),
+            until_ms: Some(mid + (k + 1) * hour),
+            limit: 100,
+            ..Default::default()
+        };
         let t = Instant::now();
         let r = report::build(&store, &q, params).await?;
         window_times.push(t.elapsed());
@@ -415,11 +446,21 @@ async fn bench_feed(a: SeedArgs) -> anyhow::Result<()> {
     let store = seeded_store(&a).await?;
     let t = Instant::now();
     let mut sink = std::io::sink();
-    let n = crate::commands::export::export(&store, i64::MIN, i64::MAX, crate::commands::export::Format::Ndjson, &mut sink, 0).await?;
+    let n = crate::commands::export::export(
+        &store,
+        i64::MIN,
+        i64::MAX,
+        crate::commands::export::Format::Ndjson,
+        &mut sink,
+        0,
+    )
+    .await?;
     let secs = t.elapsed().as_secs_f64();
     println!("feed export (NDJSON): {n} records in {secs:.2} s = {:.0} lines/s", n as f64 / secs.max(1e-9));
     let t = Instant::now();
-    let n = crate::commands::export::export(&store, i64::MIN, i64::MAX, crate::commands::export::Format::Csv, &mut sink, 0).await?;
+    let n =
+        crate::commands::export::export(&store, i64::MIN, i64::MAX, crate::commands::export::Format::Csv, &mut sink, 0)
+            .await?;
     let secs = t.elapsed().as_secs_f64();
     println!("feed export (CSV):    {n} records in {secs:.2} s = {:.0} lines/s", n as f64 / secs.max(1e-9));
     Ok(())

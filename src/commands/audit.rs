@@ -66,7 +66,9 @@ pub async fn verify(store: &Store) -> anyhow::Result<Verdict> {
                 return Ok(Verdict::Broken(format!("{what}: prev_hash does not equal the previous record's link")));
             }
             if !r.body_digest_ok {
-                return Ok(Verdict::Broken(format!("{what}: raw_body does not match its stored SHA-256 (body edited)")));
+                return Ok(Verdict::Broken(format!(
+                    "{what}: raw_body does not match its stored SHA-256 (body edited)"
+                )));
             }
             if r.recomputed != r.chain_hash {
                 return Ok(Verdict::Broken(format!("{what}: content does not match its chain link (record edited)")));
@@ -94,9 +96,12 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         Verdict::Intact { records, head_seq, head_hash } => {
             if let Some(expect) = expect_head {
                 let want = format!("{head_seq}:{head_hash}");
-                let matches = expect == want || expect.split(':').next() == Some(&head_seq.to_string()) && expect.ends_with(&head_hash);
+                let matches = expect == want
+                    || expect.split(':').next() == Some(&head_seq.to_string()) && expect.ends_with(&head_hash);
                 if !matches {
-                    println!("BROKEN: the chain is internally consistent but ends at {want}, not at the expected head {expect}");
+                    println!(
+                        "BROKEN: the chain is internally consistent but ends at {want}, not at the expected head {expect}"
+                    );
                     return Ok(1);
                 }
             }

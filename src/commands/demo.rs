@@ -54,9 +54,26 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let friend_limit = args.friend_limit.to_string();
     let seed = args.seed.to_string();
     let argv = [
-        "friendhook", "serve", "--listen", &args.listen, "--sandbox-listen", "127.0.0.1:0", "--database-url", &db_url,
-        "--callback-secret", "demo-secret", "--sandbox-drop-rate", &drop_rate, "--sandbox-friend-limit", &friend_limit,
-        "--sandbox-seed", &seed, "--sandbox-delay-ms", "200", "--match-window", "1s",
+        "friendhook",
+        "serve",
+        "--listen",
+        &args.listen,
+        "--sandbox-listen",
+        "127.0.0.1:0",
+        "--database-url",
+        &db_url,
+        "--callback-secret",
+        "demo-secret",
+        "--sandbox-drop-rate",
+        &drop_rate,
+        "--sandbox-friend-limit",
+        &friend_limit,
+        "--sandbox-seed",
+        &seed,
+        "--sandbox-delay-ms",
+        "200",
+        "--match-window",
+        "1s",
     ];
     let Command::Serve(serve_args) = Cli::try_parse_from(argv)?.command else { unreachable!("serve args") };
     let service = crate::commands::serve::build(&serve_args, crate::clock::system()).await?;
@@ -68,17 +85,29 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(crate::app::serve(listener, router, limits, async move {
         let _ = stop_rx.await;
     }));
-    println!("friendhook demo: service on {base}, sandbox (playing Easemob) on {}, database {}", sandbox.base_url(), args.database.display());
+    println!(
+        "friendhook demo: service on {base}, sandbox (playing Easemob) on {}, database {}",
+        sandbox.base_url(),
+        args.database.display()
+    );
 
     // Users, registered through the embedded client like any Easemob app back end would.
     let client = EasemobClient::new(
-        ClientConfig::new(sandbox.base_url(), "demo-org", "demo-app", "sandbox-client-id", Secret::new("sandbox-client-secret")),
+        ClientConfig::new(
+            sandbox.base_url(),
+            "demo-org",
+            "demo-app",
+            "sandbox-client-id",
+            Secret::new("sandbox-client-secret"),
+        ),
         crate::clock::system(),
     )?;
     let names: Vec<String> = (0..args.users.max(2)).map(|i| format!("user_{i:03}")).collect();
     for chunk in names.chunks(60) {
-        let users: Vec<NewUser> =
-            chunk.iter().map(|n| NewUser { username: n.clone(), password: "demo-password".into(), nickname: None }).collect();
+        let users: Vec<NewUser> = chunk
+            .iter()
+            .map(|n| NewUser { username: n.clone(), password: "demo-password".into(), nickname: None })
+            .collect();
         client.register_users(&users).await.map_err(|e| anyhow::anyhow!("registering users: {e}"))?;
     }
     println!("registered {} users (friend limit {} per user)", names.len(), args.friend_limit);
@@ -105,7 +134,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     let mut done = 0;
     for chunk in pairs.chunks(50) {
-        let resp: Value = http.post(format!("{base}/v1/friends/batch")).json(&json!({"pairs": chunk})).send().await?.json().await?;
+        let resp: Value =
+            http.post(format!("{base}/v1/friends/batch")).json(&json!({"pairs": chunk})).send().await?.json().await?;
         for r in resp["results"].as_array().cloned().unwrap_or_default() {
             let key = match r["upstream_error"].as_str() {
                 Some(e) => format!("{} ({e})", r["outcome"].as_str().unwrap_or("?")),
@@ -144,7 +174,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         println!("\nstill serving on {base} (Ctrl-C to stop); try: curl '{base}/v1/reconciliation?status=missing'");
         crate::app::shutdown_signal().await;
     } else {
-        println!("\nexplore the stored data afterwards:\n  friendhook reconcile --database-url {db_url}\n  friendhook audit verify --database-url {db_url}");
+        println!(
+            "\nexplore the stored data afterwards:\n  friendhook reconcile --database-url {db_url}\n  friendhook audit verify --database-url {db_url}"
+        );
     }
     let _ = stop_tx.send(());
     server.await??;

@@ -42,12 +42,29 @@ pub struct ExportArgs {
 }
 
 const CSV_HEADER: [&str; 12] = [
-    "seq", "kind", "owner", "friend", "operation", "outcome", "chat_type", "event_time", "received_time", "id", "msg_id",
+    "seq",
+    "kind",
+    "owner",
+    "friend",
+    "operation",
+    "outcome",
+    "chat_type",
+    "event_time",
+    "received_time",
+    "id",
+    "msg_id",
     "upstream_error",
 ];
 
 /// Streams every matching record to `out`; returns how many were written.
-pub async fn export(store: &Store, since: i64, until: i64, format: Format, out: &mut dyn Write, progress_every: u64) -> anyhow::Result<u64> {
+pub async fn export(
+    store: &Store,
+    since: i64,
+    until: i64,
+    format: Format,
+    out: &mut dyn Write,
+    progress_every: u64,
+) -> anyhow::Result<u64> {
     let started = Instant::now();
     let mut after = 0i64;
     let mut written = 0u64;
@@ -56,23 +73,25 @@ pub async fn export(store: &Store, since: i64, until: i64, format: Format, out: 
     }
     loop {
         let page = store.feed_page(after, 10_000, since, until).await?;
-        let Some(last) = page.last() else { break };
-        after = last.seq;
-        // One buffer per page: a few MB at most, whatever the total size.
+        let Some(last) = page.last_seq else { break };
+        after = last;
+        // One page at a time: a few MB at most, whatever the total size. SQLite rendered the
+        // NDJSON already; CSV reads it back.
         let chunk = match format {
-            Format::Csv => csv_bytes(page.iter().map(csv_row))?,
+            Format::Csv => {
+                let records =
+                    page.ndjson.lines().map(serde_json::from_str::<FeedRecord>).collect::<Result<Vec<_>, _>>()?;
+                csv_bytes(records.iter().map(csv_row))?
+            }
             Format::Ndjson => {
-                let mut lines = Vec::with_capacity(page.len() * 200);
-                for rec in &page {
-                    serde_json::to_writer(&mut lines, rec)?;
-                    lines.push(b'\n');
-                }
-                lines
+                let mut bytes = page.ndjson.into_bytes();
+                bytes.push(b'\n');
+                bytes
             }
         };
         out.write_all(&chunk)?;
         let before = written;
-        written += page.len() as u64;
+        written += page.count as u64;
         if progress_every > 0 && before / progress_every != written / progress_every {
             let secs = started.elapsed().as_secs_f64();
             eprintln!("exported {written} records ({:.0}/s)", written as f64 / secs.max(1e-9));
@@ -94,7 +113,7 @@ fn csv_row(r: &FeedRecord) -> [String; 12] {
     let s = |v: &Option<String>| v.clone().unwrap_or_default();
     [
         r.seq.to_string(),
-        r.kind.to_string(),
+        r.kind.clone(),
         s(&r.owner),
         s(&r.friend),
         s(&r.operation),
@@ -110,15 +129,25 @@ fn csv_row(r: &FeedRecord) -> [String; 12] {
 
 /// Runs the command.
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let since = args.since.as_deref().map(|s| parse_time("since", s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let until = args.until.as_deref().map(|s| parse_time("until", s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let since =
+        args.since.as_deref().map(|s| parse_time("since", s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let until =
+        args.until.as_deref().map(|s| parse_time("until", s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open_read_only(&args.database_url).await?;
     let started = Instant::now();
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let n = export(&store, since.unwrap_or(i64::MIN), until.unwrap_or(i64::MAX), args.format, &mut out, args.progress_every).await?;
+    let n = export(
+        &store,
+        since.unwrap_or(i64::MIN),
+        until.unwrap_or(i64::MAX),
+        args.format,
+        &mut out,
+        args.progress_every,
+    )
+    .await?;
     let secs = started.elapsed().as_secs_f64();
     eprintln!("exported {n} records in {secs:.2} s ({:.0} records/s)", n as f64 / secs.max(1e-9));
     Ok(())

@@ -49,11 +49,7 @@ pub enum QuarantineCommand {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// The database to inspect (opened read-only).
-    #[arg(
-        long,
-        env = "FRIENDHOOK_DATABASE_URL",
-        default_value = "sqlite://friendhook.db"
-    )]
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
     pub database_url: String,
 
     /// Print JSON (`{"held": N, "items": [...]}`) instead of a table.
@@ -69,32 +65,17 @@ pub struct ListArgs {
 #[derive(Debug, Args)]
 pub struct ReverifyArgs {
     /// The database holding the quarantine; it must exist. May be in use by a running service.
-    #[arg(
-        long,
-        env = "FRIENDHOOK_DATABASE_URL",
-        default_value = "sqlite://friendhook.db"
-    )]
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
     pub database_url: String,
 
     /// Secret(s) to try, comma-separated; any of them may verify a request. Easemob scheme: the
     /// callback rule's secret from the Easemob console; standard-webhooks: `whsec_<base64>`.
     /// Prefer the environment variable, which keeps the secret out of shell history and `ps`.
-    #[arg(
-        long,
-        env = "FRIENDHOOK_CALLBACK_SECRET",
-        value_delimiter = ',',
-        required = true,
-        hide_env_values = true
-    )]
+    #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', required = true, hide_env_values = true)]
     pub callback_secret: Vec<Secret>,
 
     /// Signature scheme to check the held requests under.
-    #[arg(
-        long,
-        env = "FRIENDHOOK_SIGNATURE_SCHEME",
-        value_enum,
-        default_value = "easemob"
-    )]
+    #[arg(long, env = "FRIENDHOOK_SIGNATURE_SCHEME", value_enum, default_value = "easemob")]
     pub signature_scheme: Scheme,
 
     /// standard-webhooks only: how far `webhook-timestamp` may be from the time the request
@@ -231,10 +212,7 @@ pub fn render_table(items: &[ListItem]) -> String {
             i.body_sha256.get(..12).unwrap_or(&i.body_sha256),
             i.timestamp.map(fmt_time).unwrap_or_else(|| "-".into()),
             // A callId is attacker-chosen text until verified: keep it on one line.
-            i.call_id
-                .as_deref()
-                .map(one_line)
-                .unwrap_or_else(|| "(body does not parse)".into()),
+            i.call_id.as_deref().map(one_line).unwrap_or_else(|| "(body does not parse)".into()),
             promoted
         );
     }
@@ -257,9 +235,7 @@ pub fn next_step(held: usize, database_url: &str) -> String {
 }
 
 fn one_line(s: &str) -> String {
-    s.chars()
-        .map(|c| if c.is_control() { '?' } else { c })
-        .collect()
+    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
 }
 
 /// Epoch ms as RFC 3339 with milliseconds; the number itself when out of RFC 3339's range.
@@ -287,8 +263,7 @@ pub fn fmt_time(ms: i64) -> String {
 /// the dedup key stops the same event being stored twice.
 pub fn reverify_one(verifier: &Verifier, req: &QuarantinedRequest) -> Result<NewCallback, Refusal> {
     let headers = headers_from_json(&req.headers_json);
-    let (event, secret_index) =
-        verify_request(verifier, &headers, &req.raw_body, req.received_at_ms)?;
+    let (event, secret_index) = verify_request(verifier, &headers, &req.raw_body, req.received_at_ms)?;
     // It parsed as JSON, so it is UTF-8; refuse rather than panic if that ever changes.
     let raw_body = String::from_utf8(req.raw_body.clone())
         .map_err(|_| Refusal::Unparseable(ParseError::NotJson("invalid UTF-8".into())))?;
@@ -312,10 +287,9 @@ pub fn headers_from_json(text: &str) -> HeaderMap {
         return headers;
     };
     for (name, value) in map {
-        let (Ok(name), Some(Ok(value))) = (
-            HeaderName::from_bytes(name.as_bytes()),
-            value.as_str().map(HeaderValue::from_str),
-        ) else {
+        let (Ok(name), Some(Ok(value))) =
+            (HeaderName::from_bytes(name.as_bytes()), value.as_str().map(HeaderValue::from_str))
+        else {
             continue;
         };
         headers.insert(name, value);
@@ -350,10 +324,7 @@ impl ReverifySummary {
             self.checked, self.promoted, self.duplicates
         );
         if self.taken_by_another_run > 0 {
-            out.push_str(&format!(
-                ", {} promoted meanwhile by another run",
-                self.taken_by_another_run
-            ));
+            out.push_str(&format!(", {} promoted meanwhile by another run", self.taken_by_another_run));
         }
         out.push('\n');
         if self.still_held > 0 {
@@ -414,7 +385,10 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<()> {
                     Err(Refusal::BadSignature(_)) => summary.still_held += 1,
                     Err(Refusal::Unparseable(e)) => {
                         summary.unreadable += 1;
-                        println!("#{}: verifies, but the body is not a readable callback ({e}); left in quarantine", req.id);
+                        println!(
+                            "#{}: verifies, but the body is not a readable callback ({e}); left in quarantine",
+                            req.id
+                        );
                     }
                 }
             }
@@ -428,7 +402,9 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<()> {
             // Submitted together, so the group-commit writer stores a page in a few transactions
             // instead of one fsync per request.
             let results = futures_util::future::join_all(
-                promotable.into_iter().map(|(id, cb)| async move { (id, writer.mark_quarantine_promoted(id, cb).await) }),
+                promotable
+                    .into_iter()
+                    .map(|(id, cb)| async move { (id, writer.mark_quarantine_promoted(id, cb).await) }),
             )
             .await;
             for (id, result) in results {
@@ -491,23 +467,14 @@ mod tests {
     }
 
     fn verifier(scheme: Scheme, secrets: &[&str]) -> Verifier {
-        Verifier::new(
-            scheme,
-            secrets.iter().map(|s| Secret::new(*s)).collect(),
-            300,
-        )
-        .expect("valid verifier")
+        Verifier::new(scheme, secrets.iter().map(|s| Secret::new(*s)).collect(), 300).expect("valid verifier")
     }
 
     #[test]
     fn easemob_request_verifies_only_with_its_secret_and_keeps_arrival_facts() {
         let req = held(easemob_body("right"), "{}", 1_700_000_000_500);
-        assert!(matches!(
-            reverify_one(&verifier(Scheme::Easemob, &["wrong"]), &req),
-            Err(Refusal::BadSignature(_))
-        ));
-        let cb =
-            reverify_one(&verifier(Scheme::Easemob, &["wrong", "right"]), &req).expect("verifies");
+        assert!(matches!(reverify_one(&verifier(Scheme::Easemob, &["wrong"]), &req), Err(Refusal::BadSignature(_))));
+        let cb = reverify_one(&verifier(Scheme::Easemob, &["wrong", "right"]), &req).expect("verifies");
         assert_eq!(cb.secret_index, 1);
         assert_eq!(cb.received_at_ms, 1_700_000_000_500);
         assert_eq!(cb.remote_addr.as_deref(), Some("10.0.0.1:5000"));
@@ -521,21 +488,16 @@ mod tests {
         let body = br#"{"callId":"c1","timestamp":1614265330000}"#.to_vec();
         let ts = 1_614_265_330; // 2021: years before this test runs
         let sig = crate::signature::standard_webhooks::sign("msg_1", ts, &body, &key);
-        let headers = serde_json::json!({"webhook-id": "msg_1", "webhook-timestamp": ts.to_string(), "webhook-signature": sig});
+        let headers =
+            serde_json::json!({"webhook-id": "msg_1", "webhook-timestamp": ts.to_string(), "webhook-signature": sig});
         let arrived_on_time = held(body.clone(), &headers.to_string(), ts * 1000 + 2_000);
-        let cb = reverify_one(
-            &verifier(Scheme::StandardWebhooks, &[WHSEC]),
-            &arrived_on_time,
-        )
-        .expect("verifies");
+        let cb = reverify_one(&verifier(Scheme::StandardWebhooks, &[WHSEC]), &arrived_on_time).expect("verifies");
         assert_eq!(cb.event.call_id, "c1");
         // The same request, had it arrived an hour late, was never valid.
         let arrived_late = held(body, &headers.to_string(), (ts + 3600) * 1000);
         assert!(matches!(
             reverify_one(&verifier(Scheme::StandardWebhooks, &[WHSEC]), &arrived_late),
-            Err(Refusal::BadSignature(
-                crate::signature::VerifyError::TimestampOutOfTolerance
-            ))
+            Err(Refusal::BadSignature(crate::signature::VerifyError::TimestampOutOfTolerance))
         ));
     }
 
@@ -554,9 +516,7 @@ mod tests {
 
     #[test]
     fn headers_from_json_skips_what_is_not_a_header() {
-        let h = headers_from_json(
-            r#"{"webhook-id":"a","bad name":"x","webhook-timestamp":5,"x":"line\nbreak"}"#,
-        );
+        let h = headers_from_json(r#"{"webhook-id":"a","bad name":"x","webhook-timestamp":5,"x":"line\nbreak"}"#);
         assert_eq!(h.len(), 1);
         assert_eq!(h.get("webhook-id").and_then(|v| v.to_str().ok()), Some("a"));
         assert!(headers_from_json("[1]").is_empty());
@@ -570,10 +530,7 @@ mod tests {
         assert_eq!(item.timestamp, Some(1_700_000_000_000));
         assert_eq!(item.received_at, "1970-01-01T00:00:00.000Z");
         let unparsed = ListItem::from_request(&held(b"\xff".to_vec(), "{}", 0));
-        assert_eq!(
-            (unparsed.call_id.as_deref(), unparsed.timestamp),
-            (None, None)
-        );
+        assert_eq!((unparsed.call_id.as_deref(), unparsed.timestamp), (None, None));
         assert!(render_table(&[unparsed]).contains("(body does not parse)"));
     }
 
@@ -586,22 +543,15 @@ mod tests {
 
     #[test]
     fn summary_says_what_to_do_next() {
-        let s = ReverifySummary {
-            checked: 3,
-            promoted: 1,
-            duplicates: 1,
-            still_held: 2,
-            ..Default::default()
-        };
+        let s = ReverifySummary { checked: 3, promoted: 1, duplicates: 1, still_held: 2, ..Default::default() };
         let text = s.render(false);
-        assert!(text.starts_with("checked 3, promoted 1 (of which 1 were duplicates of events already stored), still held 2"), "{text}");
         assert!(
-            text.contains("Easemob console") && text.contains("--callback-secret"),
+            text.starts_with(
+                "checked 3, promoted 1 (of which 1 were duplicates of events already stored), still held 2"
+            ),
             "{text}"
         );
-        assert!(
-            next_step(2, "sqlite://x.db")
-                .contains("friendhook quarantine reverify --database-url sqlite://x.db")
-        );
+        assert!(text.contains("Easemob console") && text.contains("--callback-secret"), "{text}");
+        assert!(next_step(2, "sqlite://x.db").contains("friendhook quarantine reverify --database-url sqlite://x.db"));
     }
 }

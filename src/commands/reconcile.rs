@@ -9,8 +9,8 @@ use crate::config::parse_duration;
 use crate::http::query::parse_time;
 use crate::reconcile::MatchParams;
 use crate::report::{self, ReportQuery};
-use serde_json::Value;
 use crate::store::Store;
+use serde_json::Value;
 
 /// `friendhook reconcile` options.
 #[derive(Debug, Args)]
@@ -54,7 +54,9 @@ async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>) -> anyhow::
         let mut doc: Option<Value> = None;
         loop {
             let mut q: Vec<(&str, String)> = vec![("limit", "1000".into())];
-            for (k, v) in [("since", &args.since), ("until", &args.until), ("owner", &args.owner), ("friend", &args.friend)] {
+            for (k, v) in
+                [("since", &args.since), ("until", &args.until), ("owner", &args.owner), ("friend", &args.friend)]
+            {
                 if let Some(v) = v {
                     q.push((k, v.clone()));
                 }
@@ -150,7 +152,12 @@ pub fn render_table(r: &Value) -> String {
     let _ = writeln!(
         out,
         "matched {}  pending {}  missing {}  not_expected {}  unexpected {}  orphan {}",
-        n("matched"), n("pending"), n("missing"), n("not_expected"), n("unexpected"), n("orphan")
+        n("matched"),
+        n("pending"),
+        n("missing"),
+        n("not_expected"),
+        n("unexpected"),
+        n("orphan")
     );
     let l = &s["match_latency_ms"];
     let f = |k: &str| l[k].as_i64().map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
@@ -174,8 +181,12 @@ pub fn render_table(r: &Value) -> String {
                 str_of(&item["owner"]),
                 str_of(&item["friend"]),
                 item["requested_at"].as_i64().unwrap_or(0),
-                format!("{} {}{}", str_of(&item["op"]), str_of(&item["outcome"]),
-                    if item["late"] == true { " (late)" } else { "" }),
+                format!(
+                    "{} {}{}",
+                    str_of(&item["op"]),
+                    str_of(&item["outcome"]),
+                    if item["late"] == true { " (late)" } else { "" }
+                ),
             )
         } else {
             (
@@ -189,7 +200,13 @@ pub fn render_table(r: &Value) -> String {
         let _ = writeln!(
             out,
             "{:<12} {:<8} {:>8}  {:<16} {:<16} {:<24} {}",
-            str_of(&item["status"]), str_of(&item["kind"]), id, a, b, fmt_time(t), detail
+            str_of(&item["status"]),
+            str_of(&item["kind"]),
+            id,
+            a,
+            b,
+            fmt_time(t),
+            detail
         );
     }
     out

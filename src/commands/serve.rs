@@ -50,7 +50,14 @@ fn generated_secret() -> Secret {
     Secret::new(hex::encode(bytes))
 }
 
-fn client_config(args: &ServeArgs, base_url: String, org: String, app: String, client_id: String, secret: Secret) -> ClientConfig {
+fn client_config(
+    args: &ServeArgs,
+    base_url: String,
+    org: String,
+    app: String,
+    client_id: String,
+    secret: Secret,
+) -> ClientConfig {
     let mut cfg = ClientConfig::new(base_url, org, app, client_id, secret);
     cfg.rate_limit_per_sec = args.easemob.easemob_rate_limit.max(1);
     cfg.max_attempts = args.easemob.easemob_max_attempts.max(1);
@@ -60,16 +67,20 @@ fn client_config(args: &ServeArgs, base_url: String, org: String, app: String, c
 
 fn real_client(args: &ServeArgs, base: &str, clock: SharedClock) -> anyhow::Result<EasemobClient> {
     let e = &args.easemob;
-    let missing = |what: &str, flag: &str| anyhow::anyhow!("--easemob-base-url is set, so {what} is required: pass {flag}");
+    let missing =
+        |what: &str, flag: &str| anyhow::anyhow!("--easemob-base-url is set, so {what} is required: pass {flag}");
     let org = e.easemob_org.clone().ok_or_else(|| missing("the org", "--easemob-org (EASEMOB_ORG)"))?;
     let app = e.easemob_app.clone().ok_or_else(|| missing("the app", "--easemob-app (EASEMOB_APP)"))?;
-    let id = e.easemob_client_id.clone().ok_or_else(|| missing("the client id", "--easemob-client-id (EASEMOB_CLIENT_ID)"))?;
+    let id = e
+        .easemob_client_id
+        .clone()
+        .ok_or_else(|| missing("the client id", "--easemob-client-id (EASEMOB_CLIENT_ID)"))?;
     let secret = e
         .easemob_client_secret
         .clone()
         .ok_or_else(|| missing("the client secret", "--easemob-client-secret (EASEMOB_CLIENT_SECRET)"))?;
     let cfg = client_config(args, base.to_string(), org, app, id, secret);
-    Ok(EasemobClient::new(cfg, clock).context("could not build the Easemob client")?)
+    EasemobClient::new(cfg, clock).context("could not build the Easemob client")
 }
 
 /// Starts the built-in sandbox as Easemob: its callbacks go to this receiver, signed with the
@@ -97,7 +108,9 @@ async fn start_sandbox(
         ..crate::sandbox::SandboxConfig::default()
     };
     if args.signature_scheme != Scheme::Easemob {
-        tracing::warn!("the sandbox signs callbacks with Easemob's scheme; with --signature-scheme standard-webhooks they will be rejected");
+        tracing::warn!(
+            "the sandbox signs callbacks with Easemob's scheme; with --signature-scheme standard-webhooks they will be rejected"
+        );
     }
     let (org, app, id, client_secret) =
         (config.org.clone(), config.app.clone(), config.client_id.clone(), config.client_secret.clone());
@@ -130,9 +143,9 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let verifier_first_secret = secrets[0].clone();
     let verifier = Verifier::new(args.signature_scheme, secrets, args.timestamp_tolerance.as_secs() as i64)
         .context("invalid --callback-secret")?;
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("could not listen on {} (is another friendhook running? try --listen)", args.listen))?;
+    let listener = TcpListener::bind(args.listen).await.with_context(|| {
+        format!("could not listen on {} (is another friendhook running? try --listen)", args.listen)
+    })?;
     let store = Store::open(store_options(args), clock.clone())
         .await
         .with_context(|| format!("could not open the database {}", args.db.database_url))?;
@@ -147,7 +160,8 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let (easemob, sandbox) = match &args.easemob.easemob_base_url {
         Some(base) => (real_client(args, base, clock.clone())?, None),
         None => {
-            let (client, sandbox) = start_sandbox(args, receiver_addr, verifier_first_secret.clone(), clock.clone()).await?;
+            let (client, sandbox) =
+                start_sandbox(args, receiver_addr, verifier_first_secret.clone(), clock.clone()).await?;
             (client, Some(sandbox))
         }
     };
@@ -169,7 +183,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let service = build(&args, clock::system()).await?;
     let addr = service.listener.local_addr()?;
     if service.state.store.recovered_calls > 0 {
-        tracing::warn!(calls = service.state.store.recovered_calls, "calls cut off by the previous stop are now outcome=unknown");
+        tracing::warn!(
+            calls = service.state.store.recovered_calls,
+            "calls cut off by the previous stop are now outcome=unknown"
+        );
     }
     tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
         "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");

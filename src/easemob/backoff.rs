@@ -21,12 +21,7 @@ pub(crate) fn backoff_cap(retry: u32, base: Duration, max: Duration) -> Duration
 }
 
 /// The wait before retry number `retry` (0-based): uniformly random in `[cap/2, cap]`.
-pub(crate) fn backoff_delay(
-    retry: u32,
-    base: Duration,
-    max: Duration,
-    rng: &mut StdRng,
-) -> Duration {
+pub(crate) fn backoff_delay(retry: u32, base: Duration, max: Duration, rng: &mut StdRng) -> Duration {
     let cap = backoff_cap(retry, base, max);
     let half = cap / 2;
     // Nanosecond resolution; a cap beyond u64 nanoseconds (584 years) is not a real setting.
@@ -44,9 +39,7 @@ mod tests {
 
     #[test]
     fn cap_doubles_from_the_base_and_stops_at_the_maximum() {
-        let caps: Vec<u64> = (0..8)
-            .map(|n| backoff_cap(n, BASE, MAX).as_millis() as u64)
-            .collect();
+        let caps: Vec<u64> = (0..8).map(|n| backoff_cap(n, BASE, MAX).as_millis() as u64).collect();
         assert_eq!(caps, [200, 400, 800, 1600, 3200, 5000, 5000, 5000]);
     }
 
@@ -54,10 +47,7 @@ mod tests {
     fn cap_does_not_overflow_for_many_retries() {
         assert_eq!(backoff_cap(40, BASE, MAX), MAX);
         assert_eq!(backoff_cap(u32::MAX, BASE, MAX), MAX);
-        assert_eq!(
-            backoff_cap(70, Duration::from_secs(u64::MAX / 2), Duration::MAX),
-            Duration::MAX
-        );
+        assert_eq!(backoff_cap(70, Duration::from_secs(u64::MAX / 2), Duration::MAX), Duration::MAX);
     }
 
     #[test]
@@ -76,9 +66,7 @@ mod tests {
     fn a_fixed_seed_gives_a_fixed_schedule() {
         let schedule = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..6)
-                .map(|n| backoff_delay(n, BASE, MAX, &mut rng))
-                .collect::<Vec<_>>()
+            (0..6).map(|n| backoff_delay(n, BASE, MAX, &mut rng)).collect::<Vec<_>>()
         };
         assert_eq!(schedule(42), schedule(42));
         assert_ne!(schedule(42), schedule(43));
@@ -87,9 +75,6 @@ mod tests {
     #[test]
     fn zero_base_means_no_wait() {
         let mut rng = StdRng::seed_from_u64(1);
-        assert_eq!(
-            backoff_delay(3, Duration::ZERO, MAX, &mut rng),
-            Duration::ZERO
-        );
+        assert_eq!(backoff_delay(3, Duration::ZERO, MAX, &mut rng), Duration::ZERO);
     }
 }

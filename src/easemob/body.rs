@@ -41,28 +41,16 @@ pub struct ApiSuccess {
 #[serde(default)]
 pub struct Envelope {
     /// Lower-case HTTP verb of the request (`"post"`, `"get"`, `"delete"`).
-    #[serde(
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub action: Option<String>,
     /// The application's UUID.
-    #[serde(
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub application: Option<String>,
     /// Request path; for contact endpoints it names the owner by UUID, not by username.
-    #[serde(
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
     /// Request URL.
-    #[serde(
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub uri: Option<String>,
     /// The entities concerned: for add/delete friend the friend's user entity, for register the
     /// created users. Elements that are not objects are skipped.
@@ -73,35 +61,19 @@ pub struct Envelope {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub data: Option<Value>,
     /// Server time of the answer, Unix milliseconds.
-    #[serde(
-        deserialize_with = "lenient_i64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_i64", skip_serializing_if = "Option::is_none")]
     pub timestamp: Option<i64>,
     /// Server-side processing time in milliseconds.
-    #[serde(
-        deserialize_with = "lenient_i64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_i64", skip_serializing_if = "Option::is_none")]
     pub duration: Option<i64>,
     /// The org name of the App Key.
-    #[serde(
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub organization: Option<String>,
     /// The app name of the App Key.
-    #[serde(
-        rename = "applicationName",
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "applicationName", deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub application_name: Option<String>,
     /// Number of items, sent by list and get endpoints.
-    #[serde(
-        deserialize_with = "lenient_i64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_i64", skip_serializing_if = "Option::is_none")]
     pub count: Option<i64>,
 }
 
@@ -118,47 +90,25 @@ impl Envelope {
 #[serde(default)]
 pub struct Entity {
     /// Easemob's internal ID of the user.
-    #[serde(
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub uuid: Option<String>,
     /// `"user"` or `"group"`.
-    #[serde(
-        rename = "type",
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(rename = "type", deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub r#type: Option<String>,
     /// Creation time, Unix milliseconds.
-    #[serde(
-        deserialize_with = "lenient_i64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_i64", skip_serializing_if = "Option::is_none")]
     pub created: Option<i64>,
     /// Last modification time, Unix milliseconds.
-    #[serde(
-        deserialize_with = "lenient_i64",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_i64", skip_serializing_if = "Option::is_none")]
     pub modified: Option<i64>,
     /// The user ID (lower case).
-    #[serde(
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub username: Option<String>,
     /// `false` when the user is banned.
-    #[serde(
-        deserialize_with = "lenient_bool",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_bool", skip_serializing_if = "Option::is_none")]
     pub activated: Option<bool>,
     /// Display name; absent when never set.
-    #[serde(
-        deserialize_with = "lenient_string",
-        skip_serializing_if = "Option::is_none"
-    )]
+    #[serde(deserialize_with = "lenient_string", skip_serializing_if = "Option::is_none")]
     pub nickname: Option<String>,
 }
 
@@ -248,11 +198,9 @@ fn lenient_bool<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<boo
 
 fn lenient_entities<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<Entity>, D::Error> {
     Ok(match Value::deserialize(deserializer)? {
-        Value::Array(items) => items
-            .iter()
-            .filter(|item| item.is_object())
-            .filter_map(|item| Entity::deserialize(item).ok())
-            .collect(),
+        Value::Array(items) => {
+            items.iter().filter(|item| item.is_object()).filter_map(|item| Entity::deserialize(item).ok()).collect()
+        }
         _ => Vec::new(),
     })
 }
@@ -370,37 +318,21 @@ mod tests {
         assert_eq!(envelope.count, Some(2));
         assert_eq!(envelope.data, Some(json!(["b", "c"])));
 
-        assert_eq!(
-            Envelope::from_value(&json!("not an object")),
-            Envelope::default()
-        );
-        assert_eq!(
-            Envelope::from_value(&json!({"entities": "nope"})).entities,
-            Vec::new()
-        );
+        assert_eq!(Envelope::from_value(&json!("not an object")), Envelope::default());
+        assert_eq!(Envelope::from_value(&json!({"entities": "nope"})).entities, Vec::new());
     }
 
     #[test]
     fn envelope_round_trips_the_application_name_field() {
-        let envelope = Envelope {
-            application_name: Some("demo-app".into()),
-            ..Envelope::default()
-        };
+        let envelope = Envelope { application_name: Some("demo-app".into()), ..Envelope::default() };
         let value = serde_json::to_value(&envelope).expect("serialises");
         assert_eq!(value, json!({"applicationName":"demo-app","entities":[]}));
     }
 
     #[test]
     fn new_user_omits_a_missing_nickname() {
-        let user = NewUser {
-            username: "alice".into(),
-            password: "pw".into(),
-            nickname: None,
-        };
-        assert_eq!(
-            serde_json::to_value(&user).expect("serialises"),
-            json!({"username":"alice","password":"pw"})
-        );
+        let user = NewUser { username: "alice".into(), password: "pw".into(), nickname: None };
+        assert_eq!(serde_json::to_value(&user).expect("serialises"), json!({"username":"alice","password":"pw"}));
     }
 
     #[test]
@@ -408,9 +340,6 @@ mod tests {
         assert_eq!(body_to_value(b""), Value::Null);
         assert_eq!(body_to_value(b" \n"), Value::Null);
         assert_eq!(body_to_value(br#"{"a":1}"#), json!({"a":1}));
-        assert_eq!(
-            body_to_value(b"<html>bad gateway</html>"),
-            json!("<html>bad gateway</html>")
-        );
+        assert_eq!(body_to_value(b"<html>bad gateway</html>"), json!("<html>bad gateway</html>"));
     }
 }

@@ -85,13 +85,10 @@ impl EasemobClient {
     /// Builds a client; nothing is sent until the first call (the token is fetched lazily).
     pub fn new(config: ClientConfig, clock: SharedClock) -> Result<Self, ClientError> {
         let app_url = app_url(&config)?;
-        let rate = NonZeroU32::new(config.rate_limit_per_sec).ok_or_else(|| {
-            ClientError::InvalidConfig("rate_limit_per_sec must be at least 1".into())
-        })?;
+        let rate = NonZeroU32::new(config.rate_limit_per_sec)
+            .ok_or_else(|| ClientError::InvalidConfig("rate_limit_per_sec must be at least 1".into()))?;
         if config.max_attempts == 0 {
-            return Err(ClientError::InvalidConfig(
-                "max_attempts must be at least 1 (1 means no retries)".into(),
-            ));
+            return Err(ClientError::InvalidConfig("max_attempts must be at least 1 (1 means no retries)".into()));
         }
 
         let mut headers = HeaderMap::new();
@@ -189,10 +186,7 @@ impl EasemobClient {
         let mut merged: Option<ApiSuccess> = None;
         for (index, chunk) in users.chunks(MAX_USERS_PER_REGISTER).enumerate() {
             let earlier_attempts = merged.as_ref().map_or(0, |m| m.attempts);
-            match self
-                .send(Method::POST, url.clone(), Some(json_bytes(&chunk)))
-                .await
-            {
+            match self.send(Method::POST, url.clone(), Some(json_bytes(&chunk))).await {
                 Ok(next) => {
                     merged = Some(match merged {
                         None => next,
@@ -247,12 +241,7 @@ impl EasemobClient {
     }
 
     /// The attempt loop (see the module docs).
-    async fn send(
-        &self,
-        method: Method,
-        url: Url,
-        body: Option<Bytes>,
-    ) -> Result<ApiSuccess, ApiFailure> {
+    async fn send(&self, method: Method, url: Url, body: Option<Bytes>) -> Result<ApiSuccess, ApiFailure> {
         let call = Call { method, url, body };
         let config = &self.inner.config;
         let mut attempts: u32 = 0;
@@ -300,12 +289,7 @@ impl EasemobClient {
             let reason = match status {
                 Some(status) if (200..300).contains(&status) => {
                     let body = body.unwrap_or(Value::Null);
-                    return Ok(ApiSuccess {
-                        status,
-                        envelope: Envelope::from_value(&body),
-                        body,
-                        attempts,
-                    });
+                    return Ok(ApiSuccess { status, envelope: Envelope::from_value(&body), body, attempts });
                 }
                 Some(401) if !renewed_after_401 => {
                     renewed_after_401 = true;
@@ -324,12 +308,7 @@ impl EasemobClient {
                     None => format!("HTTP {status}"),
                 },
                 Some(status) => {
-                    return Err(ApiFailure::Rejected {
-                        status,
-                        error,
-                        body,
-                        attempts,
-                    });
+                    return Err(ApiFailure::Rejected { status, error, body, attempts });
                 }
                 None => transport_reason.unwrap_or_default(),
             };
@@ -342,9 +321,7 @@ impl EasemobClient {
                 reason,
             };
             if attempts >= config.max_attempts {
-                return Err(failed(format!(
-                    "gave up after {attempts} attempt(s) (max_attempts); last: {reason}"
-                )));
+                return Err(failed(format!("gave up after {attempts} attempt(s) (max_attempts); last: {reason}")));
             }
             let delay = self.next_backoff(retries);
             let elapsed = first_attempt_at.elapsed();
@@ -382,22 +359,14 @@ impl EasemobClient {
         let response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
-                return Answer::NotReceived {
-                    reason: self.describe_transport_error(&error),
-                };
+                return Answer::NotReceived { reason: self.describe_transport_error(&error) };
             }
         };
         let status = response.status().as_u16();
         match response.bytes().await {
-            Ok(bytes) => Answer::Received {
-                status,
-                body: body_to_value(&bytes),
-            },
+            Ok(bytes) => Answer::Received { status, body: body_to_value(&bytes) },
             Err(error) => Answer::NotReceived {
-                reason: format!(
-                    "answer {status} cut short: {}",
-                    self.describe_transport_error(&error)
-                ),
+                reason: format!("answer {status} cut short: {}", self.describe_transport_error(&error)),
             },
         }
     }
@@ -416,51 +385,33 @@ impl EasemobClient {
             "client_id": config.client_id,
             "client_secret": config.client_secret.expose(),
         });
-        let failure = |status, error, body, reason| TokenFailure {
-            status,
-            error,
-            body,
-            reason,
-        };
+        let failure = |status, error, body, reason| TokenFailure { status, error, body, reason };
 
-        let response = self
-            .inner
-            .http
-            .post(url.clone())
-            .body(json_bytes(&request))
-            .send()
-            .await
-            .map_err(|error| {
-                failure(
-                    None,
-                    None,
-                    None,
-                    format!(
-                        "could not reach the token endpoint {url}: {}; check --easemob-base-url and the network",
-                        self.describe_transport_error(&error)
-                    ),
-                )
-            })?;
+        let response = self.inner.http.post(url.clone()).body(json_bytes(&request)).send().await.map_err(|error| {
+            failure(
+                None,
+                None,
+                None,
+                format!(
+                    "could not reach the token endpoint {url}: {}; check --easemob-base-url and the network",
+                    self.describe_transport_error(&error)
+                ),
+            )
+        })?;
         let status = response.status().as_u16();
         let bytes = response.bytes().await.map_err(|error| {
             failure(
                 Some(status),
                 None,
                 None,
-                format!(
-                    "the token endpoint's answer was cut short: {}",
-                    self.describe_transport_error(&error)
-                ),
+                format!("the token endpoint's answer was cut short: {}", self.describe_transport_error(&error)),
             )
         })?;
         let body = body_to_value(&bytes);
         tracing::debug!(path = url.path(), status, "token endpoint answered");
 
         if (200..300).contains(&status) {
-            let access_token = body
-                .get("access_token")
-                .and_then(Value::as_str)
-                .filter(|token| !token.is_empty());
+            let access_token = body.get("access_token").and_then(Value::as_str).filter(|token| !token.is_empty());
             let Some(access_token) = access_token else {
                 // The body is not kept: it may hold a token under another name.
                 return Err(failure(
@@ -480,10 +431,7 @@ impl EasemobClient {
                 .and_then(|v| v.as_i64().or_else(|| v.as_str()?.trim().parse().ok()))
                 .unwrap_or(0);
             tracing::debug!(expires_in_secs, "obtained an Easemob app token");
-            return Ok(FetchedToken {
-                access_token: Secret::new(access_token),
-                expires_in_secs,
-            });
+            return Ok(FetchedToken { access_token: Secret::new(access_token), expires_in_secs });
         }
 
         let error = ErrorBody::from_value(&body);
@@ -506,22 +454,13 @@ impl EasemobClient {
             _ => format!("the token endpoint answered {summary}"),
         };
         tracing::warn!(status, reason = %reason, "could not obtain an Easemob app token");
-        Err(failure(
-            Some(status),
-            error,
-            (!body.is_null()).then_some(body),
-            reason,
-        ))
+        Err(failure(Some(status), error, (!body.is_null()).then_some(body), reason))
     }
 
     fn next_backoff(&self, retry: u32) -> Duration {
         let config = &self.inner.config;
         // A poisoned lock only means another call panicked mid-draw; the RNG is still usable.
-        let mut rng = self
-            .inner
-            .jitter
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut rng = self.inner.jitter.lock().unwrap_or_else(PoisonError::into_inner);
         backoff_delay(retry, config.base_backoff, config.max_backoff, &mut rng)
     }
 
@@ -566,16 +505,10 @@ fn check_usernames(usernames: &[&str]) -> Result<(), Box<ApiFailure>> {
 
 /// `base_url` plus `/{org}/{app}`, checked once so that calls cannot fail on URL building.
 fn app_url(config: &ClientConfig) -> Result<Url, ClientError> {
-    let invalid = |reason: String| ClientError::InvalidBaseUrl {
-        url: config.base_url.clone(),
-        reason,
-    };
+    let invalid = |reason: String| ClientError::InvalidBaseUrl { url: config.base_url.clone(), reason };
     let mut url = Url::parse(&config.base_url).map_err(|e| invalid(e.to_string()))?;
     if !matches!(url.scheme(), "http" | "https") {
-        return Err(invalid(format!(
-            "scheme {:?} is not http or https",
-            url.scheme()
-        )));
+        return Err(invalid(format!("scheme {:?} is not http or https", url.scheme())));
     }
     if url.host_str().is_none_or(str::is_empty) {
         return Err(invalid("it has no host".into()));
@@ -645,10 +578,7 @@ fn merge_register_answers(mut so_far: ApiSuccess, next: ApiSuccess) -> ApiSucces
     }
     if let Some(object) = so_far.body.as_object_mut() {
         if object.contains_key("count") {
-            let count = object
-                .get("entities")
-                .and_then(Value::as_array)
-                .map_or(0, Vec::len);
+            let count = object.get("entities").and_then(Value::as_array).map_or(0, Vec::len);
             object.insert("count".into(), json!(count));
         }
     }
@@ -664,32 +594,16 @@ fn merge_register_answers(mut so_far: ApiSuccess, next: ApiSuccess) -> ApiSucces
 /// (for `Failed`) the reason saying how many users went through before.
 fn add_attempts(failure: ApiFailure, earlier: u32, users_before: usize) -> ApiFailure {
     match failure {
-        ApiFailure::Rejected {
-            status,
-            error,
-            body,
-            attempts,
-        } => ApiFailure::Rejected {
-            status,
-            error,
-            body,
-            attempts: attempts + earlier,
-        },
-        ApiFailure::Failed {
-            status,
-            error,
-            body,
-            attempts,
-            reason,
-        } => ApiFailure::Failed {
+        ApiFailure::Rejected { status, error, body, attempts } => {
+            ApiFailure::Rejected { status, error, body, attempts: attempts + earlier }
+        }
+        ApiFailure::Failed { status, error, body, attempts, reason } => ApiFailure::Failed {
             status,
             error,
             body,
             attempts: attempts + earlier,
             reason: if users_before > 0 {
-                format!(
-                    "{reason} (the first {users_before} users were sent in earlier chunks and registered)"
-                )
+                format!("{reason} (the first {users_before} users were sent in earlier chunks and registered)")
             } else {
                 reason
             },
@@ -703,13 +617,7 @@ mod tests {
     use crate::clock::ManualClock;
 
     fn config(base_url: &str) -> ClientConfig {
-        ClientConfig::new(
-            base_url,
-            "demo-org",
-            "demo-app",
-            "id",
-            Secret::new("hunter2"),
-        )
+        ClientConfig::new(base_url, "demo-org", "demo-app", "id", Secret::new("hunter2"))
     }
 
     fn client(base_url: &str) -> EasemobClient {
@@ -720,33 +628,22 @@ mod tests {
     fn paths_are_built_under_the_app_key() {
         let client = client("https://a1.easemob.com");
         assert_eq!(
-            client
-                .app_path(&["users", "alice", "contacts", "users", "bob"])
-                .as_str(),
+            client.app_path(&["users", "alice", "contacts", "users", "bob"]).as_str(),
             "https://a1.easemob.com/demo-org/demo-app/users/alice/contacts/users/bob"
         );
-        assert_eq!(
-            client.app_path(&["token"]).as_str(),
-            "https://a1.easemob.com/demo-org/demo-app/token"
-        );
+        assert_eq!(client.app_path(&["token"]).as_str(), "https://a1.easemob.com/demo-org/demo-app/token");
     }
 
     #[test]
     fn base_url_prefix_and_trailing_slash_are_kept_tidy() {
         let client = client("http://127.0.0.1:8080/prefix/?x=1#f");
-        assert_eq!(
-            client.app_path(&["users"]).as_str(),
-            "http://127.0.0.1:8080/prefix/demo-org/demo-app/users"
-        );
+        assert_eq!(client.app_path(&["users"]).as_str(), "http://127.0.0.1:8080/prefix/demo-org/demo-app/users");
     }
 
     #[test]
     fn path_segments_are_percent_encoded() {
         let client = client("https://a1.easemob.com");
-        assert_eq!(
-            client.app_path(&["users", "a b/c#d?e"]).path(),
-            "/demo-org/demo-app/users/a%20b%2Fc%23d%3Fe"
-        );
+        assert_eq!(client.app_path(&["users", "a b/c#d?e"]).path(), "/demo-org/demo-app/users/a%20b%2Fc%23d%3Fe");
     }
 
     #[test]
@@ -764,10 +661,7 @@ mod tests {
         let clock = ManualClock::new(0);
         for url in ["not a url", "ftp://x", "mailto:a@b"] {
             let err = EasemobClient::new(config(url), clock.clone()).expect_err(url);
-            assert!(
-                matches!(err, ClientError::InvalidBaseUrl { .. }),
-                "{url}: {err}"
-            );
+            assert!(matches!(err, ClientError::InvalidBaseUrl { .. }), "{url}: {err}");
         }
         let mut zero_rate = config("http://x");
         zero_rate.rate_limit_per_sec = 0;
@@ -801,17 +695,10 @@ mod tests {
 
     #[test]
     fn register_answers_merge_entities_data_and_attempts() {
-        let answer = |body: Value, attempts| ApiSuccess {
-            status: 200,
-            envelope: Envelope::from_value(&body),
-            body,
-            attempts,
-        };
+        let answer =
+            |body: Value, attempts| ApiSuccess { status: 200, envelope: Envelope::from_value(&body), body, attempts };
         let merged = merge_register_answers(
-            answer(
-                json!({"action":"post","entities":[{"username":"a"}],"data":[],"count":1}),
-                1,
-            ),
+            answer(json!({"action":"post","entities":[{"username":"a"}],"data":[],"count":1}), 1),
             answer(
                 json!({"action":"post","entities":[{"username":"b"}],"data":[{"username":"c","registerUserFailReason":"exists"}]}),
                 2,
@@ -820,10 +707,7 @@ mod tests {
         assert_eq!(merged.attempts, 3);
         assert_eq!(merged.envelope.entities.len(), 2);
         assert_eq!(merged.envelope.count, Some(2));
-        assert_eq!(
-            merged.body["data"],
-            json!([{"username":"c","registerUserFailReason":"exists"}])
-        );
+        assert_eq!(merged.body["data"], json!([{"username":"c","registerUserFailReason":"exists"}]));
     }
 
     #[test]

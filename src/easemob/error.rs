@@ -52,9 +52,7 @@ impl ApiFailure {
     /// HTTP attempts made for this call (token fetches not counted).
     pub fn attempts(&self) -> u32 {
         match self {
-            ApiFailure::Rejected { attempts, .. } | ApiFailure::Failed { attempts, .. } => {
-                *attempts
-            }
+            ApiFailure::Rejected { attempts, .. } | ApiFailure::Failed { attempts, .. } => *attempts,
         }
     }
 
@@ -71,13 +69,9 @@ impl ApiFailure {
     pub fn upstream_error(&self) -> Option<&str> {
         match self {
             ApiFailure::Rejected { error, .. } => error.as_ref().map(|e| e.error.as_str()),
-            ApiFailure::Failed {
-                error: Some(error), ..
-            } => Some(error.error.as_str()),
+            ApiFailure::Failed { error: Some(error), .. } => Some(error.error.as_str()),
             // An answer without an error body (an HTML 502 page, an empty 503) has no error type.
-            ApiFailure::Failed {
-                status: Some(_), ..
-            } => None,
+            ApiFailure::Failed { status: Some(_), .. } => None,
             ApiFailure::Failed { reason, .. } if reason.contains(TIMED_OUT) => Some("timeout"),
             ApiFailure::Failed { .. } => Some("transport"),
         }
@@ -109,9 +103,7 @@ fn describe(error: Option<&ErrorBody>, body: Option<&Value>) -> String {
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     /// The base URL does not parse or cannot carry a path.
-    #[error(
-        "invalid Easemob base URL {url:?}: {reason}; expected something like https://a1.easemob.com"
-    )]
+    #[error("invalid Easemob base URL {url:?}: {reason}; expected something like https://a1.easemob.com")]
     InvalidBaseUrl {
         /// The URL as configured.
         url: String,
@@ -132,13 +124,7 @@ mod tests {
     use serde_json::json;
 
     fn failed(reason: &str, error: Option<ErrorBody>) -> ApiFailure {
-        ApiFailure::Failed {
-            status: None,
-            error,
-            body: None,
-            attempts: 3,
-            reason: reason.into(),
-        }
+        ApiFailure::Failed { status: None, error, body: None, attempts: 3, reason: reason.into() }
     }
 
     #[test]
@@ -150,24 +136,10 @@ mod tests {
             duration: None,
             error_description: None,
         };
-        assert_eq!(
-            failed("x", Some(body.clone())).upstream_error(),
-            Some("reach_limit")
-        );
-        assert_eq!(
-            failed("request timed out after 15s", None).upstream_error(),
-            Some("timeout")
-        );
-        assert_eq!(
-            failed("connection refused", None).upstream_error(),
-            Some("transport")
-        );
-        let rejected = ApiFailure::Rejected {
-            status: 404,
-            error: None,
-            body: Some(json!("not found")),
-            attempts: 1,
-        };
+        assert_eq!(failed("x", Some(body.clone())).upstream_error(), Some("reach_limit"));
+        assert_eq!(failed("request timed out after 15s", None).upstream_error(), Some("timeout"));
+        assert_eq!(failed("connection refused", None).upstream_error(), Some("transport"));
+        let rejected = ApiFailure::Rejected { status: 404, error: None, body: Some(json!("not found")), attempts: 1 };
         assert_eq!(rejected.upstream_error(), None);
         assert_eq!(rejected.upstream_status(), Some(404));
         assert_eq!(rejected.body(), Some(&json!("not found")));

@@ -40,13 +40,9 @@ impl RequestPacer {
     pub(crate) fn new(per_second: NonZeroU32) -> Self {
         let spacing = Duration::from_secs_f64((1.0 + SAFETY_MARGIN) / f64::from(per_second.get()));
         // `with_period` refuses only a zero period, which a rate of at most u32::MAX cannot give.
-        let quota = Quota::with_period(spacing)
-            .unwrap_or_else(|| Quota::per_second(per_second))
-            .allow_burst(NonZeroU32::MIN);
-        Self {
-            queue: Mutex::new(()),
-            limiter: RateLimiter::direct(quota),
-        }
+        let quota =
+            Quota::with_period(spacing).unwrap_or_else(|| Quota::per_second(per_second)).allow_burst(NonZeroU32::MIN);
+        Self { queue: Mutex::new(()), limiter: RateLimiter::direct(quota) }
     }
 
     /// Waits until this caller may send one request.
@@ -86,10 +82,7 @@ mod tests {
         assert!(times[20] >= Duration::from_millis(200), "{times:?}");
         // No burst: at most the slots at 0, 10.2, ..., 91.8 ms fit in the first 100 ms.
         // (Measured times can only be later than the releases, never earlier.)
-        let early = times
-            .iter()
-            .filter(|t| **t < Duration::from_millis(100))
-            .count();
+        let early = times.iter().filter(|t| **t < Duration::from_millis(100)).count();
         assert!(early <= 10, "{times:?}");
     }
 }

@@ -103,10 +103,7 @@ pub(crate) struct TokenCache {
 
 impl TokenCache {
     pub(crate) fn new(clock: SharedClock) -> Self {
-        Self {
-            clock,
-            state: Mutex::new(TokenState::default()),
-        }
+        Self { clock, state: Mutex::new(TokenState::default()) }
     }
 
     /// A usable token: the cached one if fresh, otherwise the result of `fetch` (run by at most
@@ -118,10 +115,7 @@ impl TokenCache {
     {
         let mut state = self.state.lock().await;
         let now_ms = self.clock.now_ms();
-        let cached = state
-            .token
-            .as_ref()
-            .map(|token| (token.clone(), freshness(token, now_ms)));
+        let cached = state.token.as_ref().map(|token| (token.clone(), freshness(token, now_ms)));
         let usable_while_refreshing = match cached {
             Some((token, Freshness::Fresh)) => return Ok(token),
             Some((token, Freshness::Stale)) => Some(token),
@@ -141,9 +135,8 @@ impl TokenCache {
                     value: fetched.access_token,
                     // The request time, not the answer time: errs towards refreshing early.
                     issued_at_ms: now_ms,
-                    expires_at_ms: (fetched.expires_in_secs > 0).then(|| {
-                        now_ms.saturating_add(fetched.expires_in_secs.saturating_mul(1000))
-                    }),
+                    expires_at_ms: (fetched.expires_in_secs > 0)
+                        .then(|| now_ms.saturating_add(fetched.expires_in_secs.saturating_mul(1000))),
                     generation: state.last_generation,
                 };
                 state.token = Some(token.clone());
@@ -173,11 +166,7 @@ impl TokenCache {
     /// meanwhile by another call, is kept.
     pub(crate) async fn invalidate(&self, generation: u64) {
         let mut state = self.state.lock().await;
-        if state
-            .token
-            .as_ref()
-            .is_some_and(|token| token.generation == generation)
-        {
+        if state.token.as_ref().is_some_and(|token| token.generation == generation) {
             state.token = None;
         }
     }
@@ -193,28 +182,15 @@ mod tests {
     const START_MS: i64 = 1_700_000_000_000;
 
     fn token(issued_at_ms: i64, expires_at_ms: Option<i64>) -> AppToken {
-        AppToken {
-            value: Secret::new("t"),
-            issued_at_ms,
-            expires_at_ms,
-            generation: 1,
-        }
+        AppToken { value: Secret::new("t"), issued_at_ms, expires_at_ms, generation: 1 }
     }
 
     async fn granted(value: &str, expires_in_secs: i64) -> Result<FetchedToken, TokenFailure> {
-        Ok(FetchedToken {
-            access_token: Secret::new(value),
-            expires_in_secs,
-        })
+        Ok(FetchedToken { access_token: Secret::new(value), expires_in_secs })
     }
 
     async fn refused() -> Result<FetchedToken, TokenFailure> {
-        Err(TokenFailure {
-            status: Some(503),
-            error: None,
-            body: None,
-            reason: "token endpoint answered 503".into(),
-        })
+        Err(TokenFailure { status: Some(503), error: None, body: None, reason: "token endpoint answered 503".into() })
     }
 
     #[test]
@@ -243,10 +219,7 @@ mod tests {
         assert_eq!(first.expires_at_ms, Some(START_MS + 100_000));
 
         clock.advance_ms(49_999);
-        let reused = cache
-            .get(|| async { panic!("a fresh token must not be refetched") })
-            .await
-            .expect("token");
+        let reused = cache.get(|| async { panic!("a fresh token must not be refetched") }).await.expect("token");
         assert_eq!(reused.value.expose(), "one");
 
         clock.advance_ms(1);
@@ -298,17 +271,11 @@ mod tests {
         let still = cache.get(refused).await.expect("stale token");
         assert_eq!(still.value.expose(), "one");
         // Within the cooldown the stale token is served without asking again.
-        let again = cache
-            .get(|| async { panic!("cooldown must prevent a fetch") })
-            .await
-            .expect("stale token");
+        let again = cache.get(|| async { panic!("cooldown must prevent a fetch") }).await.expect("stale token");
         assert_eq!(again.value.expose(), "one");
 
         clock.advance_ms(40_000);
-        cache
-            .get(refused)
-            .await
-            .expect_err("expired and no refresh");
+        cache.get(refused).await.expect_err("expired and no refresh");
     }
 
     #[tokio::test]
@@ -323,10 +290,7 @@ mod tests {
 
         // A late 401 for the first token must not throw away the second.
         cache.invalidate(first.generation).await;
-        let kept = cache
-            .get(|| async { panic!("second token is still valid") })
-            .await
-            .expect("token");
+        let kept = cache.get(|| async { panic!("second token is still valid") }).await.expect("token");
         assert_eq!(kept.generation, second.generation);
     }
 

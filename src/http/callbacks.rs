@@ -60,10 +60,8 @@ impl From<StoreError> for ApiError {
 
 /// The body if it fits, else 413; stops reading at the limit instead of buffering the rest.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(ApiError::PayloadTooLarge { limit });
     }
@@ -108,7 +106,9 @@ async fn receive_callback(
     let (event, secret_index) = match verify_request(verifier, &headers, &body, received_at_ms) {
         Ok(v) => v,
         Err(Refusal::Unparseable(err)) => return Err(parse_error(err)),
-        Err(Refusal::BadSignature(err)) => return bad_signature(&state, peer, &headers, body, received_at_ms, err).await,
+        Err(Refusal::BadSignature(err)) => {
+            return bad_signature(&state, peer, &headers, body, received_at_ms, err).await;
+        }
     };
 
     // The body parsed as JSON, so it is valid UTF-8; the fallback is unreachable in practice.
@@ -157,8 +157,9 @@ pub fn verify_request(
         Scheme::Easemob => {
             let event = callback::parse(body, true).map_err(Refusal::Unparseable)?;
             let security = event.security.as_deref().unwrap_or_default();
-            let index =
-                verifier.verify_easemob(&event.call_id, &event.timestamp_text, security).map_err(Refusal::BadSignature)?;
+            let index = verifier
+                .verify_easemob(&event.call_id, &event.timestamp_text, security)
+                .map_err(Refusal::BadSignature)?;
             Ok((event, index))
         }
         Scheme::StandardWebhooks => {
@@ -182,10 +183,11 @@ async fn bad_signature(
 ) -> Result<Response, ApiError> {
     let body_sha256 = chain::sha256_hex(&body);
     if state.settings.on_bad_signature == OnBadSignature::Quarantine {
-        let kept: serde_json::Map<String, serde_json::Value> = ["webhook-id", "webhook-timestamp", "webhook-signature", "content-type"]
-            .iter()
-            .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(|v| (h.to_string(), json!(v))))
-            .collect();
+        let kept: serde_json::Map<String, serde_json::Value> =
+            ["webhook-id", "webhook-timestamp", "webhook-signature", "content-type"]
+                .iter()
+                .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(|v| (h.to_string(), json!(v))))
+                .collect();
         let held = state
             .store
             .insert_quarantine(QuarantineEntry {
@@ -253,9 +255,8 @@ async fn list_callbacks(
 }
 
 async fn get_callback(State(state): State<SharedState>, Path(seq): Path<String>) -> Result<Response, ApiError> {
-    let seq: i64 = seq
-        .parse()
-        .map_err(|_| ApiError::bad_request("invalid_path", format!("`{seq}` is not a sequence number")))?;
+    let seq: i64 =
+        seq.parse().map_err(|_| ApiError::bad_request("invalid_path", format!("`{seq}` is not a sequence number")))?;
     match state.store.get_callback(seq).await? {
         Some(detail) => Ok(Json(detail).into_response()),
         None => Err(ApiError::NotFound(format!("no callback with seq {seq}"))),

@@ -6,8 +6,8 @@
 //! leave a call without an outcome; only a crash can, and start-up closes those as `unknown`.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
 use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
@@ -163,16 +163,19 @@ async fn execute(store: Store, client: EasemobClient, call: NewCall) -> Result<(
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
     let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
-    let key = v
-        .to_str()
-        .ok()
-        .map(str::trim)
-        .filter(|k| !k.is_empty() && k.len() <= 255)
-        .ok_or_else(|| ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters"))?;
+    let key = v.to_str().ok().map(str::trim).filter(|k| !k.is_empty() && k.len() <= 255).ok_or_else(|| {
+        ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters")
+    })?;
     Ok(Some(key.to_string()))
 }
 
-async fn trigger(state: SharedState, headers: HeaderMap, op: CallOp, owner: Option<&str>, friend: Option<&str>) -> Result<Response, ApiError> {
+async fn trigger(
+    state: SharedState,
+    headers: HeaderMap,
+    op: CallOp,
+    owner: Option<&str>,
+    friend: Option<&str>,
+) -> Result<Response, ApiError> {
     let (owner, friend) = validate_pair(owner, friend).map_err(|d| ApiError::bad_request("invalid_request", d))?;
     let key = idempotency_key(&headers)?;
     let client = client(&state)?;
@@ -182,7 +185,10 @@ async fn trigger(state: SharedState, headers: HeaderMap, op: CallOp, owner: Opti
         if record.op != new.op || record.owner != new.owner || record.friend != new.friend {
             return Err(ApiError::Unprocessable {
                 code: "idempotency_key_reused",
-                detail: format!("Idempotency-Key was already used for call {} with a different request; use a new key", record.id),
+                detail: format!(
+                    "Idempotency-Key was already used for call {} with a different request; use a new key",
+                    record.id
+                ),
             });
         }
         if record.outcome == Outcome::InFlight {
@@ -199,19 +205,33 @@ async fn trigger(state: SharedState, headers: HeaderMap, op: CallOp, owner: Opti
     Ok(response)
 }
 
-async fn add_friend(State(state): State<SharedState>, headers: HeaderMap, body: Result<Json<PairBody>, JsonRejection>) -> Result<Response, ApiError> {
+async fn add_friend(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    body: Result<Json<PairBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let body = json_body(body)?;
     trigger(state, headers, CallOp::Add, body.owner.as_deref(), body.friend.as_deref()).await
 }
 
-async fn remove_friend(State(state): State<SharedState>, headers: HeaderMap, Path((owner, friend)): Path<(String, String)>) -> Result<Response, ApiError> {
+async fn remove_friend(
+    State(state): State<SharedState>,
+    headers: HeaderMap,
+    Path((owner, friend)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
     trigger(state, headers, CallOp::Remove, Some(&owner), Some(&friend)).await
 }
 
-async fn add_friends_batch(State(state): State<SharedState>, body: Result<Json<BatchBody>, JsonRejection>) -> Result<Response, ApiError> {
+async fn add_friends_batch(
+    State(state): State<SharedState>,
+    body: Result<Json<BatchBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
     let body = json_body(body)?;
     if body.pairs.is_empty() || body.pairs.len() > MAX_BATCH {
-        return Err(ApiError::bad_request("invalid_request", format!("`pairs` must hold 1 to {MAX_BATCH} pairs, got {}", body.pairs.len())));
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("`pairs` must hold 1 to {MAX_BATCH} pairs, got {}", body.pairs.len()),
+        ));
     }
     // Validate everything first: a batch with a bad pair sends nothing.
     let mut calls = Vec::with_capacity(body.pairs.len());
@@ -222,10 +242,8 @@ async fn add_friends_batch(State(state): State<SharedState>, body: Result<Json<B
     }
     let client = client(&state)?;
     // All run at once; the client's rate limiter paces them to Easemob's limit.
-    let tasks: Vec<_> = calls
-        .into_iter()
-        .map(|c| tokio::spawn(execute(state.store.clone(), client.clone(), c)))
-        .collect();
+    let tasks: Vec<_> =
+        calls.into_iter().map(|c| tokio::spawn(execute(state.store.clone(), client.clone(), c))).collect();
     let mut results = Vec::with_capacity(tasks.len());
     for t in tasks {
         let (record, _) = t.await.map_err(ApiError::internal)??;
@@ -255,7 +273,10 @@ async fn list_calls(
         .as_deref()
         .map(|o| {
             Outcome::parse(o).ok_or_else(|| {
-                ApiError::bad_request("invalid_query", "`outcome` must be succeeded, rejected, failed, unknown or in_flight")
+                ApiError::bad_request(
+                    "invalid_query",
+                    "`outcome` must be succeeded, rejected, failed, unknown or in_flight",
+                )
             })
         })
         .transpose()?;

@@ -59,7 +59,10 @@ async fn get_reconciliation(
     }
     if let Some(c) = &q.cursor {
         if report::decode_cursor(c).is_none() {
-            return Err(ApiError::bad_request("invalid_query", "`cursor` must be a `next_cursor` from a previous page"));
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                "`cursor` must be a `next_cursor` from a previous page",
+            ));
         }
     }
     let rq = ReportQuery {
@@ -114,7 +117,7 @@ async fn get_feed(
     // Long-poll: subscribe before reading, so a commit between the read and the wait is not missed.
     let mut committed = state.store.committed();
     let mut page = state.store.feed_page(after, limit, since, until).await?;
-    if page.is_empty() && !wait.is_zero() {
+    if page.count == 0 && !wait.is_zero() {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             match tokio::time::timeout_at(deadline, committed.changed()).await {
@@ -125,19 +128,21 @@ async fn get_feed(
                 continue;
             }
             page = state.store.feed_page(after, limit, since, until).await?;
-            if !page.is_empty() {
+            if page.count > 0 {
                 break;
             }
         }
     }
-    let mut out = String::with_capacity(page.len() * 200);
-    for rec in &page {
-        out.push_str(&serde_json::to_string(rec).map_err(ApiError::internal)?);
+    let last = page.last_seq.unwrap_or(after);
+    let mut out = page.ndjson;
+    if !out.is_empty() {
         out.push('\n');
     }
-    let last = page.last().map(|r| r.seq).unwrap_or(after);
     Ok((
-        [(header::CONTENT_TYPE, "application/x-ndjson"), (header::HeaderName::from_static("x-last-seq"), &last.to_string())],
+        [
+            (header::CONTENT_TYPE, "application/x-ndjson"),
+            (header::HeaderName::from_static("x-last-seq"), &last.to_string()),
+        ],
         Body::from(out),
     )
         .into_response())
@@ -147,4 +152,3 @@ async fn get_audit_head(State(state): State<SharedState>) -> Result<Response, Ap
     let head = state.store.chain_head().await?;
     Ok(Json(head).into_response())
 }
-

@@ -115,15 +115,9 @@ pub struct RosterCallback {
 #[serde(untagged)]
 pub enum RosterPayload {
     /// `{"reason":"","operation":"add"}`: `reason` is the request message, empty for REST.
-    Add {
-        reason: String,
-        operation: &'static str,
-    },
+    Add { reason: String, operation: &'static str },
     /// `{"roster_ver":"<40 upper hex>","operation":"remove"}`.
-    Remove {
-        roster_ver: String,
-        operation: &'static str,
-    },
+    Remove { roster_ver: String, operation: &'static str },
 }
 
 /// Easemob's callback signature: md5 of the plain concatenation, 32 lowercase hex characters.
@@ -175,12 +169,7 @@ pub fn draw_faults(rng: &mut StdRng, config: &SandboxConfig) -> FaultDraw {
     let duplicate = rng.random::<f64>() < config.duplicate_rate;
     let bad_signature = rng.random::<f64>() < config.bad_signature_rate;
     let delay_ms = rng.random_range(0..=config.delay_ms);
-    FaultDraw {
-        drop,
-        duplicate,
-        bad_signature,
-        delay_ms,
-    }
+    FaultDraw { drop, duplicate, bad_signature, delay_ms }
 }
 
 /// Builds the signed body for `event`.
@@ -193,14 +182,8 @@ pub fn build_callback(
 ) -> RosterCallback {
     let call_id = format!("{app_key}_{msg_id}");
     let payload = match event.operation {
-        RosterOperation::Add => RosterPayload::Add {
-            reason: String::new(),
-            operation: "add",
-        },
-        RosterOperation::Remove => RosterPayload::Remove {
-            roster_ver: event.roster_ver.clone(),
-            operation: "remove",
-        },
+        RosterOperation::Add => RosterPayload::Add { reason: String::new(), operation: "add" },
+        RosterOperation::Remove => RosterPayload::Remove { roster_ver: event.roster_ver.clone(), operation: "remove" },
     };
     RosterCallback {
         chat_type: "roster",
@@ -324,12 +307,7 @@ pub struct Delivery {
 /// Sends one callback: optional delay, then one send (two for a duplicate), each with one
 /// immediate retry on a non-200 answer or a transport error, as Easemob does. The guard keeps
 /// the callback counted as in flight until this returns or the task is aborted.
-pub async fn deliver(
-    state: Arc<SandboxState>,
-    delivery: Delivery,
-    url: String,
-    _in_flight: InFlightGuard,
-) {
+pub async fn deliver(state: Arc<SandboxState>, delivery: Delivery, url: String, _in_flight: InFlightGuard) {
     if delivery.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(delivery.delay_ms)).await;
     }
@@ -352,12 +330,7 @@ pub async fn deliver(
 
 /// One POST; only a 200 counts as success, as in Easemob's rules.
 async fn post_once(http: &reqwest::Client, url: &str, body: Bytes) -> bool {
-    let response = http
-        .post(url)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body)
-        .send()
-        .await;
+    let response = http.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body).send().await;
     match response {
         Ok(response) if response.status() == reqwest::StatusCode::OK => true,
         Ok(response) => {
@@ -379,11 +352,7 @@ mod tests {
     #[test]
     fn security_matches_the_reference_vector() {
         assert_eq!(
-            security(
-                "demo-org#demo-app_966725899779049516",
-                "test-secret",
-                1_642_648_213_494
-            ),
+            security("demo-org#demo-app_966725899779049516", "test-secret", 1_642_648_213_494),
             "bac67bdb1f935f86b3eaa30286975387"
         );
     }
@@ -396,13 +365,7 @@ mod tests {
             operation: RosterOperation::Add,
             roster_ver: String::new(),
         };
-        let body = build_callback(
-            "demo-org#demo-app",
-            1_187_654_321_098_765_432,
-            &event,
-            "s",
-            1_700_000_000_123,
-        );
+        let body = build_callback("demo-org#demo-app", 1_187_654_321_098_765_432, &event, "s", 1_700_000_000_123);
         let value = serde_json::to_value(&body).expect("serialises");
         assert_eq!(
             value,
@@ -430,16 +393,11 @@ mod tests {
             operation: RosterOperation::Remove,
             roster_ver: roster_ver("bob", ["carol"]),
         };
-        let value = serde_json::to_value(build_callback("o#a", MIN_MSG_ID, &event, "s", 1))
-            .expect("serialises");
+        let value = serde_json::to_value(build_callback("o#a", MIN_MSG_ID, &event, "s", 1)).expect("serialises");
         assert_eq!(value["payload"]["operation"], "remove");
         let version = value["payload"]["roster_ver"].as_str().expect("string");
         assert_eq!(version.len(), 40);
-        assert!(
-            version
-                .chars()
-                .all(|c| c.is_ascii_digit() || c.is_ascii_uppercase())
-        );
+        assert!(version.chars().all(|c| c.is_ascii_digit() || c.is_ascii_uppercase()));
     }
 
     #[test]
@@ -457,10 +415,7 @@ mod tests {
         assert!(frozen > first);
         let real = next_msg_id(frozen, 1_700_000_000_000);
         assert!(real > frozen);
-        assert!(
-            next_msg_id(real, 1_000) > real,
-            "a clock going back never repeats an id"
-        );
+        assert!(next_msg_id(real, 1_000) > real, "a clock going back never repeats an id");
     }
 
     #[test]
@@ -474,9 +429,7 @@ mod tests {
         };
         let draws = |seed| {
             let mut rng = StdRng::seed_from_u64(seed);
-            (0..50)
-                .map(|_| draw_faults(&mut rng, &config))
-                .collect::<Vec<_>>()
+            (0..50).map(|_| draw_faults(&mut rng, &config)).collect::<Vec<_>>()
         };
         assert_eq!(draws(7), draws(7));
         assert!(draws(7).iter().any(|d| d.drop) && draws(7).iter().any(|d| !d.drop));
@@ -487,23 +440,11 @@ mod tests {
     fn rates_of_zero_and_one_are_never_and_always() {
         let mut rng = StdRng::seed_from_u64(1);
         let never = SandboxConfig::default();
-        let always = SandboxConfig {
-            drop_rate: 1.0,
-            duplicate_rate: 1.0,
-            bad_signature_rate: 1.0,
-            ..SandboxConfig::default()
-        };
+        let always =
+            SandboxConfig { drop_rate: 1.0, duplicate_rate: 1.0, bad_signature_rate: 1.0, ..SandboxConfig::default() };
         for _ in 0..100 {
             let draw = draw_faults(&mut rng, &never);
-            assert_eq!(
-                draw,
-                FaultDraw {
-                    drop: false,
-                    duplicate: false,
-                    bad_signature: false,
-                    delay_ms: 0
-                }
-            );
+            assert_eq!(draw, FaultDraw { drop: false, duplicate: false, bad_signature: false, delay_ms: 0 });
             let draw = draw_faults(&mut rng, &always);
             assert!(draw.drop && draw.duplicate && draw.bad_signature);
         }

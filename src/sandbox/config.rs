@@ -79,33 +79,21 @@ impl SandboxConfig {
     /// Rejects values the sandbox cannot honour, so a bad config fails at start-up instead of
     /// panicking in the fault RNG later.
     pub fn validate(&self) -> anyhow::Result<()> {
-        ensure!(
-            !self.org.is_empty() && !self.org.contains('/'),
-            "org must be a non-empty path segment"
-        );
-        ensure!(
-            !self.app.is_empty() && !self.app.contains('/'),
-            "app must be a non-empty path segment"
-        );
+        ensure!(!self.org.is_empty() && !self.org.contains('/'), "org must be a non-empty path segment");
+        ensure!(!self.app.is_empty() && !self.app.contains('/'), "app must be a non-empty path segment");
         for (name, rate) in [
             ("drop_rate", self.drop_rate),
             ("duplicate_rate", self.duplicate_rate),
             ("bad_signature_rate", self.bad_signature_rate),
         ] {
-            ensure!(
-                (0.0..=1.0).contains(&rate),
-                "{name} must be between 0 and 1, got {rate}"
-            );
+            ensure!((0.0..=1.0).contains(&rate), "{name} must be between 0 and 1, got {rate}");
         }
         ensure!(
             matches!(self.callbacks_per_add, 1 | 2),
             "callbacks_per_add must be 1 or 2, got {}",
             self.callbacks_per_add
         );
-        ensure!(
-            self.token_ttl_secs >= 0,
-            "token_ttl_secs must not be negative"
-        );
+        ensure!(self.token_ttl_secs >= 0, "token_ttl_secs must not be negative");
         Ok(())
     }
 }
@@ -114,11 +102,7 @@ impl SandboxConfig {
 #[derive(Debug, Clone, clap::Args)]
 pub struct SandboxArgs {
     /// Address to listen on.
-    #[arg(
-        long,
-        env = "FRIENDHOOK_SANDBOX_LISTEN",
-        default_value = "127.0.0.1:8081"
-    )]
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_LISTEN", default_value = "127.0.0.1:8081")]
     pub listen: SocketAddr,
 
     /// Organisation name (first part of the App Key `org#app`).
@@ -130,11 +114,7 @@ pub struct SandboxArgs {
     pub app: String,
 
     /// The client_id the token endpoint accepts.
-    #[arg(
-        long,
-        env = "FRIENDHOOK_SANDBOX_CLIENT_ID",
-        default_value = "sandbox-client-id"
-    )]
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_CLIENT_ID", default_value = "sandbox-client-id")]
     pub client_id: String,
 
     /// The client_secret the token endpoint accepts.
@@ -151,11 +131,7 @@ pub struct SandboxArgs {
     pub callback_url: Option<String>,
 
     /// Secret for the callback signature md5(callId + secret + timestamp); unset signs with "".
-    #[arg(
-        long,
-        env = "FRIENDHOOK_SANDBOX_CALLBACK_SECRET",
-        hide_env_values = true
-    )]
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_CALLBACK_SECRET", hide_env_values = true)]
     pub callback_secret: Option<Secret>,
 
     /// Maximum friends per user; adding past it answers 403 exceed_limit.
@@ -167,11 +143,7 @@ pub struct SandboxArgs {
     pub rate_limit: u32,
 
     /// Token lifetime in seconds when the token request has no ttl (0 = never expires).
-    #[arg(
-        long = "token-ttl",
-        env = "FRIENDHOOK_SANDBOX_TOKEN_TTL",
-        default_value_t = 86_400
-    )]
+    #[arg(long = "token-ttl", env = "FRIENDHOOK_SANDBOX_TOKEN_TTL", default_value_t = 86_400)]
     pub token_ttl_secs: i64,
 
     /// Probability (0..=1) that a callback is never sent.
@@ -230,11 +202,7 @@ impl SandboxArgs {
 /// Parses a probability, refusing anything outside `0..=1` (including NaN) at the command line.
 fn parse_probability(text: &str) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|e| format!("not a number: {e}"))?;
-    if (0.0..=1.0).contains(&value) {
-        Ok(value)
-    } else {
-        Err(format!("must be between 0 and 1, got {value}"))
-    }
+    if (0.0..=1.0).contains(&value) { Ok(value) } else { Err(format!("must be between 0 and 1, got {value}")) }
 }
 
 #[cfg(test)]
@@ -272,24 +240,16 @@ mod tests {
         assert!(Cli::try_parse_from(["sandbox", "--drop-rate", "1.5"]).is_err());
         assert!(Cli::try_parse_from(["sandbox", "--drop-rate", "NaN"]).is_err());
         assert!(Cli::try_parse_from(["sandbox", "--callbacks-per-add", "3"]).is_err());
-        let config = SandboxConfig {
-            duplicate_rate: -0.1,
-            ..SandboxConfig::default()
-        };
+        let config = SandboxConfig { duplicate_rate: -0.1, ..SandboxConfig::default() };
         assert!(config.validate().is_err());
-        let config = SandboxConfig {
-            callbacks_per_add: 0,
-            ..SandboxConfig::default()
-        };
+        let config = SandboxConfig { callbacks_per_add: 0, ..SandboxConfig::default() };
         assert!(config.validate().is_err());
     }
 
     #[test]
     fn debug_output_never_shows_secrets() {
-        let config = SandboxConfig {
-            callback_secret: Some(Secret::new("callback-secret-value")),
-            ..SandboxConfig::default()
-        };
+        let config =
+            SandboxConfig { callback_secret: Some(Secret::new("callback-secret-value")), ..SandboxConfig::default() };
         let printed = format!("{config:?}");
         assert!(!printed.contains("sandbox-client-secret"));
         assert!(!printed.contains("callback-secret-value"));

@@ -60,9 +60,8 @@ fn change_friendship(
     path: Result<Path<FriendPath>, PathRejection>,
     operation: RosterOperation,
 ) -> Result<Json<Envelope>, ApiError> {
-    let Path(FriendPath { owner, friend }) = path.map_err(|rejection| {
-        state.reject(timing, EasemobError::IllegalArgument(rejection.body_text()))
-    })?;
+    let Path(FriendPath { owner, friend }) =
+        path.map_err(|rejection| state.reject(timing, EasemobError::IllegalArgument(rejection.body_text())))?;
     let (owner, friend) = (owner.to_ascii_lowercase(), friend.to_ascii_lowercase());
     let (owner_uuid, friend_entity, deliveries) = {
         let mut world = state.world();
@@ -75,11 +74,7 @@ fn change_friendship(
             state.config().callbacks_per_add,
         )
         .map_err(|e| state.reject(timing, e))?;
-        let owner_uuid = world
-            .users
-            .get(&owner)
-            .map(|u| u.uuid.clone())
-            .unwrap_or_default();
+        let owner_uuid = world.users.get(&owner).map(|u| u.uuid.clone()).unwrap_or_default();
         let friend_entity = world.users.get(&friend).map(|u| UserEntity::of(&friend, u));
         let deliveries = state.plan_callbacks(&mut world, events);
         (owner_uuid, friend_entity, deliveries)
@@ -116,25 +111,12 @@ pub fn apply_change(
     friend_limit: usize,
     callbacks_per_add: u8,
 ) -> Result<Vec<RosterEvent>, EasemobError> {
-    let owner_friends = world
-        .users
-        .get(owner)
-        .map(|u| u.friends.len())
-        .ok_or(EasemobError::ResourceNotFound)?;
-    let friend_friends = world
-        .users
-        .get(friend)
-        .map(|u| u.friends.len())
-        .ok_or(EasemobError::ResourceNotFound)?;
+    let owner_friends = world.users.get(owner).map(|u| u.friends.len()).ok_or(EasemobError::ResourceNotFound)?;
+    let friend_friends = world.users.get(friend).map(|u| u.friends.len()).ok_or(EasemobError::ResourceNotFound)?;
     if owner == friend {
-        return Err(EasemobError::IllegalArgument(
-            "a user cannot be their own friend".into(),
-        ));
+        return Err(EasemobError::IllegalArgument("a user cannot be their own friend".into()));
     }
-    let already_friends = world
-        .users
-        .get(owner)
-        .is_some_and(|u| u.friends.contains(friend));
+    let already_friends = world.users.get(owner).is_some_and(|u| u.friends.contains(friend));
     match operation {
         RosterOperation::Add if already_friends => Ok(Vec::new()),
         RosterOperation::Add => {
@@ -170,10 +152,7 @@ fn link(world: &mut World, a: &str, b: &str, friends: bool) {
 }
 
 fn event(world: &World, from: &str, to: &str, operation: RosterOperation) -> RosterEvent {
-    let to_friends = world
-        .users
-        .get(to)
-        .map(|u| u.friends.iter().map(String::as_str).collect::<Vec<_>>());
+    let to_friends = world.users.get(to).map(|u| u.friends.iter().map(String::as_str).collect::<Vec<_>>());
     RosterEvent {
         from: from.to_owned(),
         to: to.to_owned(),
@@ -188,19 +167,12 @@ pub async fn list_friends(
     timing: Timing,
     path: Result<Path<OwnerPath>, PathRejection>,
 ) -> Result<Json<Envelope>, ApiError> {
-    let Path(OwnerPath { owner }) = path.map_err(|rejection| {
-        state.reject(
-            &timing,
-            EasemobError::IllegalArgument(rejection.body_text()),
-        )
-    })?;
+    let Path(OwnerPath { owner }) =
+        path.map_err(|rejection| state.reject(&timing, EasemobError::IllegalArgument(rejection.body_text())))?;
     let owner = owner.to_ascii_lowercase();
     let friends: Vec<Value> = {
         let world = state.world();
-        let user = world
-            .users
-            .get(&owner)
-            .ok_or(EasemobError::ResourceNotFound);
+        let user = world.users.get(&owner).ok_or(EasemobError::ResourceNotFound);
         let user = user.map_err(|e| state.reject(&timing, e))?;
         user.friends.iter().cloned().map(Value::String).collect()
     };
@@ -247,26 +219,18 @@ mod tests {
     #[test]
     fn adding_is_two_way_and_reports_owner_to_friend() {
         let mut world = world_with(&["alice", "bob"]);
-        let events =
-            apply_change(&mut world, "alice", "bob", RosterOperation::Add, 100, 1).expect("added");
+        let events = apply_change(&mut world, "alice", "bob", RosterOperation::Add, 100, 1).expect("added");
         assert_eq!(friends_of(&world, "alice"), ["bob"]);
         assert_eq!(friends_of(&world, "bob"), ["alice"]);
         assert_eq!(events.len(), 1);
-        assert_eq!(
-            (events[0].from.as_str(), events[0].to.as_str()),
-            ("alice", "bob")
-        );
+        assert_eq!((events[0].from.as_str(), events[0].to.as_str()), ("alice", "bob"));
     }
 
     #[test]
     fn two_callbacks_per_add_also_report_friend_to_owner() {
         let mut world = world_with(&["alice", "bob"]);
-        let events =
-            apply_change(&mut world, "alice", "bob", RosterOperation::Add, 100, 2).expect("added");
-        let pairs: Vec<(&str, &str)> = events
-            .iter()
-            .map(|e| (e.from.as_str(), e.to.as_str()))
-            .collect();
+        let events = apply_change(&mut world, "alice", "bob", RosterOperation::Add, 100, 2).expect("added");
+        let pairs: Vec<(&str, &str)> = events.iter().map(|e| (e.from.as_str(), e.to.as_str())).collect();
         assert_eq!(pairs, [("alice", "bob"), ("bob", "alice")]);
     }
 
@@ -274,13 +238,12 @@ mod tests {
     fn re_adding_and_removing_a_stranger_change_nothing_and_report_nothing() {
         let mut world = world_with(&["alice", "bob"]);
         apply_change(&mut world, "alice", "bob", RosterOperation::Add, 1, 1).expect("added");
-        let again = apply_change(&mut world, "bob", "alice", RosterOperation::Add, 1, 1)
-            .expect("re-add at the limit is fine");
+        let again =
+            apply_change(&mut world, "bob", "alice", RosterOperation::Add, 1, 1).expect("re-add at the limit is fine");
         assert!(again.is_empty());
         apply_change(&mut world, "alice", "bob", RosterOperation::Remove, 1, 1).expect("removed");
         assert!(friends_of(&world, "bob").is_empty());
-        let again =
-            apply_change(&mut world, "alice", "bob", RosterOperation::Remove, 1, 1).expect("no-op");
+        let again = apply_change(&mut world, "alice", "bob", RosterOperation::Remove, 1, 1).expect("no-op");
         assert!(again.is_empty());
     }
 
@@ -320,8 +283,7 @@ mod tests {
     fn a_remove_carries_the_version_of_the_receivers_new_list() {
         let mut world = world_with(&["alice", "bob"]);
         apply_change(&mut world, "alice", "bob", RosterOperation::Add, 9, 1).expect("added");
-        let events = apply_change(&mut world, "alice", "bob", RosterOperation::Remove, 9, 1)
-            .expect("removed");
+        let events = apply_change(&mut world, "alice", "bob", RosterOperation::Remove, 9, 1).expect("removed");
         assert_eq!(events[0].roster_ver, roster_ver("bob", []));
     }
 }

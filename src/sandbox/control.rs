@@ -31,8 +31,6 @@ pub async fn inject_faults(
 ) -> Result<Json<InjectedFault>, ApiError> {
     let fault: InjectedFault = serde_json::from_slice(&body)
         .map_err(|error| state.reject(&timing, EasemobError::JsonParse(error.to_string())))?;
-    state
-        .inject_fault(fault.clone())
-        .map_err(|reason| state.reject(&timing, EasemobError::IllegalArgument(reason)))?;
+    state.inject_fault(fault.clone()).map_err(|reason| state.reject(&timing, EasemobError::IllegalArgument(reason)))?;
     Ok(Json(fault))
 }

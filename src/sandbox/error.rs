@@ -22,10 +22,7 @@ pub enum EasemobError {
     /// 400 `json_parse`: the body is not JSON.
     JsonParse(String),
     /// 400 `duplicate_unique_property_exists`: registering a username that exists.
-    DuplicateUsername {
-        application: String,
-        username: String,
-    },
+    DuplicateUsername { application: String, username: String },
     /// 401 `unauthorized`: token missing, unknown or expired.
     Unauthorized,
     /// 401 `auth_bad_access_token`: the token is not even shaped like one of ours.
@@ -35,11 +32,7 @@ pub enum EasemobError {
     /// 404 `service_resource_not_found`: a user in the path does not exist.
     ResourceNotFound,
     /// 404 `organization_application_not_found`: unknown `{org}/{app}`.
-    AppNotFound {
-        org: String,
-        app: String,
-        uri_path: String,
-    },
+    AppNotFound { org: String, app: String, uri_path: String },
     /// 404 `web_application`: no such route (Easemob's JAX-RS layer answers this way).
     RouteNotFound,
     /// 405 `web_application`: the route exists but not with this method.
@@ -81,9 +74,7 @@ impl EasemobError {
             | Self::DuplicateUsername { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized | Self::CorruptToken => StatusCode::UNAUTHORIZED,
             Self::ExceedLimit => StatusCode::FORBIDDEN,
-            Self::ResourceNotFound | Self::AppNotFound { .. } | Self::RouteNotFound => {
-                StatusCode::NOT_FOUND
-            }
+            Self::ResourceNotFound | Self::AppNotFound { .. } | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::ReachLimit => StatusCode::TOO_MANY_REQUESTS,
@@ -94,11 +85,9 @@ impl EasemobError {
     /// `(error, exception, error_description)` for this failure.
     fn parts(&self) -> (String, &'static str, String) {
         match self {
-            Self::IllegalArgument(text) => (
-                "illegal_argument".into(),
-                "java.lang.IllegalArgumentException",
-                text.clone(),
-            ),
+            Self::IllegalArgument(text) => {
+                ("illegal_argument".into(), "java.lang.IllegalArgumentException", text.clone())
+            }
             Self::InvalidGrant(text) => (
                 "invalid_grant".into(),
                 "org.apache.usergrid.rest.exceptions.OAuthProblemException",
@@ -114,56 +103,39 @@ impl EasemobError {
                 "org.codehaus.jackson.JsonParseException",
                 format!("Unexpected character ({detail})"),
             ),
-            Self::DuplicateUsername {
-                application,
-                username,
-            } => (
+            Self::DuplicateUsername { application, username } => (
                 "duplicate_unique_property_exists".into(),
                 "org.apache.usergrid.persistence.exceptions.DuplicateUniquePropertyExistsException",
                 format!(
                     "Application {application} Entity user requires that property named username be unique, value of {username} exists"
                 ),
             ),
-            Self::Unauthorized => (
-                "unauthorized".into(),
-                SECURITY_EXCEPTION,
-                "Unable to authenticate due to expired access token".into(),
-            ),
+            Self::Unauthorized => {
+                ("unauthorized".into(), SECURITY_EXCEPTION, "Unable to authenticate due to expired access token".into())
+            }
             Self::CorruptToken => (
                 "auth_bad_access_token".into(),
                 SECURITY_EXCEPTION,
                 "Unable to authenticate due to corrupt access token".into(),
             ),
-            Self::ExceedLimit => (
-                "exceed_limit".into(),
-                "EasemobForbiddenOpException",
-                "user contact number exceed limit".into(),
-            ),
-            Self::ResourceNotFound => (
-                "service_resource_not_found".into(),
-                "UserNotFoundException",
-                "Service resource not found".into(),
-            ),
+            Self::ExceedLimit => {
+                ("exceed_limit".into(), "EasemobForbiddenOpException", "user contact number exceed limit".into())
+            }
+            Self::ResourceNotFound => {
+                ("service_resource_not_found".into(), "UserNotFoundException", "Service resource not found".into())
+            }
             Self::AppNotFound { org, app, uri_path } => (
                 "organization_application_not_found".into(),
                 "org.apache.usergrid.rest.exceptions.OrganizationApplicationNotFoundException",
                 format!("Could not find application for {org}/{app} from URI: {uri_path}"),
             ),
-            Self::RouteNotFound => (
-                "web_application".into(),
-                WEB_APPLICATION_EXCEPTION,
-                "HTTP 404 Not Found".into(),
-            ),
-            Self::MethodNotAllowed => (
-                "web_application".into(),
-                WEB_APPLICATION_EXCEPTION,
-                "HTTP 405 Method Not Allowed".into(),
-            ),
-            Self::UnsupportedMediaType => (
-                "web_application".into(),
-                WEB_APPLICATION_EXCEPTION,
-                "Unsupported Media Type".into(),
-            ),
+            Self::RouteNotFound => ("web_application".into(), WEB_APPLICATION_EXCEPTION, "HTTP 404 Not Found".into()),
+            Self::MethodNotAllowed => {
+                ("web_application".into(), WEB_APPLICATION_EXCEPTION, "HTTP 405 Method Not Allowed".into())
+            }
+            Self::UnsupportedMediaType => {
+                ("web_application".into(), WEB_APPLICATION_EXCEPTION, "Unsupported Media Type".into())
+            }
             Self::ReachLimit => (
                 "reach_limit".into(),
                 "EasemobServiceUnavailableException",
@@ -176,21 +148,12 @@ impl EasemobError {
     /// The five-field body, stamped with the given times.
     pub fn body(&self, timestamp: i64, duration: i64) -> ErrorBody {
         let (error, exception, error_description) = self.parts();
-        ErrorBody {
-            error,
-            exception: exception.to_owned(),
-            timestamp,
-            duration,
-            error_description,
-        }
+        ErrorBody { error, exception: exception.to_owned(), timestamp, duration, error_description }
     }
 
     /// Ready to return from a handler.
     pub fn at(self, timestamp: i64, duration: i64) -> ApiError {
-        ApiError {
-            status: self.status(),
-            body: self.body(timestamp, duration),
-        }
+        ApiError { status: self.status(), body: self.body(timestamp, duration) }
     }
 }
 
@@ -211,11 +174,7 @@ fn injected_parts(status: StatusCode) -> (String, &'static str, String) {
     }
     let reason = status.canonical_reason().unwrap_or("Unknown Status");
     let error = reason.to_ascii_lowercase().replace([' ', '-'], "_");
-    let exception = if status.is_server_error() {
-        "java.lang.RuntimeException"
-    } else {
-        WEB_APPLICATION_EXCEPTION
-    };
+    let exception = if status.is_server_error() { "java.lang.RuntimeException" } else { WEB_APPLICATION_EXCEPTION };
     (error, exception, reason.to_owned())
 }
 
@@ -239,30 +198,10 @@ mod tests {
     #[test]
     fn documented_errors_have_the_documented_type_and_text() {
         let cases = [
-            (
-                EasemobError::Unauthorized,
-                401,
-                "unauthorized",
-                "Unable to authenticate due to expired access token",
-            ),
-            (
-                EasemobError::ExceedLimit,
-                403,
-                "exceed_limit",
-                "user contact number exceed limit",
-            ),
-            (
-                EasemobError::ResourceNotFound,
-                404,
-                "service_resource_not_found",
-                "Service resource not found",
-            ),
-            (
-                EasemobError::ReachLimit,
-                429,
-                "reach_limit",
-                "This request has reached api limit",
-            ),
+            (EasemobError::Unauthorized, 401, "unauthorized", "Unable to authenticate due to expired access token"),
+            (EasemobError::ExceedLimit, 403, "exceed_limit", "user contact number exceed limit"),
+            (EasemobError::ResourceNotFound, 404, "service_resource_not_found", "Service resource not found"),
+            (EasemobError::ReachLimit, 429, "reach_limit", "This request has reached api limit"),
             (
                 EasemobError::InvalidGrant("client_secret does not match"),
                 400,
@@ -281,15 +220,8 @@ mod tests {
 
     #[test]
     fn unknown_app_names_the_uri() {
-        let error = EasemobError::AppNotFound {
-            org: "o".into(),
-            app: "a".into(),
-            uri_path: "o/a/token".into(),
-        };
-        assert_eq!(
-            error.body(0, 0).error_description,
-            "Could not find application for o/a from URI: o/a/token"
-        );
+        let error = EasemobError::AppNotFound { org: "o".into(), app: "a".into(), uri_path: "o/a/token".into() };
+        assert_eq!(error.body(0, 0).error_description, "Could not find application for o/a from URI: o/a/token");
     }
 
     #[test]
@@ -305,24 +237,9 @@ mod tests {
 
     #[test]
     fn the_body_has_exactly_the_five_easemob_fields() {
-        let value =
-            serde_json::to_value(EasemobError::Unauthorized.body(1, 2)).expect("serialises");
-        let mut keys: Vec<&str> = value
-            .as_object()
-            .expect("object")
-            .keys()
-            .map(String::as_str)
-            .collect();
+        let value = serde_json::to_value(EasemobError::Unauthorized.body(1, 2)).expect("serialises");
+        let mut keys: Vec<&str> = value.as_object().expect("object").keys().map(String::as_str).collect();
         keys.sort_unstable();
-        assert_eq!(
-            keys,
-            [
-                "duration",
-                "error",
-                "error_description",
-                "exception",
-                "timestamp"
-            ]
-        );
+        assert_eq!(keys, ["duration", "error", "error_description", "exception", "timestamp"]);
     }
 }

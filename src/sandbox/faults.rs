@@ -37,17 +37,12 @@ struct Pending {
 impl FaultQueue {
     /// Queues a fault. An invalid status is refused so that it cannot become a panic later.
     pub fn push(&mut self, fault: InjectedFault) -> Result<(), String> {
-        let status = StatusCode::from_u16(fault.status)
-            .map_err(|_| format!("invalid HTTP status {}", fault.status))?;
+        let status = StatusCode::from_u16(fault.status).map_err(|_| format!("invalid HTTP status {}", fault.status))?;
         if !(status.is_client_error() || status.is_server_error()) {
             return Err(format!("status {} is not an error status", fault.status));
         }
         if fault.count > 0 {
-            self.pending.push_back(Pending {
-                status,
-                remaining: fault.count,
-                path_contains: fault.path_contains,
-            });
+            self.pending.push_back(Pending { status, remaining: fault.count, path_contains: fault.path_contains });
         }
         Ok(())
     }
@@ -55,13 +50,10 @@ impl FaultQueue {
     /// The status to force on a request to `path`, if a queued fault matches it. When several
     /// match, the oldest one is used up first.
     pub fn take(&mut self, path: &str) -> Option<StatusCode> {
-        let index = self
-            .pending
-            .iter()
-            .position(|fault| match &fault.path_contains {
-                Some(part) => path.contains(part.as_str()),
-                None => true,
-            })?;
+        let index = self.pending.iter().position(|fault| match &fault.path_contains {
+            Some(part) => path.contains(part.as_str()),
+            None => true,
+        })?;
         let fault = self.pending.get_mut(index)?;
         let status = fault.status;
         fault.remaining -= 1;
@@ -77,39 +69,24 @@ mod tests {
     use super::*;
 
     fn fault(status: u16, count: u32, path_contains: Option<&str>) -> InjectedFault {
-        InjectedFault {
-            status,
-            count,
-            path_contains: path_contains.map(str::to_owned),
-        }
+        InjectedFault { status, count, path_contains: path_contains.map(str::to_owned) }
     }
 
     #[test]
     fn a_fault_applies_count_times_then_disappears() {
         let mut queue = FaultQueue::default();
         queue.push(fault(429, 2, None)).expect("valid");
-        assert_eq!(
-            queue.take("/o/a/users"),
-            Some(StatusCode::TOO_MANY_REQUESTS)
-        );
-        assert_eq!(
-            queue.take("/o/a/token"),
-            Some(StatusCode::TOO_MANY_REQUESTS)
-        );
+        assert_eq!(queue.take("/o/a/users"), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(queue.take("/o/a/token"), Some(StatusCode::TOO_MANY_REQUESTS));
         assert_eq!(queue.take("/o/a/users"), None);
     }
 
     #[test]
     fn only_matching_paths_use_up_a_fault() {
         let mut queue = FaultQueue::default();
-        queue
-            .push(fault(401, 1, Some("/contacts/")))
-            .expect("valid");
+        queue.push(fault(401, 1, Some("/contacts/"))).expect("valid");
         assert_eq!(queue.take("/o/a/token"), None);
-        assert_eq!(
-            queue.take("/o/a/users/x/contacts/users/y"),
-            Some(StatusCode::UNAUTHORIZED)
-        );
+        assert_eq!(queue.take("/o/a/users/x/contacts/users/y"), Some(StatusCode::UNAUTHORIZED));
         assert_eq!(queue.take("/o/a/users/x/contacts/users/y"), None);
     }
 

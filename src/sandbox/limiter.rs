@@ -41,9 +41,7 @@ mod tests {
     #[test]
     fn allows_exactly_the_limit_within_one_second() {
         let mut window = FixedWindow::default();
-        let granted = (0..20)
-            .filter(|i| window.try_acquire(5_000 + i * 10, 5))
-            .count();
+        let granted = (0..20).filter(|i| window.try_acquire(5_000 + i * 10, 5)).count();
         assert_eq!(granted, 5);
     }
 

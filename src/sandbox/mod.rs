@@ -85,9 +85,8 @@ use crate::clock::SharedClock;
 /// `friendhook sandbox`: serves until Ctrl-C or SIGTERM.
 pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let config = args.to_config();
-    let listener = TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("binding the sandbox to {}", args.listen))?;
+    let listener =
+        TcpListener::bind(args.listen).await.with_context(|| format!("binding the sandbox to {}", args.listen))?;
     let handle = spawn(listener, config.clone(), crate::clock::system()).await?;
     tracing::info!(
         base_url = %handle.base_url(),
@@ -141,14 +140,8 @@ async fn shutdown_signal() {
 
 /// Starts a sandbox on `listener` (bind `127.0.0.1:0` in tests) with the given clock, which
 /// drives token expiry, rate windows and every timestamp.
-pub async fn spawn(
-    listener: TcpListener,
-    config: SandboxConfig,
-    clock: SharedClock,
-) -> anyhow::Result<SandboxHandle> {
-    let addr = listener
-        .local_addr()
-        .context("reading the sandbox's local address")?;
+pub async fn spawn(listener: TcpListener, config: SandboxConfig, clock: SharedClock) -> anyhow::Result<SandboxHandle> {
+    let addr = listener.local_addr().context("reading the sandbox's local address")?;
     let state = SandboxState::new(config, clock, format!("http://{addr}"))?;
     let app = router(Arc::clone(&state));
     let (stop, stopped) = oneshot::channel::<()>();
@@ -163,12 +156,7 @@ pub async fn spawn(
             tracing::error!(%error, "sandbox server failed");
         }
     });
-    Ok(SandboxHandle {
-        addr,
-        state,
-        stop,
-        server,
-    })
+    Ok(SandboxHandle { addr, state, stop, server })
 }
 
 /// A running sandbox. Dropping it stops the server as well; [`SandboxHandle::shutdown`] also

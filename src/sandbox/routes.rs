@@ -27,14 +27,8 @@ pub fn router(state: Arc<SandboxState>) -> Router {
     Router::new()
         .route("/{org}/{app}/token", post(token::issue_token))
         .route("/{org}/{app}/users", post(users::register_users))
-        .route(
-            "/{org}/{app}/users/{username}",
-            get(users::get_user).delete(users::delete_user),
-        )
-        .route(
-            "/{org}/{app}/users/{username}/contacts/users",
-            get(contacts::list_friends),
-        )
+        .route("/{org}/{app}/users/{username}", get(users::get_user).delete(users::delete_user))
+        .route("/{org}/{app}/users/{username}/contacts/users", get(contacts::list_friends))
         .route(
             "/{org}/{app}/users/{username}/contacts/users/{friend}",
             post(contacts::add_friend).delete(contacts::remove_friend),
@@ -49,21 +43,12 @@ pub fn router(state: Arc<SandboxState>) -> Router {
 }
 
 /// Admits or refuses a request before it reaches a handler, and starts its [`Timing`].
-async fn gate(
-    State(state): State<Arc<SandboxState>>,
-    mut request: Request,
-    next: Next,
-) -> Response {
+async fn gate(State(state): State<Arc<SandboxState>>, mut request: Request, next: Next) -> Response {
     if request.uri().path().starts_with(CONTROL_PREFIX) {
         return next.run(request).await;
     }
-    let timing = Timing {
-        start_ms: state.clock().now_ms(),
-    };
-    let authorization = request
-        .headers()
-        .get(AUTHORIZATION)
-        .and_then(|value| value.to_str().ok());
+    let timing = Timing { start_ms: state.clock().now_ms() };
+    let authorization = request.headers().get(AUTHORIZATION).and_then(|value| value.to_str().ok());
     if let Err(error) = state.admit(request.uri().path(), authorization) {
         return state.reject(&timing, error).into_response();
     }

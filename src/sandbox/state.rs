@@ -137,14 +137,7 @@ fn application_uuid(app_key: &str) -> String {
 
 fn uuid_from_bytes(bytes: &[u8]) -> String {
     let hex = hex::encode(bytes);
-    format!(
-        "{}-{}-{}-{}-{}",
-        &hex[0..8],
-        &hex[8..12],
-        &hex[12..16],
-        &hex[16..20],
-        &hex[20..32]
-    )
+    format!("{}-{}-{}-{}-{}", &hex[0..8], &hex[8..12], &hex[12..16], &hex[16..20], &hex[20..32])
 }
 
 /// Mixed into the seed so the uuid stream differs from the fault stream of the same seed.
@@ -152,15 +145,9 @@ const ID_SEED_SALT: u64 = 0x5eed_1d5a_17b0_0c75;
 
 impl SandboxState {
     /// State for a server reachable at `base_url` (used in the `uri` fields of responses).
-    pub fn new(
-        config: SandboxConfig,
-        clock: SharedClock,
-        base_url: String,
-    ) -> anyhow::Result<Arc<Self>> {
+    pub fn new(config: SandboxConfig, clock: SharedClock, base_url: String) -> anyhow::Result<Arc<Self>> {
         config.validate()?;
-        let http = reqwest::Client::builder()
-            .timeout(CALLBACK_TIMEOUT)
-            .build()?;
+        let http = reqwest::Client::builder().timeout(CALLBACK_TIMEOUT).build()?;
         let world = World::new(config.seed);
         Ok(Arc::new(Self {
             application: application_uuid(&config.app_key()),
@@ -275,9 +262,7 @@ impl SandboxState {
         let token = format!("YWMt{}", hex::encode(rand::rng().random::<[u8; 24]>()));
         let expires_at = (ttl_secs > 0).then(|| now.saturating_add(ttl_secs.saturating_mul(1000)));
         let mut world = self.world();
-        world
-            .tokens
-            .retain(|_, expiry| expiry.is_none_or(|at| now < at));
+        world.tokens.retain(|_, expiry| expiry.is_none_or(|at| now < at));
         world.tokens.insert(token.clone(), expires_at);
         world.tokens_issued += 1;
         token
@@ -291,23 +276,14 @@ impl SandboxState {
             return Vec::new();
         }
         let app_key = self.config.app_key();
-        let secret = self
-            .config
-            .callback_secret
-            .as_ref()
-            .map(|s| s.expose())
-            .unwrap_or("");
+        let secret = self.config.callback_secret.as_ref().map(|s| s.expose()).unwrap_or("");
         let mut deliveries = Vec::new();
         for event in events {
             let now = self.clock.now_ms();
             let msg_id = callbacks::next_msg_id(world.last_msg_id, now);
             world.last_msg_id = msg_id;
             let draw = callbacks::draw_faults(&mut world.fault_rng, &self.config);
-            let signing_secret = if draw.bad_signature {
-                callbacks::wrong_secret(secret)
-            } else {
-                secret.to_owned()
-            };
+            let signing_secret = if draw.bad_signature { callbacks::wrong_secret(secret) } else { secret.to_owned() };
             let body = callbacks::build_callback(&app_key, msg_id, &event, &signing_secret, now);
             let encoded = serde_json::to_vec(&body);
             let fate = match (&encoded, draw.drop) {
@@ -324,9 +300,7 @@ impl SandboxState {
                 fate: fate.to_owned(),
                 attempts: 0,
             };
-            let seq = world
-                .callbacks
-                .push(record, draw.duplicate && fate == callbacks::fate::PENDING);
+            let seq = world.callbacks.push(record, draw.duplicate && fate == callbacks::fate::PENDING);
             match encoded {
                 Ok(bytes) if !draw.drop => deliveries.push(Delivery {
                     seq,
@@ -346,20 +320,12 @@ impl SandboxState {
         let Some(url) = self.config.callback_url.clone() else {
             return;
         };
-        let mut tasks = self
-            .deliveries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut tasks = self.deliveries.lock().unwrap_or_else(PoisonError::into_inner);
         // Reap finished tasks so the set does not grow with every callback ever sent.
         while tasks.try_join_next().is_some() {}
         for delivery in deliveries {
             let guard = InFlightGuard::new(&self.in_flight);
-            tasks.spawn(callbacks::deliver(
-                Arc::clone(self),
-                delivery,
-                url.clone(),
-                guard,
-            ));
+            tasks.spawn(callbacks::deliver(Arc::clone(self), delivery, url.clone(), guard));
         }
     }
 
@@ -380,10 +346,7 @@ impl SandboxState {
 
     /// Stops every delivery still in flight (used at shutdown); their records stay `pending`.
     pub fn abort_deliveries(&self) {
-        self.deliveries
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .abort_all();
+        self.deliveries.lock().unwrap_or_else(PoisonError::into_inner).abort_all();
     }
 
     /// Draws a fresh entity uuid from the seeded id RNG.
@@ -439,9 +402,7 @@ fn bearer_token(header: Option<&str>) -> Option<&str> {
 fn looks_like_token(token: &str) -> bool {
     token.len() > 4
         && token.starts_with("YWMt")
-        && token
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
+        && token.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b'='))
 }
 
 /// When the current request started on the injected clock, for the `timestamp`/`duration`
@@ -462,17 +423,8 @@ impl Timing {
 impl FromRequestParts<Arc<SandboxState>> for Timing {
     type Rejection = std::convert::Infallible;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &Arc<SandboxState>,
-    ) -> Result<Self, Self::Rejection> {
-        Ok(parts
-            .extensions
-            .get::<Timing>()
-            .copied()
-            .unwrap_or_else(|| Timing {
-                start_ms: state.clock.now_ms(),
-            }))
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<SandboxState>) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<Timing>().copied().unwrap_or_else(|| Timing { start_ms: state.clock.now_ms() }))
     }
 }
 
@@ -485,8 +437,7 @@ mod tests {
 
     fn state(config: SandboxConfig) -> (Arc<SandboxState>, Arc<ManualClock>) {
         let clock = ManualClock::new(1_700_000_000_000);
-        let state = SandboxState::new(config, clock.clone(), "http://127.0.0.1:1".into())
-            .expect("valid config");
+        let state = SandboxState::new(config, clock.clone(), "http://127.0.0.1:1".into()).expect("valid config");
         (state, clock)
     }
 
@@ -516,10 +467,7 @@ mod tests {
         clock.advance_ms(59_999);
         assert_eq!(state.admit(P, Some(&header)), Ok(()));
         clock.advance_ms(1);
-        assert_eq!(
-            state.admit(P, Some(&header)),
-            Err(EasemobError::Unauthorized)
-        );
+        assert_eq!(state.admit(P, Some(&header)), Err(EasemobError::Unauthorized));
     }
 
     #[test]
@@ -534,46 +482,27 @@ mod tests {
     fn missing_unknown_and_corrupt_tokens_are_told_apart() {
         let (state, _) = state(SandboxConfig::default());
         assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
-        assert_eq!(
-            state.admit(P, Some("Bearer YWMtunknown")),
-            Err(EasemobError::Unauthorized)
-        );
-        assert_eq!(
-            state.admit(P, Some("Bearer !!")),
-            Err(EasemobError::CorruptToken)
-        );
+        assert_eq!(state.admit(P, Some("Bearer YWMtunknown")), Err(EasemobError::Unauthorized));
+        assert_eq!(state.admit(P, Some("Bearer !!")), Err(EasemobError::CorruptToken));
         assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()));
         assert_eq!(state.stats().requests, 4);
     }
 
     #[test]
     fn the_rate_limit_applies_before_authentication_and_is_counted() {
-        let (state, _) = state(SandboxConfig {
-            rate_limit: 2,
-            ..SandboxConfig::default()
-        });
+        let (state, _) = state(SandboxConfig { rate_limit: 2, ..SandboxConfig::default() });
         assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
         assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
         assert_eq!(state.admit(P, None), Err(EasemobError::ReachLimit));
-        assert_eq!(
-            state.admit("/demo-org/demo-app/token", None),
-            Ok(()),
-            "token requests are not limited"
-        );
+        assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()), "token requests are not limited");
         assert_eq!(state.stats().rate_limited, 1);
     }
 
     #[test]
     fn an_unknown_app_key_is_not_found_and_short_paths_are_no_route() {
         let (state, _) = state(SandboxConfig::default());
-        assert!(matches!(
-            state.admit("/other/demo-app/token", None),
-            Err(EasemobError::AppNotFound { .. })
-        ));
-        assert_eq!(
-            state.admit("/demo-org/demo-app", None),
-            Err(EasemobError::RouteNotFound)
-        );
+        assert!(matches!(state.admit("/other/demo-app/token", None), Err(EasemobError::AppNotFound { .. })));
+        assert_eq!(state.admit("/demo-org/demo-app", None), Err(EasemobError::RouteNotFound));
         assert_eq!(split_api_path("/o/a/users/x"), Some(("o", "a", "users/x")));
     }
 
@@ -581,19 +510,10 @@ mod tests {
     fn injected_faults_win_over_everything_else() {
         let (state, _) = state(SandboxConfig::default());
         state
-            .inject_fault(InjectedFault {
-                status: 503,
-                count: 1,
-                path_contains: Some("/token".into()),
-            })
+            .inject_fault(InjectedFault { status: 503, count: 1, path_contains: Some("/token".into()) })
             .expect("valid fault");
         let first = state.admit("/demo-org/demo-app/token", None);
-        assert_eq!(
-            first,
-            Err(EasemobError::Injected(
-                axum::http::StatusCode::SERVICE_UNAVAILABLE
-            ))
-        );
+        assert_eq!(first, Err(EasemobError::Injected(axum::http::StatusCode::SERVICE_UNAVAILABLE)));
         assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()));
     }
 

@@ -41,29 +41,17 @@ pub async fn issue_token(
         .map_err(|e| state.reject(&timing, e))?
         .unwrap_or(config.token_ttl_secs);
     let access_token = state.issue_token(ttl);
-    Ok(Json(TokenResponse {
-        access_token,
-        expires_in: ttl,
-        application: state.application().to_owned(),
-    }))
+    Ok(Json(TokenResponse { access_token, expires_in: ttl, application: state.application().to_owned() }))
 }
 
 /// Validates a token request; `Ok(Some(ttl))` when the request asks for its own lifetime.
-pub fn check_token_request(
-    request: &Value,
-    client_id: &str,
-    client_secret: &str,
-) -> Result<Option<i64>, EasemobError> {
+pub fn check_token_request(request: &Value, client_id: &str, client_secret: &str) -> Result<Option<i64>, EasemobError> {
     let Some(fields) = request.as_object() else {
-        return Err(EasemobError::IllegalArgument(
-            "request body must be a JSON object".into(),
-        ));
+        return Err(EasemobError::IllegalArgument("request body must be a JSON object".into()));
     };
     match fields.get("grant_type").and_then(Value::as_str) {
         None => {
-            return Err(EasemobError::IllegalArgument(
-                "grant_type must be provided.".into(),
-            ));
+            return Err(EasemobError::IllegalArgument("grant_type must be provided.".into()));
         }
         Some("client_credentials") => {}
         Some(other) => return Err(EasemobError::UnsupportedGrantType(other.to_owned())),
@@ -95,9 +83,7 @@ pub fn parse_ttl(ttl: Option<&Value>) -> Result<Option<i64>, EasemobError> {
     };
     match seconds {
         Some(seconds) if seconds >= 0 => Ok(Some(seconds)),
-        _ => Err(EasemobError::IllegalArgument(
-            "ttl must be a non-negative integer number of seconds".into(),
-        )),
+        _ => Err(EasemobError::IllegalArgument("ttl must be a non-negative integer number of seconds".into())),
     }
 }
 
@@ -114,46 +100,26 @@ mod tests {
     fn a_correct_request_is_accepted_with_or_without_ttl() {
         let base = json!({"grant_type": "client_credentials", "client_id": "id", "client_secret": "secret"});
         assert_eq!(check(base), Ok(None));
-        let with_ttl = json!({"grant_type": "client_credentials", "client_id": "id", "client_secret": "secret", "ttl": "1024000"});
+        let with_ttl =
+            json!({"grant_type": "client_credentials", "client_id": "id", "client_secret": "secret", "ttl": "1024000"});
         assert_eq!(check(with_ttl), Ok(Some(1_024_000)));
     }
 
     #[test]
     fn wrong_credentials_are_an_invalid_grant() {
         let wrong_id = json!({"grant_type": "client_credentials", "client_id": "x", "client_secret": "secret"});
-        assert_eq!(
-            check(wrong_id),
-            Err(EasemobError::InvalidGrant("client_id does not match"))
-        );
-        let wrong_secret =
-            json!({"grant_type": "client_credentials", "client_id": "id", "client_secret": "x"});
-        assert_eq!(
-            check(wrong_secret),
-            Err(EasemobError::InvalidGrant("client_secret does not match"))
-        );
+        assert_eq!(check(wrong_id), Err(EasemobError::InvalidGrant("client_id does not match")));
+        let wrong_secret = json!({"grant_type": "client_credentials", "client_id": "id", "client_secret": "x"});
+        assert_eq!(check(wrong_secret), Err(EasemobError::InvalidGrant("client_secret does not match")));
     }
 
     #[test]
     fn missing_fields_are_illegal_arguments() {
         let missing_secret = json!({"grant_type": "client_credentials", "client_id": "id"});
-        assert_eq!(
-            check(missing_secret),
-            Err(EasemobError::IllegalArgument(
-                "client_secret must be provided".into()
-            ))
-        );
-        assert!(matches!(
-            check(json!({"client_id": "id"})),
-            Err(EasemobError::IllegalArgument(_))
-        ));
-        assert!(matches!(
-            check(json!([1])),
-            Err(EasemobError::IllegalArgument(_))
-        ));
-        assert!(matches!(
-            check(json!({"grant_type": "password"})),
-            Err(EasemobError::UnsupportedGrantType(_))
-        ));
+        assert_eq!(check(missing_secret), Err(EasemobError::IllegalArgument("client_secret must be provided".into())));
+        assert!(matches!(check(json!({"client_id": "id"})), Err(EasemobError::IllegalArgument(_))));
+        assert!(matches!(check(json!([1])), Err(EasemobError::IllegalArgument(_))));
+        assert!(matches!(check(json!({"grant_type": "password"})), Err(EasemobError::UnsupportedGrantType(_))));
     }
 
     #[test]

@@ -41,51 +41,32 @@ pub fn normalize_username(raw: &str) -> Result<String, EasemobError> {
     let username = raw.to_ascii_lowercase();
     let legal = !username.is_empty()
         && username.len() <= MAX_USERNAME_BYTES
-        && username.bytes().all(|b| {
-            b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.')
-        });
-    if legal {
-        Ok(username)
-    } else {
-        Err(EasemobError::IllegalArgument(format!(
-            "username {raw} is not legal"
-        )))
-    }
+        && username.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-' | b'.'));
+    if legal { Ok(username) } else { Err(EasemobError::IllegalArgument(format!("username {raw} is not legal"))) }
 }
 
 /// Validates one entry of a register body.
 pub fn parse_new_user(entry: &Value) -> Result<NewUser, EasemobError> {
     let Some(fields) = entry.as_object() else {
-        return Err(EasemobError::IllegalArgument(
-            "each user must be a JSON object".into(),
-        ));
+        return Err(EasemobError::IllegalArgument("each user must be a JSON object".into()));
     };
     let raw_username = fields
         .get("username")
         .and_then(Value::as_str)
         .ok_or_else(|| EasemobError::IllegalArgument("username must be provided".into()))?;
     let username = normalize_username(raw_username)?;
-    let has_password = fields
-        .get("password")
-        .and_then(Value::as_str)
-        .is_some_and(|p| !p.is_empty());
+    let has_password = fields.get("password").and_then(Value::as_str).is_some_and(|p| !p.is_empty());
     if !has_password {
-        return Err(EasemobError::IllegalArgument(
-            "password or pin must provided".into(),
-        ));
+        return Err(EasemobError::IllegalArgument("password or pin must provided".into()));
     }
     let nickname = match fields.get("nickname") {
         None | Some(Value::Null) => None,
-        Some(Value::String(nickname)) if nickname.chars().count() <= MAX_NICKNAME_CHARS => {
-            Some(nickname.clone())
-        }
+        Some(Value::String(nickname)) if nickname.chars().count() <= MAX_NICKNAME_CHARS => Some(nickname.clone()),
         Some(Value::String(_)) => {
             return Err(EasemobError::IllegalArgument("NICKNAME_TOO_LONG".into()));
         }
         Some(_) => {
-            return Err(EasemobError::IllegalArgument(
-                "nickname must be a string".into(),
-            ));
+            return Err(EasemobError::IllegalArgument("nickname must be a string".into()));
         }
     };
     Ok(NewUser { username, nickname })
@@ -96,22 +77,12 @@ pub fn parse_new_user(entry: &Value) -> Result<NewUser, EasemobError> {
 pub fn parse_register_body(body: &Value) -> Result<(Vec<NewUser>, bool), EasemobError> {
     match body {
         Value::Object(_) => Ok((vec![parse_new_user(body)?], false)),
-        Value::Array(entries) if entries.len() > MAX_BATCH => {
-            Err(EasemobError::IllegalArgument(format!(
-                "Request body array size[{}] had almost reached or been greater than the upper range value[{MAX_BATCH}]",
-                entries.len()
-            )))
-        }
-        Value::Array(entries) => Ok((
-            entries
-                .iter()
-                .map(parse_new_user)
-                .collect::<Result<_, _>>()?,
-            true,
-        )),
-        _ => Err(EasemobError::IllegalArgument(
-            "request body must be a user object or an array of them".into(),
-        )),
+        Value::Array(entries) if entries.len() > MAX_BATCH => Err(EasemobError::IllegalArgument(format!(
+            "Request body array size[{}] had almost reached or been greater than the upper range value[{MAX_BATCH}]",
+            entries.len()
+        ))),
+        Value::Array(entries) => Ok((entries.iter().map(parse_new_user).collect::<Result<_, _>>()?, true)),
+        _ => Err(EasemobError::IllegalArgument("request body must be a user object or an array of them".into())),
     }
 }
 
@@ -123,18 +94,14 @@ pub async fn register_users(
     body: Bytes,
 ) -> Result<Json<Envelope>, ApiError> {
     let request = json_body(&headers, &body).map_err(|e| state.reject(&timing, e))?;
-    let (new_users, is_batch) =
-        parse_register_body(&request).map_err(|e| state.reject(&timing, e))?;
+    let (new_users, is_batch) = parse_register_body(&request).map_err(|e| state.reject(&timing, e))?;
     let now = state.clock().now_ms();
     let mut entities = Vec::new();
     let mut failures = Vec::new();
     {
         let mut world = state.world();
         if !is_batch {
-            if let Some(existing) = new_users
-                .first()
-                .filter(|u| world.users.contains_key(&u.username))
-            {
+            if let Some(existing) = new_users.first().filter(|u| world.users.contains_key(&u.username)) {
                 let error = EasemobError::DuplicateUsername {
                     application: state.application().to_owned(),
                     username: existing.username.clone(),
@@ -146,9 +113,7 @@ pub async fn register_users(
         for new_user in new_users {
             // A name repeated within one batch is "already exists" the second time, as it
             // would be if the entries were registered one after the other.
-            if world.users.contains_key(&new_user.username)
-                || !seen.insert(new_user.username.clone())
-            {
+            if world.users.contains_key(&new_user.username) || !seen.insert(new_user.username.clone()) {
                 failures.push(json!({
                     "username": new_user.username,
                     "registerUserFailReason": format!("the {} already exists", new_user.username),
@@ -196,21 +161,10 @@ pub async fn get_user(
     let username = path_username(path).map_err(|e| state.reject(&timing, e))?;
     let entity = {
         let world = state.world();
-        let user = world
-            .users
-            .get(&username)
-            .ok_or(EasemobError::ResourceNotFound);
-        user.map(|user| UserEntity::of(&username, user))
-            .map_err(|e| state.reject(&timing, e))?
+        let user = world.users.get(&username).ok_or(EasemobError::ResourceNotFound);
+        user.map(|user| UserEntity::of(&username, user)).map_err(|e| state.reject(&timing, e))?
     };
-    Ok(Json(user_envelope(
-        &state,
-        &timing,
-        "get",
-        &username,
-        entity,
-        Some(1),
-    )))
+    Ok(Json(user_envelope(&state, &timing, "get", &username, entity, Some(1))))
 }
 
 /// `DELETE /{org}/{app}/users/{username}`: also removes the user from every friend list,
@@ -223,10 +177,7 @@ pub async fn delete_user(
     let username = path_username(path).map_err(|e| state.reject(&timing, e))?;
     let entity = {
         let mut world = state.world();
-        let user = world
-            .users
-            .remove(&username)
-            .ok_or(EasemobError::ResourceNotFound);
+        let user = world.users.remove(&username).ok_or(EasemobError::ResourceNotFound);
         let user = user.map_err(|e| state.reject(&timing, e))?;
         for friend in &user.friends {
             if let Some(friend) = world.users.get_mut(friend) {
@@ -235,14 +186,11 @@ pub async fn delete_user(
         }
         UserEntity::of(&username, &user)
     };
-    Ok(Json(user_envelope(
-        &state, &timing, "delete", &username, entity, None,
-    )))
+    Ok(Json(user_envelope(&state, &timing, "delete", &username, entity, None)))
 }
 
 fn path_username(path: Result<Path<UserPath>, PathRejection>) -> Result<String, EasemobError> {
-    let Path(UserPath { username }) =
-        path.map_err(|rejection| EasemobError::IllegalArgument(rejection.body_text()))?;
+    let Path(UserPath { username }) = path.map_err(|rejection| EasemobError::IllegalArgument(rejection.body_text()))?;
     Ok(username.to_ascii_lowercase())
 }
 
@@ -277,10 +225,7 @@ mod tests {
 
     #[test]
     fn usernames_are_lower_cased() {
-        assert_eq!(
-            normalize_username("Alice_01.x-y"),
-            Ok("alice_01.x-y".to_owned())
-        );
+        assert_eq!(normalize_username("Alice_01.x-y"), Ok("alice_01.x-y".to_owned()));
     }
 
     #[test]
@@ -288,9 +233,7 @@ mod tests {
         for raw in ["", "a b", "zoë", "a/b", "a@b", &"a".repeat(65)] {
             assert_eq!(
                 normalize_username(raw),
-                Err(EasemobError::IllegalArgument(format!(
-                    "username {raw} is not legal"
-                ))),
+                Err(EasemobError::IllegalArgument(format!("username {raw} is not legal"))),
                 "{raw:?}"
             );
         }
@@ -302,23 +245,16 @@ mod tests {
         assert!(parse_new_user(&json!({"username": "a"})).is_err());
         assert!(parse_new_user(&json!({"username": "a", "password": ""})).is_err());
         let long = "n".repeat(101);
-        assert!(
-            parse_new_user(&json!({"username": "a", "password": "p", "nickname": long})).is_err()
-        );
+        assert!(parse_new_user(&json!({"username": "a", "password": "p", "nickname": long})).is_err());
         assert_eq!(
             parse_new_user(&json!({"username": "A", "password": "p", "nickname": "Ann"})),
-            Ok(NewUser {
-                username: "a".into(),
-                nickname: Some("Ann".into())
-            })
+            Ok(NewUser { username: "a".into(), nickname: Some("Ann".into()) })
         );
     }
 
     #[test]
     fn batches_are_bounded_at_sixty() {
-        let entries: Vec<Value> = (0..61)
-            .map(|i| json!({"username": format!("u{i}"), "password": "p"}))
-            .collect();
+        let entries: Vec<Value> = (0..61).map(|i| json!({"username": format!("u{i}"), "password": "p"})).collect();
         assert!(parse_register_body(&Value::Array(entries[..60].to_vec())).is_ok());
         let error = parse_register_body(&Value::Array(entries)).expect_err("61 is too many");
         assert!(matches!(error, EasemobError::IllegalArgument(text) if text.contains("size[61]")));
@@ -328,10 +264,7 @@ mod tests {
     fn an_object_is_single_and_an_array_is_a_batch() {
         let one = json!({"username": "a", "password": "p"});
         assert_eq!(parse_register_body(&one).map(|(_, batch)| batch), Ok(false));
-        assert_eq!(
-            parse_register_body(&json!([one])).map(|(_, batch)| batch),
-            Ok(true)
-        );
+        assert_eq!(parse_register_body(&json!([one])).map(|(_, batch)| batch), Ok(true));
         assert!(parse_register_body(&json!("a")).is_err());
     }
 

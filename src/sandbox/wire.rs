@@ -110,35 +110,20 @@ mod tests {
 
     #[test]
     fn json_with_a_charset_is_accepted() {
-        let value = json_body(
-            &json_headers("application/json; charset=utf-8"),
-            &Bytes::from_static(b"{\"a\":1}"),
-        );
+        let value = json_body(&json_headers("application/json; charset=utf-8"), &Bytes::from_static(b"{\"a\":1}"));
         assert_eq!(value, Ok(serde_json::json!({"a": 1})));
     }
 
     #[test]
     fn a_missing_content_type_is_unsupported_and_bad_json_is_a_parse_error() {
-        assert_eq!(
-            json_body(&HeaderMap::new(), &Bytes::from_static(b"{}")),
-            Err(EasemobError::UnsupportedMediaType)
-        );
-        let error = json_body(
-            &json_headers("application/json"),
-            &Bytes::from_static(b"{oops"),
-        );
+        assert_eq!(json_body(&HeaderMap::new(), &Bytes::from_static(b"{}")), Err(EasemobError::UnsupportedMediaType));
+        let error = json_body(&json_headers("application/json"), &Bytes::from_static(b"{oops"));
         assert!(matches!(error, Err(EasemobError::JsonParse(_))));
     }
 
     #[test]
     fn entities_leave_out_an_unset_nickname() {
-        let user = User {
-            uuid: "u".into(),
-            created: 1,
-            modified: 2,
-            nickname: None,
-            friends: Default::default(),
-        };
+        let user = User { uuid: "u".into(), created: 1, modified: 2, nickname: None, friends: Default::default() };
         let value = serde_json::to_value(UserEntity::of("bob", &user)).expect("serialises");
         assert!(value.get("nickname").is_none());
         assert_eq!(value["type"], "user");

@@ -36,12 +36,7 @@ pub fn sign(call_id: &str, secret: &str, timestamp_text: &str) -> String {
 /// not exactly 32 hex characters is `Malformed("security")`; no match (or no secrets) is `Mismatch`.
 /// Digests are compared in constant time, and every secret is tried even after a match, so the
 /// time taken does not depend on which secret (if any) matched.
-pub fn verify(
-    call_id: &str,
-    timestamp_text: &str,
-    security: &str,
-    secrets: &[Secret],
-) -> Result<usize, VerifyError> {
+pub fn verify(call_id: &str, timestamp_text: &str, security: &str, secrets: &[Secret]) -> Result<usize, VerifyError> {
     let mut given = [0u8; DIGEST_LEN];
     // `decode_to_slice` insists on exactly 2 * DIGEST_LEN hex digits, either case.
     hex::decode_to_slice(security, &mut given).map_err(|_| VerifyError::Malformed("security"))?;
@@ -80,92 +75,52 @@ mod tests {
 
     #[test]
     fn verify_accepts_the_known_answer_vector() {
-        assert_eq!(
-            verify(CALL_ID, TIMESTAMP, SECURITY, &secrets(&[SECRET])),
-            Ok(0)
-        );
+        assert_eq!(verify(CALL_ID, TIMESTAMP, SECURITY, &secrets(&[SECRET])), Ok(0));
     }
 
     #[test]
     fn wrong_secret_is_a_mismatch() {
-        assert_eq!(
-            verify(CALL_ID, TIMESTAMP, SECURITY, &secrets(&["other-secret"])),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(CALL_ID, TIMESTAMP, SECURITY, &secrets(&["other-secret"])), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn no_secrets_is_a_mismatch() {
-        assert_eq!(
-            verify(CALL_ID, TIMESTAMP, SECURITY, &[]),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(CALL_ID, TIMESTAMP, SECURITY, &[]), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn tampered_call_id_is_a_mismatch() {
         let tampered = "demo-org#demo-app_966725899779049517";
-        assert_eq!(
-            verify(tampered, TIMESTAMP, SECURITY, &secrets(&[SECRET])),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(tampered, TIMESTAMP, SECURITY, &secrets(&[SECRET])), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn tampered_timestamp_is_a_mismatch() {
-        assert_eq!(
-            verify(CALL_ID, "1642648213495", SECURITY, &secrets(&[SECRET])),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(CALL_ID, "1642648213495", SECURITY, &secrets(&[SECRET])), Err(VerifyError::Mismatch));
         // Same number, different text: the signature covers the text.
-        assert_eq!(
-            verify(CALL_ID, "1642648213494.0", SECURITY, &secrets(&[SECRET])),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(CALL_ID, "1642648213494.0", SECURITY, &secrets(&[SECRET])), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn tampered_security_is_a_mismatch() {
         let tampered = "bac67bdb1f935f86b3eaa30286975388";
-        assert_eq!(
-            verify(CALL_ID, TIMESTAMP, tampered, &secrets(&[SECRET])),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(CALL_ID, TIMESTAMP, tampered, &secrets(&[SECRET])), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn rotation_returns_the_index_of_the_matching_secret() {
-        assert_eq!(
-            verify(
-                CALL_ID,
-                TIMESTAMP,
-                SECURITY,
-                &secrets(&["old-secret", SECRET])
-            ),
-            Ok(1)
-        );
+        assert_eq!(verify(CALL_ID, TIMESTAMP, SECURITY, &secrets(&["old-secret", SECRET])), Ok(1));
     }
 
     #[test]
     fn first_matching_secret_wins() {
-        assert_eq!(
-            verify(
-                CALL_ID,
-                TIMESTAMP,
-                SECURITY,
-                &secrets(&["x", SECRET, SECRET])
-            ),
-            Ok(1)
-        );
+        assert_eq!(verify(CALL_ID, TIMESTAMP, SECURITY, &secrets(&["x", SECRET, SECRET])), Ok(1));
     }
 
     #[test]
     fn upper_case_hex_is_accepted() {
         let upper = SECURITY.to_ascii_uppercase();
-        assert_eq!(
-            verify(CALL_ID, TIMESTAMP, &upper, &secrets(&[SECRET])),
-            Ok(0)
-        );
+        assert_eq!(verify(CALL_ID, TIMESTAMP, &upper, &secrets(&[SECRET])), Ok(0));
     }
 
     #[test]

@@ -11,9 +11,7 @@ pub mod standard_webhooks;
 use crate::secret::Secret;
 
 /// Which signature scheme the receiver checks.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Scheme {
     /// Easemob's own: `security = md5(callId + secret + timestamp)`; covers those three fields only.
@@ -94,11 +92,7 @@ impl Verifier {
     /// Secrets are checked (and standard-webhooks keys decoded) once here, so a bad configuration
     /// stops the service at start-up instead of turning every callback into a 401. Error messages
     /// name the secret by position, never by value.
-    pub fn new(
-        scheme: Scheme,
-        secrets: Vec<Secret>,
-        tolerance_secs: i64,
-    ) -> Result<Self, ConfigError> {
+    pub fn new(scheme: Scheme, secrets: Vec<Secret>, tolerance_secs: i64) -> Result<Self, ConfigError> {
         if secrets.is_empty() {
             return Err(ConfigError(format!(
                 "no callback secret configured for the {} scheme: give at least one secret (for easemob, \
@@ -126,19 +120,13 @@ impl Verifier {
                     .iter()
                     .enumerate()
                     .map(|(i, secret)| {
-                        standard_webhooks::parse_secret(secret.expose()).map_err(|e| {
-                            ConfigError(format!("callback secret #{}: {}", i + 1, e.0))
-                        })
+                        standard_webhooks::parse_secret(secret.expose())
+                            .map_err(|e| ConfigError(format!("callback secret #{}: {}", i + 1, e.0)))
                     })
                     .collect::<Result<_, _>>()?
             }
         };
-        Ok(Self {
-            scheme,
-            secrets,
-            hmac_keys,
-            tolerance_secs,
-        })
+        Ok(Self { scheme, secrets, hmac_keys, tolerance_secs })
     }
 
     /// The configured scheme.
@@ -147,12 +135,7 @@ impl Verifier {
     }
 
     /// Easemob scheme: index of the secret that makes `security` match.
-    pub fn verify_easemob(
-        &self,
-        call_id: &str,
-        timestamp_text: &str,
-        security: &str,
-    ) -> Result<usize, VerifyError> {
+    pub fn verify_easemob(&self, call_id: &str, timestamp_text: &str, security: &str) -> Result<usize, VerifyError> {
         easemob::verify(call_id, timestamp_text, security, &self.secrets)
     }
 
@@ -165,13 +148,7 @@ impl Verifier {
     ) -> Result<usize, VerifyError> {
         // Floor division, so a clock before 1970 still rounds towards the past like the sender's.
         let now_secs = now_ms.div_euclid(1000);
-        standard_webhooks::verify(
-            headers,
-            body,
-            &self.hmac_keys,
-            now_secs,
-            self.tolerance_secs,
-        )
+        standard_webhooks::verify(headers, body, &self.hmac_keys, now_secs, self.tolerance_secs)
     }
 }
 
@@ -192,12 +169,7 @@ mod tests {
 
     #[test]
     fn empty_secret_is_a_config_error() {
-        let err = Verifier::new(
-            Scheme::Easemob,
-            vec![Secret::new("a"), Secret::new("")],
-            300,
-        )
-        .expect_err("empty");
+        let err = Verifier::new(Scheme::Easemob, vec![Secret::new("a"), Secret::new("")], 300).expect_err("empty");
         assert!(err.0.contains("#2"), "{}", err.0);
     }
 
@@ -205,41 +177,26 @@ mod tests {
     fn standard_webhooks_rejects_a_secret_that_is_not_whsec_and_does_not_echo_it() {
         let secrets = vec![Secret::new(SPEC_SECRET), Secret::new("hunter2-plain")];
         let err = Verifier::new(Scheme::StandardWebhooks, secrets, 300).expect_err("plain secret");
-        assert!(
-            err.0.contains("#2") && err.0.contains("whsec_"),
-            "{}",
-            err.0
-        );
+        assert!(err.0.contains("#2") && err.0.contains("whsec_"), "{}", err.0);
         assert!(!err.0.contains("hunter2"), "{}", err.0);
     }
 
     #[test]
     fn standard_webhooks_rejects_a_negative_tolerance() {
-        assert!(
-            Verifier::new(Scheme::StandardWebhooks, vec![Secret::new(SPEC_SECRET)], -1).is_err()
-        );
+        assert!(Verifier::new(Scheme::StandardWebhooks, vec![Secret::new(SPEC_SECRET)], -1).is_err());
     }
 
     #[test]
     fn easemob_accepts_any_non_empty_secret_text() {
-        let verifier =
-            Verifier::new(Scheme::Easemob, vec![Secret::new("not-base64!")], 0).expect("valid");
+        let verifier = Verifier::new(Scheme::Easemob, vec![Secret::new("not-base64!")], 0).expect("valid");
         assert_eq!(verifier.scheme(), Scheme::Easemob);
     }
 
     #[test]
     fn debug_never_shows_secrets_or_keys() {
-        let verifier = Verifier::new(
-            Scheme::StandardWebhooks,
-            vec![Secret::new(SPEC_SECRET)],
-            300,
-        )
-        .expect("valid");
+        let verifier = Verifier::new(Scheme::StandardWebhooks, vec![Secret::new(SPEC_SECRET)], 300).expect("valid");
         let text = format!("{verifier:?}");
-        assert!(
-            !text.contains("MfKQ") && !text.contains("hmac_keys"),
-            "{text}"
-        );
+        assert!(!text.contains("MfKQ") && !text.contains("hmac_keys"), "{text}");
     }
 
     #[test]
@@ -256,24 +213,15 @@ mod tests {
 
     #[test]
     fn verify_standard_converts_now_from_milliseconds() {
-        let verifier = Verifier::new(Scheme::StandardWebhooks, vec![Secret::new(SPEC_SECRET)], 10)
-            .expect("valid");
+        let verifier = Verifier::new(Scheme::StandardWebhooks, vec![Secret::new(SPEC_SECRET)], 10).expect("valid");
         let mut headers = HeaderMap::new();
-        headers.insert(
-            "webhook-id",
-            HeaderValue::from_static("msg_p5jXN8AQM9LWM0D4loKWxJek"),
-        );
+        headers.insert("webhook-id", HeaderValue::from_static("msg_p5jXN8AQM9LWM0D4loKWxJek"));
         headers.insert("webhook-timestamp", HeaderValue::from_static("1614265330"));
-        headers.insert(
-            "webhook-signature",
-            HeaderValue::from_static("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="),
-        );
+        headers
+            .insert("webhook-signature", HeaderValue::from_static("v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OE="));
         let body = br#"{"test": 2432232314}"#;
         // 10 s after the timestamp, to the last millisecond, is within a 10 s tolerance...
-        assert_eq!(
-            verifier.verify_standard(&headers, body, 1_614_265_340_999),
-            Ok(0)
-        );
+        assert_eq!(verifier.verify_standard(&headers, body, 1_614_265_340_999), Ok(0));
         // ...and 11 s is not.
         assert_eq!(
             verifier.verify_standard(&headers, body, 1_614_265_341_000),

@@ -36,9 +36,7 @@ type HmacSha256 = Hmac<Sha256>;
 /// on output as the spec's examples do.
 const BASE64: GeneralPurpose = GeneralPurpose::new(
     &base64::alphabet::STANDARD,
-    GeneralPurposeConfig::new()
-        .with_encode_padding(true)
-        .with_decode_padding_mode(DecodePaddingMode::Indifferent),
+    GeneralPurposeConfig::new().with_encode_padding(true).with_decode_padding_mode(DecodePaddingMode::Indifferent),
 );
 
 /// Decodes a `whsec_<base64>` secret into the HMAC key.
@@ -81,19 +79,12 @@ fn tag(msg_id: &str, timestamp_secs: i64, body: &[u8], key: &[u8]) -> [u8; TAG_L
 
 /// Signs a message: returns one `webhook-signature` entry, `v1,<base64>`.
 pub fn sign(msg_id: &str, timestamp_secs: i64, body: &[u8], key: &[u8]) -> String {
-    format!(
-        "{VERSION},{}",
-        BASE64.encode(tag(msg_id, timestamp_secs, body, key))
-    )
+    format!("{VERSION},{}", BASE64.encode(tag(msg_id, timestamp_secs, body, key)))
 }
 
 /// Reads a header as visible ASCII text.
 fn header<'a>(headers: &'a HeaderMap, name: &'static str) -> Result<&'a str, VerifyError> {
-    headers
-        .get(name)
-        .ok_or(VerifyError::MissingHeader(name))?
-        .to_str()
-        .map_err(|_| VerifyError::Malformed(name))
+    headers.get(name).ok_or(VerifyError::MissingHeader(name))?.to_str().map_err(|_| VerifyError::Malformed(name))
 }
 
 /// Parses `webhook-timestamp`: decimal digits only (no sign, no spaces, no fraction), so that the
@@ -102,8 +93,7 @@ fn parse_timestamp(text: &str) -> Result<i64, VerifyError> {
     if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
         return Err(VerifyError::Malformed(HEADER_TIMESTAMP));
     }
-    text.parse()
-        .map_err(|_| VerifyError::Malformed(HEADER_TIMESTAMP))
+    text.parse().map_err(|_| VerifyError::Malformed(HEADER_TIMESTAMP))
 }
 
 /// Verifies a request and returns the index of the first key whose HMAC matches one `v1` entry.
@@ -127,10 +117,7 @@ pub fn verify(
     let timestamp = parse_timestamp(header(headers, HEADER_TIMESTAMP)?)?;
     let signatures = header(headers, HEADER_SIGNATURE)?;
 
-    let entries: Vec<&str> = signatures
-        .split(' ')
-        .filter(|entry| !entry.is_empty())
-        .collect();
+    let entries: Vec<&str> = signatures.split(' ').filter(|entry| !entry.is_empty()).collect();
     if entries.is_empty() {
         return Err(VerifyError::Malformed(HEADER_SIGNATURE));
     }
@@ -157,11 +144,7 @@ pub fn verify(
     let mut matched = None;
     for (index, key) in keys.iter().enumerate() {
         let expected = tag(msg_id, timestamp, body, key);
-        let hit = candidates
-            .iter()
-            .fold(subtle::Choice::from(0), |acc, candidate| {
-                acc | expected.ct_eq(candidate)
-            });
+        let hit = candidates.iter().fold(subtle::Choice::from(0), |acc, candidate| acc | expected.ct_eq(candidate));
         if bool::from(hit) && matched.is_none() {
             matched = Some(index);
         }
@@ -201,15 +184,8 @@ mod tests {
 
     fn headers(id: &str, timestamp: &str, signature: &str) -> HeaderMap {
         let mut map = HeaderMap::new();
-        for (name, value) in [
-            (HEADER_ID, id),
-            (HEADER_TIMESTAMP, timestamp),
-            (HEADER_SIGNATURE, signature),
-        ] {
-            map.insert(
-                name,
-                HeaderValue::from_str(value).expect("test header is valid"),
-            );
+        for (name, value) in [(HEADER_ID, id), (HEADER_TIMESTAMP, timestamp), (HEADER_SIGNATURE, signature)] {
+            map.insert(name, HeaderValue::from_str(value).expect("test header is valid"));
         }
         map
     }
@@ -229,13 +205,7 @@ mod tests {
 
     #[test]
     fn verify_accepts_the_spec_example() {
-        let result = verify(
-            &spec_headers(SPEC_SIG),
-            SPEC_BODY,
-            &[spec_key()],
-            SPEC_TS,
-            TOLERANCE,
-        );
+        let result = verify(&spec_headers(SPEC_SIG), SPEC_BODY, &[spec_key()], SPEC_TS, TOLERANCE);
         assert_eq!(result, Ok(0));
     }
 
@@ -245,10 +215,7 @@ mod tests {
         assert_eq!(key, b"friendhook-standard-webhooks-key");
         assert_eq!(sign(OWN_ID, OWN_TS, OWN_BODY.as_bytes(), &key), OWN_SIG);
         let map = headers(OWN_ID, &OWN_TS.to_string(), OWN_SIG);
-        assert_eq!(
-            verify(&map, OWN_BODY.as_bytes(), &[key], OWN_TS + 10, TOLERANCE),
-            Ok(0)
-        );
+        assert_eq!(verify(&map, OWN_BODY.as_bytes(), &[key], OWN_TS + 10, TOLERANCE), Ok(0));
     }
 
     #[test]
@@ -260,10 +227,7 @@ mod tests {
     #[test]
     fn parse_secret_accepts_unpadded_base64() {
         let unpadded = OWN_SECRET.trim_end_matches('=');
-        assert_eq!(
-            parse_secret(unpadded).expect("unpadded parses"),
-            b"friendhook-standard-webhooks-key"
-        );
+        assert_eq!(parse_secret(unpadded).expect("unpadded parses"), b"friendhook-standard-webhooks-key");
     }
 
     #[test]
@@ -275,90 +239,45 @@ mod tests {
             "WHSEC_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
         ] {
             let err = parse_secret(bad).expect_err(bad);
-            assert!(
-                err.0.contains("whsec_"),
-                "message tells the user the format: {}",
-                err.0
-            );
-            assert!(
-                !err.0.contains("MfKQ") && !err.0.contains("base64!"),
-                "message leaks the secret: {}",
-                err.0
-            );
+            assert!(err.0.contains("whsec_"), "message tells the user the format: {}", err.0);
+            assert!(!err.0.contains("MfKQ") && !err.0.contains("base64!"), "message leaks the secret: {}", err.0);
         }
     }
 
     #[test]
     fn wrong_key_is_a_mismatch() {
         let other = parse_secret(OWN_SECRET).expect("own secret parses");
-        let result = verify(
-            &spec_headers(SPEC_SIG),
-            SPEC_BODY,
-            &[other],
-            SPEC_TS,
-            TOLERANCE,
-        );
+        let result = verify(&spec_headers(SPEC_SIG), SPEC_BODY, &[other], SPEC_TS, TOLERANCE);
         assert_eq!(result, Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn rotation_returns_the_index_of_the_matching_key() {
         let other = parse_secret(OWN_SECRET).expect("own secret parses");
-        let result = verify(
-            &spec_headers(SPEC_SIG),
-            SPEC_BODY,
-            &[other, spec_key()],
-            SPEC_TS,
-            TOLERANCE,
-        );
+        let result = verify(&spec_headers(SPEC_SIG), SPEC_BODY, &[other, spec_key()], SPEC_TS, TOLERANCE);
         assert_eq!(result, Ok(1));
     }
 
     #[test]
     fn no_keys_is_a_mismatch() {
-        assert_eq!(
-            verify(&spec_headers(SPEC_SIG), SPEC_BODY, &[], SPEC_TS, TOLERANCE),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(&spec_headers(SPEC_SIG), SPEC_BODY, &[], SPEC_TS, TOLERANCE), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn each_signed_part_is_covered() {
         let key = [spec_key()];
-        let tampered_id = headers(
-            "msg_p5jXN8AQM9LWM0D4loKWxJeK",
-            &SPEC_TS.to_string(),
-            SPEC_SIG,
-        );
-        assert_eq!(
-            verify(&tampered_id, SPEC_BODY, &key, SPEC_TS, TOLERANCE),
-            Err(VerifyError::Mismatch)
-        );
+        let tampered_id = headers("msg_p5jXN8AQM9LWM0D4loKWxJeK", &SPEC_TS.to_string(), SPEC_SIG);
+        assert_eq!(verify(&tampered_id, SPEC_BODY, &key, SPEC_TS, TOLERANCE), Err(VerifyError::Mismatch));
         let tampered_ts = headers(SPEC_ID, &(SPEC_TS + 1).to_string(), SPEC_SIG);
-        assert_eq!(
-            verify(&tampered_ts, SPEC_BODY, &key, SPEC_TS, TOLERANCE),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(&tampered_ts, SPEC_BODY, &key, SPEC_TS, TOLERANCE), Err(VerifyError::Mismatch));
         let tampered_body = br#"{"test": 2432232315}"#;
         assert_eq!(
-            verify(
-                &spec_headers(SPEC_SIG),
-                tampered_body,
-                &key,
-                SPEC_TS,
-                TOLERANCE
-            ),
+            verify(&spec_headers(SPEC_SIG), tampered_body, &key, SPEC_TS, TOLERANCE),
             Err(VerifyError::Mismatch)
         );
         let tampered_sig = "v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OA=";
         assert_eq!(
-            verify(
-                &spec_headers(tampered_sig),
-                SPEC_BODY,
-                &key,
-                SPEC_TS,
-                TOLERANCE
-            ),
+            verify(&spec_headers(tampered_sig), SPEC_BODY, &key, SPEC_TS, TOLERANCE),
             Err(VerifyError::Mismatch)
         );
     }
@@ -368,14 +287,8 @@ mod tests {
         let key = [spec_key()];
         let map = spec_headers(SPEC_SIG);
         // Request sent TOLERANCE seconds ago / TOLERANCE seconds in the future: accepted.
-        assert_eq!(
-            verify(&map, SPEC_BODY, &key, SPEC_TS + TOLERANCE, TOLERANCE),
-            Ok(0)
-        );
-        assert_eq!(
-            verify(&map, SPEC_BODY, &key, SPEC_TS - TOLERANCE, TOLERANCE),
-            Ok(0)
-        );
+        assert_eq!(verify(&map, SPEC_BODY, &key, SPEC_TS + TOLERANCE, TOLERANCE), Ok(0));
+        assert_eq!(verify(&map, SPEC_BODY, &key, SPEC_TS - TOLERANCE, TOLERANCE), Ok(0));
         // One second further either way: rejected before the HMAC is even looked at.
         assert_eq!(
             verify(&map, SPEC_BODY, &key, SPEC_TS + TOLERANCE + 1, TOLERANCE),
@@ -391,31 +304,15 @@ mod tests {
     fn extreme_timestamps_do_not_overflow() {
         let key = [spec_key()];
         let map = headers(SPEC_ID, &i64::MAX.to_string(), SPEC_SIG);
-        assert_eq!(
-            verify(&map, SPEC_BODY, &key, i64::MIN, i64::MAX),
-            Err(VerifyError::TimestampOutOfTolerance)
-        );
-        assert_eq!(
-            verify(&map, SPEC_BODY, &key, i64::MAX, 0),
-            Err(VerifyError::Mismatch)
-        );
+        assert_eq!(verify(&map, SPEC_BODY, &key, i64::MIN, i64::MAX), Err(VerifyError::TimestampOutOfTolerance));
+        assert_eq!(verify(&map, SPEC_BODY, &key, i64::MAX, 0), Err(VerifyError::Mismatch));
     }
 
     #[test]
     fn one_valid_signature_among_invalid_ones_is_enough() {
-        let header = format!(
-            "v1,Zm9v v1,notbase64!! v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OA= garbage {SPEC_SIG}"
-        );
-        assert_eq!(
-            verify(
-                &spec_headers(&header),
-                SPEC_BODY,
-                &[spec_key()],
-                SPEC_TS,
-                TOLERANCE
-            ),
-            Ok(0)
-        );
+        let header =
+            format!("v1,Zm9v v1,notbase64!! v1,g0hM9SsE+OTPJTGt/tmIKtSyZlE3uFJELVlNIOLJ1OA= garbage {SPEC_SIG}");
+        assert_eq!(verify(&spec_headers(&header), SPEC_BODY, &[spec_key()], SPEC_TS, TOLERANCE), Ok(0));
     }
 
     #[test]
@@ -423,27 +320,12 @@ mod tests {
         // The correct digest under a `v2` label must not be accepted as v1.
         let as_v2 = SPEC_SIG.replacen("v1,", "v2,", 1);
         assert_eq!(
-            verify(
-                &spec_headers(&as_v2),
-                SPEC_BODY,
-                &[spec_key()],
-                SPEC_TS,
-                TOLERANCE
-            ),
+            verify(&spec_headers(&as_v2), SPEC_BODY, &[spec_key()], SPEC_TS, TOLERANCE),
             Err(VerifyError::Mismatch)
         );
         // ...and a v2 entry next to a valid v1 entry does not get in the way.
         let both = format!("v2,AAAA {SPEC_SIG}");
-        assert_eq!(
-            verify(
-                &spec_headers(&both),
-                SPEC_BODY,
-                &[spec_key()],
-                SPEC_TS,
-                TOLERANCE
-            ),
-            Ok(0)
-        );
+        assert_eq!(verify(&spec_headers(&both), SPEC_BODY, &[spec_key()], SPEC_TS, TOLERANCE), Ok(0));
     }
 
     #[test]
@@ -452,25 +334,14 @@ mod tests {
         for name in [HEADER_ID, HEADER_TIMESTAMP, HEADER_SIGNATURE] {
             let mut map = spec_headers(SPEC_SIG);
             map.remove(name);
-            assert_eq!(
-                verify(&map, SPEC_BODY, &key, SPEC_TS, TOLERANCE),
-                Err(VerifyError::MissingHeader(name))
-            );
+            assert_eq!(verify(&map, SPEC_BODY, &key, SPEC_TS, TOLERANCE), Err(VerifyError::MissingHeader(name)));
         }
     }
 
     #[test]
     fn malformed_headers_are_named() {
         let key = [spec_key()];
-        for bad_ts in [
-            "",
-            "abc",
-            "-1614265330",
-            "+1614265330",
-            "1614265330.0",
-            " 1614265330",
-            "99999999999999999999",
-        ] {
+        for bad_ts in ["", "abc", "-1614265330", "+1614265330", "1614265330.0", " 1614265330", "99999999999999999999"] {
             let map = headers(SPEC_ID, bad_ts, SPEC_SIG);
             assert_eq!(
                 verify(&map, SPEC_BODY, &key, SPEC_TS, TOLERANCE),
@@ -484,19 +355,10 @@ mod tests {
             Err(VerifyError::Malformed(HEADER_SIGNATURE))
         );
         let empty_id = headers("", &SPEC_TS.to_string(), SPEC_SIG);
-        assert_eq!(
-            verify(&empty_id, SPEC_BODY, &key, SPEC_TS, TOLERANCE),
-            Err(VerifyError::Malformed(HEADER_ID))
-        );
+        assert_eq!(verify(&empty_id, SPEC_BODY, &key, SPEC_TS, TOLERANCE), Err(VerifyError::Malformed(HEADER_ID)));
         let mut non_ascii_id = spec_headers(SPEC_SIG);
-        non_ascii_id.insert(
-            HEADER_ID,
-            HeaderValue::from_bytes(b"msg_\xff").expect("obs-text is a valid header value"),
-        );
-        assert_eq!(
-            verify(&non_ascii_id, SPEC_BODY, &key, SPEC_TS, TOLERANCE),
-            Err(VerifyError::Malformed(HEADER_ID))
-        );
+        non_ascii_id.insert(HEADER_ID, HeaderValue::from_bytes(b"msg_\xff").expect("obs-text is a valid header value"));
+        assert_eq!(verify(&non_ascii_id, SPEC_BODY, &key, SPEC_TS, TOLERANCE), Err(VerifyError::Malformed(HEADER_ID)));
     }
 
     proptest! {

@@ -11,12 +11,14 @@ use crate::model::{CallOp, Outcome};
 use crate::reconcile::{CallRow, CallbackRow};
 
 /// One normalised feed record.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+///
+/// Every key is always present (`null` when it does not apply), so consumers see one schema.
+#[derive(Debug, Clone, Serialize, serde::Deserialize, PartialEq, Eq)]
 pub struct FeedRecord {
     /// Journal position.
     pub seq: i64,
     /// `call` or `callback`.
-    pub kind: &'static str,
+    pub kind: String,
     /// Call: owner. Callback: normalised `from`.
     pub owner: Option<String>,
     /// Call: friend. Callback: normalised `to`.
@@ -24,10 +26,8 @@ pub struct FeedRecord {
     /// Call: add/remove. Callback: payload.operation.
     pub operation: Option<String>,
     /// Call: its outcome (calls enter the feed once it is final).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub outcome: Option<String>,
     /// Callback: its chat_type (`roster` for friend events).
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub chat_type: Option<String>,
     /// Call: when it was requested. Callback: the event's own timestamp. Epoch ms.
     pub event_time: i64,
@@ -36,28 +36,43 @@ pub struct FeedRecord {
     /// Call id or callback callId.
     pub id: String,
     /// Callback: msg_id.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub msg_id: Option<String>,
     /// Call: Easemob's HTTP status.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_status: Option<i64>,
     /// Call: Easemob's error type.
-    #[serde(skip_serializing_if = "Option::is_none")]
     pub upstream_error: Option<String>,
 }
 
+/// One page of the feed as NDJSON, rendered by SQLite itself: one text value per page instead of
+/// one row per record keeps sqlx's per-row cost off the export path. Both halves walk their
+/// `seq` index (`+` on the time columns keeps the planner from scanning by time and sorting).
 const FEED_PAGE: &str = "\
-SELECT * FROM (
-  SELECT seq, 'call' AS kind, owner AS a, friend AS b, op AS operation, outcome, NULL AS chat_type,
-         requested_at_ms AS event_time, completed_at_ms AS received_time, CAST(id AS TEXT) AS ident,
-         NULL AS msg_id, upstream_status, upstream_error
-  FROM calls WHERE seq > ?1 AND requested_at_ms >= ?3 AND requested_at_ms < ?4 ORDER BY seq LIMIT ?2)
-UNION ALL
-SELECT * FROM (
-  SELECT seq, 'callback', from_user, to_user, operation, NULL, chat_type,
-         timestamp_ms, received_at_ms, call_id, msg_id, NULL, NULL
-  FROM callbacks WHERE seq > ?1 AND timestamp_ms >= ?3 AND timestamp_ms < ?4 ORDER BY seq LIMIT ?2)
-ORDER BY seq LIMIT ?2";
+SELECT count(*), max(seq), group_concat(line, char(10) ORDER BY seq) FROM (
+  SELECT seq, line FROM (
+    SELECT seq, json_object('seq', seq, 'kind', 'call', 'owner', owner, 'friend', friend, 'operation', op,
+             'outcome', outcome, 'chat_type', NULL, 'event_time', requested_at_ms,
+             'received_time', completed_at_ms, 'id', CAST(id AS TEXT), 'msg_id', NULL,
+             'upstream_status', upstream_status, 'upstream_error', upstream_error) AS line
+    FROM calls WHERE seq > ?1 AND +requested_at_ms >= ?3 AND +requested_at_ms < ?4 ORDER BY seq LIMIT ?2)
+  UNION ALL
+  SELECT seq, line FROM (
+    SELECT seq, json_object('seq', seq, 'kind', 'callback', 'owner', from_user, 'friend', to_user,
+             'operation', operation, 'outcome', NULL, 'chat_type', chat_type, 'event_time', timestamp_ms,
+             'received_time', received_at_ms, 'id', call_id, 'msg_id', msg_id,
+             'upstream_status', NULL, 'upstream_error', NULL) AS line
+    FROM callbacks WHERE seq > ?1 AND +timestamp_ms >= ?3 AND +timestamp_ms < ?4 ORDER BY seq LIMIT ?2)
+  ORDER BY seq LIMIT ?2)";
+
+/// A page of the feed: NDJSON lines (no trailing newline) and the last seq in it.
+#[derive(Debug, Clone, Default)]
+pub struct FeedPage {
+    /// Records in the page.
+    pub count: i64,
+    /// Seq of the last record (resume after it).
+    pub last_seq: Option<i64>,
+    /// The records, one JSON object per line.
+    pub ndjson: String,
+}
 
 /// A record of the chain as stored, for verification.
 #[derive(Debug, Clone)]
@@ -80,34 +95,25 @@ pub struct ChainRecord {
 
 impl Store {
     /// One page of the feed after `after`, in seq order; `event_time` within [since, until).
-    pub async fn feed_page(&self, after: i64, limit: i64, since_ms: i64, until_ms: i64) -> Result<Vec<FeedRecord>, StoreError> {
-        let rows = sqlx::query(FEED_PAGE)
+    pub async fn feed_page(
+        &self,
+        after: i64,
+        limit: i64,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<FeedPage, StoreError> {
+        let row = sqlx::query(FEED_PAGE)
             .bind(after)
             .bind(limit)
             .bind(since_ms)
             .bind(until_ms)
-            .fetch_all(self.read_pool())
+            .fetch_one(self.read_pool())
             .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let kind: String = r.try_get(1)?;
-            out.push(FeedRecord {
-                seq: r.try_get(0)?,
-                kind: if kind == "call" { "call" } else { "callback" },
-                owner: r.try_get(2)?,
-                friend: r.try_get(3)?,
-                operation: r.try_get(4)?,
-                outcome: r.try_get(5)?,
-                chat_type: r.try_get(6)?,
-                event_time: r.try_get(7)?,
-                received_time: r.try_get::<Option<i64>, _>(8)?.unwrap_or_default(),
-                id: r.try_get(9)?,
-                msg_id: r.try_get(10)?,
-                upstream_status: r.try_get(11)?,
-                upstream_error: r.try_get(12)?,
-            });
-        }
-        Ok(out)
+        Ok(FeedPage {
+            count: row.try_get(0)?,
+            last_seq: row.try_get(1)?,
+            ndjson: row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+        })
     }
 
     /// The current chain head.
@@ -214,54 +220,102 @@ impl Store {
         Ok(a + b)
     }
 
-    /// Calls requested in [since, until) (all when `None`), for reconciliation.
+    /// Calls requested in [since, until), for reconciliation.
+    ///
+    /// Rows come back as JSON arrays in pages of 100,000 (keyset on id): reconciling everything
+    /// reads millions of rows, and one text value per page avoids sqlx's per-row hand-over.
     pub async fn calls_for_reconcile(&self, since_ms: i64, until_ms: i64) -> Result<Vec<CallRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls
-             WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2",
-        )
-        .bind(since_ms)
-        .bind(until_ms)
-        .fetch_all(self.read_pool())
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            let op: &str = r.try_get(1)?;
-            let outcome: Option<&str> = r.try_get(6)?;
-            out.push(CallRow {
-                id: r.try_get(0)?,
-                op: CallOp::parse(op).unwrap_or(CallOp::Add),
-                owner: r.try_get(2)?,
-                friend: r.try_get(3)?,
-                requested_at_ms: r.try_get(4)?,
-                completed_at_ms: r.try_get(5)?,
-                outcome: outcome.and_then(Outcome::parse).unwrap_or(Outcome::InFlight),
-            });
+        let mut out = Vec::new();
+        let mut after = i64::MIN;
+        // A bounded window is read through the time index in one go; everything is read in id
+        // order, page by page (the planner cannot know which is cheaper, so say it).
+        let everything = since_ms == i64::MIN && until_ms == i64::MAX;
+        let sql = if everything {
+            "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
+                    completed_at_ms, outcome)) FROM (
+               SELECT * FROM calls WHERE id > ?3 AND ?1 < ?2 ORDER BY id LIMIT 100000)"
+        } else {
+            "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
+                    completed_at_ms, outcome)) FROM (
+               SELECT * FROM calls WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
+        };
+        loop {
+            let row = sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool()).await?;
+            let n: i64 = row.try_get(0)?;
+            if n == 0 {
+                break;
+            }
+            after = row.try_get(1)?;
+            let text: &str = row.try_get(2)?;
+            type Raw<'a> = (i64, &'a str, String, String, i64, Option<i64>, Option<&'a str>);
+            let rows: Vec<Raw> =
+                serde_json::from_str(text).map_err(|e| StoreError::Write(format!("decoding calls: {e}")))?;
+            out.extend(rows.into_iter().map(|(id, op, owner, friend, requested_at_ms, completed_at_ms, outcome)| {
+                CallRow {
+                    id,
+                    op: CallOp::parse(op).unwrap_or(CallOp::Add),
+                    owner,
+                    friend,
+                    requested_at_ms,
+                    completed_at_ms,
+                    outcome: outcome.and_then(Outcome::parse).unwrap_or(Outcome::InFlight),
+                }
+            }));
+            if !everything || n < 100_000 {
+                break;
+            }
         }
         Ok(out)
     }
 
-    /// Roster add/remove callbacks whose event time is in [since, until), for reconciliation.
-    pub async fn roster_callbacks_for_reconcile(&self, since_ms: i64, until_ms: i64) -> Result<Vec<CallbackRow>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT seq, operation, from_user, to_user, timestamp_ms, received_at_ms FROM callbacks
-             WHERE chat_type = 'roster' AND operation IN ('add', 'remove')
-               AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND seq IS NOT NULL",
-        )
-        .bind(since_ms)
-        .bind(until_ms)
-        .fetch_all(self.read_pool())
-        .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for r in rows {
-            out.push(CallbackRow {
-                seq: r.try_get(0)?,
-                operation: r.try_get(1)?,
-                from_user: r.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
-                to_user: r.try_get::<Option<String>, _>(3)?.unwrap_or_default(),
-                timestamp_ms: r.try_get(4)?,
-                received_at_ms: r.try_get(5)?,
-            });
+    /// Roster add/remove callbacks whose event time is in [since, until), for reconciliation;
+    /// paged like [`Store::calls_for_reconcile`].
+    pub async fn roster_callbacks_for_reconcile(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+    ) -> Result<Vec<CallbackRow>, StoreError> {
+        let mut out = Vec::new();
+        let mut after = i64::MIN;
+        // `+` keeps the planner off the operation index (a scan of every `add`); see
+        // calls_for_reconcile for the two shapes.
+        let everything = since_ms == i64::MIN && until_ms == i64::MAX;
+        let sql = if everything {
+            "SELECT count(*), max(id), json_group_array(json_array(seq, operation, from_user, to_user,
+                    timestamp_ms, received_at_ms)) FROM (
+               SELECT * FROM callbacks
+               WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND seq IS NOT NULL
+                 AND id > ?3 AND ?1 < ?2
+               ORDER BY id LIMIT 100000)"
+        } else {
+            "SELECT count(*), max(id), json_group_array(json_array(seq, operation, from_user, to_user,
+                    timestamp_ms, received_at_ms)) FROM (
+               SELECT * FROM callbacks
+               WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND +seq IS NOT NULL
+                 AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND id > ?3)"
+        };
+        loop {
+            let row = sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool()).await?;
+            let n: i64 = row.try_get(0)?;
+            if n == 0 {
+                break;
+            }
+            after = row.try_get(1)?;
+            let text: &str = row.try_get(2)?;
+            type Raw = (i64, String, Option<String>, Option<String>, i64, i64);
+            let rows: Vec<Raw> =
+                serde_json::from_str(text).map_err(|e| StoreError::Write(format!("decoding callbacks: {e}")))?;
+            out.extend(rows.into_iter().map(|(seq, operation, from, to, timestamp_ms, received_at_ms)| CallbackRow {
+                seq,
+                operation,
+                from_user: from.unwrap_or_default(),
+                to_user: to.unwrap_or_default(),
+                timestamp_ms,
+                received_at_ms,
+            }));
+            if !everything || n < 100_000 {
+                break;
+            }
         }
         Ok(out)
     }

@@ -264,7 +264,15 @@ impl Store {
         }
         let (jobs, rx) = mpsc::channel(opts.write_queue.max(1));
         let writer_task = Arc::new(std::sync::Mutex::new(Some(tokio::spawn(writer.run(rx)))));
-        Ok(Store { read, jobs, committed: committed_rx, health, database_url: opts.database_url, writer_task, recovered_calls })
+        Ok(Store {
+            read,
+            jobs,
+            committed: committed_rx,
+            health,
+            database_url: opts.database_url,
+            writer_task,
+            recovered_calls,
+        })
     }
 
     /// Opens an existing database for reading only: no migrations, no writer, no recovery. For the
@@ -303,7 +311,10 @@ impl Store {
         &self.health
     }
 
-    async fn submit<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job) -> Result<T, StoreError> {
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs.try_send(make(tx)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::QueueFull,

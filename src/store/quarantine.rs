@@ -62,7 +62,8 @@ impl QuarantinedRequest {
     }
 }
 
-const QUARANTINE_COLUMNS: &str = "id, received_at_ms, remote_addr, reason, headers_json, raw_body, body_sha256, promoted_seq, promoted_at_ms";
+const QUARANTINE_COLUMNS: &str =
+    "id, received_at_ms, remote_addr, reason, headers_json, raw_body, body_sha256, promoted_seq, promoted_at_ms";
 
 impl Store {
     /// A page of quarantined requests in id order, after `after_id`; held ones only unless
@@ -77,31 +78,20 @@ impl Store {
         // Two literal statements rather than one with an OR, so the held-only one can use the
         // partial index (the planner only picks it when the WHERE clause repeats its condition).
         let sql = if include_promoted {
-            format!(
-                "SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ?1 ORDER BY id LIMIT ?2"
-            )
+            format!("SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ?1 ORDER BY id LIMIT ?2")
         } else {
             format!(
                 "SELECT {QUARANTINE_COLUMNS} FROM quarantine WHERE id > ?1 AND promoted_at_ms IS NULL ORDER BY id LIMIT ?2"
             )
         };
-        let rows = sqlx::query(&sql)
-            .bind(after_id)
-            .bind(limit)
-            .fetch_all(self.read_pool())
-            .await?;
-        Ok(rows
-            .iter()
-            .map(QuarantinedRequest::from_row)
-            .collect::<Result<_, _>>()?)
+        let rows = sqlx::query(&sql).bind(after_id).bind(limit).fetch_all(self.read_pool()).await?;
+        Ok(rows.iter().map(QuarantinedRequest::from_row).collect::<Result<_, _>>()?)
     }
 
     /// How many requests are held (not promoted). A count over the partial index
     /// `quarantine_pending`, bounded by `--quarantine-cap`; cheap enough for `/readyz`.
     pub async fn count_quarantine_held(&self) -> Result<i64, StoreError> {
-        Ok(sqlx::query_scalar(COUNT_HELD)
-            .fetch_one(self.read_pool())
-            .await?)
+        Ok(sqlx::query_scalar(COUNT_HELD).fetch_one(self.read_pool()).await?)
     }
 
     /// Stores a quarantined request that now verifies as an ordinary event and marks its row
@@ -114,16 +104,7 @@ impl Store {
         quarantine_id: i64,
         callback: NewCallback,
     ) -> Result<PromotionResult, StoreError> {
-        self.submit(|tx| {
-            Job::Promote(
-                Box::new(Promotion {
-                    quarantine_id,
-                    callback,
-                }),
-                tx,
-            )
-        })
-        .await
+        self.submit(|tx| Job::Promote(Box::new(Promotion { quarantine_id, callback }), tx)).await
     }
 }
 
@@ -136,9 +117,7 @@ mod tests {
 
     async fn open(dir: &tempfile::TempDir) -> Store {
         let url = format!("sqlite://{}", dir.path().join("q.db").display());
-        Store::open(StoreOptions::new(url), crate::clock::system())
-            .await
-            .expect("open store")
+        Store::open(StoreOptions::new(url), crate::clock::system()).await.expect("open store")
     }
 
     fn body(msg_id: &str, secret: &str) -> String {
@@ -170,11 +149,7 @@ mod tests {
             headers_json: "{}".into(),
             raw_body: body.as_bytes().to_vec(),
         };
-        store
-            .insert_quarantine(entry)
-            .await
-            .expect("insert")
-            .expect("below the cap")
+        store.insert_quarantine(entry).await.expect("insert").expect("below the cap")
     }
 
     #[tokio::test]
@@ -185,47 +160,22 @@ mod tests {
         let id = hold(&store, &b, 1_000).await;
         assert_eq!(store.count_quarantine_held().await.expect("count"), 1);
 
-        let first = store
-            .mark_quarantine_promoted(id, new_callback(&b, 1_000))
-            .await
-            .expect("promote");
-        let PromotionResult::Promoted(ack) = first else {
-            panic!("not promoted: {first:?}")
-        };
+        let first = store.mark_quarantine_promoted(id, new_callback(&b, 1_000)).await.expect("promote");
+        let PromotionResult::Promoted(ack) = first else { panic!("not promoted: {first:?}") };
         assert!(!ack.duplicate);
-        let again = store
-            .mark_quarantine_promoted(id, new_callback(&b, 1_000))
-            .await
-            .expect("promote again");
-        assert_eq!(
-            again,
-            PromotionResult::AlreadyPromoted,
-            "a row is promoted once"
-        );
+        let again = store.mark_quarantine_promoted(id, new_callback(&b, 1_000)).await.expect("promote again");
+        assert_eq!(again, PromotionResult::AlreadyPromoted, "a row is promoted once");
 
         assert_eq!(store.count_quarantine_held().await.expect("count"), 0);
-        assert!(
-            store
-                .list_quarantine(0, 10, false)
-                .await
-                .expect("list")
-                .is_empty()
-        );
+        assert!(store.list_quarantine(0, 10, false).await.expect("list").is_empty());
         let all = store.list_quarantine(0, 10, true).await.expect("list all");
         assert_eq!(all.len(), 1);
         assert_eq!(all[0].promoted_seq, Some(ack.seq));
         assert!(all[0].promoted_at_ms.is_some());
         assert_eq!(all[0].raw_body, b.as_bytes());
-        let stored = store
-            .get_callback(ack.seq)
-            .await
-            .expect("get")
-            .expect("stored");
+        let stored = store.get_callback(ack.seq).await.expect("get").expect("stored");
         assert_eq!(stored.raw_body, b);
-        assert_eq!(
-            stored.item.deliveries, 1,
-            "the refused second promotion added no delivery"
-        );
+        assert_eq!(stored.item.deliveries, 1, "the refused second promotion added no delivery");
         store.close().await;
     }
 
@@ -235,22 +185,10 @@ mod tests {
         let store = open(&dir).await;
         let b = body("2", "s");
         let id = hold(&store, &b, 1_000).await;
-        let direct = store
-            .insert_callback(new_callback(&b, 2_000))
-            .await
-            .expect("insert");
+        let direct = store.insert_callback(new_callback(&b, 2_000)).await.expect("insert");
 
-        let promoted = store
-            .mark_quarantine_promoted(id, new_callback(&b, 1_000))
-            .await
-            .expect("promote");
-        assert_eq!(
-            promoted,
-            PromotionResult::Promoted(crate::store::CallbackAck {
-                seq: direct.seq,
-                duplicate: true
-            })
-        );
+        let promoted = store.mark_quarantine_promoted(id, new_callback(&b, 1_000)).await.expect("promote");
+        assert_eq!(promoted, PromotionResult::Promoted(crate::store::CallbackAck { seq: direct.seq, duplicate: true }));
         assert_eq!(store.count_callbacks().await.expect("count"), 1);
         let all = store.list_quarantine(0, 10, true).await.expect("list");
         assert_eq!(all[0].promoted_seq, Some(direct.seq));
@@ -268,10 +206,7 @@ mod tests {
             .iter()
             .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
             .collect();
-        assert!(
-            plan.iter().any(|d| d.contains("quarantine_pending")),
-            "{plan:?}"
-        );
+        assert!(plan.iter().any(|d| d.contains("quarantine_pending")), "{plan:?}");
         store.close().await;
     }
 
@@ -284,43 +219,18 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("q.db").display());
         let mut opts = StoreOptions::new(url);
         opts.recover_interrupted_calls = false;
-        let cli = Store::open(opts, crate::clock::system())
-            .await
-            .expect("second store");
+        let cli = Store::open(opts, crate::clock::system()).await.expect("second store");
 
         let held = hold(&service, &body("10", "s"), 1_000).await;
-        service
-            .insert_callback(new_callback(&body("11", "s"), 2_000))
-            .await
-            .expect("service 1");
-        let promoted = cli
-            .mark_quarantine_promoted(held, new_callback(&body("10", "s"), 1_000))
-            .await
-            .expect("cli");
-        let after = service
-            .insert_callback(new_callback(&body("12", "s"), 3_000))
-            .await
-            .expect("service 2");
-        let PromotionResult::Promoted(p) = promoted else {
-            panic!("not promoted")
-        };
-        assert_eq!(
-            (p.seq, after.seq),
-            (2, 3),
-            "the service numbers after the other process's event"
-        );
+        service.insert_callback(new_callback(&body("11", "s"), 2_000)).await.expect("service 1");
+        let promoted = cli.mark_quarantine_promoted(held, new_callback(&body("10", "s"), 1_000)).await.expect("cli");
+        let after = service.insert_callback(new_callback(&body("12", "s"), 3_000)).await.expect("service 2");
+        let PromotionResult::Promoted(p) = promoted else { panic!("not promoted") };
+        assert_eq!((p.seq, after.seq), (2, 3), "the service numbers after the other process's event");
         cli.close().await;
 
-        let verdict = crate::commands::audit::verify(&service)
-            .await
-            .expect("verify");
-        assert!(
-            matches!(
-                verdict,
-                crate::commands::audit::Verdict::Intact { records: 3, .. }
-            ),
-            "{verdict:?}"
-        );
+        let verdict = crate::commands::audit::verify(&service).await.expect("verify");
+        assert!(matches!(verdict, crate::commands::audit::Verdict::Intact { records: 3, .. }), "{verdict:?}");
         service.close().await;
     }
 }

@@ -159,7 +159,8 @@ pub struct RejectionStats {
 impl Store {
     /// `GET /v1/callbacks`: a page in sequence order.
     pub async fn list_callbacks(&self, f: &CallbackFilter) -> Result<Vec<CallbackItem>, StoreError> {
-        let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("SELECT {CALLBACK_COLUMNS} FROM callbacks WHERE seq IS NOT NULL"));
+        let mut q: QueryBuilder<Sqlite> =
+            QueryBuilder::new(format!("SELECT {CALLBACK_COLUMNS} FROM callbacks WHERE seq IS NOT NULL"));
         if let Some(v) = &f.call_id {
             q.push(" AND call_id = ").push_bind(v.clone());
         }
@@ -206,7 +207,11 @@ impl Store {
         .iter()
         .map(|r| Ok(Delivery { received_at: r.try_get(0)?, remote_addr: r.try_get(1)? }))
         .collect::<Result<Vec<_>, sqlx::Error>>()?;
-        Ok(Some(CallbackDetail { item: callback_item(&row)?, raw_body: row.try_get("raw_body")?, delivery_log: deliveries }))
+        Ok(Some(CallbackDetail {
+            item: callback_item(&row)?,
+            raw_body: row.try_get("raw_body")?,
+            delivery_log: deliveries,
+        }))
     }
 
     /// Number of rows in the rejection log.
@@ -222,7 +227,8 @@ impl Store {
 
     /// `GET /v1/calls/{id}`.
     pub async fn get_call(&self, id: i64) -> Result<Option<CallRecord>, StoreError> {
-        let row = sqlx::query(&format!("{SELECT_CALL} WHERE id = ?1")).bind(id).fetch_optional(self.read_pool()).await?;
+        let row =
+            sqlx::query(&format!("{SELECT_CALL} WHERE id = ?1")).bind(id).fetch_optional(self.read_pool()).await?;
         Ok(row.as_ref().map(CallRecord::from_row).transpose()?)
     }
 

@@ -72,8 +72,22 @@ impl Store {
                     response_body: None,
                 };
                 let hash = chain::link(&prev, &content.canonical());
-                calls.push(json!([id, "add", owner, friend, super::writer::pair_key(&owner, &friend), requested, completed,
-                    outcome, status, error, 1, seq, prev, hash]));
+                calls.push(json!([
+                    id,
+                    "add",
+                    owner,
+                    friend,
+                    super::writer::pair_key(&owner, &friend),
+                    requested,
+                    completed,
+                    outcome,
+                    status,
+                    error,
+                    1,
+                    seq,
+                    prev,
+                    hash
+                ]));
                 prev = hash;
                 // Most succeeded calls get their callback; every 50th is missing.
                 if outcome == "succeeded" && n % 50 != 7 && matched_callbacks < spec.callbacks {
@@ -97,7 +111,15 @@ impl Store {
             let mut cbs = Vec::with_capacity((end - n) as usize);
             for k in n..end {
                 let ts = spec.start_ms + (k as i64 * spec.step_ms * spec.calls as i64 / orphans.max(1) as i64);
-                let (cb, h) = callback_row(&mut seq, &prev, spec.calls + k, &format!("app{}", k % 10_000), &format!("other{}", k % 9_999), ts, ts + 200);
+                let (cb, h) = callback_row(
+                    &mut seq,
+                    &prev,
+                    spec.calls + k,
+                    &format!("app{}", k % 10_000),
+                    &format!("other{}", k % 9_999),
+                    ts,
+                    ts + 200,
+                );
                 cbs.push(cb);
                 prev = h;
             }
@@ -141,8 +163,27 @@ fn callback_row(seq: &mut i64, prev: &str, n: u64, from: &str, to: &str, ts: i64
         body_sha256: &body_sha,
     };
     let hash = chain::link(prev, &content.canonical());
-    let row = json!([*seq, dedup, call_id, msg_id, appkey, "chat", "roster", "add", from, to,
-        super::writer::pair_key(from, to), ts, received, "easemob", 0, raw, body_sha, prev, hash]);
+    let row = json!([
+        *seq,
+        dedup,
+        call_id,
+        msg_id,
+        appkey,
+        "chat",
+        "roster",
+        "add",
+        from,
+        to,
+        super::writer::pair_key(from, to),
+        ts,
+        received,
+        "easemob",
+        0,
+        raw,
+        body_sha,
+        prev,
+        hash
+    ]);
     (row, hash)
 }
 

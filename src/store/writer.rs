@@ -436,9 +436,26 @@ impl Writer {
                 (Some(seq), Some(prev), Some(hash))
             };
             rows.push(json!([
-                e.dedup_key, e.call_id, e.msg_id, e.appkey, e.event_type, e.chat_type, e.operation,
-                e.from_user, e.to_user, pk, e.timestamp_ms, cb.received_at_ms, cb.scheme,
-                cb.secret_index, cb.raw_body, cb.body_sha256, cb.remote_addr, seq, prev, hash
+                e.dedup_key,
+                e.call_id,
+                e.msg_id,
+                e.appkey,
+                e.event_type,
+                e.chat_type,
+                e.operation,
+                e.from_user,
+                e.to_user,
+                pk,
+                e.timestamp_ms,
+                cb.received_at_ms,
+                cb.scheme,
+                cb.secret_index,
+                cb.raw_body,
+                cb.body_sha256,
+                cb.remote_addr,
+                seq,
+                prev,
+                hash
             ]));
         }
         let expected = rows.len() as u64;
@@ -456,7 +473,9 @@ impl Writer {
             n => {
                 // Cannot happen while the guards hold; never answer 200 on a surprise.
                 self.data_version = None;
-                return Err(StoreError::Write(format!("expected {expected} callback rows written, SQLite reports {n}")));
+                return Err(StoreError::Write(format!(
+                    "expected {expected} callback rows written, SQLite reports {n}"
+                )));
             }
         }
         self.head = head;
@@ -531,15 +550,27 @@ impl Writer {
                     _ => None,
                 };
                 rows.push(json!([
-                    e.dedup_key, e.call_id, e.msg_id, e.appkey, e.event_type, e.chat_type, e.operation,
-                    e.from_user, e.to_user, pk, e.timestamp_ms, cb.received_at_ms, cb.scheme,
-                    cb.secret_index, cb.raw_body, cb.body_sha256, cb.remote_addr
+                    e.dedup_key,
+                    e.call_id,
+                    e.msg_id,
+                    e.appkey,
+                    e.event_type,
+                    e.chat_type,
+                    e.operation,
+                    e.from_user,
+                    e.to_user,
+                    pk,
+                    e.timestamp_ms,
+                    cb.received_at_ms,
+                    cb.scheme,
+                    cb.secret_index,
+                    cb.raw_body,
+                    cb.body_sha256,
+                    cb.remote_addr
                 ]));
             }
-            let returned = sqlx::query(INSERT_CALLBACKS)
-                .bind(Value::Array(rows).to_string())
-                .fetch_all(&mut *tx)
-                .await?;
+            let returned =
+                sqlx::query(INSERT_CALLBACKS).bind(Value::Array(rows).to_string()).fetch_all(&mut *tx).await?;
             // RETURNING order is unspecified, so rows say which key they belong to. A row returned
             // with deliveries == 1 was inserted by this batch; the others were already stored (or
             // inserted earlier in this same batch) and carry their seq, if they have one yet.
@@ -654,10 +685,9 @@ impl Writer {
                 Job::Rejection(..) => answers[i] = Answer::Unit,
                 Job::Probe(..) => answers[i] = Answer::Unit,
                 Job::Quarantine(q, _) => {
-                    let held: i64 =
-                        sqlx::query_scalar("SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL")
-                            .fetch_one(&mut *tx)
-                            .await?;
+                    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL")
+                        .fetch_one(&mut *tx)
+                        .await?;
                     if held >= self.limits.quarantine_cap {
                         answers[i] = Answer::Quarantine(None);
                     } else {

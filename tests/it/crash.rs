@@ -32,18 +32,14 @@ fn call_id(msg_id: &str) -> String {
 }
 
 async fn open_db(db_url: &str) -> SqliteConnection {
-    SqliteConnection::connect(db_url)
-        .await
-        .expect("open the database file")
+    SqliteConnection::connect(db_url).await.expect("open the database file")
 }
 
 /// `PRAGMA integrity_check` says `ok`.
 async fn assert_integrity(db_url: &str) {
     let mut conn = open_db(db_url).await;
-    let verdict: String = sqlx::query_scalar("PRAGMA integrity_check")
-        .fetch_one(&mut conn)
-        .await
-        .expect("integrity_check");
+    let verdict: String =
+        sqlx::query_scalar("PRAGMA integrity_check").fetch_one(&mut conn).await.expect("integrity_check");
     assert_eq!(verdict, "ok", "PRAGMA integrity_check");
     conn.close().await.expect("close");
 }
@@ -55,35 +51,17 @@ async fn assert_audit_verifies(db_url: &str) -> String {
         .env("NO_COLOR", "1")
         .kill_on_drop(true)
         .output();
-    let out = tokio::time::timeout(WITHIN, run)
-        .await
-        .expect("audit verify finishes")
-        .expect("run audit verify");
+    let out = tokio::time::timeout(WITHIN, run).await.expect("audit verify finishes").expect("run audit verify");
     let stdout = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    assert!(
-        out.status.success(),
-        "audit verify: {stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert!(out.status.success(), "audit verify: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
     stdout
 }
 
 /// `call_id -> seq` of every stored callback.
 async fn stored_callbacks(db_url: &str) -> HashMap<String, i64> {
     let mut conn = open_db(db_url).await;
-    let rows = sqlx::query("SELECT call_id, seq FROM callbacks")
-        .fetch_all(&mut conn)
-        .await
-        .expect("callbacks");
-    let map = rows
-        .iter()
-        .map(|r| {
-            (
-                r.get::<String, _>(0),
-                r.get::<Option<i64>, _>(1).unwrap_or(-1),
-            )
-        })
-        .collect();
+    let rows = sqlx::query("SELECT call_id, seq FROM callbacks").fetch_all(&mut conn).await.expect("callbacks");
+    let map = rows.iter().map(|r| (r.get::<String, _>(0), r.get::<Option<i64>, _>(1).unwrap_or(-1))).collect();
     conn.close().await.expect("close");
     map
 }
@@ -91,14 +69,8 @@ async fn stored_callbacks(db_url: &str) -> HashMap<String, i64> {
 /// `id -> outcome` of every stored call (`None`: no outcome recorded).
 async fn stored_calls(db_url: &str) -> HashMap<i64, Option<String>> {
     let mut conn = open_db(db_url).await;
-    let rows = sqlx::query("SELECT id, outcome FROM calls")
-        .fetch_all(&mut conn)
-        .await
-        .expect("calls");
-    let map = rows
-        .iter()
-        .map(|r| (r.get::<i64, _>(0), r.get::<Option<String>, _>(1)))
-        .collect();
+    let rows = sqlx::query("SELECT id, outcome FROM calls").fetch_all(&mut conn).await.expect("calls");
+    let map = rows.iter().map(|r| (r.get::<i64, _>(0), r.get::<Option<String>, _>(1))).collect();
     conn.close().await.expect("close");
     map
 }
@@ -130,11 +102,7 @@ async fn start_in_flight(addr: &str, path: &str, body_len: usize) -> TcpStream {
     })
     .await
     .expect("100 Continue within the bound");
-    assert!(
-        got.starts_with(b"HTTP/1.1 100"),
-        "expected 100 Continue, got {:?}",
-        String::from_utf8_lossy(&got)
-    );
+    assert!(got.starts_with(b"HTTP/1.1 100"), "expected 100 Continue, got {:?}", String::from_utf8_lossy(&got));
     stream
 }
 
@@ -163,14 +131,9 @@ async fn finish_response(stream: &mut TcpStream) -> (u16, Value) {
     .await
     .expect("response within the bound");
     let text = String::from_utf8_lossy(&buf).to_string();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .unwrap_or_else(|| panic!("no response: {text:?}"));
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("status line: {head}"));
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or_else(|| panic!("no response: {text:?}"));
+    let status =
+        head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or_else(|| panic!("status line: {head}"));
     (status, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
@@ -182,37 +145,19 @@ async fn in_flight_requests_complete_and_are_stored_after(signal: &str) {
     let dir = tempfile::tempdir().expect("tempdir");
     let db_url = format!("sqlite://{}", dir.path().join("graceful.db").display());
     let grace = Duration::from_secs(10);
-    let mut service = ServeProcess::start(
-        &db_url,
-        &["--shutdown-grace", "10s", "--request-timeout", "60s"],
-        &[],
-    )
-    .await;
+    let mut service = ServeProcess::start(&db_url, &["--shutdown-grace", "10s", "--request-timeout", "60s"], &[]).await;
     register_users(&service, &["alice".into(), "bob".into()]).await;
     let addr = service.base.trim_start_matches("http://").to_string();
     let mut requests = Vec::new();
     for i in 0..4 {
-        let body = roster_body(
-            &format!("graceful-{signal}-{i}"),
-            "alice",
-            &format!("f{i}"),
-            "add",
-            TS,
-            SECRET,
-        );
+        let body = roster_body(&format!("graceful-{signal}-{i}"), "alice", &format!("f{i}"), "add", TS, SECRET);
         requests.push(("/callbacks/easemob", body));
     }
-    requests.push((
-        "/v1/friends",
-        r#"{"owner":"alice","friend":"bob"}"#.to_string(),
-    ));
+    requests.push(("/v1/friends", r#"{"owner":"alice","friend":"bob"}"#.to_string()));
     let mut in_flight = Vec::new();
     for (path, body) in &requests {
         let mut stream = start_in_flight(&addr, path, body.len()).await;
-        stream
-            .write_all(&body.as_bytes()[..body.len() / 2])
-            .await
-            .expect("first half");
+        stream.write_all(&body.as_bytes()[..body.len() / 2]).await.expect("first half");
         in_flight.push((stream, *path, body.clone()));
     }
 
@@ -223,10 +168,7 @@ async fn in_flight_requests_complete_and_are_stored_after(signal: &str) {
     let refused = TcpStream::connect(&addr).await;
     let mut answers = Vec::new();
     for (mut stream, path, body) in in_flight {
-        stream
-            .write_all(&body.as_bytes()[body.len() / 2..])
-            .await
-            .expect("second half");
+        stream.write_all(&body.as_bytes()[body.len() / 2..]).await.expect("second half");
         answers.push((path, finish_response(&mut stream).await));
     }
     let status = service.wait_exit(WITHIN).await;
@@ -234,10 +176,7 @@ async fn in_flight_requests_complete_and_are_stored_after(signal: &str) {
 
     // Assert
     let log = service.log();
-    assert!(
-        refused.is_err(),
-        "a new connection was accepted after the shutdown began"
-    );
+    assert!(refused.is_err(), "a new connection was accepted after the shutdown began");
     let mut stored_seqs = Vec::new();
     let mut call = Value::Null;
     for (path, (code, body)) in &answers {
@@ -250,23 +189,10 @@ async fn in_flight_requests_complete_and_are_stored_after(signal: &str) {
             stored_seqs.push(body["seq"].as_i64().expect("seq"));
         }
     }
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "exit status after SIG{signal}:\n{log}"
-    );
-    assert!(
-        took < grace,
-        "exit took {took:?}, beyond the {grace:?} grace"
-    );
-    assert!(
-        log.contains("all connections closed"),
-        "in-flight requests finished, not cut by the grace:\n{log}"
-    );
-    println!(
-        "SIG{signal}: {} in-flight requests completed, exit 0 after {took:?}",
-        answers.len()
-    );
+    assert_eq!(status.code(), Some(0), "exit status after SIG{signal}:\n{log}");
+    assert!(took < grace, "exit took {took:?}, beyond the {grace:?} grace");
+    assert!(log.contains("all connections closed"), "in-flight requests finished, not cut by the grace:\n{log}");
+    println!("SIG{signal}: {} in-flight requests completed, exit 0 after {took:?}", answers.len());
 
     let callbacks = stored_callbacks(&db_url).await;
     for i in 0..4 {
@@ -277,11 +203,7 @@ async fn in_flight_requests_complete_and_are_stored_after(signal: &str) {
     }
     let calls = stored_calls(&db_url).await;
     let id = call["id"].as_i64().expect("call id");
-    assert_eq!(
-        calls.get(&id),
-        Some(&Some("succeeded".to_string())),
-        "the 201 call is stored with its outcome"
-    );
+    assert_eq!(calls.get(&id), Some(&Some("succeeded".to_string())), "the 201 call is stored with its outcome");
     assert_integrity(&db_url).await;
     assert_audit_verifies(&db_url).await;
 }
@@ -301,12 +223,7 @@ async fn a_request_that_never_finishes_does_not_hold_the_exit_beyond_the_grace()
     // Arrange: a callback whose body never comes, with a request timeout far beyond the grace.
     let dir = tempfile::tempdir().expect("tempdir");
     let db_url = format!("sqlite://{}", dir.path().join("stalled.db").display());
-    let mut service = ServeProcess::start(
-        &db_url,
-        &["--shutdown-grace", "1s", "--request-timeout", "300s"],
-        &[],
-    )
-    .await;
+    let mut service = ServeProcess::start(&db_url, &["--shutdown-grace", "1s", "--request-timeout", "300s"], &[]).await;
     let addr = service.base.trim_start_matches("http://").to_string();
     let mut stalled = start_in_flight(&addr, "/callbacks/easemob", 500).await;
     // The same against the built-in sandbox, which runs in the same process and stops with it.
@@ -323,25 +240,13 @@ async fn a_request_that_never_finishes_does_not_hold_the_exit_beyond_the_grace()
     // stalled client is disconnected rather than left hanging.
     let log = service.log();
     assert_eq!(status.code(), Some(0), "{log}");
-    assert!(
-        log.contains("did not finish within the shutdown grace"),
-        "{log}"
-    );
+    assert!(log.contains("did not finish within the shutdown grace"), "{log}");
     // Generous: the point is "about the grace", not "about the 300 s request timeout".
-    assert!(
-        took < Duration::from_secs(1) + Duration::from_secs(10),
-        "exit took {took:?} with a 1 s grace"
-    );
-    for (what, stream) in [
-        ("receiver", &mut stalled),
-        ("sandbox", &mut stalled_sandbox),
-    ] {
+    assert!(took < Duration::from_secs(1) + Duration::from_secs(10), "exit took {took:?} with a 1 s grace");
+    for (what, stream) in [("receiver", &mut stalled), ("sandbox", &mut stalled_sandbox)] {
         let mut sink = [0u8; 64];
         let closed = tokio::time::timeout(WITHIN, stream.read(&mut sink)).await;
-        assert!(
-            matches!(closed, Ok(Ok(0)) | Ok(Err(_))),
-            "the stalled {what} connection is closed: {closed:?}"
-        );
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "the stalled {what} connection is closed: {closed:?}");
     }
     println!("stalled request: exit 0 after {took:?} (grace 1 s)");
 }
@@ -359,25 +264,15 @@ struct Acked {
 
 /// Drives signed callbacks (4 tasks) and friend triggers (2 tasks) at `service` until `kill_after`
 /// requests are acknowledged, then SIGKILLs it mid-traffic and returns what was acknowledged.
-async fn drive_then_kill(
-    service: &mut ServeProcess,
-    round: usize,
-    users: &[String],
-    kill_after: usize,
-) -> Acked {
+async fn drive_then_kill(service: &mut ServeProcess, round: usize, users: &[String], kill_after: usize) -> Acked {
     let acked = Arc::new(Mutex::new(Acked::default()));
     let count = Arc::new(AtomicUsize::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let http = bounded_client();
     let mut drivers = JoinSet::new();
     for worker in 0..4 {
-        let (http, base, acked, count, stop) = (
-            http.clone(),
-            service.base.clone(),
-            acked.clone(),
-            count.clone(),
-            stop.clone(),
-        );
+        let (http, base, acked, count, stop) =
+            (http.clone(), service.base.clone(), acked.clone(), count.clone(), stop.clone());
         drivers.spawn(async move {
             let mut i = 0;
             while !stop.load(Ordering::Relaxed) {
@@ -402,21 +297,14 @@ async fn drive_then_kill(
                         acked.callbacks.insert(call_id(&msg), seq);
                         count.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => acked
-                        .surprises
-                        .push(format!("callback {msg}: {status} {json}")),
+                    _ => acked.surprises.push(format!("callback {msg}: {status} {json}")),
                 }
             }
         });
     }
     for worker in 0..2 {
-        let (http, base, acked, count, stop) = (
-            http.clone(),
-            service.base.clone(),
-            acked.clone(),
-            count.clone(),
-            stop.clone(),
-        );
+        let (http, base, acked, count, stop) =
+            (http.clone(), service.base.clone(), acked.clone(), count.clone(), stop.clone());
         let users = users.to_vec();
         let mut rng = StdRng::seed_from_u64(((round as u64) << 8) | worker);
         drivers.spawn(async move {
@@ -442,9 +330,7 @@ async fn drive_then_kill(
                         acked.calls.insert(id, outcome.to_string());
                         count.fetch_add(1, Ordering::Relaxed);
                     }
-                    _ => acked
-                        .surprises
-                        .push(format!("trigger {owner}->{friend}: {status} {json}")),
+                    _ => acked.surprises.push(format!("trigger {owner}->{friend}: {status} {json}")),
                 }
             }
         });
@@ -472,11 +358,7 @@ async fn drive_then_kill(
     })
     .await
     .expect("drivers stop once the service is gone");
-    Arc::try_unwrap(acked)
-        .ok()
-        .expect("drivers are done")
-        .into_inner()
-        .expect("lock")
+    Arc::try_unwrap(acked).ok().expect("drivers are done").into_inner().expect("lock")
 }
 
 #[tokio::test]
@@ -519,21 +401,11 @@ async fn sigkill_at_seeded_moments_loses_no_acknowledged_callback_or_call() {
         let calls = stored_calls(&db_url).await;
         let lost_calls: Vec<_> = all_calls
             .iter()
-            .filter(|(id, outcome)| {
-                calls.get(*id).and_then(|o| o.as_deref()) != Some(outcome.as_str())
-            })
-            .map(|(id, outcome)| {
-                format!(
-                    "call {id} acknowledged {outcome}, stored {:?}",
-                    calls.get(id)
-                )
-            })
+            .filter(|(id, outcome)| calls.get(*id).and_then(|o| o.as_deref()) != Some(outcome.as_str()))
+            .map(|(id, outcome)| format!("call {id} acknowledged {outcome}, stored {:?}", calls.get(id)))
             .collect();
         let open = calls.values().filter(|o| o.is_none()).count();
-        let unknown = calls
-            .values()
-            .filter(|o| o.as_deref() == Some("unknown"))
-            .count();
+        let unknown = calls.values().filter(|o| o.as_deref() == Some("unknown")).count();
         assert_integrity(&db_url).await;
         let audit = assert_audit_verifies(&db_url).await;
         println!(

@@ -75,7 +75,14 @@ async fn invalid_input_gets_400_and_nothing_is_sent() {
         assert_eq!(status, 400, "{body}");
         assert!(err["code"].is_string() && err["detail"].is_string());
     }
-    let r = app.client.post(app.url("/v1/friends")).header("content-type", "application/json").body("{oops").send().await.unwrap();
+    let r = app
+        .client
+        .post(app.url("/v1/friends"))
+        .header("content-type", "application/json")
+        .body("{oops")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     assert_eq!(app.sandbox().stats().requests, before, "nothing reached Easemob");
     let (_, calls) = app.get_json("/v1/calls").await;
@@ -164,9 +171,10 @@ async fn a_call_cut_off_between_intent_and_outcome_shows_as_unknown_after_restar
     let db = dir.path().join("crash.db");
     let url = format!("sqlite://{}", db.display());
     // Simulate the crash window: the intent is committed, the process dies before the outcome.
-    let store = friendhook::store::Store::open(friendhook::store::StoreOptions::new(url.clone()), friendhook::clock::system())
-        .await
-        .unwrap();
+    let store =
+        friendhook::store::Store::open(friendhook::store::StoreOptions::new(url.clone()), friendhook::clock::system())
+            .await
+            .unwrap();
     let intent = store
         .insert_call_intent(friendhook::store::NewCall {
             op: friendhook::model::CallOp::Add,

@@ -16,9 +16,7 @@ use tokio::net::TcpStream;
 use tokio::task::JoinSet;
 
 use crate::helpers::*;
-use crate::process::{
-    SANDBOX_CLIENT_SECRET, ServeProcess, bounded_client, sandbox_register, sandbox_token,
-};
+use crate::process::{SANDBOX_CLIENT_SECRET, ServeProcess, bounded_client, sandbox_register, sandbox_token};
 use crate::receiver::sqlite_count;
 
 const TS: i64 = 1_700_000_000_000;
@@ -38,9 +36,7 @@ async fn stored_call_ids(app: &TestApp) -> Vec<String> {
     let mut ids = Vec::new();
     let mut cursor = String::new();
     loop {
-        let (status, page) = app
-            .get_json(&format!("/v1/callbacks?limit=1000&cursor={cursor}"))
-            .await;
+        let (status, page) = app.get_json(&format!("/v1/callbacks?limit=1000&cursor={cursor}")).await;
         assert_eq!(status, 200, "{page}");
         for item in page["items"].as_array().expect("items") {
             ids.push(item["call_id"].as_str().expect("call_id").to_string());
@@ -74,13 +70,7 @@ struct Hostile {
 
 /// A JSON-typed hostile body that must get 400 with `code`.
 fn hostile(name: &'static str, body: impl Into<Vec<u8>>, code: &'static str) -> Hostile {
-    Hostile {
-        name,
-        content_type: "application/json",
-        body: body.into(),
-        status: 400,
-        code,
-    }
+    Hostile { name, content_type: "application/json", body: body.into(), status: 400, code }
 }
 
 /// The corpus. Bodies that are close to valid are correctly signed, so that a parser slip would
@@ -90,11 +80,7 @@ fn hostile_corpus() -> Vec<Hostile> {
     // A byte planted inside the `to` string value, between `b` and `ob`.
     let planted = |msg: &str, byte: u8| {
         let mut body = valid(msg);
-        let at = body
-            .windows(5)
-            .position(|w| w == b"\"bob\"")
-            .expect("to field")
-            + 2;
+        let at = body.windows(5).position(|w| w == b"\"bob\"").expect("to field") + 2;
         body.insert(at, byte);
         body
     };
@@ -109,12 +95,7 @@ fn hostile_corpus() -> Vec<Hostile> {
     let deep_inside = {
         let v = String::from_utf8(valid("h-deep-inside")).expect("utf8");
         let depth = 100_000;
-        format!(
-            "{},\"x\":{}{}}}",
-            &v[..v.len() - 1],
-            "[".repeat(depth),
-            "]".repeat(depth)
-        )
+        format!("{},\"x\":{}{}}}", &v[..v.len() - 1], "[".repeat(depth), "]".repeat(depth))
     };
     let duplicate_call_id = {
         let (a, b) = (call_id("h-dup-a"), call_id("h-dup-b"));
@@ -126,28 +107,14 @@ fn hostile_corpus() -> Vec<Hostile> {
     let duplicate_timestamp = {
         let c = call_id("h-dup-ts");
         let security = friendhook::signature::easemob::sign(&c, SECRET, &TS.to_string());
-        format!(
-            r#"{{"callId":"{c}","security":"{security}","timestamp":{TS},"timestamp":1,"to":"bob"}}"#
-        )
+        format!(r#"{{"callId":"{c}","security":"{security}","timestamp":{TS},"timestamp":1,"to":"bob"}}"#)
     };
 
     vec![
-        hostile(
-            "invalid UTF-8 inside a string",
-            invalid_utf8,
-            "invalid_json",
-        ),
+        hostile("invalid UTF-8 inside a string", invalid_utf8, "invalid_json"),
         hostile("100,000 nested [", "[".repeat(100_000), "invalid_json"),
-        hostile(
-            "100,000 nested {\"a\":",
-            "{\"a\":".repeat(100_000),
-            "invalid_json",
-        ),
-        hostile(
-            "100,000-deep array inside a signed body",
-            deep_inside,
-            "invalid_json",
-        ),
+        hostile("100,000 nested {\"a\":", "{\"a\":".repeat(100_000), "invalid_json"),
+        hostile("100,000-deep array inside a signed body", deep_inside, "invalid_json"),
         hostile(
             "20-digit timestamp",
             body_with_timestamp("h-ts20", "99999999999999999999", "99999999999999999999"),
@@ -168,22 +135,10 @@ fn hostile_corpus() -> Vec<Hostile> {
             body_with_timestamp("h-tsstr", "\"1700000000000\"", "1700000000000"),
             "invalid_field",
         ),
-        hostile(
-            "exponent timestamp 1e3",
-            body_with_timestamp("h-tsexp", "1e3", "1e3"),
-            "invalid_field",
-        ),
-        hostile(
-            "null timestamp",
-            body_with_timestamp("h-tsnull", "null", "null"),
-            "missing_field",
-        ),
+        hostile("exponent timestamp 1e3", body_with_timestamp("h-tsexp", "1e3", "1e3"), "invalid_field"),
+        hostile("null timestamp", body_with_timestamp("h-tsnull", "null", "null"), "missing_field"),
         hostile("duplicate callId keys", duplicate_call_id, "invalid_json"),
-        hostile(
-            "duplicate timestamp keys",
-            duplicate_timestamp,
-            "invalid_json",
-        ),
+        hostile("duplicate timestamp keys", duplicate_timestamp, "invalid_json"),
         hostile("raw NUL inside a string", nul_in_string, "invalid_json"),
         hostile("raw NUL after a valid body", nul_after, "invalid_json"),
         hostile("only NUL bytes", vec![0u8; 64], "invalid_json"),
@@ -217,22 +172,14 @@ fn assert_json_error(what: &str, content_type: Option<&str>, body: &[u8]) -> Val
         content_type.is_some_and(|c| c.starts_with("application/json")),
         "{what}: error answered with content type {content_type:?}"
     );
-    let err: Value = serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("{what}: error body is not JSON ({e})"));
-    assert!(
-        err["code"].is_string() && err["detail"].is_string(),
-        "{what}: {err}"
-    );
+    let err: Value = serde_json::from_slice(body).unwrap_or_else(|e| panic!("{what}: error body is not JSON ({e})"));
+    assert!(err["code"].is_string() && err["detail"].is_string(), "{what}: {err}");
     err
 }
 
 /// Sends `head`, then `body` from a separate task (so a server that answers early and stops
 /// reading cannot block the exchange), and reads one response: (status, head, body).
-async fn raw_exchange(
-    addr: std::net::SocketAddr,
-    head: Vec<u8>,
-    body: Vec<u8>,
-) -> (u16, String, Vec<u8>) {
+async fn raw_exchange(addr: std::net::SocketAddr, head: Vec<u8>, body: Vec<u8>) -> (u16, String, Vec<u8>) {
     let stream = TcpStream::connect(addr).await.expect("connect");
     let (mut reader, mut writer) = stream.into_split();
     writer.write_all(&head).await.expect("write request head");
@@ -241,9 +188,8 @@ async fn raw_exchange(
         let _ = writer.write_all(&body).await;
         writer
     });
-    let answer = tokio::time::timeout(CLOSED_WITHIN, read_response(&mut reader))
-        .await
-        .expect("response within the bound");
+    let answer =
+        tokio::time::timeout(CLOSED_WITHIN, read_response(&mut reader)).await.expect("response within the bound");
     sender.abort();
     answer
 }
@@ -256,26 +202,14 @@ async fn read_response(stream: &mut (impl tokio::io::AsyncRead + Unpin)) -> (u16
             break i + 4;
         }
         let n = stream.read(&mut chunk).await.expect("read response head");
-        assert!(
-            n > 0,
-            "connection closed before a response head: {:?}",
-            String::from_utf8_lossy(&buf)
-        );
+        assert!(n > 0, "connection closed before a response head: {:?}", String::from_utf8_lossy(&buf));
         buf.extend_from_slice(&chunk[..n]);
     };
     let head = String::from_utf8_lossy(&buf[..head_end]).to_string();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .expect("status line");
+    let status: u16 = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status line");
     let length = head
         .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-length:")
-                .map(|v| v.trim().to_string())
-        })
+        .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
         .and_then(|v| v.parse::<usize>().ok());
     let mut body = buf[head_end..].to_vec();
     loop {
@@ -299,10 +233,7 @@ fn header_value<'a>(head: &'a str, name: &str) -> Option<&'a str> {
 
 /// Reads until the server closes the connection (EOF or reset); `Err` if it is still open after
 /// `within`.
-async fn wait_closed(
-    mut reader: tokio::net::tcp::OwnedReadHalf,
-    within: Duration,
-) -> Result<Duration, ()> {
+async fn wait_closed(mut reader: tokio::net::tcp::OwnedReadHalf, within: Duration) -> Result<Duration, ()> {
     let started = Instant::now();
     let mut sink = [0u8; 1024];
     tokio::time::timeout(within, async {
@@ -327,10 +258,7 @@ async fn hostile_bodies_get_json_4xx_while_valid_callbacks_sent_alongside_are_st
     let valid: Vec<(String, String)> = (0..30)
         .map(|i| {
             let msg = format!("valid-{i}");
-            (
-                call_id(&msg),
-                roster_body(&msg, "alice", &format!("friend{i}"), "add", TS + i, SECRET),
-            )
+            (call_id(&msg), roster_body(&msg, "alice", &format!("friend{i}"), "add", TS + i, SECRET))
         })
         .collect();
 
@@ -341,32 +269,17 @@ async fn hostile_bodies_get_json_4xx_while_valid_callbacks_sent_alongside_are_st
     for (i, h) in corpus.into_iter().enumerate() {
         let (client, hostile_url) = (app.client.clone(), url.clone());
         hostile_tasks.spawn(async move {
-            let r = client
-                .post(hostile_url)
-                .header("content-type", h.content_type)
-                .body(h.body)
-                .send()
-                .await;
+            let r = client.post(hostile_url).header("content-type", h.content_type).body(h.body).send().await;
             let r = r.unwrap_or_else(|e| panic!("{}: no answer ({e})", h.name));
             let status = r.status().as_u16();
-            let content_type = r
-                .headers()
-                .get("content-type")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let content_type = r.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_string);
             let body = r.bytes().await.expect("body");
             (h.name, (h.status, h.code), status, content_type, body)
         });
         if let Some((id, body)) = valid.get(i) {
-            let (client, url, id, body) =
-                (app.client.clone(), url.clone(), id.clone(), body.clone());
+            let (client, url, id, body) = (app.client.clone(), url.clone(), id.clone(), body.clone());
             valid_tasks.spawn(async move {
-                let r = client
-                    .post(url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
+                let r = client.post(url).header("content-type", "application/json").body(body).send().await;
                 (id, r.expect("valid callback answered").status().as_u16())
             });
         }
@@ -374,31 +287,18 @@ async fn hostile_bodies_get_json_4xx_while_valid_callbacks_sent_alongside_are_st
     for (id, body) in valid.iter().skip(valid_tasks.len()) {
         let (client, url, id, body) = (app.client.clone(), url.clone(), id.clone(), body.clone());
         valid_tasks.spawn(async move {
-            let r = client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body)
-                .send()
-                .await;
+            let r = client.post(url).header("content-type", "application/json").body(body).send().await;
             (id, r.expect("valid callback answered").status().as_u16())
         });
     }
     // The size cases go over a raw connection: the server answers 413 without reading the rest,
     // and a client still writing its body may see the connection reset before it reads the
     // answer, which an HTTP client library reports as an error instead of the 413.
-    let oversized = format!(
-        r#"{{"callId":"x","timestamp":1,"security":"{}"}}"#,
-        "a".repeat(max_body + 1)
-    );
-    let json_head =
-        "POST /callbacks/easemob HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
+    let oversized = format!(r#"{{"callId":"x","timestamp":1,"security":"{}"}}"#, "a".repeat(max_body + 1));
+    let json_head = "POST /callbacks/easemob HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n";
     let size_cases = [
         // Declared too large: refused from the header alone.
-        (
-            "oversized body",
-            format!("{json_head}Content-Length: {}\r\n\r\n", oversized.len()),
-            oversized.clone(),
-        ),
+        ("oversized body", format!("{json_head}Content-Length: {}\r\n\r\n", oversized.len()), oversized.clone()),
         // Undeclared (chunked): refused once the limit is read, without buffering the rest.
         (
             "oversized chunked body",
@@ -415,23 +315,14 @@ async fn hostile_bodies_get_json_4xx_while_valid_callbacks_sent_alongside_are_st
     ];
     let mut size_answers = Vec::new();
     for (name, head, body) in size_cases {
-        size_answers.push((
-            name,
-            raw_exchange(app.addr, head.into_bytes(), body.into_bytes()).await,
-        ));
+        size_answers.push((name, raw_exchange(app.addr, head.into_bytes(), body.into_bytes()).await));
     }
 
     // Assert: each hostile request got its 4xx as {"code","detail"} JSON.
     let mut answered = 0;
     while let Some(joined) = hostile_tasks.join_next().await {
-        let (name, (want_status, want_code), got, content_type, body) =
-            joined.expect("hostile task did not panic");
-        assert_eq!(
-            got,
-            want_status,
-            "{name}: {}",
-            String::from_utf8_lossy(&body)
-        );
+        let (name, (want_status, want_code), got, content_type, body) = joined.expect("hostile task did not panic");
+        assert_eq!(got, want_status, "{name}: {}", String::from_utf8_lossy(&body));
         let err = assert_json_error(name, content_type.as_deref(), &body);
         assert_eq!(err["code"], want_code, "{name}: {err}");
         answered += 1;
@@ -447,10 +338,7 @@ async fn hostile_bodies_get_json_4xx_while_valid_callbacks_sent_alongside_are_st
         let (id, status) = joined.expect("valid task did not panic");
         assert_eq!(status, 200, "valid callback {id}");
     }
-    println!(
-        "hostile corpus: {answered} requests answered 4xx, {} valid callbacks answered 200",
-        valid.len()
-    );
+    println!("hostile corpus: {answered} requests answered 4xx, {} valid callbacks answered 200", valid.len());
 
     // The service is still healthy and stored exactly the valid callbacks, nothing else.
     assert_eq!(app.get_json("/healthz").await.0, 200);
@@ -497,10 +385,7 @@ async fn slow_loris_connections_are_closed_by_the_header_timeout_while_others_ar
                 });
             }
             _ => {
-                writer
-                    .write_all(b"POST /callbacks/eas")
-                    .await
-                    .expect("write");
+                writer.write_all(b"POST /callbacks/eas").await.expect("write");
                 closing.spawn(async move {
                     let r = wait_closed(reader, CLOSED_WITHIN).await;
                     drop(writer);
@@ -511,37 +396,21 @@ async fn slow_loris_connections_are_closed_by_the_header_timeout_while_others_ar
     }
     // Meanwhile an ordinary client is served promptly.
     let started = Instant::now();
-    let r = app
-        .post_callback(roster_body(
-            "loris-valid",
-            "alice",
-            "bob",
-            "add",
-            TS,
-            SECRET,
-        ))
-        .await;
+    let r = app.post_callback(roster_body("loris-valid", "alice", "bob", "add", TS, SECRET)).await;
     let valid_latency = started.elapsed();
     let health = app.get_json("/healthz").await.0;
 
     // Assert
     assert_eq!(r.status(), 200);
     assert_eq!(health, 200);
-    assert!(
-        valid_latency < PROMPT,
-        "a normal request took {valid_latency:?} during the slow-loris attack"
-    );
+    assert!(valid_latency < PROMPT, "a normal request took {valid_latency:?} during the slow-loris attack");
     let mut slowest = Duration::ZERO;
     while let Some(joined) = closing.join_next().await {
         let (kind, closed) = joined.expect("task");
-        let after = closed.unwrap_or_else(|()| {
-            panic!("a {kind} connection was still open after {CLOSED_WITHIN:?}")
-        });
+        let after = closed.unwrap_or_else(|()| panic!("a {kind} connection was still open after {CLOSED_WITHIN:?}"));
         slowest = slowest.max(after);
     }
-    println!(
-        "slow loris: 30 connections closed, the last after {slowest:?}; a normal request took {valid_latency:?}"
-    );
+    println!("slow loris: 30 connections closed, the last after {slowest:?}; a normal request took {valid_latency:?}");
     assert_eq!(stored_call_ids(&app).await, vec![call_id("loris-valid")]);
     app.stop().await;
 }
@@ -560,10 +429,7 @@ async fn a_body_trickler_gets_a_json_408_from_the_request_timeout() {
 
     // Act: the headers and a few bytes, then one byte every 300 ms: the body would take minutes.
     writer.write_all(head.as_bytes()).await.expect("write head");
-    writer
-        .write_all(&body.as_bytes()[..10])
-        .await
-        .expect("write start of body");
+    writer.write_all(&body.as_bytes()[..10]).await.expect("write start of body");
     let trickle = {
         let rest = body.as_bytes()[10..].to_vec();
         tokio::spawn(async move {
@@ -576,16 +442,7 @@ async fn a_body_trickler_gets_a_json_408_from_the_request_timeout() {
         })
     };
     let started = Instant::now();
-    let r = app
-        .post_callback(roster_body(
-            "beside-trickler",
-            "alice",
-            "carol",
-            "add",
-            TS,
-            SECRET,
-        ))
-        .await;
+    let r = app.post_callback(roster_body("beside-trickler", "alice", "carol", "add", TS, SECRET)).await;
     let valid_latency = started.elapsed();
     let mut response = Vec::new();
     let read = tokio::time::timeout(CLOSED_WITHIN, async {
@@ -604,42 +461,21 @@ async fn a_body_trickler_gets_a_json_408_from_the_request_timeout() {
     trickle.abort();
 
     // Assert
-    assert!(
-        read.is_ok(),
-        "the trickling request was neither answered nor closed within {CLOSED_WITHIN:?}"
-    );
+    assert!(read.is_ok(), "the trickling request was neither answered nor closed within {CLOSED_WITHIN:?}");
     let text = String::from_utf8_lossy(&response).to_string();
-    assert!(
-        text.starts_with("HTTP/1.1 408"),
-        "expected a 408, got {text:?}"
-    );
+    assert!(text.starts_with("HTTP/1.1 408"), "expected a 408, got {text:?}");
     let (head, body) = text.split_once("\r\n\r\n").expect("head and body");
-    let err = assert_json_error(
-        "request timeout",
-        header_value(head, "content-type"),
-        body.as_bytes(),
-    );
+    let err = assert_json_error("request timeout", header_value(head, "content-type"), body.as_bytes());
     assert_eq!(err["code"], "request_timeout");
-    println!(
-        "body trickler answered 408 after {:?}; a normal request took {valid_latency:?}",
-        started.elapsed()
-    );
+    println!("body trickler answered 408 after {:?}; a normal request took {valid_latency:?}", started.elapsed());
     assert_eq!(r.status(), 200);
-    assert!(
-        valid_latency < PROMPT,
-        "a normal request took {valid_latency:?} beside the trickler"
-    );
-    assert_eq!(
-        stored_call_ids(&app).await,
-        vec![call_id("beside-trickler")],
-        "the trickled body was never stored"
-    );
+    assert!(valid_latency < PROMPT, "a normal request took {valid_latency:?} beside the trickler");
+    assert_eq!(stored_call_ids(&app).await, vec![call_id("beside-trickler")], "the trickled body was never stored");
     app.stop().await;
 }
 
 #[tokio::test]
-async fn a_burst_of_ten_thousand_bad_signatures_neither_delays_valid_callbacks_nor_grows_the_rejection_log()
- {
+async fn a_burst_of_ten_thousand_bad_signatures_neither_delays_valid_callbacks_nor_grows_the_rejection_log() {
     // Arrange
     const BAD: usize = 10_000;
     const VALID: usize = 50;
@@ -660,20 +496,8 @@ async fn a_burst_of_ten_thousand_bad_signatures_neither_delays_valid_callbacks_n
                 if n >= BAD {
                     return not_401;
                 }
-                let body = roster_body(
-                    &format!("bad-{n}"),
-                    "mallory",
-                    "bob",
-                    "add",
-                    TS,
-                    "wrong-secret",
-                );
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
+                let body = roster_body(&format!("bad-{n}"), "mallory", "bob", "add", TS, "wrong-secret");
+                let r = client.post(&url).header("content-type", "application/json").body(body).send().await;
                 match r.map(|r| r.status().as_u16()) {
                     Ok(401) => {}
                     other => not_401.push(format!("{other:?}")),
@@ -694,17 +518,8 @@ async fn a_burst_of_ten_thousand_bad_signatures_neither_delays_valid_callbacks_n
                 let msg = format!("valid-{k}");
                 let body = roster_body(&msg, "alice", &format!("friend{k}"), "add", TS, SECRET);
                 let t = Instant::now();
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
-                answers.push((
-                    call_id(&msg),
-                    r.map(|r| r.status().as_u16()).ok(),
-                    t.elapsed(),
-                ));
+                let r = client.post(&url).header("content-type", "application/json").body(body).send().await;
+                answers.push((call_id(&msg), r.map(|r| r.status().as_u16()).ok(), t.elapsed()));
             }
             answers
         })
@@ -717,11 +532,7 @@ async fn a_burst_of_ten_thousand_bad_signatures_neither_delays_valid_callbacks_n
     let answers = valid_sender.await.expect("valid sender");
 
     // Assert
-    assert!(
-        wrong.is_empty(),
-        "bad signatures answered other than 401: {:?}",
-        &wrong[..wrong.len().min(10)]
-    );
+    assert!(wrong.is_empty(), "bad signatures answered other than 401: {:?}", &wrong[..wrong.len().min(10)]);
     let mut latencies: Vec<Duration> = answers.iter().map(|(_, _, t)| *t).collect();
     latencies.sort();
     println!(
@@ -742,15 +553,11 @@ async fn a_burst_of_ten_thousand_bad_signatures_neither_delays_valid_callbacks_n
     let _dir = app.stop().await;
     let kept = sqlite_count(&db, "SELECT count(*) FROM rejected_deliveries").await;
     println!("rejection log after the burst: {kept} rows (cap {CAP})");
-    assert_eq!(
-        kept, CAP,
-        "the rejection log holds the newest {CAP} rejections, no more"
-    );
+    assert_eq!(kept, CAP, "the rejection log holds the newest {CAP} rejections, no more");
 }
 
 #[tokio::test]
-async fn under_overload_every_answer_is_200_and_stored_or_503_with_retry_after_and_a_retry_succeeds()
- {
+async fn under_overload_every_answer_is_200_and_stored_or_503_with_retry_after_and_a_retry_succeeds() {
     // Arrange: the smallest possible writer, so that a few hundred concurrent callbacks overrun it.
     // 300 connections (600 descriptors in this one process) leave room under a 1024 fd limit for
     // the tests running beside this one.
@@ -759,10 +566,7 @@ async fn under_overload_every_answer_is_200_and_stored_or_503_with_retry_after_a
     let bodies: Vec<(String, String)> = (0..N)
         .map(|i| {
             let msg = format!("load-{i}");
-            (
-                call_id(&msg),
-                roster_body(&msg, &format!("u{i}"), "bob", "add", TS + i as i64, SECRET),
-            )
+            (call_id(&msg), roster_body(&msg, &format!("u{i}"), "bob", "add", TS + i as i64, SECRET))
         })
         .collect();
 
@@ -772,19 +576,10 @@ async fn under_overload_every_answer_is_200_and_stored_or_503_with_retry_after_a
         let url = app.url("/callbacks/easemob");
         let client = app.client.clone();
         tasks.spawn(async move {
-            let r = client
-                .post(url)
-                .header("content-type", "application/json")
-                .body(body.clone())
-                .send()
-                .await;
+            let r = client.post(url).header("content-type", "application/json").body(body.clone()).send().await;
             let r = r.expect("answered");
             let status = r.status().as_u16();
-            let retry_after = r
-                .headers()
-                .get("retry-after")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string);
+            let retry_after = r.headers().get("retry-after").and_then(|v| v.to_str().ok()).map(str::to_string);
             let json: Value = r.json().await.unwrap_or(Value::Null);
             (id, body, status, retry_after, json)
         });
@@ -799,9 +594,7 @@ async fn under_overload_every_answer_is_200_and_stored_or_503_with_retry_after_a
                 let secs: u64 = retry_after
                     .as_deref()
                     .and_then(|v| v.parse().ok())
-                    .unwrap_or_else(|| {
-                        panic!("503 without a numeric Retry-After: {retry_after:?}")
-                    });
+                    .unwrap_or_else(|| panic!("503 without a numeric Retry-After: {retry_after:?}"));
                 assert!(secs >= 1, "Retry-After {secs}");
                 assert_eq!(json["code"], "overloaded", "{json}");
                 refused.push((id, body));
@@ -811,11 +604,7 @@ async fn under_overload_every_answer_is_200_and_stored_or_503_with_retry_after_a
             }
         }
     }
-    println!(
-        "overload: {} x 200, {} x 503 with Retry-After out of {N}",
-        acked.len(),
-        refused.len()
-    );
+    println!("overload: {} x 200, {} x 503 with Retry-After out of {N}", acked.len(), refused.len());
 
     // Assert: every 200 is stored.
     let stored: HashSet<String> = stored_call_ids(&app).await.into_iter().collect();
@@ -827,17 +616,11 @@ async fn under_overload_every_answer_is_200_and_stored_or_503_with_retry_after_a
         let r = app.post_callback(body.clone()).await;
         assert_eq!(r.status(), 200, "retry of {id}");
         let ack: Value = r.json().await.expect("ack");
-        assert_eq!(
-            ack["duplicate"], false,
-            "{id} was answered 503 yet already stored"
-        );
+        assert_eq!(ack["duplicate"], false, "{id} was answered 503 yet already stored");
     }
     let stored: HashSet<String> = stored_call_ids(&app).await.into_iter().collect();
     let all: HashSet<String> = bodies.iter().map(|(id, _)| id.clone()).collect();
-    assert_eq!(
-        stored, all,
-        "after the retries every callback is stored exactly once"
-    );
+    assert_eq!(stored, all, "after the retries every callback is stored exactly once");
     app.stop().await;
 }
 
@@ -852,14 +635,7 @@ async fn max_in_flight_makes_excess_requests_wait_rather_than_fail() {
     for i in 0..N {
         let url = app.url("/callbacks/easemob");
         let client = app.client.clone();
-        let body = roster_body(
-            &format!("limited-{i}"),
-            "alice",
-            &format!("f{i}"),
-            "add",
-            TS,
-            SECRET,
-        );
+        let body = roster_body(&format!("limited-{i}"), "alice", &format!("f{i}"), "add", TS, SECRET);
         tasks.spawn(async move {
             client
                 .post(url)
@@ -908,18 +684,11 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
     const CALLBACK_SECRET: &str = "cb-secret-7Hq2xZ9vLw-never-log-me";
     let dir = tempfile::tempdir().expect("tempdir");
     let db_url = format!("sqlite://{}", dir.path().join("secrets.db").display());
-    let mut service = ServeProcess::start(
-        &db_url,
-        &["--callback-secret", CALLBACK_SECRET],
-        &[("RUST_LOG", level)],
-    )
-    .await;
+    let mut service =
+        ServeProcess::start(&db_url, &["--callback-secret", CALLBACK_SECRET], &[("RUST_LOG", level)]).await;
     let http = bounded_client();
     let token = sandbox_token(&http, &service.sandbox).await;
-    let users: Vec<String> = ["alice", "bob", "carol", "dave"]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
+    let users: Vec<String> = ["alice", "bob", "carol", "dave"].iter().map(|s| s.to_string()).collect();
     sandbox_register(&http, &service.sandbox, &token, &users).await;
 
     // Act: triggers (the service fetches and uses its own token), callbacks good and bad.
@@ -932,11 +701,9 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
             .expect("trigger");
         assert_eq!(r.status(), 201, "trigger alice -> {friend}");
     }
-    for (msg, secret, want) in [
-        ("s-ok-1", CALLBACK_SECRET, 200),
-        ("s-ok-2", CALLBACK_SECRET, 200),
-        ("s-bad", SECRET, 401),
-    ] {
+    for (msg, secret, want) in
+        [("s-ok-1", CALLBACK_SECRET, 200), ("s-ok-2", CALLBACK_SECRET, 200), ("s-bad", SECRET, 401)]
+    {
         let r = http
             .post(format!("{}/callbacks/easemob", service.base))
             .header("content-type", "application/json")
@@ -967,10 +734,7 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
         if page["items"].as_array().map_or(0, Vec::len) >= 5 {
             break;
         }
-        assert!(
-            Instant::now() < deadline,
-            "sandbox callbacks did not arrive: {page}"
-        );
+        assert!(Instant::now() < deadline, "sandbox callbacks did not arrive: {page}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     service.signal("TERM");
@@ -978,21 +742,11 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
 
     // Assert
     let log = service.log();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "SIGTERM ends the service cleanly:\n{log}"
-    );
-    assert!(
-        log.contains(level_marker),
-        "the test is only meaningful if {level} logging was on:\n{log}"
-    );
+    assert_eq!(status.code(), Some(0), "SIGTERM ends the service cleanly:\n{log}");
+    assert!(log.contains(level_marker), "the test is only meaningful if {level} logging was on:\n{log}");
     // ...and that the service's own token round trip ran, and was logged about, at this level.
     assert!(log.contains("obtained an Easemob app token"), "{log}");
-    println!(
-        "secrets test at {level}: {} log lines checked",
-        log.lines().count()
-    );
+    println!("secrets test at {level}: {} log lines checked", log.lines().count());
     for (what, secret) in [
         ("the callback secret", CALLBACK_SECRET),
         ("the sandbox client secret", SANDBOX_CLIENT_SECRET),
@@ -1002,8 +756,5 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
             panic!("{what} appears in the log: {line}");
         }
     }
-    assert!(
-        !contains_sandbox_token(&log),
-        "an issued access token appears in the log"
-    );
+    assert!(!contains_sandbox_token(&log), "an issued access token appears in the log");
 }

@@ -61,9 +61,8 @@ impl TestApp {
     pub async fn spawn_on(db_path: &std::path::Path, extra: &[&str]) -> TestApp {
         let db_url = format!("sqlite://{}", db_path.display());
         let args = serve_args(&db_url, extra);
-        let service = friendhook::commands::serve::build(&args, friendhook::clock::system())
-            .await
-            .expect("service starts");
+        let service =
+            friendhook::commands::serve::build(&args, friendhook::clock::system()).await.expect("service starts");
         let addr = service.listener.local_addr().expect("addr");
         let mut service = service;
         let sandbox = service.sandbox.take();
@@ -124,7 +123,11 @@ impl TestApp {
         for chunk in names.chunks(60) {
             let users: Vec<friendhook::easemob::NewUser> = chunk
                 .iter()
-                .map(|n| friendhook::easemob::NewUser { username: n.to_string(), password: "pw".into(), nickname: None })
+                .map(|n| friendhook::easemob::NewUser {
+                    username: n.to_string(),
+                    password: "pw".into(),
+                    nickname: None,
+                })
                 .collect();
             client.register_users(&users).await.expect("register users");
         }

@@ -45,7 +45,12 @@ async fn feed_pages_through_everything_across_a_restart_without_gaps_or_repeats(
         after = last["seq"].as_i64().unwrap();
         for r in &page {
             assert_eq!(r["kind"], "callback");
-            assert!(r["owner"].is_string() && r["friend"].is_string() && r["event_time"].is_i64() && r["received_time"].is_i64());
+            assert!(
+                r["owner"].is_string()
+                    && r["friend"].is_string()
+                    && r["event_time"].is_i64()
+                    && r["received_time"].is_i64()
+            );
         }
         seen.extend(page.iter().map(|r| r["seq"].as_i64().unwrap()));
     }
@@ -62,7 +67,8 @@ async fn feed_long_poll_returns_as_soon_as_something_is_stored() {
     // The waiter cannot finish before something is stored: nothing is there yet.
     let body = roster_body("555", "alice", "bob", "add", 1_700_000_000_000, SECRET);
     assert_eq!(app.post_callback(body).await.status(), 200);
-    let text = tokio::time::timeout(std::time::Duration::from_secs(20), waiter).await.expect("long-poll answered").unwrap();
+    let text =
+        tokio::time::timeout(std::time::Duration::from_secs(20), waiter).await.expect("long-poll answered").unwrap();
     let first: Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
     assert_eq!(first["seq"], 1);
     app.stop().await;
@@ -114,15 +120,23 @@ async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
         let o = std::process::Command::new("sqlite3").arg(&db_path).arg(s).output().unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     };
-    sql("DROP TRIGGER callbacks_immutable; UPDATE callbacks SET raw_body = replace(raw_body, 'u1', 'zz') WHERE seq = 2;");
+    sql(
+        "DROP TRIGGER callbacks_immutable; UPDATE callbacks SET raw_body = replace(raw_body, 'u1', 'zz') WHERE seq = 2;",
+    );
     let out = std::process::Command::new(bin()).args(["audit", "verify", "--database-url", &db_url]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stdout).contains("seq 2"));
 
-    sql("UPDATE callbacks SET raw_body = replace(raw_body, 'zz', 'u1') WHERE seq = 2; DROP TRIGGER callbacks_no_delete; DROP TRIGGER callback_deliveries_no_delete; DELETE FROM callback_deliveries WHERE callback_id = (SELECT id FROM callbacks WHERE seq = 3); DELETE FROM callbacks WHERE seq = 3;");
+    sql(
+        "UPDATE callbacks SET raw_body = replace(raw_body, 'zz', 'u1') WHERE seq = 2; DROP TRIGGER callbacks_no_delete; DROP TRIGGER callback_deliveries_no_delete; DELETE FROM callback_deliveries WHERE callback_id = (SELECT id FROM callbacks WHERE seq = 3); DELETE FROM callbacks WHERE seq = 3;",
+    );
     let out = std::process::Command::new(bin()).args(["audit", "verify", "--database-url", &db_url]).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("seq 3 is missing"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("seq 3 is missing"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
 }
 
 #[tokio::test]
@@ -134,6 +148,10 @@ async fn stored_rows_cannot_be_deleted_or_edited_through_sql_while_triggers_stan
     let _dir = app.stop().await;
     let o = std::process::Command::new("sqlite3").arg(&db_path).arg("DELETE FROM callbacks;").output().unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("append-only"), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = std::process::Command::new("sqlite3").arg(&db_path).arg("UPDATE callbacks SET raw_body = '{}';").output().unwrap();
+    let o = std::process::Command::new("sqlite3")
+        .arg(&db_path)
+        .arg("UPDATE callbacks SET raw_body = '{}';")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&o.stderr).contains("append-only"), "{}", String::from_utf8_lossy(&o.stderr));
 }

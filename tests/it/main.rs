@@ -1,6 +1,10 @@
 //! Integration tests: the real router over real HTTP on 127.0.0.1, a real SQLite file per test,
 //! and the built-in sandbox as Easemob. One test binary, one module per area.
 
+// Helpers shared by tests unwrap freely: a panic there is a failed test, not a service crash.
+#![allow(clippy::unwrap_used)]
+
+mod client;
 mod crash;
 mod friends;
 mod hardening;
@@ -10,3 +14,4 @@ mod process;
 mod quarantine;
 mod receiver;
 mod reconciliation;
+mod sandbox;

@@ -72,13 +72,7 @@ fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>)
 fn field_after(log: &str, marker: &str, key: &str) -> Option<String> {
     let line = log.lines().find(|l| l.contains(marker))?;
     let start = line.find(key)? + key.len();
-    Some(
-        line[start..]
-            .split_whitespace()
-            .next()?
-            .trim_end_matches(',')
-            .to_string(),
-    )
+    Some(line[start..].split_whitespace().next()?.trim_end_matches(',').to_string())
 }
 
 impl ServeProcess {
@@ -86,15 +80,7 @@ impl ServeProcess {
     /// test secret unless `extra` names one), and waits until it listens.
     pub async fn start(db_url: &str, extra: &[&str], env: &[(&str, &str)]) -> ServeProcess {
         let mut cmd = tokio::process::Command::new(BIN);
-        cmd.args([
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--sandbox-listen",
-            "127.0.0.1:0",
-            "--database-url",
-            db_url,
-        ]);
+        cmd.args(["serve", "--listen", "127.0.0.1:0", "--sandbox-listen", "127.0.0.1:0", "--database-url", db_url]);
         if !extra.contains(&"--callback-secret") {
             cmd.args(["--callback-secret", SECRET]);
         }
@@ -113,24 +99,12 @@ impl ServeProcess {
         drain(child.stdout.take().expect("stdout"), log.clone());
         drain(child.stderr.take().expect("stderr"), log.clone());
 
-        let mut process = ServeProcess {
-            child,
-            pid,
-            base: String::new(),
-            sandbox: String::new(),
-            log,
-        };
-        process
-            .wait_for_log("friendhook is listening", START_WITHIN)
-            .await;
+        let mut process = ServeProcess { child, pid, base: String::new(), sandbox: String::new(), log };
+        process.wait_for_log("friendhook is listening", START_WITHIN).await;
         let log = process.log();
-        let receiver = field_after(
-            &log,
-            "friendhook is listening",
-            "callbacks go to POST http://",
-        )
-        .and_then(|s| s.strip_suffix("/callbacks/easemob").map(str::to_string))
-        .unwrap_or_else(|| panic!("receiver address not found in the log:\n{log}"));
+        let receiver = field_after(&log, "friendhook is listening", "callbacks go to POST http://")
+            .and_then(|s| s.strip_suffix("/callbacks/easemob").map(str::to_string))
+            .unwrap_or_else(|| panic!("receiver address not found in the log:\n{log}"));
         process.base = format!("http://{receiver}");
         process.sandbox = field_after(&log, "sandbox mode:", "sandbox=")
             .unwrap_or_else(|| panic!("sandbox address not found in the log:\n{log}"));
@@ -153,26 +127,17 @@ impl ServeProcess {
             if let Ok(Some(status)) = self.child.try_wait() {
                 // Give the drain tasks a moment to copy the last lines before reporting.
                 tokio::time::sleep(Duration::from_millis(100)).await;
-                panic!(
-                    "friendhook exited ({status}) before logging {needle:?}:\n{}",
-                    self.log()
-                );
+                panic!("friendhook exited ({status}) before logging {needle:?}:\n{}", self.log());
             }
-            assert!(
-                Instant::now() < deadline,
-                "no {needle:?} in the log within {within:?}:\n{}",
-                self.log()
-            );
+            assert!(Instant::now() < deadline, "no {needle:?} in the log within {within:?}:\n{}", self.log());
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
     }
 
     /// Sends a signal by name (`TERM`, `INT`, `KILL`) through kill(1).
     pub fn signal(&self, name: &str) {
-        let status = std::process::Command::new("kill")
-            .args(["-s", name, &self.pid.to_string()])
-            .status()
-            .expect("run kill");
+        let status =
+            std::process::Command::new("kill").args(["-s", name, &self.pid.to_string()]).status().expect("run kill");
         assert!(status.success(), "kill -s {name} {} failed", self.pid);
     }
 
@@ -204,24 +169,13 @@ pub async fn sandbox_token(http: &reqwest::Client, sandbox: &str) -> String {
         .expect("token request");
     assert_eq!(r.status(), 200, "token request");
     let body: Value = r.json().await.expect("token body");
-    body["access_token"]
-        .as_str()
-        .expect("access_token")
-        .to_string()
+    body["access_token"].as_str().expect("access_token").to_string()
 }
 
 /// Registers users in the sandbox through its REST API (60 per request, Easemob's batch limit).
-pub async fn sandbox_register(
-    http: &reqwest::Client,
-    sandbox: &str,
-    token: &str,
-    names: &[String],
-) {
+pub async fn sandbox_register(http: &reqwest::Client, sandbox: &str, token: &str, names: &[String]) {
     for chunk in names.chunks(60) {
-        let users: Vec<Value> = chunk
-            .iter()
-            .map(|n| json!({"username": n, "password": "pw"}))
-            .collect();
+        let users: Vec<Value> = chunk.iter().map(|n| json!({"username": n, "password": "pw"})).collect();
         let r = http
             .post(format!("{sandbox}/demo-org/demo-app/users"))
             .bearer_auth(token)
@@ -229,20 +183,12 @@ pub async fn sandbox_register(
             .send()
             .await
             .expect("register request");
-        assert_eq!(
-            r.status(),
-            200,
-            "register users: {}",
-            r.text().await.unwrap_or_default()
-        );
+        assert_eq!(r.status(), 200, "register users: {}", r.text().await.unwrap_or_default());
     }
 }
 
 /// A reqwest client whose every request is bounded, so a wedged service fails a test instead of
 /// hanging it.
 pub fn bounded_client() -> reqwest::Client {
-    reqwest::Client::builder()
-        .timeout(Duration::from_secs(30))
-        .build()
-        .expect("client")
+    reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client")
 }

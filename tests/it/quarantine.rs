@@ -42,21 +42,10 @@ async fn list_json(db_url: &str, all: bool) -> Value {
 }
 
 async fn reverify(db_url: &str, secrets: &str, extra: &[&str]) -> String {
-    let mut args = vec![
-        "quarantine",
-        "reverify",
-        "--database-url",
-        db_url,
-        "--callback-secret",
-        secrets,
-    ];
+    let mut args = vec!["quarantine", "reverify", "--database-url", db_url, "--callback-secret", secrets];
     args.extend_from_slice(extra);
     let out = friendhook(&args).await;
-    assert_eq!(
-        out.code, 0,
-        "reverify failed: {}\n{}",
-        out.stderr, out.stdout
-    );
+    assert_eq!(out.code, 0, "reverify failed: {}\n{}", out.stderr, out.stdout);
     out.stdout
 }
 
@@ -84,10 +73,7 @@ async fn wrong_secret_in_quarantine_mode_is_answered_200_and_held_but_not_an_eve
     let ack: Value = r.json().await.expect("json");
     assert_eq!(ack, serde_json::json!({"status": "quarantined"}));
 
-    assert!(
-        callbacks(&app).await.is_empty(),
-        "a quarantined request is not an event"
-    );
+    assert!(callbacks(&app).await.is_empty(), "a quarantined request is not an event");
     let (_, ready) = app.get_json("/readyz").await;
     assert_eq!(ready["quarantine"]["held"], 1);
     assert_eq!(ready["quarantine"]["quarantined_since_start"], 1);
@@ -101,29 +87,13 @@ async fn wrong_secret_in_quarantine_mode_is_answered_200_and_held_but_not_an_eve
     assert_eq!(item["body_size"], body.len());
     assert_eq!(item["body_sha256"], sha256_hex(body.as_bytes()));
     assert_eq!(item["promoted"], false);
-    assert!(
-        item["remote_addr"]
-            .as_str()
-            .expect("remote")
-            .starts_with("127.0.0.1:")
-    );
-    assert!(
-        item["received_at"].as_str().expect("time").ends_with('Z'),
-        "RFC 3339: {item}"
-    );
+    assert!(item["remote_addr"].as_str().expect("remote").starts_with("127.0.0.1:"));
+    assert!(item["received_at"].as_str().expect("time").ends_with('Z'), "RFC 3339: {item}");
 
     let table = friendhook(&["quarantine", "list", "--database-url", &app.db_url]).await;
     assert_eq!(table.code, 0, "{}", table.stderr);
-    assert!(
-        table.stdout.contains("signature_mismatch") && table.stdout.contains("_3001"),
-        "{}",
-        table.stdout
-    );
-    assert!(
-        table.stdout.contains("friendhook quarantine reverify"),
-        "says what to do next: {}",
-        table.stdout
-    );
+    assert!(table.stdout.contains("signature_mismatch") && table.stdout.contains("_3001"), "{}", table.stdout);
+    assert!(table.stdout.contains("friendhook quarantine reverify"), "says what to do next: {}", table.stdout);
     app.stop().await;
 }
 
@@ -142,10 +112,7 @@ async fn reverify_promotes_only_with_the_right_secret_while_the_service_runs() {
     assert!(out.contains("Easemob console"), "says what to check: {out}");
     let out = reverify(&app.db_url, ROTATED, &["--dry-run"]).await;
     assert!(out.contains("would promote 1"), "{out}");
-    assert!(
-        callbacks(&app).await.is_empty(),
-        "neither a wrong secret nor a dry run stores anything"
-    );
+    assert!(callbacks(&app).await.is_empty(), "neither a wrong secret nor a dry run stores anything");
     assert_eq!(list_json(&app.db_url, false).await["held"], 1);
 
     let out = reverify(&app.db_url, &format!("yet-another-secret,{ROTATED}"), &[]).await;
@@ -158,27 +125,12 @@ async fn reverify_promotes_only_with_the_right_secret_while_the_service_runs() {
     assert_eq!(items.len(), 1);
     let seq = items[0]["seq"].as_i64().expect("seq");
     assert_eq!(items[0]["call_id"], format!("{APPKEY}_3002"));
-    assert_eq!(
-        items[0]["secret_index"], 1,
-        "index among the secrets given to reverify"
-    );
-    assert_eq!(
-        items[0]["received_at"], received_at_ms,
-        "the event keeps its arrival time"
-    );
+    assert_eq!(items[0]["secret_index"], 1, "index among the secrets given to reverify");
+    assert_eq!(items[0]["received_at"], received_at_ms, "the event keeps its arrival time");
     let (_, one) = app.get_json(&format!("/v1/callbacks/{seq}")).await;
-    assert_eq!(
-        one["raw_body"].as_str().expect("raw body"),
-        body,
-        "raw body is kept byte-exact"
-    );
+    assert_eq!(one["raw_body"].as_str().expect("raw body"), body, "raw body is kept byte-exact");
 
-    assert!(
-        list_json(&app.db_url, false).await["items"]
-            .as_array()
-            .expect("items")
-            .is_empty()
-    );
+    assert!(list_json(&app.db_url, false).await["items"].as_array().expect("items").is_empty());
     let all = list_json(&app.db_url, true).await;
     assert_eq!(all["items"][0]["promoted"], true);
     assert_eq!(all["items"][0]["promoted_seq"], seq);
@@ -186,10 +138,7 @@ async fn reverify_promotes_only_with_the_right_secret_while_the_service_runs() {
     assert_eq!(ready["quarantine"]["held"], 0);
 
     let out = reverify(&app.db_url, ROTATED, &[]).await;
-    assert!(
-        out.contains("checked 0, promoted 0"),
-        "a second run finds nothing to do: {out}"
-    );
+    assert!(out.contains("checked 0, promoted 0"), "a second run finds nothing to do: {out}");
 
     // The running service numbers its next event after the one reverify stored.
     let next = roster_body("3003", "carol", "dave", "add", 1_700_000_000_001, SECRET);
@@ -198,11 +147,7 @@ async fn reverify_promotes_only_with_the_right_secret_while_the_service_runs() {
     let ack: Value = r.json().await.expect("json");
     assert_eq!(ack["seq"], seq + 1);
     let audit = audit_verify(&app.db_url).await;
-    assert_eq!(
-        audit.code, 0,
-        "audit chain: {}{}",
-        audit.stdout, audit.stderr
-    );
+    assert_eq!(audit.code, 0, "audit chain: {}{}", audit.stdout, audit.stderr);
     app.stop().await;
 }
 
@@ -214,29 +159,14 @@ async fn a_callback_quarantined_and_later_delivered_correctly_signed_is_stored_o
     let app = TestApp::spawn_on(&db, &["--on-bad-signature", "quarantine"]).await;
     let signed = roster_body("3004", "alice", "bob", "add", 1_700_000_000_000, ROTATED);
     let r = app.post_callback(signed.clone()).await;
-    assert_eq!(
-        r.json::<Value>().await.expect("json")["status"],
-        "quarantined"
-    );
+    assert_eq!(r.json::<Value>().await.expect("json")["status"], "quarantined");
     app.stop().await;
 
     // Fixed configuration; Easemob delivers the same event again.
-    let app = TestApp::spawn_on(
-        &db,
-        &[
-            "--on-bad-signature",
-            "quarantine",
-            "--callback-secret",
-            ROTATED,
-        ],
-    )
-    .await;
+    let app = TestApp::spawn_on(&db, &["--on-bad-signature", "quarantine", "--callback-secret", ROTATED]).await;
     let r = app.post_callback(signed.clone()).await;
     let ack: Value = r.json().await.expect("json");
-    assert_eq!(
-        (ack["status"].as_str(), ack["duplicate"].as_bool()),
-        (Some("ok"), Some(false))
-    );
+    assert_eq!((ack["status"].as_str(), ack["duplicate"].as_bool()), (Some("ok"), Some(false)));
     let db_url = app.db_url.clone();
     app.stop().await;
 
@@ -250,20 +180,10 @@ async fn a_callback_quarantined_and_later_delivered_correctly_signed_is_stored_o
     let items = callbacks(&app).await;
     assert_eq!(items.len(), 1, "stored once");
     assert_eq!(items[0]["seq"], ack["seq"]);
-    assert_eq!(
-        items[0]["deliveries"], 2,
-        "the quarantined request counts as a delivery"
-    );
-    assert_eq!(
-        list_json(&db_url, true).await["items"][0]["promoted_seq"],
-        ack["seq"]
-    );
+    assert_eq!(items[0]["deliveries"], 2, "the quarantined request counts as a delivery");
+    assert_eq!(list_json(&db_url, true).await["items"][0]["promoted_seq"], ack["seq"]);
     let audit = audit_verify(&db_url).await;
-    assert_eq!(
-        audit.code, 0,
-        "audit chain: {}{}",
-        audit.stdout, audit.stderr
-    );
+    assert_eq!(audit.code, 0, "audit chain: {}{}", audit.stdout, audit.stderr);
     app.stop().await;
 }
 
@@ -271,14 +191,7 @@ async fn a_callback_quarantined_and_later_delivered_correctly_signed_is_stored_o
 async fn beyond_the_quarantine_cap_a_bad_request_is_answered_401_and_recorded_as_a_rejection() {
     let app = TestApp::spawn(&["--on-bad-signature", "quarantine", "--quarantine-cap", "3"]).await;
     for i in 0..3 {
-        let body = roster_body(
-            &format!("31{i}"),
-            "alice",
-            "bob",
-            "add",
-            1_700_000_000_000,
-            ROTATED,
-        );
+        let body = roster_body(&format!("31{i}"), "alice", "bob", "add", 1_700_000_000_000, ROTATED);
         let r = app.post_callback(body).await;
         assert_eq!(r.status(), 200, "request {i} fits in the quarantine");
     }
@@ -288,17 +201,8 @@ async fn beyond_the_quarantine_cap_a_bad_request_is_answered_401_and_recorded_as
     let err: Value = r.json().await.expect("json");
     assert_eq!(err["code"], "unauthorized");
 
-    let reader = friendhook::store::Store::open_read_only(&app.db_url)
-        .await
-        .expect("open read-only");
-    assert_eq!(
-        reader
-            .rejection_stats()
-            .await
-            .expect("stats")
-            .rejected_deliveries,
-        1
-    );
+    let reader = friendhook::store::Store::open_read_only(&app.db_url).await.expect("open read-only");
+    assert_eq!(reader.rejection_stats().await.expect("stats").rejected_deliveries, 1);
     assert_eq!(reader.count_quarantine_held().await.expect("count"), 3);
 
     // Promoting frees room: the next bad request is held again.
@@ -325,14 +229,7 @@ async fn default_reject_mode_still_answers_401_and_holds_nothing() {
 async fn reverify_during_live_traffic_keeps_one_gap_free_chain() {
     let app = TestApp::spawn(&["--on-bad-signature", "quarantine"]).await;
     for i in 0..40 {
-        let body = roster_body(
-            &format!("32{i:02}"),
-            "alice",
-            &format!("q{i}"),
-            "add",
-            1_700_000_000_000 + i,
-            ROTATED,
-        );
+        let body = roster_body(&format!("32{i:02}"), "alice", &format!("q{i}"), "add", 1_700_000_000_000 + i, ROTATED);
         assert_eq!(app.post_callback(body).await.status(), 200);
     }
     // Valid callbacks keep arriving while reverify promotes the held ones from another process.
@@ -342,20 +239,9 @@ async fn reverify_during_live_traffic_keeps_one_gap_free_chain() {
         tokio::spawn(async move {
             let mut statuses = Vec::new();
             for i in 0..40 {
-                let body = roster_body(
-                    &format!("33{i:02}"),
-                    "bob",
-                    &format!("v{i}"),
-                    "add",
-                    1_700_000_100_000 + i,
-                    SECRET,
-                );
-                let r = client
-                    .post(&url)
-                    .header("content-type", "application/json")
-                    .body(body)
-                    .send()
-                    .await;
+                let body =
+                    roster_body(&format!("33{i:02}"), "bob", &format!("v{i}"), "add", 1_700_000_100_000 + i, SECRET);
+                let r = client.post(&url).header("content-type", "application/json").body(body).send().await;
                 statuses.push(r.map(|r| r.status().as_u16()).unwrap_or(0));
                 tokio::task::yield_now().await;
             }
@@ -365,40 +251,21 @@ async fn reverify_during_live_traffic_keeps_one_gap_free_chain() {
     let out = reverify(&app.db_url, ROTATED, &[]).await;
     assert!(out.contains("checked 40, promoted 40"), "{out}");
     let statuses = traffic.await.expect("traffic task");
-    assert!(
-        statuses.iter().all(|s| *s == 200),
-        "every live callback stored: {statuses:?}"
-    );
+    assert!(statuses.iter().all(|s| *s == 200), "every live callback stored: {statuses:?}");
 
     let mut seqs = Vec::new();
     let mut cursor = String::new();
     loop {
-        let (_, page) = app
-            .get_json(&format!("/v1/callbacks?limit=1000{cursor}"))
-            .await;
-        seqs.extend(
-            page["items"]
-                .as_array()
-                .expect("items")
-                .iter()
-                .map(|i| i["seq"].as_i64().expect("seq")),
-        );
+        let (_, page) = app.get_json(&format!("/v1/callbacks?limit=1000{cursor}")).await;
+        seqs.extend(page["items"].as_array().expect("items").iter().map(|i| i["seq"].as_i64().expect("seq")));
         match page["next_cursor"].as_str() {
             Some(c) => cursor = format!("&cursor={c}"),
             None => break,
         }
     }
-    assert_eq!(
-        seqs,
-        (1..=80).collect::<Vec<i64>>(),
-        "one gap-free numbering across both processes"
-    );
+    assert_eq!(seqs, (1..=80).collect::<Vec<i64>>(), "one gap-free numbering across both processes");
     let audit = audit_verify(&app.db_url).await;
-    assert_eq!(
-        audit.code, 0,
-        "audit chain: {}{}",
-        audit.stdout, audit.stderr
-    );
+    assert_eq!(audit.code, 0, "audit chain: {}{}", audit.stdout, audit.stderr);
     app.stop().await;
 }
 
@@ -406,23 +273,8 @@ async fn reverify_during_live_traffic_keeps_one_gap_free_chain() {
 async fn reverify_refuses_a_database_that_does_not_exist() {
     let dir = tempfile::tempdir().expect("tempdir");
     let url = format!("sqlite://{}", dir.path().join("typo.db").display());
-    let out = friendhook(&[
-        "quarantine",
-        "reverify",
-        "--database-url",
-        &url,
-        "--callback-secret",
-        ROTATED,
-    ])
-    .await;
+    let out = friendhook(&["quarantine", "reverify", "--database-url", &url, "--callback-secret", ROTATED]).await;
     assert_ne!(out.code, 0);
-    assert!(
-        out.stderr.contains("--database-url"),
-        "says what to check: {}",
-        out.stderr
-    );
-    assert!(
-        !dir.path().join("typo.db").exists(),
-        "no empty database is created"
-    );
+    assert!(out.stderr.contains("--database-url"), "says what to check: {}", out.stderr);
+    assert!(!dir.path().join("typo.db").exists(), "no empty database is created");
 }

@@ -110,7 +110,11 @@ async fn bad_signature_gets_401_and_a_rejection_record_but_no_event() {
     assert!(list["items"].as_array().unwrap().is_empty());
     let db = app.db_url.clone();
     let _dir = app.stop().await;
-    let rows = sqlite_count(&db, "SELECT count(*) FROM rejected_deliveries WHERE reason = 'signature_mismatch' AND body_size > 0").await;
+    let rows = sqlite_count(
+        &db,
+        "SELECT count(*) FROM rejected_deliveries WHERE reason = 'signature_mismatch' AND body_size > 0",
+    )
+    .await;
     assert_eq!(rows, 1);
 }
 
@@ -166,7 +170,15 @@ async fn fifty_identical_concurrent_deliveries_make_one_event_with_fifty_deliver
         let url = app.url("/callbacks/easemob");
         let body = body.clone();
         tasks.push(tokio::spawn(async move {
-            client.post(url).header("content-type", "application/json").body(body).send().await.unwrap().status().as_u16()
+            client
+                .post(url)
+                .header("content-type", "application/json")
+                .body(body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
         }));
     }
     for t in tasks {
@@ -220,7 +232,13 @@ async fn listing_pages_with_a_cursor_in_sequence_order() {
     assert_eq!(p1["items"].as_array().unwrap().len(), 3);
     let cursor = p1["next_cursor"].as_str().unwrap().to_string();
     let (_, p2) = app.get_json(&format!("/v1/callbacks?limit=3&cursor={cursor}")).await;
-    let seqs: Vec<i64> = p1["items"].as_array().unwrap().iter().chain(p2["items"].as_array().unwrap()).map(|i| i["seq"].as_i64().unwrap()).collect();
+    let seqs: Vec<i64> = p1["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(p2["items"].as_array().unwrap())
+        .map(|i| i["seq"].as_i64().unwrap())
+        .collect();
     assert_eq!(seqs.len(), 5);
     assert!(seqs.windows(2).all(|w| w[0] < w[1]));
     assert!(p2["next_cursor"].is_null());

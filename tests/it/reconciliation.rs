@@ -10,7 +10,7 @@ use crate::helpers::*;
 async fn all_report_items(app: &TestApp, query: &str) -> (Value, Vec<Value>) {
     let mut items = Vec::new();
     let mut cursor: Option<String> = None;
-    let mut summary = Value::Null;
+    let mut summary;
     loop {
         let q = match &cursor {
             Some(c) => format!("/v1/reconciliation?limit=50&{query}&cursor={c}"),
@@ -34,20 +34,26 @@ async fn reconciliation_counts_equal_the_sandbox_ground_truth_under_faults() {
     // while handling the add), so a call with no delivered callback is `missing` at once and the
     // test needs no waiting.
     let app = TestApp::spawn(&[
-        "--sandbox-drop-rate", "0.3",
-        "--sandbox-duplicate-rate", "0.3",
-        "--sandbox-delay-ms", "40",
-        "--sandbox-callbacks-per-add", "2",
-        "--sandbox-seed", "20261125",
-        "--match-window", "0s",
+        "--sandbox-drop-rate",
+        "0.3",
+        "--sandbox-duplicate-rate",
+        "0.3",
+        "--sandbox-delay-ms",
+        "40",
+        "--sandbox-callbacks-per-add",
+        "2",
+        "--sandbox-seed",
+        "20261125",
+        "--match-window",
+        "0s",
     ])
     .await;
     let names: Vec<String> = (0..300).map(|i| format!("u_{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     app.register(&refs).await;
     let mut pairs: Vec<Value> = (0..150).map(|i| json!({"owner": names[2 * i], "friend": names[2 * i + 1]})).collect();
-    for i in 0..10 {
-        pairs.push(json!({"owner": names[i], "friend": format!("ghost_{i}")})); // rejected: unknown user
+    for (i, name) in names.iter().take(10).enumerate() {
+        pairs.push(json!({"owner": name, "friend": format!("ghost_{i}")})); // rejected: unknown user
     }
     let (status, batch) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
     assert_eq!(status, 200);
@@ -60,7 +66,11 @@ async fn reconciliation_counts_equal_the_sandbox_ground_truth_under_faults() {
     let mut delivered_records = 0;
     for cb in &truth {
         assert_ne!(cb.fate, "pending");
-        let key = if cb.from_user < cb.to_user { (cb.from_user.clone(), cb.to_user.clone()) } else { (cb.to_user.clone(), cb.from_user.clone()) };
+        let key = if cb.from_user < cb.to_user {
+            (cb.from_user.clone(), cb.to_user.clone())
+        } else {
+            (cb.to_user.clone(), cb.from_user.clone())
+        };
         let e = delivered_by_pair.entry(key).or_default();
         if cb.fate == "delivered" {
             *e += 1;
@@ -87,7 +97,10 @@ async fn reconciliation_counts_equal_the_sandbox_ground_truth_under_faults() {
             expect_status.insert(id, "not_expected");
         }
     }
-    assert!(expect_missing > 0 && expect_matched > 0, "the seed must exercise both (matched {expect_matched}, missing {expect_missing})");
+    assert!(
+        expect_missing > 0 && expect_matched > 0,
+        "the seed must exercise both (matched {expect_matched}, missing {expect_missing})"
+    );
 
     let (summary, items) = all_report_items(&app, "").await;
     assert_eq!(summary["matched"], expect_matched, "{summary}");
@@ -102,10 +115,8 @@ async fn reconciliation_counts_equal_the_sandbox_ground_truth_under_faults() {
     }
     // Every delivered callback is accounted for exactly once, as a primary match or an extra
     // (duplicates are deduplicated on the way in, so count distinct events).
-    let attached: usize = items
-        .iter()
-        .map(|i| usize::from(!i["matched"].is_null()) + i["extras"].as_array().map_or(0, Vec::len))
-        .sum();
+    let attached: usize =
+        items.iter().map(|i| usize::from(!i["matched"].is_null()) + i["extras"].as_array().map_or(0, Vec::len)).sum();
     let (_, stored) = app.get_json("/v1/callbacks?limit=1000").await;
     let stored_events = stored["items"].as_array().unwrap().len();
     assert_eq!(attached, stored_events);

@@ -13,9 +13,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::post;
 use friendhook::clock::ManualClock;
-use friendhook::sandbox::{
-    self, CallbackRecord, InjectedFault, SandboxConfig, SandboxHandle, SandboxStats,
-};
+use friendhook::sandbox::{self, CallbackRecord, InjectedFault, SandboxConfig, SandboxHandle, SandboxStats};
 use friendhook::secret::Secret;
 use md5::{Digest, Md5};
 use serde_json::{Value, json};
@@ -32,18 +30,10 @@ struct Sandbox {
 }
 
 async fn spawn_sandbox(config: SandboxConfig) -> Sandbox {
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the sandbox");
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the sandbox");
     let clock = ManualClock::new(START_MS);
-    let handle = sandbox::spawn(listener, config, clock.clone())
-        .await
-        .expect("start the sandbox");
-    Sandbox {
-        handle,
-        clock,
-        http: reqwest::Client::new(),
-    }
+    let handle = sandbox::spawn(listener, config, clock.clone()).await.expect("start the sandbox");
+    Sandbox { handle, clock, http: reqwest::Client::new() }
 }
 
 /// A sandbox whose callbacks go to `receiver`, signed with [`CALLBACK_SECRET`].
@@ -70,15 +60,7 @@ impl Sandbox {
     }
 
     async fn request_token(&self, body: Value) -> (u16, Value) {
-        read(
-            self.http
-                .post(self.api("/token"))
-                .json(&body)
-                .send()
-                .await
-                .expect("token request"),
-        )
-        .await
+        read(self.http.post(self.api("/token")).json(&body).send().await.expect("token request")).await
     }
 
     async fn token(&self) -> String {
@@ -90,19 +72,10 @@ impl Sandbox {
             }))
             .await;
         assert_eq!(status, 200, "{body}");
-        body["access_token"]
-            .as_str()
-            .expect("access_token")
-            .to_owned()
+        body["access_token"].as_str().expect("access_token").to_owned()
     }
 
-    async fn call(
-        &self,
-        method: reqwest::Method,
-        path: &str,
-        token: &str,
-        body: Option<Value>,
-    ) -> (u16, Value) {
+    async fn call(&self, method: reqwest::Method, path: &str, token: &str, body: Option<Value>) -> (u16, Value) {
         let mut request = self.http.request(method, self.api(path)).bearer_auth(token);
         if let Some(body) = body {
             request = request.json(&body);
@@ -111,62 +84,31 @@ impl Sandbox {
     }
 
     async fn register(&self, token: &str, usernames: &[&str]) -> Value {
-        let users: Vec<Value> = usernames
-            .iter()
-            .map(|name| json!({"username": name, "password": "pw"}))
-            .collect();
-        let (status, body) = self
-            .call(
-                reqwest::Method::POST,
-                "/users",
-                token,
-                Some(Value::Array(users)),
-            )
-            .await;
+        let users: Vec<Value> = usernames.iter().map(|name| json!({"username": name, "password": "pw"})).collect();
+        let (status, body) = self.call(reqwest::Method::POST, "/users", token, Some(Value::Array(users))).await;
         assert_eq!(status, 200, "{body}");
         body
     }
 
     async fn add_friend(&self, token: &str, owner: &str, friend: &str) -> (u16, Value) {
-        self.call(
-            reqwest::Method::POST,
-            &format!("/users/{owner}/contacts/users/{friend}"),
-            token,
-            None,
-        )
-        .await
+        self.call(reqwest::Method::POST, &format!("/users/{owner}/contacts/users/{friend}"), token, None).await
     }
 
     async fn remove_friend(&self, token: &str, owner: &str, friend: &str) -> (u16, Value) {
-        self.call(
-            reqwest::Method::DELETE,
-            &format!("/users/{owner}/contacts/users/{friend}"),
-            token,
-            None,
-        )
-        .await
+        self.call(reqwest::Method::DELETE, &format!("/users/{owner}/contacts/users/{friend}"), token, None).await
     }
 
     async fn friends_of(&self, token: &str, owner: &str) -> Vec<String> {
-        let (status, body) = self
-            .call(
-                reqwest::Method::GET,
-                &format!("/users/{owner}/contacts/users"),
-                token,
-                None,
-            )
-            .await;
+        let (status, body) =
+            self.call(reqwest::Method::GET, &format!("/users/{owner}/contacts/users"), token, None).await;
         assert_eq!(status, 200, "{body}");
         serde_json::from_value(body["data"].clone()).expect("data is a list of usernames")
     }
 
     async fn settle(&self) {
-        tokio::time::timeout(
-            Duration::from_secs(30),
-            self.handle.wait_callbacks_settled(),
-        )
-        .await
-        .expect("callbacks settle in time");
+        tokio::time::timeout(Duration::from_secs(30), self.handle.wait_callbacks_settled())
+            .await
+            .expect("callbacks settle in time");
     }
 }
 
@@ -181,21 +123,14 @@ async fn spawn_receiver(answer: StatusCode) -> Receiver {
     let app = axum::Router::new()
         .route(
             "/callback",
-            post(
-                move |State(bodies): State<Arc<Mutex<Vec<Bytes>>>>, body: Bytes| async move {
-                    bodies.lock().expect("receiver lock").push(body);
-                    answer
-                },
-            ),
+            post(move |State(bodies): State<Arc<Mutex<Vec<Bytes>>>>, body: Bytes| async move {
+                bodies.lock().expect("receiver lock").push(body);
+                answer
+            }),
         )
         .with_state(Arc::clone(&bodies));
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind the receiver");
-    let url = format!(
-        "http://{}/callback",
-        listener.local_addr().expect("receiver address")
-    );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
+    let url = format!("http://{}/callback", listener.local_addr().expect("receiver address"));
     tokio::spawn(async move { axum::serve(listener, app).await });
     Receiver { url, bodies }
 }
@@ -206,10 +141,7 @@ impl Receiver {
     }
 
     fn bodies(&self) -> Vec<Value> {
-        self.raw()
-            .iter()
-            .map(|b| serde_json::from_slice(b).expect("callback body is JSON"))
-            .collect()
+        self.raw().iter().map(|b| serde_json::from_slice(b).expect("callback body is JSON")).collect()
     }
 }
 
@@ -218,34 +150,14 @@ fn md5_hex(text: &str) -> String {
 }
 
 fn keys(value: &Value) -> BTreeSet<&str> {
-    value
-        .as_object()
-        .expect("an object")
-        .keys()
-        .map(String::as_str)
-        .collect()
+    value.as_object().expect("an object").keys().map(String::as_str).collect()
 }
 
-fn assert_easemob_error(
-    status: u16,
-    body: &Value,
-    expected_status: u16,
-    error: &str,
-    description: &str,
-) {
+fn assert_easemob_error(status: u16, body: &Value, expected_status: u16, error: &str, description: &str) {
     assert_eq!(status, expected_status, "{body}");
     assert_eq!(body["error"], error, "{body}");
     assert_eq!(body["error_description"], description, "{body}");
-    assert_eq!(
-        keys(body),
-        BTreeSet::from([
-            "error",
-            "exception",
-            "timestamp",
-            "duration",
-            "error_description"
-        ])
-    );
+    assert_eq!(keys(body), BTreeSet::from(["error", "exception", "timestamp", "duration", "error_description"]));
 }
 
 fn fates(records: &[CallbackRecord]) -> Vec<&str> {
@@ -279,40 +191,24 @@ async fn the_right_credentials_get_a_token_with_its_lifetime() {
 async fn a_wrong_client_secret_or_id_is_an_invalid_grant() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let (status, body) = sandbox
-        .request_token(json!({"grant_type": "client_credentials", "client_id": "sandbox-client-id", "client_secret": "nope"}))
+        .request_token(
+            json!({"grant_type": "client_credentials", "client_id": "sandbox-client-id", "client_secret": "nope"}),
+        )
         .await;
-    assert_easemob_error(
-        status,
-        &body,
-        400,
-        "invalid_grant",
-        "client_secret does not match",
-    );
+    assert_easemob_error(status, &body, 400, "invalid_grant", "client_secret does not match");
     let (status, body) = sandbox
-        .request_token(json!({"grant_type": "client_credentials", "client_id": "nope", "client_secret": "sandbox-client-secret"}))
+        .request_token(
+            json!({"grant_type": "client_credentials", "client_id": "nope", "client_secret": "sandbox-client-secret"}),
+        )
         .await;
-    assert_easemob_error(
-        status,
-        &body,
-        400,
-        "invalid_grant",
-        "client_id does not match",
-    );
+    assert_easemob_error(status, &body, 400, "invalid_grant", "client_id does not match");
 }
 
 #[tokio::test]
 async fn a_token_request_without_client_id_or_json_is_refused() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
-    let (status, body) = sandbox
-        .request_token(json!({"grant_type": "client_credentials", "client_secret": "x"}))
-        .await;
-    assert_easemob_error(
-        status,
-        &body,
-        400,
-        "illegal_argument",
-        "client_id must be provided.",
-    );
+    let (status, body) = sandbox.request_token(json!({"grant_type": "client_credentials", "client_secret": "x"})).await;
+    assert_easemob_error(status, &body, 400, "illegal_argument", "client_id must be provided.");
 
     let not_json = sandbox
         .http
@@ -338,27 +234,14 @@ async fn a_token_request_without_a_json_content_type_is_unsupported() {
         .await
         .expect("token request");
     let (status, body) = read(form).await;
-    assert_easemob_error(
-        status,
-        &body,
-        415,
-        "web_application",
-        "Unsupported Media Type",
-    );
+    assert_easemob_error(status, &body, 415, "web_application", "Unsupported Media Type");
 }
 
 #[tokio::test]
 async fn an_invalid_config_is_refused_at_start() {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    let config = SandboxConfig {
-        drop_rate: 2.0,
-        ..SandboxConfig::default()
-    };
-    assert!(
-        sandbox::spawn(listener, config, ManualClock::new(0))
-            .await
-            .is_err()
-    );
+    let config = SandboxConfig { drop_rate: 2.0, ..SandboxConfig::default() };
+    assert!(sandbox::spawn(listener, config, ManualClock::new(0)).await.is_err());
 }
 
 #[tokio::test]
@@ -366,16 +249,7 @@ async fn a_token_request_for_an_unknown_app_is_not_found() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let url = format!("{}/demo-org/other-app/token", sandbox.handle.base_url());
     let body = json!({"grant_type": "client_credentials", "client_id": "sandbox-client-id", "client_secret": "sandbox-client-secret"});
-    let (status, body) = read(
-        sandbox
-            .http
-            .post(url)
-            .json(&body)
-            .send()
-            .await
-            .expect("token request"),
-    )
-    .await;
+    let (status, body) = read(sandbox.http.post(url).json(&body).send().await.expect("token request")).await;
     assert_easemob_error(
         status,
         &body,
@@ -387,67 +261,30 @@ async fn a_token_request_for_an_unknown_app_is_not_found() {
 
 #[tokio::test]
 async fn a_token_stops_working_once_its_ttl_has_passed() {
-    let sandbox = spawn_sandbox(SandboxConfig {
-        token_ttl_secs: 60,
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sandbox = spawn_sandbox(SandboxConfig { token_ttl_secs: 60, ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice"]).await;
 
     sandbox.clock.advance_ms(59_999);
-    let (status, _) = sandbox
-        .call(reqwest::Method::GET, "/users/alice", &token, None)
-        .await;
+    let (status, _) = sandbox.call(reqwest::Method::GET, "/users/alice", &token, None).await;
     assert_eq!(status, 200);
 
     sandbox.clock.advance_ms(1);
-    let (status, body) = sandbox
-        .call(reqwest::Method::GET, "/users/alice", &token, None)
-        .await;
-    assert_easemob_error(
-        status,
-        &body,
-        401,
-        "unauthorized",
-        "Unable to authenticate due to expired access token",
-    );
+    let (status, body) = sandbox.call(reqwest::Method::GET, "/users/alice", &token, None).await;
+    assert_easemob_error(status, &body, 401, "unauthorized", "Unable to authenticate due to expired access token");
 }
 
 #[tokio::test]
 async fn missing_unknown_and_corrupt_tokens_are_refused() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
-    let no_token = sandbox
-        .http
-        .get(sandbox.api("/users/alice"))
-        .send()
-        .await
-        .expect("request");
+    let no_token = sandbox.http.get(sandbox.api("/users/alice")).send().await.expect("request");
     let (status, body) = read(no_token).await;
-    assert_easemob_error(
-        status,
-        &body,
-        401,
-        "unauthorized",
-        "Unable to authenticate due to expired access token",
-    );
+    assert_easemob_error(status, &body, 401, "unauthorized", "Unable to authenticate due to expired access token");
 
-    let (status, body) = sandbox
-        .call(
-            reqwest::Method::GET,
-            "/users/alice",
-            "YWMtneverissued",
-            None,
-        )
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (401, Some("unauthorized"))
-    );
+    let (status, body) = sandbox.call(reqwest::Method::GET, "/users/alice", "YWMtneverissued", None).await;
+    assert_eq!((status, body["error"].as_str()), (401, Some("unauthorized")));
 
-    let (status, body) = sandbox
-        .call(reqwest::Method::GET, "/users/alice", "garbage!", None)
-        .await;
+    let (status, body) = sandbox.call(reqwest::Method::GET, "/users/alice", "garbage!", None).await;
     assert_easemob_error(
         status,
         &body,
@@ -464,18 +301,13 @@ async fn registering_one_user_returns_its_lower_cased_entity() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let token = sandbox.token().await;
     let user = json!({"username": "Alice", "password": "pw", "nickname": "Ally"});
-    let (status, body) = sandbox
-        .call(reqwest::Method::POST, "/users", &token, Some(user))
-        .await;
+    let (status, body) = sandbox.call(reqwest::Method::POST, "/users", &token, Some(user)).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["action"], "post");
     assert_eq!(body["path"], "/users");
     assert_eq!(body["organization"], "demo-org");
     assert_eq!(body["applicationName"], "demo-app");
-    assert!(
-        body.get("data").is_none(),
-        "a single registration has no data"
-    );
+    assert!(body.get("data").is_none(), "a single registration has no data");
     let entity = &body["entities"][0];
     assert_eq!(entity["username"], "alice");
     assert_eq!(entity["type"], "user");
@@ -484,13 +316,8 @@ async fn registering_one_user_returns_its_lower_cased_entity() {
     assert_eq!(entity["created"], START_MS);
     assert_eq!(entity["modified"], START_MS);
 
-    let (status, body) = sandbox
-        .call(reqwest::Method::GET, "/users/ALICE", &token, None)
-        .await;
-    assert_eq!(
-        (status, body["entities"][0]["username"].as_str()),
-        (200, Some("alice"))
-    );
+    let (status, body) = sandbox.call(reqwest::Method::GET, "/users/ALICE", &token, None).await;
+    assert_eq!((status, body["entities"][0]["username"].as_str()), (200, Some("alice")));
 }
 
 #[tokio::test]
@@ -499,23 +326,10 @@ async fn registering_an_existing_user_alone_is_a_duplicate_error() {
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice"]).await;
     let (status, body) = sandbox
-        .call(
-            reqwest::Method::POST,
-            "/users",
-            &token,
-            Some(json!({"username": "ALICE", "password": "pw"})),
-        )
+        .call(reqwest::Method::POST, "/users", &token, Some(json!({"username": "ALICE", "password": "pw"})))
         .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("duplicate_unique_property_exists")),
-        "{body}"
-    );
-    assert!(
-        body["error_description"]
-            .as_str()
-            .is_some_and(|d| d.contains("value of alice exists"))
-    );
+    assert_eq!((status, body["error"].as_str()), (400, Some("duplicate_unique_property_exists")), "{body}");
+    assert!(body["error_description"].as_str().is_some_and(|d| d.contains("value of alice exists")));
 }
 
 #[tokio::test]
@@ -523,15 +337,9 @@ async fn registering_an_array_reports_taken_names_per_user() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice"]).await;
-    let body = sandbox
-        .register(&token, &["bob", "Alice", "carol", "bob"])
-        .await;
-    let created: Vec<&str> = body["entities"]
-        .as_array()
-        .expect("entities")
-        .iter()
-        .filter_map(|e| e["username"].as_str())
-        .collect();
+    let body = sandbox.register(&token, &["bob", "Alice", "carol", "bob"]).await;
+    let created: Vec<&str> =
+        body["entities"].as_array().expect("entities").iter().filter_map(|e| e["username"].as_str()).collect();
     assert_eq!(created, ["bob", "carol"]);
     assert_eq!(
         body["data"],
@@ -547,55 +355,17 @@ async fn illegal_usernames_missing_passwords_and_big_batches_are_refused() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let token = sandbox.token().await;
     let (status, body) = sandbox
-        .call(
-            reqwest::Method::POST,
-            "/users",
-            &token,
-            Some(json!({"username": "no spaces", "password": "pw"})),
-        )
+        .call(reqwest::Method::POST, "/users", &token, Some(json!({"username": "no spaces", "password": "pw"})))
         .await;
-    assert_easemob_error(
-        status,
-        &body,
-        400,
-        "illegal_argument",
-        "username no spaces is not legal",
-    );
+    assert_easemob_error(status, &body, 400, "illegal_argument", "username no spaces is not legal");
 
-    let (status, body) = sandbox
-        .call(
-            reqwest::Method::POST,
-            "/users",
-            &token,
-            Some(json!({"username": "dave"})),
-        )
-        .await;
-    assert_easemob_error(
-        status,
-        &body,
-        400,
-        "illegal_argument",
-        "password or pin must provided",
-    );
+    let (status, body) = sandbox.call(reqwest::Method::POST, "/users", &token, Some(json!({"username": "dave"}))).await;
+    assert_easemob_error(status, &body, 400, "illegal_argument", "password or pin must provided");
 
-    let many: Vec<Value> = (0..61)
-        .map(|i| json!({"username": format!("u{i}"), "password": "pw"}))
-        .collect();
-    let (status, body) = sandbox
-        .call(
-            reqwest::Method::POST,
-            "/users",
-            &token,
-            Some(Value::Array(many)),
-        )
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("illegal_argument"))
-    );
-    let (status, _) = sandbox
-        .call(reqwest::Method::GET, "/users/u0", &token, None)
-        .await;
+    let many: Vec<Value> = (0..61).map(|i| json!({"username": format!("u{i}"), "password": "pw"})).collect();
+    let (status, body) = sandbox.call(reqwest::Method::POST, "/users", &token, Some(Value::Array(many))).await;
+    assert_eq!((status, body["error"].as_str()), (400, Some("illegal_argument")));
+    let (status, _) = sandbox.call(reqwest::Method::GET, "/users/u0", &token, None).await;
     assert_eq!(status, 404, "a refused batch creates nobody");
 }
 
@@ -606,45 +376,19 @@ async fn a_user_can_be_fetched_and_deleted() {
     sandbox.register(&token, &["alice", "bob"]).await;
     sandbox.add_friend(&token, "alice", "bob").await;
 
-    let (status, body) = sandbox
-        .call(reqwest::Method::GET, "/users/alice", &token, None)
-        .await;
+    let (status, body) = sandbox.call(reqwest::Method::GET, "/users/alice", &token, None).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        (body["action"].as_str(), body["count"].as_u64()),
-        (Some("get"), Some(1))
-    );
+    assert_eq!((body["action"].as_str(), body["count"].as_u64()), (Some("get"), Some(1)));
 
-    let (status, body) = sandbox
-        .call(reqwest::Method::DELETE, "/users/alice", &token, None)
-        .await;
+    let (status, body) = sandbox.call(reqwest::Method::DELETE, "/users/alice", &token, None).await;
     assert_eq!(status, 200);
-    assert_eq!(
-        (
-            body["action"].as_str(),
-            body["entities"][0]["username"].as_str()
-        ),
-        (Some("delete"), Some("alice"))
-    );
+    assert_eq!((body["action"].as_str(), body["entities"][0]["username"].as_str()), (Some("delete"), Some("alice")));
 
-    let (status, body) = sandbox
-        .call(reqwest::Method::GET, "/users/alice", &token, None)
-        .await;
-    assert_easemob_error(
-        status,
-        &body,
-        404,
-        "service_resource_not_found",
-        "Service resource not found",
-    );
-    let (status, _) = sandbox
-        .call(reqwest::Method::DELETE, "/users/alice", &token, None)
-        .await;
+    let (status, body) = sandbox.call(reqwest::Method::GET, "/users/alice", &token, None).await;
+    assert_easemob_error(status, &body, 404, "service_resource_not_found", "Service resource not found");
+    let (status, _) = sandbox.call(reqwest::Method::DELETE, "/users/alice", &token, None).await;
     assert_eq!(status, 404);
-    assert!(
-        sandbox.friends_of(&token, "bob").await.is_empty(),
-        "a deleted user leaves every friend list"
-    );
+    assert!(sandbox.friends_of(&token, "bob").await.is_empty(), "a deleted user leaves every friend list");
 }
 
 // ---------------------------------------------------------------- contacts
@@ -654,14 +398,9 @@ async fn adding_a_friend_answers_the_documented_body_field_for_field() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let token = sandbox.token().await;
     let registered = sandbox.register(&token, &["user1"]).await;
-    let owner_uuid = registered["entities"][0]["uuid"]
-        .as_str()
-        .expect("uuid")
-        .to_owned();
+    let owner_uuid = registered["entities"][0]["uuid"].as_str().expect("uuid").to_owned();
     let friend = json!({"username": "user2", "password": "pw", "nickname": "testuser"});
-    let (_, registered) = sandbox
-        .call(reqwest::Method::POST, "/users", &token, Some(friend))
-        .await;
+    let (_, registered) = sandbox.call(reqwest::Method::POST, "/users", &token, Some(friend)).await;
     let friend_entity = registered["entities"][0].clone();
 
     sandbox.clock.advance_ms(5);
@@ -685,22 +424,11 @@ async fn adding_a_friend_answers_the_documented_body_field_for_field() {
     assert_eq!(body["action"], "post");
     assert_eq!(body["application"], registered["application"]);
     assert_eq!(body["path"], format!("/users/{owner_uuid}/contacts"));
-    assert_eq!(
-        body["uri"],
-        sandbox.api(&format!("/users/{owner_uuid}/contacts"))
-    );
+    assert_eq!(body["uri"], sandbox.api(&format!("/users/{owner_uuid}/contacts")));
     assert_eq!(body["entities"], json!([friend_entity]));
     assert_eq!(
         keys(&body["entities"][0]),
-        BTreeSet::from([
-            "uuid",
-            "type",
-            "created",
-            "modified",
-            "username",
-            "activated",
-            "nickname"
-        ])
+        BTreeSet::from(["uuid", "type", "created", "modified", "username", "activated", "nickname"])
     );
     assert_eq!(body["timestamp"], START_MS + 5);
     assert_eq!(body["duration"], 0);
@@ -719,30 +447,9 @@ async fn friendship_is_two_way_and_listed() {
 
     assert_eq!(sandbox.friends_of(&token, "alice").await, ["bob", "carol"]);
     assert_eq!(sandbox.friends_of(&token, "bob").await, ["alice"]);
-    let (_, body) = sandbox
-        .call(
-            reqwest::Method::GET,
-            "/users/alice/contacts/users",
-            &token,
-            None,
-        )
-        .await;
-    assert_eq!(
-        keys(&body),
-        BTreeSet::from([
-            "action",
-            "uri",
-            "entities",
-            "data",
-            "timestamp",
-            "duration",
-            "count"
-        ])
-    );
-    assert_eq!(
-        (body["action"].as_str(), body["count"].as_u64()),
-        (Some("get"), Some(2))
-    );
+    let (_, body) = sandbox.call(reqwest::Method::GET, "/users/alice/contacts/users", &token, None).await;
+    assert_eq!(keys(&body), BTreeSet::from(["action", "uri", "entities", "data", "timestamp", "duration", "count"]));
+    assert_eq!((body["action"].as_str(), body["count"].as_u64()), (Some("get"), Some(2)));
     assert_eq!(body["uri"], sandbox.api("/users/alice/contacts/users"));
     assert_eq!(body["entities"], json!([]));
 }
@@ -765,40 +472,19 @@ async fn removing_a_friend_removes_both_directions() {
 
 #[tokio::test]
 async fn adding_past_the_friend_limit_is_forbidden_but_re_adding_is_not() {
-    let sandbox = spawn_sandbox(SandboxConfig {
-        friend_limit: 2,
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sandbox = spawn_sandbox(SandboxConfig { friend_limit: 2, ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
-    sandbox
-        .register(&token, &["alice", "bob", "carol", "dave"])
-        .await;
+    sandbox.register(&token, &["alice", "bob", "carol", "dave"]).await;
     sandbox.add_friend(&token, "alice", "bob").await;
     sandbox.add_friend(&token, "alice", "carol").await;
 
     let (status, body) = sandbox.add_friend(&token, "alice", "dave").await;
-    assert_easemob_error(
-        status,
-        &body,
-        403,
-        "exceed_limit",
-        "user contact number exceed limit",
-    );
+    assert_easemob_error(status, &body, 403, "exceed_limit", "user contact number exceed limit");
     let (status, body) = sandbox.add_friend(&token, "dave", "alice").await;
-    assert_easemob_error(
-        status,
-        &body,
-        403,
-        "exceed_limit",
-        "user contact number exceed limit",
-    );
+    assert_easemob_error(status, &body, 403, "exceed_limit", "user contact number exceed limit");
 
     let (status, _) = sandbox.add_friend(&token, "alice", "bob").await;
-    assert_eq!(
-        status, 200,
-        "re-adding an existing friend at the limit is fine"
-    );
+    assert_eq!(status, 200, "re-adding an existing friend at the limit is fine");
     assert_eq!(sandbox.friends_of(&token, "alice").await, ["bob", "carol"]);
 }
 
@@ -811,22 +497,9 @@ async fn friends_of_unknown_users_are_not_found() {
         sandbox.add_friend(&token, "alice", "ghost").await,
         sandbox.add_friend(&token, "ghost", "alice").await,
         sandbox.remove_friend(&token, "alice", "ghost").await,
-        sandbox
-            .call(
-                reqwest::Method::GET,
-                "/users/ghost/contacts/users",
-                &token,
-                None,
-            )
-            .await,
+        sandbox.call(reqwest::Method::GET, "/users/ghost/contacts/users", &token, None).await,
     ] {
-        assert_easemob_error(
-            status,
-            &body,
-            404,
-            "service_resource_not_found",
-            "Service resource not found",
-        );
+        assert_easemob_error(status, &body, 404, "service_resource_not_found", "Service resource not found");
     }
 }
 
@@ -834,52 +507,30 @@ async fn friends_of_unknown_users_are_not_found() {
 
 #[tokio::test]
 async fn requests_past_the_rate_limit_get_429_reach_limit() {
-    let sandbox = spawn_sandbox(SandboxConfig {
-        rate_limit: 1,
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sandbox = spawn_sandbox(SandboxConfig { rate_limit: 1, ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
     let calls = (0..50).map(|_| sandbox.call(reqwest::Method::GET, "/users/nobody", &token, None));
     let answers = futures_util::future::join_all(calls).await;
 
-    let limited: Vec<&(u16, Value)> = answers
-        .iter()
-        .filter(|(status, _)| *status == 429)
-        .collect();
+    let limited: Vec<&(u16, Value)> = answers.iter().filter(|(status, _)| *status == 429).collect();
     assert!(!limited.is_empty());
     for (status, body) in &limited {
-        assert_easemob_error(
-            *status,
-            body,
-            429,
-            "reach_limit",
-            "This request has reached api limit",
-        );
+        assert_easemob_error(*status, body, 429, "reach_limit", "This request has reached api limit");
     }
     // The clock is frozen, so all 50 fall in one window and exactly one gets through.
-    assert_eq!(
-        answers.iter().filter(|(status, _)| *status == 404).count(),
-        1
-    );
+    assert_eq!(answers.iter().filter(|(status, _)| *status == 404).count(), 1);
     let stats = sandbox.handle.stats();
     assert!(stats.rate_limited >= 1);
     assert_eq!(stats.rate_limited, 49);
 
     sandbox.clock.advance_ms(1_000);
-    let (status, _) = sandbox
-        .call(reqwest::Method::GET, "/users/nobody", &token, None)
-        .await;
+    let (status, _) = sandbox.call(reqwest::Method::GET, "/users/nobody", &token, None).await;
     assert_eq!(status, 404, "the next second has a fresh budget");
 }
 
 #[tokio::test]
 async fn token_requests_are_not_rate_limited() {
-    let sandbox = spawn_sandbox(SandboxConfig {
-        rate_limit: 1,
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sandbox = spawn_sandbox(SandboxConfig { rate_limit: 1, ..SandboxConfig::default() }).await;
     for _ in 0..5 {
         sandbox.token().await;
     }
@@ -891,20 +542,10 @@ async fn an_injected_401_hits_once_then_requests_succeed() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice", "bob"]).await;
-    sandbox.handle.inject_faults(InjectedFault {
-        status: 401,
-        count: 1,
-        path_contains: Some("/contacts/".into()),
-    });
+    sandbox.handle.inject_faults(InjectedFault { status: 401, count: 1, path_contains: Some("/contacts/".into()) });
 
     let (status, body) = sandbox.add_friend(&token, "alice", "bob").await;
-    assert_easemob_error(
-        status,
-        &body,
-        401,
-        "unauthorized",
-        "Unable to authenticate due to expired access token",
-    );
+    assert_easemob_error(status, &body, 401, "unauthorized", "Unable to authenticate due to expired access token");
     let (status, _) = sandbox.add_friend(&token, "alice", "bob").await;
     assert_eq!(status, 200);
 }
@@ -924,26 +565,12 @@ async fn faults_posted_over_http_answer_the_next_matching_requests() {
     assert_eq!(response.status(), 200);
 
     for _ in 0..2 {
-        let (status, body) = sandbox
-            .call(reqwest::Method::GET, "/users/nobody", &token, None)
-            .await;
-        assert_easemob_error(
-            status,
-            &body,
-            429,
-            "reach_limit",
-            "This request has reached api limit",
-        );
+        let (status, body) = sandbox.call(reqwest::Method::GET, "/users/nobody", &token, None).await;
+        assert_easemob_error(status, &body, 429, "reach_limit", "This request has reached api limit");
     }
-    let (status, _) = sandbox
-        .call(reqwest::Method::GET, "/users/nobody", &token, None)
-        .await;
+    let (status, _) = sandbox.call(reqwest::Method::GET, "/users/nobody", &token, None).await;
     assert_eq!(status, 404);
-    assert_eq!(
-        sandbox.handle.stats().rate_limited,
-        0,
-        "injected 429s are not the limiter's"
-    );
+    assert_eq!(sandbox.handle.stats().rate_limited, 0, "injected 429s are not the limiter's");
 
     let (status, body) = read(
         sandbox
@@ -955,26 +582,16 @@ async fn faults_posted_over_http_answer_the_next_matching_requests() {
             .expect("fault request"),
     )
     .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (400, Some("illegal_argument"))
-    );
+    assert_eq!((status, body["error"].as_str()), (400, Some("illegal_argument")));
 }
 
 #[tokio::test]
 async fn injected_5xx_faults_can_aim_at_the_token_endpoint() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
-    sandbox.handle.inject_faults(InjectedFault {
-        status: 503,
-        count: 1,
-        path_contains: Some("/token".into()),
-    });
+    sandbox.handle.inject_faults(InjectedFault { status: 503, count: 1, path_contains: Some("/token".into()) });
     let body = json!({"grant_type": "client_credentials", "client_id": "sandbox-client-id", "client_secret": "sandbox-client-secret"});
     let (status, answer) = sandbox.request_token(body).await;
-    assert_eq!(
-        (status, answer["error"].as_str()),
-        (503, Some("service_unavailable"))
-    );
+    assert_eq!((status, answer["error"].as_str()), (503, Some("service_unavailable")));
     sandbox.token().await;
 }
 
@@ -995,14 +612,8 @@ async fn control_endpoints_need_no_token_and_match_the_handle() {
         .await
         .expect("stats JSON");
     let direct = sandbox.handle.stats();
-    assert_eq!(
-        (stats.requests, stats.tokens_issued),
-        (direct.requests, direct.tokens_issued)
-    );
-    assert_eq!(
-        stats.requests, 2,
-        "the token request and the registration; control requests are not counted"
-    );
+    assert_eq!((stats.requests, stats.tokens_issued), (direct.requests, direct.tokens_issued));
+    assert_eq!(stats.requests, 2, "the token request and the registration; control requests are not counted");
 
     let records: Vec<CallbackRecord> = sandbox
         .http
@@ -1020,20 +631,10 @@ async fn control_endpoints_need_no_token_and_match_the_handle() {
 async fn unknown_routes_and_methods_get_easemob_errors() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let token = sandbox.token().await;
-    let (status, body) = sandbox
-        .call(reqwest::Method::GET, "/chatgroups", &token, None)
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (404, Some("web_application"))
-    );
-    let (status, body) = sandbox
-        .call(reqwest::Method::PUT, "/users", &token, None)
-        .await;
-    assert_eq!(
-        (status, body["error"].as_str()),
-        (405, Some("web_application"))
-    );
+    let (status, body) = sandbox.call(reqwest::Method::GET, "/chatgroups", &token, None).await;
+    assert_eq!((status, body["error"].as_str()), (404, Some("web_application")));
+    let (status, body) = sandbox.call(reqwest::Method::PUT, "/users", &token, None).await;
+    assert_eq!((status, body["error"].as_str()), (405, Some("web_application")));
 }
 
 // ---------------------------------------------------------------- callbacks
@@ -1068,10 +669,7 @@ async fn callbacks_arrive_signed_with_the_documented_fields() {
         ])
     );
     let msg_id = body["msg_id"].as_str().expect("msg_id is a string");
-    assert!(
-        msg_id.len() >= 18 && msg_id.bytes().all(|b| b.is_ascii_digit()),
-        "{msg_id}"
-    );
+    assert!(msg_id.len() >= 18 && msg_id.bytes().all(|b| b.is_ascii_digit()), "{msg_id}");
     let call_id = format!("demo-org#demo-app_{msg_id}");
     assert_eq!(body["callId"], call_id);
     assert_eq!(body["chat_type"], "roster");
@@ -1081,36 +679,19 @@ async fn callbacks_arrive_signed_with_the_documented_fields() {
     assert_eq!(body["to"], "bob");
     assert_eq!(body["eventType"], "chat");
     assert_eq!(body["timestamp"], START_MS);
-    assert_eq!(
-        body["security"],
-        md5_hex(&format!("{call_id}{CALLBACK_SECRET}{START_MS}"))
-    );
+    assert_eq!(body["security"], md5_hex(&format!("{call_id}{CALLBACK_SECRET}{START_MS}")));
 
     let records = sandbox.handle.callbacks();
     assert_eq!(records.len(), 1);
     let record = &records[0];
+    assert_eq!((record.call_id.as_str(), record.msg_id.as_str()), (call_id.as_str(), msg_id));
     assert_eq!(
-        (record.call_id.as_str(), record.msg_id.as_str()),
-        (call_id.as_str(), msg_id)
-    );
-    assert_eq!(
-        (
-            record.from_user.as_str(),
-            record.to_user.as_str(),
-            record.operation.as_str()
-        ),
+        (record.from_user.as_str(), record.to_user.as_str(), record.operation.as_str()),
         ("alice", "bob", "add")
     );
     assert_eq!((record.fate.as_str(), record.attempts), ("delivered", 1));
     let stats = sandbox.handle.stats();
-    assert_eq!(
-        (
-            stats.callbacks_sent,
-            stats.callbacks_pending,
-            stats.callbacks_failed
-        ),
-        (1, 0, 0)
-    );
+    assert_eq!((stats.callbacks_sent, stats.callbacks_pending, stats.callbacks_failed), (1, 0, 0));
 }
 
 #[tokio::test]
@@ -1126,33 +707,12 @@ async fn a_remove_sends_a_remove_callback_with_a_roster_version() {
     sandbox.settle().await;
 
     let records = sandbox.handle.callbacks();
-    assert_eq!(
-        records
-            .iter()
-            .map(|r| r.operation.as_str())
-            .collect::<Vec<_>>(),
-        ["add", "remove"]
-    );
-    let remove = receiver
-        .bodies()
-        .into_iter()
-        .find(|b| b["payload"]["operation"] == "remove")
-        .expect("a remove callback");
-    let version = remove["payload"]["roster_ver"]
-        .as_str()
-        .expect("roster_ver");
-    assert!(
-        version.len() == 40
-            && version
-                .bytes()
-                .all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()),
-        "{version}"
-    );
-    assert_ne!(
-        remove["msg_id"],
-        records[0].msg_id.as_str(),
-        "each event has its own msg_id"
-    );
+    assert_eq!(records.iter().map(|r| r.operation.as_str()).collect::<Vec<_>>(), ["add", "remove"]);
+    let remove =
+        receiver.bodies().into_iter().find(|b| b["payload"]["operation"] == "remove").expect("a remove callback");
+    let version = remove["payload"]["roster_ver"].as_str().expect("roster_ver");
+    assert!(version.len() == 40 && version.bytes().all(|b| b.is_ascii_digit() || b.is_ascii_uppercase()), "{version}");
+    assert_ne!(remove["msg_id"], records[0].msg_id.as_str(), "each event has its own msg_id");
 }
 
 #[tokio::test]
@@ -1170,14 +730,8 @@ async fn re_adding_a_friend_sends_no_second_callback() {
 #[tokio::test]
 async fn two_callbacks_per_add_go_both_ways_with_their_own_ids() {
     let receiver = spawn_receiver(StatusCode::OK).await;
-    let sandbox = spawn_sandbox_for(
-        &receiver,
-        SandboxConfig {
-            callbacks_per_add: 2,
-            ..SandboxConfig::default()
-        },
-    )
-    .await;
+    let sandbox =
+        spawn_sandbox_for(&receiver, SandboxConfig { callbacks_per_add: 2, ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice", "bob"]).await;
 
@@ -1185,25 +739,13 @@ async fn two_callbacks_per_add_go_both_ways_with_their_own_ids() {
     sandbox.settle().await;
 
     let records = sandbox.handle.callbacks();
-    let directions: Vec<(&str, &str)> = records
-        .iter()
-        .map(|r| (r.from_user.as_str(), r.to_user.as_str()))
-        .collect();
+    let directions: Vec<(&str, &str)> = records.iter().map(|r| (r.from_user.as_str(), r.to_user.as_str())).collect();
     assert_eq!(directions, [("alice", "bob"), ("bob", "alice")]);
     assert_ne!(records[0].call_id, records[1].call_id);
-    let mut froms: Vec<String> = receiver
-        .bodies()
-        .iter()
-        .map(|b| b["from"].as_str().unwrap_or_default().to_owned())
-        .collect();
+    let mut froms: Vec<String> =
+        receiver.bodies().iter().map(|b| b["from"].as_str().unwrap_or_default().to_owned()).collect();
     froms.sort();
-    assert_eq!(
-        froms,
-        [
-            "demo-org#demo-app_alice@easemob.com",
-            "demo-org#demo-app_bob@easemob.com"
-        ]
-    );
+    assert_eq!(froms, ["demo-org#demo-app_alice@easemob.com", "demo-org#demo-app_bob@easemob.com"]);
 }
 
 #[tokio::test]
@@ -1220,19 +762,9 @@ async fn a_failing_receiver_gets_one_retry_then_the_callback_fails() {
     assert_eq!(raw.len(), 2, "the first attempt and exactly one retry");
     assert_eq!(raw[0], raw[1], "the retry repeats the same bytes");
     let records = sandbox.handle.callbacks();
-    assert_eq!(
-        (records[0].fate.as_str(), records[0].attempts),
-        ("failed", 2)
-    );
+    assert_eq!((records[0].fate.as_str(), records[0].attempts), ("failed", 2));
     let stats = sandbox.handle.stats();
-    assert_eq!(
-        (
-            stats.callbacks_failed,
-            stats.callbacks_sent,
-            stats.callbacks_pending
-        ),
-        (1, 0, 0)
-    );
+    assert_eq!((stats.callbacks_failed, stats.callbacks_sent, stats.callbacks_pending), (1, 0, 0));
 }
 
 #[tokio::test]
@@ -1240,11 +772,7 @@ async fn an_unreachable_receiver_fails_the_callback_after_a_retry() {
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let url = format!("http://{}/callback", closed.local_addr().expect("address"));
     drop(closed);
-    let sandbox = spawn_sandbox(SandboxConfig {
-        callback_url: Some(url),
-        ..SandboxConfig::default()
-    })
-    .await;
+    let sandbox = spawn_sandbox(SandboxConfig { callback_url: Some(url), ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice", "bob"]).await;
 
@@ -1252,23 +780,13 @@ async fn an_unreachable_receiver_fails_the_callback_after_a_retry() {
     sandbox.settle().await;
 
     let records = sandbox.handle.callbacks();
-    assert_eq!(
-        (records[0].fate.as_str(), records[0].attempts),
-        ("failed", 2)
-    );
+    assert_eq!((records[0].fate.as_str(), records[0].attempts), ("failed", 2));
 }
 
 #[tokio::test]
 async fn a_drop_rate_of_one_drops_every_callback() {
     let receiver = spawn_receiver(StatusCode::OK).await;
-    let sandbox = spawn_sandbox_for(
-        &receiver,
-        SandboxConfig {
-            drop_rate: 1.0,
-            ..SandboxConfig::default()
-        },
-    )
-    .await;
+    let sandbox = spawn_sandbox_for(&receiver, SandboxConfig { drop_rate: 1.0, ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice", "bob", "carol"]).await;
 
@@ -1287,14 +805,7 @@ async fn a_drop_rate_of_one_drops_every_callback() {
 #[tokio::test]
 async fn a_duplicate_rate_of_one_sends_every_callback_twice() {
     let receiver = spawn_receiver(StatusCode::OK).await;
-    let sandbox = spawn_sandbox_for(
-        &receiver,
-        SandboxConfig {
-            duplicate_rate: 1.0,
-            ..SandboxConfig::default()
-        },
-    )
-    .await;
+    let sandbox = spawn_sandbox_for(&receiver, SandboxConfig { duplicate_rate: 1.0, ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice", "bob"]).await;
 
@@ -1305,10 +816,7 @@ async fn a_duplicate_rate_of_one_sends_every_callback_twice() {
     assert_eq!(raw.len(), 2);
     assert_eq!(raw[0], raw[1], "a duplicate is the same body");
     let records = sandbox.handle.callbacks();
-    assert_eq!(
-        (records[0].fate.as_str(), records[0].attempts),
-        ("delivered", 2)
-    );
+    assert_eq!((records[0].fate.as_str(), records[0].attempts), ("delivered", 2));
     let stats = sandbox.handle.stats();
     assert_eq!((stats.callbacks_duplicated, stats.callbacks_sent), (1, 1));
 }
@@ -1316,14 +824,8 @@ async fn a_duplicate_rate_of_one_sends_every_callback_twice() {
 #[tokio::test]
 async fn a_bad_signature_rate_of_one_signs_with_a_wrong_secret() {
     let receiver = spawn_receiver(StatusCode::OK).await;
-    let sandbox = spawn_sandbox_for(
-        &receiver,
-        SandboxConfig {
-            bad_signature_rate: 1.0,
-            ..SandboxConfig::default()
-        },
-    )
-    .await;
+    let sandbox =
+        spawn_sandbox_for(&receiver, SandboxConfig { bad_signature_rate: 1.0, ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice", "bob"]).await;
 
@@ -1341,15 +843,8 @@ async fn a_bad_signature_rate_of_one_signs_with_a_wrong_secret() {
 #[tokio::test]
 async fn delayed_callbacks_are_all_delivered() {
     let receiver = spawn_receiver(StatusCode::OK).await;
-    let sandbox = spawn_sandbox_for(
-        &receiver,
-        SandboxConfig {
-            delay_ms: 40,
-            seed: 3,
-            ..SandboxConfig::default()
-        },
-    )
-    .await;
+    let sandbox =
+        spawn_sandbox_for(&receiver, SandboxConfig { delay_ms: 40, seed: 3, ..SandboxConfig::default() }).await;
     let token = sandbox.token().await;
     let names: Vec<String> = (0..8).map(|i| format!("friend{i}")).collect();
     let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
@@ -1362,26 +857,14 @@ async fn delayed_callbacks_are_all_delivered() {
     sandbox.settle().await;
 
     assert_eq!(receiver.bodies().len(), 8);
-    assert!(
-        sandbox
-            .handle
-            .callbacks()
-            .iter()
-            .all(|r| r.fate == "delivered")
-    );
+    assert!(sandbox.handle.callbacks().iter().all(|r| r.fate == "delivered"));
 }
 
 /// Runs the same operations against a sandbox with the given seed and returns the fates and
 /// attempt counts of its callbacks.
 async fn fates_for_seed(seed: u64) -> Vec<(String, u32)> {
     let receiver = spawn_receiver(StatusCode::OK).await;
-    let config = SandboxConfig {
-        drop_rate: 0.4,
-        duplicate_rate: 0.4,
-        delay_ms: 5,
-        seed,
-        ..SandboxConfig::default()
-    };
+    let config = SandboxConfig { drop_rate: 0.4, duplicate_rate: 0.4, delay_ms: 5, seed, ..SandboxConfig::default() };
     let sandbox = spawn_sandbox_for(&receiver, config).await;
     let token = sandbox.token().await;
     let names: Vec<String> = (0..20).map(|i| format!("friend{i}")).collect();
@@ -1392,12 +875,7 @@ async fn fates_for_seed(seed: u64) -> Vec<(String, u32)> {
         sandbox.add_friend(&token, "owner", name).await;
     }
     sandbox.settle().await;
-    sandbox
-        .handle
-        .callbacks()
-        .into_iter()
-        .map(|r| (r.fate, r.attempts))
-        .collect()
+    sandbox.handle.callbacks().into_iter().map(|r| (r.fate, r.attempts)).collect()
 }
 
 #[tokio::test]
@@ -1406,10 +884,7 @@ async fn the_same_seed_gives_the_same_fates() {
     let second = fates_for_seed(42).await;
     assert_eq!(first, second);
     assert!(first.iter().any(|(fate, _)| fate == "dropped"), "{first:?}");
-    assert!(
-        first.iter().any(|(fate, _)| fate == "delivered"),
-        "{first:?}"
-    );
+    assert!(first.iter().any(|(fate, _)| fate == "delivered"), "{first:?}");
 }
 
 #[tokio::test]
@@ -1421,13 +896,7 @@ async fn without_a_callback_url_no_callbacks_are_generated() {
     sandbox.settle().await;
     assert!(sandbox.handle.callbacks().is_empty());
     let stats = sandbox.handle.stats();
-    assert_eq!(
-        stats.callbacks_sent
-            + stats.callbacks_dropped
-            + stats.callbacks_failed
-            + stats.callbacks_pending,
-        0
-    );
+    assert_eq!(stats.callbacks_sent + stats.callbacks_dropped + stats.callbacks_failed + stats.callbacks_pending, 0);
 }
 
 #[tokio::test]
@@ -1435,14 +904,6 @@ async fn shutdown_stops_the_server() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let base = sandbox.handle.base_url();
     sandbox.handle.shutdown().await;
-    let http = reqwest::Client::builder()
-        .timeout(Duration::from_secs(5))
-        .build()
-        .expect("client");
-    assert!(
-        http.get(format!("{base}/_sandbox/stats"))
-            .send()
-            .await
-            .is_err()
-    );
+    let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
+    assert!(http.get(format!("{base}/_sandbox/stats")).send().await.is_err());
 }
