@@ -78,6 +78,11 @@ pub struct DatabaseArgs {
     /// may lose the last commits on power loss.
     #[arg(long, env = "FRIENDHOOK_SQLITE_SYNCHRONOUS", value_enum, default_value = "full")]
     pub sqlite_synchronous: SqliteSynchronous,
+
+    /// How long a write waits for a database lock held by another process before it fails and
+    /// the callback is answered 503 (so that Easemob's retry has a chance).
+    #[arg(long, env = "FRIENDHOOK_SQLITE_BUSY_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    pub sqlite_busy_timeout: Duration,
 }
 
 /// Options of `friendhook serve`.

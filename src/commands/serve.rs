@@ -41,6 +41,7 @@ pub fn store_options(args: &ServeArgs) -> StoreOptions {
             quarantine_cap: args.quarantine_cap.max(0),
         },
         read_connections: 4,
+        busy_timeout: args.db.sqlite_busy_timeout,
         recover_interrupted_calls: true,
     }
 }

@@ -181,6 +181,9 @@ pub struct StoreOptions {
     /// service itself may do this: another process opening the database while the service runs
     /// (e.g. `friendhook quarantine reverify`) would close calls that are still in flight.
     pub recover_interrupted_calls: bool,
+    /// How long the writer waits for a lock held by another process before the write fails
+    /// (and the request gets 503).
+    pub busy_timeout: Duration,
 }
 
 impl StoreOptions {
@@ -193,6 +196,7 @@ impl StoreOptions {
             limits: WriterLimits { max_batch: 512, rejection_cap: 10_000, quarantine_cap: 10_000 },
             read_connections: 4,
             recover_interrupted_calls: true,
+            busy_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -238,8 +242,12 @@ impl Store {
         };
         // The writer gets a larger page cache than readers: index pages it would otherwise re-read
         // on every batch stay in memory (32 MiB, well inside the service's memory budget).
-        let mut conn =
-            connect_options(&opts.database_url)?.synchronous(sync).pragma("cache_size", "-32768").connect().await?;
+        let mut conn = connect_options(&opts.database_url)?
+            .synchronous(sync)
+            .pragma("cache_size", "-32768")
+            .busy_timeout(opts.busy_timeout)
+            .connect()
+            .await?;
         sqlx::migrate!("./migrations").run(&mut conn).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))

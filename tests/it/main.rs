@@ -6,6 +6,7 @@
 
 mod client;
 mod crash;
+mod faults;
 mod friends;
 mod hardening;
 mod helpers;
