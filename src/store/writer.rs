@@ -292,6 +292,28 @@ const MARK_QUARANTINE_PROMOTED: &str = "\
 UPDATE quarantine SET promoted_seq = j.value->>1
 FROM json_each(?1) AS j WHERE quarantine.id = j.value->>0";
 
+/// The chained fields of a callback about to be stored as `seq`.
+fn callback_content(seq: i64, cb: &NewCallback) -> CallbackContent<'_> {
+    let e = &cb.event;
+    CallbackContent {
+        seq,
+        dedup_key: &e.dedup_key,
+        call_id: &e.call_id,
+        msg_id: e.msg_id.as_deref(),
+        appkey: e.appkey.as_deref(),
+        event_type: e.event_type.as_deref(),
+        chat_type: e.chat_type.as_deref(),
+        operation: e.operation.as_deref(),
+        from_user: e.from_user.as_deref(),
+        to_user: e.to_user.as_deref(),
+        timestamp_ms: e.timestamp_ms,
+        received_at_ms: cb.received_at_ms,
+        scheme: cb.scheme,
+        secret_index: cb.secret_index,
+        body_sha256: &cb.body_sha256,
+    }
+}
+
 /// The pair key both tables use: the two users in a fixed order, joined by a unit separator.
 pub fn pair_key(a: &str, b: &str) -> String {
     if a <= b { format!("{a}\u{1f}{b}") } else { format!("{b}\u{1f}{a}") }
@@ -413,24 +435,7 @@ impl Writer {
                 (None, None, None)
             } else {
                 let seq = head.seq + 1;
-                let content = CallbackContent {
-                    seq,
-                    dedup_key: &e.dedup_key,
-                    call_id: &e.call_id,
-                    msg_id: e.msg_id.as_deref(),
-                    appkey: e.appkey.as_deref(),
-                    event_type: e.event_type.as_deref(),
-                    chat_type: e.chat_type.as_deref(),
-                    operation: e.operation.as_deref(),
-                    from_user: e.from_user.as_deref(),
-                    to_user: e.to_user.as_deref(),
-                    timestamp_ms: e.timestamp_ms,
-                    received_at_ms: cb.received_at_ms,
-                    scheme: cb.scheme,
-                    secret_index: cb.secret_index,
-                    body_sha256: &cb.body_sha256,
-                };
-                let hash = chain::link(&head.hash, &content.canonical());
+                let hash = chain::link(&head.hash, &callback_content(seq, cb).canonical());
                 let prev = std::mem::replace(&mut head, ChainHead { seq, hash: hash.clone() }).hash;
                 seq_of_key.insert(e.dedup_key.as_str(), seq);
                 (Some(seq), Some(prev), Some(hash))
@@ -607,25 +612,7 @@ impl Writer {
                     return Err(StoreError::Write(format!("inserted callback row {id} has no job")));
                 };
                 let seq = head.seq + 1;
-                let e = &cb.event;
-                let content = CallbackContent {
-                    seq,
-                    dedup_key: &e.dedup_key,
-                    call_id: &e.call_id,
-                    msg_id: e.msg_id.as_deref(),
-                    appkey: e.appkey.as_deref(),
-                    event_type: e.event_type.as_deref(),
-                    chat_type: e.chat_type.as_deref(),
-                    operation: e.operation.as_deref(),
-                    from_user: e.from_user.as_deref(),
-                    to_user: e.to_user.as_deref(),
-                    timestamp_ms: e.timestamp_ms,
-                    received_at_ms: cb.received_at_ms,
-                    scheme: cb.scheme,
-                    secret_index: cb.secret_index,
-                    body_sha256: &cb.body_sha256,
-                };
-                let hash = chain::link(&head.hash, &content.canonical());
+                let hash = chain::link(&head.hash, &callback_content(seq, cb).canonical());
                 links.push(json!([id, seq, head.hash, hash]));
                 *head = ChainHead { seq, hash };
                 seq_by_id.insert(*id, seq);

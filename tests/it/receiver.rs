@@ -246,3 +246,65 @@ async fn listing_pages_with_a_cursor_in_sequence_order() {
     assert_eq!(ranged["items"].as_array().unwrap().len(), 2);
     app.stop().await;
 }
+
+/// Signs like a relay speaking Standard Webhooks would (HMAC-SHA256 over `id.timestamp.body`).
+fn standard_webhooks_request(app: &TestApp, body: &str, key: &[u8], msg_id: &str, ts: i64) -> reqwest::RequestBuilder {
+    let sig = friendhook::signature::standard_webhooks::sign(msg_id, ts, body.as_bytes(), key);
+    app.client
+        .post(app.url("/callbacks/easemob"))
+        .header("content-type", "application/json")
+        .header("webhook-id", msg_id)
+        .header("webhook-timestamp", ts.to_string())
+        .header("webhook-signature", format!("v1,bm90LXRoaXMtb25l {sig}"))
+        .body(body.to_string())
+}
+
+#[tokio::test]
+async fn standard_webhooks_scheme_verifies_the_whole_body_and_the_timestamp() {
+    use base64::Engine;
+    let key = b"relay-shared-key-0123456789abcdef";
+    let secret = format!("whsec_{}", base64::engine::general_purpose::STANDARD.encode(key));
+    let app = TestApp::spawn(&["--signature-scheme", "standard-webhooks", "--callback-secret", &secret]).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    // An Easemob body without `security`: the relay's signature replaces it.
+    let body = r#"{"chat_type":"roster","callId":"demo-org#demo-app_42","payload":{"operation":"add"},"appkey":"demo-org#demo-app","from":"demo-org#demo-app_alice@easemob.com","to":"bob","eventType":"chat","msg_id":"42","timestamp":1700000000000}"#;
+
+    let ok = standard_webhooks_request(&app, body, key, "msg_1", now).send().await.unwrap();
+    assert_eq!(ok.status(), 200);
+    let tampered = body.replace("bob", "eve");
+    let sig_for_original = friendhook::signature::standard_webhooks::sign("msg_2", now, body.as_bytes(), key);
+    let r = app
+        .client
+        .post(app.url("/callbacks/easemob"))
+        .header("content-type", "application/json")
+        .header("webhook-id", "msg_2")
+        .header("webhook-timestamp", now.to_string())
+        .header("webhook-signature", sig_for_original)
+        .body(tampered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401, "the body is signed: changing `to` fails");
+    let stale = standard_webhooks_request(&app, body, key, "msg_3", now - 3600).send().await.unwrap();
+    assert_eq!(stale.status(), 401, "outside the 5 minute tolerance");
+    let (_, list) = app.get_json("/v1/callbacks").await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["scheme"], "standard-webhooks");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn allow_from_refuses_sources_outside_the_list() {
+    let outside = TestApp::spawn(&["--allow-from", "10.0.0.0/8"]).await;
+    let body = roster_body("7001", "alice", "bob", "add", 1_700_000_000_000, SECRET);
+    let r = outside.post_callback(body.clone()).await;
+    assert_eq!(r.status(), 403);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["code"], "forbidden");
+    outside.stop().await;
+
+    let inside = TestApp::spawn(&["--allow-from", "10.0.0.0/8,127.0.0.0/8"]).await;
+    assert_eq!(inside.post_callback(body).await.status(), 200);
+    inside.stop().await;
+}
