@@ -142,3 +142,10 @@ CREATE TABLE quarantine (
     promoted_at_ms  INTEGER
 );
 CREATE INDEX quarantine_pending ON quarantine (id) WHERE promoted_at_ms IS NULL;
+
+-- One row that `/readyz` rewrites through the writer: a real commit proves the database takes
+-- writes (lock, space, permissions), which a read or an empty transaction would not.
+CREATE TABLE writer_probe (
+    id              INTEGER PRIMARY KEY CHECK (id = 1),
+    probed_at_ms    INTEGER NOT NULL
+);

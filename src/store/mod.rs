@@ -242,12 +242,11 @@ impl Store {
         };
         // The writer gets a larger page cache than readers: index pages it would otherwise re-read
         // on every batch stay in memory (32 MiB, well inside the service's memory budget).
-        let mut conn = connect_options(&opts.database_url)?
+        let write_options = connect_options(&opts.database_url)?
             .synchronous(sync)
             .pragma("cache_size", "-32768")
-            .busy_timeout(opts.busy_timeout)
-            .connect()
-            .await?;
+            .busy_timeout(opts.busy_timeout);
+        let mut conn = write_options.connect().await?;
         sqlx::migrate!("./migrations").run(&mut conn).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
@@ -258,6 +257,7 @@ impl Store {
         let (committed_tx, committed_rx) = watch::channel(head.seq);
         let health = Arc::new(WriterHealth::default());
         let mut writer = Writer {
+            connect: write_options.clone(),
             conn,
             head,
             clock,

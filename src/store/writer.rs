@@ -199,6 +199,8 @@ pub struct WriterLimits {
 
 pub(super) struct Writer {
     pub conn: SqliteConnection,
+    /// How to open `conn` again after a failed write (see [`Writer::reopen`]).
+    pub connect: sqlx::sqlite::SqliteConnectOptions,
     pub head: ChainHead,
     pub clock: SharedClock,
     pub limits: WriterLimits,
@@ -370,6 +372,27 @@ impl Writer {
         tracing::debug!("writer: channel closed, exited");
     }
 
+    /// Replaces the write connection after a failed batch. A failed COMMIT (disk full, I/O error)
+    /// can leave the connection inside a transaction that sqlx still counts as open, and every
+    /// later batch would fail on it; a fresh connection starts clean (SQLite rolls back what the
+    /// old one left). If the database cannot be opened right now, the old connection stays and
+    /// the next failure tries again, so the service recovers by itself once the fault is gone.
+    async fn reopen(&mut self) {
+        use sqlx::ConnectOptions;
+        match self.connect.connect().await {
+            Ok(fresh) => {
+                let old = std::mem::replace(&mut self.conn, fresh);
+                if let Err(err) = old.close().await {
+                    tracing::debug!(error = %err, "closing the failed write connection");
+                }
+                tracing::info!("write connection reopened after a failed batch");
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "could not reopen the write connection; will retry after the next failure")
+            }
+        }
+    }
+
     async fn commit_batch(&mut self, batch: &mut Vec<Job>) {
         // Under load almost every job is a callback: those go in one statement if they can.
         if batch.iter().any(|j| matches!(j, Job::Callback(..))) {
@@ -390,6 +413,7 @@ impl Writer {
                     for job in batch.drain(..) {
                         job.fail(&err);
                     }
+                    self.reopen().await;
                     return;
                 }
             }
@@ -413,6 +437,7 @@ impl Writer {
                 for job in batch.drain(..) {
                     job.fail(&err);
                 }
+                self.reopen().await;
             }
         }
     }
@@ -670,7 +695,18 @@ impl Writer {
         for (i, job) in batch.iter().enumerate() {
             match job {
                 Job::Rejection(..) => answers[i] = Answer::Unit,
-                Job::Probe(..) => answers[i] = Answer::Unit,
+                Job::Probe(..) => {
+                    // A real (one-row) commit: a full disk or read-only file shows up here too,
+                    // not only a lock held elsewhere.
+                    sqlx::query(
+                        "INSERT INTO writer_probe (id, probed_at_ms) VALUES (1, ?1)
+                         ON CONFLICT (id) DO UPDATE SET probed_at_ms = excluded.probed_at_ms",
+                    )
+                    .bind(now)
+                    .execute(&mut *tx)
+                    .await?;
+                    answers[i] = Answer::Unit;
+                }
                 Job::Quarantine(q, _) => {
                     let held: i64 = sqlx::query_scalar("SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL")
                         .fetch_one(&mut *tx)

@@ -56,3 +56,96 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
     assert_eq!(list["items"].as_array().unwrap().len(), 2, "both acknowledged callbacks are stored");
     app.stop().await;
 }
+
+/// A small tmpfs of our own, so that "disk full" and "read-only" are real file-system states.
+/// Needs root (CI runs as root); elsewhere the tests say so and stop.
+struct SmallDisk {
+    dir: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<SmallDisk> {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+        if !ok {
+            eprintln!("SKIPPED: mounting a tmpfs needs root; run the suite as root (as CI does) to cover this fault");
+            return None;
+        }
+        Some(SmallDisk { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    fn available_bytes(&self) -> u64 {
+        let out =
+            std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(self.dir.path()).output().unwrap();
+        String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+async fn stored_call_ids(app: &TestApp) -> Vec<String> {
+    let (_, list) = app.get_json("/v1/callbacks?limit=1000").await;
+    list["items"].as_array().unwrap().iter().map(|i| i["call_id"].as_str().unwrap().to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_disk_gets_503_and_the_service_recovers_when_space_is_freed() {
+    let Some(disk) = SmallDisk::mount("3m") else { return };
+    let app = TestApp::spawn_on(&disk.path().join("full.db"), &["--sqlite-busy-timeout", "200ms"]).await;
+    let warm = roster_body("400000", "alice", "bob", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(warm).await.status(), 200);
+    // Leave only a little room, then write until the disk refuses.
+    let filler = disk.path().join("filler");
+    let room = disk.available_bytes().saturating_sub(96 * 1024);
+    std::fs::write(&filler, vec![0u8; room as usize]).unwrap();
+    let mut acked = vec![format!("{APPKEY}_400000")];
+    let mut refused = None;
+    for n in 1..5000 {
+        let body =
+            roster_body(&format!("4{n:05}"), "alice", &format!("friend_{n}"), "add", 1_700_000_000_000 + n, SECRET);
+        let r = app.post_callback(body.clone()).await;
+        match r.status().as_u16() {
+            200 => acked.push(format!("{APPKEY}_4{n:05}")),
+            503 => {
+                assert!(r.headers().contains_key("retry-after"));
+                refused = Some(body);
+                break;
+            }
+            other => panic!("only 200 or 503 may answer a full disk, got {other}"),
+        }
+    }
+    let refused = refused.expect("the disk filled up within 5,000 callbacks");
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(status, 503, "readyz reports the full disk: {ready}");
+
+    std::fs::remove_file(&filler).unwrap();
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(status, 200, "recovered without a restart: {ready}");
+    let r = app.post_callback(refused).await;
+    assert_eq!(r.status(), 200, "Easemob's retry now succeeds");
+    let stored = stored_call_ids(&app).await;
+    for id in &acked {
+        assert!(stored.contains(id), "acknowledged {id} is stored");
+    }
+    assert_eq!(stored.len(), acked.len() + 1);
+    let db = app.db_url.clone();
+    app.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["audit", "verify", "--database-url", &db])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+}
