@@ -11,6 +11,7 @@ mod friends;
 mod hardening;
 mod helpers;
 mod journal;
+mod overload;
 mod process;
 mod quarantine;
 mod receiver;
