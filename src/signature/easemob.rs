@@ -26,6 +26,13 @@ fn digest(call_id: &str, secret: &str, timestamp_text: &str) -> [u8; DIGEST_LEN]
 
 /// Computes `security` the way Easemob does (commons-codec `DigestUtils.md5Hex`): 32 lower-case
 /// hex characters. `timestamp_text` is the decimal text of the body's `timestamp`, exactly as sent.
+///
+/// ```
+/// use friendhook::signature::easemob::sign;
+/// // The known-answer vector of the README's curl example.
+/// let security = sign("demo-org#demo-app_966725899779049516", "test-secret", "1642648213494");
+/// assert_eq!(security, "bac67bdb1f935f86b3eaa30286975387");
+/// ```
 pub fn sign(call_id: &str, secret: &str, timestamp_text: &str) -> String {
     hex::encode(digest(call_id, secret, timestamp_text))
 }
