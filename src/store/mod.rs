@@ -258,6 +258,7 @@ impl Store {
         let health = Arc::new(WriterHealth::default());
         let mut writer = Writer {
             connect: write_options.clone(),
+            reopen_pending: false,
             conn,
             head,
             clock,

@@ -201,6 +201,8 @@ pub(super) struct Writer {
     pub conn: SqliteConnection,
     /// How to open `conn` again after a failed write (see [`Writer::reopen`]).
     pub connect: sqlx::sqlite::SqliteConnectOptions,
+    /// The last batch failed: open a fresh connection before the next one.
+    pub reopen_pending: bool,
     pub head: ChainHead,
     pub clock: SharedClock,
     pub limits: WriterLimits,
@@ -375,8 +377,9 @@ impl Writer {
     /// Replaces the write connection after a failed batch. A failed COMMIT (disk full, I/O error)
     /// can leave the connection inside a transaction that sqlx still counts as open, and every
     /// later batch would fail on it; a fresh connection starts clean (SQLite rolls back what the
-    /// old one left). If the database cannot be opened right now, the old connection stays and
-    /// the next failure tries again, so the service recovers by itself once the fault is gone.
+    /// old one left). It runs when the next batch arrives rather than right after the failure: a
+    /// connection opened while the fault lasts (a read-only file opens read-only) would keep
+    /// failing afterwards. So the service recovers by itself once the fault is gone.
     async fn reopen(&mut self) {
         use sqlx::ConnectOptions;
         match self.connect.connect().await {
@@ -388,12 +391,18 @@ impl Writer {
                 tracing::info!("write connection reopened after a failed batch");
             }
             Err(err) => {
-                tracing::warn!(error = %err, "could not reopen the write connection; will retry after the next failure")
+                tracing::warn!(error = %err, "could not reopen the write connection; will retry before the next batch")
             }
         }
     }
 
     async fn commit_batch(&mut self, batch: &mut Vec<Job>) {
+        // Reopen lazily, when there is something to write: a connection opened while the fault
+        // lasts (a read-only file opens read-only) would keep failing after the fault is gone.
+        if self.reopen_pending {
+            self.reopen_pending = false;
+            self.reopen().await;
+        }
         // Under load almost every job is a callback: those go in one statement if they can.
         if batch.iter().any(|j| matches!(j, Job::Callback(..))) {
             match self.write_callbacks_fast(batch).await {
@@ -413,7 +422,7 @@ impl Writer {
                     for job in batch.drain(..) {
                         job.fail(&err);
                     }
-                    self.reopen().await;
+                    self.reopen_pending = true;
                     return;
                 }
             }
@@ -437,7 +446,7 @@ impl Writer {
                 for job in batch.drain(..) {
                     job.fail(&err);
                 }
-                self.reopen().await;
+                self.reopen_pending = true;
             }
         }
     }

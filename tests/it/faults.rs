@@ -149,3 +149,47 @@ async fn a_full_disk_gets_503_and_the_service_recovers_when_space_is_freed() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
 }
+
+/// Sets or clears the immutable attribute: even root cannot write to such a file, through file
+/// descriptors opened before as well. `false` when chattr is not permitted here.
+fn set_immutable(path: &std::path::Path, on: bool) -> bool {
+    std::process::Command::new("chattr")
+        .arg(if on { "+i" } else { "-i" })
+        .arg(path)
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_database_file_gets_503_and_the_service_recovers_when_writable_again() {
+    let app = TestApp::spawn(&["--sqlite-busy-timeout", "200ms"]).await;
+    let first = roster_body("500001", "alice", "bob", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(first).await.status(), 200);
+    let wal = app.db_path.with_extension("db-wal");
+    if !set_immutable(&app.db_path, true) {
+        eprintln!("SKIPPED: chattr needs root on a file system with attributes; run as root (as CI does)");
+        app.stop().await;
+        return;
+    }
+    let wal_locked = set_immutable(&wal, true);
+
+    let second = roster_body("500002", "alice", "carol", "add", 1_700_000_000_001, SECRET);
+    let r = app.post_callback(second.clone()).await;
+    let refused = r.status().as_u16();
+    let (ready_status, ready) = app.get_json("/readyz").await;
+    // Writable again before asserting, so a failure cannot leave an immutable file behind.
+    set_immutable(&app.db_path, false);
+    if wal_locked {
+        set_immutable(&wal, false);
+    }
+    assert_eq!(refused, 503, "never 200 for something not committed");
+    assert_eq!(ready_status, 503, "readyz reports the read-only database: {ready}");
+
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!(status, 200, "recovered without a restart: {ready}");
+    let r = app.post_callback(second).await;
+    assert_eq!(r.status(), 200, "Easemob's retry now succeeds");
+    assert_eq!(stored_call_ids(&app).await.len(), 2);
+    app.stop().await;
+}
