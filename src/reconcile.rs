@@ -192,13 +192,21 @@ pub fn reconcile(calls: &[CallRow], callbacks: &[CallbackRow], params: &MatchPar
             (key, c.requested_at_ms, c.id, i)
         })
         .collect();
-    call_order.sort_unstable();
     let mut cb_order: Vec<(GroupKey<'_>, i64, i64, usize)> = callbacks
         .iter()
         .enumerate()
         .map(|(i, cb)| (group_key(&cb.from_user, &cb.to_user, &cb.operation), cb.timestamp_ms, cb.seq, i))
         .collect();
-    cb_order.sort_unstable();
+    // The two sorts are most of the cost on large inputs: run them on two cores.
+    if call_order.len().min(cb_order.len()) >= PARALLEL_SORT_MIN {
+        std::thread::scope(|s| {
+            s.spawn(|| cb_order.sort_unstable());
+            call_order.sort_unstable();
+        });
+    } else {
+        call_order.sort_unstable();
+        cb_order.sort_unstable();
+    }
 
     let mut out =
         Assignments { primary: vec![None; calls.len()], extras: vec![Vec::new(); calls.len()], orphans: Vec::new() };
@@ -282,6 +290,9 @@ pub fn nearest_rank(sorted: &[i64], percent: u32) -> Option<i64> {
     // Rank 0 only for percent 0; treat it as the minimum rather than underflow.
     sorted.get(rank.saturating_sub(1).min(sorted.len() - 1)).copied()
 }
+
+/// Below this many rows on either side both sorts run on the calling thread.
+const PARALLEL_SORT_MIN: usize = 20_000;
 
 /// (lower user, higher user, operation): the unordered pair makes both directions one group.
 type GroupKey<'a> = (&'a str, &'a str, &'a str);
