@@ -246,7 +246,12 @@ impl<'a> SeqIndex<'a> {
     }
 }
 
-fn call_item(call: &CallRow, v: &reconcile::CallReport, callbacks: &[CallbackRow], by_seq: &SeqIndex<'_>) -> ReportItem {
+fn call_item(
+    call: &CallRow,
+    v: &reconcile::CallReport,
+    callbacks: &[CallbackRow],
+    by_seq: &SeqIndex<'_>,
+) -> ReportItem {
     let cb_ref = |s: &i64| by_seq.get(*s).map(|k| CallbackRef::from(&callbacks[k]));
     ReportItem::Call {
         id: call.id,
