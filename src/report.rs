@@ -106,40 +106,6 @@ pub enum ReportItem {
     },
 }
 
-impl ReportItem {
-    fn key(&self) -> (i64, u8, i64) {
-        match self {
-            ReportItem::Call { requested_at, id, .. } => (*requested_at, 0, *id),
-            ReportItem::Callback { callback, .. } => (callback.timestamp, 1, callback.seq),
-        }
-    }
-
-    fn status_name(&self) -> &'static str {
-        match self {
-            ReportItem::Call { status, .. } => match status {
-                CallStatus::Matched => "matched",
-                CallStatus::Pending => "pending",
-                CallStatus::Missing => "missing",
-                CallStatus::NotExpected => "not_expected",
-                CallStatus::Unexpected => "unexpected",
-            },
-            ReportItem::Callback { .. } => "orphan",
-        }
-    }
-
-    fn involves(&self, owner: Option<&str>, friend: Option<&str>) -> bool {
-        match self {
-            ReportItem::Call { owner: o, friend: f, .. } => {
-                owner.is_none_or(|x| x == o) && friend.is_none_or(|x| x == f)
-            }
-            ReportItem::Callback { callback, .. } => {
-                let side = |x: &str| x == callback.from_user || x == callback.to_user;
-                owner.is_none_or(side) && friend.is_none_or(side)
-            }
-        }
-    }
-}
-
 /// The report: summary over everything selected, plus one page of items.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
@@ -175,48 +141,118 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
         store.roster_callbacks_for_reconcile(since.saturating_sub(margin), until.saturating_add(margin)),
     )?;
     let result = reconcile::reconcile(&calls, &callbacks, &params);
-    let by_seq: HashMap<i64, &CallbackRow> = callbacks.iter().map(|c| (c.seq, c)).collect();
+    let by_seq = SeqIndex::new(&callbacks);
+    let owner = q.owner.as_deref();
+    let friend = q.friend.as_deref();
+    let call_involves = |c: &CallRow| owner.is_none_or(|x| x == c.owner) && friend.is_none_or(|x| x == c.friend);
+    let cb_involves = |cb: &CallbackRow| {
+        let side = |x: &str| x == cb.from_user || x == cb.to_user;
+        owner.is_none_or(side) && friend.is_none_or(side)
+    };
 
     // Keep only what lies inside the requested range; context rows were there to compete fairly.
+    // Items are only materialised for the page: everything else is (key, status, where) entries.
     let mut in_range = reconcile::Reconciliation { calls: Vec::new(), orphans: Vec::new() };
-    let mut items: Vec<ReportItem> = Vec::new();
-    for (call, verdict) in calls.iter().zip(&result.calls) {
+    // (key, status name, index into `calls` or into `callbacks`).
+    let mut entries: Vec<((i64, u8, i64), &'static str, usize)> = Vec::new();
+    for (idx, (call, verdict)) in calls.iter().zip(result.calls).enumerate() {
         if call.requested_at_ms < since || call.requested_at_ms >= until {
             continue;
         }
-        let item = call_item(call, verdict, &by_seq);
-        if item.involves(q.owner.as_deref(), q.friend.as_deref()) {
-            in_range.calls.push(verdict.clone());
-            items.push(item);
+        if call_involves(call) {
+            entries.push(((call.requested_at_ms, 0, call.id), status_name(verdict.status), idx));
+            in_range.calls.push(verdict);
         }
     }
     for seq in &result.orphans {
-        let Some(cb) = by_seq.get(seq) else { continue };
+        let Some(k) = by_seq.get(*seq) else { continue };
+        let cb = &callbacks[k];
         if cb.timestamp_ms < since || cb.timestamp_ms >= until {
             continue;
         }
-        let item = ReportItem::Callback { status: "orphan", callback: CallbackRef::from(*cb) };
-        if item.involves(q.owner.as_deref(), q.friend.as_deref()) {
+        if cb_involves(cb) {
             in_range.orphans.push(*seq);
-            items.push(item);
+            entries.push(((cb.timestamp_ms, 1, cb.seq), "orphan", k));
         }
     }
     let summary = reconcile::summarize(&in_range);
 
-    if let Some(status) = &q.status {
-        items.retain(|i| i.status_name() == status);
-    }
-    items.sort_by_key(ReportItem::key);
-    if let Some(after) = q.cursor.as_deref().and_then(decode_cursor) {
-        items.retain(|i| i.key() > after);
+    // Call entries come first, in the order of `in_range.calls`.
+    let n_calls = in_range.calls.len();
+    let mut sel: Vec<((i64, u8, i64), usize)> = Vec::with_capacity(entries.len());
+    let after = q.cursor.as_deref().and_then(decode_cursor);
+    for (pos, (key, status, _)) in entries.iter().enumerate() {
+        if q.status.as_deref().is_some_and(|s| s != *status) {
+            continue;
+        }
+        if after.is_some_and(|a| *key <= a) {
+            continue;
+        }
+        sel.push((*key, pos));
     }
     let limit = q.limit.max(1);
-    let next_cursor = (items.len() > limit).then(|| encode_cursor(items[limit - 1].key()));
-    items.truncate(limit);
+    let more = sel.len() > limit;
+    if more {
+        sel.select_nth_unstable(limit);
+        sel.truncate(limit);
+    }
+    sel.sort_unstable();
+    let next_cursor = more.then(|| encode_cursor(sel[limit - 1].0));
+    let items = sel
+        .iter()
+        .map(|&(_, pos)| {
+            let (_, _, idx) = entries[pos];
+            if pos < n_calls {
+                call_item(&calls[idx], &in_range.calls[pos], &callbacks, &by_seq)
+            } else {
+                ReportItem::Callback { status: "orphan", callback: CallbackRef::from(&callbacks[idx]) }
+            }
+        })
+        .collect();
     Ok(Report { summary, items, next_cursor })
 }
 
-fn call_item(call: &CallRow, v: &reconcile::CallReport, by_seq: &HashMap<i64, &CallbackRow>) -> ReportItem {
+fn status_name(s: CallStatus) -> &'static str {
+    match s {
+        CallStatus::Matched => "matched",
+        CallStatus::Pending => "pending",
+        CallStatus::Missing => "missing",
+        CallStatus::NotExpected => "not_expected",
+        CallStatus::Unexpected => "unexpected",
+    }
+}
+
+/// Finds a callback by seq: binary search when the rows are ascending by seq (as loaded), else
+/// a hash map (the last row of a seq wins).
+enum SeqIndex<'a> {
+    Sorted(&'a [CallbackRow]),
+    Map(HashMap<i64, usize>),
+}
+
+impl<'a> SeqIndex<'a> {
+    fn new(callbacks: &'a [CallbackRow]) -> Self {
+        if callbacks.windows(2).all(|w| w[0].seq < w[1].seq) {
+            SeqIndex::Sorted(callbacks)
+        } else {
+            SeqIndex::Map(callbacks.iter().enumerate().map(|(i, c)| (c.seq, i)).collect())
+        }
+    }
+
+    fn get(&self, seq: i64) -> Option<usize> {
+        match self {
+            SeqIndex::Sorted(cbs) => cbs.binary_search_by_key(&seq, |c| c.seq).ok(),
+            SeqIndex::Map(m) => m.get(&seq).copied(),
+        }
+    }
+}
+
+fn call_item(
+    call: &CallRow,
+    v: &reconcile::CallReport,
+    callbacks: &[CallbackRow],
+    by_seq: &SeqIndex<'_>,
+) -> ReportItem {
+    let cb_ref = |s: &i64| by_seq.get(*s).map(|k| CallbackRef::from(&callbacks[k]));
     ReportItem::Call {
         id: call.id,
         op: call.op.as_str(),
@@ -228,8 +264,8 @@ fn call_item(call: &CallRow, v: &reconcile::CallReport, by_seq: &HashMap<i64, &C
         status: v.status,
         late: v.late,
         latency_ms: v.latency_ms,
-        matched: v.matched.and_then(|s| by_seq.get(&s)).map(|c| CallbackRef::from(*c)),
-        extras: v.extras.iter().filter_map(|s| by_seq.get(s)).map(|c| CallbackRef::from(*c)).collect(),
+        matched: v.matched.as_ref().and_then(cb_ref),
+        extras: v.extras.iter().filter_map(cb_ref).collect(),
     }
 }
 

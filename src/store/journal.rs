@@ -239,17 +239,31 @@ impl Store {
                     completed_at_ms, outcome)) FROM (
                SELECT * FROM calls WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
         };
+        let query = |after: i64| sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool());
+        let mut prefetched = None;
         loop {
-            let row = sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool()).await?;
+            let row = match prefetched.take() {
+                Some(row) => row,
+                None => query(after).await?,
+            };
             let n: i64 = row.try_get(0)?;
             if n == 0 {
                 break;
             }
             after = row.try_get(1)?;
             let text: &str = row.try_get(2)?;
+            let more = everything && n == 100_000;
             type Raw<'a> = (i64, &'a str, String, String, i64, Option<i64>, Option<&'a str>);
-            let rows: Vec<Raw> =
-                serde_json::from_str(text).map_err(|e| StoreError::Write(format!("decoding calls: {e}")))?;
+            // The next page is read while this one is decoded.
+            let decode = async { serde_json::from_str::<Vec<Raw>>(text) };
+            let rows = if more {
+                let (next, rows) = tokio::join!(query(after), decode);
+                prefetched = Some(next?);
+                rows
+            } else {
+                decode.await
+            };
+            let rows = rows.map_err(|e| StoreError::Write(format!("decoding calls: {e}")))?;
             out.extend(rows.into_iter().map(|(id, op, owner, friend, requested_at_ms, completed_at_ms, outcome)| {
                 CallRow {
                     id,
@@ -261,7 +275,7 @@ impl Store {
                     outcome: outcome.and_then(Outcome::parse).unwrap_or(Outcome::InFlight),
                 }
             }));
-            if !everything || n < 100_000 {
+            if !more {
                 break;
             }
         }
@@ -294,17 +308,31 @@ impl Store {
                WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND +seq IS NOT NULL
                  AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND id > ?3)"
         };
+        let query = |after: i64| sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool());
+        let mut prefetched = None;
         loop {
-            let row = sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool()).await?;
+            let row = match prefetched.take() {
+                Some(row) => row,
+                None => query(after).await?,
+            };
             let n: i64 = row.try_get(0)?;
             if n == 0 {
                 break;
             }
             after = row.try_get(1)?;
             let text: &str = row.try_get(2)?;
+            let more = everything && n == 100_000;
             type Raw = (i64, String, Option<String>, Option<String>, i64, i64);
-            let rows: Vec<Raw> =
-                serde_json::from_str(text).map_err(|e| StoreError::Write(format!("decoding callbacks: {e}")))?;
+            // The next page is read while this one is decoded.
+            let decode = async { serde_json::from_str::<Vec<Raw>>(text) };
+            let rows = if more {
+                let (next, rows) = tokio::join!(query(after), decode);
+                prefetched = Some(next?);
+                rows
+            } else {
+                decode.await
+            };
+            let rows = rows.map_err(|e| StoreError::Write(format!("decoding callbacks: {e}")))?;
             out.extend(rows.into_iter().map(|(seq, operation, from, to, timestamp_ms, received_at_ms)| CallbackRow {
                 seq,
                 operation,
@@ -313,7 +341,7 @@ impl Store {
                 timestamp_ms,
                 received_at_ms,
             }));
-            if !everything || n < 100_000 {
+            if !more {
                 break;
             }
         }
