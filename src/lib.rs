@@ -11,6 +11,9 @@
 //! - [`easemob`]: the embedded Easemob REST client (token cache, limiter, retries).
 //! - [`sandbox`]: the Easemob-compatible fake, in the same binary.
 //! - [`reconcile`]: matching calls against callbacks, as plain functions.
+//! - [`report`]: reconciliation reports: loads a window from the store, runs the matcher, pages.
+//! - [`commands`]: the subcommands (serve, demo, reconcile, audit, export, quarantine).
+//! - [`bench`]: `friendhook bench`, the benchmarks that print the figures of the README.
 //! - [`model`], [`clock`], [`secret`]: shared vocabulary, injectable time, redacted secrets.
 
 pub mod app;
