@@ -13,7 +13,7 @@
 //! - [`reconcile`]: matching calls against callbacks, as plain functions.
 //! - [`report`]: reconciliation reports: loads a window from the store, runs the matcher, pages.
 //! - [`commands`]: the subcommands (serve, demo, reconcile, audit, export, quarantine).
-//! - [`bench`]: `friendhook bench`, the benchmarks that print the figures of the README.
+//! - [`bench`](mod@bench): `friendhook bench`, the benchmarks that print the figures of the README.
 //! - [`model`], [`clock`], [`secret`]: shared vocabulary, injectable time, redacted secrets.
 
 pub mod app;
