@@ -221,12 +221,7 @@ impl Store {
     }
 
     /// Calls requested in [since, until), for reconciliation.
-    ///
-    /// Rows come back as JSON arrays in pages of 100,000 (keyset on id): reconciling everything
-    /// reads millions of rows, and one text value per page avoids sqlx's per-row hand-over.
     pub async fn calls_for_reconcile(&self, since_ms: i64, until_ms: i64) -> Result<Vec<CallRow>, StoreError> {
-        let mut out = Vec::new();
-        let mut after = i64::MIN;
         // A bounded window is read through the time index in one go; everything is read in id
         // order, page by page (the planner cannot know which is cheaper, so say it).
         let everything = since_ms == i64::MIN && until_ms == i64::MAX;
@@ -239,60 +234,30 @@ impl Store {
                     completed_at_ms, outcome)) FROM (
                SELECT * FROM calls WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
         };
-        let query = |after: i64| sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool());
-        let mut prefetched = None;
-        loop {
-            let row = match prefetched.take() {
-                Some(row) => row,
-                None => query(after).await?,
-            };
-            let n: i64 = row.try_get(0)?;
-            if n == 0 {
-                break;
+        type Raw = (i64, CallOp, String, String, i64, Option<i64>, Option<Outcome>);
+        self.read_json_pages(sql, since_ms, until_ms, everything, "calls", |row: Raw| {
+            let (id, op, owner, friend, requested_at_ms, completed_at_ms, outcome) = row;
+            CallRow {
+                id,
+                op,
+                owner,
+                friend,
+                requested_at_ms,
+                completed_at_ms,
+                outcome: outcome.unwrap_or(Outcome::InFlight),
             }
-            after = row.try_get(1)?;
-            let text: &str = row.try_get(2)?;
-            let more = everything && n == 100_000;
-            type Raw<'a> = (i64, &'a str, String, String, i64, Option<i64>, Option<&'a str>);
-            // The next page is read while this one is decoded.
-            let decode = async { serde_json::from_str::<Vec<Raw>>(text) };
-            let rows = if more {
-                let (next, rows) = tokio::join!(query(after), decode);
-                prefetched = Some(next?);
-                rows
-            } else {
-                decode.await
-            };
-            let rows = rows.map_err(|e| StoreError::Write(format!("decoding calls: {e}")))?;
-            out.extend(rows.into_iter().map(|(id, op, owner, friend, requested_at_ms, completed_at_ms, outcome)| {
-                CallRow {
-                    id,
-                    op: CallOp::parse(op).unwrap_or(CallOp::Add),
-                    owner,
-                    friend,
-                    requested_at_ms,
-                    completed_at_ms,
-                    outcome: outcome.and_then(Outcome::parse).unwrap_or(Outcome::InFlight),
-                }
-            }));
-            if !more {
-                break;
-            }
-        }
-        Ok(out)
+        })
+        .await
     }
 
     /// Roster add/remove callbacks whose event time is in [since, until), for reconciliation;
-    /// paged like [`Store::calls_for_reconcile`].
+    /// read like [`Store::calls_for_reconcile`].
     pub async fn roster_callbacks_for_reconcile(
         &self,
         since_ms: i64,
         until_ms: i64,
     ) -> Result<Vec<CallbackRow>, StoreError> {
-        let mut out = Vec::new();
-        let mut after = i64::MIN;
-        // `+` keeps the planner off the operation index (a scan of every `add`); see
-        // calls_for_reconcile for the two shapes.
+        // `+` keeps the planner off the operation index (a scan of every `add`).
         let everything = since_ms == i64::MIN && until_ms == i64::MAX;
         let sql = if everything {
             "SELECT count(*), max(id), json_group_array(json_array(seq, operation, from_user, to_user,
@@ -308,7 +273,42 @@ impl Store {
                WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND +seq IS NOT NULL
                  AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND id > ?3)"
         };
+        type Raw = (i64, String, Option<String>, Option<String>, i64, i64);
+        self.read_json_pages(sql, since_ms, until_ms, everything, "callbacks", |row: Raw| {
+            let (seq, operation, from, to, timestamp_ms, received_at_ms) = row;
+            CallbackRow {
+                seq,
+                operation,
+                from_user: from.unwrap_or_default(),
+                to_user: to.unwrap_or_default(),
+                timestamp_ms,
+                received_at_ms,
+            }
+        })
+        .await
+    }
+
+    /// Runs `sql` (which selects `count(*), max(id), json_group_array(...)` with `?1` since, `?2`
+    /// until, `?3` after-id) page by page and maps every decoded row.
+    ///
+    /// Reconciling everything reads millions of rows: one JSON text per page of 100,000 avoids
+    /// sqlx's per-row hand-over between threads, and the next page is read while this one is
+    /// decoded. `paged`: keep reading while pages come back full (id keyset); otherwise one query.
+    async fn read_json_pages<Raw, Out>(
+        &self,
+        sql: &'static str,
+        since_ms: i64,
+        until_ms: i64,
+        paged: bool,
+        what: &str,
+        map: impl Fn(Raw) -> Out,
+    ) -> Result<Vec<Out>, StoreError>
+    where
+        Raw: serde::de::DeserializeOwned,
+    {
         let query = |after: i64| sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool());
+        let mut out = Vec::new();
+        let mut after = i64::MIN;
         let mut prefetched = None;
         loop {
             let row = match prefetched.take() {
@@ -321,9 +321,7 @@ impl Store {
             }
             after = row.try_get(1)?;
             let text: &str = row.try_get(2)?;
-            let more = everything && n == 100_000;
-            type Raw = (i64, String, Option<String>, Option<String>, i64, i64);
-            // The next page is read while this one is decoded.
+            let more = paged && n == 100_000;
             let decode = async { serde_json::from_str::<Vec<Raw>>(text) };
             let rows = if more {
                 let (next, rows) = tokio::join!(query(after), decode);
@@ -332,46 +330,12 @@ impl Store {
             } else {
                 decode.await
             };
-            let rows = rows.map_err(|e| StoreError::Write(format!("decoding callbacks: {e}")))?;
-            out.extend(rows.into_iter().map(|(seq, operation, from, to, timestamp_ms, received_at_ms)| CallbackRow {
-                seq,
-                operation,
-                from_user: from.unwrap_or_default(),
-                to_user: to.unwrap_or_default(),
-                timestamp_ms,
-                received_at_ms,
-            }));
+            let rows = rows.map_err(|e| StoreError::Write(format!("decoding {what}: {e}")))?;
+            out.extend(rows.into_iter().map(&map));
             if !more {
                 break;
             }
         }
         Ok(out)
-    }
-
-    /// Callback rows by seq (for reconciliation items).
-    pub async fn callbacks_by_seq(&self, seqs: &[i64]) -> Result<Vec<CallbackRow>, StoreError> {
-        if seqs.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = sqlx::query(
-            "SELECT seq, operation, from_user, to_user, timestamp_ms, received_at_ms FROM callbacks
-             WHERE seq IN (SELECT value FROM json_each(?1))",
-        )
-        .bind(serde_json::to_string(seqs).unwrap_or_else(|_| "[]".into()))
-        .fetch_all(self.read_pool())
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(CallbackRow {
-                    seq: r.try_get(0)?,
-                    operation: r.try_get::<Option<String>, _>(1)?.unwrap_or_default(),
-                    from_user: r.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
-                    to_user: r.try_get::<Option<String>, _>(3)?.unwrap_or_default(),
-                    timestamp_ms: r.try_get(4)?,
-                    received_at_ms: r.try_get(5)?,
-                })
-            })
-            .collect::<Result<_, sqlx::Error>>()
-            .map_err(StoreError::from)
     }
 }

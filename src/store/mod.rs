@@ -131,15 +131,8 @@ pub(crate) const SELECT_CALL: &str = "SELECT id, op, owner, friend, idempotency_
 
 impl CallRecord {
     pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
-        let op: String = row.try_get("op")?;
         let outcome: Option<String> = row.try_get("outcome")?;
         Ok(Self {
-            id: row.try_get("id")?,
-            op: CallOp::parse(&op).ok_or_else(|| sqlx::Error::Decode(format!("bad op {op}").into()))?,
-            owner: row.try_get("owner")?,
-            friend: row.try_get("friend")?,
-            idempotency_key: row.try_get("idempotency_key")?,
-            requested_at_ms: row.try_get("requested_at_ms")?,
             completed_at_ms: row.try_get("completed_at_ms")?,
             outcome: outcome.as_deref().and_then(Outcome::parse).unwrap_or(Outcome::InFlight),
             upstream_status: row.try_get("upstream_status")?,
@@ -147,9 +140,11 @@ impl CallRecord {
             attempts: row.try_get("attempts")?,
             response_body: row.try_get("response_body")?,
             seq: row.try_get("seq")?,
+            ..Self::intent_from_row(row)?
         })
     }
 
+    /// The intent columns only (what exists before the outcome is recorded).
     pub(crate) fn intent_from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
         let op: String = row.try_get("op")?;
         Ok(Self {

@@ -318,6 +318,40 @@ fn callback_content(seq: i64, cb: &NewCallback) -> CallbackContent<'_> {
     }
 }
 
+/// One row of the JSON array the callback inserts read through `json_each`: elements 0..=16 are
+/// the columns of [`INSERT_CALLBACKS`]; [`INSERT_CALLBACKS_CHAINED`] also reads `link`'s
+/// `[seq, prev_hash, chain_hash]` as elements 17..=19.
+fn callback_row(cb: &NewCallback, link: Value) -> Value {
+    let e = &cb.event;
+    let pk = match (&e.from_user, &e.to_user) {
+        (Some(f), Some(t)) => Some(pair_key(f, t)),
+        _ => None,
+    };
+    let mut row = json!([
+        e.dedup_key,
+        e.call_id,
+        e.msg_id,
+        e.appkey,
+        e.event_type,
+        e.chat_type,
+        e.operation,
+        e.from_user,
+        e.to_user,
+        pk,
+        e.timestamp_ms,
+        cb.received_at_ms,
+        cb.scheme,
+        cb.secret_index,
+        cb.raw_body,
+        cb.body_sha256,
+        cb.remote_addr
+    ]);
+    if let (Value::Array(cols), Value::Array(link)) = (&mut row, link) {
+        cols.extend(link);
+    }
+    row
+}
+
 /// The pair key both tables use: the two users in a fixed order, joined by a unit separator.
 pub fn pair_key(a: &str, b: &str) -> String {
     if a <= b { format!("{a}\u{1f}{b}") } else { format!("{b}\u{1f}{a}") }
@@ -461,10 +495,6 @@ impl Writer {
         for job in batch.iter() {
             let Job::Callback(cb, _) = job else { continue };
             let e = &cb.event;
-            let pk = match (&e.from_user, &e.to_user) {
-                (Some(f), Some(t)) => Some(pair_key(f, t)),
-                _ => None,
-            };
             let (seq, prev, hash) = if seq_of_key.contains_key(e.dedup_key.as_str()) {
                 (None, None, None)
             } else {
@@ -474,28 +504,7 @@ impl Writer {
                 seq_of_key.insert(e.dedup_key.as_str(), seq);
                 (Some(seq), Some(prev), Some(hash))
             };
-            rows.push(json!([
-                e.dedup_key,
-                e.call_id,
-                e.msg_id,
-                e.appkey,
-                e.event_type,
-                e.chat_type,
-                e.operation,
-                e.from_user,
-                e.to_user,
-                pk,
-                e.timestamp_ms,
-                cb.received_at_ms,
-                cb.scheme,
-                cb.secret_index,
-                cb.raw_body,
-                cb.body_sha256,
-                cb.remote_addr,
-                seq,
-                prev,
-                hash
-            ]));
+            rows.push(callback_row(cb, json!([seq, prev, hash])));
         }
         let expected = rows.len() as u64;
         // `execute`, not RETURNING: sqlx would hand each returned row across threads one by one.
@@ -583,30 +592,8 @@ impl Writer {
         if !cb_jobs.is_empty() {
             let mut rows = Vec::with_capacity(cb_jobs.len());
             for &(_, cb) in &cb_jobs {
-                let e = &cb.event;
-                let pk = match (&e.from_user, &e.to_user) {
-                    (Some(f), Some(t)) => Some(pair_key(f, t)),
-                    _ => None,
-                };
-                rows.push(json!([
-                    e.dedup_key,
-                    e.call_id,
-                    e.msg_id,
-                    e.appkey,
-                    e.event_type,
-                    e.chat_type,
-                    e.operation,
-                    e.from_user,
-                    e.to_user,
-                    pk,
-                    e.timestamp_ms,
-                    cb.received_at_ms,
-                    cb.scheme,
-                    cb.secret_index,
-                    cb.raw_body,
-                    cb.body_sha256,
-                    cb.remote_addr
-                ]));
+                // The chain links are set by CHAIN_CALLBACKS once the new rows are known.
+                rows.push(callback_row(cb, Value::Null));
             }
             let returned =
                 sqlx::query(INSERT_CALLBACKS).bind(Value::Array(rows).to_string()).fetch_all(&mut *tx).await?;
