@@ -5,78 +5,15 @@
 //! sleeping; only the rate-limit test uses the system clock, because the sandbox's per-second
 //! window is what it is about. Backoffs are set to milliseconds so retries cost nothing.
 
-use std::io::Write;
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use friendhook::clock::{self, ManualClock, SharedClock};
+use friendhook::clock::{self, ManualClock};
 use friendhook::easemob::{ApiFailure, ClientConfig, EasemobClient, NewUser};
-use friendhook::sandbox::{self, InjectedFault, SandboxConfig, SandboxHandle};
+use friendhook::sandbox::{InjectedFault, SandboxConfig};
 use friendhook::secret::Secret;
 use tokio::net::TcpListener;
 
-const START_MS: i64 = 1_700_000_000_000;
-
-/// A sandbox with room for the functional tests: no rate limit unless a test asks for one (the
-/// sandbox's window runs on the manual clock, where every request falls in the same second).
-fn sandbox_config() -> SandboxConfig {
-    SandboxConfig { rate_limit: 0, token_ttl_secs: 3_600, ..SandboxConfig::default() }
-}
-
-async fn start_sandbox(config: SandboxConfig, clock: SharedClock) -> SandboxHandle {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a free port");
-    sandbox::spawn(listener, config, clock).await.expect("sandbox starts")
-}
-
-/// Client settings matching the sandbox, with millisecond backoffs and a fixed jitter seed.
-fn client_config(sandbox: &SandboxHandle, config: &SandboxConfig) -> ClientConfig {
-    let mut client = ClientConfig::new(
-        sandbox.base_url().to_string(),
-        config.org.clone(),
-        config.app.clone(),
-        config.client_id.clone(),
-        config.client_secret.clone(),
-    );
-    client.base_backoff = Duration::from_millis(1);
-    client.max_backoff = Duration::from_millis(5);
-    client.max_retry_time = Duration::from_secs(5);
-    client.request_timeout = Duration::from_secs(5);
-    client.jitter_seed = Some(7);
-    client
-}
-
-/// A sandbox and a client sharing one manual clock.
-struct Harness {
-    sandbox: SandboxHandle,
-    client: EasemobClient,
-    clock: Arc<ManualClock>,
-}
-
-async fn harness_with(config: SandboxConfig, tune: impl FnOnce(&mut ClientConfig)) -> Harness {
-    let clock = ManualClock::new(START_MS);
-    let sandbox = start_sandbox(config.clone(), clock.clone()).await;
-    let mut client_config = client_config(&sandbox, &config);
-    tune(&mut client_config);
-    let client = EasemobClient::new(client_config, clock.clone()).expect("client builds");
-    Harness { sandbox, client, clock }
-}
-
-async fn harness() -> Harness {
-    harness_with(sandbox_config(), |_| {}).await
-}
-
-fn user(name: &str) -> NewUser {
-    NewUser { username: name.to_owned(), password: format!("{name}-password"), nickname: None }
-}
-
-async fn register(client: &EasemobClient, names: &[&str]) {
-    let users: Vec<NewUser> = names.iter().map(|name| user(name)).collect();
-    client.register_users(&users).await.expect("users register");
-}
-
-fn contacts_fault(status: u16, count: u32) -> InjectedFault {
-    InjectedFault { status, count, path_contains: Some("/contacts/".to_owned()) }
-}
+use crate::client_support::*;
 
 // ---------------------------------------------------------------------------------------------
 // Endpoints
@@ -480,58 +417,3 @@ async fn a_thousand_concurrent_adds_draw_no_429() {
 
 // ---------------------------------------------------------------------------------------------
 // Logging
-
-/// Collects everything written by a tracing subscriber.
-#[derive(Clone, Default)]
-struct CapturedLog(Arc<Mutex<Vec<u8>>>);
-
-impl Write for CapturedLog {
-    fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend_from_slice(bytes);
-        Ok(bytes.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl CapturedLog {
-    fn text(&self) -> String {
-        String::from_utf8_lossy(&self.0.lock().unwrap_or_else(std::sync::PoisonError::into_inner)).into_owned()
-    }
-}
-
-#[tokio::test]
-async fn logs_show_attempts_and_retries_but_never_the_secret_or_token() {
-    let log = CapturedLog::default();
-    let writer = log.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_max_level(tracing::Level::DEBUG)
-        .with_ansi(false)
-        .with_writer(move || writer.clone())
-        .finish();
-    // The test runtime is single-threaded, so a thread-local default sees every event.
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let h = harness().await;
-    register(&h.client, &["alice", "bob"]).await;
-    h.sandbox.inject_faults(contacts_fault(401, 1));
-    h.sandbox.inject_faults(contacts_fault(429, 1));
-    h.client.add_friend("alice", "bob").await.expect("added");
-    let wrong = EasemobClient::new(
-        ClientConfig { client_secret: Secret::new("wrong-secret"), ..client_config(&h.sandbox, &sandbox_config()) },
-        h.clock.clone(),
-    )
-    .expect("client");
-    wrong.get_user("alice").await.expect_err("no token");
-
-    let text = log.text();
-    assert!(text.contains("retrying"), "{text}");
-    assert!(text.contains("attempt=3"), "{text}");
-    assert!(!text.contains("sandbox-client-secret"), "{text}");
-    assert!(!text.contains("wrong-secret"), "{text}");
-    assert!(!text.contains("Bearer"), "{text}");
-    // The client's own Debug output is just as discreet.
-    let debug = format!("{:?}", h.client);
-    assert!(!debug.contains("sandbox-client-secret"), "{debug}");
-}

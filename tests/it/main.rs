@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod client;
+mod client_support;
 mod crash;
 mod faults;
 mod friends;
