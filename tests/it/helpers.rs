@@ -85,7 +85,14 @@ impl TestApp {
             base: format!("http://{addr}"),
             db_path: db_path.to_path_buf(),
             db_url,
-            client: reqwest::Client::new(),
+            // The server closes keep-alive connections that stay idle past --header-timeout (1 s
+            // in the slow-loris test); a pooled connection reused at that instant fails with
+            // IncompleteMessage. Dropping idle connections sooner than any server timeout used
+            // in the tests avoids that race.
+            client: reqwest::Client::builder()
+                .pool_idle_timeout(std::time::Duration::from_millis(300))
+                .build()
+                .expect("http client"),
             sandbox,
             shutdown: Some(tx),
             join: Some(join),
