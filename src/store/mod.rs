@@ -240,6 +240,8 @@ impl Store {
         let write_options = connect_options(&opts.database_url)?
             .synchronous(sync)
             .pragma("cache_size", "-32768")
+            // Room for the fast path's statement per row count (up to 64) besides the others.
+            .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
         let mut conn = write_options.connect().await?;
         sqlx::migrate!("./migrations").run(&mut conn).await?;
@@ -261,6 +263,7 @@ impl Store {
             committed: committed_tx,
             health: health.clone(),
             data_version: None,
+            fast_sql: Vec::new(),
         };
         let recovered_calls = if opts.recover_interrupted_calls { writer.close_interrupted_calls().await? } else { 0 };
         if recovered_calls > 0 {

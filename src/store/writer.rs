@@ -211,6 +211,8 @@ pub(super) struct Writer {
     /// `PRAGMA data_version` when `head` was last known to be current; `None`: reload it before
     /// the next write. See [`refresh_head`].
     pub data_version: Option<i64>,
+    /// [`fast_insert_sql`] by row count (index `n - 1`), built on first use.
+    pub fast_sql: Vec<String>,
 }
 
 /// Every write transaction starts with this: it takes the write lock at once (rather than at the
@@ -251,30 +253,46 @@ ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1,
     last_received_at_ms = excluded.received_at_ms, last_remote_addr = excluded.remote_addr
 RETURNING id, dedup_key, deliveries, seq";
 
-/// The fast path: a whole batch of callbacks in ONE autocommit statement, chain links included.
+/// Most callbacks in one fast-path statement. Each row binds [`FAST_COLUMNS`] parameters and the
+/// statement text depends only on the row count, so this bounds both the parameters per statement
+/// and the number of statements the connection keeps prepared. A larger batch is written as
+/// several statements, each committed (and answered) on its own.
+const FAST_ROWS: usize = 64;
+
+/// Parameters per row of the fast path (see [`fast_insert_sql`]).
+const FAST_COLUMNS: usize = 20;
+
+/// The fast path for `rows` callbacks: ONE autocommit statement, chain links included.
 ///
 /// The writer computes `seq` and the chain links in advance, assuming every distinct dedup key is
 /// new and that it knows the chain head. Two guards make that assumption safe inside the same
 /// atomic statement: the head in the database must equal the writer's (another process, such as
-/// `quarantine reverify`, may have written), and none of the keys marked new may exist yet. If
-/// either fails, the statement inserts nothing and the batch goes the transactional way. Rows
-/// repeating a key of the same batch carry no seq and land in `ON CONFLICT` as another delivery.
-/// Because the SELECT reads the target table, SQLite evaluates it fully before inserting, so the
-/// guards see the state before this batch.
-const INSERT_CALLBACKS_CHAINED: &str = "\
-INSERT INTO callbacks (dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation,
-                       from_user, to_user, pair_key, timestamp_ms, received_at_ms, scheme,
-                       secret_index, raw_body, body_sha256, remote_addr, seq, prev_hash, chain_hash)
-SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
-       value->>7, value->>8, value->>9, value->>10, value->>11, value->>12,
-       value->>13, value->>14, value->>15, value->>16, value->>17, value->>18, value->>19
-FROM json_each(?1)
-WHERE max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)) = ?2
-  AND NOT EXISTS (SELECT 1 FROM json_each(?1) AS j JOIN callbacks AS c ON c.dedup_key = j.value->>0
-                  WHERE j.value->>17 IS NOT NULL)
-ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1,
-    last_received_at_ms = excluded.received_at_ms, last_remote_addr = excluded.remote_addr
-";
+/// `quarantine reverify`, may have written), and none of the batch's keys may exist yet. If either
+/// fails, the statement inserts nothing and the callbacks go the transactional way. Rows repeating
+/// a key of the same batch carry no seq and land in `ON CONFLICT` as another delivery. Because the
+/// SELECT reads the target table, SQLite evaluates it fully before inserting, so the guards see the
+/// state before this statement.
+///
+/// Rows are bound as plain parameters rather than as one JSON array read through `json_each`:
+/// extracting 20 fields per row from JSON text cost SQLite about as much as inserting the row.
+/// The placeholders are anonymous (`?`) on purpose, the keys of the guard bound a second time:
+/// with numbered ones (`?21`) sqlx looks each parameter's name up, which SQLite answers by a
+/// linear search, quadratic in the row count.
+fn fast_insert_sql(rows: usize) -> String {
+    let row = format!("({})", vec!["?"; FAST_COLUMNS].join(","));
+    format!(
+        "INSERT INTO callbacks (dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation, \
+         from_user, to_user, pair_key, timestamp_ms, received_at_ms, scheme, secret_index, raw_body, \
+         body_sha256, remote_addr, seq, prev_hash, chain_hash)\n\
+         SELECT * FROM (VALUES {rows_sql})\n\
+         WHERE max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)) = ?\n\
+         AND NOT EXISTS (SELECT 1 FROM callbacks WHERE dedup_key IN ({keys}))\n\
+         ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1, \
+         last_received_at_ms = excluded.received_at_ms, last_remote_addr = excluded.remote_addr",
+        rows_sql = vec![row.as_str(); rows].join(",\n"),
+        keys = vec!["?"; rows].join(","),
+    )
+}
 
 const CHAIN_CALLBACKS: &str = "\
 UPDATE callbacks SET seq = j.value->>1, prev_hash = j.value->>2, chain_hash = j.value->>3
@@ -318,16 +336,15 @@ fn callback_content(seq: i64, cb: &NewCallback) -> CallbackContent<'_> {
     }
 }
 
-/// One row of the JSON array the callback inserts read through `json_each`: elements 0..=16 are
-/// the columns of [`INSERT_CALLBACKS`]; [`INSERT_CALLBACKS_CHAINED`] also reads `link`'s
-/// `[seq, prev_hash, chain_hash]` as elements 17..=19.
-fn callback_row(cb: &NewCallback, link: Value) -> Value {
+/// One row of the JSON array [`INSERT_CALLBACKS`] reads through `json_each` (the transactional
+/// path; the fast path binds the same columns as parameters).
+fn callback_row(cb: &NewCallback) -> Value {
     let e = &cb.event;
     let pk = match (&e.from_user, &e.to_user) {
         (Some(f), Some(t)) => Some(pair_key(f, t)),
         _ => None,
     };
-    let mut row = json!([
+    json!([
         e.dedup_key,
         e.call_id,
         e.msg_id,
@@ -345,11 +362,7 @@ fn callback_row(cb: &NewCallback, link: Value) -> Value {
         cb.raw_body,
         cb.body_sha256,
         cb.remote_addr
-    ]);
-    if let (Value::Array(cols), Value::Array(link)) = (&mut row, link) {
-        cols.extend(link);
-    }
-    row
+    ])
 }
 
 /// The pair key both tables use: the two users in a fixed order, joined by a unit separator.
@@ -439,26 +452,23 @@ impl Writer {
         }
         // Under load almost every job is a callback: those go in one statement if they can.
         if batch.iter().any(|j| matches!(j, Job::Callback(..))) {
-            match self.write_callbacks_fast(batch).await {
-                Ok(true) => {
-                    self.health.set(None);
-                    let _ = self.committed.send(self.head.seq);
-                    batch.retain(|j| !matches!(j, Job::Callback(..)));
-                    if batch.is_empty() {
-                        return;
-                    }
+            let (mut callbacks, rest): (Vec<Job>, Vec<Job>) =
+                batch.drain(..).partition(|j| matches!(j, Job::Callback(..)));
+            *batch = rest;
+            if let Err(err) = self.write_callbacks_fast(&mut callbacks).await {
+                tracing::error!(error = %err, jobs = callbacks.len() + batch.len(), "write batch failed; answering 503");
+                self.health.set(Some(err.to_string()));
+                self.data_version = None;
+                for job in callbacks.drain(..).chain(batch.drain(..)) {
+                    job.fail(&err);
                 }
-                Ok(false) => {} // a guard tripped: everything goes the transactional way
-                Err(err) => {
-                    tracing::error!(error = %err, jobs = batch.len(), "write batch failed; answering 503");
-                    self.health.set(Some(err.to_string()));
-                    self.data_version = None;
-                    for job in batch.drain(..) {
-                        job.fail(&err);
-                    }
-                    self.reopen_pending = true;
-                    return;
-                }
+                self.reopen_pending = true;
+                return;
+            }
+            // Left over only when a guard tripped: those go the transactional way.
+            batch.append(&mut callbacks);
+            if batch.is_empty() {
+                return;
             }
         }
         let now = self.clock.now_ms();
@@ -485,38 +495,104 @@ impl Writer {
         }
     }
 
-    /// Stores the batch's callbacks with [`INSERT_CALLBACKS_CHAINED`] and answers them. `Ok(false)`:
-    /// a guard tripped and nothing was written; the caller retries them in a transaction.
-    async fn write_callbacks_fast(&mut self, batch: &mut [Job]) -> Result<bool, StoreError> {
+    /// Stores callbacks through the fast path ([`fast_insert_sql`]), at most [`FAST_ROWS`] per
+    /// statement, answering each statement's callbacks once it has committed. Written jobs are
+    /// removed from `jobs`; what is left when a guard trips goes the transactional way.
+    async fn write_callbacks_fast(&mut self, jobs: &mut Vec<Job>) -> Result<(), StoreError> {
+        while !jobs.is_empty() {
+            let n = jobs.len().min(FAST_ROWS);
+            let Some(acks) = self.write_fast_chunk(&jobs[..n]).await? else { return Ok(()) };
+            for (job, ack) in jobs.drain(..n).zip(acks) {
+                if let Job::Callback(_, tx) = job {
+                    let _ = tx.send(Ok(ack));
+                }
+            }
+            self.health.set(None);
+            let _ = self.committed.send(self.head.seq);
+        }
+        Ok(())
+    }
+
+    /// One fast-path statement over `chunk` (callback jobs only). `None`: a guard tripped and
+    /// nothing was written.
+    async fn write_fast_chunk(&mut self, chunk: &[Job]) -> Result<Option<Vec<CallbackAck>>, StoreError> {
+        let callbacks: Vec<&NewCallback> = chunk
+            .iter()
+            .filter_map(|j| match j {
+                Job::Callback(cb, _) => Some(&**cb),
+                _ => None,
+            })
+            .collect();
         let mut head = self.head.clone();
         // Distinct keys in batch order get the next seqs; repeats within the batch get none.
-        let mut seq_of_key: HashMap<&str, i64> = HashMap::new();
-        let mut rows = Vec::with_capacity(batch.len());
-        for job in batch.iter() {
-            let Job::Callback(cb, _) = job else { continue };
-            let e = &cb.event;
-            let (seq, prev, hash) = if seq_of_key.contains_key(e.dedup_key.as_str()) {
-                (None, None, None)
-            } else {
-                let seq = head.seq + 1;
-                let hash = chain::link(&head.hash, &callback_content(seq, cb).canonical());
-                let prev = std::mem::replace(&mut head, ChainHead { seq, hash: hash.clone() }).hash;
-                seq_of_key.insert(e.dedup_key.as_str(), seq);
-                (Some(seq), Some(prev), Some(hash))
-            };
-            rows.push(callback_row(cb, json!([seq, prev, hash])));
+        let mut seq_of_key: HashMap<&str, i64> = HashMap::with_capacity(callbacks.len());
+        let mut links: Vec<Option<(i64, String, String)>> = Vec::with_capacity(callbacks.len());
+        let mut acks = Vec::with_capacity(callbacks.len());
+        for cb in &callbacks {
+            let key = cb.event.dedup_key.as_str();
+            if let Some(&seq) = seq_of_key.get(key) {
+                links.push(None);
+                acks.push(CallbackAck { seq, duplicate: true });
+                continue;
+            }
+            let seq = head.seq + 1;
+            let hash = chain::link(&head.hash, &callback_content(seq, cb).canonical());
+            let prev = std::mem::replace(&mut head, ChainHead { seq, hash: hash.clone() }).hash;
+            seq_of_key.insert(key, seq);
+            links.push(Some((seq, prev, hash)));
+            acks.push(CallbackAck { seq, duplicate: false });
         }
-        let expected = rows.len() as u64;
+        if self.fast_sql.len() < callbacks.len() {
+            self.fast_sql.resize_with(callbacks.len(), String::new);
+        }
+        let sql = &mut self.fast_sql[callbacks.len() - 1];
+        if sql.is_empty() {
+            *sql = fast_insert_sql(callbacks.len());
+        }
+        let mut query = sqlx::query(sql.as_str());
+        for (cb, link) in callbacks.iter().zip(&links) {
+            let e = &cb.event;
+            let pair = match (&e.from_user, &e.to_user) {
+                (Some(f), Some(t)) => Some(pair_key(f, t)),
+                _ => None,
+            };
+            let (seq, prev, hash) = match link {
+                Some((seq, prev, hash)) => (Some(*seq), Some(prev.as_str()), Some(hash.as_str())),
+                None => (None, None, None),
+            };
+            query = query
+                .bind(e.dedup_key.as_str())
+                .bind(e.call_id.as_str())
+                .bind(e.msg_id.as_deref())
+                .bind(e.appkey.as_deref())
+                .bind(e.event_type.as_deref())
+                .bind(e.chat_type.as_deref())
+                .bind(e.operation.as_deref())
+                .bind(e.from_user.as_deref())
+                .bind(e.to_user.as_deref())
+                .bind(pair)
+                .bind(e.timestamp_ms)
+                .bind(cb.received_at_ms)
+                .bind(cb.scheme)
+                .bind(cb.secret_index)
+                .bind(cb.raw_body.as_str())
+                .bind(cb.body_sha256.as_str())
+                .bind(cb.remote_addr.as_deref())
+                .bind(seq)
+                .bind(prev)
+                .bind(hash);
+        }
         // `execute`, not RETURNING: sqlx would hand each returned row across threads one by one.
         // The guards make the count enough: either every row was inserted or upserted (all new
         // keys with exactly the seqs computed above), or a guard tripped and nothing was written.
-        let done = sqlx::query(INSERT_CALLBACKS_CHAINED)
-            .bind(Value::Array(rows).to_string())
-            .bind(self.head.seq)
-            .execute(&mut self.conn)
-            .await?;
+        query = query.bind(self.head.seq);
+        for cb in &callbacks {
+            query = query.bind(cb.event.dedup_key.as_str());
+        }
+        let done = query.execute(&mut self.conn).await?;
+        let expected = callbacks.len() as u64;
         match done.rows_affected() {
-            0 => return Ok(false),
+            0 => return Ok(None),
             n if n == expected => {}
             n => {
                 // Cannot happen while the guards hold; never answer 200 on a surprise.
@@ -527,28 +603,7 @@ impl Writer {
             }
         }
         self.head = head;
-        let mut answered: std::collections::HashSet<&str> = std::collections::HashSet::new();
-        let mut answers = Vec::new();
-        for job in batch.iter() {
-            let Job::Callback(cb, _) = job else { continue };
-            let key = cb.event.dedup_key.as_str();
-            let seq = seq_of_key.get(key).copied().unwrap_or_default();
-            answers.push(CallbackAck { seq, duplicate: !answered.insert(key) });
-        }
-        drop(seq_of_key);
-        drop(answered);
-        let mut answers = answers.into_iter();
-        for job in batch.iter_mut() {
-            if let Job::Callback(_, tx) = job {
-                if let Some(ack) = answers.next() {
-                    // Swap the sender out: the job is removed from the batch by the caller.
-                    let (dummy, _) = oneshot::channel();
-                    let tx = std::mem::replace(tx, dummy);
-                    let _ = tx.send(Ok(ack));
-                }
-            }
-        }
-        Ok(true)
+        Ok(Some(acks))
     }
 
     async fn write(&mut self, batch: &[Job], head: &mut ChainHead, now: i64) -> Result<Vec<Answer>, StoreError> {
@@ -593,7 +648,7 @@ impl Writer {
             let mut rows = Vec::with_capacity(cb_jobs.len());
             for &(_, cb) in &cb_jobs {
                 // The chain links are set by CHAIN_CALLBACKS once the new rows are known.
-                rows.push(callback_row(cb, Value::Null));
+                rows.push(callback_row(cb));
             }
             let returned =
                 sqlx::query(INSERT_CALLBACKS).bind(Value::Array(rows).to_string()).fetch_all(&mut *tx).await?;
@@ -883,5 +938,94 @@ impl Answer {
             (Job::Outcome(_, tx), Answer::Outcome(r)) => drop(tx.send(Ok(*r))),
             (job, _) => job.fail(&StoreError::Write("writer produced no answer for a job".into())),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Store, StoreOptions};
+
+    fn body(n: u64) -> String {
+        let call_id = format!("demo-org#demo-app_{n}");
+        let ts = "1700000000000";
+        let security = crate::signature::easemob::sign(&call_id, "s", ts);
+        format!(
+            r#"{{"chat_type":"roster","callId":"{call_id}","security":"{security}","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"u{n}","to":"v{n}","eventType":"chat","msg_id":"{n}","timestamp":{ts}}}"#
+        )
+    }
+
+    fn new_callback(n: u64) -> NewCallback {
+        let body = body(n);
+        NewCallback {
+            event: crate::callback::parse(body.as_bytes(), true).expect("test body parses"),
+            body_sha256: chain::sha256_hex(body.as_bytes()),
+            raw_body: body,
+            received_at_ms: 1_000 + n as i64,
+            remote_addr: Some("127.0.0.1:1".into()),
+            scheme: "easemob",
+            secret_index: 0,
+        }
+    }
+
+    #[test]
+    fn fast_insert_sql_has_one_placeholder_per_bound_value() {
+        for rows in [1, 2, FAST_ROWS] {
+            let sql = fast_insert_sql(rows);
+            assert_eq!(sql.matches('?').count(), rows * FAST_COLUMNS + 1 + rows, "{rows} rows");
+        }
+    }
+
+    /// More callbacks than one fast-path statement takes, queued before the writer looks (a
+    /// current-thread runtime runs every spawned sender first), with repeats both inside a chunk
+    /// and across chunks: a repeat in a later chunk trips that chunk's guard, so the batch is
+    /// written partly fast, partly transactionally. Whatever the path, every distinct event gets
+    /// one gap-free seq, repeats are answered as duplicates of it, and the chain verifies.
+    #[tokio::test]
+    async fn batches_larger_than_one_statement_with_repeats_store_each_event_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("w.db").display());
+        let store = Store::open(StoreOptions::new(url), crate::clock::system()).await.expect("open");
+        // 300 events; every 10th is delivered again right after itself, every 25th once more at
+        // the end (a later chunk).
+        let mut order: Vec<u64> = Vec::new();
+        for n in 1..=300 {
+            order.push(n);
+            if n % 10 == 0 {
+                order.push(n);
+            }
+        }
+        order.extend((1..=300).filter(|n| n % 25 == 0));
+        let handles: Vec<_> = order
+            .iter()
+            .map(|&n| {
+                let store = store.clone();
+                tokio::spawn(async move { (n, store.insert_callback(new_callback(n)).await) })
+            })
+            .collect();
+        let mut seq_of: HashMap<u64, i64> = HashMap::new();
+        let mut firsts: HashMap<u64, usize> = HashMap::new();
+        for h in handles {
+            let (n, ack) = h.await.expect("join");
+            let ack = ack.expect("stored");
+            assert_eq!(*seq_of.entry(n).or_insert(ack.seq), ack.seq, "event {n} answered with two seqs");
+            if !ack.duplicate {
+                *firsts.entry(n).or_default() += 1;
+            }
+        }
+        assert_eq!(seq_of.len(), 300);
+        assert!(firsts.values().all(|&c| c == 1) && firsts.len() == 300, "one first delivery per event");
+        let mut seqs: Vec<i64> = seq_of.values().copied().collect();
+        seqs.sort_unstable();
+        assert_eq!(seqs, (1..=300).collect::<Vec<i64>>(), "gap-free numbering");
+        assert_eq!(store.count_callbacks().await.expect("count"), 300);
+        let deliveries: i64 = sqlx::query_scalar("SELECT sum(deliveries) FROM callbacks")
+            .fetch_one(store.read_pool())
+            .await
+            .expect("sum");
+        assert_eq!(deliveries, order.len() as i64, "every delivery counted");
+        let verdict = crate::commands::audit::verify(&store).await.expect("verify");
+        assert!(matches!(verdict, crate::commands::audit::Verdict::Intact { records: 300, .. }), "{verdict:?}");
+        store.close().await;
     }
 }
