@@ -159,31 +159,7 @@ pub struct RejectionStats {
 impl Store {
     /// `GET /v1/callbacks`: a page in sequence order.
     pub async fn list_callbacks(&self, f: &CallbackFilter) -> Result<Vec<CallbackItem>, StoreError> {
-        let mut q: QueryBuilder<Sqlite> =
-            QueryBuilder::new(format!("SELECT {CALLBACK_COLUMNS} FROM callbacks WHERE seq IS NOT NULL"));
-        if let Some(v) = &f.call_id {
-            q.push(" AND call_id = ").push_bind(v.clone());
-        }
-        if let Some(v) = &f.operation {
-            q.push(" AND operation = ").push_bind(v.clone());
-        }
-        if let Some(v) = &f.from_user {
-            q.push(" AND from_user = ").push_bind(v.clone());
-        }
-        if let Some(v) = &f.to_user {
-            q.push(" AND to_user = ").push_bind(v.clone());
-        }
-        if let Some(v) = f.since_ms {
-            q.push(" AND timestamp_ms >= ").push_bind(v);
-        }
-        if let Some(v) = f.until_ms {
-            q.push(" AND timestamp_ms < ").push_bind(v);
-        }
-        if let Some(v) = f.after_seq {
-            q.push(" AND seq > ").push_bind(v);
-        }
-        q.push(" ORDER BY seq LIMIT ").push_bind(f.limit);
-        let rows = q.build().fetch_all(self.read_pool()).await?;
+        let rows = list_callbacks_query(f, "").build().fetch_all(self.read_pool()).await?;
         Ok(rows.iter().map(callback_item).collect::<Result<_, _>>()?)
     }
 
@@ -262,5 +238,168 @@ impl Store {
         q.push(" ORDER BY id LIMIT ").push_bind(f.limit);
         let rows = q.build().fetch_all(self.read_pool()).await?;
         Ok(rows.iter().map(CallRecord::from_row).collect::<Result<_, _>>()?)
+    }
+}
+
+/// The statement of [`Store::list_callbacks`], after `prefix` (tests prepend `EXPLAIN QUERY PLAN`).
+fn list_callbacks_query(f: &CallbackFilter, prefix: &str) -> QueryBuilder<'static, Sqlite> {
+    let mut q: QueryBuilder<Sqlite> =
+        QueryBuilder::new(format!("{prefix}SELECT {CALLBACK_COLUMNS} FROM callbacks WHERE seq IS NOT NULL"));
+    // A user filter is answered through callback_users for what the writer has indexed and
+    // by scanning the newer tail (seq > upto_seq, through the seq index) for the rest, so the
+    // answer is complete whatever the indexing progress. `from` drives when both are given;
+    // the other is checked on each row below.
+    let by_user = match (&f.from_user, &f.to_user) {
+        (Some(u), _) => Some((0, "from_user", u)),
+        (None, Some(u)) => Some((1, "to_user", u)),
+        (None, None) => None,
+    };
+    if let Some((role, column, user)) = by_user {
+        let after = f.after_seq.unwrap_or(0);
+        q.push(" AND seq IN (SELECT seq FROM callback_users WHERE role = ")
+            .push_bind(role)
+            .push(" AND user_id = ")
+            .push_bind(user.clone())
+            .push(" AND seq > ")
+            .push_bind(after)
+            .push(" UNION ALL SELECT seq FROM callbacks WHERE seq > max(")
+            .push_bind(after)
+            .push(", coalesce((SELECT upto_seq FROM callback_users_progress), 0)) AND ")
+            .push(column)
+            .push(" = ")
+            .push_bind(user.clone())
+            .push(")");
+    }
+    if let Some(v) = &f.call_id {
+        q.push(" AND call_id = ").push_bind(v.clone());
+    }
+    if let Some(v) = &f.operation {
+        q.push(" AND operation = ").push_bind(v.clone());
+    }
+    if let Some(v) = &f.from_user {
+        q.push(" AND from_user = ").push_bind(v.clone());
+    }
+    if let Some(v) = &f.to_user {
+        q.push(" AND to_user = ").push_bind(v.clone());
+    }
+    if let Some(v) = f.since_ms {
+        q.push(" AND timestamp_ms >= ").push_bind(v);
+    }
+    if let Some(v) = f.until_ms {
+        q.push(" AND timestamp_ms < ").push_bind(v);
+    }
+    if let Some(v) = f.after_seq {
+        q.push(" AND seq > ").push_bind(v);
+    }
+    q.push(" ORDER BY seq LIMIT ").push_bind(f.limit);
+    q
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{NewCallback, StoreOptions};
+    use sqlx::Connection;
+
+    const FROMS: [&str; 3] = ["ann", "bo", "cy"];
+    const TOS: [&str; 2] = ["xi", "yu"];
+
+    fn new_callback(n: usize) -> NewCallback {
+        let (from, to) = (FROMS[n % 3], TOS[n % 2]);
+        let body = format!(
+            r#"{{"chat_type":"roster","callId":"demo-org#demo-app_{n}","security":"x","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"{from}","to":"{to}","eventType":"chat","msg_id":"{n}","timestamp":1700000000000}}"#
+        );
+        NewCallback {
+            event: crate::callback::parse(body.as_bytes(), true).expect("test body parses"),
+            body_sha256: chain::sha256_hex(body.as_bytes()),
+            raw_body: body,
+            received_at_ms: 1_000,
+            remote_addr: None,
+            scheme: "easemob",
+            secret_index: 0,
+        }
+    }
+
+    /// Every (from, to) filter combination, paged three at a time through the cursor.
+    async fn check_user_filters(store: &Store, stored: &[(i64, &str, &str)], state: &str) {
+        let filters = [(Some("ann"), None), (None, Some("yu")), (Some("bo"), Some("xi")), (Some("cy"), Some("nobody"))];
+        for (from, to) in filters {
+            let expected: Vec<i64> = stored
+                .iter()
+                .filter(|(_, f, t)| from.is_none_or(|u| u == *f) && to.is_none_or(|u| u == *t))
+                .map(|(seq, ..)| *seq)
+                .collect();
+            let mut got = Vec::new();
+            let mut after = None;
+            loop {
+                let page = store
+                    .list_callbacks(&CallbackFilter {
+                        from_user: from.map(str::to_string),
+                        to_user: to.map(str::to_string),
+                        after_seq: after,
+                        limit: 3,
+                        ..CallbackFilter::default()
+                    })
+                    .await
+                    .expect("list");
+                let Some(last) = page.last() else { break };
+                after = Some(last.seq);
+                got.extend(page.iter().map(|c| c.seq));
+            }
+            assert_eq!(got, expected, "from={from:?} to={to:?} with {state}");
+        }
+    }
+
+    /// Queries by user are complete however far the writer has got with `callback_users`: fully
+    /// indexed (a closed store indexes what is pending), nothing indexed, and half way.
+    #[tokio::test]
+    async fn user_filters_are_complete_whatever_the_indexing_progress() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("r.db").display());
+        let store = Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await.expect("open");
+        let mut stored = Vec::new();
+        for n in 0..40 {
+            let ack = store.insert_callback(new_callback(n)).await.expect("insert");
+            stored.push((ack.seq, FROMS[n % 3], TOS[n % 2]));
+        }
+        store.close().await;
+
+        let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+        let upto: i64 = sqlx::query_scalar("SELECT upto_seq FROM callback_users_progress")
+            .fetch_one(&mut conn)
+            .await
+            .expect("progress");
+        assert_eq!(upto, 40, "closing the store indexes everything pending");
+        let reader = Store::open_read_only(&url).await.expect("read-only");
+        check_user_filters(&reader, &stored, "everything indexed").await;
+
+        sqlx::query("DELETE FROM callback_users").execute(&mut conn).await.expect("wipe");
+        sqlx::query("UPDATE callback_users_progress SET upto_seq = 0").execute(&mut conn).await.expect("reset");
+        check_user_filters(&reader, &stored, "nothing indexed").await;
+
+        crate::store::writer::index_users(&mut conn, 0, 17).await.expect("index half");
+        check_user_filters(&reader, &stored, "seq 1..=17 indexed").await;
+        conn.close().await.expect("close");
+    }
+
+    /// A user filter reads callback_users through its key and the tail through the seq index; it
+    /// never scans the callbacks table.
+    #[tokio::test]
+    async fn a_user_filter_uses_the_user_entries_and_the_seq_index() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("p.db").display());
+        let store = Store::open(StoreOptions::new(url), crate::clock::system()).await.expect("open");
+        let filter = CallbackFilter { to_user: Some("yu".into()), after_seq: Some(5), limit: 10, ..Default::default() };
+        let plan: Vec<String> = list_callbacks_query(&filter, "EXPLAIN QUERY PLAN ")
+            .build()
+            .fetch_all(store.read_pool())
+            .await
+            .expect("plan")
+            .iter()
+            .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
+            .collect();
+        assert!(plan.iter().any(|d| d.contains("callback_users") && d.contains("PRIMARY KEY")), "{plan:?}");
+        assert!(!plan.iter().any(|d| d.starts_with("SCAN callbacks")), "{plan:?}");
+        store.close().await;
     }
 }

@@ -128,6 +128,8 @@ impl Store {
             progress(written);
             n = end;
         }
+        // What the writer does behind the commit, done once for the whole seed.
+        super::writer::index_users(&mut conn, 0, seq).await?;
         sqlx::query("PRAGMA optimize").execute(&mut conn).await?;
         conn.close().await?;
         Ok(())

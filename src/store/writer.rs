@@ -1,9 +1,11 @@
 //! The single group-commit writer: the only code that writes to the database.
 //!
-//! Requests hand their row to this task over a bounded channel and wait for a oneshot answer.
-//! The task takes everything queued (up to `max_batch`), writes it in ONE transaction with one
-//! statement per kind of row (rows travel as a JSON array bound to `json_each(?)`), commits, and
-//! only then answers. Why this shape (see shared/reference/performance-probe.md):
+//! Requests hand their row to this task (on a thread of its own) over a bounded channel and wait
+//! for a oneshot answer. The task takes everything queued (up to `max_batch`) and writes it with a
+//! constant number of statements: under load, callbacks go as one autocommit statement per 64
+//! rows with the rows as bound parameters ([`fast_insert_sql`]); anything else goes in ONE
+//! transaction with one statement per kind of row. Only after the commit does it answer. Why this
+//! shape (see shared/reference/performance-probe.md):
 //! - SQLite has one writer; more write connections only add lock contention.
 //! - One commit per request tops out at a few thousand per second (one fsync each); a batch
 //!   shares one fsync among all its rows.
@@ -16,6 +18,10 @@
 //! from the head as committed (`refresh_head`), so the numbering stays one sequence.
 //! Deduplication is still atomic in the database (`INSERT ... ON CONFLICT` on the unique dedup
 //! key), not a check in memory.
+//!
+//! Behind the commits, the writer adds each callback's entries to `callback_users` (the lookup by
+//! `from`/`to`) in chunks ([`index_users`]): per-user index entries land on random pages, and
+//! keeping them up to date in every small commit cost as much as storing the callback itself.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -213,6 +219,37 @@ pub(super) struct Writer {
     pub data_version: Option<i64>,
     /// [`fast_insert_sql`] by row count (index `n - 1`), built on first use.
     pub fast_sql: Vec<String>,
+    /// Every callback up to this seq has its `callback_users` entries (see [`index_users`]).
+    pub users_indexed_upto: i64,
+    /// When [`Writer::maybe_index_users`] last ran.
+    pub users_indexed_at: std::time::Instant,
+}
+
+/// Under steady load, the writer adds `callback_users` entries once this many sequence numbers
+/// have been assigned since the last time: a chunk this size puts many entries on each index page
+/// it touches, where per-batch maintenance wrote a whole page per entry.
+const USER_INDEX_CHUNK: i64 = 4096;
+
+/// When no request is waiting, the writer indexes what is pending, at most this often (a quiet
+/// service keeps its tail short without a commit per trickling callback).
+const USER_INDEX_IDLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
+
+const INDEX_USERS: &str = "\
+INSERT OR IGNORE INTO callback_users (role, user_id, seq)
+SELECT 0, from_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND from_user IS NOT NULL
+UNION ALL
+SELECT 1, to_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND to_user IS NOT NULL
+ORDER BY 1, 2, 3";
+
+/// Adds the `callback_users` entries of callbacks with `after < seq <= upto` and records the
+/// progress, in one transaction. Idempotent (`OR IGNORE`), so a writer in another process that
+/// indexed some of the same range does no harm; progress only moves forward.
+pub(super) async fn index_users(conn: &mut SqliteConnection, after: i64, upto: i64) -> Result<(), StoreError> {
+    let mut tx = conn.begin_with(BEGIN_WRITE).await?;
+    sqlx::query(INDEX_USERS).bind(after).bind(upto).execute(&mut *tx).await?;
+    sqlx::query("UPDATE callback_users_progress SET upto_seq = max(upto_seq, ?1)").bind(upto).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(())
 }
 
 /// Every write transaction starts with this: it takes the write lock at once (rather than at the
@@ -412,13 +449,36 @@ impl Writer {
             let jobs = batch.len();
             self.commit_batch(&mut batch).await;
             stats.record(jobs, started.elapsed());
+            self.maybe_index_users(rx.is_empty(), false).await;
         }
+        self.maybe_index_users(true, true).await;
         // Closing (rather than dropping) the connection runs SQLite's final checkpoint before the
         // process exits, so a stopped service leaves a clean database file.
         if let Err(err) = self.conn.close().await {
             tracing::warn!(error = %err, "closing the write connection failed");
         }
         tracing::debug!("writer: channel closed, exited");
+    }
+
+    /// Adds pending `callback_users` entries when a chunk is full, when the writer is idle (at most
+    /// every [`USER_INDEX_IDLE_EVERY`]) or, with `now`, whatever is pending. Never fails a request:
+    /// readers scan the unindexed tail, so an error only costs query speed until the next try.
+    async fn maybe_index_users(&mut self, idle: bool, now: bool) {
+        let pending = self.head.seq - self.users_indexed_upto;
+        let due =
+            pending >= USER_INDEX_CHUNK || (idle && (now || self.users_indexed_at.elapsed() >= USER_INDEX_IDLE_EVERY));
+        if pending <= 0 || !due {
+            return;
+        }
+        self.users_indexed_at = std::time::Instant::now();
+        let upto = self.head.seq;
+        match index_users(&mut self.conn, self.users_indexed_upto, upto).await {
+            Ok(()) => self.users_indexed_upto = upto,
+            Err(err) => {
+                tracing::warn!(error = %err, pending, "adding callback user entries failed; queries scan the tail meanwhile");
+                self.reopen_pending = true;
+            }
+        }
     }
 
     /// Replaces the write connection after a failed batch. A failed COMMIT (disk full, I/O error)
