@@ -3,7 +3,7 @@
 //! Requests hand their row to this task (on a thread of its own) over a bounded channel and wait
 //! for a oneshot answer. The task takes everything queued (up to `max_batch`) and writes it with a
 //! constant number of statements: under load, callbacks go as one autocommit statement per 64
-//! rows with the rows as bound parameters ([`fast_insert_sql`]); anything else goes in ONE
+//! rows with the rows as bound parameters (`fast_insert_sql`); anything else goes in ONE
 //! transaction with one statement per kind of row. Only after the commit does it answer. Why this
 //! shape (see shared/reference/performance-probe.md):
 //! - SQLite has one writer; more write connections only add lock contention.
@@ -20,7 +20,7 @@
 //! key), not a check in memory.
 //!
 //! Behind the commits, the writer adds each callback's entries to `callback_users` (the lookup by
-//! `from`/`to`) in chunks ([`index_users`]): per-user index entries land on random pages, and
+//! `from`/`to`) in chunks (`index_users`): per-user index entries land on random pages, and
 //! keeping them up to date in every small commit cost as much as storing the callback itself.
 
 use std::collections::HashMap;
