@@ -5,7 +5,7 @@
 //! seeded database.
 
 use serde_json::{Value, json};
-use sqlx::{Connection, SqliteConnection};
+use sqlx::{ConnectOptions, Connection, SqliteConnection};
 
 use super::chain::{self, CallContent, CallbackContent};
 use super::{Store, StoreError};
@@ -27,7 +27,11 @@ impl Store {
     /// Seeds an empty database; calls `progress(rows_written)` now and then.
     pub async fn seed_bulk(&self, spec: SeedSpec, mut progress: impl FnMut(u64)) -> Result<(), StoreError> {
         let url = self.database_url.clone();
-        let mut conn = SqliteConnection::connect(&url).await?;
+        // Bulk statements take seconds by design; sqlx would log each as a slow statement.
+        let mut conn = <sqlx::sqlite::SqliteConnectOptions as std::str::FromStr>::from_str(&url)?
+            .log_slow_statements(tracing::log::LevelFilter::Off, std::time::Duration::ZERO)
+            .connect()
+            .await?;
         sqlx::query("PRAGMA synchronous = OFF").execute(&mut conn).await?;
         let mut prev = chain::GENESIS.to_string();
         let mut seq = 0i64;
