@@ -8,14 +8,19 @@
 -- takes many entries. Readers cover the not-yet-indexed tail (seq > upto_seq) by scanning it
 -- through the seq index, so a query never misses a stored callback. Derived data: it can be
 -- rebuilt from `callbacks` at any time and is not part of the hash chain.
+--
+-- Entries are grouped by `bucket` = seq >> 16 (65,536 sequence numbers) ahead of the user, so a
+-- chunk of new entries lands in the current bucket's few hundred pages however large the table
+-- grows; a query by user looks the user up once per bucket.
 DROP INDEX callbacks_by_from;
 DROP INDEX callbacks_by_to;
 
 CREATE TABLE callback_users (
     role    INTEGER NOT NULL CHECK (role IN (0, 1)), -- 0: the callback's `from`, 1: its `to`
+    bucket  INTEGER NOT NULL,                         -- seq >> 16
     user_id TEXT    NOT NULL,
     seq     INTEGER NOT NULL,
-    PRIMARY KEY (role, user_id, seq)
+    PRIMARY KEY (role, bucket, user_id, seq)
 ) WITHOUT ROWID;
 
 -- Every callback with seq <= upto_seq has its entries in callback_users.
@@ -24,10 +29,10 @@ CREATE TABLE callback_users_progress (
     upto_seq INTEGER NOT NULL
 );
 
-INSERT INTO callback_users (role, user_id, seq)
-SELECT 0, from_user, seq FROM callbacks WHERE seq IS NOT NULL AND from_user IS NOT NULL
+INSERT INTO callback_users (role, bucket, user_id, seq)
+SELECT 0, seq >> 16, from_user, seq FROM callbacks WHERE seq IS NOT NULL AND from_user IS NOT NULL
 UNION ALL
-SELECT 1, to_user, seq FROM callbacks WHERE seq IS NOT NULL AND to_user IS NOT NULL;
+SELECT 1, seq >> 16, to_user, seq FROM callbacks WHERE seq IS NOT NULL AND to_user IS NOT NULL;
 
 INSERT INTO callback_users_progress (id, upto_seq)
 VALUES (1, max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)));

@@ -256,11 +256,18 @@ fn list_callbacks_query(f: &CallbackFilter, prefix: &str) -> QueryBuilder<'stati
     };
     if let Some((role, column, user)) = by_user {
         let after = f.after_seq.unwrap_or(0);
-        q.push(" AND seq IN (SELECT seq FROM callback_users WHERE role = ")
+        // One key lookup per bucket of 65,536 sequence numbers (see migration 0002), from the
+        // cursor's bucket to the last indexed one.
+        q.push(" AND seq IN (WITH RECURSIVE buckets (b) AS (SELECT ")
+            .push_bind(after)
+            .push(" >> 16 UNION ALL SELECT b + 1 FROM buckets")
+            .push(" WHERE b < coalesce((SELECT upto_seq FROM callback_users_progress), 0) >> 16)")
+            // CROSS JOIN: SQLite keeps `buckets` as the outer loop, one key lookup per bucket.
+            .push(" SELECT u.seq FROM buckets CROSS JOIN callback_users AS u ON u.role = ")
             .push_bind(role)
-            .push(" AND user_id = ")
+            .push(" AND u.bucket = buckets.b AND u.user_id = ")
             .push_bind(user.clone())
-            .push(" AND seq > ")
+            .push(" AND u.seq > ")
             .push_bind(after)
             .push(" UNION ALL SELECT seq FROM callbacks WHERE seq > max(")
             .push_bind(after)
@@ -351,25 +358,41 @@ mod tests {
     }
 
     /// Queries by user are complete however far the writer has got with `callback_users`: fully
-    /// indexed (a closed store indexes what is pending), nothing indexed, and half way.
+    /// indexed (a closed store indexes what is pending), nothing indexed, and part way; across
+    /// two buckets of entries (a call outcome stored at seq 70,000 makes the later callbacks
+    /// start in the second bucket).
     #[tokio::test]
     async fn user_filters_are_complete_whatever_the_indexing_progress() {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("r.db").display());
-        let store = Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await.expect("open");
         let mut stored = Vec::new();
-        for n in 0..40 {
-            let ack = store.insert_callback(new_callback(n)).await.expect("insert");
-            stored.push((ack.seq, FROMS[n % 3], TOS[n % 2]));
+        for part in 0..2 {
+            let store = Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await.expect("open");
+            for n in part * 20..part * 20 + 20 {
+                let ack = store.insert_callback(new_callback(n)).await.expect("insert");
+                stored.push((ack.seq, FROMS[n % 3], TOS[n % 2]));
+            }
+            store.close().await;
+            if part == 0 {
+                let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
+                sqlx::query(
+                    "INSERT INTO calls (op, owner, friend, pair_key, requested_at_ms, outcome, seq, prev_hash, chain_hash)
+                     VALUES ('add', 'p', 'q', 'p\x1fq', 0, 'unknown', 70000, 'x', 'y')",
+                )
+                .execute(&mut conn)
+                .await
+                .expect("skip ahead");
+                conn.close().await.expect("close");
+            }
         }
-        store.close().await;
+        assert_eq!((stored[19].0, stored[20].0), (20, 70_001), "the second half starts in bucket 1");
 
         let mut conn = sqlx::SqliteConnection::connect(&url).await.expect("connect");
         let upto: i64 = sqlx::query_scalar("SELECT upto_seq FROM callback_users_progress")
             .fetch_one(&mut conn)
             .await
             .expect("progress");
-        assert_eq!(upto, 40, "closing the store indexes everything pending");
+        assert_eq!(upto, 70_020, "closing the store indexes everything pending");
         let reader = Store::open_read_only(&url).await.expect("read-only");
         check_user_filters(&reader, &stored, "everything indexed").await;
 
@@ -377,8 +400,10 @@ mod tests {
         sqlx::query("UPDATE callback_users_progress SET upto_seq = 0").execute(&mut conn).await.expect("reset");
         check_user_filters(&reader, &stored, "nothing indexed").await;
 
-        crate::store::writer::index_users(&mut conn, 0, 17).await.expect("index half");
+        crate::store::writer::index_users(&mut conn, 0, 17).await.expect("index part of bucket 0");
         check_user_filters(&reader, &stored, "seq 1..=17 indexed").await;
+        crate::store::writer::index_users(&mut conn, 17, 70_010).await.expect("index into bucket 1");
+        check_user_filters(&reader, &stored, "seq 1..=70,010 indexed").await;
         conn.close().await.expect("close");
     }
 
@@ -398,7 +423,10 @@ mod tests {
             .iter()
             .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
             .collect();
-        assert!(plan.iter().any(|d| d.contains("callback_users") && d.contains("PRIMARY KEY")), "{plan:?}");
+        assert!(
+            plan.iter().any(|d| d.contains("SEARCH u USING PRIMARY KEY (role=? AND bucket=? AND user_id=? AND seq>?)")),
+            "{plan:?}"
+        );
         assert!(!plan.iter().any(|d| d.starts_with("SCAN callbacks")), "{plan:?}");
         store.close().await;
     }

@@ -235,11 +235,11 @@ const USER_INDEX_CHUNK: i64 = 4096;
 const USER_INDEX_IDLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
 const INDEX_USERS: &str = "\
-INSERT OR IGNORE INTO callback_users (role, user_id, seq)
-SELECT 0, from_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND from_user IS NOT NULL
+INSERT OR IGNORE INTO callback_users (role, bucket, user_id, seq)
+SELECT 0, seq >> 16, from_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND from_user IS NOT NULL
 UNION ALL
-SELECT 1, to_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND to_user IS NOT NULL
-ORDER BY 1, 2, 3";
+SELECT 1, seq >> 16, to_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND to_user IS NOT NULL
+ORDER BY 1, 2, 3, 4";
 
 /// Adds the `callback_users` entries of callbacks with `after < seq <= upto` and records the
 /// progress, in one transaction. Idempotent (`OR IGNORE`), so a writer in another process that
