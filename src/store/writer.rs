@@ -3,7 +3,7 @@
 //! Requests hand their row to this task (on a thread of its own) over a bounded channel and wait
 //! for a oneshot answer. The task takes everything queued (up to `max_batch`) and writes it with a
 //! constant number of statements: under load, callbacks go as one autocommit statement per 64
-//! rows with the rows as bound parameters (`fast_insert_sql`); anything else goes in ONE
+//! rows with the rows as bound parameters (`insert_callbacks_sql`); anything else goes in ONE
 //! transaction with one statement per kind of row. Only after the commit does it answer. Why this
 //! shape (see shared/reference/performance-probe.md):
 //! - SQLite has one writer; more write connections only add lock contention.
@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use sqlx::{Connection, Row, SqliteConnection};
+use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{self, CallContent, CallbackContent};
@@ -217,7 +217,7 @@ pub(super) struct Writer {
     /// `PRAGMA data_version` when `head` was last known to be current; `None`: reload it before
     /// the next write. See [`refresh_head`].
     pub data_version: Option<i64>,
-    /// [`fast_insert_sql`] by row count (index `n - 1`), built on first use.
+    /// The fast path's [`insert_callbacks_sql`] by row count (index `n - 1`), built on first use.
     pub fast_sql: Vec<String>,
     /// Every callback up to this seq has its `callback_users` entries (see [`index_users`]).
     pub users_indexed_upto: i64,
@@ -278,62 +278,138 @@ async fn refresh_head(
     Ok(())
 }
 
-const INSERT_CALLBACKS: &str = "\
-INSERT INTO callbacks (dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation,
-                       from_user, to_user, pair_key, timestamp_ms, received_at_ms, scheme,
-                       secret_index, raw_body, body_sha256, remote_addr)
-SELECT value->>0, value->>1, value->>2, value->>3, value->>4, value->>5, value->>6,
-       value->>7, value->>8, value->>9, value->>10, value->>11, value->>12,
-       value->>13, value->>14, value->>15, value->>16
-FROM json_each(?1) WHERE true
-ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1,
-    last_received_at_ms = excluded.received_at_ms, last_remote_addr = excluded.remote_addr
-RETURNING id, dedup_key, deliveries, seq";
-
 /// Most callbacks in one fast-path statement. Each row binds [`FAST_COLUMNS`] parameters and the
 /// statement text depends only on the row count, so this bounds both the parameters per statement
 /// and the number of statements the connection keeps prepared. A larger batch is written as
 /// several statements, each committed (and answered) on its own.
 const FAST_ROWS: usize = 64;
 
-/// Parameters per row of the fast path (see [`fast_insert_sql`]).
+/// Parameters per callback row (see [`insert_callbacks_sql`]).
 const FAST_COLUMNS: usize = 20;
 
-/// The fast path for `rows` callbacks: ONE autocommit statement, chain links included.
+/// The statement that stores `rows` callbacks, chain links included; with `guarded`, the fast
+/// path's ONE autocommit statement.
 ///
-/// The writer computes `seq` and the chain links in advance, assuming every distinct dedup key is
-/// new and that it knows the chain head. Two guards make that assumption safe inside the same
-/// atomic statement: the head in the database must equal the writer's (another process, such as
-/// `quarantine reverify`, may have written), and none of the batch's keys may exist yet. If either
-/// fails, the statement inserts nothing and the callbacks go the transactional way. Rows repeating
-/// a key of the same batch carry no seq and land in `ON CONFLICT` as another delivery. Because the
-/// SELECT reads the target table, SQLite evaluates it fully before inserting, so the guards see the
-/// state before this statement.
+/// The writer computes `seq` and the chain links in advance ([`plan_callbacks`]): a row of a new
+/// event carries them, a row repeating an event (stored before, or earlier in the same batch)
+/// carries none and lands in `ON CONFLICT` as another delivery.
+///
+/// On the fast path the writer assumes, without looking, that every distinct key is new and that
+/// it knows the chain head. Two guards make that safe inside the same atomic statement: the head
+/// in the database must equal the writer's (another process, such as `quarantine reverify`, may
+/// have written), and none of the batch's keys may exist yet. If either fails, the statement
+/// inserts nothing and the callbacks go the transactional way, which looks the keys up first
+/// under the write lock and runs the same statement unguarded. Because the SELECT reads the
+/// target table, SQLite evaluates it fully before inserting, so the guards see the state before
+/// this statement.
 ///
 /// Rows are bound as plain parameters rather than as one JSON array read through `json_each`:
 /// extracting 20 fields per row from JSON text cost SQLite about as much as inserting the row.
 /// The placeholders are anonymous (`?`) on purpose, the keys of the guard bound a second time:
 /// with numbered ones (`?21`) sqlx looks each parameter's name up, which SQLite answers by a
 /// linear search, quadratic in the row count.
-fn fast_insert_sql(rows: usize) -> String {
+fn insert_callbacks_sql(rows: usize, guarded: bool) -> String {
     let row = format!("({})", vec!["?"; FAST_COLUMNS].join(","));
+    let guard = if guarded {
+        format!(
+            "max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)) = ?\n\
+             AND NOT EXISTS (SELECT 1 FROM callbacks WHERE dedup_key IN ({}))",
+            vec!["?"; rows].join(",")
+        )
+    } else {
+        // `WHERE true`: SQLite needs a WHERE to tell the upsert's ON from a join's.
+        "true".to_string()
+    };
     format!(
         "INSERT INTO callbacks (dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation, \
          from_user, to_user, pair_key, timestamp_ms, received_at_ms, scheme, secret_index, raw_body, \
          body_sha256, remote_addr, seq, prev_hash, chain_hash)\n\
          SELECT * FROM (VALUES {rows_sql})\n\
-         WHERE max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)) = ?\n\
-         AND NOT EXISTS (SELECT 1 FROM callbacks WHERE dedup_key IN ({keys}))\n\
+         WHERE {guard}\n\
          ON CONFLICT (dedup_key) DO UPDATE SET deliveries = deliveries + 1, \
          last_received_at_ms = excluded.received_at_ms, last_remote_addr = excluded.remote_addr",
         rows_sql = vec![row.as_str(); rows].join(",\n"),
-        keys = vec!["?"; rows].join(","),
     )
 }
 
-const CHAIN_CALLBACKS: &str = "\
-UPDATE callbacks SET seq = j.value->>1, prev_hash = j.value->>2, chain_hash = j.value->>3
-FROM json_each(?1) AS j WHERE callbacks.id = j.value->>0";
+/// Callback rows about to be stored, with what storing them does to the chain.
+struct PlannedCallbacks<'a> {
+    callbacks: Vec<&'a NewCallback>,
+    /// `(seq, prev_hash, chain_hash)` for a new event; `None` for a repeat.
+    links: Vec<Option<(i64, String, String)>>,
+    /// The answer for each row.
+    acks: Vec<CallbackAck>,
+    /// The chain head once these rows are stored.
+    head: ChainHead,
+}
+
+/// Assigns the next seqs, in order, to rows whose key is not in `stored` (key -> seq of events
+/// already stored, or planned earlier), and records them there.
+fn plan_callbacks<'a>(
+    callbacks: Vec<&'a NewCallback>,
+    mut head: ChainHead,
+    stored: &mut HashMap<String, i64>,
+) -> PlannedCallbacks<'a> {
+    let mut links = Vec::with_capacity(callbacks.len());
+    let mut acks = Vec::with_capacity(callbacks.len());
+    for cb in &callbacks {
+        let key = cb.event.dedup_key.as_str();
+        if let Some(&seq) = stored.get(key) {
+            links.push(None);
+            acks.push(CallbackAck { seq, duplicate: true });
+            continue;
+        }
+        let seq = head.seq + 1;
+        let hash = chain::link(&head.hash, &callback_content(seq, cb).canonical());
+        let prev = std::mem::replace(&mut head, ChainHead { seq, hash: hash.clone() }).hash;
+        stored.insert(key.to_string(), seq);
+        links.push(Some((seq, prev, hash)));
+        acks.push(CallbackAck { seq, duplicate: false });
+    }
+    PlannedCallbacks { callbacks, links, acks, head }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments<'q>>;
+
+/// Binds the rows of [`insert_callbacks_sql`] (not the guard's parameters).
+fn bind_callback_rows<'q>(mut query: SqliteQuery<'q>, plan: &'q PlannedCallbacks<'_>) -> SqliteQuery<'q> {
+    for (cb, link) in plan.callbacks.iter().zip(&plan.links) {
+        let e = &cb.event;
+        let pair = match (&e.from_user, &e.to_user) {
+            (Some(f), Some(t)) => Some(pair_key(f, t)),
+            _ => None,
+        };
+        let (seq, prev, hash) = match link {
+            Some((seq, prev, hash)) => (Some(*seq), Some(prev.as_str()), Some(hash.as_str())),
+            None => (None, None, None),
+        };
+        query = query
+            .bind(e.dedup_key.as_str())
+            .bind(e.call_id.as_str())
+            .bind(e.msg_id.as_deref())
+            .bind(e.appkey.as_deref())
+            .bind(e.event_type.as_deref())
+            .bind(e.chat_type.as_deref())
+            .bind(e.operation.as_deref())
+            .bind(e.from_user.as_deref())
+            .bind(e.to_user.as_deref())
+            .bind(pair)
+            .bind(e.timestamp_ms)
+            .bind(cb.received_at_ms)
+            .bind(cb.scheme)
+            .bind(cb.secret_index)
+            .bind(cb.raw_body.as_str())
+            .bind(cb.body_sha256.as_str())
+            .bind(cb.remote_addr.as_deref())
+            .bind(seq)
+            .bind(prev)
+            .bind(hash);
+    }
+    query
+}
+
+/// Events of these keys already stored, with their seq.
+const STORED_KEYS: &str = "SELECT dedup_key, seq FROM callbacks WHERE dedup_key IN (SELECT value FROM json_each(?1))";
 
 const INSERT_REJECTIONS: &str = "\
 INSERT INTO rejected_deliveries (received_at_ms, remote_addr, reason, body_sha256, body_size)
@@ -371,35 +447,6 @@ fn callback_content(seq: i64, cb: &NewCallback) -> CallbackContent<'_> {
         secret_index: cb.secret_index,
         body_sha256: &cb.body_sha256,
     }
-}
-
-/// One row of the JSON array [`INSERT_CALLBACKS`] reads through `json_each` (the transactional
-/// path; the fast path binds the same columns as parameters).
-fn callback_row(cb: &NewCallback) -> Value {
-    let e = &cb.event;
-    let pk = match (&e.from_user, &e.to_user) {
-        (Some(f), Some(t)) => Some(pair_key(f, t)),
-        _ => None,
-    };
-    json!([
-        e.dedup_key,
-        e.call_id,
-        e.msg_id,
-        e.appkey,
-        e.event_type,
-        e.chat_type,
-        e.operation,
-        e.from_user,
-        e.to_user,
-        pk,
-        e.timestamp_ms,
-        cb.received_at_ms,
-        cb.scheme,
-        cb.secret_index,
-        cb.raw_body,
-        cb.body_sha256,
-        cb.remote_addr
-    ])
 }
 
 /// The pair key both tables use: the two users in a fixed order, joined by a unit separator.
@@ -555,7 +602,7 @@ impl Writer {
         }
     }
 
-    /// Stores callbacks through the fast path ([`fast_insert_sql`]), at most [`FAST_ROWS`] per
+    /// Stores callbacks through the fast path ([`insert_callbacks_sql`], guarded), at most [`FAST_ROWS`] per
     /// statement, answering each statement's callbacks once it has committed. Written jobs are
     /// removed from `jobs`; what is left when a guard trips goes the transactional way.
     async fn write_callbacks_fast(&mut self, jobs: &mut Vec<Job>) -> Result<(), StoreError> {
@@ -583,87 +630,35 @@ impl Writer {
                 _ => None,
             })
             .collect();
-        let mut head = self.head.clone();
-        // Distinct keys in batch order get the next seqs; repeats within the batch get none.
-        let mut seq_of_key: HashMap<&str, i64> = HashMap::with_capacity(callbacks.len());
-        let mut links: Vec<Option<(i64, String, String)>> = Vec::with_capacity(callbacks.len());
-        let mut acks = Vec::with_capacity(callbacks.len());
-        for cb in &callbacks {
-            let key = cb.event.dedup_key.as_str();
-            if let Some(&seq) = seq_of_key.get(key) {
-                links.push(None);
-                acks.push(CallbackAck { seq, duplicate: true });
-                continue;
-            }
-            let seq = head.seq + 1;
-            let hash = chain::link(&head.hash, &callback_content(seq, cb).canonical());
-            let prev = std::mem::replace(&mut head, ChainHead { seq, hash: hash.clone() }).hash;
-            seq_of_key.insert(key, seq);
-            links.push(Some((seq, prev, hash)));
-            acks.push(CallbackAck { seq, duplicate: false });
+        let rows = callbacks.len();
+        // Assumed new, all of them: the statement's guard checks that.
+        let plan = plan_callbacks(callbacks, self.head.clone(), &mut HashMap::with_capacity(rows));
+        if self.fast_sql.len() < rows {
+            self.fast_sql.resize_with(rows, String::new);
         }
-        if self.fast_sql.len() < callbacks.len() {
-            self.fast_sql.resize_with(callbacks.len(), String::new);
-        }
-        let sql = &mut self.fast_sql[callbacks.len() - 1];
+        let sql = &mut self.fast_sql[rows - 1];
         if sql.is_empty() {
-            *sql = fast_insert_sql(callbacks.len());
+            *sql = insert_callbacks_sql(rows, true);
         }
-        let mut query = sqlx::query(sql.as_str());
-        for (cb, link) in callbacks.iter().zip(&links) {
-            let e = &cb.event;
-            let pair = match (&e.from_user, &e.to_user) {
-                (Some(f), Some(t)) => Some(pair_key(f, t)),
-                _ => None,
-            };
-            let (seq, prev, hash) = match link {
-                Some((seq, prev, hash)) => (Some(*seq), Some(prev.as_str()), Some(hash.as_str())),
-                None => (None, None, None),
-            };
-            query = query
-                .bind(e.dedup_key.as_str())
-                .bind(e.call_id.as_str())
-                .bind(e.msg_id.as_deref())
-                .bind(e.appkey.as_deref())
-                .bind(e.event_type.as_deref())
-                .bind(e.chat_type.as_deref())
-                .bind(e.operation.as_deref())
-                .bind(e.from_user.as_deref())
-                .bind(e.to_user.as_deref())
-                .bind(pair)
-                .bind(e.timestamp_ms)
-                .bind(cb.received_at_ms)
-                .bind(cb.scheme)
-                .bind(cb.secret_index)
-                .bind(cb.raw_body.as_str())
-                .bind(cb.body_sha256.as_str())
-                .bind(cb.remote_addr.as_deref())
-                .bind(seq)
-                .bind(prev)
-                .bind(hash);
+        let mut query = bind_callback_rows(sqlx::query(sql.as_str()), &plan).bind(self.head.seq);
+        for cb in &plan.callbacks {
+            query = query.bind(cb.event.dedup_key.as_str());
         }
         // `execute`, not RETURNING: sqlx would hand each returned row across threads one by one.
         // The guards make the count enough: either every row was inserted or upserted (all new
-        // keys with exactly the seqs computed above), or a guard tripped and nothing was written.
-        query = query.bind(self.head.seq);
-        for cb in &callbacks {
-            query = query.bind(cb.event.dedup_key.as_str());
-        }
+        // keys with exactly the seqs planned), or a guard tripped and nothing was written.
         let done = query.execute(&mut self.conn).await?;
-        let expected = callbacks.len() as u64;
         match done.rows_affected() {
             0 => return Ok(None),
-            n if n == expected => {}
+            n if n == rows as u64 => {}
             n => {
                 // Cannot happen while the guards hold; never answer 200 on a surprise.
                 self.data_version = None;
-                return Err(StoreError::Write(format!(
-                    "expected {expected} callback rows written, SQLite reports {n}"
-                )));
+                return Err(StoreError::Write(format!("expected {rows} callback rows written, SQLite reports {n}")));
             }
         }
-        self.head = head;
-        Ok(Some(acks))
+        self.head = plan.head;
+        Ok(Some(plan.acks))
     }
 
     async fn write(&mut self, batch: &[Job], head: &mut ChainHead, now: i64) -> Result<Vec<Answer>, StoreError> {
@@ -693,7 +688,8 @@ impl Writer {
                 .collect()
         };
 
-        // Callbacks: one upsert for all, then chain links for the new ones, then deliveries.
+        // Callbacks: look up which events are stored already (true until the commit: this
+        // transaction holds the write lock), then the same statement as the fast path, unguarded.
         let cb_jobs: Vec<(usize, &NewCallback)> = batch
             .iter()
             .enumerate()
@@ -705,68 +701,29 @@ impl Writer {
             })
             .collect();
         if !cb_jobs.is_empty() {
-            let mut rows = Vec::with_capacity(cb_jobs.len());
-            for &(_, cb) in &cb_jobs {
-                // The chain links are set by CHAIN_CALLBACKS once the new rows are known.
-                rows.push(callback_row(cb));
-            }
-            let returned =
-                sqlx::query(INSERT_CALLBACKS).bind(Value::Array(rows).to_string()).fetch_all(&mut *tx).await?;
-            // RETURNING order is unspecified, so rows say which key they belong to. A row returned
-            // with deliveries == 1 was inserted by this batch; the others were already stored (or
-            // inserted earlier in this same batch) and carry their seq, if they have one yet.
-            let mut new_ids: Vec<i64> = Vec::new();
-            let mut seq_by_id: HashMap<i64, i64> = HashMap::new();
-            let mut id_by_key: HashMap<String, i64> = HashMap::with_capacity(returned.len());
-            for r in &returned {
-                let id: i64 = r.try_get(0)?;
-                let key: String = r.try_get(1)?;
-                let deliveries: i64 = r.try_get(2)?;
-                let seq: Option<i64> = r.try_get(3)?;
-                if deliveries == 1 {
-                    new_ids.push(id);
-                } else if let Some(seq) = seq {
-                    seq_by_id.insert(id, seq);
+            let keys: Vec<&str> = cb_jobs.iter().map(|(_, cb)| cb.event.dedup_key.as_str()).collect();
+            let mut stored: HashMap<String, i64> = sqlx::query_as(STORED_KEYS)
+                .bind(json!(keys).to_string())
+                .fetch_all(&mut *tx)
+                .await?
+                .into_iter()
+                .collect();
+            for chunk in cb_jobs.chunks(FAST_ROWS) {
+                let plan = plan_callbacks(chunk.iter().map(|&(_, cb)| cb).collect(), head.clone(), &mut stored);
+                let sql = insert_callbacks_sql(chunk.len(), false);
+                // Not kept prepared: this path is rare, and the fast path's statements should stay.
+                let done = bind_callback_rows(sqlx::query(&sql).persistent(false), &plan).execute(&mut *tx).await?;
+                if done.rows_affected() != chunk.len() as u64 {
+                    return Err(StoreError::Write(format!(
+                        "expected {} callback rows written, SQLite reports {}",
+                        chunk.len(),
+                        done.rows_affected()
+                    )));
                 }
-                id_by_key.insert(key, id);
-            }
-            // Ids grow in insertion order, which is batch order: chaining by id keeps seq in the
-            // order requests were queued.
-            new_ids.sort_unstable();
-            new_ids.dedup();
-            // Chain the new rows in id order.
-            let new_set: std::collections::HashSet<i64> = new_ids.iter().copied().collect();
-            let mut job_for_id: HashMap<i64, &NewCallback> = HashMap::new();
-            for &(_, cb) in &cb_jobs {
-                if let Some(id) = id_by_key.get(cb.event.dedup_key.as_str()) {
-                    job_for_id.entry(*id).or_insert(cb);
+                *head = plan.head;
+                for (&(i, _), ack) in chunk.iter().zip(plan.acks) {
+                    answers[i] = Answer::Callback(ack);
                 }
-            }
-            let mut links = Vec::with_capacity(new_ids.len());
-            for id in &new_ids {
-                let Some(&cb) = job_for_id.get(id) else {
-                    return Err(StoreError::Write(format!("inserted callback row {id} has no job")));
-                };
-                let seq = head.seq + 1;
-                let hash = chain::link(&head.hash, &callback_content(seq, cb).canonical());
-                links.push(json!([id, seq, head.hash, hash]));
-                *head = ChainHead { seq, hash };
-                seq_by_id.insert(*id, seq);
-            }
-            if !links.is_empty() {
-                sqlx::query(CHAIN_CALLBACKS).bind(Value::Array(links).to_string()).execute(&mut *tx).await?;
-            }
-            // Existing rows (duplicates of earlier batches) need their seq for the answer.
-            let mut first_seen: std::collections::HashSet<i64> = std::collections::HashSet::new();
-            for &(i, cb) in &cb_jobs {
-                let Some(&id) = id_by_key.get(cb.event.dedup_key.as_str()) else {
-                    return Err(StoreError::Write("stored callback row not found".into()));
-                };
-                let duplicate = !(new_set.contains(&id) && first_seen.insert(id));
-                let Some(&seq) = seq_by_id.get(&id) else {
-                    return Err(StoreError::Write(format!("callback row {id} has no sequence number")));
-                };
-                answers[i] = Answer::Callback(CallbackAck { seq, duplicate });
             }
         }
 
@@ -1029,10 +986,12 @@ mod tests {
     }
 
     #[test]
-    fn fast_insert_sql_has_one_placeholder_per_bound_value() {
+    fn insert_sql_has_one_placeholder_per_bound_value() {
         for rows in [1, 2, FAST_ROWS] {
-            let sql = fast_insert_sql(rows);
-            assert_eq!(sql.matches('?').count(), rows * FAST_COLUMNS + 1 + rows, "{rows} rows");
+            let guarded = insert_callbacks_sql(rows, true);
+            assert_eq!(guarded.matches('?').count(), rows * FAST_COLUMNS + 1 + rows, "{rows} rows, guarded");
+            let plain = insert_callbacks_sql(rows, false);
+            assert_eq!(plain.matches('?').count(), rows * FAST_COLUMNS, "{rows} rows, unguarded");
         }
     }
 
