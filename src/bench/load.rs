@@ -96,33 +96,15 @@ pub async fn closed_loop(
         let counter = counter.clone();
         let mut sender = connect(addr).await?;
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity(1 << 16);
-            let (mut ok, mut err) = (0u64, 0u64);
+            let mut tally = Tally::default();
             while Instant::now() < deadline {
-                let n = counter.fetch_add(1, Ordering::Relaxed);
-                let req = make(n);
-                let t = Instant::now();
-                if send(&mut sender, addr, req).await {
-                    ok += 1
-                } else {
-                    err += 1
-                }
-                lat.push(t.elapsed().as_micros().min(u128::from(u32::MAX)) as u32);
+                let req = make(counter.fetch_add(1, Ordering::Relaxed));
+                tally.send(&mut sender, addr, req, Instant::now()).await;
             }
-            (lat, ok, err)
+            tally
         }));
     }
-    let mut result = LoadResult::default();
-    for t in tasks {
-        let (lat, ok, err) = t.await?;
-        result.latencies_us.extend(lat);
-        result.ok += ok;
-        result.errors += err;
-    }
-    result.elapsed = start.elapsed();
-    result.completed = result.ok + result.errors;
-    result.latencies_us.sort_unstable();
-    Ok(result)
+    gather(start, tasks).await
 }
 
 /// Open loop: requests scheduled at `rate` per second for `duration`, served by up to
@@ -143,21 +125,13 @@ pub async fn open_loop(
         let make = make.clone();
         let mut sender = connect(addr).await?;
         tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            let (mut ok, mut err) = (0u64, 0u64);
+            let mut tally = Tally::default();
             loop {
                 let next = { rx.lock().await.recv().await };
                 let Some((n, scheduled)) = next else { break };
-                let req = make(n);
-                if send(&mut sender, addr, req).await {
-                    ok += 1
-                } else {
-                    err += 1
-                }
-                let l = Instant::now().saturating_duration_since(scheduled);
-                lat.push(l.as_micros().min(u128::from(u32::MAX)) as u32);
+                tally.send(&mut sender, addr, make(n), scheduled).await;
             }
-            (lat, ok, err)
+            tally
         }));
     }
     drop(rx);
@@ -170,12 +144,45 @@ pub async fn open_loop(
         }
     }
     drop(tx);
+    gather(start, tasks).await
+}
+
+/// What one connection's worker measured.
+#[derive(Default)]
+struct Tally {
+    latencies_us: Vec<u32>,
+    ok: u64,
+    errors: u64,
+}
+
+impl Tally {
+    /// Sends one request and records its outcome, with its latency counted from `since` (the
+    /// send time in a closed loop, the scheduled time in an open loop).
+    async fn send(
+        &mut self,
+        sender: &mut hyper::client::conn::http1::SendRequest<Full<Bytes>>,
+        addr: SocketAddr,
+        req: Request<Full<Bytes>>,
+        since: Instant,
+    ) {
+        if send(sender, addr, req).await {
+            self.ok += 1;
+        } else {
+            self.errors += 1;
+        }
+        let latency = Instant::now().saturating_duration_since(since);
+        self.latencies_us.push(latency.as_micros().min(u128::from(u32::MAX)) as u32);
+    }
+}
+
+/// Waits for every worker and merges what they measured since `start`.
+async fn gather(start: Instant, tasks: Vec<tokio::task::JoinHandle<Tally>>) -> anyhow::Result<LoadResult> {
     let mut result = LoadResult::default();
     for t in tasks {
-        let (lat, ok, err) = t.await?;
-        result.latencies_us.extend(lat);
-        result.ok += ok;
-        result.errors += err;
+        let tally = t.await?;
+        result.latencies_us.extend(tally.latencies_us);
+        result.ok += tally.ok;
+        result.errors += tally.errors;
     }
     result.elapsed = start.elapsed();
     result.completed = result.ok + result.errors;
