@@ -602,9 +602,10 @@ impl Writer {
         }
     }
 
-    /// Stores callbacks through the fast path ([`insert_callbacks_sql`], guarded), at most [`FAST_ROWS`] per
-    /// statement, answering each statement's callbacks once it has committed. Written jobs are
-    /// removed from `jobs`; what is left when a guard trips goes the transactional way.
+    /// Stores callbacks through the fast path ([`insert_callbacks_sql`], guarded), at most
+    /// [`FAST_ROWS`] per statement, answering each statement's callbacks once it has committed.
+    /// Written jobs are removed from `jobs`; what is left when a guard trips goes the
+    /// transactional way.
     async fn write_callbacks_fast(&mut self, jobs: &mut Vec<Job>) -> Result<(), StoreError> {
         while !jobs.is_empty() {
             let n = jobs.len().min(FAST_ROWS);
