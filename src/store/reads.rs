@@ -392,7 +392,7 @@ mod tests {
             .fetch_one(&mut conn)
             .await
             .expect("progress");
-        assert_eq!(upto, 70_020, "closing the store indexes everything pending");
+        assert_eq!(upto, 70_020, "closing the store indexes everything pending, in several steps");
         let reader = Store::open_read_only(&url).await.expect("read-only");
         check_user_filters(&reader, &stored, "everything indexed").await;
 

@@ -234,6 +234,9 @@ const USER_INDEX_CHUNK: i64 = 4096;
 /// service keeps its tail short without a commit per trickling callback).
 const USER_INDEX_IDLE_EVERY: std::time::Duration = std::time::Duration::from_millis(50);
 
+/// Most sequence numbers indexed in one transaction.
+const USER_INDEX_MOST: i64 = 4 * USER_INDEX_CHUNK;
+
 const INDEX_USERS: &str = "\
 INSERT OR IGNORE INTO callback_users (role, bucket, user_id, seq)
 SELECT 0, seq >> 16, from_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND from_user IS NOT NULL
@@ -496,9 +499,10 @@ impl Writer {
             let jobs = batch.len();
             self.commit_batch(&mut batch).await;
             stats.record(jobs, started.elapsed());
-            self.maybe_index_users(rx.is_empty(), false).await;
+            self.maybe_index_users(rx.is_empty()).await;
         }
-        self.maybe_index_users(true, true).await;
+        // A stopped service leaves every entry in place.
+        while self.head.seq > self.users_indexed_upto && self.index_users_step().await {}
         // Closing (rather than dropping) the connection runs SQLite's final checkpoint before the
         // process exits, so a stopped service leaves a clean database file.
         if let Err(err) = self.conn.close().await {
@@ -507,23 +511,33 @@ impl Writer {
         tracing::debug!("writer: channel closed, exited");
     }
 
-    /// Adds pending `callback_users` entries when a chunk is full, when the writer is idle (at most
-    /// every [`USER_INDEX_IDLE_EVERY`]) or, with `now`, whatever is pending. Never fails a request:
-    /// readers scan the unindexed tail, so an error only costs query speed until the next try.
-    async fn maybe_index_users(&mut self, idle: bool, now: bool) {
+    /// Adds pending `callback_users` entries when a chunk is full or when the writer is idle (at
+    /// most every [`USER_INDEX_IDLE_EVERY`]).
+    async fn maybe_index_users(&mut self, idle: bool) {
         let pending = self.head.seq - self.users_indexed_upto;
-        let due =
-            pending >= USER_INDEX_CHUNK || (idle && (now || self.users_indexed_at.elapsed() >= USER_INDEX_IDLE_EVERY));
-        if pending <= 0 || !due {
-            return;
+        let due = pending >= USER_INDEX_CHUNK || (idle && self.users_indexed_at.elapsed() >= USER_INDEX_IDLE_EVERY);
+        if pending > 0 && due {
+            self.index_users_step().await;
         }
+    }
+
+    /// One transaction of `callback_users` entries, for at most [`USER_INDEX_MOST`] pending
+    /// sequence numbers (a long backlog is taken in steps, not in one long stall). Never fails a
+    /// request: readers scan the unindexed tail, so an error only costs query speed until the
+    /// next try. `false` on error.
+    async fn index_users_step(&mut self) -> bool {
         self.users_indexed_at = std::time::Instant::now();
-        let upto = self.head.seq;
+        let upto = self.head.seq.min(self.users_indexed_upto + USER_INDEX_MOST);
         match index_users(&mut self.conn, self.users_indexed_upto, upto).await {
-            Ok(()) => self.users_indexed_upto = upto,
+            Ok(()) => {
+                self.users_indexed_upto = upto;
+                true
+            }
             Err(err) => {
-                tracing::warn!(error = %err, pending, "adding callback user entries failed; queries scan the tail meanwhile");
+                tracing::warn!(error = %err, pending = self.head.seq - self.users_indexed_upto,
+                    "adding callback user entries failed; queries scan the tail meanwhile");
                 self.reopen_pending = true;
+                false
             }
         }
     }
