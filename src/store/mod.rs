@@ -410,3 +410,16 @@ impl Store {
         }
     }
 }
+
+/// The `detail` lines of SQLite's plan for `sql` (parameters left unbound), for tests that pin
+/// which index a query uses.
+#[cfg(test)]
+pub(crate) async fn query_plan(store: &Store, sql: &str) -> Vec<String> {
+    sqlx::query(&format!("EXPLAIN QUERY PLAN {sql}"))
+        .fetch_all(store.read_pool())
+        .await
+        .expect("query plan")
+        .iter()
+        .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
+        .collect()
+}

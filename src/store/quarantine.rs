@@ -199,13 +199,7 @@ mod tests {
     async fn counting_held_requests_uses_the_partial_index() {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = open(&dir).await;
-        let plan: Vec<String> = sqlx::query(&format!("EXPLAIN QUERY PLAN {COUNT_HELD}"))
-            .fetch_all(store.read_pool())
-            .await
-            .expect("plan")
-            .iter()
-            .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
-            .collect();
+        let plan = crate::store::query_plan(&store, COUNT_HELD).await;
         assert!(plan.iter().any(|d| d.contains("quarantine_pending")), "{plan:?}");
         store.close().await;
     }

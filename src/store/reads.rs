@@ -159,7 +159,7 @@ pub struct RejectionStats {
 impl Store {
     /// `GET /v1/callbacks`: a page in sequence order.
     pub async fn list_callbacks(&self, f: &CallbackFilter) -> Result<Vec<CallbackItem>, StoreError> {
-        let rows = list_callbacks_query(f, "").build().fetch_all(self.read_pool()).await?;
+        let rows = list_callbacks_query(f).build().fetch_all(self.read_pool()).await?;
         Ok(rows.iter().map(callback_item).collect::<Result<_, _>>()?)
     }
 
@@ -241,10 +241,10 @@ impl Store {
     }
 }
 
-/// The statement of [`Store::list_callbacks`], after `prefix` (tests prepend `EXPLAIN QUERY PLAN`).
-fn list_callbacks_query(f: &CallbackFilter, prefix: &str) -> QueryBuilder<'static, Sqlite> {
+/// The statement of [`Store::list_callbacks`].
+fn list_callbacks_query(f: &CallbackFilter) -> QueryBuilder<'static, Sqlite> {
     let mut q: QueryBuilder<Sqlite> =
-        QueryBuilder::new(format!("{prefix}SELECT {CALLBACK_COLUMNS} FROM callbacks WHERE seq IS NOT NULL"));
+        QueryBuilder::new(format!("SELECT {CALLBACK_COLUMNS} FROM callbacks WHERE seq IS NOT NULL"));
     // A user filter is answered through callback_users for what the writer has indexed and
     // by scanning the newer tail (seq > upto_seq, through the seq index) for the rest, so the
     // answer is complete whatever the indexing progress. `from` drives when both are given;
@@ -415,14 +415,7 @@ mod tests {
         let url = format!("sqlite://{}", dir.path().join("p.db").display());
         let store = Store::open(StoreOptions::new(url), crate::clock::system()).await.expect("open");
         let filter = CallbackFilter { to_user: Some("yu".into()), after_seq: Some(5), limit: 10, ..Default::default() };
-        let plan: Vec<String> = list_callbacks_query(&filter, "EXPLAIN QUERY PLAN ")
-            .build()
-            .fetch_all(store.read_pool())
-            .await
-            .expect("plan")
-            .iter()
-            .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
-            .collect();
+        let plan = crate::store::query_plan(&store, list_callbacks_query(&filter).sql()).await;
         assert!(
             plan.iter().any(|d| d.contains("SEARCH u USING PRIMARY KEY (role=? AND bucket=? AND user_id=? AND seq>?)")),
             "{plan:?}"
