@@ -423,3 +423,17 @@ pub(crate) async fn query_plan(store: &Store, sql: &str) -> Vec<String> {
         .map(|r| r.try_get::<String, _>("detail").unwrap_or_default())
         .collect()
 }
+
+/// A verified callback as the receive path would hand it to the writer, for store tests.
+#[cfg(test)]
+pub(crate) fn test_callback(body: &str, received_at_ms: i64) -> NewCallback {
+    NewCallback {
+        event: crate::callback::parse(body.as_bytes(), true).expect("test body parses"),
+        raw_body: body.to_string(),
+        body_sha256: chain::sha256_hex(body.as_bytes()),
+        received_at_ms,
+        remote_addr: Some("127.0.0.1:1".into()),
+        scheme: "easemob",
+        secret_index: 0,
+    }
+}

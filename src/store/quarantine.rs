@@ -113,7 +113,7 @@ const COUNT_HELD: &str = "SELECT count(*) FROM quarantine WHERE promoted_at_ms I
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{QuarantineEntry, StoreOptions, chain};
+    use crate::store::{QuarantineEntry, StoreOptions, test_callback};
 
     async fn open(dir: &tempfile::TempDir) -> Store {
         let url = format!("sqlite://{}", dir.path().join("q.db").display());
@@ -127,18 +127,6 @@ mod tests {
         format!(
             r#"{{"chat_type":"roster","callId":"{call_id}","security":"{security}","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"alice","to":"bob","eventType":"chat","msg_id":"{msg_id}","timestamp":{ts}}}"#
         )
-    }
-
-    fn new_callback(body: &str, received_at_ms: i64) -> NewCallback {
-        NewCallback {
-            event: crate::callback::parse(body.as_bytes(), true).expect("test body parses"),
-            raw_body: body.to_string(),
-            body_sha256: chain::sha256_hex(body.as_bytes()),
-            received_at_ms,
-            remote_addr: Some("127.0.0.1:1".into()),
-            scheme: "easemob",
-            secret_index: 0,
-        }
     }
 
     async fn hold(store: &Store, body: &str, received_at_ms: i64) -> i64 {
@@ -160,10 +148,10 @@ mod tests {
         let id = hold(&store, &b, 1_000).await;
         assert_eq!(store.count_quarantine_held().await.expect("count"), 1);
 
-        let first = store.mark_quarantine_promoted(id, new_callback(&b, 1_000)).await.expect("promote");
+        let first = store.mark_quarantine_promoted(id, test_callback(&b, 1_000)).await.expect("promote");
         let PromotionResult::Promoted(ack) = first else { panic!("not promoted: {first:?}") };
         assert!(!ack.duplicate);
-        let again = store.mark_quarantine_promoted(id, new_callback(&b, 1_000)).await.expect("promote again");
+        let again = store.mark_quarantine_promoted(id, test_callback(&b, 1_000)).await.expect("promote again");
         assert_eq!(again, PromotionResult::AlreadyPromoted, "a row is promoted once");
 
         assert_eq!(store.count_quarantine_held().await.expect("count"), 0);
@@ -185,9 +173,9 @@ mod tests {
         let store = open(&dir).await;
         let b = body("2", "s");
         let id = hold(&store, &b, 1_000).await;
-        let direct = store.insert_callback(new_callback(&b, 2_000)).await.expect("insert");
+        let direct = store.insert_callback(test_callback(&b, 2_000)).await.expect("insert");
 
-        let promoted = store.mark_quarantine_promoted(id, new_callback(&b, 1_000)).await.expect("promote");
+        let promoted = store.mark_quarantine_promoted(id, test_callback(&b, 1_000)).await.expect("promote");
         assert_eq!(promoted, PromotionResult::Promoted(crate::store::CallbackAck { seq: direct.seq, duplicate: true }));
         assert_eq!(store.count_callbacks().await.expect("count"), 1);
         let all = store.list_quarantine(0, 10, true).await.expect("list");
@@ -216,9 +204,9 @@ mod tests {
         let cli = Store::open(opts, crate::clock::system()).await.expect("second store");
 
         let held = hold(&service, &body("10", "s"), 1_000).await;
-        service.insert_callback(new_callback(&body("11", "s"), 2_000)).await.expect("service 1");
-        let promoted = cli.mark_quarantine_promoted(held, new_callback(&body("10", "s"), 1_000)).await.expect("cli");
-        let after = service.insert_callback(new_callback(&body("12", "s"), 3_000)).await.expect("service 2");
+        service.insert_callback(test_callback(&body("11", "s"), 2_000)).await.expect("service 1");
+        let promoted = cli.mark_quarantine_promoted(held, test_callback(&body("10", "s"), 1_000)).await.expect("cli");
+        let after = service.insert_callback(test_callback(&body("12", "s"), 3_000)).await.expect("service 2");
         let PromotionResult::Promoted(p) = promoted else { panic!("not promoted") };
         assert_eq!((p.seq, after.seq), (2, 3), "the service numbers after the other process's event");
         cli.close().await;

@@ -316,15 +316,7 @@ mod tests {
         let body = format!(
             r#"{{"chat_type":"roster","callId":"demo-org#demo-app_{n}","security":"x","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"{from}","to":"{to}","eventType":"chat","msg_id":"{n}","timestamp":1700000000000}}"#
         );
-        NewCallback {
-            event: crate::callback::parse(body.as_bytes(), true).expect("test body parses"),
-            body_sha256: chain::sha256_hex(body.as_bytes()),
-            raw_body: body,
-            received_at_ms: 1_000,
-            remote_addr: None,
-            scheme: "easemob",
-            secret_index: 0,
-        }
+        crate::store::test_callback(&body, 1_000)
     }
 
     /// Every (from, to) filter combination, paged three at a time through the cursor.

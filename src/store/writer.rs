@@ -988,16 +988,7 @@ mod tests {
     }
 
     fn new_callback(n: u64) -> NewCallback {
-        let body = body(n);
-        NewCallback {
-            event: crate::callback::parse(body.as_bytes(), true).expect("test body parses"),
-            body_sha256: chain::sha256_hex(body.as_bytes()),
-            raw_body: body,
-            received_at_ms: 1_000 + n as i64,
-            remote_addr: Some("127.0.0.1:1".into()),
-            scheme: "easemob",
-            secret_index: 0,
-        }
+        crate::store::test_callback(&body(n), 1_000 + n as i64)
     }
 
     #[test]
