@@ -3,10 +3,12 @@
 //!
 //! - `ingest`: the service as a child process; the same client and concurrency measure the bare
 //!   HTTP ceiling (`GET /healthz`) and the verified-and-committed callback path, then an open-loop
-//!   run at a fixed rate; peak RSS of the service; acknowledged vs stored.
+//!   run at a fixed rate; peak RSS of the service; acknowledged vs stored; the CPU each phase
+//!   cost the service and the client per request ([`cpu`]).
 //! - `trigger`: friend additions through the trigger API against the built-in sandbox.
 //! - `reconcile` / `feed`: a database seeded with a million calls and callbacks.
 
+pub mod cpu;
 pub mod load;
 
 use std::net::SocketAddr;
@@ -169,6 +171,11 @@ impl ServiceProcess {
         }
     }
 
+    /// The service's process id (while it runs).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Peak resident set size (VmHWM) in bytes.
     pub fn peak_rss(&self) -> Option<u64> {
         let pid = self.child.id()?;
@@ -243,8 +250,12 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
             Request::get("/healthz").header("host", host.as_str()).body(Full::new(Bytes::new())).unwrap_or_default()
         })
     };
-    let bare = load::closed_loop(addr, a.connections, a.duration, healthz).await?;
-    println!("{}", row("bare HTTP (GET /healthz)", &bare));
+    let pid = svc.pid().unwrap_or(0);
+    let mut cpu_rows = Vec::new();
+    let bare = phase("bare HTTP (GET /healthz)", pid, &mut cpu_rows, async {
+        load::closed_loop(addr, a.connections, a.duration, healthz).await
+    })
+    .await?;
 
     let run_id: u64 = 1 + u64::from(rand::random::<u16>());
     let callback = |run: u64| -> load::MakeRequest {
@@ -258,16 +269,19 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
                 .unwrap_or_default()
         })
     };
-    let full = load::closed_loop(addr, a.connections, a.duration, callback(run_id)).await?;
-    println!("{}", row("verified + committed (POST)", &full));
+    let full = phase("verified + committed (POST)", pid, &mut cpu_rows, async {
+        load::closed_loop(addr, a.connections, a.duration, callback(run_id)).await
+    })
+    .await?;
     let ratio = full.throughput() / bare.throughput().max(1e-9);
     println!("{:<34} {:>9.2}", "ratio committed / bare", ratio);
 
     let mut acknowledged = full.ok;
     if a.rate > 0 {
-        let open =
-            load::open_loop(addr, a.connections, a.rate, a.open_loop_duration, callback(run_id + 100_000)).await?;
-        println!("{}", row(&format!("open loop at {}/s (from schedule)", a.rate), &open));
+        let open = phase(&format!("open loop at {}/s (from schedule)", a.rate), pid, &mut cpu_rows, async {
+            load::open_loop(addr, a.connections, a.rate, a.open_loop_duration, callback(run_id + 100_000)).await
+        })
+        .await?;
         acknowledged += open.ok;
     }
     let rss = svc.peak_rss();
@@ -283,7 +297,35 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         "durability",
         if acknowledged as i64 == stored { "equal" } else { "NOT EQUAL" }
     );
+    if !cpu_rows.is_empty() {
+        println!("\nCPU per request (the client shares the machine with the service)");
+        println!("{:<34} {:>12} {:>12} {:>12}", "phase", "service µs", "client µs", "idle CPU");
+        for (label, used) in &cpu_rows {
+            println!(
+                "{label:<34} {:>12.1} {:>12.1} {:>11.0}%",
+                used.service_us_per_request,
+                used.client_us_per_request,
+                100.0 * used.machine_idle
+            );
+        }
+    }
     Ok(())
+}
+
+/// Runs one load phase and prints its row; notes what it cost in CPU (Linux only) in `cpu_rows`.
+async fn phase(
+    label: &str,
+    service_pid: u32,
+    cpu_rows: &mut Vec<(String, cpu::CpuUse)>,
+    load: impl Future<Output = anyhow::Result<load::LoadResult>>,
+) -> anyhow::Result<load::LoadResult> {
+    let before = cpu::CpuSample::take(service_pid);
+    let result = load.await?;
+    if let (Some(before), Some(after)) = (before, cpu::CpuSample::take(service_pid)) {
+        cpu_rows.push((label.to_string(), before.until(&after, result.completed)));
+    }
+    println!("{}", row(label, &result));
+    Ok(result)
 }
 
 async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
