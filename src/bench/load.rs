@@ -97,9 +97,14 @@ pub async fn closed_loop(
         let mut sender = connect(addr).await?;
         tasks.push(tokio::spawn(async move {
             let mut tally = Tally::default();
-            while Instant::now() < deadline {
+            // At least one request per connection, however late the task starts: a phase always
+            // measures something.
+            loop {
                 let req = make(counter.fetch_add(1, Ordering::Relaxed));
                 tally.send(&mut sender, addr, req, Instant::now()).await;
+                if Instant::now() >= deadline {
+                    break;
+                }
             }
             tally
         }));

@@ -17,6 +17,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use bytes::Bytes;
 use clap::{Args, Subcommand};
 use http_body_util::Full;
@@ -128,41 +129,86 @@ pub struct ServiceProcess {
     _dir: tempfile::TempDir,
 }
 
-fn free_port() -> anyhow::Result<SocketAddr> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(l.local_addr()?)
+/// Where the service's start-up log says it listens (see `commands::serve`). The bench lets the
+/// service bind port 0 and reads the ports back, rather than picking free ports itself: a port
+/// picked, released and handed over can be taken by someone else in between.
+#[derive(Debug, Default, PartialEq)]
+struct Announced {
+    addr: Option<SocketAddr>,
+    sandbox: Option<SocketAddr>,
+}
+
+impl Announced {
+    /// Takes what one log line announces.
+    fn read(&mut self, line: &str) {
+        if line.contains("friendhook is listening") {
+            self.addr = log_field(line, "addr").and_then(|v| v.parse().ok());
+        } else if line.contains("sandbox mode:") {
+            self.sandbox = log_field(line, "sandbox").and_then(|v| v.strip_prefix("http://")?.parse().ok());
+        }
+    }
+}
+
+/// The value of ` key=value` in a log line, up to the next space.
+fn log_field<'a>(line: &'a str, key: &str) -> Option<&'a str> {
+    let start = line.find(&format!(" {key}="))? + key.len() + 2;
+    line[start..].split_whitespace().next()
 }
 
 impl ServiceProcess {
-    /// Starts `friendhook serve` on free ports with a fresh database and waits until it is ready.
+    /// Starts `friendhook serve` on ports it picks itself, with a fresh database, and waits until
+    /// it is ready. The service's warnings and errors go to this process's stderr (everything it
+    /// logs, with `BENCH_SERVICE_LOG` set to a filter).
     pub async fn start(binary: Option<&Path>, extra: &[&str]) -> anyhow::Result<Self> {
+        use tokio::io::AsyncBufReadExt;
         let dir = tempfile::tempdir()?;
         let db_url = format!("sqlite://{}", dir.path().join("bench.db").display());
-        let addr = free_port()?;
-        let sandbox_addr = free_port()?;
         let exe = match binary {
             Some(b) => b.to_path_buf(),
             None => std::env::current_exe()?,
         };
-        let child = tokio::process::Command::new(exe)
+        let user_filter = std::env::var("BENCH_SERVICE_LOG").ok();
+        // The start-up lines that name the ports are at info level.
+        let filter = format!("{},friendhook::commands::serve=info", user_filter.as_deref().unwrap_or("warn"));
+        let mut child = tokio::process::Command::new(exe)
             .arg("serve")
-            .args([
-                "--listen",
-                &addr.to_string(),
-                "--sandbox-listen",
-                &sandbox_addr.to_string(),
-                "--database-url",
-                &db_url,
-            ])
+            .args(["--listen", "127.0.0.1:0", "--sandbox-listen", "127.0.0.1:0", "--database-url", &db_url])
             .args(extra)
-            .env("RUST_LOG", std::env::var("BENCH_SERVICE_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", filter)
+            .env("NO_COLOR", "1")
             .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
+            .stderr(Stdio::piped())
             .kill_on_drop(true)
             .spawn()?;
+        let mut lines = tokio::io::BufReader::new(child.stderr.take().context("the service's stderr")?).lines();
+        let forward = move |line: &str| {
+            if user_filter.is_some() || !line.contains(" INFO ") {
+                eprintln!("{line}");
+            }
+        };
+        let mut announced = Announced::default();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let (addr, sandbox_addr) = loop {
+            if let Announced { addr: Some(addr), sandbox: Some(sandbox) } = announced {
+                break (addr, sandbox);
+            }
+            let line = tokio::time::timeout_at(deadline.into(), lines.next_line()).await;
+            match line {
+                Ok(Ok(Some(line))) => {
+                    announced.read(&line);
+                    forward(&line);
+                }
+                Ok(_) => anyhow::bail!("the service exited before it announced its ports (see its log above)"),
+                Err(_) => anyhow::bail!("the service did not announce its ports within 30 s"),
+            }
+        };
+        tokio::spawn(async move {
+            while let Ok(Some(line)) = lines.next_line().await {
+                forward(&line);
+            }
+        });
         let svc = Self { child, addr, sandbox_addr, db_url, _dir: dir };
         let client = reqwest::Client::new();
-        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Ok(r) = client.get(format!("http://{addr}/readyz")).send().await {
                 if r.status().is_success() {
@@ -536,6 +582,26 @@ async fn bench_feed(a: SeedArgs) -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_ports_are_read_from_the_service_start_up_lines() {
+        let mut announced = Announced::default();
+        announced.read(
+            "2026-11-26T01:13:35.967323Z  INFO friendhook::commands::serve: sandbox mode: no --easemob-base-url, so the \
+             built-in Easemob sandbox plays Easemob sandbox=http://127.0.0.1:41695 org=demo-org app=demo-app \
+             client_id=sandbox-client-id callback_url=http://127.0.0.1:41325/callbacks/easemob",
+        );
+        assert_eq!(announced.sandbox, Some("127.0.0.1:41695".parse().expect("addr")));
+        assert_eq!(announced.addr, None, "the callback URL is not the listening address line");
+        announced.read(
+            "2026-11-26T01:13:35.968Z  INFO friendhook::commands::serve: friendhook is listening; callbacks go to POST \
+             http://127.0.0.1:41325/callbacks/easemob addr=127.0.0.1:41325 database=sqlite:///tmp/b.db scheme=easemob",
+        );
+        assert_eq!(announced.addr, Some("127.0.0.1:41325".parse().expect("addr")));
+        let mut other = Announced::default();
+        other.read("2026-11-26T01:13:35Z  WARN friendhook::store: remote_addr=127.0.0.1:9 something");
+        assert_eq!(other, Announced::default());
+    }
 
     #[test]
     fn median_of_odd_and_even_counts() {

@@ -1,0 +1,84 @@
+//! `friendhook bench`, the benchmark users run, end to end on the real binary: short phases and
+//! few connections, so it checks what the command reports, never how fast anything was.
+
+use std::time::Duration;
+
+use crate::process::BIN;
+
+/// Runs `friendhook bench ARGS` in a scratch directory and returns its stdout; panics with both
+/// streams if it fails.
+async fn bench(args: &[&str]) -> String {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let run =
+        tokio::process::Command::new(BIN).arg("bench").args(args).current_dir(dir.path()).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run).await.expect("bench finished").expect("bench ran");
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "bench {args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
+    stdout.into_owned()
+}
+
+/// The line starting with `label`, split into whitespace-separated fields after the label.
+fn fields<'a>(out: &'a str, label: &str) -> Vec<&'a str> {
+    let line = out.lines().find(|l| l.starts_with(label)).unwrap_or_else(|| panic!("no {label:?} line in:\n{out}"));
+    line[label.len()..].split_whitespace().collect()
+}
+
+#[tokio::test]
+async fn bench_ingest_reports_every_phase_and_that_every_acknowledged_callback_was_stored() {
+    let out = bench(&[
+        "ingest",
+        "--connections",
+        "4",
+        "--duration",
+        "300ms",
+        "--rounds",
+        "2",
+        "--rate",
+        "100",
+        "--open-loop-duration",
+        "300ms",
+    ])
+    .await;
+    for label in [
+        "bare HTTP (GET /healthz) #1",
+        "verified + committed (POST) #1",
+        "bare HTTP (GET /healthz) #2",
+        "verified + committed (POST) #2",
+        "open loop at 100/s (from schedule)",
+    ] {
+        let row = fields(&out, label);
+        assert_eq!(row.len(), 5, "req/s, p50, p99, p99.9, non-2xx in {row:?}");
+        // Every phase sends at least one request per connection, so none reports zero.
+        assert!(row[0].parse::<f64>().expect("req/s") > 0.0, "{label}: {row:?}");
+        assert_eq!(row[4], "0", "{label}: no request may fail");
+    }
+    for label in ["ratio committed / bare #1", "ratio committed / bare #2", "median ratio of 2 rounds"] {
+        let ratio: f64 = fields(&out, label)[0].parse().expect("ratio");
+        assert!(ratio > 0.0, "{label}: {ratio}");
+    }
+    // "durability  acknowledged N, stored N: equal"
+    let durability = fields(&out, "durability");
+    assert_eq!(durability[0], "acknowledged");
+    let acknowledged: u64 = durability[1].trim_end_matches(',').parse().expect("acknowledged");
+    assert!(acknowledged > 0);
+    assert_eq!(durability[2..], ["stored", &format!("{acknowledged}:"), "equal"], "{out}");
+    if cfg!(target_os = "linux") {
+        assert!(out.contains("CPU per request"), "{out}");
+        let cpu = out.split("CPU per request").nth(1).expect("CPU table");
+        let row = fields(cpu, "verified + committed (POST) #2");
+        assert_eq!(row.len(), 3, "service µs, client µs, idle % in {row:?}");
+        // Figures only: a short phase on a busy machine may use less CPU than one clock tick.
+        for value in &row[..2] {
+            assert!(value.parse::<f64>().expect("µs per request") >= 0.0, "{row:?}");
+        }
+        assert!(row[2].ends_with('%'), "{row:?}");
+    }
+}
+
+#[tokio::test]
+async fn bench_trigger_adds_friends_at_the_limit_without_a_429_and_matches_every_callback() {
+    let out = bench(&["trigger", "--adds", "20"]).await;
+    assert_eq!(fields(&out, "succeeded"), ["20"], "{out}");
+    assert_eq!(fields(&out, "429s drawn from the sandbox"), ["0"], "{out}");
+    assert_eq!(fields(&out, "callbacks matched"), ["20"], "{out}");
+}
