@@ -1,5 +1,6 @@
 //! `friendhook bench`, the benchmark users run, end to end on the real binary: short phases and
-//! few connections, so it checks what the command reports, never how fast anything was.
+//! few connections, so it checks what the command reports and that nothing was lost, never how
+//! fast anything was (figures are only checked to be numbers).
 
 use std::time::Duration;
 
@@ -48,19 +49,19 @@ async fn bench_ingest_reports_every_phase_and_that_every_acknowledged_callback_w
     ] {
         let row = fields(&out, label);
         assert_eq!(row.len(), 5, "req/s, p50, p99, p99.9, non-2xx in {row:?}");
-        // Every phase sends at least one request per connection, so none reports zero.
-        assert!(row[0].parse::<f64>().expect("req/s") > 0.0, "{label}: {row:?}");
+        assert!(row[0].parse::<f64>().expect("req/s") >= 0.0, "{label}: {row:?}");
         assert_eq!(row[4], "0", "{label}: no request may fail");
     }
     for label in ["ratio committed / bare #1", "ratio committed / bare #2", "median ratio of 2 rounds"] {
         let ratio: f64 = fields(&out, label)[0].parse().expect("ratio");
-        assert!(ratio > 0.0, "{label}: {ratio}");
+        assert!(ratio >= 0.0, "{label}: {ratio}");
     }
     // "durability  acknowledged N, stored N: equal"
     let durability = fields(&out, "durability");
     assert_eq!(durability[0], "acknowledged");
     let acknowledged: u64 = durability[1].trim_end_matches(',').parse().expect("acknowledged");
-    assert!(acknowledged > 0);
+    // Each closed-loop connection sends at least once per round, and the open loop sends all 30.
+    assert!(acknowledged >= 2 * 4 + 30, "{out}");
     assert_eq!(durability[2..], ["stored", &format!("{acknowledged}:"), "equal"], "{out}");
     if cfg!(target_os = "linux") {
         assert!(out.contains("CPU per request"), "{out}");
