@@ -411,6 +411,12 @@ fn bind_callback_rows<'q>(mut query: SqliteQuery<'q>, plan: &'q PlannedCallbacks
     query
 }
 
+/// Both callback paths check that [`insert_callbacks_sql`] wrote exactly one row per callback;
+/// anything else is a surprise that must never be answered with a 200.
+fn unexpected_rows_written(expected: usize, written: u64) -> StoreError {
+    StoreError::Write(format!("expected {expected} callback rows written, SQLite reports {written}"))
+}
+
 /// Events of these keys already stored, with their seq.
 const STORED_KEYS: &str = "SELECT dedup_key, seq FROM callbacks WHERE dedup_key IN (SELECT value FROM json_each(?1))";
 
@@ -669,7 +675,7 @@ impl Writer {
             n => {
                 // Cannot happen while the guards hold; never answer 200 on a surprise.
                 self.data_version = None;
-                return Err(StoreError::Write(format!("expected {rows} callback rows written, SQLite reports {n}")));
+                return Err(unexpected_rows_written(rows, n));
             }
         }
         self.head = plan.head;
@@ -729,11 +735,7 @@ impl Writer {
                 // Not kept prepared: this path is rare, and the fast path's statements should stay.
                 let done = bind_callback_rows(sqlx::query(&sql).persistent(false), &plan).execute(&mut *tx).await?;
                 if done.rows_affected() != chunk.len() as u64 {
-                    return Err(StoreError::Write(format!(
-                        "expected {} callback rows written, SQLite reports {}",
-                        chunk.len(),
-                        done.rows_affected()
-                    )));
+                    return Err(unexpected_rows_written(chunk.len(), done.rows_affected()));
                 }
                 *head = plan.head;
                 for (&(i, _), ack) in chunk.iter().zip(plan.acks) {
