@@ -228,11 +228,11 @@ impl Store {
         let sql = if everything {
             "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
                     completed_at_ms, outcome)) FROM (
-               SELECT * FROM calls WHERE id > ?3 AND ?1 < ?2 ORDER BY id LIMIT 100000)"
+               SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls WHERE id > ?3 AND ?1 < ?2 ORDER BY id LIMIT 100000)"
         } else {
             "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
                     completed_at_ms, outcome)) FROM (
-               SELECT * FROM calls WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
+               SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
         };
         type Raw = (i64, CallOp, String, String, i64, Option<i64>, Option<Outcome>);
         self.read_json_pages(sql, since_ms, until_ms, everything, "calls", |row: Raw| {
@@ -262,14 +262,14 @@ impl Store {
         let sql = if everything {
             "SELECT count(*), max(id), json_group_array(json_array(seq, operation, from_user, to_user,
                     timestamp_ms, received_at_ms)) FROM (
-               SELECT * FROM callbacks
+               SELECT id, seq, operation, from_user, to_user, timestamp_ms, received_at_ms FROM callbacks
                WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND seq IS NOT NULL
                  AND id > ?3 AND ?1 < ?2
                ORDER BY id LIMIT 100000)"
         } else {
             "SELECT count(*), max(id), json_group_array(json_array(seq, operation, from_user, to_user,
                     timestamp_ms, received_at_ms)) FROM (
-               SELECT * FROM callbacks
+               SELECT id, seq, operation, from_user, to_user, timestamp_ms, received_at_ms FROM callbacks
                WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND +seq IS NOT NULL
                  AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND id > ?3)"
         };
