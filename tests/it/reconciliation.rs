@@ -194,3 +194,36 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["summary"]["missing"], 1);
 }
+
+#[tokio::test]
+async fn a_time_window_reconciles_only_what_happened_in_it() {
+    // Bounded windows and "everything" are read by different queries; both must agree on rows.
+    let app = TestApp::spawn(&["--match-window", "0s", "--sandbox-drop-rate", "1"]).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(call["outcome"], "succeeded");
+    let t = call["requested_at"].as_i64().unwrap();
+    let matching = roster_body("910001", "alice", "bob", "add", t, SECRET);
+    assert_eq!(app.post_callback(matching).await.status(), 200);
+    let month_ago = t - 30 * 24 * 3_600_000;
+    let old_orphan = roster_body("910002", "carol", "dave", "add", month_ago, SECRET);
+    assert_eq!(app.post_callback(old_orphan).await.status(), 200);
+
+    let (recent, items) = all_report_items(&app, &format!("since={}&until={}", t - 60_000, t + 60_000)).await;
+    assert_eq!((recent["matched"].as_i64(), recent["orphan"].as_i64()), (Some(1), Some(0)), "{recent}");
+    assert_eq!(items.len(), 1);
+    assert_eq!(items[0]["matched"]["from_user"], "alice");
+    assert_eq!(items[0]["matched"]["timestamp"], t);
+
+    let (old, items) =
+        all_report_items(&app, &format!("since={}&until={}", month_ago - 1_000, month_ago + 1_000)).await;
+    assert_eq!((old["matched"].as_i64(), old["orphan"].as_i64()), (Some(0), Some(1)), "{old}");
+    assert_eq!(items.len(), 1);
+    assert_eq!((items[0]["from_user"].as_str(), items[0]["to_user"].as_str()), (Some("carol"), Some("dave")));
+    assert_eq!(items[0]["timestamp"], month_ago);
+
+    let (all, items) = all_report_items(&app, "").await;
+    assert_eq!((all["matched"].as_i64(), all["orphan"].as_i64()), (Some(1), Some(1)), "{all}");
+    assert_eq!(items.len(), 2);
+    app.stop().await;
+}
