@@ -505,7 +505,10 @@ impl Writer {
             let jobs = batch.len();
             self.commit_batch(&mut batch).await;
             stats.record(jobs, started.elapsed());
-            self.maybe_index_users(rx.is_empty()).await;
+            let started = std::time::Instant::now();
+            if self.maybe_index_users(rx.is_empty()).await {
+                stats.record_user_chunk(started.elapsed());
+            }
         }
         // A stopped service leaves every entry in place.
         while self.head.seq > self.users_indexed_upto && self.index_users_step().await {}
@@ -518,13 +521,15 @@ impl Writer {
     }
 
     /// Adds pending `callback_users` entries when a chunk is full or when the writer is idle (at
-    /// most every [`USER_INDEX_IDLE_EVERY`]).
-    async fn maybe_index_users(&mut self, idle: bool) {
+    /// most every [`USER_INDEX_IDLE_EVERY`]). `true` if a chunk ran.
+    async fn maybe_index_users(&mut self, idle: bool) -> bool {
         let pending = self.head.seq - self.users_indexed_upto;
         let due = pending >= USER_INDEX_CHUNK || (idle && self.users_indexed_at.elapsed() >= USER_INDEX_IDLE_EVERY);
         if pending > 0 && due {
             self.index_users_step().await;
+            return true;
         }
+        false
     }
 
     /// One transaction of `callback_users` entries, for at most [`USER_INDEX_MOST`] pending
@@ -925,9 +930,16 @@ struct BatchStats {
     batches: u64,
     jobs: u64,
     busy: std::time::Duration,
+    user_chunks: u64,
+    user_chunks_busy: std::time::Duration,
 }
 
 impl BatchStats {
+    fn record_user_chunk(&mut self, took: std::time::Duration) {
+        self.user_chunks += 1;
+        self.user_chunks_busy += took;
+    }
+
     fn record(&mut self, jobs: usize, took: std::time::Duration) {
         let since = *self.since.get_or_insert_with(std::time::Instant::now);
         self.batches += 1;
@@ -941,6 +953,8 @@ impl BatchStats {
                 avg_batch = self.jobs as f64 / self.batches.max(1) as f64,
                 busy_pct = 100.0 * self.busy.as_secs_f64() / elapsed.as_secs_f64(),
                 avg_write_ms = 1e3 * self.busy.as_secs_f64() / self.batches.max(1) as f64,
+                user_chunks = self.user_chunks,
+                user_chunks_pct = 100.0 * self.user_chunks_busy.as_secs_f64() / elapsed.as_secs_f64(),
                 "writer activity"
             );
             *self = BatchStats::default();
