@@ -228,11 +228,13 @@ impl Store {
         let sql = if everything {
             "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
                     completed_at_ms, outcome)) FROM (
-               SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls WHERE id > ?3 AND ?1 < ?2 ORDER BY id LIMIT 100000)"
+               SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls
+               WHERE id > ?3 AND ?1 < ?2 ORDER BY id LIMIT 100000)"
         } else {
             "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
                     completed_at_ms, outcome)) FROM (
-               SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
+               SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls
+               WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
         };
         type Raw = (i64, CallOp, String, String, i64, Option<i64>, Option<Outcome>);
         self.read_json_pages(sql, since_ms, until_ms, everything, "calls", |row: Raw| {

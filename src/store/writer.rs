@@ -505,9 +505,9 @@ impl Writer {
             let jobs = batch.len();
             self.commit_batch(&mut batch).await;
             stats.record(jobs, started.elapsed());
-            let started = std::time::Instant::now();
+            let chunk_started = std::time::Instant::now();
             if self.maybe_index_users(rx.is_empty()).await {
-                stats.record_user_chunk(started.elapsed());
+                stats.record_user_chunk(chunk_started.elapsed());
             }
         }
         // A stopped service leaves every entry in place.
