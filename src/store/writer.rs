@@ -255,6 +255,10 @@ pub(super) async fn index_users(conn: &mut SqliteConnection, after: i64, upto: i
     Ok(())
 }
 
+/// What the `/readyz` write probe rewrites on each run: more than one callback needs (its row and
+/// a page per index), so a disk too full for callbacks fails the probe too (migration 0003).
+const PROBE_BALLAST_BYTES: i64 = 64 * 1024;
+
 /// Every write transaction starts with this: it takes the write lock at once (rather than at the
 /// first write), so the head checked by [`refresh_head`] cannot change before the commit.
 const BEGIN_WRITE: &str = "BEGIN IMMEDIATE";
@@ -786,13 +790,15 @@ impl Writer {
             match job {
                 Job::Rejection(..) => answers[i] = Answer::Unit,
                 Job::Probe(..) => {
-                    // A real (one-row) commit: a full disk or read-only file shows up here too,
-                    // not only a lock held elsewhere.
+                    // A real commit, about as large as a batch of callbacks (see migration 0003):
+                    // a full disk or read-only file shows up here too, not only a lock held
+                    // elsewhere. Several probes in one batch rewrite the same pages, written once.
                     sqlx::query(
-                        "INSERT INTO writer_probe (id, probed_at_ms) VALUES (1, ?1)
-                         ON CONFLICT (id) DO UPDATE SET probed_at_ms = excluded.probed_at_ms",
+                        "INSERT INTO writer_probe (id, probed_at_ms, ballast) VALUES (1, ?1, zeroblob(?2))
+                         ON CONFLICT (id) DO UPDATE SET probed_at_ms = excluded.probed_at_ms, ballast = excluded.ballast",
                     )
                     .bind(now)
+                    .bind(PROBE_BALLAST_BYTES)
                     .execute(&mut *tx)
                     .await?;
                     answers[i] = Answer::Unit;
