@@ -479,6 +479,9 @@ async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
 async fn seeded_store(a: &SeedArgs) -> anyhow::Result<Store> {
     let url = format!("sqlite://{}", a.database.display());
     if a.database.exists() {
+        // A file seeded by an older friendhook gets this one's schema first (what `serve` would
+        // do at start-up), so the queries timed are the ones this binary runs.
+        Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await?.close().await;
         let store = Store::open_read_only(&url).await?;
         let n = store.count_callbacks().await?;
         println!("reusing {} ({n} callbacks)", a.database.display());

@@ -50,6 +50,30 @@ pub enum StoreError {
     /// Applying migrations failed.
     #[error("database migration failed: {0}")]
     Migrate(#[from] sqlx::migrate::MigrateError),
+    /// A read-only command found an SQLite file without friendhook's schema.
+    #[error(
+        "{database} has no friendhook schema (is --database-url right? `friendhook serve` creates \
+         the schema in a new file)"
+    )]
+    NoSchema {
+        /// The database URL as given.
+        database: String,
+    },
+    /// A read-only command found a database whose schema is older than this binary's: it cannot
+    /// upgrade it (read-only), and queries would fail on what is missing.
+    #[error(
+        "{database}: schema version {found}, this friendhook reads version {needed}; start \
+         `friendhook serve --database-url {database}` once (it upgrades the schema at start-up, \
+         keeping every row), then run this command again"
+    )]
+    SchemaBehind {
+        /// The database URL as given.
+        database: String,
+        /// Latest migration applied to the file.
+        found: i64,
+        /// Latest migration this binary has.
+        needed: i64,
+    },
 }
 
 impl StoreError {
@@ -216,6 +240,22 @@ impl std::fmt::Debug for Store {
     }
 }
 
+/// The schema, applied in order by [`Store::open`].
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// The latest migration applied to the database; 0 when it has none (not a friendhook database).
+async fn schema_version(pool: &SqlitePool) -> Result<i64, StoreError> {
+    let tracked: bool = sqlx::query_scalar("SELECT count(*) > 0 FROM sqlite_schema WHERE name = '_sqlx_migrations'")
+        .fetch_one(pool)
+        .await?;
+    if !tracked {
+        return Ok(0);
+    }
+    Ok(sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success")
+        .fetch_one(pool)
+        .await?)
+}
+
 fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
     Ok(SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
@@ -268,7 +308,7 @@ impl Store {
             .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
         let mut conn = write_options.connect().await?;
-        sqlx::migrate!("./migrations").run(&mut conn).await?;
+        MIGRATOR.run(&mut conn).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
             .min_connections(1)
@@ -320,6 +360,17 @@ impl Store {
             .read_only(true)
             .busy_timeout(Duration::from_secs(5));
         let read = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
+        let needed = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
+        let found = schema_version(&read).await?;
+        if found < needed {
+            read.close().await;
+            let database = database_url.to_string();
+            return Err(if found == 0 {
+                StoreError::NoSchema { database }
+            } else {
+                StoreError::SchemaBehind { database, found, needed }
+            });
+        }
         let (jobs, _) = mpsc::channel(1);
         let (_, committed) = watch::channel(0);
         Ok(Store {
@@ -435,5 +486,63 @@ pub(crate) fn test_callback(body: &str, received_at_ms: i64) -> NewCallback {
         remote_addr: Some("127.0.0.1:1".into()),
         scheme: "easemob",
         secret_index: 0,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read-only command cannot upgrade a database; it says so, and what to run, instead of
+    /// failing later on a missing index.
+    #[tokio::test]
+    async fn read_only_open_refuses_an_older_schema_and_says_how_to_upgrade() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("old.db").display());
+        // A database last served by the previous release: every migration but the newest.
+        let needed = MIGRATOR.iter().map(|m| m.version).max().expect("migrations");
+        let previous = dir.path().join("previous-migrations");
+        std::fs::create_dir(&previous).expect("mkdir");
+        for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).expect("migrations") {
+            let path = entry.expect("entry").path();
+            let name = path.file_name().expect("name").to_string_lossy().into_owned();
+            let version: i64 = name.split('_').next().and_then(|v| v.parse().ok()).expect("numbered migration");
+            if version < needed {
+                std::fs::copy(&path, previous.join(&name)).expect("copy");
+            }
+        }
+        let mut conn = connect_options(&url).expect("url").connect().await.expect("create");
+        sqlx::migrate::Migrator::new(previous.as_path())
+            .await
+            .expect("migrator")
+            .run(&mut conn)
+            .await
+            .expect("migrate");
+        conn.close().await.expect("close");
+
+        let err = Store::open_read_only(&url).await.expect_err("older schema");
+        assert!(
+            matches!(err, StoreError::SchemaBehind { found, needed: n, .. } if found == needed - 1 && n == needed),
+            "{err:?}"
+        );
+        let text = err.to_string();
+        assert!(text.contains(&format!("friendhook serve --database-url {url}")), "{text}");
+
+        // Serving it once upgrades it; then it opens read-only again.
+        Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await.expect("upgrade").close().await;
+        Store::open_read_only(&url).await.expect("upgraded");
+
+        // An SQLite file that is not a friendhook database.
+        let other = format!("sqlite://{}", dir.path().join("other.db").display());
+        let mut conn = SqliteConnectOptions::from_str(&other)
+            .expect("url")
+            .create_if_missing(true)
+            .connect()
+            .await
+            .expect("create");
+        sqlx::query("CREATE TABLE t (x)").execute(&mut conn).await.expect("table");
+        conn.close().await.expect("close");
+        let err = Store::open_read_only(&other).await.expect_err("foreign file");
+        assert!(matches!(err, StoreError::NoSchema { .. }), "{err:?}");
     }
 }
