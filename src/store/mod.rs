@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteRow, SqliteSynchronous};
-use sqlx::{ConnectOptions, Connection, Row, SqlitePool};
+use sqlx::{ConnectOptions, Connection, Row, SqliteConnection, SqlitePool};
 use tokio::sync::{mpsc, oneshot, watch};
 
 pub use journal::*;
@@ -44,12 +44,35 @@ pub enum StoreError {
     /// A write batch failed; nothing in it was committed.
     #[error("database write failed: {0}")]
     Write(String),
-    /// A database error.
+    /// A database error. Its text includes sqlx's (which includes SQLite's), so it is not also
+    /// returned as the `source`: `error: {err:#}` would print each cause two or three times.
     #[error("database error: {0}")]
-    Sqlx(#[from] sqlx::Error),
-    /// Applying migrations failed.
+    Sqlx(sqlx::Error),
+    /// Applying migrations failed (text included as for [`StoreError::Sqlx`]).
     #[error("database migration failed: {0}")]
-    Migrate(#[from] sqlx::migrate::MigrateError),
+    Migrate(sqlx::migrate::MigrateError),
+    /// The database was last opened by a newer friendhook: this one does not know its schema.
+    #[error(
+        "{database}: schema version {found}, written by a newer friendhook (this one knows up to \
+         version {known}); use that release or a later one. Nothing was changed"
+    )]
+    SchemaAhead {
+        /// The database URL as given.
+        database: String,
+        /// Latest migration applied to the file.
+        found: i64,
+        /// Latest migration this binary has.
+        known: i64,
+    },
+    /// A read-only command was pointed at a file that does not exist.
+    #[error(
+        "{database}: no such database file (is --database-url right? `friendhook serve` creates it \
+         on first start)"
+    )]
+    NoDatabase {
+        /// The database URL as given.
+        database: String,
+    },
     /// A read-only command found an SQLite file without friendhook's schema.
     #[error(
         "{database} has no friendhook schema (is --database-url right? `friendhook serve` creates \
@@ -74,6 +97,18 @@ pub enum StoreError {
         /// Latest migration this binary has.
         needed: i64,
     },
+}
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        StoreError::Sqlx(e)
+    }
+}
+
+impl From<sqlx::migrate::MigrateError> for StoreError {
+    fn from(e: sqlx::migrate::MigrateError) -> Self {
+        StoreError::Migrate(e)
+    }
 }
 
 impl StoreError {
@@ -244,16 +279,32 @@ impl std::fmt::Debug for Store {
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// The latest migration applied to the database; 0 when it has none (not a friendhook database).
-async fn schema_version(pool: &SqlitePool) -> Result<i64, StoreError> {
+async fn schema_version(conn: &mut SqliteConnection) -> Result<i64, StoreError> {
     let tracked: bool = sqlx::query_scalar("SELECT count(*) > 0 FROM sqlite_schema WHERE name = '_sqlx_migrations'")
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?;
     if !tracked {
         return Ok(0);
     }
     Ok(sqlx::query_scalar("SELECT coalesce(max(version), 0) FROM _sqlx_migrations WHERE success")
-        .fetch_one(pool)
+        .fetch_one(&mut *conn)
         .await?)
+}
+
+/// The newest schema version this binary knows.
+fn known_schema_version() -> i64 {
+    MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0)
+}
+
+/// Refuses a database a newer friendhook has migrated past what this binary knows (sqlx's own
+/// error for it names a migration, not what to do).
+async fn refuse_newer_schema(conn: &mut SqliteConnection, database_url: &str) -> Result<i64, StoreError> {
+    let found = schema_version(conn).await?;
+    let known = known_schema_version();
+    if found > known {
+        return Err(StoreError::SchemaAhead { database: database_url.to_string(), found, known });
+    }
+    Ok(found)
 }
 
 fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
@@ -308,6 +359,7 @@ impl Store {
             .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
         let mut conn = write_options.connect().await?;
+        refuse_newer_schema(&mut conn, &opts.database_url).await?;
         MIGRATOR.run(&mut conn).await?;
         let read = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
@@ -359,9 +411,19 @@ impl Store {
             .create_if_missing(false)
             .read_only(true)
             .busy_timeout(Duration::from_secs(5));
+        if !opts.get_filename().exists() {
+            return Err(StoreError::NoDatabase { database: database_url.to_string() });
+        }
         let read = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
-        let needed = MIGRATOR.iter().map(|m| m.version).max().unwrap_or(0);
-        let found = schema_version(&read).await?;
+        let needed = known_schema_version();
+        let found = refuse_newer_schema(&mut *read.acquire().await?, database_url).await;
+        let found = match found {
+            Ok(found) => found,
+            Err(e) => {
+                read.close().await;
+                return Err(e);
+            }
+        };
         if found < needed {
             read.close().await;
             let database = database_url.to_string();
@@ -494,13 +556,13 @@ mod tests {
     use super::*;
 
     /// A read-only command cannot upgrade a database; it says so, and what to run, instead of
-    /// failing later on a missing index.
+    /// failing later on a missing index. No command opens a database a newer release migrated.
     #[tokio::test]
-    async fn read_only_open_refuses_an_older_schema_and_says_how_to_upgrade() {
+    async fn opening_a_database_of_another_schema_version_says_what_to_do() {
         let dir = tempfile::tempdir().expect("tempdir");
         let url = format!("sqlite://{}", dir.path().join("old.db").display());
         // A database last served by the previous release: every migration but the newest.
-        let needed = MIGRATOR.iter().map(|m| m.version).max().expect("migrations");
+        let needed = known_schema_version();
         let previous = dir.path().join("previous-migrations");
         std::fs::create_dir(&previous).expect("mkdir");
         for entry in std::fs::read_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/migrations")).expect("migrations") {
@@ -531,6 +593,31 @@ mod tests {
         // Serving it once upgrades it; then it opens read-only again.
         Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await.expect("upgrade").close().await;
         Store::open_read_only(&url).await.expect("upgraded");
+
+        // A database a newer friendhook has migrated: neither kind of open touches it.
+        let mut conn = connect_options(&url).expect("url").connect().await.expect("connect");
+        sqlx::query(
+            "INSERT INTO _sqlx_migrations (version, description, success, checksum, execution_time)
+             VALUES (?1, 'from a newer release', 1, x'00', 0)",
+        )
+        .bind(needed + 1)
+        .execute(&mut conn)
+        .await
+        .expect("pretend a newer release migrated it");
+        conn.close().await.expect("close");
+        let err = Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await.expect_err("newer schema");
+        assert!(
+            matches!(err, StoreError::SchemaAhead { found, known, .. } if found == needed + 1 && known == needed),
+            "{err:?}"
+        );
+        assert!(err.to_string().contains("written by a newer friendhook"), "{err}");
+        let err = Store::open_read_only(&url).await.expect_err("newer schema, read-only");
+        assert!(matches!(err, StoreError::SchemaAhead { .. }), "{err:?}");
+
+        let missing = format!("sqlite://{}", dir.path().join("missing.db").display());
+        let err = Store::open_read_only(&missing).await.expect_err("no file");
+        assert!(matches!(err, StoreError::NoDatabase { .. }), "{err:?}");
+        assert!(!dir.path().join("missing.db").exists(), "a read-only open creates nothing");
 
         // An SQLite file that is not a friendhook database.
         let other = format!("sqlite://{}", dir.path().join("other.db").display());

@@ -790,9 +790,9 @@ impl Writer {
             match job {
                 Job::Rejection(..) => answers[i] = Answer::Unit,
                 Job::Probe(..) => {
-                    // A real commit, about as large as a batch of callbacks (see migration 0003):
-                    // a full disk or read-only file shows up here too, not only a lock held
-                    // elsewhere. Several probes in one batch rewrite the same pages, written once.
+                    // A real commit, larger than one callback's (see migration 0003): a full disk
+                    // or read-only file shows up here too, not only a lock held elsewhere. Several
+                    // probes in one batch rewrite the same pages, written once.
                     sqlx::query(
                         "INSERT INTO writer_probe (id, probed_at_ms, ballast) VALUES (1, ?1, zeroblob(?2))
                          ON CONFLICT (id) DO UPDATE SET probed_at_ms = excluded.probed_at_ms, ballast = excluded.ballast",
