@@ -307,6 +307,18 @@ async fn refuse_newer_schema(conn: &mut SqliteConnection, database_url: &str) ->
     Ok(found)
 }
 
+/// A read-only open needs exactly this binary's schema: it cannot migrate an older one.
+async fn check_readable_schema(read: &SqlitePool, database_url: &str) -> Result<(), StoreError> {
+    let found = refuse_newer_schema(&mut *read.acquire().await?, database_url).await?;
+    let needed = known_schema_version();
+    let database = database_url.to_string();
+    match found {
+        0 => Err(StoreError::NoSchema { database }),
+        found if found < needed => Err(StoreError::SchemaBehind { database, found, needed }),
+        _ => Ok(()),
+    }
+}
+
 fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
     Ok(SqliteConnectOptions::from_str(url)?
         .create_if_missing(true)
@@ -415,23 +427,9 @@ impl Store {
             return Err(StoreError::NoDatabase { database: database_url.to_string() });
         }
         let read = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
-        let needed = known_schema_version();
-        let found = refuse_newer_schema(&mut *read.acquire().await?, database_url).await;
-        let found = match found {
-            Ok(found) => found,
-            Err(e) => {
-                read.close().await;
-                return Err(e);
-            }
-        };
-        if found < needed {
+        if let Err(e) = check_readable_schema(&read, database_url).await {
             read.close().await;
-            let database = database_url.to_string();
-            return Err(if found == 0 {
-                StoreError::NoSchema { database }
-            } else {
-                StoreError::SchemaBehind { database, found, needed }
-            });
+            return Err(e);
         }
         let (jobs, _) = mpsc::channel(1);
         let (_, committed) = watch::channel(0);
