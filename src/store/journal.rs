@@ -357,15 +357,13 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreOptions;
 
     /// Reconciling everything never reads the callbacks table itself: a cold table costs seconds
     /// (raw bodies), the narrow index of migration 0004 a fraction of that.
     #[tokio::test]
     async fn reconciling_everything_reads_only_the_roster_index() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("j.db").display());
-        let store = Store::open(StoreOptions::new(url), crate::clock::system()).await.expect("open");
+        let (store, _) = crate::store::open_test_store(&dir).await;
         let plan = crate::store::query_plan(&store, ROSTER_CALLBACKS_ALL).await;
         assert!(
             plan.iter().any(|d| d == "SEARCH callbacks USING COVERING INDEX callbacks_roster_by_id (id>?)"),

@@ -522,6 +522,15 @@ impl Store {
     }
 }
 
+/// A store on a new database file in `dir`, for store tests, with the file's URL (to open it a
+/// second time).
+#[cfg(test)]
+pub(crate) async fn open_test_store(dir: &tempfile::TempDir) -> (Store, String) {
+    let url = format!("sqlite://{}", dir.path().join("test.db").display());
+    let store = Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await.expect("open store");
+    (store, url)
+}
+
 /// The `detail` lines of SQLite's plan for `sql` (parameters left unbound), for tests that pin
 /// which index a query uses.
 #[cfg(test)]

@@ -113,12 +113,7 @@ const COUNT_HELD: &str = "SELECT count(*) FROM quarantine WHERE promoted_at_ms I
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{QuarantineEntry, StoreOptions, test_callback};
-
-    async fn open(dir: &tempfile::TempDir) -> Store {
-        let url = format!("sqlite://{}", dir.path().join("q.db").display());
-        Store::open(StoreOptions::new(url), crate::clock::system()).await.expect("open store")
-    }
+    use crate::store::{QuarantineEntry, StoreOptions, open_test_store, test_callback};
 
     fn body(msg_id: &str, secret: &str) -> String {
         let call_id = format!("demo-org#demo-app_{msg_id}");
@@ -143,7 +138,7 @@ mod tests {
     #[tokio::test]
     async fn promotion_stores_the_event_and_marks_the_row_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(&dir).await;
+        let (store, _) = open_test_store(&dir).await;
         let b = body("1", "s");
         let id = hold(&store, &b, 1_000).await;
         assert_eq!(store.count_quarantine_held().await.expect("count"), 1);
@@ -170,7 +165,7 @@ mod tests {
     #[tokio::test]
     async fn promoting_an_event_already_stored_is_a_duplicate_pointing_at_it() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(&dir).await;
+        let (store, _) = open_test_store(&dir).await;
         let b = body("2", "s");
         let id = hold(&store, &b, 1_000).await;
         let direct = store.insert_callback(test_callback(&b, 2_000)).await.expect("insert");
@@ -186,7 +181,7 @@ mod tests {
     #[tokio::test]
     async fn counting_held_requests_uses_the_partial_index() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = open(&dir).await;
+        let (store, _) = open_test_store(&dir).await;
         let plan = crate::store::query_plan(&store, COUNT_HELD).await;
         assert!(plan.iter().any(|d| d.contains("quarantine_pending")), "{plan:?}");
         store.close().await;
@@ -197,8 +192,7 @@ mod tests {
         // Two stores on one file stand for the service and `quarantine reverify`: each has its
         // own writer, and each must see the other's commits before numbering its own.
         let dir = tempfile::tempdir().expect("tempdir");
-        let service = open(&dir).await;
-        let url = format!("sqlite://{}", dir.path().join("q.db").display());
+        let (service, url) = open_test_store(&dir).await;
         let mut opts = StoreOptions::new(url);
         opts.recover_interrupted_calls = false;
         let cli = Store::open(opts, crate::clock::system()).await.expect("second store");

@@ -404,8 +404,7 @@ mod tests {
     #[tokio::test]
     async fn a_user_filter_uses_the_user_entries_and_the_seq_index() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("p.db").display());
-        let store = Store::open(StoreOptions::new(url), crate::clock::system()).await.expect("open");
+        let (store, _) = crate::store::open_test_store(&dir).await;
         let filter = CallbackFilter { to_user: Some("yu".into()), after_seq: Some(5), limit: 10, ..Default::default() };
         let plan = crate::store::query_plan(&store, list_callbacks_query(&filter).sql()).await;
         assert!(

@@ -998,7 +998,6 @@ impl Answer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::{Store, StoreOptions};
 
     fn body(n: u64) -> String {
         let call_id = format!("demo-org#demo-app_{n}");
@@ -1031,8 +1030,7 @@ mod tests {
     #[tokio::test]
     async fn batches_larger_than_one_statement_with_repeats_store_each_event_once() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("w.db").display());
-        let store = Store::open(StoreOptions::new(url), crate::clock::system()).await.expect("open");
+        let (store, _) = crate::store::open_test_store(&dir).await;
         // 300 events; every 10th is delivered again right after itself, every 25th once more at
         // the end (a later chunk).
         let mut order: Vec<u64> = Vec::new();
