@@ -4,7 +4,6 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::Router;
@@ -16,11 +15,12 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
-use tower_http::trace::TraceLayer;
+use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::clock::SharedClock;
 use crate::config::OnBadSignature;
 use crate::error::error_response;
+use crate::metrics::{LogThrottle, Metrics};
 use crate::signature::Verifier;
 use crate::store::Store;
 
@@ -51,15 +51,6 @@ impl Default for Settings {
     }
 }
 
-/// Counters exposed in logs and `/readyz`.
-#[derive(Debug, Default)]
-pub struct Metrics {
-    /// Requests answered 401.
-    pub rejected: AtomicU64,
-    /// Requests kept in quarantine.
-    pub quarantined: AtomicU64,
-}
-
 /// Everything a handler needs.
 #[derive(Debug)]
 pub struct AppState {
@@ -71,8 +62,10 @@ pub struct AppState {
     pub clock: SharedClock,
     /// Handler settings.
     pub settings: Settings,
-    /// Counters.
+    /// Counters and histograms for `/metrics`.
     pub metrics: Metrics,
+    /// Throttles the log line of callbacks answered 503 because the write queue is full.
+    pub overloads: LogThrottle,
     /// The Easemob client for the trigger API (the sandbox's, in sandbox mode).
     pub easemob: Option<crate::easemob::EasemobClient>,
 }
@@ -111,6 +104,7 @@ impl Default for ServerLimits {
 pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
     Router::new()
         .merge(crate::http::health::router())
+        .merge(crate::http::metrics::router())
         .merge(crate::http::callbacks::router())
         .merge(crate::http::journal::router())
         .merge(crate::http::friends::router())
@@ -123,7 +117,10 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
         }))
         .layer(axum::middleware::from_fn_with_state(*limits, request_deadline))
         .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight))
-        .layer(TraceLayer::new_for_http())
+        // tower-http logs every 5xx at ERROR by default: under a burst that is one line per 503.
+        // The handlers log what failed and why themselves (internal errors with their cause, 503s
+        // throttled with a count), so the per-response line is only wanted when debugging.
+        .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
 }
 
 /// Answers 408 when a request (reading its body included) is not done within `limit`.

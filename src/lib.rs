@@ -10,6 +10,7 @@
 //! - [`store`]: all SQL; the single group-commit writer; migrations.
 //! - [`easemob`]: the embedded Easemob REST client (token cache, limiter, retries).
 //! - [`sandbox`]: the Easemob-compatible fake, in the same binary.
+//! - [`metrics`]: Prometheus metrics (`GET /metrics`) and the log throttle for recurring failures.
 //! - [`reconcile`]: matching calls against callbacks, as plain functions.
 //! - [`report`]: reconciliation reports: loads a window from the store, runs the matcher, pages.
 //! - [`commands`]: the subcommands (serve, demo, reconcile, audit, export, quarantine).
@@ -25,6 +26,7 @@ pub mod config;
 pub mod easemob;
 pub mod error;
 pub mod http;
+pub mod metrics;
 pub mod model;
 pub mod reconcile;
 pub mod report;

@@ -7,10 +7,11 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
 
-use crate::app::{self, AppState, Metrics, ServerLimits, Settings};
+use crate::app::{self, AppState, ServerLimits, Settings};
 use crate::clock::{self, SharedClock};
 use crate::config::ServeArgs;
 use crate::easemob::{ClientConfig, EasemobClient};
+use crate::metrics::{LogThrottle, Metrics, WriterMetrics};
 use crate::secret::Secret;
 use crate::signature::{Scheme, Verifier};
 use crate::store::{Store, StoreOptions, WriterLimits};
@@ -29,8 +30,8 @@ pub struct Service {
     pub sandbox: Option<crate::sandbox::SandboxHandle>,
 }
 
-/// Store options from the serve flags.
-pub fn store_options(args: &ServeArgs) -> StoreOptions {
+/// Store options from the serve flags; the writer records its batches in `metrics`.
+pub fn store_options(args: &ServeArgs, metrics: WriterMetrics) -> StoreOptions {
     StoreOptions {
         database_url: args.db.database_url.clone(),
         synchronous: args.db.sqlite_synchronous,
@@ -43,6 +44,7 @@ pub fn store_options(args: &ServeArgs) -> StoreOptions {
         read_connections: 4,
         busy_timeout: args.db.sqlite_busy_timeout,
         recover_interrupted_calls: true,
+        metrics,
     }
 }
 
@@ -147,7 +149,8 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!("could not listen on {} (is another friendhook running? try --listen)", args.listen)
     })?;
-    let store = Store::open(store_options(args), clock.clone())
+    let metrics = Metrics::default();
+    let store = Store::open(store_options(args, metrics.writer()), clock.clone())
         .await
         .with_context(|| format!("could not open the database {}", args.db.database_url))?;
     let settings = Settings {
@@ -167,7 +170,9 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         }
     };
     let easemob = Some(easemob);
-    let state = Arc::new(AppState { store, verifier, clock, settings, metrics: Metrics::default(), easemob });
+    metrics.calls_interrupted(store.recovered_calls);
+    let state =
+        Arc::new(AppState { store, verifier, clock, settings, metrics, easemob, overloads: LogThrottle::new(10_000) });
     let limits = ServerLimits {
         max_in_flight: args.max_in_flight.max(1),
         header_timeout: args.header_timeout,

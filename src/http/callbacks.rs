@@ -18,12 +18,13 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::query::{parse_cursor, parse_limit, parse_opt_time};
-use crate::app::SharedState;
+use crate::app::{AppState, SharedState};
 use crate::callback::{self, ParsedCallback};
 use crate::config::OnBadSignature;
 use crate::error::ApiError;
+use crate::metrics::CallbackResult;
 use crate::signature::{Scheme, Verifier, VerifyError};
-use crate::store::{CallbackFilter, NewCallback, QuarantineEntry, Rejection, StoreError, chain};
+use crate::store::{CallbackAck, CallbackFilter, NewCallback, QuarantineEntry, Rejection, StoreError, chain};
 
 /// Routes of this module.
 pub fn router() -> axum::Router<SharedState> {
@@ -35,27 +36,52 @@ pub fn router() -> axum::Router<SharedState> {
 
 impl From<StoreError> for ApiError {
     fn from(err: StoreError) -> Self {
-        match err {
-            StoreError::QueueFull => ApiError::Unavailable {
-                code: "overloaded",
-                detail: "the write queue is full; retry shortly".into(),
-                retry_after_secs: 1,
-            },
-            StoreError::WriterGone => ApiError::Unavailable {
-                code: "shutting_down",
-                detail: "the service is shutting down; retry shortly".into(),
-                retry_after_secs: 1,
-            },
-            other => {
-                tracing::error!(error = %other, "storage error");
-                ApiError::Unavailable {
-                    code: "storage_unavailable",
-                    detail: "the database cannot commit right now; nothing was stored, retry shortly".into(),
-                    retry_after_secs: 1,
-                }
-            }
+        if !matches!(err, StoreError::QueueFull | StoreError::WriterGone) {
+            tracing::error!(error = %err, "storage error");
         }
+        unavailable(&err)
     }
+}
+
+/// The 503 for a write that was not committed.
+fn unavailable(err: &StoreError) -> ApiError {
+    match err {
+        StoreError::QueueFull => ApiError::Unavailable {
+            code: "overloaded",
+            detail: "the write queue is full; retry shortly".into(),
+            retry_after_secs: 1,
+        },
+        StoreError::WriterGone => ApiError::Unavailable {
+            code: "shutting_down",
+            detail: "the service is shutting down; retry shortly".into(),
+            retry_after_secs: 1,
+        },
+        _ => ApiError::Unavailable {
+            code: "storage_unavailable",
+            detail: "the database cannot commit right now; nothing was stored, retry shortly".into(),
+            retry_after_secs: 1,
+        },
+    }
+}
+
+/// A callback the store did not take. A full queue is logged here, at most every ten seconds,
+/// with how many 503s there were since the previous line (those after the last line of a burst
+/// show in the next one, and at once in `/metrics`): under a burst every request fails the same
+/// way, and a line each would bury the log. Failed commits are logged by the writer, once per
+/// batch and throttled the same way.
+fn refused_by_store(state: &AppState, err: StoreError) -> ApiError {
+    if matches!(err, StoreError::QueueFull)
+        && let Some(n) = state.overloads.hit(state.clock.now_ms())
+    {
+        let (_, queue) = state.store.write_queue();
+        tracing::warn!(
+            answered_503_since_last_line = n,
+            queue,
+            "write queue full: callbacks answered 503 (Easemob retries each once); if this recurs, \
+             raise --write-queue or --max-batch, or move the database to a faster disk"
+        );
+    }
+    unavailable(&err)
 }
 
 /// The body if it fits, else 413; stops reading at the limit instead of buffering the rest.
@@ -94,20 +120,50 @@ async fn receive_callback(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let received = receive(&state, peer, &headers, body).await;
+    state.metrics.callback(match &received {
+        Ok(Received::Stored(ack)) if ack.duplicate => CallbackResult::Duplicate,
+        Ok(Received::Stored(_)) => CallbackResult::Stored,
+        Ok(Received::Quarantined) => CallbackResult::Quarantined,
+        Err(err) => match err {
+            ApiError::Unauthorized => CallbackResult::Rejected,
+            ApiError::Forbidden => CallbackResult::Forbidden,
+            ApiError::Unavailable { code: "overloaded", .. } => CallbackResult::Overloaded,
+            ApiError::Unavailable { .. } | ApiError::Internal(_) => CallbackResult::Unavailable,
+            _ => CallbackResult::Invalid,
+        },
+    });
+    // Easemob accepts at most 1,000 characters in the answer; these stay far below.
+    Ok(match received? {
+        Received::Stored(ack) => Json(json!({"status": "ok", "seq": ack.seq, "duplicate": ack.duplicate})),
+        Received::Quarantined => Json(json!({"status": "quarantined"})),
+    }
+    .into_response())
+}
+
+/// What became of a callback answered 200.
+enum Received {
+    /// Committed (or counted as another delivery of a stored event).
+    Stored(CallbackAck),
+    /// Failed verification and kept in quarantine.
+    Quarantined,
+}
+
+async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, body: Body) -> Result<Received, ApiError> {
     if !state.settings.allow_from.is_empty() && !state.settings.allow_from.iter().any(|net| net.contains(&peer.ip())) {
         tracing::warn!(%peer, "callback from a source outside --allow-from; answered 403");
         return Err(ApiError::Forbidden);
     }
-    check_content_type(&headers)?;
-    let body = read_body(&headers, body, state.settings.max_body_bytes).await?;
+    check_content_type(headers)?;
+    let body = read_body(headers, body, state.settings.max_body_bytes).await?;
     let received_at_ms = state.clock.now_ms();
     let verifier = &state.verifier;
 
-    let (event, secret_index) = match verify_request(verifier, &headers, &body, received_at_ms) {
+    let (event, secret_index) = match verify_request(verifier, headers, &body, received_at_ms) {
         Ok(v) => v,
         Err(Refusal::Unparseable(err)) => return Err(parse_error(err)),
         Err(Refusal::BadSignature(err)) => {
-            return bad_signature(&state, peer, &headers, body, received_at_ms, err).await;
+            return bad_signature(state, peer, headers, body, received_at_ms, err).await;
         }
     };
 
@@ -125,9 +181,9 @@ async fn receive_callback(
             secret_index: secret_index as i64,
             event,
         })
-        .await?;
-    // Easemob accepts at most 1,000 characters in the answer; this stays far below.
-    Ok(Json(json!({"status": "ok", "seq": ack.seq, "duplicate": ack.duplicate})).into_response())
+        .await
+        .map_err(|err| refused_by_store(state, err))?;
+    Ok(Received::Stored(ack))
 }
 
 /// Why a request is not a verified callback.
@@ -180,7 +236,7 @@ async fn bad_signature(
     body: Bytes,
     received_at_ms: i64,
     err: VerifyError,
-) -> Result<Response, ApiError> {
+) -> Result<Received, ApiError> {
     let body_sha256 = chain::sha256_hex(&body);
     if state.settings.on_bad_signature == OnBadSignature::Quarantine {
         let kept: serde_json::Map<String, serde_json::Value> =
@@ -199,14 +255,12 @@ async fn bad_signature(
             })
             .await?;
         if let Some(id) = held {
-            state.metrics.quarantined.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(%peer, reason = err.reason(), quarantine_id = id, body_sha256,
                 "callback failed verification; QUARANTINED and answered 200 (check the callback secret; see `friendhook quarantine list`)");
-            return Ok(Json(json!({"status": "quarantined"})).into_response());
+            return Ok(Received::Quarantined);
         }
         tracing::warn!(%peer, "quarantine is full; rejecting instead");
     }
-    state.metrics.rejected.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     tracing::warn!(%peer, reason = err.reason(), body_sha256, size = body.len(), "callback failed verification; answered 401");
     let rejection = Rejection {
         received_at_ms,

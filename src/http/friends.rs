@@ -19,7 +19,7 @@ use crate::app::SharedState;
 use crate::easemob::{self, ApiFailure, EasemobClient};
 use crate::error::ApiError;
 use crate::model::{CallOp, Outcome};
-use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall, Store};
+use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall};
 
 /// Routes of this module.
 pub fn router() -> axum::Router<SharedState> {
@@ -122,10 +122,10 @@ fn client(state: &SharedState) -> Result<EasemobClient, ApiError> {
     })
 }
 
-/// Records the intent, calls Easemob, records the outcome. Runs detached from the request so a
-/// disconnect cannot cut it between the two records.
-async fn execute(store: Store, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), ApiError> {
-    let record = match store.insert_call_intent(call).await? {
+/// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
+/// request so a disconnect cannot cut it between the two records.
+async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), ApiError> {
+    let record = match state.store.insert_call_intent(call).await? {
         IntentResult::Existing(existing) => return Ok((existing, true)),
         IntentResult::Created(record) => record,
     };
@@ -155,7 +155,12 @@ async fn execute(store: Store, client: EasemobClient, call: NewCall) -> Result<(
                 call: record,
             },
         };
-        store.mark_call_outcome(outcome).await
+        let (outcome_kind, attempts) = (outcome.outcome, outcome.attempts);
+        let recorded = state.store.mark_call_outcome(outcome).await;
+        if recorded.is_ok() {
+            state.metrics.call(outcome_kind, u64::try_from(attempts).unwrap_or(0));
+        }
+        recorded
     });
     let record = task.await.map_err(ApiError::internal)??;
     Ok((record, false))
@@ -180,7 +185,7 @@ async fn trigger(
     let key = idempotency_key(&headers)?;
     let client = client(&state)?;
     let new = NewCall { op, owner, friend, idempotency_key: key };
-    let (record, replayed) = execute(state.store.clone(), client, new.clone()).await?;
+    let (record, replayed) = execute(state.clone(), client, new.clone()).await?;
     if replayed {
         if record.op != new.op || record.owner != new.owner || record.friend != new.friend {
             return Err(ApiError::Unprocessable {
@@ -242,8 +247,7 @@ async fn add_friends_batch(
     }
     let client = client(&state)?;
     // All run at once; the client's rate limiter paces them to Easemob's limit.
-    let tasks: Vec<_> =
-        calls.into_iter().map(|c| tokio::spawn(execute(state.store.clone(), client.clone(), c))).collect();
+    let tasks: Vec<_> = calls.into_iter().map(|c| tokio::spawn(execute(state.clone(), client.clone(), c))).collect();
     let mut results = Vec::with_capacity(tasks.len());
     for t in tasks {
         let (record, _) = t.await.map_err(ApiError::internal)??;

@@ -1,8 +1,6 @@
 //! `GET /healthz` (the process is up) and `GET /readyz` (the database reads and the writer commits;
 //! also how many requests the quarantine holds).
 
-use std::sync::atomic::Ordering;
-
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -11,6 +9,7 @@ use axum::routing::get;
 use serde_json::json;
 
 use crate::app::SharedState;
+use crate::metrics::CallbackResult;
 
 /// Routes of this module.
 pub fn router() -> axum::Router<SharedState> {
@@ -37,7 +36,7 @@ async fn readyz(State(state): State<SharedState>) -> Response {
         "database": { "read": read.as_deref().unwrap_or("ok"), "write": write.as_deref().unwrap_or("ok") },
         "quarantine": {
             "held": held,
-            "quarantined_since_start": state.metrics.quarantined.load(Ordering::Relaxed),
+            "quarantined_since_start": state.metrics.callbacks(CallbackResult::Quarantined),
         },
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };

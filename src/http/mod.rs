@@ -6,4 +6,5 @@ pub mod callbacks;
 pub mod friends;
 pub mod health;
 pub mod journal;
+pub mod metrics;
 pub mod query;

@@ -29,6 +29,7 @@ pub use writer::{
 
 use crate::clock::SharedClock;
 use crate::config::SqliteSynchronous as SyncMode;
+use crate::metrics::WriterMetrics;
 use crate::model::{CallOp, Outcome};
 use writer::{Job, Writer};
 
@@ -238,6 +239,8 @@ pub struct StoreOptions {
     /// How long the writer waits for a lock held by another process before the write fails
     /// (and the request gets 503).
     pub busy_timeout: Duration,
+    /// Where the writer records its batches (the service registers these for `/metrics`).
+    pub metrics: WriterMetrics,
 }
 
 impl StoreOptions {
@@ -251,6 +254,7 @@ impl StoreOptions {
             read_connections: 4,
             recover_interrupted_calls: true,
             busy_timeout: Duration::from_secs(5),
+            metrics: WriterMetrics::default(),
         }
     }
 }
@@ -398,6 +402,9 @@ impl Store {
             fast_sql: Vec::new(),
             users_indexed_upto,
             users_indexed_at: std::time::Instant::now(),
+            metrics: opts.metrics,
+            failure_log: crate::metrics::LogThrottle::new(10_000),
+            failed_since_commit: 0,
         };
         let recovered_calls = if opts.recover_interrupted_calls { writer.close_interrupted_calls().await? } else { 0 };
         if recovered_calls > 0 {
@@ -457,6 +464,12 @@ impl Store {
     /// Health of the write path.
     pub fn writer_health(&self) -> &WriterHealth {
         &self.health
+    }
+
+    /// Writes waiting for the writer now, and the queue's size (the 503 threshold).
+    pub fn write_queue(&self) -> (usize, usize) {
+        let size = self.jobs.max_capacity();
+        (size - self.jobs.capacity(), size)
     }
 
     async fn submit<T>(

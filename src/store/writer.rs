@@ -34,6 +34,7 @@ use super::chain::{self, CallContent, CallbackContent};
 use super::{CallRecord, NewCall, StoreError};
 use crate::callback::ParsedCallback;
 use crate::clock::SharedClock;
+use crate::metrics::{LogThrottle, WriterMetrics};
 use crate::model::Outcome;
 
 /// A verified callback to store.
@@ -223,6 +224,12 @@ pub(super) struct Writer {
     pub users_indexed_upto: i64,
     /// When [`Writer::maybe_index_users`] last ran.
     pub users_indexed_at: std::time::Instant,
+    /// Batch sizes, commit times and failures, for `/metrics`.
+    pub metrics: WriterMetrics,
+    /// Throttles the log line of failed batches.
+    pub failure_log: LogThrottle,
+    /// Batches failed since the last commit (a recovery is logged once).
+    pub failed_since_commit: u64,
 }
 
 /// Under steady load, the writer adds `callback_users` entries once this many sequence numbers
@@ -508,7 +515,10 @@ impl Writer {
             let started = std::time::Instant::now();
             let jobs = batch.len();
             self.commit_batch(&mut batch).await;
-            stats.record(jobs, started.elapsed());
+            let took = started.elapsed();
+            stats.record(jobs, took);
+            self.metrics.batch_jobs.observe(jobs as f64);
+            self.metrics.batch_seconds.observe(took.as_secs_f64());
             let chunk_started = std::time::Instant::now();
             if self.maybe_index_users(rx.is_empty()).await {
                 stats.record_user_chunk(chunk_started.elapsed());
@@ -571,7 +581,7 @@ impl Writer {
                 if let Err(err) = old.close().await {
                     tracing::debug!(error = %err, "closing the failed write connection");
                 }
-                tracing::info!("write connection reopened after a failed batch");
+                tracing::debug!("write connection reopened after a failed batch");
             }
             Err(err) => {
                 tracing::warn!(error = %err, "could not reopen the write connection; will retry before the next batch")
@@ -592,13 +602,8 @@ impl Writer {
                 batch.drain(..).partition(|j| matches!(j, Job::Callback(..)));
             *batch = rest;
             if let Err(err) = self.write_callbacks_fast(&mut callbacks).await {
-                tracing::error!(error = %err, jobs = callbacks.len() + batch.len(), "write batch failed; answering 503");
-                self.health.set(Some(err.to_string()));
-                self.data_version = None;
-                for job in callbacks.drain(..).chain(batch.drain(..)) {
-                    job.fail(&err);
-                }
-                self.reopen_pending = true;
+                callbacks.append(batch);
+                self.batch_failed(&err, callbacks);
                 return;
             }
             // Left over only when a guard tripped: those go the transactional way.
@@ -612,23 +617,42 @@ impl Writer {
         match self.write(batch, &mut head, now).await {
             Ok(answers) => {
                 self.head = head;
-                self.health.set(None);
+                self.batch_committed();
                 let _ = self.committed.send(self.head.seq);
                 for (job, answer) in batch.drain(..).zip(answers) {
                     answer.send(job);
                 }
             }
-            Err(err) => {
-                tracing::error!(error = %err, jobs = batch.len(), "write batch failed; answering 503");
-                self.health.set(Some(err.to_string()));
-                // The head may have been refreshed for a transaction that did not commit.
-                self.data_version = None;
-                for job in batch.drain(..) {
-                    job.fail(&err);
-                }
-                self.reopen_pending = true;
-            }
+            Err(err) => self.batch_failed(&err, std::mem::take(batch)),
         }
+    }
+
+    /// After a commit: clears the error `/readyz` reports, and says so once after a fault.
+    fn batch_committed(&mut self) {
+        self.health.set(None);
+        if self.failed_since_commit > 0 {
+            tracing::info!(failed_batches = self.failed_since_commit, "writes commit again after a fault");
+            self.failed_since_commit = 0;
+        }
+    }
+
+    /// Answers every job of a batch that did not commit with the error (the requests get 503)
+    /// and prepares the next batch to start clean. Logged at most every ten seconds: during a
+    /// fault (disk full, read-only file) every batch fails the same way.
+    fn batch_failed(&mut self, err: &StoreError, jobs: Vec<Job>) {
+        self.metrics.failed_batches.inc();
+        self.failed_since_commit += 1;
+        if let Some(batches) = self.failure_log.hit(self.clock.now_ms()) {
+            tracing::error!(error = %err, jobs = jobs.len(), failed_batches_since_last_line = batches,
+                "write batch failed; its requests were answered 503 (see /readyz)");
+        }
+        self.health.set(Some(err.to_string()));
+        // The head may have been refreshed for a transaction that did not commit.
+        self.data_version = None;
+        for job in jobs {
+            job.fail(err);
+        }
+        self.reopen_pending = true;
     }
 
     /// Stores callbacks through the fast path ([`insert_callbacks_sql`], guarded), at most
@@ -644,7 +668,7 @@ impl Writer {
                     let _ = tx.send(Ok(ack));
                 }
             }
-            self.health.set(None);
+            self.batch_committed();
             let _ = self.committed.send(self.head.seq);
         }
         Ok(())

@@ -192,5 +192,6 @@ async fn a_call_cut_off_between_intent_and_outcome_shows_as_unknown_after_restar
     assert_eq!(status, 200);
     assert_eq!(call["outcome"], "unknown");
     assert!(call["completed_at"].is_i64());
+    assert_eq!(app.metrics().await["friendhook_calls_total{outcome=\"unknown\"}"], 1.0);
     app.stop().await;
 }

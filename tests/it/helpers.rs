@@ -170,11 +170,29 @@ impl TestApp {
             .expect("request")
     }
 
+    /// Scrapes `GET /metrics`: each sample (`name{labels}`) with its value.
+    pub async fn metrics(&self) -> std::collections::HashMap<String, f64> {
+        let r = self.client.get(self.url("/metrics")).send().await.expect("request");
+        assert_eq!(r.status(), 200);
+        parse_metrics(&r.text().await.expect("metrics text"))
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let r = self.client.get(self.url(path)).send().await.expect("request");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
+}
+
+/// Samples of an OpenMetrics text: `name{labels}` to value (comments and `# EOF` skipped).
+pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.is_empty())
+        .map(|l| {
+            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("sample line {l:?}"));
+            (name.to_string(), value.parse().unwrap_or_else(|_| panic!("value of {l:?}")))
+        })
+        .collect()
 }
 
 /// A correctly signed roster callback body.

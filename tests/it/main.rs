@@ -13,6 +13,7 @@ mod friends;
 mod hardening;
 mod helpers;
 mod journal;
+mod metrics;
 mod overload;
 mod process;
 mod quarantine;

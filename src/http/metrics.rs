@@ -1,0 +1,24 @@
+//! `GET /metrics`: the service's metrics in the OpenMetrics text format, for Prometheus and
+//! anything that scrapes it. What the metrics are is [`crate::metrics`]' business; this module only
+//! reads the values a scrape has to look up (the write queue, the chain head) and answers.
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+
+use crate::app::SharedState;
+
+/// OpenMetrics 1.0 text; Prometheus asks for it and falls back to its own text format otherwise.
+const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+/// Routes of this module.
+pub fn router() -> axum::Router<SharedState> {
+    axum::Router::new().route("/metrics", get(get_metrics))
+}
+
+async fn get_metrics(State(state): State<SharedState>) -> Response {
+    let (depth, capacity) = state.store.write_queue();
+    let head = *state.store.committed().borrow();
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render(depth, capacity, head)).into_response()
+}

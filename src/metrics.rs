@@ -1,0 +1,320 @@
+//! The service's Prometheus metrics (`GET /metrics`, OpenMetrics text) and the throttle that keeps
+//! a burst of identical failures from flooding the log.
+//!
+//! Owns the registry and every metric's name and help text; handlers and the writer only hold
+//! handles (cheap clones of atomics) and count. What a scrape reads from elsewhere (queue depth,
+//! the chain head) is set by the HTTP handler just before encoding, so this module does no I/O.
+//!
+//! Why these: Easemob retries a failed callback once and then drops it, and 90 failures within 30 s
+//! suspend the callback rule. An operator has to see 503s (`result="overloaded"` /
+//! `"unavailable"`), how full the write queue runs and how long commits take before that happens,
+//! and 401s (`result="rejected"`) as soon as a secret is rotated on one side only.
+
+use std::sync::Mutex;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::model::Outcome;
+
+/// How a callback delivery was answered: the `result` label of
+/// `friendhook_callbacks_received_total`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallbackResult {
+    /// 200: a new event, committed.
+    Stored,
+    /// 200: another delivery of an event already stored.
+    Duplicate,
+    /// 200: failed verification, kept in quarantine (`--on-bad-signature quarantine`).
+    Quarantined,
+    /// 401: failed verification.
+    Rejected,
+    /// 400 / 413 / 415: not a callback friendhook can read.
+    Invalid,
+    /// 403: from outside `--allow-from`.
+    Forbidden,
+    /// 503: the write queue was full.
+    Overloaded,
+    /// 503: the database could not commit (or the service is stopping).
+    Unavailable,
+}
+
+impl CallbackResult {
+    const ALL: [CallbackResult; 8] = [
+        CallbackResult::Stored,
+        CallbackResult::Duplicate,
+        CallbackResult::Quarantined,
+        CallbackResult::Rejected,
+        CallbackResult::Invalid,
+        CallbackResult::Forbidden,
+        CallbackResult::Overloaded,
+        CallbackResult::Unavailable,
+    ];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CallbackResult::Stored => "stored",
+            CallbackResult::Duplicate => "duplicate",
+            CallbackResult::Quarantined => "quarantined",
+            CallbackResult::Rejected => "rejected",
+            CallbackResult::Invalid => "invalid",
+            CallbackResult::Forbidden => "forbidden",
+            CallbackResult::Overloaded => "overloaded",
+            CallbackResult::Unavailable => "unavailable",
+        }
+    }
+}
+
+type Labels = [(&'static str, &'static str); 1];
+
+/// What the writer records about each batch. Cloning shares the underlying metrics; a default
+/// value is registered nowhere (for stores opened outside the service, and for tests).
+#[derive(Debug, Clone)]
+pub struct WriterMetrics {
+    /// Jobs (callbacks, call records, ...) per committed batch.
+    pub batch_jobs: Histogram,
+    /// Time to write and commit one batch, fsync included.
+    pub batch_seconds: Histogram,
+    /// Batches that failed (every job in them answered 503).
+    pub failed_batches: Counter,
+}
+
+impl Default for WriterMetrics {
+    fn default() -> Self {
+        Self {
+            // 1, 2, 4, ... 512 (the default --write-batch).
+            batch_jobs: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            // 100 µs to ~3.3 s: an fsync on a healthy disk lands in the first few buckets, a
+            // stalled disk in the last.
+            batch_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            failed_batches: Counter::default(),
+        }
+    }
+}
+
+/// Every metric of the service.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    callbacks: [Counter; CallbackResult::ALL.len()],
+    calls: Family<Labels, Counter>,
+    easemob_attempts: Counter,
+    write_queue_depth: Gauge,
+    write_queue_capacity: Gauge,
+    chain_head_seq: Gauge,
+    writer: WriterMetrics,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new(WriterMetrics::default())
+    }
+}
+
+impl Metrics {
+    /// Registers every metric; `writer` is the store's handle, so its batches show up here.
+    pub fn new(writer: WriterMetrics) -> Self {
+        let mut registry = Registry::with_prefix("friendhook");
+        let received = Family::<Labels, Counter>::default();
+        // Every result is created up front, so each series exists from the first scrape at 0
+        // (a rate over a series that appears only with its first 503 misses that first burst).
+        let callbacks = CallbackResult::ALL.map(|r| received.get_or_create_owned(&[("result", r.as_str())]));
+        registry.register(
+            "callbacks_received",
+            "Callback deliveries by how they were answered (stored and duplicate: 200 after commit; \
+             overloaded and unavailable: 503, Easemob retries once)",
+            received,
+        );
+        let calls = Family::<Labels, Counter>::default();
+        for outcome in [Outcome::Succeeded, Outcome::Rejected, Outcome::Failed, Outcome::Unknown] {
+            calls.get_or_create_owned(&[("outcome", outcome.as_str())]);
+        }
+        registry.register(
+            "calls",
+            "Friend additions and removals sent to Easemob, by recorded outcome (unknown: interrupted by a stop)",
+            calls.clone(),
+        );
+        let easemob_attempts = Counter::default();
+        registry.register(
+            "easemob_attempts",
+            "HTTP attempts those calls took, retries included",
+            easemob_attempts.clone(),
+        );
+        let write_queue_depth = Gauge::default();
+        registry.register(
+            "write_queue_depth",
+            "Writes waiting for the writer at scrape time; callbacks get 503 when it reaches the capacity",
+            write_queue_depth.clone(),
+        );
+        let write_queue_capacity = Gauge::default();
+        registry.register(
+            "write_queue_capacity",
+            "Size of the write queue (--write-queue)",
+            write_queue_capacity.clone(),
+        );
+        let chain_head_seq = Gauge::default();
+        registry.register(
+            "chain_head_seq",
+            "Sequence number of the last committed event (callbacks and call outcomes share one sequence)",
+            chain_head_seq.clone(),
+        );
+        registry.register("write_batch_jobs", "Writes per committed batch", writer.batch_jobs.clone());
+        registry.register(
+            "write_batch_seconds",
+            "Time to write and commit one batch, fsync included",
+            writer.batch_seconds.clone(),
+        );
+        registry.register(
+            "write_batch_failures",
+            "Batches that could not be committed (each of their writes was answered 503)",
+            writer.failed_batches.clone(),
+        );
+        Self {
+            registry,
+            callbacks,
+            calls,
+            easemob_attempts,
+            write_queue_depth,
+            write_queue_capacity,
+            chain_head_seq,
+            writer,
+        }
+    }
+
+    /// The handle to give the store's writer.
+    pub fn writer(&self) -> WriterMetrics {
+        self.writer.clone()
+    }
+
+    /// Counts one callback delivery.
+    pub fn callback(&self, result: CallbackResult) {
+        self.callbacks[result as usize].inc();
+    }
+
+    /// Deliveries answered with `result` since start.
+    pub fn callbacks(&self, result: CallbackResult) -> u64 {
+        self.callbacks[result as usize].get()
+    }
+
+    /// Counts one recorded call outcome and the HTTP attempts it took.
+    pub fn call(&self, outcome: Outcome, attempts: u64) {
+        self.calls.get_or_create(&[("outcome", outcome.as_str())]).inc();
+        self.easemob_attempts.inc_by(attempts);
+    }
+
+    /// Counts calls closed as `unknown` at start-up (interrupted by a previous stop).
+    pub fn calls_interrupted(&self, n: u64) {
+        self.calls.get_or_create(&[("outcome", Outcome::Unknown.as_str())]).inc_by(n);
+    }
+
+    /// The OpenMetrics text of every metric, with the values only a scrape can know.
+    pub fn render(&self, queue_depth: usize, queue_capacity: usize, head_seq: i64) -> String {
+        self.write_queue_depth.set(queue_depth as i64);
+        self.write_queue_capacity.set(queue_capacity as i64);
+        self.chain_head_seq.set(head_seq);
+        let mut text = String::new();
+        // Writing into a String cannot fail; an encoding error would be a bug in a label.
+        if let Err(err) = encode(&mut text, &self.registry) {
+            tracing::error!(error = %err, "encoding metrics failed");
+        }
+        text
+    }
+}
+
+/// Logs a recurring failure at most once per interval, with how often it happened meanwhile.
+///
+/// A full write queue or a failing disk fails every request: one log line per request would
+/// bury everything else (and cost I/O when there is least of it to spare). The first occurrence is
+/// reported at once; later ones are counted and reported together once `every_ms` has passed.
+/// The clock is passed in, so the behaviour is tested without waiting.
+#[derive(Debug)]
+pub struct LogThrottle {
+    every_ms: i64,
+    state: Mutex<ThrottleState>,
+}
+
+#[derive(Debug, Default)]
+struct ThrottleState {
+    last_reported_ms: Option<i64>,
+    unreported: u64,
+}
+
+impl LogThrottle {
+    /// Reports at most once per `every_ms`.
+    pub fn new(every_ms: i64) -> Self {
+        Self { every_ms, state: Mutex::new(ThrottleState::default()) }
+    }
+
+    /// Records one occurrence at `now_ms`. `Some(n)` when it is time to log: `n` occurrences
+    /// (this one included) since the last report.
+    pub fn hit(&self, now_ms: i64) -> Option<u64> {
+        let mut s = self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        s.unreported += 1;
+        let due = s.last_reported_ms.is_none_or(|last| now_ms - last >= self.every_ms);
+        if !due {
+            return None;
+        }
+        s.last_reported_ms = Some(now_ms);
+        Some(std::mem::take(&mut s.unreported))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_burst_is_logged_once_then_summed_per_interval() {
+        let throttle = LogThrottle::new(10_000);
+        assert_eq!(throttle.hit(1_000), Some(1), "the first occurrence is reported at once");
+        for t in 1_001..1_500 {
+            assert_eq!(throttle.hit(t), None);
+        }
+        assert_eq!(throttle.hit(10_999), None, "one millisecond short of the interval");
+        assert_eq!(throttle.hit(11_000), Some(501), "499 + 1 held back + this one");
+        assert_eq!(throttle.hit(60_000), Some(1));
+    }
+
+    #[test]
+    fn every_result_and_outcome_is_exported_from_the_start() {
+        let metrics = Metrics::default();
+        let text = metrics.render(3, 8192, 42);
+        for r in CallbackResult::ALL {
+            let line = format!("friendhook_callbacks_received_total{{result=\"{}\"}} 0\n", r.as_str());
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
+        for o in ["succeeded", "rejected", "failed", "unknown"] {
+            assert!(text.contains(&format!("friendhook_calls_total{{outcome=\"{o}\"}} 0\n")), "{o}");
+        }
+        assert!(text.contains("friendhook_write_queue_depth 3\n"), "{text}");
+        assert!(text.contains("friendhook_write_queue_capacity 8192\n"), "{text}");
+        assert!(text.contains("friendhook_chain_head_seq 42\n"), "{text}");
+        assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
+    }
+
+    #[test]
+    fn counts_land_on_their_own_series() {
+        let metrics = Metrics::default();
+        metrics.callback(CallbackResult::Stored);
+        metrics.callback(CallbackResult::Stored);
+        metrics.callback(CallbackResult::Overloaded);
+        metrics.call(Outcome::Succeeded, 3);
+        metrics.calls_interrupted(2);
+        metrics.writer().batch_jobs.observe(5.0);
+        let text = metrics.render(0, 1, 0);
+        assert_eq!(metrics.callbacks(CallbackResult::Stored), 2);
+        assert!(text.contains("friendhook_callbacks_received_total{result=\"stored\"} 2\n"), "{text}");
+        assert!(text.contains("friendhook_callbacks_received_total{result=\"overloaded\"} 1\n"), "{text}");
+        assert!(text.contains("friendhook_callbacks_received_total{result=\"duplicate\"} 0\n"), "{text}");
+        assert!(text.contains("friendhook_calls_total{outcome=\"succeeded\"} 1\n"), "{text}");
+        assert!(text.contains("friendhook_calls_total{outcome=\"unknown\"} 2\n"), "{text}");
+        assert!(text.contains("friendhook_easemob_attempts_total 3\n"), "{text}");
+        assert!(text.contains("friendhook_write_batch_jobs_count 1\n"), "{text}");
+        assert!(text.contains("friendhook_write_batch_jobs_sum 5.0\n"), "{text}");
+    }
+}

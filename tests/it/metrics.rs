@@ -1,0 +1,66 @@
+//! `GET /metrics`: what an operator scrapes to see 503s, rejections and the writer before
+//! Easemob's retry runs out.
+
+use serde_json::json;
+
+use crate::helpers::*;
+
+#[tokio::test]
+async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome() {
+    // Arrange: two calls through the sandbox (one succeeds and sends its callback, one is refused
+    // with 404), then four deliveries of our own, one of each kind.
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, added) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(added["outcome"], "succeeded", "{added}");
+    let (_, refused) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "nobody"})).await;
+    assert_eq!(refused["outcome"], "rejected", "{refused}");
+    app.settle().await;
+    let from_sandbox = app.sandbox().stats().callbacks_sent;
+    assert!(from_sandbox >= 1, "the successful addition sent its callback");
+
+    let body = roster_body("900000000000000001", "carol", "dave", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body.clone()).await.status(), 200);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let forged = roster_body("900000000000000002", "carol", "erin", "add", 1_700_000_000_000, "wrong-secret");
+    assert_eq!(app.post_callback(forged).await.status(), 401);
+    assert_eq!(app.post_callback("{not json").await.status(), 400);
+
+    // Act
+    let response = app.client.get(app.url("/metrics")).send().await.unwrap();
+    let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
+    let text = response.text().await.unwrap();
+    let m = parse_metrics(&text);
+
+    // Assert
+    assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");
+    assert!(text.ends_with("# EOF\n"));
+    let received = |result: &str| m[&format!("friendhook_callbacks_received_total{{result=\"{result}\"}}")];
+    assert_eq!(received("stored"), 1.0 + from_sandbox as f64, "{text}");
+    assert_eq!(received("duplicate"), 1.0);
+    assert_eq!(received("rejected"), 1.0);
+    assert_eq!(received("invalid"), 1.0);
+    for none in ["quarantined", "forbidden", "overloaded", "unavailable"] {
+        assert_eq!(received(none), 0.0, "{none}");
+    }
+    assert_eq!(m["friendhook_calls_total{outcome=\"succeeded\"}"], 1.0);
+    assert_eq!(m["friendhook_calls_total{outcome=\"rejected\"}"], 1.0);
+    assert_eq!(m["friendhook_calls_total{outcome=\"unknown\"}"], 0.0);
+    assert_eq!(m["friendhook_easemob_attempts_total"], 2.0, "one attempt each: nothing was retried");
+
+    let (_, head) = app.get_json("/v1/audit/head").await;
+    assert_eq!(m["friendhook_chain_head_seq"], head["seq"].as_f64().unwrap(), "{head}");
+    assert_eq!(m["friendhook_write_queue_depth"], 0.0, "nothing is waiting once every answer is in");
+    assert_eq!(m["friendhook_write_queue_capacity"], 8192.0, "the --write-queue default");
+    // Every answered write went through a batch: the two calls' intents and outcomes, the stored
+    // and duplicate deliveries, and the rejection log entry.
+    let jobs = m["friendhook_write_batch_jobs_sum"];
+    assert!(jobs >= 4.0 + 2.0 + from_sandbox as f64 + 1.0, "jobs {jobs}");
+    assert!(m["friendhook_write_batch_jobs_count"] >= 1.0);
+    assert_eq!(
+        m["friendhook_write_batch_seconds_count"], m["friendhook_write_batch_jobs_count"],
+        "one size and one duration per batch"
+    );
+    assert_eq!(m["friendhook_write_batch_failures_total"], 0.0);
+    app.stop().await;
+}
