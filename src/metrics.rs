@@ -226,6 +226,19 @@ impl Metrics {
     }
 }
 
+/// The samples of an OpenMetrics (or Prometheus) text, `name{labels}` to value; comments and
+/// lines that do not end in a number are skipped. For `friendhook bench` and the tests, which read
+/// the service's `/metrics` from outside.
+pub fn parse_samples(text: &str) -> std::collections::HashMap<String, f64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (name, value) = l.rsplit_once(' ')?;
+            Some((name.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
 /// Logs a recurring failure at most once per interval, with how often it happened meanwhile.
 ///
 /// A full write queue or a failing disk fails every request: one log line per request would
@@ -316,5 +329,9 @@ mod tests {
         assert!(text.contains("friendhook_easemob_attempts_total 3\n"), "{text}");
         assert!(text.contains("friendhook_write_batch_jobs_count 1\n"), "{text}");
         assert!(text.contains("friendhook_write_batch_jobs_sum 5.0\n"), "{text}");
+        let samples = parse_samples(&text);
+        assert_eq!(samples["friendhook_callbacks_received_total{result=\"stored\"}"], 2.0);
+        assert_eq!(samples["friendhook_write_batch_jobs_bucket{le=\"8.0\"}"], 1.0);
+        assert!(!samples.keys().any(|k| k.starts_with('#')), "comments are not samples");
     }
 }

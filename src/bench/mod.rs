@@ -4,7 +4,8 @@
 //! - `ingest`: the service as a child process; the same client and concurrency measure the bare
 //!   HTTP ceiling (`GET /healthz`) and the verified-and-committed callback path, then an open-loop
 //!   run at a fixed rate; peak RSS of the service; acknowledged vs stored; the CPU each phase
-//!   cost the service and the client per request ([`cpu`]).
+//!   cost the service and the client per request ([`cpu`]), and the writer's batches during each
+//!   phase (from the service's `/metrics`).
 //! - `trigger`: friend additions through the trigger API against the built-in sandbox.
 //! - `reconcile` / `feed`: a database seeded with a million calls and callbacks.
 
@@ -313,22 +314,23 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
                 .unwrap_or_default()
         })
     };
-    let pid = svc.pid().unwrap_or(0);
-    let mut cpu_rows = Vec::new();
+    let mut phases = Phases::new(addr, svc.pid().unwrap_or(0));
     let mut ratios = Vec::new();
     let mut acknowledged = 0;
     for round in 1..=a.rounds {
         let suffix = if a.rounds > 1 { format!(" #{round}") } else { String::new() };
-        let bare = phase(&format!("bare HTTP (GET /healthz){suffix}"), pid, &mut cpu_rows, async {
-            load::closed_loop(addr, a.connections, a.duration, healthz.clone()).await
-        })
-        .await?;
+        let bare = phases
+            .run(&format!("bare HTTP (GET /healthz){suffix}"), async {
+                load::closed_loop(addr, a.connections, a.duration, healthz.clone()).await
+            })
+            .await?;
         // Each round its own run number, so every callback of the whole bench is a new event.
         let run = run_id + u64::from(round - 1);
-        let full = phase(&format!("verified + committed (POST){suffix}"), pid, &mut cpu_rows, async {
-            load::closed_loop(addr, a.connections, a.duration, callback(run)).await
-        })
-        .await?;
+        let full = phases
+            .run(&format!("verified + committed (POST){suffix}"), async {
+                load::closed_loop(addr, a.connections, a.duration, callback(run)).await
+            })
+            .await?;
         let ratio = full.throughput() / bare.throughput().max(1e-9);
         println!("{:<34} {:>9.2}", format!("ratio committed / bare{suffix}"), ratio);
         ratios.push(ratio);
@@ -339,10 +341,11 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     }
 
     if a.rate > 0 {
-        let open = phase(&format!("open loop at {}/s (from schedule)", a.rate), pid, &mut cpu_rows, async {
-            load::open_loop(addr, a.connections, a.rate, a.open_loop_duration, callback(run_id + 100_000)).await
-        })
-        .await?;
+        let open = phases
+            .run(&format!("open loop at {}/s (from schedule)", a.rate), async {
+                load::open_loop(addr, a.connections, a.rate, a.open_loop_duration, callback(run_id + 100_000)).await
+            })
+            .await?;
         acknowledged += open.ok;
     }
     let rss = svc.peak_rss();
@@ -358,18 +361,7 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
         "durability",
         if acknowledged as i64 == stored { "equal" } else { "NOT EQUAL" }
     );
-    if !cpu_rows.is_empty() {
-        println!("\nCPU per request (the client shares the machine with the service)");
-        println!("{:<34} {:>12} {:>12} {:>12}", "phase", "service µs", "client µs", "idle CPU");
-        for (label, used) in &cpu_rows {
-            println!(
-                "{label:<34} {:>12.1} {:>12.1} {:>11.0}%",
-                used.service_us_per_request,
-                used.client_us_per_request,
-                100.0 * used.machine_idle
-            );
-        }
-    }
+    phases.print_tables();
     Ok(())
 }
 
@@ -383,20 +375,101 @@ fn median(values: &mut [f64]) -> f64 {
     }
 }
 
-/// Runs one load phase and prints its row; notes what it cost in CPU (Linux only) in `cpu_rows`.
-async fn phase(
-    label: &str,
-    service_pid: u32,
-    cpu_rows: &mut Vec<(String, cpu::CpuUse)>,
-    load: impl Future<Output = anyhow::Result<load::LoadResult>>,
-) -> anyhow::Result<load::LoadResult> {
-    let before = cpu::CpuSample::take(service_pid);
-    let result = load.await?;
-    if let (Some(before), Some(after)) = (before, cpu::CpuSample::take(service_pid)) {
-        cpu_rows.push((label.to_string(), before.until(&after, result.completed)));
+/// Runs the load phases against one service and keeps what each cost: CPU (Linux only) and the
+/// writer's group commits, read from the service's own `/metrics` before and after.
+struct Phases {
+    addr: SocketAddr,
+    pid: u32,
+    http: reqwest::Client,
+    cpu_rows: Vec<(String, cpu::CpuUse)>,
+    commit_rows: Vec<(String, CommitDelta)>,
+}
+
+/// What the writer did during one phase.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct CommitDelta {
+    batches: f64,
+    jobs: f64,
+    seconds: f64,
+}
+
+impl CommitDelta {
+    fn of(samples: &std::collections::HashMap<String, f64>) -> Self {
+        let get = |k: &str| samples.get(k).copied().unwrap_or(0.0);
+        Self {
+            batches: get("friendhook_write_batch_jobs_count"),
+            jobs: get("friendhook_write_batch_jobs_sum"),
+            seconds: get("friendhook_write_batch_seconds_sum"),
+        }
     }
-    println!("{}", row(label, &result));
-    Ok(result)
+
+    fn since(self, before: Self) -> Self {
+        Self {
+            batches: self.batches - before.batches,
+            jobs: self.jobs - before.jobs,
+            seconds: self.seconds - before.seconds,
+        }
+    }
+}
+
+impl Phases {
+    fn new(addr: SocketAddr, pid: u32) -> Self {
+        Self { addr, pid, http: reqwest::Client::new(), cpu_rows: Vec::new(), commit_rows: Vec::new() }
+    }
+
+    /// The writer's counters now; `None` if `/metrics` cannot be read (the table is then left out).
+    async fn commits(&self) -> Option<CommitDelta> {
+        let r = self.http.get(format!("http://{}/metrics", self.addr)).send().await.ok()?;
+        Some(CommitDelta::of(&crate::metrics::parse_samples(&r.text().await.ok()?)))
+    }
+
+    /// Runs one load phase and prints its row.
+    async fn run(
+        &mut self,
+        label: &str,
+        load: impl Future<Output = anyhow::Result<load::LoadResult>>,
+    ) -> anyhow::Result<load::LoadResult> {
+        let commits_before = self.commits().await;
+        let before = cpu::CpuSample::take(self.pid);
+        let result = load.await?;
+        if let (Some(before), Some(after)) = (before, cpu::CpuSample::take(self.pid)) {
+            self.cpu_rows.push((label.to_string(), before.until(&after, result.completed)));
+        }
+        if let (Some(before), Some(after)) = (commits_before, self.commits().await)
+            && after.batches > before.batches
+        {
+            self.commit_rows.push((label.to_string(), after.since(before)));
+        }
+        println!("{}", row(label, &result));
+        Ok(result)
+    }
+
+    fn print_tables(&self) {
+        if !self.cpu_rows.is_empty() {
+            println!("\nCPU per request (the client shares the machine with the service)");
+            println!("{:<34} {:>12} {:>12} {:>12}", "phase", "service µs", "client µs", "idle CPU");
+            for (label, used) in &self.cpu_rows {
+                println!(
+                    "{label:<34} {:>12.1} {:>12.1} {:>11.0}%",
+                    used.service_us_per_request,
+                    used.client_us_per_request,
+                    100.0 * used.machine_idle
+                );
+            }
+        }
+        if !self.commit_rows.is_empty() {
+            println!("\nGroup commit (from the service's /metrics: writes per batch, time to write and commit one)");
+            println!("{:<34} {:>12} {:>12} {:>12}", "phase", "batches", "avg batch", "avg ms");
+            for (label, d) in &self.commit_rows {
+                println!(
+                    "{label:<34} {:>12.0} {:>12.1} {:>12.2}",
+                    d.batches,
+                    d.jobs / d.batches.max(1.0),
+                    1e3 * d.seconds / d.batches.max(1.0)
+                );
+            }
+        }
+    }
 }
 
 async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {

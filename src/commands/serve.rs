@@ -188,12 +188,6 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let service = build(&args, clock::system()).await?;
     let addr = service.listener.local_addr()?;
-    if service.state.store.recovered_calls > 0 {
-        tracing::warn!(
-            calls = service.state.store.recovered_calls,
-            "calls cut off by the previous stop are now outcome=unknown"
-        );
-    }
     tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
         "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");
     let Service { listener, router, limits, state, sandbox } = service;

@@ -408,7 +408,10 @@ impl Store {
         };
         let recovered_calls = if opts.recover_interrupted_calls { writer.close_interrupted_calls().await? } else { 0 };
         if recovered_calls > 0 {
-            tracing::warn!(calls = recovered_calls, "closed calls interrupted by a previous stop as outcome=unknown");
+            tracing::warn!(
+                calls = recovered_calls,
+                "closed calls interrupted by a previous stop as outcome=unknown (Easemob may or may not have acted; see GET /v1/calls?outcome=unknown and the reconciliation)"
+            );
         }
         let (jobs, rx) = mpsc::channel(opts.write_queue.max(1));
         let writer_task = Arc::new(std::sync::Mutex::new(Some(spawn_writer(writer, rx)?)));

@@ -184,15 +184,9 @@ impl TestApp {
     }
 }
 
-/// Samples of an OpenMetrics text: `name{labels}` to value (comments and `# EOF` skipped).
+/// Samples of an OpenMetrics text: `name{labels}` to value.
 pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .map(|l| {
-            let (name, value) = l.rsplit_once(' ').unwrap_or_else(|| panic!("sample line {l:?}"));
-            (name.to_string(), value.parse().unwrap_or_else(|_| panic!("value of {l:?}")))
-        })
-        .collect()
+    friendhook::metrics::parse_samples(text)
 }
 
 /// A correctly signed roster callback body.
