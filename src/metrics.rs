@@ -294,6 +294,14 @@ mod tests {
     }
 
     #[test]
+    fn each_result_indexes_its_own_counter() {
+        // `callback()` indexes the counters by discriminant; ALL must list them in that order.
+        for (i, r) in CallbackResult::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{r:?}");
+        }
+    }
+
+    #[test]
     fn every_result_and_outcome_is_exported_from_the_start() {
         let metrics = Metrics::default();
         let text = metrics.render(3, 8192, 42);
