@@ -25,8 +25,9 @@ pub struct Cli {
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the HTTP service (receiver, trigger API, reconciliation, feed). With no
-    /// --easemob-base-url it also starts the built-in Easemob sandbox and wires the two together.
+    /// Run the HTTP service (receiver, trigger API, reconciliation, feed, Prometheus /metrics).
+    /// With no --easemob-base-url it also starts the built-in Easemob sandbox and wires the two
+    /// together.
     Serve(Box<ServeArgs>),
     /// One command, the whole loop: service + sandbox, a few hundred friend additions (some
     /// bound to fail), their callbacks, and the reconciliation report.
