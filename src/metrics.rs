@@ -11,6 +11,7 @@
 //! and 401s (`result="rejected"`) as soon as a secret is rotated on one side only.
 
 use std::sync::Mutex;
+use std::sync::atomic::AtomicU64;
 
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
@@ -107,7 +108,21 @@ pub struct Metrics {
     write_queue_depth: Gauge,
     write_queue_capacity: Gauge,
     chain_head_seq: Gauge,
+    quarantine_held: Gauge<f64, AtomicU64>,
     writer: WriterMetrics,
+}
+
+/// What only a scrape can know: read by the handler from the store just before encoding.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ScrapeValues {
+    /// Writes waiting for the writer.
+    pub queue_depth: usize,
+    /// `--write-queue`.
+    pub queue_capacity: usize,
+    /// Last committed sequence number.
+    pub head_seq: i64,
+    /// Requests held in quarantine; `None` if the database could not be read (exported as NaN).
+    pub quarantine_held: Option<i64>,
 }
 
 impl Default for Metrics {
@@ -163,6 +178,12 @@ impl Metrics {
             "Sequence number of the last committed event (callbacks and call outcomes share one sequence)",
             chain_head_seq.clone(),
         );
+        let quarantine_held = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "quarantine_held",
+            "Requests held in quarantine, not stored as events yet (NaN: the database could not be read)",
+            quarantine_held.clone(),
+        );
         registry.register("write_batch_jobs", "Writes per committed batch", writer.batch_jobs.clone());
         registry.register(
             "write_batch_seconds",
@@ -182,6 +203,7 @@ impl Metrics {
             write_queue_depth,
             write_queue_capacity,
             chain_head_seq,
+            quarantine_held,
             writer,
         }
     }
@@ -213,10 +235,11 @@ impl Metrics {
     }
 
     /// The OpenMetrics text of every metric, with the values only a scrape can know.
-    pub fn render(&self, queue_depth: usize, queue_capacity: usize, head_seq: i64) -> String {
-        self.write_queue_depth.set(queue_depth as i64);
-        self.write_queue_capacity.set(queue_capacity as i64);
-        self.chain_head_seq.set(head_seq);
+    pub fn render(&self, now: ScrapeValues) -> String {
+        self.write_queue_depth.set(now.queue_depth as i64);
+        self.write_queue_capacity.set(now.queue_capacity as i64);
+        self.chain_head_seq.set(now.head_seq);
+        self.quarantine_held.set(now.quarantine_held.map_or(f64::NAN, |n| n as f64));
         let mut text = String::new();
         // Writing into a String cannot fail; an encoding error would be a bug in a label.
         if let Err(err) = encode(&mut text, &self.registry) {
@@ -304,7 +327,12 @@ mod tests {
     #[test]
     fn every_result_and_outcome_is_exported_from_the_start() {
         let metrics = Metrics::default();
-        let text = metrics.render(3, 8192, 42);
+        let text = metrics.render(ScrapeValues {
+            queue_depth: 3,
+            queue_capacity: 8192,
+            head_seq: 42,
+            quarantine_held: Some(7),
+        });
         for r in CallbackResult::ALL {
             let line = format!("friendhook_callbacks_received_total{{result=\"{}\"}} 0\n", r.as_str());
             assert!(text.contains(&line), "missing {line:?} in\n{text}");
@@ -315,6 +343,9 @@ mod tests {
         assert!(text.contains("friendhook_write_queue_depth 3\n"), "{text}");
         assert!(text.contains("friendhook_write_queue_capacity 8192\n"), "{text}");
         assert!(text.contains("friendhook_chain_head_seq 42\n"), "{text}");
+        assert!(text.contains("friendhook_quarantine_held 7.0\n"), "{text}");
+        let unreadable = metrics.render(ScrapeValues { quarantine_held: None, ..ScrapeValues::default() });
+        assert!(unreadable.contains("friendhook_quarantine_held NaN\n"), "{unreadable}");
         assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");
     }
 
@@ -327,7 +358,7 @@ mod tests {
         metrics.call(Outcome::Succeeded, 3);
         metrics.calls_interrupted(2);
         metrics.writer().batch_jobs.observe(5.0);
-        let text = metrics.render(0, 1, 0);
+        let text = metrics.render(ScrapeValues::default());
         assert_eq!(metrics.callbacks(CallbackResult::Stored), 2);
         assert!(text.contains("friendhook_callbacks_received_total{result=\"stored\"} 2\n"), "{text}");
         assert!(text.contains("friendhook_callbacks_received_total{result=\"overloaded\"} 1\n"), "{text}");

@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 
 use crate::app::SharedState;
+use crate::metrics::ScrapeValues;
 
 /// OpenMetrics 1.0 text; Prometheus asks for it and falls back to its own text format otherwise.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
@@ -18,7 +19,15 @@ pub fn router() -> axum::Router<SharedState> {
 }
 
 async fn get_metrics(State(state): State<SharedState>) -> Response {
-    let (depth, capacity) = state.store.write_queue();
-    let head = *state.store.committed().borrow();
-    ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render(depth, capacity, head)).into_response()
+    let (queue_depth, queue_capacity) = state.store.write_queue();
+    let head_seq = *state.store.committed().borrow();
+    let now = ScrapeValues {
+        queue_depth,
+        queue_capacity,
+        head_seq,
+        // Walks the partial index of held rows, bounded by --quarantine-cap. A scrape must answer
+        // while the database is failing (that is when it matters), so an error is exported as NaN.
+        quarantine_held: state.store.count_quarantine_held().await.ok(),
+    };
+    ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render(now)).into_response()
 }

@@ -62,5 +62,6 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
         "one size and one duration per batch"
     );
     assert_eq!(m["friendhook_write_batch_failures_total"], 0.0);
+    assert_eq!(m["friendhook_quarantine_held"], 0.0, "rejected (the default), not held");
     app.stop().await;
 }

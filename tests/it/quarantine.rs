@@ -77,6 +77,9 @@ async fn wrong_secret_in_quarantine_mode_is_answered_200_and_held_but_not_an_eve
     let (_, ready) = app.get_json("/readyz").await;
     assert_eq!(ready["quarantine"]["held"], 1);
     assert_eq!(ready["quarantine"]["quarantined_since_start"], 1);
+    let m = app.metrics().await;
+    assert_eq!(m["friendhook_quarantine_held"], 1.0);
+    assert_eq!(m["friendhook_callbacks_received_total{result=\"quarantined\"}"], 1.0);
 
     let listed = list_json(&app.db_url, false).await;
     assert_eq!(listed["held"], 1);
@@ -136,6 +139,7 @@ async fn reverify_promotes_only_with_the_right_secret_while_the_service_runs() {
     assert_eq!(all["items"][0]["promoted_seq"], seq);
     let (_, ready) = app.get_json("/readyz").await;
     assert_eq!(ready["quarantine"]["held"], 0);
+    assert_eq!(app.metrics().await["friendhook_quarantine_held"], 0.0, "promoted by another process");
 
     let out = reverify(&app.db_url, ROTATED, &[]).await;
     assert!(out.contains("checked 0, promoted 0"), "a second run finds nothing to do: {out}");
