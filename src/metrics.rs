@@ -109,6 +109,7 @@ pub struct Metrics {
     write_queue_capacity: Gauge,
     chain_head_seq: Gauge,
     quarantine_held: Gauge<f64, AtomicU64>,
+    database_bytes: Family<Labels, Gauge>,
     writer: WriterMetrics,
 }
 
@@ -123,6 +124,8 @@ pub struct ScrapeValues {
     pub head_seq: i64,
     /// Requests held in quarantine; `None` if the database could not be read (exported as NaN).
     pub quarantine_held: Option<i64>,
+    /// Bytes of the database file and of its write-ahead log; `None`: not exported.
+    pub file_sizes: Option<(u64, u64)>,
 }
 
 impl Default for Metrics {
@@ -184,6 +187,12 @@ impl Metrics {
             "Requests held in quarantine, not stored as events yet (NaN: the database could not be read)",
             quarantine_held.clone(),
         );
+        let database_bytes = Family::<Labels, Gauge>::default();
+        registry.register(
+            "database_bytes",
+            "Size of the SQLite database file (file=\"database\") and of its write-ahead log (file=\"wal\")",
+            database_bytes.clone(),
+        );
         registry.register("write_batch_jobs", "Writes per committed batch", writer.batch_jobs.clone());
         registry.register(
             "write_batch_seconds",
@@ -204,6 +213,7 @@ impl Metrics {
             write_queue_capacity,
             chain_head_seq,
             quarantine_held,
+            database_bytes,
             writer,
         }
     }
@@ -240,6 +250,10 @@ impl Metrics {
         self.write_queue_capacity.set(now.queue_capacity as i64);
         self.chain_head_seq.set(now.head_seq);
         self.quarantine_held.set(now.quarantine_held.map_or(f64::NAN, |n| n as f64));
+        if let Some((database, wal)) = now.file_sizes {
+            self.database_bytes.get_or_create(&[("file", "database")]).set(database as i64);
+            self.database_bytes.get_or_create(&[("file", "wal")]).set(wal as i64);
+        }
         let mut text = String::new();
         // Writing into a String cannot fail; an encoding error would be a bug in a label.
         if let Err(err) = encode(&mut text, &self.registry) {
@@ -332,6 +346,7 @@ mod tests {
             queue_capacity: 8192,
             head_seq: 42,
             quarantine_held: Some(7),
+            file_sizes: Some((4096, 0)),
         });
         for r in CallbackResult::ALL {
             let line = format!("friendhook_callbacks_received_total{{result=\"{}\"}} 0\n", r.as_str());
@@ -344,6 +359,8 @@ mod tests {
         assert!(text.contains("friendhook_write_queue_capacity 8192\n"), "{text}");
         assert!(text.contains("friendhook_chain_head_seq 42\n"), "{text}");
         assert!(text.contains("friendhook_quarantine_held 7.0\n"), "{text}");
+        assert!(text.contains("friendhook_database_bytes{file=\"database\"} 4096\n"), "{text}");
+        assert!(text.contains("friendhook_database_bytes{file=\"wal\"} 0\n"), "{text}");
         let unreadable = metrics.render(ScrapeValues { quarantine_held: None, ..ScrapeValues::default() });
         assert!(unreadable.contains("friendhook_quarantine_held NaN\n"), "{unreadable}");
         assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");

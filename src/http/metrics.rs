@@ -28,6 +28,7 @@ async fn get_metrics(State(state): State<SharedState>) -> Response {
         // Walks the partial index of held rows, bounded by --quarantine-cap. A scrape must answer
         // while the database is failing (that is when it matters), so an error is exported as NaN.
         quarantine_held: state.store.count_quarantine_held().await.ok(),
+        file_sizes: state.store.file_sizes(),
     };
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render(now)).into_response()
 }

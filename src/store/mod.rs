@@ -469,6 +469,17 @@ impl Store {
         &self.health
     }
 
+    /// Sizes in bytes of the database file and of its write-ahead log (0 when there is none, e.g.
+    /// after a clean stop); `None` if the file cannot be found. For `/metrics`: the WAL grows
+    /// between checkpoints and should drop back; the file grows with history.
+    pub fn file_sizes(&self) -> Option<(u64, u64)> {
+        let path = SqliteConnectOptions::from_str(&self.database_url).ok()?.get_filename().to_path_buf();
+        let database = std::fs::metadata(&path).ok()?.len();
+        let mut wal = path.into_os_string();
+        wal.push("-wal");
+        Some((database, std::fs::metadata(wal).map_or(0, |m| m.len())))
+    }
+
     /// Writes waiting for the writer now, and the queue's size (the 503 threshold).
     pub fn write_queue(&self) -> (usize, usize) {
         let size = self.jobs.max_capacity();

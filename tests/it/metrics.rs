@@ -63,5 +63,8 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     );
     assert_eq!(m["friendhook_write_batch_failures_total"], 0.0);
     assert_eq!(m["friendhook_quarantine_held"], 0.0, "rejected (the default), not held");
+    let file = std::fs::metadata(&app.db_path).unwrap().len() as f64;
+    assert_eq!(m["friendhook_database_bytes{file=\"database\"}"], file, "nothing writes to the file between");
+    assert!(m["friendhook_database_bytes{file=\"wal\"}"] > 0.0, "the WAL holds the commits since the last checkpoint");
     app.stop().await;
 }
