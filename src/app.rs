@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::{TokioIo, TokioTimer};
@@ -21,6 +21,7 @@ use crate::clock::SharedClock;
 use crate::config::OnBadSignature;
 use crate::error::error_response;
 use crate::metrics::{LogThrottle, Metrics};
+use crate::secret::Secret;
 use crate::signature::Verifier;
 use crate::store::Store;
 
@@ -100,8 +101,8 @@ impl Default for ServerLimits {
     }
 }
 
-/// The full router with its middleware.
-pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
+/// The full router with its middleware; `api_tokens` guard the `/v1/...` endpoints (none: open).
+pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>) -> Router {
     Router::new()
         .merge(crate::http::health::router())
         .merge(crate::http::metrics::router())
@@ -112,6 +113,7 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
             error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API")
         })
         .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(Arc::new(api_tokens), require_api_token))
         .layer(CatchPanicLayer::custom(|_| {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the service log")
         }))
@@ -121,6 +123,40 @@ pub fn router(state: SharedState, limits: &ServerLimits) -> Router {
         // The handlers log what failed and why themselves (internal errors with their cause, 503s
         // throttled with a count), so the per-response line is only wanted when debugging.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
+}
+
+/// With API tokens configured, a `/v1/...` request must carry one as `Authorization: Bearer`.
+///
+/// Only `/v1/` is guarded: the callback endpoint authenticates each request by its signature
+/// (Easemob cannot send our token), and probes and scrapers expect `/healthz`, `/readyz` and
+/// `/metrics` to answer without one. Every token is compared in constant time, so the answer's
+/// timing does not tell how much of a guess was right.
+async fn require_api_token(State(tokens): State<Arc<Vec<Secret>>>, request: Request, next: Next) -> Response {
+    if tokens.is_empty() || !request.uri().path().starts_with("/v1/") {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token.trim());
+    let (code, detail) = match presented {
+        None => ("api_token_required", "this endpoint needs `Authorization: Bearer <token>` (see --api-token)"),
+        Some(token) => {
+            let known = tokens.iter().fold(subtle::Choice::from(0), |found, t| {
+                found | subtle::ConstantTimeEq::ct_eq(t.expose().as_bytes(), token.as_bytes())
+            });
+            if bool::from(known) {
+                return next.run(request).await;
+            }
+            ("api_token_invalid", "the bearer token is not one of --api-token; check it and retry")
+        }
+    };
+    let mut response = error_response(StatusCode::UNAUTHORIZED, code, detail);
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    response
 }
 
 /// Answers 408 when a request (reading its body included) is not done within `limit`.

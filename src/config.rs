@@ -102,6 +102,15 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', hide_env_values = true)]
     pub callback_secret: Vec<Secret>,
 
+    /// API token(s), comma-separated: when set, the `/v1/...` endpoints (trigger, calls,
+    /// callbacks, reconciliation, feed, audit head) answer 401 unless the request carries
+    /// `Authorization: Bearer <one of them>` (several are accepted during a rotation). Unset, they
+    /// are open to whoever reaches the listener: keep it private. POST /callbacks/easemob is
+    /// checked by its signature instead; /healthz, /readyz and /metrics stay open for probes and
+    /// scrapers.
+    #[arg(long, env = "FRIENDHOOK_API_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    pub api_token: Vec<Secret>,
+
     /// Signature scheme checked on POST /callbacks/easemob.
     #[arg(long, env = "FRIENDHOOK_SIGNATURE_SCHEME", value_enum, default_value = "easemob")]
     pub signature_scheme: Scheme,

@@ -130,6 +130,13 @@ async fn start_sandbox(
 
 /// Binds the listener and builds every part, without serving yet.
 pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Service> {
+    // An empty token would let `Authorization: Bearer ` through: refuse it rather than guess
+    // whether the operator meant "no tokens" or mistyped one.
+    if args.api_token.iter().any(|t| t.expose().trim().is_empty()) {
+        bail!(
+            "--api-token (FRIENDHOOK_API_TOKEN) contains an empty token; give non-empty tokens, or unset it to leave /v1 open"
+        );
+    }
     let sandbox_mode = args.easemob.easemob_base_url.is_none();
     let mut secrets: Vec<Secret> = args.callback_secret.iter().filter(|s| !s.expose().is_empty()).cloned().collect();
     if secrets.is_empty() {
@@ -180,7 +187,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         trigger_timeout: args.trigger_timeout,
         shutdown_grace: args.shutdown_grace,
     };
-    let router = app::router(state.clone(), &limits);
+    let router = app::router(state.clone(), &limits, args.api_token.clone());
     Ok(Service { listener, router, limits, state, sandbox })
 }
 

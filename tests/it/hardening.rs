@@ -682,10 +682,15 @@ async fn secrets_and_tokens_never_reach_the_log_even_at_trace_level() {
 async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &str) {
     // Arrange: the real binary, with a secret that cannot appear by accident.
     const CALLBACK_SECRET: &str = "cb-secret-7Hq2xZ9vLw-never-log-me";
+    const API_TOKEN: &str = "api-token-3Rt8pN-never-log-me";
     let dir = tempfile::tempdir().expect("tempdir");
     let db_url = format!("sqlite://{}", dir.path().join("secrets.db").display());
-    let mut service =
-        ServeProcess::start(&db_url, &["--callback-secret", CALLBACK_SECRET], &[("RUST_LOG", level)]).await;
+    let mut service = ServeProcess::start(
+        &db_url,
+        &["--callback-secret", CALLBACK_SECRET, "--api-token", API_TOKEN],
+        &[("RUST_LOG", level)],
+    )
+    .await;
     let http = bounded_client();
     let token = sandbox_token(&http, &service.sandbox).await;
     let users: Vec<String> = ["alice", "bob", "carol", "dave"].iter().map(|s| s.to_string()).collect();
@@ -695,6 +700,7 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
     for friend in ["bob", "carol", "dave", "nobody"] {
         let r = http
             .post(format!("{}/v1/friends", service.base))
+            .bearer_auth(API_TOKEN)
             .json(&serde_json::json!({"owner": "alice", "friend": friend}))
             .send()
             .await
@@ -725,6 +731,7 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
     loop {
         let page: Value = http
             .get(format!("{}/v1/callbacks?operation=add", service.base))
+            .bearer_auth(API_TOKEN)
             .send()
             .await
             .expect("list")
@@ -749,6 +756,7 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
     println!("secrets test at {level}: {} log lines checked", log.lines().count());
     for (what, secret) in [
         ("the callback secret", CALLBACK_SECRET),
+        ("the API token", API_TOKEN),
         ("the sandbox client secret", SANDBOX_CLIENT_SECRET),
         ("the access token issued to the test", token.as_str()),
     ] {

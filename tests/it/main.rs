@@ -4,6 +4,7 @@
 // Helpers shared by tests unwrap freely: a panic there is a failed test, not a service crash.
 #![allow(clippy::unwrap_used)]
 
+mod auth;
 mod bench;
 mod client;
 mod client_support;

@@ -1,0 +1,76 @@
+//! `--api-token`: the `/v1/...` endpoints need a bearer token; the callback endpoint, the probes
+//! and `/metrics` do not.
+
+use serde_json::{Value, json};
+
+use crate::helpers::*;
+
+async fn status_and_code(r: reqwest::Response) -> (u16, Value, Option<String>) {
+    let status = r.status().as_u16();
+    let challenge = r.headers().get("www-authenticate").map(|v| v.to_str().unwrap().to_string());
+    (status, r.json().await.unwrap_or(Value::Null), challenge)
+}
+
+#[tokio::test]
+async fn with_an_api_token_the_v1_endpoints_need_it_and_callbacks_probes_and_metrics_do_not() {
+    // Arrange: two tokens, as during a rotation.
+    let app = TestApp::spawn(&["--api-token", "tok-old-5Kq,tok-new-9Zx"]).await;
+    app.register(&["alice", "bob"]).await;
+    let calls = app.url("/v1/calls");
+
+    // No token, a wrong one, the wrong scheme: 401 with a code that says which, and a challenge.
+    let (status, body, challenge) = status_and_code(app.client.get(&calls).send().await.unwrap()).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("api_token_required")), "{body}");
+    assert_eq!(challenge.as_deref(), Some("Bearer"));
+    let (status, body, _) =
+        status_and_code(app.client.get(&calls).bearer_auth("tok-old-5K").send().await.unwrap()).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("api_token_invalid")), "a prefix is not the token: {body}");
+    let basic = app.client.get(&calls).header("authorization", "Basic dG9rLW9sZC01S3E=").send().await.unwrap();
+    assert_eq!(status_and_code(basic).await.1["code"], "api_token_required");
+
+    // A trigger without the token sends nothing to Easemob.
+    let before = app.sandbox().stats().requests;
+    let r = app.client.post(app.url("/v1/friends")).json(&json!({"owner": "alice", "friend": "bob"})).send().await;
+    assert_eq!(r.unwrap().status(), 401);
+    assert_eq!(app.sandbox().stats().requests, before, "nothing reached the sandbox");
+
+    // Act: either token, the scheme in any case.
+    for (scheme, token) in [("Bearer", "tok-old-5Kq"), ("bearer", "tok-new-9Zx")] {
+        let r = app.client.get(&calls).header("authorization", format!("{scheme} {token}")).send().await.unwrap();
+        assert_eq!(r.status(), 200, "{scheme} {token}");
+    }
+    let r = app
+        .client
+        .post(app.url("/v1/friends"))
+        .bearer_auth("tok-new-9Zx")
+        .json(&json!({"owner": "alice", "friend": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // Assert: what Easemob, probes and scrapers call needs no token.
+    let body = roster_body("700000000000000001", "carol", "dave", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200, "callbacks are checked by their signature");
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        assert_eq!(app.client.get(app.url(open)).send().await.unwrap().status(), 200, "{open}");
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn without_an_api_token_the_v1_endpoints_stay_open() {
+    let app = TestApp::spawn(&[]).await;
+    let (status, body) = app.get_json("/v1/calls").await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn an_empty_api_token_is_refused_at_start_rather_than_matching_an_empty_bearer() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("empty-token.db").display());
+    let args = serve_args(&db_url, &["--api-token", "tok-1,"]);
+    let err = friendhook::commands::serve::build(&args, friendhook::clock::system()).await.err().expect("refused");
+    assert!(err.to_string().contains("empty token"), "{err}");
+}
