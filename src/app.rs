@@ -125,14 +125,16 @@ pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
 }
 
-/// With API tokens configured, a `/v1/...` request must carry one as `Authorization: Bearer`.
-///
-/// Only `/v1/` is guarded: the callback endpoint authenticates each request by its signature
-/// (Easemob cannot send our token), and probes and scrapers expect `/healthz`, `/readyz` and
-/// `/metrics` to answer without one. Every token is compared in constant time, so the answer's
-/// timing does not tell how much of a guess was right.
+/// Paths that answer without an API token: the callback endpoint authenticates each request by
+/// its signature (Easemob cannot send our token), and probes and scrapers expect to be answered
+/// without one.
+const OPEN_PATHS: [&str; 4] = ["/callbacks/easemob", "/healthz", "/readyz", "/metrics"];
+
+/// With API tokens configured, every other request (the `/v1/...` API, and any path added later)
+/// must carry one as `Authorization: Bearer`. Every token is compared in constant time, so the
+/// answer's timing does not tell how much of a guess was right.
 async fn require_api_token(State(tokens): State<Arc<Vec<Secret>>>, request: Request, next: Next) -> Response {
-    if tokens.is_empty() || !request.uri().path().starts_with("/v1/") {
+    if tokens.is_empty() || OPEN_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
     let presented = request

@@ -102,12 +102,11 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', hide_env_values = true)]
     pub callback_secret: Vec<Secret>,
 
-    /// API token(s), comma-separated: when set, the `/v1/...` endpoints (trigger, calls,
-    /// callbacks, reconciliation, feed, audit head) answer 401 unless the request carries
-    /// `Authorization: Bearer <one of them>` (several are accepted during a rotation). Unset, they
-    /// are open to whoever reaches the listener: keep it private. POST /callbacks/easemob is
-    /// checked by its signature instead; /healthz, /readyz and /metrics stay open for probes and
-    /// scrapers.
+    /// API token(s), comma-separated: when set, the `/v1/...` API (trigger, calls, callbacks,
+    /// reconciliation, feed, audit head) answers 401 unless the request carries
+    /// `Authorization: Bearer <one of them>` (several are accepted during a rotation). Unset, it
+    /// is open to whoever reaches the listener: keep it private. Only POST /callbacks/easemob
+    /// (checked by its signature instead), /healthz, /readyz and /metrics answer without a token.
     #[arg(long, env = "FRIENDHOOK_API_TOKEN", value_delimiter = ',', hide_env_values = true)]
     pub api_token: Vec<Secret>,
 

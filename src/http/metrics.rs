@@ -1,6 +1,7 @@
 //! `GET /metrics`: the service's metrics in the OpenMetrics text format, for Prometheus and
 //! anything that scrapes it. What the metrics are is [`crate::metrics`]' business; this module only
-//! reads the values a scrape has to look up (the write queue, the chain head) and answers.
+//! reads the values a scrape has to look up (the write queue, the chain head, the quarantine, the
+//! file sizes) and answers.
 
 use axum::extract::State;
 use axum::http::header;
@@ -10,7 +11,7 @@ use axum::routing::get;
 use crate::app::SharedState;
 use crate::metrics::ScrapeValues;
 
-/// OpenMetrics 1.0 text; Prometheus asks for it and falls back to its own text format otherwise.
+/// OpenMetrics 1.0 text, which Prometheus and its compatible scrapers parse natively.
 const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
 /// Routes of this module.

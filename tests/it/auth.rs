@@ -55,6 +55,9 @@ async fn with_an_api_token_the_v1_endpoints_need_it_and_callbacks_probes_and_met
     for open in ["/healthz", "/readyz", "/metrics"] {
         assert_eq!(app.client.get(app.url(open)).send().await.unwrap().status(), 200, "{open}");
     }
+    // Anything else is guarded too, so a path added later is not open by accident.
+    let (status, body, _) = status_and_code(app.client.get(app.url("/v2/anything")).send().await.unwrap()).await;
+    assert_eq!((status, body["code"].as_str()), (401, Some("api_token_required")), "{body}");
     app.stop().await;
 }
 
