@@ -124,7 +124,8 @@ pub struct ScrapeValues {
     pub head_seq: i64,
     /// Requests held in quarantine; `None` if the database could not be read (exported as NaN).
     pub quarantine_held: Option<i64>,
-    /// Bytes of the database file and of its write-ahead log; `None`: not exported.
+    /// Bytes of the database file and of its write-ahead log; `None` (the file cannot be found):
+    /// left as last scraped, or absent if never read.
     pub file_sizes: Option<(u64, u64)>,
 }
 
