@@ -73,27 +73,28 @@ impl CallbackResult {
 
 type Labels = [(&'static str, &'static str); 1];
 
-/// What the writer records about each batch. Cloning shares the underlying metrics; a default
-/// value is registered nowhere (for stores opened outside the service, and for tests).
+/// What the writer records about each commit (a batch of writes is one commit; a batch of more
+/// than 64 callbacks is several). Cloning shares the underlying metrics; a default value is
+/// registered nowhere (for stores opened outside the service, and for tests).
 #[derive(Debug, Clone)]
 pub struct WriterMetrics {
-    /// Jobs (callbacks, call records, ...) per committed batch.
-    pub batch_jobs: Histogram,
-    /// Time to write and commit one batch, fsync included.
-    pub batch_seconds: Histogram,
-    /// Batches that failed (every job in them answered 503).
-    pub failed_batches: Counter,
+    /// Writes (callbacks, call records, ...) per commit.
+    pub commit_writes: Histogram,
+    /// Time to write and commit them, fsync included.
+    pub commit_seconds: Histogram,
+    /// Batches that could not be committed (every write in them answered 503).
+    pub failed_commits: Counter,
 }
 
 impl Default for WriterMetrics {
     fn default() -> Self {
         Self {
-            // 1, 2, 4, ... 512 (the default --write-batch).
-            batch_jobs: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
+            // 1, 2, 4, ... 512 (the default --max-batch).
+            commit_writes: Histogram::new(exponential_buckets(1.0, 2.0, 10)),
             // 100 µs to ~3.3 s: an fsync on a healthy disk lands in the first few buckets, a
             // stalled disk in the last.
-            batch_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
-            failed_batches: Counter::default(),
+            commit_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
+            failed_commits: Counter::default(),
         }
     }
 }
@@ -194,16 +195,16 @@ impl Metrics {
             "Size of the SQLite database file (file=\"database\") and of its write-ahead log (file=\"wal\")",
             database_bytes.clone(),
         );
-        registry.register("write_batch_jobs", "Writes per committed batch", writer.batch_jobs.clone());
+        registry.register("commit_writes", "Writes per commit (group commit)", writer.commit_writes.clone());
         registry.register(
-            "write_batch_seconds",
-            "Time to write and commit one batch, fsync included",
-            writer.batch_seconds.clone(),
+            "commit_seconds",
+            "Time to write and commit one group of writes, fsync included",
+            writer.commit_seconds.clone(),
         );
         registry.register(
-            "write_batch_failures",
+            "commit_failures",
             "Batches that could not be committed (each of their writes was answered 503)",
-            writer.failed_batches.clone(),
+            writer.failed_commits.clone(),
         );
         Self {
             registry,
@@ -375,7 +376,7 @@ mod tests {
         metrics.callback(CallbackResult::Overloaded);
         metrics.call(Outcome::Succeeded, 3);
         metrics.calls_interrupted(2);
-        metrics.writer().batch_jobs.observe(5.0);
+        metrics.writer().commit_writes.observe(5.0);
         let text = metrics.render(ScrapeValues::default());
         assert_eq!(metrics.callbacks(CallbackResult::Stored), 2);
         assert!(text.contains("friendhook_callbacks_received_total{result=\"stored\"} 2\n"), "{text}");
@@ -384,11 +385,11 @@ mod tests {
         assert!(text.contains("friendhook_calls_total{outcome=\"succeeded\"} 1\n"), "{text}");
         assert!(text.contains("friendhook_calls_total{outcome=\"unknown\"} 2\n"), "{text}");
         assert!(text.contains("friendhook_easemob_attempts_total 3\n"), "{text}");
-        assert!(text.contains("friendhook_write_batch_jobs_count 1\n"), "{text}");
-        assert!(text.contains("friendhook_write_batch_jobs_sum 5.0\n"), "{text}");
+        assert!(text.contains("friendhook_commit_writes_count 1\n"), "{text}");
+        assert!(text.contains("friendhook_commit_writes_sum 5.0\n"), "{text}");
         let samples = parse_samples(&text);
         assert_eq!(samples["friendhook_callbacks_received_total{result=\"stored\"}"], 2.0);
-        assert_eq!(samples["friendhook_write_batch_jobs_bucket{le=\"8.0\"}"], 1.0);
+        assert_eq!(samples["friendhook_commit_writes_bucket{le=\"8.0\"}"], 1.0);
         assert!(!samples.keys().any(|k| k.starts_with('#')), "comments are not samples");
     }
 }

@@ -4,7 +4,7 @@
 //! - `ingest`: the service as a child process; the same client and concurrency measure the bare
 //!   HTTP ceiling (`GET /healthz`) and the verified-and-committed callback path, then an open-loop
 //!   run at a fixed rate; peak RSS of the service; acknowledged vs stored; the CPU each phase
-//!   cost the service and the client per request ([`cpu`]), and the writer's batches during each
+//!   cost the service and the client per request ([`cpu`]), and the writer's commits during each
 //!   phase (from the service's `/metrics`).
 //! - `trigger`: friend additions through the trigger API against the built-in sandbox.
 //! - `reconcile` / `feed`: a database seeded with a million calls and callbacks.
@@ -388,7 +388,7 @@ struct Phases {
 /// What the writer did during one phase.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct CommitDelta {
-    batches: f64,
+    commits: f64,
     jobs: f64,
     seconds: f64,
 }
@@ -397,15 +397,15 @@ impl CommitDelta {
     fn of(samples: &std::collections::HashMap<String, f64>) -> Self {
         let get = |k: &str| samples.get(k).copied().unwrap_or(0.0);
         Self {
-            batches: get("friendhook_write_batch_jobs_count"),
-            jobs: get("friendhook_write_batch_jobs_sum"),
-            seconds: get("friendhook_write_batch_seconds_sum"),
+            commits: get("friendhook_commit_writes_count"),
+            jobs: get("friendhook_commit_writes_sum"),
+            seconds: get("friendhook_commit_seconds_sum"),
         }
     }
 
     fn since(self, before: Self) -> Self {
         Self {
-            batches: self.batches - before.batches,
+            commits: self.commits - before.commits,
             jobs: self.jobs - before.jobs,
             seconds: self.seconds - before.seconds,
         }
@@ -436,7 +436,7 @@ impl Phases {
             self.cpu_rows.push((label.to_string(), before.until(&after, result.completed)));
         }
         if let (Some(before), Some(after)) = (commits_before, self.commits().await)
-            && after.batches > before.batches
+            && after.commits > before.commits
         {
             self.commit_rows.push((label.to_string(), after.since(before)));
         }
@@ -458,14 +458,14 @@ impl Phases {
             }
         }
         if !self.commit_rows.is_empty() {
-            println!("\nGroup commit (from the service's /metrics: writes per batch, time to write and commit one)");
-            println!("{:<34} {:>12} {:>12} {:>12}", "phase", "batches", "avg batch", "avg ms");
+            println!("\nGroup commit (from the service's /metrics: writes per commit, time to write and commit them)");
+            println!("{:<34} {:>12} {:>12} {:>12}", "phase", "commits", "writes each", "avg ms");
             for (label, d) in &self.commit_rows {
                 println!(
                     "{label:<34} {:>12.0} {:>12.1} {:>12.2}",
-                    d.batches,
-                    d.jobs / d.batches.max(1.0),
-                    1e3 * d.seconds / d.batches.max(1.0)
+                    d.commits,
+                    d.jobs / d.commits.max(1.0),
+                    1e3 * d.seconds / d.commits.max(1.0)
                 );
             }
         }

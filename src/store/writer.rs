@@ -224,7 +224,7 @@ pub(super) struct Writer {
     pub users_indexed_upto: i64,
     /// When [`Writer::maybe_index_users`] last ran.
     pub users_indexed_at: std::time::Instant,
-    /// Batch sizes, commit times and failures, for `/metrics`.
+    /// Commit sizes, durations and failures, for `/metrics`.
     pub metrics: WriterMetrics,
     /// Throttles the log line of failed batches.
     pub failure_log: LogThrottle,
@@ -515,10 +515,7 @@ impl Writer {
             let started = std::time::Instant::now();
             let jobs = batch.len();
             self.commit_batch(&mut batch).await;
-            let took = started.elapsed();
-            stats.record(jobs, took);
-            self.metrics.batch_jobs.observe(jobs as f64);
-            self.metrics.batch_seconds.observe(took.as_secs_f64());
+            stats.record(jobs, started.elapsed());
             let chunk_started = std::time::Instant::now();
             if self.maybe_index_users(rx.is_empty()).await {
                 stats.record_user_chunk(chunk_started.elapsed());
@@ -614,10 +611,11 @@ impl Writer {
         }
         let now = self.clock.now_ms();
         let mut head = self.head.clone();
+        let started = std::time::Instant::now();
         match self.write(batch, &mut head, now).await {
             Ok(answers) => {
                 self.head = head;
-                self.batch_committed();
+                self.record_commit(batch.len(), started.elapsed());
                 let _ = self.committed.send(self.head.seq);
                 for (job, answer) in batch.drain(..).zip(answers) {
                     answer.send(job);
@@ -627,8 +625,12 @@ impl Writer {
         }
     }
 
-    /// After a commit: clears the error `/readyz` reports, and says so once after a fault.
-    fn batch_committed(&mut self) {
+    /// After a commit, before its writes are answered (so whoever got an answer also sees the
+    /// commit in `/metrics`): records its size and duration, clears the error `/readyz` reports,
+    /// and says so once after a fault.
+    fn record_commit(&mut self, writes: usize, took: std::time::Duration) {
+        self.metrics.commit_writes.observe(writes as f64);
+        self.metrics.commit_seconds.observe(took.as_secs_f64());
         self.health.set(None);
         if self.failed_since_commit > 0 {
             tracing::info!(failed_batches = self.failed_since_commit, "writes commit again after a fault");
@@ -640,7 +642,7 @@ impl Writer {
     /// and prepares the next batch to start clean. Logged at most every ten seconds: during a
     /// fault (disk full, read-only file) every batch fails the same way.
     fn batch_failed(&mut self, err: &StoreError, jobs: Vec<Job>) {
-        self.metrics.failed_batches.inc();
+        self.metrics.failed_commits.inc();
         self.failed_since_commit += 1;
         if let Some(batches) = self.failure_log.hit(self.clock.now_ms()) {
             tracing::error!(error = %err, jobs = jobs.len(), failed_batches_since_last_line = batches,
@@ -662,14 +664,15 @@ impl Writer {
     async fn write_callbacks_fast(&mut self, jobs: &mut Vec<Job>) -> Result<(), StoreError> {
         while !jobs.is_empty() {
             let n = jobs.len().min(FAST_ROWS);
+            let started = std::time::Instant::now();
             let Some(acks) = self.write_fast_chunk(&jobs[..n]).await? else { return Ok(()) };
+            self.record_commit(n, started.elapsed());
+            let _ = self.committed.send(self.head.seq);
             for (job, ack) in jobs.drain(..n).zip(acks) {
                 if let Job::Callback(_, tx) = job {
                     let _ = tx.send(Ok(ack));
                 }
             }
-            self.batch_committed();
-            let _ = self.committed.send(self.head.seq);
         }
         Ok(())
     }

@@ -74,13 +74,13 @@ async fn bench_ingest_reports_every_phase_and_that_every_acknowledged_callback_w
         }
         assert!(row[2].ends_with('%'), "{row:?}");
     }
-    // The writer's batches during each callback phase, read from the service's /metrics.
+    // The writer's commits during each callback phase, read from the service's /metrics.
     let commits = out.split("Group commit").nth(1).unwrap_or_else(|| panic!("no group-commit table in:\n{out}"));
     for label in ["verified + committed (POST) #1", "verified + committed (POST) #2", "open loop at 100/s"] {
         let row = fields(commits, label);
         let row: Vec<f64> = row[row.len() - 3..].iter().map(|v| v.parse().expect("a number")).collect();
-        assert!(row[0] >= 1.0, "{label}: at least one batch: {row:?}");
-        assert!((1.0..=512.0).contains(&row[1]), "{label}: writes per batch within 1..=--max-batch: {row:?}");
+        assert!(row[0] >= 1.0, "{label}: at least one commit: {row:?}");
+        assert!((1.0..=512.0).contains(&row[1]), "{label}: writes per commit within 1..=--max-batch: {row:?}");
         assert!(row[2] > 0.0, "{label}: a commit takes time: {row:?}");
     }
 }

@@ -54,12 +54,12 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
     assert_eq!(ack["duplicate"], false);
     let (_, list) = app.get_json("/v1/callbacks").await;
     assert_eq!(list["items"].as_array().unwrap().len(), 2, "both acknowledged callbacks are stored");
-    // /metrics tells the same story: one callback refused with 503, two failed batches (the
+    // /metrics tells the same story: one callback refused with 503, two failed commits (the
     // readyz probe's and the callback's), both deliveries that were answered 200 stored.
     let m = app.metrics().await;
     assert_eq!(m["friendhook_callbacks_received_total{result=\"unavailable\"}"], 1.0);
     assert_eq!(m["friendhook_callbacks_received_total{result=\"stored\"}"], 2.0);
-    assert_eq!(m["friendhook_write_batch_failures_total"], 2.0);
+    assert_eq!(m["friendhook_commit_failures_total"], 2.0);
     app.stop().await;
 }
 

@@ -52,16 +52,17 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     assert_eq!(m["friendhook_chain_head_seq"], head["seq"].as_f64().unwrap(), "{head}");
     assert_eq!(m["friendhook_write_queue_depth"], 0.0, "nothing is waiting once every answer is in");
     assert_eq!(m["friendhook_write_queue_capacity"], 8192.0, "the --write-queue default");
-    // Every answered write went through a batch: the two calls' intents and outcomes, the stored
-    // and duplicate deliveries, and the rejection log entry.
-    let jobs = m["friendhook_write_batch_jobs_sum"];
-    assert!(jobs >= 4.0 + 2.0 + from_sandbox as f64 + 1.0, "jobs {jobs}");
-    assert!(m["friendhook_write_batch_jobs_count"] >= 1.0);
+    // Every answered write went through a commit, recorded before its answer: the two calls'
+    // intents and outcomes, the stored and duplicate deliveries, the sandbox's callbacks, and the
+    // rejection log entry.
+    let writes = m["friendhook_commit_writes_sum"];
+    assert!(writes >= 4.0 + 2.0 + from_sandbox as f64 + 1.0, "writes {writes}");
+    assert!(m["friendhook_commit_writes_count"] >= 1.0);
     assert_eq!(
-        m["friendhook_write_batch_seconds_count"], m["friendhook_write_batch_jobs_count"],
-        "one size and one duration per batch"
+        m["friendhook_commit_seconds_count"], m["friendhook_commit_writes_count"],
+        "one size and one duration per commit"
     );
-    assert_eq!(m["friendhook_write_batch_failures_total"], 0.0);
+    assert_eq!(m["friendhook_commit_failures_total"], 0.0);
     assert_eq!(m["friendhook_quarantine_held"], 0.0, "rejected (the default), not held");
     let file = std::fs::metadata(&app.db_path).unwrap().len() as f64;
     assert_eq!(m["friendhook_database_bytes{file=\"database\"}"], file, "nothing writes to the file between");
