@@ -18,7 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::model::Outcome;
 
@@ -150,50 +150,50 @@ impl Metrics {
              overloaded and unavailable: 503, Easemob retries once)",
             received,
         );
-        let calls = Family::<Labels, Counter>::default();
+        let calls = registered(
+            &mut registry,
+            "calls",
+            "Friend additions and removals sent to Easemob, by recorded outcome (unknown: interrupted by a stop)",
+            Family::<Labels, Counter>::default(),
+        );
         for outcome in [Outcome::Succeeded, Outcome::Rejected, Outcome::Failed, Outcome::Unknown] {
             calls.get_or_create_owned(&[("outcome", outcome.as_str())]);
         }
-        registry.register(
-            "calls",
-            "Friend additions and removals sent to Easemob, by recorded outcome (unknown: interrupted by a stop)",
-            calls.clone(),
-        );
-        let easemob_attempts = Counter::default();
-        registry.register(
+        let easemob_attempts = registered(
+            &mut registry,
             "easemob_attempts",
             "HTTP attempts those calls took, retries included",
-            easemob_attempts.clone(),
+            Counter::default(),
         );
-        let write_queue_depth = Gauge::default();
-        registry.register(
+        let write_queue_depth = registered(
+            &mut registry,
             "write_queue_depth",
             "Writes waiting for the writer at scrape time; callbacks get 503 when it reaches the capacity",
-            write_queue_depth.clone(),
+            Gauge::default(),
         );
-        let write_queue_capacity = Gauge::default();
-        registry.register(
+        let write_queue_capacity = registered(
+            &mut registry,
             "write_queue_capacity",
             "Size of the write queue (--write-queue)",
-            write_queue_capacity.clone(),
+            Gauge::default(),
         );
-        let chain_head_seq = Gauge::default();
-        registry.register(
+        let chain_head_seq = registered(
+            &mut registry,
             "chain_head_seq",
             "Sequence number of the last committed event (callbacks and call outcomes share one sequence)",
-            chain_head_seq.clone(),
+            Gauge::default(),
         );
-        let quarantine_held = Gauge::<f64, AtomicU64>::default();
-        registry.register(
+        let quarantine_held = registered(
+            &mut registry,
             "quarantine_held",
             "Requests held in quarantine, not stored as events yet (NaN: the database could not be read)",
-            quarantine_held.clone(),
+            Gauge::<f64, AtomicU64>::default(),
         );
-        let database_bytes = Family::<Labels, Gauge>::default();
-        registry.register(
+        let database_bytes = registered(
+            &mut registry,
             "database_bytes",
             "Size of the SQLite database file (file=\"database\") and of its write-ahead log (file=\"wal\")",
-            database_bytes.clone(),
+            Family::<Labels, Gauge>::default(),
         );
         registry.register("commit_writes", "Writes per commit (group commit)", writer.commit_writes.clone());
         registry.register(
@@ -263,6 +263,13 @@ impl Metrics {
         }
         text
     }
+}
+
+/// Registers `metric` under `name` and returns it: the registry keeps one handle, the caller the
+/// other (both share the same value).
+fn registered<M: Metric + Clone>(registry: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    registry.register(name, help, metric.clone());
+    metric
 }
 
 /// The samples of an OpenMetrics (or Prometheus) text, `name{labels}` to value; comments and

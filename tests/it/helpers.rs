@@ -174,7 +174,7 @@ impl TestApp {
     pub async fn metrics(&self) -> std::collections::HashMap<String, f64> {
         let r = self.client.get(self.url("/metrics")).send().await.expect("request");
         assert_eq!(r.status(), 200);
-        parse_metrics(&r.text().await.expect("metrics text"))
+        friendhook::metrics::parse_samples(&r.text().await.expect("metrics text"))
     }
 
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
@@ -182,11 +182,6 @@ impl TestApp {
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or(Value::Null))
     }
-}
-
-/// Samples of an OpenMetrics text: `name{labels}` to value.
-pub fn parse_metrics(text: &str) -> std::collections::HashMap<String, f64> {
-    friendhook::metrics::parse_samples(text)
 }
 
 /// A correctly signed roster callback body.

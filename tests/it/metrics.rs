@@ -30,7 +30,7 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     let response = app.client.get(app.url("/metrics")).send().await.unwrap();
     let content_type = response.headers()["content-type"].to_str().unwrap().to_string();
     let text = response.text().await.unwrap();
-    let m = parse_metrics(&text);
+    let m = friendhook::metrics::parse_samples(&text);
 
     // Assert
     assert!(content_type.starts_with("application/openmetrics-text"), "{content_type}");

@@ -88,7 +88,7 @@ async fn overload_gets_200_or_503_only_and_memory_stays_bounded() {
 
     // /metrics counted every answer where it belongs: an operator sees the 503s as they happen.
     let text = http.get(format!("{}/metrics", svc.base)).send().await.unwrap().text().await.unwrap();
-    let m = parse_metrics(&text);
+    let m = friendhook::metrics::parse_samples(&text);
     let received = |result: &str| m[&format!("friendhook_callbacks_received_total{{result=\"{result}\"}}")];
     assert_eq!(received("stored"), acked.len() as f64, "{text}");
     assert_eq!(received("overloaded"), refused.load(std::sync::atomic::Ordering::Relaxed) as f64, "{text}");
