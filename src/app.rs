@@ -69,6 +69,19 @@ pub struct AppState {
     pub overloads: LogThrottle,
     /// The Easemob client for the trigger API (the sandbox's, in sandbox mode).
     pub easemob: Option<crate::easemob::EasemobClient>,
+    /// The trailing window's reconciliation for `/metrics` (`None`: turned off).
+    pub trailing: Option<crate::report::TrailingReconciliation>,
+}
+
+impl AppState {
+    /// How reconciliation judges calls as of now (`--match-skew`, `--match-window`).
+    pub fn match_params(&self) -> crate::reconcile::MatchParams {
+        crate::reconcile::MatchParams {
+            skew_ms: self.settings.match_skew_ms,
+            window_ms: self.settings.match_window_ms,
+            now_ms: self.clock.now_ms(),
+        }
+    }
 }
 
 /// State as the router holds it.

@@ -179,6 +179,12 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_MATCH_WINDOW", default_value = "5m", value_parser = parse_duration)]
     pub match_window: Duration,
 
+    /// `/metrics`: reconcile the calls requested within this trailing window for the
+    /// `friendhook_reconciliation_*` figures (e.g. calls whose callback is missing), at most once
+    /// every 10 s however often it is scraped. `0s` leaves those figures out.
+    #[arg(long, env = "FRIENDHOOK_METRICS_RECONCILE_WINDOW", default_value = "1h", value_parser = parse_duration)]
+    pub metrics_reconcile_window: Duration,
+
     #[command(flatten)]
     pub easemob: EasemobArgs,
 }

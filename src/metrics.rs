@@ -21,6 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::model::Outcome;
+use crate::reconcile::Summary;
 
 /// How a callback delivery was answered: the `result` label of
 /// `friendhook_callbacks_received_total`.
@@ -112,6 +113,94 @@ pub struct Metrics {
     quarantine_held: Gauge<f64, AtomicU64>,
     database_bytes: Family<Labels, Gauge>,
     writer: WriterMetrics,
+    reconciliation: Option<ReconciliationMetrics>,
+}
+
+/// A float gauge: NaN says "could not be computed" where 0 would be a claim.
+type FloatGauge = Gauge<f64, AtomicU64>;
+
+/// The `friendhook_reconciliation_*` family: calls of a trailing window by reconciliation status.
+#[derive(Debug)]
+struct ReconciliationMetrics {
+    window_seconds: Gauge,
+    calls: Family<Labels, FloatGauge>,
+    orphan_callbacks: FloatGauge,
+    latency_seconds: Family<Labels, FloatGauge>,
+    computed_seconds: FloatGauge,
+}
+
+/// The status label values of `friendhook_reconciliation_calls`, as `GET /v1/reconciliation`
+/// names them.
+const RECONCILIATION_STATUSES: [&str; 5] = ["matched", "pending", "missing", "not_expected", "unexpected"];
+
+/// The `percentile` label values of `friendhook_reconciliation_latency_seconds`.
+const LATENCY_PERCENTILES: [&str; 3] = ["50", "95", "99"];
+
+/// A reconciliation of the trailing window, as a scrape exports it.
+#[derive(Debug, Clone, Copy)]
+pub struct ReconciliationFigures {
+    /// The window's length.
+    pub window_ms: i64,
+    /// The counts; `None` if the database could not be read (exported as NaN).
+    pub summary: Option<Summary>,
+    /// How long computing them took.
+    pub took: std::time::Duration,
+}
+
+impl ReconciliationMetrics {
+    fn register(registry: &mut Registry) -> Self {
+        let window_seconds = registered(
+            registry,
+            "reconciliation_window_seconds",
+            "Length of the trailing window the reconciliation_* figures cover (--metrics-reconcile-window)",
+            Gauge::default(),
+        );
+        let calls = registered(
+            registry,
+            "reconciliation_calls",
+            "Calls requested within the trailing window, by reconciliation status (missing: succeeded, and no \
+             callback came within --match-window); NaN: the database could not be read",
+            Family::<Labels, FloatGauge>::default(),
+        );
+        let orphan_callbacks = registered(
+            registry,
+            "reconciliation_orphan_callbacks",
+            "Roster callbacks with an event time within the trailing window that no call explains",
+            FloatGauge::default(),
+        );
+        let latency_seconds = registered(
+            registry,
+            "reconciliation_latency_seconds",
+            "Call requested to its callback stored, percentile (nearest rank) over the window's calls that got one; \
+             NaN: none did",
+            Family::<Labels, FloatGauge>::default(),
+        );
+        let computed_seconds = registered(
+            registry,
+            "reconciliation_compute_seconds",
+            "How long the last computation of the reconciliation_* figures took (they are reused for 10 s)",
+            FloatGauge::default(),
+        );
+        Self { window_seconds, calls, orphan_callbacks, latency_seconds, computed_seconds }
+    }
+
+    fn set(&self, f: &ReconciliationFigures) {
+        self.window_seconds.set(f.window_ms / 1000);
+        self.computed_seconds.set(f.took.as_secs_f64());
+        let counts = f.summary.map(|s| [s.matched, s.pending, s.missing, s.not_expected, s.unexpected]);
+        for (i, status) in RECONCILIATION_STATUSES.iter().enumerate() {
+            let value = counts.map_or(f64::NAN, |c| c[i] as f64);
+            self.calls.get_or_create(&[("status", status)]).set(value);
+        }
+        self.orphan_callbacks.set(f.summary.map_or(f64::NAN, |s| s.orphan as f64));
+        let latency = f.summary.map(|s| [s.match_latency_ms.p50, s.match_latency_ms.p95, s.match_latency_ms.p99]);
+        for (i, percentile) in LATENCY_PERCENTILES.iter().enumerate() {
+            let ms = latency.and_then(|l| l[i]);
+            self.latency_seconds
+                .get_or_create(&[("percentile", percentile)])
+                .set(ms.map_or(f64::NAN, |ms| ms as f64 / 1000.0));
+        }
+    }
 }
 
 /// What only a scrape can know: read by the handler from the store just before encoding.
@@ -128,6 +217,8 @@ pub struct ScrapeValues {
     /// Bytes of the database file and of its write-ahead log; `None` (the file cannot be found):
     /// left as last scraped, or absent if never read.
     pub file_sizes: Option<(u64, u64)>,
+    /// The trailing window's reconciliation, when the service computes it.
+    pub reconciliation: Option<ReconciliationFigures>,
 }
 
 impl Default for Metrics {
@@ -217,7 +308,16 @@ impl Metrics {
             quarantine_held,
             database_bytes,
             writer,
+            reconciliation: None,
         }
+    }
+
+    /// Adds the `friendhook_reconciliation_*` figures (the service computes them per scrape when
+    /// `--metrics-reconcile-window` is not 0). Without this they are absent rather than 0: a
+    /// missing series does not claim that nothing is missing.
+    pub fn with_reconciliation(mut self) -> Self {
+        self.reconciliation = Some(ReconciliationMetrics::register(&mut self.registry));
+        self
     }
 
     /// The handle to give the store's writer.
@@ -255,6 +355,9 @@ impl Metrics {
         if let Some((database, wal)) = now.file_sizes {
             self.database_bytes.get_or_create(&[("file", "database")]).set(database as i64);
             self.database_bytes.get_or_create(&[("file", "wal")]).set(wal as i64);
+        }
+        if let (Some(m), Some(f)) = (&self.reconciliation, &now.reconciliation) {
+            m.set(f);
         }
         let mut text = String::new();
         // Writing into a String cannot fail; an encoding error would be a bug in a label.
@@ -356,6 +459,7 @@ mod tests {
             head_seq: 42,
             quarantine_held: Some(7),
             file_sizes: Some((4096, 0)),
+            reconciliation: None,
         });
         for r in CallbackResult::ALL {
             let line = format!("friendhook_callbacks_received_total{{result=\"{}\"}} 0\n", r.as_str());
@@ -398,5 +502,52 @@ mod tests {
         assert_eq!(samples["friendhook_callbacks_received_total{result=\"stored\"}"], 2.0);
         assert_eq!(samples["friendhook_commit_writes_bucket{le=\"8.0\"}"], 1.0);
         assert!(!samples.keys().any(|k| k.starts_with('#')), "comments are not samples");
+    }
+
+    #[test]
+    fn reconciliation_figures_land_on_their_status_and_are_nan_when_unreadable() {
+        let metrics = Metrics::default().with_reconciliation();
+        let mut summary = Summary {
+            matched: 5,
+            pending: 4,
+            missing: 3,
+            not_expected: 2,
+            unexpected: 1,
+            orphan: 6,
+            ..Summary::default()
+        };
+        summary.match_latency_ms.p50 = Some(250);
+        let figures = ReconciliationFigures {
+            window_ms: 3_600_000,
+            summary: Some(summary),
+            took: std::time::Duration::from_millis(12),
+        };
+        let m =
+            parse_samples(&metrics.render(ScrapeValues { reconciliation: Some(figures), ..ScrapeValues::default() }));
+        let calls = |status: &str| m[&format!("friendhook_reconciliation_calls{{status=\"{status}\"}}")];
+        assert_eq!(
+            [calls("matched"), calls("pending"), calls("missing"), calls("not_expected"), calls("unexpected")],
+            [5.0, 4.0, 3.0, 2.0, 1.0]
+        );
+        assert_eq!(m["friendhook_reconciliation_orphan_callbacks"], 6.0);
+        assert_eq!(m["friendhook_reconciliation_window_seconds"], 3600.0);
+        assert_eq!(m["friendhook_reconciliation_compute_seconds"], 0.012);
+        assert_eq!(m["friendhook_reconciliation_latency_seconds{percentile=\"50\"}"], 0.25);
+        assert!(m["friendhook_reconciliation_latency_seconds{percentile=\"95\"}"].is_nan(), "no figure, no zero");
+
+        let unreadable = ReconciliationFigures { summary: None, ..figures };
+        let m = parse_samples(
+            &metrics.render(ScrapeValues { reconciliation: Some(unreadable), ..ScrapeValues::default() }),
+        );
+        for status in RECONCILIATION_STATUSES {
+            assert!(m[&format!("friendhook_reconciliation_calls{{status=\"{status}\"}}")].is_nan(), "{status}");
+        }
+        assert!(m["friendhook_reconciliation_orphan_callbacks"].is_nan());
+    }
+
+    #[test]
+    fn without_reconciliation_there_are_no_reconciliation_series() {
+        let text = Metrics::default().render(ScrapeValues::default());
+        assert!(!text.contains("friendhook_reconciliation"), "{text}");
     }
 }

@@ -12,6 +12,7 @@ use crate::clock::{self, SharedClock};
 use crate::config::ServeArgs;
 use crate::easemob::{ClientConfig, EasemobClient};
 use crate::metrics::{LogThrottle, Metrics, WriterMetrics};
+use crate::report::TrailingReconciliation;
 use crate::secret::Secret;
 use crate::signature::{Scheme, Verifier};
 use crate::store::{Store, StoreOptions, WriterLimits};
@@ -156,7 +157,9 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!("could not listen on {} (is another friendhook running? try --listen)", args.listen)
     })?;
-    let metrics = Metrics::default();
+    let reconcile_window = args.metrics_reconcile_window;
+    let metrics =
+        if reconcile_window.is_zero() { Metrics::default() } else { Metrics::default().with_reconciliation() };
     let store = Store::open(store_options(args, metrics.writer()), clock.clone())
         .await
         .with_context(|| format!("could not open the database {}", args.db.database_url))?;
@@ -178,8 +181,17 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     };
     let easemob = Some(easemob);
     metrics.calls_interrupted(store.recovered_calls);
-    let state =
-        Arc::new(AppState { store, verifier, clock, settings, metrics, easemob, overloads: LogThrottle::new(10_000) });
+    let trailing = (!reconcile_window.is_zero()).then(|| TrailingReconciliation::new(reconcile_window));
+    let state = Arc::new(AppState {
+        store,
+        verifier,
+        clock,
+        settings,
+        metrics,
+        easemob,
+        overloads: LogThrottle::new(10_000),
+        trailing,
+    });
     let limits = ServerLimits {
         max_in_flight: args.max_in_flight.max(1),
         header_timeout: args.header_timeout,

@@ -14,7 +14,6 @@ use serde::Deserialize;
 use super::query::{parse_opt_time, parse_time};
 use crate::app::SharedState;
 use crate::error::ApiError;
-use crate::reconcile::MatchParams;
 use crate::report::{self, ReportQuery};
 
 /// Routes of this module.
@@ -74,12 +73,7 @@ async fn get_reconciliation(
         limit,
         cursor: q.cursor,
     };
-    let params = MatchParams {
-        skew_ms: state.settings.match_skew_ms,
-        window_ms: state.settings.match_window_ms,
-        now_ms: state.clock.now_ms(),
-    };
-    let report = report::build(&state.store, &rq, params).await?;
+    let report = report::build(&state.store, &rq, state.match_params()).await?;
     Ok(Json(report).into_response())
 }
 

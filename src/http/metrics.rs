@@ -1,7 +1,7 @@
 //! `GET /metrics`: the service's metrics in the OpenMetrics text format, for Prometheus and
 //! anything that scrapes it. What the metrics are is [`crate::metrics`]' business; this module only
 //! reads the values a scrape has to look up (the write queue, the chain head, the quarantine, the
-//! file sizes) and answers.
+//! file sizes, the trailing window's reconciliation) and answers.
 
 use axum::extract::State;
 use axum::http::header;
@@ -30,6 +30,10 @@ async fn get_metrics(State(state): State<SharedState>) -> Response {
         // while the database is failing (that is when it matters), so an error is exported as NaN.
         quarantine_held: state.store.count_quarantine_held().await.ok(),
         file_sizes: state.store.file_sizes(),
+        reconciliation: match &state.trailing {
+            Some(trailing) => Some(trailing.figures(&state.store, state.match_params()).await),
+            None => None,
+        },
     };
     ([(header::CONTENT_TYPE, CONTENT_TYPE)], state.metrics.render(now)).into_response()
 }

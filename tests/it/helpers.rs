@@ -61,10 +61,25 @@ impl TestApp {
 
     /// Starts a service on the given database file (kept after the service stops).
     pub async fn spawn_on(db_path: &std::path::Path, extra: &[&str]) -> TestApp {
+        TestApp::spawn_on_with_clock(db_path, extra, friendhook::clock::system()).await
+    }
+
+    /// Starts a service on a fresh temporary database, with the given clock.
+    pub async fn spawn_with_clock(extra: &[&str], clock: friendhook::clock::SharedClock) -> TestApp {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut app = TestApp::spawn_on_with_clock(&dir.path().join("friendhook.db"), extra, clock).await;
+        app._dir = Some(dir);
+        app
+    }
+
+    async fn spawn_on_with_clock(
+        db_path: &std::path::Path,
+        extra: &[&str],
+        clock: friendhook::clock::SharedClock,
+    ) -> TestApp {
         let db_url = format!("sqlite://{}", db_path.display());
         let args = serve_args(&db_url, extra);
-        let service =
-            friendhook::commands::serve::build(&args, friendhook::clock::system()).await.expect("service starts");
+        let service = friendhook::commands::serve::build(&args, clock).await.expect("service starts");
         let addr = service.listener.local_addr().expect("addr");
         let mut service = service;
         let sandbox = service.sandbox.take();

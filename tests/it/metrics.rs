@@ -69,3 +69,59 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     assert!(m["friendhook_database_bytes{file=\"wal\"}"] > 0.0, "the WAL holds the commits since the last checkpoint");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn metrics_reconcile_the_trailing_window_and_reuse_the_result_for_ten_seconds() {
+    // Arrange: a frozen clock shared by the service and its sandbox, so the window and the reuse
+    // period are crossed by moving time, not by waiting.
+    const T0: i64 = 1_800_000_000_000;
+    let clock = friendhook::clock::ManualClock::new(T0);
+    let app = TestApp::spawn_with_clock(&[], clock.clone()).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, added) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(added["outcome"], "succeeded", "{added}");
+    app.settle().await;
+    let orphan = roster_body("910000000000000001", "carol", "dave", "add", T0 - 1_000, SECRET);
+    assert_eq!(app.post_callback(orphan).await.status(), 200);
+    let calls = |m: &std::collections::HashMap<String, f64>, status: &str| {
+        m[&format!("friendhook_reconciliation_calls{{status=\"{status}\"}}")]
+    };
+
+    // Act + Assert: the report's figures, as /v1/reconciliation?since=<an hour ago> has them.
+    let m = app.metrics().await;
+    let (_, report) = app.get_json(&format!("/v1/reconciliation?since={}", T0 - 3_600_000)).await;
+    assert_eq!(report["summary"]["matched"], 1, "{report}");
+    assert_eq!(m["friendhook_reconciliation_window_seconds"], 3600.0, "the --metrics-reconcile-window default");
+    assert_eq!(calls(&m, "matched"), 1.0);
+    for status in ["pending", "missing", "not_expected", "unexpected"] {
+        assert_eq!(calls(&m, status), 0.0, "{status}");
+    }
+    assert_eq!(m["friendhook_reconciliation_orphan_callbacks"], 1.0);
+    assert_eq!(m["friendhook_reconciliation_latency_seconds{percentile=\"50\"}"], 0.0, "the clock stood still");
+
+    // Within 10 s the figures are reused: a new orphan shows only once the clock has moved on.
+    let another = roster_body("910000000000000002", "carol", "erin", "add", T0 - 500, SECRET);
+    assert_eq!(app.post_callback(another).await.status(), 200);
+    clock.advance_ms(9_999);
+    assert_eq!(app.metrics().await["friendhook_reconciliation_orphan_callbacks"], 1.0, "reused");
+    clock.advance_ms(1);
+    assert_eq!(app.metrics().await["friendhook_reconciliation_orphan_callbacks"], 2.0, "recomputed");
+
+    // An hour later, everything has left the window.
+    clock.advance_ms(3_600_000);
+    let m = app.metrics().await;
+    assert_eq!(calls(&m, "matched"), 0.0);
+    assert_eq!(m["friendhook_reconciliation_orphan_callbacks"], 0.0);
+    assert!(m["friendhook_reconciliation_latency_seconds{percentile=\"99\"}"].is_nan(), "no call, no latency");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_zero_reconcile_window_leaves_the_reconciliation_figures_out() {
+    let app = TestApp::spawn(&["--metrics-reconcile-window", "0s"]).await;
+    let m = app.metrics().await;
+    assert!(m.contains_key("friendhook_chain_head_seq"), "the other metrics are there");
+    let reconciliation: Vec<&String> = m.keys().filter(|k| k.starts_with("friendhook_reconciliation")).collect();
+    assert!(reconciliation.is_empty(), "{reconciliation:?}");
+    app.stop().await;
+}

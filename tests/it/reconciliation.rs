@@ -109,6 +109,14 @@ async fn reconciliation_counts_equal_the_sandbox_ground_truth_under_faults() {
     assert_eq!(summary["pending"], 0);
     assert_eq!(summary["unexpected"], 0);
     assert_eq!(summary["orphan"], 0, "second-direction callbacks and duplicates attach as extras, never orphans");
+    // /metrics reconciles the last hour, which holds every call of this test: the same counts.
+    let m = app.metrics().await;
+    let calls = |status: &str| m[&format!("friendhook_reconciliation_calls{{status=\"{status}\"}}")];
+    assert_eq!(calls("matched"), expect_matched as f64);
+    assert_eq!(calls("missing"), expect_missing as f64);
+    assert_eq!(calls("not_expected"), 10.0);
+    assert_eq!(calls("pending") + calls("unexpected"), 0.0);
+    assert_eq!(m["friendhook_reconciliation_orphan_callbacks"], 0.0);
     for item in &items {
         let id = item["id"].as_i64().unwrap();
         assert_eq!(item["status"], expect_status[&id], "call {id}: {item}");
