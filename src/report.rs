@@ -57,9 +57,9 @@ impl From<&CallbackRow> for CallbackRef {
     fn from(c: &CallbackRow) -> Self {
         Self {
             seq: c.seq,
-            operation: c.operation.clone(),
-            from_user: c.from_user.clone(),
-            to_user: c.to_user.clone(),
+            operation: c.operation.to_string(),
+            from_user: c.from_user.to_string(),
+            to_user: c.to_user.to_string(),
             timestamp: c.timestamp_ms,
             received_at: c.received_at_ms,
         }
@@ -152,19 +152,21 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
     };
 
     // Keep only what lies inside the requested range; context rows were there to compete fairly.
-    // Items are only materialised for the page: everything else is (key, status, where) entries.
-    let mut in_range = reconcile::Reconciliation { calls: Vec::new(), orphans: Vec::new() };
-    // (key, status name, index into `calls` or into `callbacks`).
-    let mut entries: Vec<((i64, u8, i64), &'static str, usize)> = Vec::new();
-    for (idx, (call, verdict)) in calls.iter().zip(result.calls).enumerate() {
+    // Items are only materialised for the page: everything else is (key, status, where) entries,
+    // pointing into `calls` (and `result.calls`, which has one verdict per call, in order) or
+    // into `callbacks`.
+    let mut entries: Vec<((i64, u8, i64), &'static str, usize)> =
+        Vec::with_capacity(calls.len() + result.orphans.len());
+    for (idx, (call, verdict)) in calls.iter().zip(&result.calls).enumerate() {
         if call.requested_at_ms < since || call.requested_at_ms >= until {
             continue;
         }
         if call_involves(call) {
             entries.push(((call.requested_at_ms, 0, call.id), status_name(verdict.status), idx));
-            in_range.calls.push(verdict);
         }
     }
+    // Call entries come first.
+    let n_calls = entries.len();
     for seq in &result.orphans {
         let Some(k) = by_seq.get(*seq) else { continue };
         let cb = &callbacks[k];
@@ -172,14 +174,12 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
             continue;
         }
         if cb_involves(cb) {
-            in_range.orphans.push(*seq);
             entries.push(((cb.timestamp_ms, 1, cb.seq), "orphan", k));
         }
     }
-    let summary = reconcile::summarize(&in_range);
+    let in_range_calls = entries[..n_calls].iter().map(|&(_, _, idx)| &result.calls[idx]);
+    let summary = reconcile::summarize_parts(in_range_calls, (entries.len() - n_calls) as u64);
 
-    // Call entries come first, in the order of `in_range.calls`.
-    let n_calls = in_range.calls.len();
     let mut sel: Vec<((i64, u8, i64), usize)> = Vec::with_capacity(entries.len());
     let after = q.cursor.as_deref().and_then(decode_cursor);
     for (pos, (key, status, _)) in entries.iter().enumerate() {
@@ -204,7 +204,7 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
         .map(|&(_, pos)| {
             let (_, _, idx) = entries[pos];
             if pos < n_calls {
-                call_item(&calls[idx], &in_range.calls[pos], &callbacks, &by_seq)
+                call_item(&calls[idx], &result.calls[idx], &callbacks, &by_seq)
             } else {
                 ReportItem::Callback { status: "orphan", callback: CallbackRef::from(&callbacks[idx]) }
             }
@@ -257,8 +257,8 @@ fn call_item(
     ReportItem::Call {
         id: call.id,
         op: call.op.as_str(),
-        owner: call.owner.clone(),
-        friend: call.friend.clone(),
+        owner: call.owner.to_string(),
+        friend: call.friend.to_string(),
         requested_at: call.requested_at_ms,
         completed_at: call.completed_at_ms,
         outcome: call.outcome,

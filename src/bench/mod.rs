@@ -628,6 +628,12 @@ async fn bench_reconcile(a: SeedArgs) -> anyhow::Result<()> {
         s.match_latency_ms.p50,
         s.match_latency_ms.p99
     );
+    // Reconciliation holds both sides of its range in memory: what the service (or `friendhook
+    // reconcile`) needs for a full summary of this database. Seeding, when this run seeded, is
+    // included.
+    if let Some(rss) = peak_rss_of(std::process::id()) {
+        println!("peak RSS of this process: {:.0} MB", rss as f64 / 1e6);
+    }
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Reads over the journal (everything with a `seq`): the feed, the audit chain, the chain head,
 //! and the rows reconciliation needs.
 
+use compact_str::CompactString;
 use serde::Serialize;
 use sqlx::Row;
 
@@ -262,7 +263,9 @@ impl Store {
                SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls
                WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
         };
-        type Raw = (i64, CallOp, String, String, i64, Option<i64>, Option<Outcome>);
+        // CompactString: user names of up to 24 bytes are decoded into the row itself, with no
+        // allocation of their own (at a million rows a side, 5 million small allocations less).
+        type Raw = (i64, CallOp, CompactString, CompactString, i64, Option<i64>, Option<Outcome>);
         self.read_json_pages(sql, since_ms, until_ms, everything, "calls", |row: Raw| {
             let (id, op, owner, friend, requested_at_ms, completed_at_ms, outcome) = row;
             CallRow {
@@ -287,7 +290,7 @@ impl Store {
     ) -> Result<Vec<CallbackRow>, StoreError> {
         let everything = since_ms == i64::MIN && until_ms == i64::MAX;
         let sql = if everything { ROSTER_CALLBACKS_ALL } else { ROSTER_CALLBACKS_IN_WINDOW };
-        type Raw = (i64, String, Option<String>, Option<String>, i64, i64);
+        type Raw = (i64, CompactString, Option<CompactString>, Option<CompactString>, i64, i64);
         self.read_json_pages(sql, since_ms, until_ms, everything, "callbacks", |row: Raw| {
             let (seq, operation, from, to, timestamp_ms, received_at_ms) = row;
             CallbackRow {
@@ -345,6 +348,9 @@ impl Store {
                 decode.await
             };
             let rows = rows.map_err(|e| StoreError::Write(format!("decoding {what}: {e}")))?;
+            // Exactly what is needed: a million rows held at the doubling growth's spare capacity
+            // would cost up to twice their size while reconciliation runs.
+            out.reserve_exact(rows.len());
             out.extend(rows.into_iter().map(&map));
             if !more {
                 break;
