@@ -71,6 +71,8 @@ pub struct AppState {
     pub easemob: Option<crate::easemob::EasemobClient>,
     /// The trailing window's reconciliation for `/metrics` (`None`: turned off).
     pub trailing: Option<crate::report::TrailingReconciliation>,
+    /// `/readyz`'s write probe, reused for a second after it succeeds.
+    pub write_probe: crate::http::health::WriteProbe,
 }
 
 impl AppState {

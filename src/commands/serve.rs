@@ -191,6 +191,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         easemob,
         overloads: LogThrottle::new(10_000),
         trailing,
+        write_probe: Default::default(),
     });
     let limits = ServerLimits {
         max_in_flight: args.max_in_flight.max(1),

@@ -20,11 +20,40 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
+/// How long a successful write probe stands for the next `/readyz` calls.
+///
+/// Each probe commits 64 KiB (see migration 0003). A readiness check every few seconds costs
+/// nothing, but a tight loop of them, or several probes at once, would keep the disk busy for
+/// nothing; with this, `/readyz` commits at most once a second while all is well. A failed probe
+/// is never reused, and a failure of the real writes (`WriterHealth`) shows at once.
+pub const WRITE_PROBE_REUSE_MS: i64 = 1_000;
+
+/// When the last write probe succeeded; the lock also makes concurrent `/readyz` calls share one
+/// probe.
+#[derive(Debug, Default)]
+pub struct WriteProbe {
+    last_ok_ms: tokio::sync::Mutex<Option<i64>>,
+}
+
+impl WriteProbe {
+    /// Commits a probe unless one succeeded less than [`WRITE_PROBE_REUSE_MS`] before `now_ms`.
+    async fn check(&self, store: &crate::store::Store, now_ms: i64) -> Result<(), String> {
+        let mut last_ok = self.last_ok_ms.lock().await;
+        if last_ok.is_some_and(|t| (0..WRITE_PROBE_REUSE_MS).contains(&(now_ms - t))) {
+            return Ok(());
+        }
+        *last_ok = None;
+        store.probe_write().await.map_err(|e| e.to_string())?;
+        *last_ok = Some(now_ms);
+        Ok(())
+    }
+}
+
 async fn readyz(State(state): State<SharedState>) -> Response {
     let read = state.store.probe_read().await.err().map(|e| e.to_string());
-    let write = match state.store.probe_write().await {
+    let write = match state.write_probe.check(&state.store, state.clock.now_ms()).await {
         Ok(()) => state.store.writer_health().last_error(),
-        Err(e) => Some(e.to_string()),
+        Err(e) => Some(e),
     };
     let ready = read.is_none() && write.is_none();
     // Held requests are not a readiness problem, but they are events not stored yet: showing them

@@ -199,3 +199,24 @@ async fn a_read_only_database_file_gets_503_and_the_service_recovers_when_writab
     assert_eq!(stored_call_ids(&app).await.len(), 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn readyz_commits_one_write_probe_a_second_however_often_it_is_called() {
+    let clock = friendhook::clock::ManualClock::new(1_800_000_000_000);
+    let app = TestApp::spawn_with_clock(&[], clock.clone()).await;
+    let commits = || async { app.metrics().await["friendhook_commit_seconds_count"] };
+    let before = commits().await;
+
+    // Ten at once, then ten more in a row, all within one (frozen) second.
+    let at_once = futures_util::future::join_all((0..10).map(|_| app.get_json("/readyz"))).await;
+    assert!(at_once.iter().all(|(status, _)| *status == 200), "{at_once:?}");
+    for _ in 0..10 {
+        assert_eq!(app.get_json("/readyz").await.0, 200);
+    }
+    assert_eq!(commits().await - before, 1.0, "one probe committed for twenty calls");
+
+    clock.advance_ms(friendhook::http::health::WRITE_PROBE_REUSE_MS);
+    assert_eq!(app.get_json("/readyz").await.0, 200);
+    assert_eq!(commits().await - before, 2.0, "a second later, a new probe");
+    app.stop().await;
+}
