@@ -157,9 +157,9 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!("could not listen on {} (is another friendhook running? try --listen)", args.listen)
     })?;
-    let reconcile_window = args.metrics_reconcile_window;
-    let metrics =
-        if reconcile_window.is_zero() { Metrics::default() } else { Metrics::default().with_reconciliation() };
+    let trailing =
+        (!args.metrics_reconcile_window.is_zero()).then(|| TrailingReconciliation::new(args.metrics_reconcile_window));
+    let metrics = if trailing.is_some() { Metrics::default().with_reconciliation() } else { Metrics::default() };
     let store = Store::open(store_options(args, metrics.writer()), clock.clone())
         .await
         .with_context(|| format!("could not open the database {}", args.db.database_url))?;
@@ -181,7 +181,6 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     };
     let easemob = Some(easemob);
     metrics.calls_interrupted(store.recovered_calls);
-    let trailing = (!reconcile_window.is_zero()).then(|| TrailingReconciliation::new(reconcile_window));
     let state = Arc::new(AppState {
         store,
         verifier,
