@@ -70,6 +70,21 @@ SELECT count(*), max(id), json_group_array(json_array(seq, operation, from_user,
   WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND +seq IS NOT NULL
     AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND id > ?3)";
 
+/// Rows per page of [`ROSTER_CALLBACKS_PAGE_BY_TIME`] (its LIMIT): small, because a reader of
+/// it keeps few of them and the page is what it holds besides.
+const KEPT_PAGE_ROWS: i64 = 10_000;
+
+/// Roster add/remove callbacks with `?1 <= timestamp_ms < ?2`, one page of 10,000 in
+/// (timestamp, id) order after (`?3`, `?4`), through the time index (no sort: the index holds
+/// the id too). For readers that keep only some rows of a large window.
+const ROSTER_CALLBACKS_PAGE_BY_TIME: &str = "\
+SELECT count(*), json_group_array(json_array(seq, operation, from_user, to_user, timestamp_ms,
+       received_at_ms, id)) FROM (
+  SELECT id, seq, operation, from_user, to_user, timestamp_ms, received_at_ms FROM callbacks
+  WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND +seq IS NOT NULL
+    AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND timestamp_ms >= ?3 AND (timestamp_ms > ?3 OR id > ?4)
+  ORDER BY timestamp_ms, id LIMIT 10000)";
+
 /// One page of the feed as NDJSON, rendered by SQLite itself: one text value per page instead of
 /// one row per record keeps sqlx's per-row cost off the export path. Both halves walk their
 /// `seq` index (`+` on the time columns keeps the planner from scanning by time and sorting).
@@ -290,19 +305,50 @@ impl Store {
     ) -> Result<Vec<CallbackRow>, StoreError> {
         let everything = since_ms == i64::MIN && until_ms == i64::MAX;
         let sql = if everything { ROSTER_CALLBACKS_ALL } else { ROSTER_CALLBACKS_IN_WINDOW };
-        type Raw = (i64, CompactString, Option<CompactString>, Option<CompactString>, i64, i64);
-        self.read_json_pages(sql, since_ms, until_ms, everything, "callbacks", |row: Raw| {
-            let (seq, operation, from, to, timestamp_ms, received_at_ms) = row;
-            CallbackRow {
-                seq,
-                operation,
-                from_user: from.unwrap_or_default(),
-                to_user: to.unwrap_or_default(),
-                timestamp_ms,
-                received_at_ms,
+        self.read_json_pages(sql, since_ms, until_ms, everything, "callbacks", callback_row).await
+    }
+
+    /// The roster add/remove callbacks with an event time in `[since, until)` that `keep` keeps,
+    /// and how many of all of them have an event time in `counted` (a range).
+    ///
+    /// Reads the window a page at a time, so memory follows the rows kept, not the window: a
+    /// reconciliation summary keeps only the callbacks of pairs somebody called, however many
+    /// friendships client apps make meanwhile.
+    pub async fn roster_callbacks_kept(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        counted: (i64, i64),
+        keep: impl Fn(&CallbackRow) -> bool,
+    ) -> Result<(Vec<CallbackRow>, u64), StoreError> {
+        let mut kept = Vec::new();
+        let mut counted_total = 0u64;
+        let mut after = (i64::MIN, i64::MIN);
+        loop {
+            let row = sqlx::query(ROSTER_CALLBACKS_PAGE_BY_TIME)
+                .bind(since_ms)
+                .bind(until_ms)
+                .bind(after.0)
+                .bind(after.1)
+                .fetch_one(self.read_pool())
+                .await?;
+            let n: i64 = row.try_get(0)?;
+            let text: &str = row.try_get(1)?;
+            let page: Vec<RosterRawWithId> =
+                serde_json::from_str(text).map_err(|e| StoreError::Write(format!("decoding callbacks: {e}")))?;
+            for (seq, operation, from, to, timestamp_ms, received_at_ms, id) in page {
+                after = (timestamp_ms, id);
+                counted_total += u64::from(timestamp_ms >= counted.0 && timestamp_ms < counted.1);
+                let cb = callback_row((seq, operation, from, to, timestamp_ms, received_at_ms));
+                if keep(&cb) {
+                    kept.push(cb);
+                }
             }
-        })
-        .await
+            if n < KEPT_PAGE_ROWS {
+                break;
+            }
+        }
+        Ok((kept, counted_total))
     }
 
     /// Runs `sql` (which selects `count(*), max(id), json_group_array(...)` with `?1` since, `?2`
@@ -357,6 +403,24 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+/// A roster callback as the reconciliation queries render it: seq, operation, from, to,
+/// timestamp, received at.
+type RosterRaw = (i64, CompactString, Option<CompactString>, Option<CompactString>, i64, i64);
+
+/// [`RosterRaw`] followed by the row's id (the paging key).
+type RosterRawWithId = (i64, CompactString, Option<CompactString>, Option<CompactString>, i64, i64, i64);
+
+fn callback_row((seq, operation, from, to, timestamp_ms, received_at_ms): RosterRaw) -> CallbackRow {
+    CallbackRow {
+        seq,
+        operation,
+        from_user: from.unwrap_or_default(),
+        to_user: to.unwrap_or_default(),
+        timestamp_ms,
+        received_at_ms,
     }
 }
 
