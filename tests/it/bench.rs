@@ -92,3 +92,23 @@ async fn bench_trigger_adds_friends_at_the_limit_without_a_429_and_matches_every
     assert_eq!(fields(&out, "429s drawn from the sandbox"), ["0"], "{out}");
     assert_eq!(fields(&out, "callbacks matched"), ["20"], "{out}");
 }
+
+#[tokio::test]
+async fn bench_reconcile_seeds_times_the_queries_and_finds_the_lean_summary_equal_to_the_report() {
+    // A small seed; the command itself fails if `/metrics`' summary differs from the report's.
+    let out = bench(&["reconcile", "--calls", "20000", "--callbacks", "24000"]).await;
+    assert!(out.contains("seeding friendhook-bench-1m.db with 20000 calls and 24000 callbacks"), "{out}");
+    let window = fields(&out, "one-hour window:");
+    assert_eq!(window[0], "median");
+    assert!(window[1].parse::<f64>().is_ok(), "{out}");
+    let lean = fields(&out, "one-hour window, summary only (what /metrics computes):");
+    assert!(lean[1].parse::<f64>().is_ok(), "{out}");
+    let full = fields(&out, "full summary over everything:");
+    assert!(full[0].parse::<f64>().is_ok(), "{out}");
+    // 20,000 calls, of which the seed leaves 3% rejected and 2% failed (not expecting a callback).
+    assert!(out.contains("not_expected 1000,"), "{out}");
+    let busy = fields(&out, "summary only (what /metrics computes),");
+    let busy_calls: u64 = busy[0].parse().expect("a count of calls");
+    assert!(busy_calls > 10_000, "the busy-hour window spans most of this small seed: {out}");
+    assert!(out.lines().any(|l| l.starts_with("peak RSS of this process:")), "{out}");
+}
