@@ -667,6 +667,14 @@ async fn bench_reconcile(a: SeedArgs) -> anyhow::Result<()> {
             start as f64 / 1e6
         );
     }
+    let q = ReportQuery {
+        since_ms: Some(mid - span_ms / 2),
+        until_ms: Some(mid + span_ms / 2),
+        limit: 1,
+        ..Default::default()
+    };
+    let full = report::build(&store, &q, params).await?.summary;
+    anyhow::ensure!(s == full, "the summary differs from the report's: {s:?} / {full:?}");
     Ok(())
 }
 

@@ -337,7 +337,9 @@ impl Store {
             let page: Vec<RosterRawWithId> =
                 serde_json::from_str(text).map_err(|e| StoreError::Write(format!("decoding callbacks: {e}")))?;
             for (seq, operation, from, to, timestamp_ms, received_at_ms, id) in page {
-                after = (timestamp_ms, id);
+                // The page is the first rows in (timestamp, id) order, but the aggregate does not
+                // promise to list them in that order: the next page starts after the largest.
+                after = after.max((timestamp_ms, id));
                 counted_total += u64::from(timestamp_ms >= counted.0 && timestamp_ms < counted.1);
                 let cb = callback_row((seq, operation, from, to, timestamp_ms, received_at_ms));
                 if keep(&cb) {
@@ -394,9 +396,6 @@ impl Store {
                 decode.await
             };
             let rows = rows.map_err(|e| StoreError::Write(format!("decoding {what}: {e}")))?;
-            // Exactly what is needed: a million rows held at the doubling growth's spare capacity
-            // would cost up to twice their size while reconciliation runs.
-            out.reserve_exact(rows.len());
             out.extend(rows.into_iter().map(&map));
             if !more {
                 break;
