@@ -377,7 +377,7 @@ mod tests {
 /// `window`, judged as `GET /v1/reconciliation?since=<now - window>` would judge them.
 ///
 /// Computed by [`summary`], which holds the window's calls and only the callbacks they could
-/// explain (12-14 ms for an hour of 6,000 calls, about 1 s for an hour at Easemob's 100 calls/s),
+/// explain (12-17 ms for an hour of 6,000 calls, 1.0-1.2 s for an hour at Easemob's 100 calls/s),
 /// and reused for [`TrailingReconciliation::REUSE_MS`], so that several Prometheus servers
 /// scraping every few seconds do not multiply that. One
 /// computation at a time; scrapes that arrive meanwhile wait for it and share its result. A failed
