@@ -14,6 +14,7 @@ use std::hash::{Hash, Hasher};
 
 use serde::Serialize;
 
+use crate::clock::Reused;
 use crate::metrics::ReconciliationFigures;
 use crate::model::Outcome;
 use crate::reconcile::{self, CallRow, CallStatus, CallbackRow, MatchParams, Summary};
@@ -385,7 +386,7 @@ mod tests {
 #[derive(Debug)]
 pub struct TrailingReconciliation {
     window_ms: i64,
-    last: tokio::sync::Mutex<Option<(i64, ReconciliationFigures)>>,
+    last: Reused<ReconciliationFigures>,
 }
 
 impl TrailingReconciliation {
@@ -394,29 +395,24 @@ impl TrailingReconciliation {
 
     /// Reconciles the last `window`.
     pub fn new(window: std::time::Duration) -> Self {
-        Self { window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX), last: tokio::sync::Mutex::new(None) }
+        Self { window_ms: i64::try_from(window.as_millis()).unwrap_or(i64::MAX), last: Reused::new(Self::REUSE_MS) }
     }
 
     /// The figures as of `params.now_ms`: computed now, or reused if computed less than
     /// [`Self::REUSE_MS`] before (a clock that went back recomputes).
     pub async fn figures(&self, store: &Store, params: MatchParams) -> ReconciliationFigures {
         let now = params.now_ms;
-        let mut last = self.last.lock().await;
-        if let Some((at, figures)) = *last {
-            if (0..Self::REUSE_MS).contains(&(now - at)) {
-                return figures;
-            }
-        }
-        let started = std::time::Instant::now();
-        let summary = match summary(store, now.saturating_sub(self.window_ms), i64::MAX, params).await {
-            Ok(summary) => Some(summary),
-            Err(err) => {
+        // A failure is shown (as NaN) but not reused: its figures are the `Err` side.
+        let computed = self.last.get(now, || async {
+            let started = std::time::Instant::now();
+            let result = summary(store, now.saturating_sub(self.window_ms), i64::MAX, params).await;
+            let figures =
+                |summary| ReconciliationFigures { window_ms: self.window_ms, summary, took: started.elapsed() };
+            result.map(|s| figures(Some(s))).map_err(|err| {
                 tracing::warn!(error = %err, "could not reconcile the trailing window for /metrics; exported as NaN");
-                None
-            }
-        };
-        let figures = ReconciliationFigures { window_ms: self.window_ms, summary, took: started.elapsed() };
-        *last = summary.is_some().then_some((now, figures));
-        figures
+                figures(None)
+            })
+        });
+        computed.await.unwrap_or_else(|unreadable| unreadable)
     }
 }

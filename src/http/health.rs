@@ -9,6 +9,7 @@ use axum::routing::get;
 use serde_json::json;
 
 use crate::app::SharedState;
+use crate::clock::Reused;
 use crate::metrics::CallbackResult;
 
 /// Routes of this module.
@@ -28,24 +29,21 @@ async fn healthz() -> &'static str {
 /// is never reused, and a failure of the real writes (`WriterHealth`) shows at once.
 pub const WRITE_PROBE_REUSE_MS: i64 = 1_000;
 
-/// When the last write probe succeeded; the lock also makes concurrent `/readyz` calls share one
-/// probe.
-#[derive(Debug, Default)]
-pub struct WriteProbe {
-    last_ok_ms: tokio::sync::Mutex<Option<i64>>,
+/// `/readyz`'s write probe: a success stands for [`WRITE_PROBE_REUSE_MS`], and concurrent calls
+/// share one probe.
+#[derive(Debug)]
+pub struct WriteProbe(Reused<()>);
+
+impl Default for WriteProbe {
+    fn default() -> Self {
+        Self(Reused::new(WRITE_PROBE_REUSE_MS))
+    }
 }
 
 impl WriteProbe {
     /// Commits a probe unless one succeeded less than [`WRITE_PROBE_REUSE_MS`] before `now_ms`.
     async fn check(&self, store: &crate::store::Store, now_ms: i64) -> Result<(), String> {
-        let mut last_ok = self.last_ok_ms.lock().await;
-        if last_ok.is_some_and(|t| (0..WRITE_PROBE_REUSE_MS).contains(&(now_ms - t))) {
-            return Ok(());
-        }
-        *last_ok = None;
-        store.probe_write().await.map_err(|e| e.to_string())?;
-        *last_ok = Some(now_ms);
-        Ok(())
+        self.0.get(now_ms, || async { store.probe_write().await.map_err(|e| e.to_string()) }).await
     }
 }
 
