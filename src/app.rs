@@ -73,6 +73,8 @@ pub struct AppState {
     pub trailing: Option<crate::report::TrailingReconciliation>,
     /// `/readyz`'s write probe, reused for a second after it succeeds.
     pub write_probe: crate::http::health::WriteProbe,
+    /// `/v1/reconciliation` reports, one at a time.
+    pub reports: Arc<crate::http::journal::ReportGate>,
 }
 
 impl AppState {

@@ -18,7 +18,8 @@ pub struct ReconcileArgs {
     /// The database to read (opened read-only). Ignored with --url.
     #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
     pub database_url: String,
-    /// Ask a running service instead (e.g. http://127.0.0.1:8080).
+    /// Ask a running service instead (e.g. http://127.0.0.1:8080). The service computes one
+    /// report at a time; while it is busy with another, this waits and asks again.
     #[arg(long)]
     pub url: Option<String>,
     /// Calls requested (and orphans timestamped) at or after this: epoch ms or RFC 3339.
@@ -67,15 +68,7 @@ async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>) -> anyhow::
             if let Some(c) = &cursor {
                 q.push(("cursor", c.clone()));
             }
-            let resp = reqwest::Client::new()
-                .get(format!("{}/v1/reconciliation", base.trim_end_matches('/')))
-                .query(&q)
-                .send()
-                .await?;
-            if !resp.status().is_success() {
-                anyhow::bail!("the service answered {}: {}", resp.status(), resp.text().await.unwrap_or_default());
-            }
-            let page: Value = resp.json().await?;
+            let page = fetch_page(&format!("{}/v1/reconciliation", base.trim_end_matches('/')), &q).await?;
             cursor = page["next_cursor"].as_str().map(str::to_string);
             match doc.as_mut() {
                 None => doc = Some(page),
@@ -111,6 +104,43 @@ async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>) -> anyhow::
         now_ms: clock::SystemClock.now_ms(),
     };
     Ok(serde_json::to_value(report::build(&store, &query, params).await?)?)
+}
+
+/// Most times one page is asked for again while the service is busy with another report.
+const BUSY_RETRIES: u32 = 10;
+
+/// One page of the service's report. The service computes one report at a time and answers 503
+/// `reconciliation_busy` (with `Retry-After`) to a report that could not start in time; that is
+/// worth waiting for, so the page is asked for again, up to [`BUSY_RETRIES`] times.
+async fn fetch_page(url: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+    let client = reqwest::Client::new();
+    let mut retries = 0;
+    loop {
+        let resp = client.get(url).query(query).send().await?;
+        if resp.status().is_success() {
+            return Ok(resp.json().await?);
+        }
+        let status = resp.status();
+        let wait = resp
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok())
+            .map(|s| s.clamp(1, 30));
+        let body = resp.text().await.unwrap_or_default();
+        let busy = serde_json::from_str::<Value>(&body).is_ok_and(|b| b["code"] == "reconciliation_busy");
+        match wait {
+            Some(secs) if busy && retries < BUSY_RETRIES => {
+                retries += 1;
+                eprintln!(
+                    "the service is computing another reconciliation report; asking again in {secs} s \
+                     ({retries}/{BUSY_RETRIES})"
+                );
+                tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
+            }
+            _ => anyhow::bail!("the service answered {status}: {body}"),
+        }
+    }
 }
 
 /// Runs the command.

@@ -11,6 +11,7 @@ use crate::app::{self, AppState, ServerLimits, Settings};
 use crate::clock::{self, SharedClock};
 use crate::config::ServeArgs;
 use crate::easemob::{ClientConfig, EasemobClient};
+use crate::http::journal::ReportGate;
 use crate::metrics::{LogThrottle, Metrics, WriterMetrics};
 use crate::report::TrailingReconciliation;
 use crate::secret::Secret;
@@ -191,6 +192,8 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         overloads: LogThrottle::new(10_000),
         trailing,
         write_probe: Default::default(),
+        // Half the request deadline: a report that starts later would risk running into it.
+        reports: Arc::new(ReportGate::new(args.request_timeout / 2)),
     });
     let limits = ServerLimits {
         max_in_flight: args.max_in_flight.max(1),

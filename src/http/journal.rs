@@ -1,6 +1,7 @@
 //! `GET /v1/reconciliation`, `GET /v1/feed` (NDJSON, resumable, optional long-poll) and
 //! `GET /v1/audit/head`.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -73,8 +74,79 @@ async fn get_reconciliation(
         limit,
         cursor: q.cursor,
     };
+    let _slot = state.reports.enter().await?;
     let report = report::build(&state.store, &rq, state.match_params()).await?;
     Ok(Json(report).into_response())
+}
+
+/// Lets one reconciliation report be computed at a time.
+///
+/// A report holds both sides of its window in memory while it matches them (about 380 MB for a
+/// million calls and a million callbacks, see the README's Performance section), and every page
+/// of a report computes it again. Unlimited, a few auditors paging through everything at once
+/// would multiply that until the receiver itself ran out of memory, and a receiver killed for
+/// memory loses callbacks. Queued, a report waits for the one before it (a one-hour window takes
+/// milliseconds, everything about a second per million rows); one that cannot start within `wait`
+/// is answered 503 `reconciliation_busy` with `Retry-After`, not left to run into the request
+/// deadline. `/metrics` has its own one-at-a-time summary, which holds far less.
+#[derive(Debug)]
+pub struct ReportGate {
+    slot: tokio::sync::Semaphore,
+    waiting: AtomicUsize,
+    wait: Duration,
+}
+
+impl ReportGate {
+    /// A gate whose queued reports give up after `wait`.
+    pub fn new(wait: Duration) -> Self {
+        Self { slot: tokio::sync::Semaphore::new(1), waiting: AtomicUsize::new(0), wait }
+    }
+
+    /// Waits (at most `wait`) until no other report is being computed; the report may run while
+    /// the returned permit lives.
+    pub async fn enter(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        if let Ok(permit) = self.slot.try_acquire() {
+            return Ok(permit);
+        }
+        tracing::debug!("a reconciliation report waits for the one being computed");
+        let _queued = Queued::new(&self.waiting);
+        match tokio::time::timeout(self.wait, self.slot.acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            // The semaphore is never closed; answer as if busy rather than panic.
+            Ok(Err(_)) | Err(_) => Err(ApiError::Unavailable {
+                code: "reconciliation_busy",
+                detail: format!(
+                    "another reconciliation report was still being computed after {} ms; reports run one \
+                     at a time because each holds its window's calls and callbacks in memory. Retry \
+                     shortly, or narrow the window with `since`/`until`",
+                    self.wait.as_millis()
+                ),
+                retry_after_secs: 2,
+            }),
+        }
+    }
+
+    /// Reports waiting for their turn right now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts a waiting report for as long as it waits, however the wait ends (a request cut off by
+/// its deadline or by the client drops it).
+struct Queued<'a>(&'a AtomicUsize);
+
+impl<'a> Queued<'a> {
+    fn new(counter: &'a AtomicUsize) -> Self {
+        counter.fetch_add(1, Ordering::Relaxed);
+        Self(counter)
+    }
+}
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 #[derive(Debug, Deserialize)]

@@ -21,6 +21,8 @@ pub struct TestApp {
     pub db_url: String,
     pub client: reqwest::Client,
     pub sandbox: Option<friendhook::sandbox::SandboxHandle>,
+    /// The service's queue of `/v1/reconciliation` reports (a test can take the only slot).
+    pub reports: std::sync::Arc<friendhook::http::journal::ReportGate>,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
@@ -83,6 +85,7 @@ impl TestApp {
         let addr = service.listener.local_addr().expect("addr");
         let mut service = service;
         let sandbox = service.sandbox.take();
+        let reports = service.state.reports.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(async move {
             let friendhook::commands::serve::Service { listener, router, limits, state, .. } = service;
@@ -109,6 +112,7 @@ impl TestApp {
                 .build()
                 .expect("http client"),
             sandbox,
+            reports,
             shutdown: Some(tx),
             join: Some(join),
             _dir: None,

@@ -239,3 +239,76 @@ async fn a_time_window_reconciles_only_what_happened_in_it() {
     assert_eq!(items.len(), 2);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn a_report_that_cannot_start_in_time_is_answered_503_busy() {
+    // A request deadline of 400 ms: a report waits at most half of it for its turn.
+    let app = TestApp::spawn(&["--request-timeout", "400ms"]).await;
+    let slot = app.reports.enter().await.expect("the only slot is free");
+
+    let resp = app.client.get(format!("{}/v1/reconciliation", app.base)).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "2");
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["code"], "reconciliation_busy", "{body}");
+    assert!(body["detail"].as_str().unwrap().contains("one at a time"), "{body}");
+    assert_eq!(app.reports.waiting(), 0, "a report that gave up no longer counts as waiting");
+
+    drop(slot);
+    let (status, _) = app.get_json("/v1/reconciliation").await;
+    assert_eq!(status, 200, "the slot is free again");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_queued_report_runs_once_the_one_before_it_finishes() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("900003", "carol", "dave", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let slot = app.reports.enter().await.expect("the only slot is free");
+    let url = format!("{}/v1/reconciliation", app.base);
+    let queued = tokio::spawn(app.client.get(url).send());
+    // The report is in the queue (no sleeping: the gate counts it). The bound only stops a
+    // broken build from hanging the suite; the default wait for a turn is 5 s.
+    tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        while app.reports.waiting() == 0 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the request reaches the queue");
+
+    drop(slot);
+    let resp = queued.await.unwrap().unwrap();
+    assert_eq!(resp.status(), 200);
+    let body: Value = resp.json().await.unwrap();
+    assert_eq!(body["summary"]["orphan"], 1, "the report, computed after its wait: {body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn reconcile_cli_asks_again_while_the_service_is_busy_with_another_report() {
+    use tokio::io::AsyncBufReadExt;
+    // A report waits 200 ms for its turn here, then the CLI is told to come back (Retry-After).
+    let app = TestApp::spawn(&["--request-timeout", "400ms"]).await;
+    let body = roster_body("920001", "carol", "dave", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let slot = app.reports.enter().await.expect("the only slot is free");
+    let mut cli = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--url", &app.base, "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut stderr = tokio::io::BufReader::new(cli.stderr.take().unwrap()).lines();
+    let line = stderr.next_line().await.unwrap().expect("the CLI says why it waits");
+    assert!(line.contains("asking again in 2 s (1/10)"), "{line}");
+
+    drop(slot);
+    let out = cli.wait_with_output().await.unwrap();
+    assert!(out.status.success());
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["summary"]["orphan"], 1, "{doc}");
+    app.stop().await;
+}
