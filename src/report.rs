@@ -18,7 +18,7 @@ use crate::clock::Reused;
 use crate::metrics::ReconciliationFigures;
 use crate::model::Outcome;
 use crate::reconcile::{self, CallRow, CallStatus, CallbackRow, MatchParams, Summary};
-use crate::store::{Store, StoreError};
+use crate::store::{JournalPoint, Store, StoreError};
 
 /// What to report on.
 #[derive(Debug, Clone, Default)]
@@ -35,8 +35,59 @@ pub struct ReportQuery {
     pub friend: Option<String>,
     /// Page size.
     pub limit: usize,
-    /// Resume after this item key (from `next_cursor`).
-    pub cursor: Option<String>,
+    /// Resume after this item (the key [`decode_cursor`] reads from a `next_cursor`).
+    pub after: Option<ItemKey>,
+    /// Judge as of this point (a cursor's, or one a previous report named); `None`: now.
+    pub as_of: Option<AsOf>,
+}
+
+/// Where an item sorts in a report: (time, 0 for a call or 1 for a callback, id or seq).
+pub type ItemKey = (i64, u8, i64);
+
+/// What a report is judged on: the calls, outcomes and callbacks stored up to a point of the
+/// journal, and windows open or closed as of a time.
+///
+/// Every report names its own (`as_of` in the answer, and inside each `next_cursor`), so the
+/// pages of one report agree with each other however much is stored meanwhile, and the same
+/// `as_of` gives the same report again later: an auditor can cite it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AsOf {
+    /// The journal up to here.
+    pub point: JournalPoint,
+    /// Windows judged as of this time (epoch ms): `pending` or `missing`.
+    pub now_ms: i64,
+}
+
+impl AsOf {
+    /// The journal as it stands, judged at `now_ms`.
+    pub async fn now(store: &Store, now_ms: i64) -> Result<AsOf, StoreError> {
+        Ok(AsOf { point: store.journal_point().await?, now_ms })
+    }
+
+    /// `<seq>.<last call id>.<now, epoch ms>`, as the API shows it.
+    pub fn token(&self) -> String {
+        format!("{}.{}.{}", self.point.seq, self.point.last_call_id, self.now_ms)
+    }
+
+    /// Reads [`AsOf::token`]'s form.
+    pub fn parse(s: &str) -> Option<AsOf> {
+        let mut it = s.split('.');
+        let as_of = AsOf::from_parts(&mut it)?;
+        it.next().is_none().then_some(as_of)
+    }
+
+    fn from_parts<'a>(it: &mut impl Iterator<Item = &'a str>) -> Option<AsOf> {
+        let seq = it.next()?.parse().ok().filter(|v: &i64| *v >= 0)?;
+        let last_call_id = it.next()?.parse().ok().filter(|v: &i64| *v >= 0)?;
+        let now_ms = it.next()?.parse().ok()?;
+        Some(AsOf { point: JournalPoint { seq, last_call_id }, now_ms })
+    }
+
+    /// Whether the journal has reached this point (a point beyond it would take in whatever is
+    /// stored next, and the report could not be given again).
+    pub fn reached_by(&self, head: JournalPoint) -> bool {
+        self.point.seq <= head.seq && self.point.last_call_id <= head.last_call_id
+    }
 }
 
 /// A callback as shown in a report.
@@ -119,30 +170,40 @@ pub struct Report {
     pub items: Vec<ReportItem>,
     /// Pass as `cursor` for the next page; `null` on the last.
     pub next_cursor: Option<String>,
+    /// What the report is judged on ([`AsOf::token`]); pass as `as_of` to get the same report.
+    pub as_of: String,
 }
 
-fn encode_cursor(k: (i64, u8, i64)) -> String {
-    format!("{}.{}.{}", k.0, k.1, k.2)
+/// The next page's cursor: the last item's key, and the point the report is judged on.
+fn encode_cursor(k: ItemKey, as_of: AsOf) -> String {
+    format!("{}.{}.{}.{}", k.0, k.1, k.2, as_of.token())
 }
 
 /// Parses a cursor produced by a previous page.
-pub fn decode_cursor(s: &str) -> Option<(i64, u8, i64)> {
+pub fn decode_cursor(s: &str) -> Option<(ItemKey, AsOf)> {
     let mut it = s.split('.');
     let a = it.next()?.parse().ok()?;
     let b = it.next()?.parse().ok()?;
     let c = it.next()?.parse().ok()?;
-    it.next().is_none().then_some((a, b, c))
+    let as_of = AsOf::from_parts(&mut it)?;
+    it.next().is_none().then_some(((a, b, c), as_of))
 }
 
-/// Builds a report.
+/// Builds a report, as of `q.as_of` (or of now: the journal as it stands, `params.now_ms`).
 pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Result<Report, StoreError> {
+    let as_of = match q.as_of {
+        Some(as_of) => as_of,
+        None => AsOf::now(store, params.now_ms).await?,
+    };
+    let params = MatchParams { now_ms: as_of.now_ms, ..params };
     let margin = params.window_ms.saturating_add(params.skew_ms);
     let since = q.since_ms.unwrap_or(i64::MIN);
     let until = q.until_ms.unwrap_or(i64::MAX);
-    // Two read connections load both sides at once.
+    // Two read connections load both sides at once; both stop at the same point.
+    let (lo, hi) = (since.saturating_sub(margin), until.saturating_add(margin));
     let (calls, callbacks) = tokio::try_join!(
-        store.calls_for_reconcile(since.saturating_sub(margin), until.saturating_add(margin)),
-        store.roster_callbacks_for_reconcile(since.saturating_sub(margin), until.saturating_add(margin)),
+        store.calls_for_reconcile(lo, hi, as_of.point),
+        store.roster_callbacks_for_reconcile(lo, hi, as_of.point),
     )?;
     let result = reconcile::reconcile(&calls, &callbacks, &params);
     let by_seq = SeqIndex::new(&callbacks);
@@ -184,7 +245,7 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
     let summary = reconcile::summarize_parts(in_range_calls, (entries.len() - n_calls) as u64);
 
     let mut sel: Vec<((i64, u8, i64), usize)> = Vec::with_capacity(entries.len());
-    let after = q.cursor.as_deref().and_then(decode_cursor);
+    let after = q.after;
     for (pos, (key, status, _)) in entries.iter().enumerate() {
         if q.status.as_deref().is_some_and(|s| s != *status) {
             continue;
@@ -201,7 +262,7 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
         sel.truncate(limit);
     }
     sel.sort_unstable();
-    let next_cursor = more.then(|| encode_cursor(sel[limit - 1].0));
+    let next_cursor = more.then(|| encode_cursor(sel[limit - 1].0, as_of));
     let items = sel
         .iter()
         .map(|&(_, pos)| {
@@ -213,7 +274,7 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
             }
         })
         .collect();
-    Ok(Report { summary, items, next_cursor })
+    Ok(Report { summary, items, next_cursor, as_of: as_of.token() })
 }
 
 /// The summary [`build`] gives for calls requested (and orphans timestamped) in `[since, until)`,
@@ -228,12 +289,15 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
 pub async fn summary(store: &Store, since: i64, until: i64, params: MatchParams) -> Result<Summary, StoreError> {
     let margin = params.window_ms.saturating_add(params.skew_ms);
     let (lo, hi) = (since.saturating_sub(margin), until.saturating_add(margin));
-    let calls = store.calls_for_reconcile(lo, hi).await?;
+    // Both reads stop at the same point, so a callback stored between them is not counted as
+    // an orphan of a call read before its outcome.
+    let at = store.journal_point().await?;
+    let calls = store.calls_for_reconcile(lo, hi, at).await?;
     // Hashes of the called pairs: a collision only keeps a callback that did not need keeping,
     // which the matcher then treats like any other.
     let called: HashSet<u64> = calls.iter().map(|c| pair_hash(&c.owner, &c.friend)).collect();
     let (callbacks, in_range_total) = store
-        .roster_callbacks_kept(lo, hi, (since, until), |cb| called.contains(&pair_hash(&cb.from_user, &cb.to_user)))
+        .roster_callbacks_kept(lo, hi, at, (since, until), |cb| called.contains(&pair_hash(&cb.from_user, &cb.to_user)))
         .await?;
     let result = reconcile::reconcile(&calls, &callbacks, &params);
     let in_range = |ts: i64| ts >= since && ts < until;
@@ -366,11 +430,71 @@ mod tests {
         store.close().await;
     }
 
+    /// A report as of a point sees the journal as it stood there: a call whose outcome came later
+    /// is in flight, a later call or callback is not there, and the same point gives the same
+    /// report however much is stored after it.
+    #[tokio::test]
+    async fn a_report_as_of_a_point_sees_only_what_was_stored_by_then() {
+        use crate::model::CallOp;
+        use crate::store::{CallOutcome, IntentResult, NewCall};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = crate::store::open_test_store(&dir).await;
+        let intent = |owner: &str, friend: &str| NewCall {
+            op: CallOp::Add,
+            owner: owner.into(),
+            friend: friend.into(),
+            idempotency_key: None,
+        };
+        let succeeded = |call| CallOutcome {
+            call,
+            outcome: Outcome::Succeeded,
+            upstream_status: Some(200),
+            upstream_error: None,
+            attempts: 1,
+            response_body: None,
+        };
+        let IntentResult::Created(call) = store.insert_call_intent(intent("alice", "bob")).await.expect("intent")
+        else {
+            panic!("a new call")
+        };
+        let params = MatchParams { skew_ms: 5_000, window_ms: 300_000, now_ms: call.requested_at_ms + 1_000 };
+        let q = ReportQuery { limit: 10, ..ReportQuery::default() };
+        let before = build(&store, &q, params).await.expect("report");
+        let as_of = AsOf::parse(&before.as_of).expect("a report names its point");
+
+        // After the point: the call's outcome, its callback, another call, an orphan.
+        store.mark_call_outcome(succeeded(call.clone())).await.expect("outcome");
+        let ts = call.requested_at_ms;
+        for (msg, from, to) in [("1", "alice", "bob"), ("2", "carol", "dave")] {
+            let body = format!(
+                r#"{{"chat_type":"roster","callId":"demo-org#demo-app_{msg}","security":"x","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"demo-org#demo-app_{from}@easemob.com","to":"{to}","eventType":"chat","msg_id":"{msg}","timestamp":{ts}}}"#
+            );
+            store.insert_callback(crate::store::test_callback(&body, ts + 100)).await.expect("insert");
+        }
+        store.insert_call_intent(intent("erin", "frank")).await.expect("intent");
+
+        let again = build(&store, &ReportQuery { as_of: Some(as_of), ..q.clone() }, params).await.expect("report");
+        let json = |r: &Report| serde_json::to_value(r).expect("json");
+        assert_eq!(json(&again), json(&before), "the same point, the same report");
+        assert_eq!((again.summary.pending, again.items.len()), (1, 1), "{:?}", again.summary);
+        assert!(matches!(again.items[0], ReportItem::Call { outcome: Outcome::InFlight, .. }));
+
+        let now = build(&store, &q, params).await.expect("report");
+        assert_eq!((now.summary.matched, now.summary.pending, now.summary.orphan), (1, 1, 1), "{:?}", now.summary);
+        assert_ne!(now.as_of, before.as_of);
+        store.close().await;
+    }
+
     #[test]
     fn cursor_round_trips() {
-        assert_eq!(decode_cursor(&encode_cursor((-5, 1, 42))), Some((-5, 1, 42)));
-        assert_eq!(decode_cursor("1.2"), None);
-        assert_eq!(decode_cursor("a.b.c"), None);
+        let as_of = AsOf { point: JournalPoint { seq: 7, last_call_id: 3 }, now_ms: 1_700_000_000_000 };
+        assert_eq!(decode_cursor(&encode_cursor((-5, 1, 42), as_of)), Some(((-5, 1, 42), as_of)));
+        assert_eq!(AsOf::parse(&as_of.token()), Some(as_of));
+        assert_eq!(decode_cursor("1.2.3"), None, "a cursor names its point");
+        assert_eq!(decode_cursor("a.b.c.7.3.0"), None);
+        assert_eq!(decode_cursor("1.0.3.7.3.0.9"), None);
+        assert_eq!(AsOf::parse("-1.3.0"), None);
+        assert_eq!(AsOf::parse("7.3"), None);
     }
 }
 

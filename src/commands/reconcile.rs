@@ -38,6 +38,10 @@ pub struct ReconcileArgs {
     /// Only calls with this friend (orphans: either side).
     #[arg(long)]
     pub friend: Option<String>,
+    /// Judge as of this point: the `as_of` of an earlier report (JSON output shows it), to get
+    /// that report again. Default: now.
+    #[arg(long)]
+    pub as_of: Option<String>,
     /// Print JSON (the same document as GET /v1/reconciliation, all pages merged).
     #[arg(long)]
     pub json: bool,
@@ -49,7 +53,9 @@ pub struct ReconcileArgs {
     pub match_window: std::time::Duration,
 }
 
-async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>) -> anyhow::Result<Value> {
+/// The whole report (all pages merged) for one status, judged as of `as_of` (an `as_of` token of
+/// an earlier report) or of now.
+async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>, as_of: Option<&str>) -> anyhow::Result<Value> {
     if let Some(base) = &args.url {
         let mut cursor: Option<String> = None;
         let mut doc: Option<Value> = None;
@@ -65,8 +71,10 @@ async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>) -> anyhow::
             if let Some(s) = status {
                 q.push(("status", s.to_string()));
             }
-            if let Some(c) = &cursor {
-                q.push(("cursor", c.clone()));
+            match (&cursor, as_of) {
+                (Some(c), _) => q.push(("cursor", c.clone())),
+                (None, Some(a)) => q.push(("as_of", a.to_string())),
+                (None, None) => {}
             }
             let page = fetch_page(&format!("{}/v1/reconciliation", base.trim_end_matches('/')), &q).await?;
             cursor = page["next_cursor"].as_str().map(str::to_string);
@@ -96,7 +104,11 @@ async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>) -> anyhow::
         owner: args.owner.clone(),
         friend: args.friend.clone(),
         limit: usize::MAX / 2,
-        cursor: None,
+        after: None,
+        as_of: match as_of {
+            None => None,
+            Some(token) => Some(as_of_in(&store, token).await?),
+        },
     };
     let params = MatchParams {
         skew_ms: args.match_skew.as_millis() as i64,
@@ -104,6 +116,22 @@ async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>) -> anyhow::
         now_ms: clock::SystemClock.now_ms(),
     };
     Ok(serde_json::to_value(report::build(&store, &query, params).await?)?)
+}
+
+/// The point `token` names, if this database has reached it.
+async fn as_of_in(store: &Store, token: &str) -> anyhow::Result<report::AsOf> {
+    let as_of = report::AsOf::parse(token).ok_or_else(|| {
+        anyhow::anyhow!("--as-of `{token}` is not an `as_of` of a report (<seq>.<last call id>.<epoch ms>)")
+    })?;
+    let head = store.journal_point().await?;
+    anyhow::ensure!(
+        as_of.reached_by(head),
+        "--as-of `{token}` names a point this database has not reached (it stands at seq {}, call {}); \
+         is it the right database?",
+        head.seq,
+        head.last_call_id
+    );
+    Ok(as_of)
 }
 
 /// Most times one page is asked for again while the service is busy with another report.
@@ -151,8 +179,14 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
         None => vec![Some("missing"), Some("unexpected"), Some("orphan")],
     };
     let mut merged: Option<Value> = None;
+    // One report per status; the first one's point holds for the others, so that together they
+    // are one report.
+    let mut as_of: Option<String> = args.as_of.clone();
     for status in statuses {
-        let r = fetch_all_pages(&args, status).await?;
+        let r = fetch_all_pages(&args, status, as_of.as_deref()).await?;
+        if as_of.is_none() {
+            as_of = r["as_of"].as_str().map(str::to_string);
+        }
         match merged.as_mut() {
             None => merged = Some(r),
             Some(m) => {

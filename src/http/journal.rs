@@ -34,6 +34,7 @@ struct ReconciliationQuery {
     friend: Option<String>,
     limit: Option<usize>,
     cursor: Option<String>,
+    as_of: Option<String>,
 }
 
 fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
@@ -57,11 +58,43 @@ async fn get_reconciliation(
     if !(1..=1000).contains(&limit) {
         return Err(ApiError::bad_request("invalid_query", "`limit` must be between 1 and 1000"));
     }
-    if let Some(c) = &q.cursor {
-        if report::decode_cursor(c).is_none() {
+    let cursor = q
+        .cursor
+        .as_deref()
+        .map(|c| {
+            report::decode_cursor(c).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "`cursor` must be a `next_cursor` from a previous page")
+            })
+        })
+        .transpose()?;
+    let named = q
+        .as_of
+        .as_deref()
+        .map(|a| {
+            report::AsOf::parse(a).ok_or_else(|| {
+                ApiError::bad_request("invalid_query", "`as_of` must be the `as_of` of a previous report")
+            })
+        })
+        .transpose()?;
+    if let (Some((_, from_cursor)), Some(named)) = (cursor, named) {
+        if from_cursor != named {
             return Err(ApiError::bad_request(
                 "invalid_query",
-                "`cursor` must be a `next_cursor` from a previous page",
+                "`as_of` differs from the one in `cursor`; a cursor continues its own report, so pass one or the other",
+            ));
+        }
+    }
+    let as_of = cursor.map(|(_, a)| a).or(named);
+    if let Some(as_of) = as_of {
+        let head = state.store.journal_point().await?;
+        if !as_of.reached_by(head) {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "`as_of` names a point this database has not reached (it stands at seq {}, call {}); use \
+                     the `as_of` of a report from this service",
+                    head.seq, head.last_call_id
+                ),
             ));
         }
     }
@@ -72,7 +105,8 @@ async fn get_reconciliation(
         owner: q.owner,
         friend: q.friend,
         limit,
-        cursor: q.cursor,
+        after: cursor.map(|(key, _)| key),
+        as_of,
     };
     let _slot = state.reports.enter().await?;
     let report = report::build(&state.store, &rq, state.match_params()).await?;

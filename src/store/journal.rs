@@ -44,8 +44,9 @@ pub struct FeedRecord {
     pub upstream_error: Option<String>,
 }
 
-/// Every roster add/remove callback, one page of 100,000 by id (`?3`: after this id; `?1 < ?2`
-/// only binds the window parameters the paging reader always passes).
+/// Every roster add/remove callback stored up to seq `?4` ([`JournalPoint`]), one page of 100,000
+/// by id (`?3`: after this id; `?1 < ?2` only binds the window parameters the paging reader always
+/// passes).
 ///
 /// Read through the narrow partial index of migration 0004 rather than the table, so a cold
 /// database reads tens of megabytes instead of every raw body. `INDEXED BY` makes a plan without
@@ -57,10 +58,11 @@ SELECT count(*), max(id), json_group_array(json_array(seq, operation, from_user,
   SELECT id, seq, operation, from_user, to_user, timestamp_ms, received_at_ms
   FROM callbacks INDEXED BY callbacks_roster_by_id
   WHERE chat_type = 'roster' AND operation IN ('add', 'remove') AND seq IS NOT NULL
-    AND id > ?3 AND ?1 < ?2
+    AND id > ?3 AND ?1 < ?2 AND seq <= ?4
   ORDER BY id LIMIT 100000)";
 
-/// Roster add/remove callbacks with `?1 <= timestamp_ms < ?2` (and id after `?3`), in one query
+/// Roster add/remove callbacks with `?1 <= timestamp_ms < ?2` (and id after `?3`, seq up to `?4`),
+/// in one query
 /// through the time index. `+` keeps the planner off the operation and roster indexes (each a
 /// walk over every `add`).
 const ROSTER_CALLBACKS_IN_WINDOW: &str = "\
@@ -68,14 +70,14 @@ SELECT count(*), max(id), json_group_array(json_array(seq, operation, from_user,
        received_at_ms)) FROM (
   SELECT id, seq, operation, from_user, to_user, timestamp_ms, received_at_ms FROM callbacks
   WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND +seq IS NOT NULL
-    AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND id > ?3)";
+    AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND id > ?3 AND +seq <= ?4)";
 
 /// Rows per page of [`ROSTER_CALLBACKS_PAGE_BY_TIME`] (its LIMIT): small, because a reader of
 /// it keeps few of them and the page is what it holds besides.
 const KEPT_PAGE_ROWS: i64 = 10_000;
 
-/// Roster add/remove callbacks with `?1 <= timestamp_ms < ?2`, one page of 10,000 in
-/// (timestamp, id) order after (`?3`, `?4`), through the time index (no sort: the index holds
+/// Roster add/remove callbacks with `?1 <= timestamp_ms < ?2` and seq up to `?5`, one page of
+/// 10,000 in (timestamp, id) order after (`?3`, `?4`), through the time index (no sort: the index holds
 /// the id too). For readers that keep only some rows of a large window.
 const ROSTER_CALLBACKS_PAGE_BY_TIME: &str = "\
 SELECT count(*), json_group_array(json_array(seq, operation, from_user, to_user, timestamp_ms,
@@ -83,6 +85,7 @@ SELECT count(*), json_group_array(json_array(seq, operation, from_user, to_user,
   SELECT id, seq, operation, from_user, to_user, timestamp_ms, received_at_ms FROM callbacks
   WHERE +chat_type = 'roster' AND +operation IN ('add', 'remove') AND +seq IS NOT NULL
     AND timestamp_ms >= ?1 AND timestamp_ms < ?2 AND timestamp_ms >= ?3 AND (timestamp_ms > ?3 OR id > ?4)
+    AND +seq <= ?5
   ORDER BY timestamp_ms, id LIMIT 10000)";
 
 /// One page of the feed as NDJSON, rendered by SQLite itself: one text value per page instead of
@@ -135,7 +138,35 @@ pub struct ChainRecord {
     pub body_digest_ok: bool,
 }
 
+/// A point in the journal: everything a reconciliation may see.
+///
+/// A report reads calls and callbacks one after the other (and page by page, and its pages are
+/// separate requests), while the service goes on storing both. Reads that stop at one point all
+/// see the same history, so the report neither pairs a callback with a call whose outcome it
+/// has not seen yet nor changes between its pages, and the same point gives the same report
+/// later: calls and callbacks are append-only, and an outcome is recorded once, with the seq it
+/// is chained under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JournalPoint {
+    /// Events and outcomes with a seq up to this one are seen.
+    pub seq: i64,
+    /// Calls up to this id are seen (an intent has no seq until its outcome is recorded: such
+    /// a call is seen in flight).
+    pub last_call_id: i64,
+}
+
+/// The current [`JournalPoint`], in one statement (one snapshot).
+const JOURNAL_POINT: &str = "\
+SELECT max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)),
+       coalesce((SELECT max(id) FROM calls), 0)";
+
 impl Store {
+    /// Where the journal stands now.
+    pub async fn journal_point(&self) -> Result<JournalPoint, StoreError> {
+        let (seq, last_call_id) = sqlx::query_as(JOURNAL_POINT).fetch_one(self.read_pool()).await?;
+        Ok(JournalPoint { seq, last_call_id })
+    }
+
     /// One page of the feed after `after`, in seq order; `event_time` within [since, until).
     pub async fn feed_page(
         &self,
@@ -262,26 +293,37 @@ impl Store {
         Ok(a + b)
     }
 
-    /// Calls requested in [since, until), for reconciliation.
-    pub async fn calls_for_reconcile(&self, since_ms: i64, until_ms: i64) -> Result<Vec<CallRow>, StoreError> {
+    /// Calls requested in [since, until), for reconciliation, as they were at `at`: a later call
+    /// is left out, a later outcome is not known yet (the call is in flight).
+    pub async fn calls_for_reconcile(
+        &self,
+        since_ms: i64,
+        until_ms: i64,
+        at: JournalPoint,
+    ) -> Result<Vec<CallRow>, StoreError> {
         // A bounded window is read through the time index in one go; everything is read in id
         // order, page by page (the planner cannot know which is cheaper, so say it).
         let everything = since_ms == i64::MIN && until_ms == i64::MAX;
         let sql = if everything {
             "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
                     completed_at_ms, outcome)) FROM (
-               SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls
-               WHERE id > ?3 AND ?1 < ?2 ORDER BY id LIMIT 100000)"
+               SELECT id, op, owner, friend, requested_at_ms,
+                      CASE WHEN seq <= ?4 THEN completed_at_ms END AS completed_at_ms,
+                      CASE WHEN seq <= ?4 THEN outcome END AS outcome FROM calls
+               WHERE id > ?3 AND id <= ?5 AND ?1 < ?2 ORDER BY id LIMIT 100000)"
         } else {
             "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
                     completed_at_ms, outcome)) FROM (
-               SELECT id, op, owner, friend, requested_at_ms, completed_at_ms, outcome FROM calls
-               WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3)"
+               SELECT id, op, owner, friend, requested_at_ms,
+                      CASE WHEN seq <= ?4 THEN completed_at_ms END AS completed_at_ms,
+                      CASE WHEN seq <= ?4 THEN outcome END AS outcome FROM calls
+               WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3 AND +id <= ?5)"
         };
         // CompactString: user names of up to 24 bytes are decoded into the row itself, with no
         // allocation of their own (at a million rows a side, 5 million small allocations less).
         type Raw = (i64, CallOp, CompactString, CompactString, i64, Option<i64>, Option<Outcome>);
-        self.read_json_pages(sql, since_ms, until_ms, everything, "calls", |row: Raw| {
+        let bounds = [at.seq, at.last_call_id];
+        self.read_json_pages(sql, since_ms, until_ms, &bounds, "calls", |row: Raw| {
             let (id, op, owner, friend, requested_at_ms, completed_at_ms, outcome) = row;
             CallRow {
                 id,
@@ -296,20 +338,21 @@ impl Store {
         .await
     }
 
-    /// Roster add/remove callbacks whose event time is in [since, until), for reconciliation;
-    /// read like [`Store::calls_for_reconcile`].
+    /// Roster add/remove callbacks whose event time is in [since, until), stored by `at`, for
+    /// reconciliation; read like [`Store::calls_for_reconcile`].
     pub async fn roster_callbacks_for_reconcile(
         &self,
         since_ms: i64,
         until_ms: i64,
+        at: JournalPoint,
     ) -> Result<Vec<CallbackRow>, StoreError> {
         let everything = since_ms == i64::MIN && until_ms == i64::MAX;
         let sql = if everything { ROSTER_CALLBACKS_ALL } else { ROSTER_CALLBACKS_IN_WINDOW };
-        self.read_json_pages(sql, since_ms, until_ms, everything, "callbacks", callback_row).await
+        self.read_json_pages(sql, since_ms, until_ms, &[at.seq], "callbacks", callback_row).await
     }
 
-    /// The roster add/remove callbacks with an event time in `[since, until)` that `keep` keeps,
-    /// and how many of all of them have an event time in `counted` (a range).
+    /// The roster add/remove callbacks stored by `at` with an event time in `[since, until)` that
+    /// `keep` keeps, and how many of all of them have an event time in `counted` (a range).
     ///
     /// Reads the window a page at a time, so memory follows the rows kept, not the window: a
     /// reconciliation summary keeps only the callbacks of pairs somebody called, however many
@@ -318,6 +361,7 @@ impl Store {
         &self,
         since_ms: i64,
         until_ms: i64,
+        at: JournalPoint,
         counted: (i64, i64),
         keep: impl Fn(&CallbackRow) -> bool,
     ) -> Result<(Vec<CallbackRow>, u64), StoreError> {
@@ -330,6 +374,7 @@ impl Store {
                 .bind(until_ms)
                 .bind(after.0)
                 .bind(after.1)
+                .bind(at.seq)
                 .fetch_one(self.read_pool())
                 .await?;
             let n: i64 = row.try_get(0)?;
@@ -354,24 +399,30 @@ impl Store {
     }
 
     /// Runs `sql` (which selects `count(*), max(id), json_group_array(...)` with `?1` since, `?2`
-    /// until, `?3` after-id) page by page and maps every decoded row.
+    /// until, `?3` after-id, then `bounds` as `?4`, `?5`...) page by page and maps every decoded
+    /// row.
     ///
     /// Reconciling everything reads millions of rows: one JSON text per page of 100,000 avoids
     /// sqlx's per-row hand-over between threads, and the next page is read while this one is
-    /// decoded. `paged`: keep reading while pages come back full (id keyset); otherwise one query.
+    /// decoded. Everything (no `since`, no `until`) is read in pages while they come back full
+    /// (id keyset); a window in one query.
     async fn read_json_pages<Raw, Out>(
         &self,
         sql: &'static str,
         since_ms: i64,
         until_ms: i64,
-        paged: bool,
+        bounds: &[i64],
         what: &str,
         map: impl Fn(Raw) -> Out,
     ) -> Result<Vec<Out>, StoreError>
     where
         Raw: serde::de::DeserializeOwned,
     {
-        let query = |after: i64| sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after).fetch_one(self.read_pool());
+        let paged = since_ms == i64::MIN && until_ms == i64::MAX;
+        let query = |after: i64| {
+            let q = sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after);
+            bounds.iter().fold(q, |q, b| q.bind(*b)).fetch_one(self.read_pool())
+        };
         let mut out = Vec::new();
         let mut after = i64::MIN;
         let mut prefetched = None;

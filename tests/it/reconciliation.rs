@@ -312,3 +312,73 @@ async fn reconcile_cli_asks_again_while_the_service_is_busy_with_another_report(
     assert_eq!(doc["summary"]["orphan"], 1, "{doc}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_pages_of_a_report_and_its_as_of_stay_put_while_more_is_stored() {
+    let (app, call) = alice_added_bob_and_no_callback_came().await;
+    let t = call["requested_at"].as_i64().unwrap();
+    for (msg, from, to) in [("930001", "carol", "dave"), ("930002", "erin", "frank")] {
+        assert_eq!(app.post_callback(roster_body(msg, from, to, "add", t, SECRET)).await.status(), 200);
+    }
+    let (status, first) = app.get_json("/v1/reconciliation?limit=1").await;
+    assert_eq!(status, 200, "{first}");
+    assert_eq!((first["summary"]["missing"].as_i64(), first["summary"]["orphan"].as_i64()), (Some(1), Some(2)));
+    let as_of = first["as_of"].as_str().expect("a report names what it is judged on").to_string();
+
+    // Meanwhile: alice -> bob's callback after all, and another orphan.
+    for (msg, from, to) in [("930003", "alice", "bob"), ("930004", "gina", "hank")] {
+        assert_eq!(app.post_callback(roster_body(msg, from, to, "add", t, SECRET)).await.status(), 200);
+    }
+
+    // The rest of the report is the report that was started.
+    let mut items = first["items"].as_array().unwrap().clone();
+    let mut cursor = first["next_cursor"].as_str().map(str::to_string);
+    while let Some(c) = cursor {
+        let (status, page) = app.get_json(&format!("/v1/reconciliation?limit=1&cursor={c}")).await;
+        assert_eq!(status, 200, "{page}");
+        assert_eq!(page["summary"], first["summary"], "every page has the first page's summary");
+        assert_eq!(page["as_of"], first["as_of"]);
+        items.extend(page["items"].as_array().unwrap().iter().cloned());
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+    }
+    let statuses: Vec<&str> = items.iter().map(|i| i["status"].as_str().unwrap()).collect();
+    assert_eq!(statuses, ["missing", "orphan", "orphan"], "{items:?}");
+
+    // The same as_of gives the same report again; without it, the report is of now.
+    let (_, again) = app.get_json(&format!("/v1/reconciliation?limit=1&as_of={as_of}")).await;
+    assert_eq!(again, first);
+    let (_, now) = app.get_json("/v1/reconciliation").await;
+    assert_eq!((now["summary"]["matched"].as_i64(), now["summary"]["orphan"].as_i64()), (Some(1), Some(3)), "{now}");
+
+    // A point the database has not reached, a malformed one, or one that contradicts the cursor.
+    let (status, err) = app.get_json("/v1/reconciliation?as_of=999999.0.0").await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid_query")), "{err}");
+    assert!(err["detail"].as_str().unwrap().contains("has not reached"), "{err}");
+    let (status, _) = app.get_json("/v1/reconciliation?as_of=soon").await;
+    assert_eq!(status, 400);
+    let c = first["next_cursor"].as_str().unwrap();
+    let (status, err) = app.get_json(&format!("/v1/reconciliation?cursor={c}&as_of=0.0.0")).await;
+    assert_eq!(status, 400, "{err}");
+
+    // `friendhook reconcile --as-of` gives the same report, from the service or the database.
+    let source_args = [["--url", app.base.as_str()], ["--database-url", app.db_url.as_str()]];
+    for source in source_args {
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+            .args(["reconcile", "--json", "--match-window", "0s", "--as-of", &as_of])
+            .args(source)
+            .output()
+            .await
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!((&doc["summary"], &doc["as_of"]), (&first["summary"], &first["as_of"]), "{source:?}");
+    }
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--database-url", &app.db_url, "--as-of", "999999.0.0"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has not reached"));
+    app.stop().await;
+}
