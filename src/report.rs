@@ -172,6 +172,10 @@ pub struct Report {
     pub next_cursor: Option<String>,
     /// What the report is judged on ([`AsOf::token`]); pass as `as_of` to get the same report.
     pub as_of: String,
+    /// The hash chain's link at `as_of`'s seq: the journal the report was computed over, as
+    /// `friendhook audit verify` recomputes it (so a report can be tied to the chain head
+    /// published at the time).
+    pub as_of_chain_hash: Option<String>,
 }
 
 /// The next page's cursor: the last item's key, and the point the report is judged on.
@@ -201,9 +205,10 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
     let until = q.until_ms.unwrap_or(i64::MAX);
     // Two read connections load both sides at once; both stop at the same point.
     let (lo, hi) = (since.saturating_sub(margin), until.saturating_add(margin));
-    let (calls, callbacks) = tokio::try_join!(
+    let (calls, callbacks, as_of_chain_hash) = tokio::try_join!(
         store.calls_for_reconcile(lo, hi, as_of.point),
         store.roster_callbacks_for_reconcile(lo, hi, as_of.point),
+        store.chain_hash_at(as_of.point.seq),
     )?;
     let result = reconcile::reconcile(&calls, &callbacks, &params);
     let by_seq = SeqIndex::new(&callbacks);
@@ -274,7 +279,7 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
             }
         })
         .collect();
-    Ok(Report { summary, items, next_cursor, as_of: as_of.token() })
+    Ok(Report { summary, items, next_cursor, as_of: as_of.token(), as_of_chain_hash })
 }
 
 /// The summary [`build`] gives for calls requested (and orphans timestamped) in `[since, until)`,

@@ -226,6 +226,10 @@ pub fn render_table(r: &Value) -> String {
     let l = &s["match_latency_ms"];
     let f = |k: &str| l[k].as_i64().map(|v| format!("{v} ms")).unwrap_or_else(|| "-".into());
     let _ = writeln!(out, "match latency  p50 {}  p95 {}  p99 {}  max {}", f("p50"), f("p95"), f("p99"), f("max"));
+    if let Some(as_of) = r["as_of"].as_str() {
+        let chain = r["as_of_chain_hash"].as_str().unwrap_or("-");
+        let _ = writeln!(out, "as of {as_of} (chain {chain}; --as-of {as_of} gives this report again)");
+    }
     let items = r["items"].as_array().cloned().unwrap_or_default();
     if items.is_empty() {
         let _ = writeln!(out, "\nnothing to list");

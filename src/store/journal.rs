@@ -167,6 +167,21 @@ impl Store {
         Ok(JournalPoint { seq, last_call_id })
     }
 
+    /// The chain link of the record with this seq ([`chain::GENESIS`] for 0); `None` if no
+    /// record has it.
+    pub async fn chain_hash_at(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        if seq == 0 {
+            return Ok(Some(chain::GENESIS.to_string()));
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT chain_hash FROM callbacks WHERE seq = ?1 UNION ALL SELECT chain_hash FROM calls WHERE seq = ?1",
+        )
+        .bind(seq)
+        .fetch_optional(self.read_pool())
+        .await?
+        .flatten())
+    }
+
     /// One page of the feed after `after`, in seq order; `event_time` within [since, until).
     pub async fn feed_page(
         &self,

@@ -199,6 +199,7 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("missing 1"), "{text}");
+    assert!(text.contains("as of ") && text.contains("--as-of "), "a report says how to get it again: {text}");
     assert!(text.contains("alice") && text.contains("bob"), "{text}");
     let _dir = app.stop().await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
@@ -324,6 +325,10 @@ async fn the_pages_of_a_report_and_its_as_of_stay_put_while_more_is_stored() {
     assert_eq!(status, 200, "{first}");
     assert_eq!((first["summary"]["missing"].as_i64(), first["summary"]["orphan"].as_i64()), (Some(1), Some(2)));
     let as_of = first["as_of"].as_str().expect("a report names what it is judged on").to_string();
+    // ... and the chain link there: nothing was stored since, so it is the chain head.
+    let (_, head) = app.get_json("/v1/audit/head").await;
+    assert!(as_of.starts_with(&format!("{}.", head["seq"])), "{as_of} vs {head}");
+    assert_eq!(first["as_of_chain_hash"], head["hash"]);
 
     // Meanwhile: alice -> bob's callback after all, and another orphan.
     for (msg, from, to) in [("930003", "alice", "bob"), ("930004", "gina", "hank")] {
