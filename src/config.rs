@@ -145,6 +145,8 @@ pub struct ServeArgs {
     pub header_timeout: Duration,
 
     /// A request (body read and handling) must finish within this time, or it is answered 408.
+    /// Reconciliation reports run one at a time; one waits up to half of this for its turn, then
+    /// is answered 503 `reconciliation_busy`.
     #[arg(long, env = "FRIENDHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 

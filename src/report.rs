@@ -224,8 +224,7 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
     // Items are only materialised for the page: everything else is (key, status, where) entries,
     // pointing into `calls` (and `result.calls`, which has one verdict per call, in order) or
     // into `callbacks`.
-    let mut entries: Vec<((i64, u8, i64), &'static str, usize)> =
-        Vec::with_capacity(calls.len() + result.orphans.len());
+    let mut entries: Vec<(ItemKey, &'static str, usize)> = Vec::with_capacity(calls.len() + result.orphans.len());
     for (idx, (call, verdict)) in calls.iter().zip(&result.calls).enumerate() {
         if call.requested_at_ms < since || call.requested_at_ms >= until {
             continue;
@@ -249,7 +248,7 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
     let in_range_calls = entries[..n_calls].iter().map(|&(_, _, idx)| &result.calls[idx]);
     let summary = reconcile::summarize_parts(in_range_calls, (entries.len() - n_calls) as u64);
 
-    let mut sel: Vec<((i64, u8, i64), usize)> = Vec::with_capacity(entries.len());
+    let mut sel: Vec<(ItemKey, usize)> = Vec::with_capacity(entries.len());
     let after = q.after;
     for (pos, (key, status, _)) in entries.iter().enumerate() {
         if q.status.as_deref().is_some_and(|s| s != *status) {
