@@ -38,7 +38,7 @@ pub struct ReconcileArgs {
     /// Only calls with this friend (orphans: either side).
     #[arg(long)]
     pub friend: Option<String>,
-    /// Judge as of this point: the `as_of` of an earlier report (JSON output shows it), to get
+    /// Judge as of this point: the `as_of` an earlier report printed (or had in its JSON), to get
     /// that report again. Default: now.
     #[arg(long)]
     pub as_of: Option<String>,
