@@ -115,7 +115,7 @@ async fn get_reconciliation(
 
 /// Lets one reconciliation report be computed at a time.
 ///
-/// A report holds both sides of its window in memory while it matches them (about 380 MB for a
+/// A report holds both sides of its window in memory while it matches them (380-470 MB for a
 /// million calls and a million callbacks, see the README's Performance section), and every page
 /// of a report computes it again. Unlimited, a few auditors paging through everything at once
 /// would multiply that until the receiver itself ran out of memory, and a receiver killed for
