@@ -42,6 +42,10 @@ pub struct DemoArgs {
     pub listen: String,
 }
 
+/// The demo service's match window: short, so that calls whose callback the sandbox dropped show
+/// as `missing` within the demo's run.
+const DEMO_MATCH_WINDOW: &str = "1s";
+
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     for suffix in ["", "-wal", "-shm"] {
@@ -73,7 +77,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--sandbox-delay-ms",
         "200",
         "--match-window",
-        "1s",
+        DEMO_MATCH_WINDOW,
     ];
     let Command::Serve(serve_args) = Cli::try_parse_from(argv)?.command else { unreachable!("serve args") };
     let service = crate::commands::serve::build(&serve_args, crate::clock::system()).await?;
@@ -175,7 +179,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         crate::app::shutdown_signal().await;
     } else {
         println!(
-            "\nexplore the stored data afterwards:\n  friendhook reconcile --database-url {db_url}\n  friendhook audit verify --database-url {db_url}"
+            "\nexplore the stored data afterwards (the same match window, so the same report):\n  \
+             friendhook reconcile --database-url {db_url} --match-window {DEMO_MATCH_WINDOW}\n  \
+             friendhook audit verify --database-url {db_url}"
         );
     }
     let _ = stop_tx.send(());
