@@ -199,11 +199,54 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
         Some(as_of) => as_of,
         None => AsOf::now(store, params.now_ms).await?,
     };
-    let params = MatchParams { now_ms: as_of.now_ms, ..params };
-    let margin = params.window_ms.saturating_add(params.skew_ms);
-    let since = q.since_ms.unwrap_or(i64::MIN);
-    let until = q.until_ms.unwrap_or(i64::MAX);
-    // Two read connections load both sides at once; both stop at the same point.
+    let computed = compute(store, ReportBasis::new(as_of, q, params)).await?;
+    Ok(page(&computed, q))
+}
+
+/// Everything that decides a report's verdicts: what it is judged on, its range, and how calls
+/// are matched. Two requests with the same basis get the same reconciliation, whatever their
+/// filters and page.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReportBasis {
+    /// The point and the time it is judged on.
+    pub as_of: AsOf,
+    /// `[since, until)` (`i64::MIN` / `i64::MAX` when open).
+    pub range: (i64, i64),
+    /// `--match-skew` and `--match-window` (ms).
+    pub skew_and_window: (i64, i64),
+}
+
+impl ReportBasis {
+    /// The basis of `q` judged as of `as_of` (whatever `q.as_of` says) with `params`' matching.
+    pub fn new(as_of: AsOf, q: &ReportQuery, params: MatchParams) -> Self {
+        Self {
+            as_of,
+            range: (q.since_ms.unwrap_or(i64::MIN), q.until_ms.unwrap_or(i64::MAX)),
+            skew_and_window: (params.skew_ms, params.window_ms),
+        }
+    }
+}
+
+/// A reconciliation computed for a [`ReportBasis`]: the rows it read and its verdicts, from which
+/// [`page`] cuts any page with any filter. Immutable, because the basis names a point of the
+/// append-only journal: the service keeps the last one for the next pages of the same report.
+#[derive(Debug)]
+pub struct Computed {
+    /// What it was computed for.
+    pub basis: ReportBasis,
+    calls: Vec<CallRow>,
+    callbacks: Vec<CallbackRow>,
+    result: reconcile::Reconciliation,
+    as_of_chain_hash: Option<String>,
+}
+
+/// Reads the rows of `basis` (both sides at once, both stopping at its point) and reconciles them.
+pub async fn compute(store: &Store, basis: ReportBasis) -> Result<Computed, StoreError> {
+    let as_of = basis.as_of;
+    let (skew_ms, window_ms) = basis.skew_and_window;
+    let params = MatchParams { skew_ms, window_ms, now_ms: as_of.now_ms };
+    let margin = window_ms.saturating_add(skew_ms);
+    let (since, until) = basis.range;
     let (lo, hi) = (since.saturating_sub(margin), until.saturating_add(margin));
     let (calls, callbacks, as_of_chain_hash) = tokio::try_join!(
         store.calls_for_reconcile(lo, hi, as_of.point),
@@ -211,7 +254,16 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
         store.chain_hash_at(as_of.point.seq),
     )?;
     let result = reconcile::reconcile(&calls, &callbacks, &params);
-    let by_seq = SeqIndex::new(&callbacks);
+    Ok(Computed { basis, calls, callbacks, result, as_of_chain_hash })
+}
+
+/// One page of the report `computed` holds, for `q`'s filters, status and cursor (`q`'s range and
+/// `as_of` are the ones `computed` was computed for).
+pub fn page(computed: &Computed, q: &ReportQuery) -> Report {
+    let Computed { basis, calls, callbacks, result, as_of_chain_hash } = computed;
+    let (since, until) = basis.range;
+    let as_of = basis.as_of;
+    let by_seq = SeqIndex::new(callbacks);
     let owner = q.owner.as_deref();
     let friend = q.friend.as_deref();
     let call_involves = |c: &CallRow| owner.is_none_or(|x| x == c.owner) && friend.is_none_or(|x| x == c.friend);
@@ -272,13 +324,13 @@ pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Resul
         .map(|&(_, pos)| {
             let (_, _, idx) = entries[pos];
             if pos < n_calls {
-                call_item(&calls[idx], &result.calls[idx], &callbacks, &by_seq)
+                call_item(&calls[idx], &result.calls[idx], callbacks, &by_seq)
             } else {
                 ReportItem::Callback { status: "orphan", callback: CallbackRef::from(&callbacks[idx]) }
             }
         })
         .collect();
-    Ok(Report { summary, items, next_cursor, as_of: as_of.token(), as_of_chain_hash })
+    Report { summary, items, next_cursor, as_of: as_of.token(), as_of_chain_hash: as_of_chain_hash.clone() }
 }
 
 /// The summary [`build`] gives for calls requested (and orphans timestamped) in `[since, until)`,

@@ -1,7 +1,8 @@
 //! `GET /v1/reconciliation`, `GET /v1/feed` (NDJSON, resumable, optional long-poll) and
 //! `GET /v1/audit/head`.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use axum::Json;
@@ -15,7 +16,8 @@ use serde::Deserialize;
 use super::query::{parse_opt_time, parse_time};
 use crate::app::SharedState;
 use crate::error::ApiError;
-use crate::report::{self, ReportQuery};
+use crate::report::{self, ReportBasis, ReportQuery};
+use crate::store::{Store, StoreError};
 
 /// Routes of this module.
 pub fn router() -> axum::Router<SharedState> {
@@ -108,61 +110,143 @@ async fn get_reconciliation(
         after: cursor.map(|(key, _)| key),
         as_of,
     };
-    let _slot = state.reports.enter().await?;
-    let report = report::build(&state.store, &rq, state.match_params()).await?;
+    let slot = state.reports.enter().await?;
+    let params = state.match_params();
+    let as_of = match as_of {
+        Some(as_of) => as_of,
+        None => report::AsOf::now(&state.store, params.now_ms).await?,
+    };
+    let computed = slot.reconciliation(&state.store, report::ReportBasis::new(as_of, &rq, params)).await?;
+    let report = report::page(&computed, &rq);
+    // Let the slot go before the answer is written out.
+    drop((computed, slot));
     Ok(Json(report).into_response())
 }
 
-/// Lets one reconciliation report be computed at a time.
+/// Lets one reconciliation report be computed at a time, and keeps the last one for its next
+/// pages.
 ///
 /// A report holds both sides of its window in memory while it matches them (380-470 MB for a
-/// million calls and a million callbacks, see the README's Performance section), and every page
-/// of a report computes it again. Unlimited, a few auditors paging through everything at once
-/// would multiply that until the receiver itself ran out of memory, and a receiver killed for
-/// memory loses callbacks. Queued, a report waits for the one before it (a one-hour window takes
-/// milliseconds, everything about a second per million rows); one that cannot start within `wait`
-/// is answered 503 `reconciliation_busy` with `Retry-After`, not left to run into the request
-/// deadline. `/metrics` has its own one-at-a-time summary, which holds far less.
+/// million calls and a million callbacks, see the README's Performance section). Unlimited, a few
+/// auditors reading everything at once would multiply that until the receiver itself ran out of
+/// memory, and a receiver killed for memory loses callbacks. Queued, a report waits for the one
+/// before it (a one-hour window takes milliseconds, everything about a second per million rows);
+/// one that cannot start within `wait` is answered 503 `reconciliation_busy` with `Retry-After`,
+/// not left to run into the request deadline. `/metrics` has its own one-at-a-time summary, which
+/// holds far less.
+///
+/// The pages of one report share its [`ReportBasis`] (the cursor carries its point), and a basis
+/// always gives the same reconciliation, so the last one computed is kept for
+/// [`ReportGate::KEEP_FOR`] after its last use: paging through a report computes it once. At most
+/// one is kept, and it is let go before another is computed, so keeping it adds no second
+/// report's worth of memory.
 #[derive(Debug)]
 pub struct ReportGate {
-    slot: tokio::sync::Semaphore,
+    slot: Arc<tokio::sync::Semaphore>,
     waiting: AtomicUsize,
     wait: Duration,
+    /// The last computed report, with a number that changes whenever it is used (for its expiry).
+    /// Only taken and put back by the holder of `slot`, and by the expiry task.
+    kept: std::sync::Mutex<Option<(Arc<report::Computed>, u64)>>,
+    uses: AtomicU64,
+    computed: AtomicU64,
 }
 
 impl ReportGate {
+    /// How long the last report is kept for its next pages after its last use.
+    pub const KEEP_FOR: Duration = Duration::from_secs(30);
+
     /// A gate whose queued reports give up after `wait`.
     pub fn new(wait: Duration) -> Self {
-        Self { slot: tokio::sync::Semaphore::new(1), waiting: AtomicUsize::new(0), wait }
+        Self {
+            slot: Arc::new(tokio::sync::Semaphore::new(1)),
+            waiting: AtomicUsize::new(0),
+            wait,
+            kept: std::sync::Mutex::new(None),
+            uses: AtomicU64::new(0),
+            computed: AtomicU64::new(0),
+        }
     }
 
     /// Waits (at most `wait`) until no other report is being computed; the report may run while
-    /// the returned permit lives.
-    pub async fn enter(&self) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-        if let Ok(permit) = self.slot.try_acquire() {
-            return Ok(permit);
-        }
-        tracing::debug!("a reconciliation report waits for the one being computed");
-        let _queued = Queued::new(&self.waiting);
-        match tokio::time::timeout(self.wait, self.slot.acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            // The semaphore is never closed; answer as if busy rather than panic.
-            Ok(Err(_)) | Err(_) => Err(ApiError::Unavailable {
-                code: "reconciliation_busy",
-                detail: format!(
-                    "another reconciliation report was still being computed after {} ms; reports run one \
-                     at a time because each holds its window's calls and callbacks in memory. Retry \
-                     shortly, or narrow the window with `since`/`until`",
-                    self.wait.as_millis()
-                ),
-                retry_after_secs: 2,
-            }),
-        }
+    /// the returned slot lives.
+    pub async fn enter(self: &Arc<Self>) -> Result<ReportSlot, ApiError> {
+        let permit = match self.slot.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                tracing::debug!("a reconciliation report waits for the one being computed");
+                let _queued = Queued::new(&self.waiting);
+                match tokio::time::timeout(self.wait, self.slot.clone().acquire_owned()).await {
+                    Ok(Ok(permit)) => permit,
+                    // The semaphore is never closed; answer as if busy rather than panic.
+                    Ok(Err(_)) | Err(_) => {
+                        return Err(ApiError::Unavailable {
+                            code: "reconciliation_busy",
+                            detail: format!(
+                                "another reconciliation report was still being computed after {} ms; reports \
+                                 run one at a time because each holds its window's calls and callbacks in \
+                                 memory. Retry shortly, or narrow the window with `since`/`until`",
+                                self.wait.as_millis()
+                            ),
+                            retry_after_secs: 2,
+                        });
+                    }
+                }
+            }
+        };
+        Ok(ReportSlot { _permit: permit, gate: self.clone() })
     }
 
     /// Reports waiting for their turn right now.
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Reconciliations computed so far (a page served from the kept one does not count).
+    pub fn computed(&self) -> u64 {
+        self.computed.load(Ordering::Relaxed)
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, Option<(Arc<report::Computed>, u64)>> {
+        // A panic while holding this lock cannot leave the Option half-written.
+        self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// The right to compute a report, while it lives.
+pub struct ReportSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    gate: Arc<ReportGate>,
+}
+
+impl ReportSlot {
+    /// The reconciliation of `basis`: the kept one if it has this basis, otherwise computed now
+    /// (after letting the kept one go) and kept in its place.
+    pub async fn reconciliation(&self, store: &Store, basis: ReportBasis) -> Result<Arc<report::Computed>, StoreError> {
+        let gate = &self.gate;
+        let taken = gate.kept().take();
+        let computed = match taken {
+            Some((kept, _)) if kept.basis == basis => kept,
+            other => {
+                drop(other);
+                gate.computed.fetch_add(1, Ordering::Relaxed);
+                Arc::new(report::compute(store, basis).await?)
+            }
+        };
+        let use_number = gate.uses.fetch_add(1, Ordering::Relaxed);
+        *gate.kept() = Some((computed.clone(), use_number));
+        // Let it go once it has not been used for a while; a later use renews it.
+        let weak = Arc::downgrade(gate);
+        tokio::spawn(async move {
+            tokio::time::sleep(ReportGate::KEEP_FOR).await;
+            if let Some(gate) = weak.upgrade() {
+                let mut kept = gate.kept();
+                if kept.as_ref().is_some_and(|(_, n)| *n == use_number) {
+                    *kept = None;
+                }
+            }
+        });
+        Ok(computed)
     }
 }
 
