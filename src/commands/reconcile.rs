@@ -53,69 +53,102 @@ pub struct ReconcileArgs {
     pub match_window: std::time::Duration,
 }
 
-/// The whole report (all pages merged) for one status, judged as of `as_of` (an `as_of` token of
-/// an earlier report) or of now.
-async fn fetch_all_pages(args: &ReconcileArgs, status: Option<&str>, as_of: Option<&str>) -> anyhow::Result<Value> {
-    if let Some(base) = &args.url {
-        let mut cursor: Option<String> = None;
-        let mut doc: Option<Value> = None;
-        loop {
-            let mut q: Vec<(&str, String)> = vec![("limit", "1000".into())];
-            for (k, v) in
-                [("since", &args.since), ("until", &args.until), ("owner", &args.owner), ("friend", &args.friend)]
-            {
-                if let Some(v) = v {
-                    q.push((k, v.clone()));
-                }
-            }
-            if let Some(s) = status {
-                q.push(("status", s.to_string()));
-            }
-            match (&cursor, as_of) {
-                (Some(c), _) => q.push(("cursor", c.clone())),
-                (None, Some(a)) => q.push(("as_of", a.to_string())),
-                (None, None) => {}
-            }
-            let page = fetch_page(&format!("{}/v1/reconciliation", base.trim_end_matches('/')), &q).await?;
-            cursor = page["next_cursor"].as_str().map(str::to_string);
-            match doc.as_mut() {
-                None => doc = Some(page),
-                Some(d) => {
-                    let more = page["items"].as_array().cloned().unwrap_or_default();
-                    if let Some(items) = d["items"].as_array_mut() {
-                        items.extend(more);
+/// Where the report comes from: a running service, or the database file.
+enum Source {
+    Service(String),
+    /// The store, and the reconciliation once computed: the statuses asked for one after the
+    /// other are pages of one report, so it is computed once.
+    Database(Store, Option<Box<report::Computed>>),
+}
+
+impl Source {
+    /// The whole report (all pages merged) for one status, judged as of `as_of` (an `as_of` token
+    /// of an earlier report) or of now.
+    async fn report(
+        &mut self,
+        args: &ReconcileArgs,
+        status: Option<&str>,
+        as_of: Option<&str>,
+    ) -> anyhow::Result<Value> {
+        match self {
+            Source::Service(base) => fetch_all_pages(base, args, status, as_of).await,
+            Source::Database(store, computed) => {
+                let time = |name: &'static str, v: &Option<String>| {
+                    v.as_deref().map(|s| parse_time(name, s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))
+                };
+                let query = ReportQuery {
+                    since_ms: time("since", &args.since)?,
+                    until_ms: time("until", &args.until)?,
+                    status: status.map(str::to_string),
+                    owner: args.owner.clone(),
+                    friend: args.friend.clone(),
+                    limit: usize::MAX / 2,
+                    after: None,
+                    as_of: None,
+                };
+                let computed = match computed {
+                    Some(computed) => computed,
+                    None => {
+                        let params = MatchParams {
+                            skew_ms: args.match_skew.as_millis() as i64,
+                            window_ms: args.match_window.as_millis() as i64,
+                            now_ms: clock::SystemClock.now_ms(),
+                        };
+                        let as_of = match as_of {
+                            Some(token) => as_of_in(store, token).await?,
+                            None => report::AsOf::now(store, params.now_ms).await?,
+                        };
+                        let basis = report::ReportBasis::new(as_of, &query, params);
+                        computed.insert(Box::new(report::compute(store, basis).await?))
                     }
-                }
-            }
-            if cursor.is_none() {
-                break;
+                };
+                Ok(serde_json::to_value(report::page(computed, &query))?)
             }
         }
-        return doc.ok_or_else(|| anyhow::anyhow!("no report"));
     }
-    let store = Store::open_read_only(&args.database_url).await?;
-    let time = |name: &'static str, v: &Option<String>| {
-        v.as_deref().map(|s| parse_time(name, s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))
-    };
-    let query = ReportQuery {
-        since_ms: time("since", &args.since)?,
-        until_ms: time("until", &args.until)?,
-        status: status.map(str::to_string),
-        owner: args.owner.clone(),
-        friend: args.friend.clone(),
-        limit: usize::MAX / 2,
-        after: None,
-        as_of: match as_of {
-            None => None,
-            Some(token) => Some(as_of_in(&store, token).await?),
-        },
-    };
-    let params = MatchParams {
-        skew_ms: args.match_skew.as_millis() as i64,
-        window_ms: args.match_window.as_millis() as i64,
-        now_ms: clock::SystemClock.now_ms(),
-    };
-    Ok(serde_json::to_value(report::build(&store, &query, params).await?)?)
+}
+
+/// Every page of the service's report for one status.
+async fn fetch_all_pages(
+    base: &str,
+    args: &ReconcileArgs,
+    status: Option<&str>,
+    as_of: Option<&str>,
+) -> anyhow::Result<Value> {
+    let mut cursor: Option<String> = None;
+    let mut doc: Option<Value> = None;
+    loop {
+        let mut q: Vec<(&str, String)> = vec![("limit", "1000".into())];
+        for (k, v) in [("since", &args.since), ("until", &args.until), ("owner", &args.owner), ("friend", &args.friend)]
+        {
+            if let Some(v) = v {
+                q.push((k, v.clone()));
+            }
+        }
+        if let Some(s) = status {
+            q.push(("status", s.to_string()));
+        }
+        match (&cursor, as_of) {
+            (Some(c), _) => q.push(("cursor", c.clone())),
+            (None, Some(a)) => q.push(("as_of", a.to_string())),
+            (None, None) => {}
+        }
+        let page = fetch_page(&format!("{}/v1/reconciliation", base.trim_end_matches('/')), &q).await?;
+        cursor = page["next_cursor"].as_str().map(str::to_string);
+        match doc.as_mut() {
+            None => doc = Some(page),
+            Some(d) => {
+                let more = page["items"].as_array().cloned().unwrap_or_default();
+                if let Some(items) = d["items"].as_array_mut() {
+                    items.extend(more);
+                }
+            }
+        }
+        if cursor.is_none() {
+            break;
+        }
+    }
+    doc.ok_or_else(|| anyhow::anyhow!("no report"))
 }
 
 /// The point `token` names, if this database has reached it.
@@ -182,8 +215,12 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
     // One report per status; the first one's point holds for the others, so that together they
     // are one report.
     let mut as_of: Option<String> = args.as_of.clone();
+    let mut source = match &args.url {
+        Some(base) => Source::Service(base.clone()),
+        None => Source::Database(Store::open_read_only(&args.database_url).await?, None),
+    };
     for status in statuses {
-        let r = fetch_all_pages(&args, status, as_of.as_deref()).await?;
+        let r = source.report(&args, status, as_of.as_deref()).await?;
         if as_of.is_none() {
             as_of = r["as_of"].as_str().map(str::to_string);
         }
