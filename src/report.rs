@@ -1,6 +1,8 @@
-//! Reconciliation reports: load the rows a window needs from the store, run the pure matcher
-//! ([`crate::reconcile`]), then filter and page. Shared by `GET /v1/reconciliation` and
-//! `friendhook reconcile`; `/metrics` uses the leaner [`summary`] through
+//! Reconciliation reports: load the rows a window needs from the store, as they stood at one
+//! point of the journal ([`AsOf`]), run the pure matcher ([`crate::reconcile`]), then filter and
+//! page. [`compute`] does the first two and [`page`] the rest, so that the service can cut every
+//! page of a report from one computation; [`build`] does both. Shared by `GET /v1/reconciliation`
+//! and `friendhook reconcile`; `/metrics` uses the leaner [`summary`] through
 //! [`TrailingReconciliation`].
 //!
 //! To judge calls requested in [since, until) fairly, the matcher also sees the calls and

@@ -116,7 +116,7 @@ async fn get_reconciliation(
         Some(as_of) => as_of,
         None => report::AsOf::now(&state.store, params.now_ms).await?,
     };
-    let computed = slot.reconciliation(&state.store, report::ReportBasis::new(as_of, &rq, params)).await?;
+    let computed = slot.reconciliation(&state.store, ReportBasis::new(as_of, &rq, params)).await?;
     let report = report::page(&computed, &rq);
     // Let the slot go before the answer is written out.
     drop((computed, slot));
