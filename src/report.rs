@@ -174,9 +174,9 @@ pub struct Report {
     pub next_cursor: Option<String>,
     /// What the report is judged on ([`AsOf::token`]); pass as `as_of` to get the same report.
     pub as_of: String,
-    /// The hash chain's link at `as_of`'s seq: the journal the report was computed over, as
-    /// `friendhook audit verify` recomputes it (so a report can be tied to the chain head
-    /// published at the time).
+    /// The stored hash chain link at `as_of`'s seq: the journal the report was computed over
+    /// (so a report can be tied to the chain head published at the time; `friendhook audit
+    /// verify` checks the chain up to it).
     pub as_of_chain_hash: Option<String>,
 }
 
