@@ -72,6 +72,30 @@ impl CallbackResult {
     }
 }
 
+/// How `GET /v1/reconciliation` answered, for `friendhook_report_requests_total{answer}`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReportAnswer {
+    /// The reconciliation was computed for this request.
+    Computed,
+    /// The page was cut from the reconciliation kept from an earlier page of the same report.
+    Reused,
+    /// 503 `reconciliation_busy`: another report was still being computed.
+    Busy,
+}
+
+impl ReportAnswer {
+    const ALL: [ReportAnswer; 3] = [ReportAnswer::Computed, ReportAnswer::Reused, ReportAnswer::Busy];
+
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReportAnswer::Computed => "computed",
+            ReportAnswer::Reused => "reused",
+            ReportAnswer::Busy => "busy",
+        }
+    }
+}
+
 type Labels = [(&'static str, &'static str); 1];
 
 /// What the writer records about each commit (a batch of writes is one commit; a batch of more
@@ -112,6 +136,7 @@ pub struct Metrics {
     chain_head_seq: Gauge,
     quarantine_held: Gauge<f64, AtomicU64>,
     database_bytes: Family<Labels, Gauge>,
+    reports: [Counter; ReportAnswer::ALL.len()],
     writer: WriterMetrics,
     reconciliation: Option<ReconciliationMetrics>,
 }
@@ -286,6 +311,14 @@ impl Metrics {
             "Size of the SQLite database file (file=\"database\") and of its write-ahead log (file=\"wal\")",
             Family::<Labels, Gauge>::default(),
         );
+        let report_requests = Family::<Labels, Counter>::default();
+        let reports = ReportAnswer::ALL.map(|a| report_requests.get_or_create_owned(&[("answer", a.as_str())]));
+        registry.register(
+            "report_requests",
+            "GET /v1/reconciliation requests by answer (computed: a reconciliation was computed; reused: \
+             a next page cut from the one kept; busy: 503, another report was running)",
+            report_requests,
+        );
         registry.register("commit_writes", "Writes per commit (group commit)", writer.commit_writes.clone());
         registry.register(
             "commit_seconds",
@@ -307,6 +340,7 @@ impl Metrics {
             chain_head_seq,
             quarantine_held,
             database_bytes,
+            reports,
             writer,
             reconciliation: None,
         }
@@ -339,6 +373,11 @@ impl Metrics {
     pub fn call(&self, outcome: Outcome, attempts: u64) {
         self.calls.get_or_create(&[("outcome", outcome.as_str())]).inc();
         self.easemob_attempts.inc_by(attempts);
+    }
+
+    /// Counts one `GET /v1/reconciliation` by how it was answered.
+    pub fn report(&self, answer: ReportAnswer) {
+        self.reports[answer as usize].inc();
     }
 
     /// Counts calls closed as `unknown` at start-up (interrupted by a previous stop).

@@ -16,6 +16,7 @@ use serde::Deserialize;
 use super::query::{parse_opt_time, parse_time};
 use crate::app::SharedState;
 use crate::error::ApiError;
+use crate::metrics::ReportAnswer;
 use crate::report::{self, ReportBasis, ReportQuery};
 use crate::store::{Store, StoreError};
 
@@ -110,13 +111,14 @@ async fn get_reconciliation(
         after: cursor.map(|(key, _)| key),
         as_of,
     };
-    let slot = state.reports.enter().await?;
+    let slot = state.reports.enter().await.inspect_err(|_| state.metrics.report(ReportAnswer::Busy))?;
     let params = state.match_params();
     let as_of = match as_of {
         Some(as_of) => as_of,
         None => report::AsOf::now(&state.store, params.now_ms).await?,
     };
-    let computed = slot.reconciliation(&state.store, ReportBasis::new(as_of, &rq, params)).await?;
+    let (computed, answer) = slot.reconciliation(&state.store, ReportBasis::new(as_of, &rq, params)).await?;
+    state.metrics.report(answer);
     let report = report::page(&computed, &rq);
     // Let the slot go before the answer is written out.
     drop((computed, slot));
@@ -149,7 +151,6 @@ pub struct ReportGate {
     /// Only taken and put back by the holder of `slot`, and by the expiry task.
     kept: std::sync::Mutex<Option<(Arc<report::Computed>, u64)>>,
     uses: AtomicU64,
-    computed: AtomicU64,
 }
 
 impl ReportGate {
@@ -164,7 +165,6 @@ impl ReportGate {
             wait,
             kept: std::sync::Mutex::new(None),
             uses: AtomicU64::new(0),
-            computed: AtomicU64::new(0),
         }
     }
 
@@ -202,11 +202,6 @@ impl ReportGate {
         self.waiting.load(Ordering::Relaxed)
     }
 
-    /// Reconciliations computed so far (a page served from the kept one does not count).
-    pub fn computed(&self) -> u64 {
-        self.computed.load(Ordering::Relaxed)
-    }
-
     fn kept(&self) -> std::sync::MutexGuard<'_, Option<(Arc<report::Computed>, u64)>> {
         // A panic while holding this lock cannot leave the Option half-written.
         self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -220,17 +215,20 @@ pub struct ReportSlot {
 }
 
 impl ReportSlot {
-    /// The reconciliation of `basis`: the kept one if it has this basis, otherwise computed now
-    /// (after letting the kept one go) and kept in its place.
-    pub async fn reconciliation(&self, store: &Store, basis: ReportBasis) -> Result<Arc<report::Computed>, StoreError> {
+    /// The reconciliation of `basis`: the kept one if it has this basis ([`ReportAnswer::Reused`]),
+    /// otherwise computed now (after letting the kept one go) and kept in its place.
+    pub async fn reconciliation(
+        &self,
+        store: &Store,
+        basis: ReportBasis,
+    ) -> Result<(Arc<report::Computed>, ReportAnswer), StoreError> {
         let gate = &self.gate;
         let taken = gate.kept().take();
-        let computed = match taken {
-            Some((kept, _)) if kept.basis == basis => kept,
+        let (computed, answer) = match taken {
+            Some((kept, _)) if kept.basis == basis => (kept, ReportAnswer::Reused),
             other => {
                 drop(other);
-                gate.computed.fetch_add(1, Ordering::Relaxed);
-                Arc::new(report::compute(store, basis).await?)
+                (Arc::new(report::compute(store, basis).await?), ReportAnswer::Computed)
             }
         };
         let use_number = gate.uses.fetch_add(1, Ordering::Relaxed);
@@ -246,7 +244,7 @@ impl ReportSlot {
                 }
             }
         });
-        Ok(computed)
+        Ok((computed, answer))
     }
 }
 

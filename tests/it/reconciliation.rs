@@ -7,6 +7,11 @@ use serde_json::{Value, json};
 
 use crate::helpers::*;
 
+/// `friendhook_report_requests_total{answer=...}` from the service's /metrics.
+async fn report_requests(app: &TestApp, answer: &str) -> f64 {
+    app.metrics().await[&format!("friendhook_report_requests_total{{answer=\"{answer}\"}}")]
+}
+
 async fn all_report_items(app: &TestApp, query: &str) -> (Value, Vec<Value>) {
     let mut items = Vec::new();
     let mut cursor: Option<String> = None;
@@ -200,7 +205,8 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("missing 1"), "{text}");
     assert!(text.contains("as of ") && text.contains("--as-of "), "a report says how to get it again: {text}");
-    assert_eq!(app.reports.computed(), 1, "three statuses, one report: computed once");
+    assert_eq!(report_requests(&app, "computed").await, 1.0, "three statuses, one report: computed once");
+    assert_eq!(report_requests(&app, "reused").await, 2.0);
     assert!(text.contains("alice") && text.contains("bob"), "{text}");
     let _dir = app.stop().await;
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
@@ -255,6 +261,7 @@ async fn a_report_that_cannot_start_in_time_is_answered_503_busy() {
     assert_eq!(body["code"], "reconciliation_busy", "{body}");
     assert!(body["detail"].as_str().unwrap().contains("one at a time"), "{body}");
     assert_eq!(app.reports.waiting(), 0, "a report that gave up no longer counts as waiting");
+    assert_eq!(report_requests(&app, "busy").await, 1.0);
 
     drop(slot);
     let (status, _) = app.get_json("/v1/reconciliation").await;
@@ -326,7 +333,7 @@ async fn the_pages_of_a_report_and_its_as_of_stay_put_while_more_is_stored() {
     assert_eq!(status, 200, "{first}");
     assert_eq!((first["summary"]["missing"].as_i64(), first["summary"]["orphan"].as_i64()), (Some(1), Some(2)));
     let as_of = first["as_of"].as_str().expect("a report names what it is judged on").to_string();
-    let computed = app.reports.computed();
+    assert_eq!(report_requests(&app, "computed").await, 1.0);
     // ... and the chain link there: nothing was stored since, so it is the chain head.
     let (_, head) = app.get_json("/v1/audit/head").await;
     assert!(as_of.starts_with(&format!("{}.", head["seq"])), "{as_of} vs {head}");
@@ -350,17 +357,18 @@ async fn the_pages_of_a_report_and_its_as_of_stay_put_while_more_is_stored() {
     }
     let statuses: Vec<&str> = items.iter().map(|i| i["status"].as_str().unwrap()).collect();
     assert_eq!(statuses, ["missing", "orphan", "orphan"], "{items:?}");
-    assert_eq!(app.reports.computed(), computed, "the next pages were cut from the first page's reconciliation");
+    assert_eq!(report_requests(&app, "computed").await, 1.0, "the next pages were cut from the first page's");
+    assert_eq!(report_requests(&app, "reused").await, 2.0);
 
     // The same as_of gives the same report again; without it, the report is of now.
     let (_, again) = app.get_json(&format!("/v1/reconciliation?limit=1&as_of={as_of}")).await;
     assert_eq!(again, first);
     let (_, now) = app.get_json("/v1/reconciliation").await;
     assert_eq!((now["summary"]["matched"].as_i64(), now["summary"]["orphan"].as_i64()), (Some(1), Some(3)), "{now}");
-    assert_eq!(app.reports.computed(), computed + 1, "a report of now is computed");
+    assert_eq!(report_requests(&app, "computed").await, 2.0, "a report of now is computed");
     let (_, older) = app.get_json(&format!("/v1/reconciliation?limit=1&as_of={as_of}")).await;
     assert_eq!(older, first, "computed again, the same report");
-    assert_eq!(app.reports.computed(), computed + 2);
+    assert_eq!(report_requests(&app, "computed").await, 3.0);
 
     // A point the database has not reached, a malformed one, or one that contradicts the cursor.
     let (status, err) = app.get_json("/v1/reconciliation?as_of=999999.0.0").await;
