@@ -318,22 +318,20 @@ impl Store {
     ) -> Result<Vec<CallRow>, StoreError> {
         // A bounded window is read through the time index in one go; everything is read in id
         // order, page by page (the planner cannot know which is cheaper, so say it).
-        let everything = since_ms == i64::MIN && until_ms == i64::MAX;
-        let sql = if everything {
+        let sql = (
             "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
                     completed_at_ms, outcome)) FROM (
                SELECT id, op, owner, friend, requested_at_ms,
                       CASE WHEN seq <= ?4 THEN completed_at_ms END AS completed_at_ms,
                       CASE WHEN seq <= ?4 THEN outcome END AS outcome FROM calls
-               WHERE id > ?3 AND id <= ?5 AND ?1 < ?2 ORDER BY id LIMIT 100000)"
-        } else {
+               WHERE id > ?3 AND id <= ?5 AND ?1 < ?2 ORDER BY id LIMIT 100000)",
             "SELECT count(*), max(id), json_group_array(json_array(id, op, owner, friend, requested_at_ms,
                     completed_at_ms, outcome)) FROM (
                SELECT id, op, owner, friend, requested_at_ms,
                       CASE WHEN seq <= ?4 THEN completed_at_ms END AS completed_at_ms,
                       CASE WHEN seq <= ?4 THEN outcome END AS outcome FROM calls
-               WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3 AND +id <= ?5)"
-        };
+               WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3 AND +id <= ?5)",
+        );
         // CompactString: user names of up to 24 bytes are decoded into the row itself, with no
         // allocation of their own (at a million rows a side, 5 million small allocations less).
         type Raw = (i64, CallOp, CompactString, CompactString, i64, Option<i64>, Option<Outcome>);
@@ -361,8 +359,7 @@ impl Store {
         until_ms: i64,
         at: JournalPoint,
     ) -> Result<Vec<CallbackRow>, StoreError> {
-        let everything = since_ms == i64::MIN && until_ms == i64::MAX;
-        let sql = if everything { ROSTER_CALLBACKS_ALL } else { ROSTER_CALLBACKS_IN_WINDOW };
+        let sql = (ROSTER_CALLBACKS_ALL, ROSTER_CALLBACKS_IN_WINDOW);
         self.read_json_pages(sql, since_ms, until_ms, &[at.seq], "callbacks", callback_row).await
     }
 
@@ -413,17 +410,17 @@ impl Store {
         Ok((kept, counted_total))
     }
 
-    /// Runs `sql` (which selects `count(*), max(id), json_group_array(...)` with `?1` since, `?2`
-    /// until, `?3` after-id, then `bounds` as `?4`, `?5`...) page by page and maps every decoded
-    /// row.
+    /// Runs one of `sql` = (everything, a window) (each selects `count(*), max(id),
+    /// json_group_array(...)` with `?1` since, `?2` until, `?3` after-id, then `bounds` as `?4`,
+    /// `?5`...) and maps every decoded row.
     ///
     /// Reconciling everything reads millions of rows: one JSON text per page of 100,000 avoids
     /// sqlx's per-row hand-over between threads, and the next page is read while this one is
-    /// decoded. Everything (no `since`, no `until`) is read in pages while they come back full
-    /// (id keyset); a window in one query.
+    /// decoded. Everything (no `since`, no `until`) is read with the first statement, in pages
+    /// while they come back full (id keyset); a window with the second, in one query.
     async fn read_json_pages<Raw, Out>(
         &self,
-        sql: &'static str,
+        sql: (&'static str, &'static str),
         since_ms: i64,
         until_ms: i64,
         bounds: &[i64],
@@ -434,6 +431,7 @@ impl Store {
         Raw: serde::de::DeserializeOwned,
     {
         let paged = since_ms == i64::MIN && until_ms == i64::MAX;
+        let sql = if paged { sql.0 } else { sql.1 };
         let query = |after: i64| {
             let q = sqlx::query(sql).bind(since_ms).bind(until_ms).bind(after);
             bounds.iter().fold(q, |q, b| q.bind(*b)).fetch_one(self.read_pool())
