@@ -108,6 +108,20 @@ impl Source {
     }
 }
 
+/// Adds `part`'s items to `doc`'s (or makes `part` the document, with its summary and `as_of`,
+/// if there is none yet): pages of one report, or reports of one `as_of` for several statuses.
+fn append_items(doc: &mut Option<Value>, part: Value) {
+    match doc {
+        None => *doc = Some(part),
+        Some(d) => {
+            let more = part["items"].as_array().cloned().unwrap_or_default();
+            if let Some(items) = d["items"].as_array_mut() {
+                items.extend(more);
+            }
+        }
+    }
+}
+
 /// Every page of the service's report for one status.
 async fn fetch_all_pages(
     base: &str,
@@ -135,15 +149,7 @@ async fn fetch_all_pages(
         }
         let page = fetch_page(&format!("{}/v1/reconciliation", base.trim_end_matches('/')), &q).await?;
         cursor = page["next_cursor"].as_str().map(str::to_string);
-        match doc.as_mut() {
-            None => doc = Some(page),
-            Some(d) => {
-                let more = page["items"].as_array().cloned().unwrap_or_default();
-                if let Some(items) = d["items"].as_array_mut() {
-                    items.extend(more);
-                }
-            }
-        }
+        append_items(&mut doc, page);
         if cursor.is_none() {
             break;
         }
@@ -224,15 +230,7 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
         if as_of.is_none() {
             as_of = r["as_of"].as_str().map(str::to_string);
         }
-        match merged.as_mut() {
-            None => merged = Some(r),
-            Some(m) => {
-                let more = r["items"].as_array().cloned().unwrap_or_default();
-                if let Some(items) = m["items"].as_array_mut() {
-                    items.extend(more);
-                }
-            }
-        }
+        append_items(&mut merged, r);
     }
     let mut report = merged.ok_or_else(|| anyhow::anyhow!("no report"))?;
     report["next_cursor"] = Value::Null;
