@@ -66,6 +66,14 @@ impl AsOf {
         Ok(AsOf { point: store.journal_point().await?, now_ms })
     }
 
+    /// `given` (a cursor's or a named point), or else [`AsOf::now`].
+    pub async fn given_or_now(given: Option<AsOf>, store: &Store, now_ms: i64) -> Result<AsOf, StoreError> {
+        match given {
+            Some(as_of) => Ok(as_of),
+            None => AsOf::now(store, now_ms).await,
+        }
+    }
+
     /// `<seq>.<last call id>.<now, epoch ms>`, as the API shows it.
     pub fn token(&self) -> String {
         format!("{}.{}.{}", self.point.seq, self.point.last_call_id, self.now_ms)
@@ -197,10 +205,7 @@ pub fn decode_cursor(s: &str) -> Option<(ItemKey, AsOf)> {
 
 /// Builds a report, as of `q.as_of` (or of now: the journal as it stands, `params.now_ms`).
 pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Result<Report, StoreError> {
-    let as_of = match q.as_of {
-        Some(as_of) => as_of,
-        None => AsOf::now(store, params.now_ms).await?,
-    };
+    let as_of = AsOf::given_or_now(q.as_of, store, params.now_ms).await?;
     let computed = compute(store, ReportBasis::new(as_of, q, params)).await?;
     Ok(page(&computed, q))
 }

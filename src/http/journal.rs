@@ -113,10 +113,8 @@ async fn get_reconciliation(
     };
     let slot = state.reports.enter().await.inspect_err(|_| state.metrics.report(ReportAnswer::Busy))?;
     let params = state.match_params();
-    let as_of = match as_of {
-        Some(as_of) => as_of,
-        None => report::AsOf::now(&state.store, params.now_ms).await?,
-    };
+    // A report of now is judged as of when it starts, not when it queued.
+    let as_of = report::AsOf::given_or_now(rq.as_of, &state.store, params.now_ms).await?;
     let (computed, answer) = slot.reconciliation(&state.store, ReportBasis::new(as_of, &rq, params)).await?;
     state.metrics.report(answer);
     let report = report::page(&computed, &rq);
