@@ -58,6 +58,16 @@ impl CpuSample {
     }
 }
 
+impl CpuUse {
+    /// Requests per second that `cores` cores would sustain at this cost per request (service and
+    /// client together) with no idle time: what the CPU allows, whatever else holds a run back.
+    /// `None` if the phase used less CPU than the kernel counts (one tick, 10 ms).
+    pub fn cpu_bound_rate(&self, cores: usize) -> Option<f64> {
+        let us = self.service_us_per_request + self.client_us_per_request;
+        (us > 0.0).then(|| cores as f64 * 1e6 / us)
+    }
+}
+
 /// utime + stime of a `/proc/<pid>/stat` line. The command name (field 2) is in parentheses and
 /// may itself contain spaces and parentheses, so fields are counted after the last `)`.
 fn parse_process(stat: &str) -> Option<u64> {
@@ -105,6 +115,10 @@ mod tests {
         assert!((used.service_us_per_request - 30.0).abs() < 1e-9, "{used:?}");
         assert!((used.client_us_per_request - 10.0).abs() < 1e-9, "{used:?}");
         assert!((used.machine_idle - 0.25).abs() < 1e-9, "{used:?}");
+        // 40 µs a request on 2 cores: 2,000,000 µs / 40 = 50,000 requests a second.
+        assert!(used.cpu_bound_rate(2).is_some_and(|r| (r - 50_000.0).abs() < 1e-6), "{used:?}");
+        let idle = CpuUse { service_us_per_request: 0.0, client_us_per_request: 0.0, machine_idle: 1.0 };
+        assert_eq!(idle.cpu_bound_rate(2), None, "no CPU counted, no bound");
     }
 
     #[cfg(target_os = "linux")]

@@ -320,14 +320,14 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
     for round in 1..=a.rounds {
         let suffix = if a.rounds > 1 { format!(" #{round}") } else { String::new() };
         let bare = phases
-            .run(&format!("bare HTTP (GET /healthz){suffix}"), async {
+            .run(Phase::Bare, &format!("bare HTTP (GET /healthz){suffix}"), async {
                 load::closed_loop(addr, a.connections, a.duration, healthz.clone()).await
             })
             .await?;
         // Each round its own run number, so every callback of the whole bench is a new event.
         let run = run_id + u64::from(round - 1);
         let full = phases
-            .run(&format!("verified + committed (POST){suffix}"), async {
+            .run(Phase::Committed, &format!("verified + committed (POST){suffix}"), async {
                 load::closed_loop(addr, a.connections, a.duration, callback(run)).await
             })
             .await?;
@@ -342,7 +342,7 @@ async fn ingest(a: IngestArgs) -> anyhow::Result<()> {
 
     if a.rate > 0 {
         let open = phases
-            .run(&format!("open loop at {}/s (from schedule)", a.rate), async {
+            .run(Phase::OpenLoop, &format!("open loop at {}/s (from schedule)", a.rate), async {
                 load::open_loop(addr, a.connections, a.rate, a.open_loop_duration, callback(run_id + 100_000)).await
             })
             .await?;
@@ -381,8 +381,19 @@ struct Phases {
     addr: SocketAddr,
     pid: u32,
     http: reqwest::Client,
-    cpu_rows: Vec<(String, cpu::CpuUse)>,
+    cpu_rows: Vec<(Phase, String, cpu::CpuUse)>,
     commit_rows: Vec<(String, CommitDelta)>,
+}
+
+/// The kind of a load phase, for the tables that compare them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Closed loop against `GET /healthz`.
+    Bare,
+    /// Closed loop of verified and committed callbacks.
+    Committed,
+    /// Callbacks at a fixed rate.
+    OpenLoop,
 }
 
 /// What the writer did during one phase.
@@ -414,7 +425,11 @@ impl CommitDelta {
 
 impl Phases {
     fn new(addr: SocketAddr, pid: u32) -> Self {
-        Self { addr, pid, http: reqwest::Client::new(), cpu_rows: Vec::new(), commit_rows: Vec::new() }
+        // A new connection for each scrape: the service closes a connection that has been idle
+        // for --header-timeout (5 s), about the length of a phase, and a pooled one reused just
+        // as it closed failed the scrape and left that phase out of the group-commit table.
+        let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default();
+        Self { addr, pid, http, cpu_rows: Vec::new(), commit_rows: Vec::new() }
     }
 
     /// The writer's counters now; `None` if `/metrics` cannot be read (the table is then left out).
@@ -426,6 +441,7 @@ impl Phases {
     /// Runs one load phase and prints its row.
     async fn run(
         &mut self,
+        phase: Phase,
         label: &str,
         load: impl Future<Output = anyhow::Result<load::LoadResult>>,
     ) -> anyhow::Result<load::LoadResult> {
@@ -433,7 +449,7 @@ impl Phases {
         let before = cpu::CpuSample::take(self.pid);
         let result = load.await?;
         if let (Some(before), Some(after)) = (before, cpu::CpuSample::take(self.pid)) {
-            self.cpu_rows.push((label.to_string(), before.until(&after, result.completed)));
+            self.cpu_rows.push((phase, label.to_string(), before.until(&after, result.completed)));
         }
         if let (Some(before), Some(after)) = (commits_before, self.commits().await)
             && after.commits > before.commits
@@ -447,13 +463,36 @@ impl Phases {
     fn print_tables(&self) {
         if !self.cpu_rows.is_empty() {
             println!("\nCPU per request (the client shares the machine with the service)");
-            println!("{:<34} {:>12} {:>12} {:>12}", "phase", "service µs", "client µs", "idle CPU");
-            for (label, used) in &self.cpu_rows {
+            println!(
+                "{:<34} {:>12} {:>12} {:>12} {:>14}",
+                "phase", "service µs", "client µs", "idle CPU", "CPU-bound /s"
+            );
+            let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+            let mut bare_rate = None;
+            let mut bound_ratios = Vec::new();
+            for (phase, label, used) in &self.cpu_rows {
+                // A fixed-rate phase is not limited by CPU; its cost per request includes waking
+                // up for each one.
+                let rate = if *phase == Phase::OpenLoop { None } else { used.cpu_bound_rate(cores) };
+                match (phase, rate) {
+                    (Phase::Bare, _) => bare_rate = rate,
+                    (Phase::Committed, Some(rate)) => bound_ratios.extend(bare_rate.map(|bare| rate / bare)),
+                    _ => {}
+                }
                 println!(
-                    "{label:<34} {:>12.1} {:>12.1} {:>11.0}%",
+                    "{label:<34} {:>12.1} {:>12.1} {:>11.0}% {:>14}",
                     used.service_us_per_request,
                     used.client_us_per_request,
-                    100.0 * used.machine_idle
+                    100.0 * used.machine_idle,
+                    rate.map_or_else(|| "-".to_string(), |r| format!("{r:.0}"))
+                );
+            }
+            if !bound_ratios.is_empty() {
+                println!(
+                    "CPU-bound /s: what {cores} cores would sustain at that CPU per request with none idle. Their \
+                     committed / bare ratio, {:.2}{}, is the most these costs allow on this machine.",
+                    median(&mut bound_ratios),
+                    if bound_ratios.len() > 1 { " (median)" } else { "" }
                 );
             }
         }

@@ -66,13 +66,18 @@ async fn bench_ingest_reports_every_phase_and_that_every_acknowledged_callback_w
     if cfg!(target_os = "linux") {
         assert!(out.contains("CPU per request"), "{out}");
         let cpu = out.split("CPU per request").nth(1).expect("CPU table");
-        let row = fields(cpu, "verified + committed (POST) #2");
-        assert_eq!(row.len(), 3, "service µs, client µs, idle % in {row:?}");
-        // Figures only: a short phase on a busy machine may use less CPU than one clock tick.
-        for value in &row[..2] {
-            assert!(value.parse::<f64>().expect("µs per request") >= 0.0, "{row:?}");
+        for label in ["verified + committed (POST) #2", "open loop at 100/s (from schedule)"] {
+            let row = fields(cpu, label);
+            assert_eq!(row.len(), 4, "service µs, client µs, idle %, CPU-bound rate in {row:?}");
+            // Figures only: a short phase on a busy machine may use less CPU than one clock tick.
+            for value in &row[..2] {
+                assert!(value.parse::<f64>().expect("µs per request") >= 0.0, "{row:?}");
+            }
+            assert!(row[2].ends_with('%'), "{row:?}");
+            // A closed loop's rate is a number unless it used no measurable CPU; a fixed rate has none.
+            let open = label.starts_with("open loop");
+            assert!(if open { row[3] == "-" } else { row[3] == "-" || row[3].parse::<f64>().is_ok() }, "{row:?}");
         }
-        assert!(row[2].ends_with('%'), "{row:?}");
     }
     // The writer's commits during each callback phase, read from the service's /metrics.
     let commits = out.split("Group commit").nth(1).unwrap_or_else(|| panic!("no group-commit table in:\n{out}"));
