@@ -94,22 +94,31 @@ SELECT count(*), json_group_array(json_array(seq, operation, from_user, to_user,
 /// One page of the feed as NDJSON, rendered by SQLite itself: one text value per page instead of
 /// one row per record keeps sqlx's per-row cost off the export path. Both halves walk their
 /// `seq` index (`+` on the time columns keeps the planner from scanning by time and sorting).
+/// Each half picks up to a page of (seq, id); only the page's records, once merged, are rendered
+/// (rendering both halves' candidates rendered up to twice the page and threw half away).
 const FEED_PAGE: &str = "\
 SELECT count(*), max(seq), group_concat(line, char(10) ORDER BY seq) FROM (
-  SELECT seq, line FROM (
-    SELECT seq, json_object('seq', seq, 'kind', 'call', 'owner', owner, 'friend', friend, 'operation', op,
+  SELECT seq, CASE WHEN is_call THEN (
+      SELECT json_object('seq', seq, 'kind', 'call', 'owner', owner, 'friend', friend, 'operation', op,
              'outcome', outcome, 'chat_type', NULL, 'event_time', requested_at_ms,
              'received_time', completed_at_ms, 'id', CAST(id AS TEXT), 'msg_id', NULL,
-             'upstream_status', upstream_status, 'upstream_error', upstream_error) AS line
-    FROM calls WHERE seq > ?1 AND +requested_at_ms >= ?3 AND +requested_at_ms < ?4 ORDER BY seq LIMIT ?2)
-  UNION ALL
-  SELECT seq, line FROM (
-    SELECT seq, json_object('seq', seq, 'kind', 'callback', 'owner', from_user, 'friend', to_user,
+             'upstream_status', upstream_status, 'upstream_error', upstream_error)
+      FROM calls WHERE id = page.id)
+    ELSE (
+      SELECT json_object('seq', seq, 'kind', 'callback', 'owner', from_user, 'friend', to_user,
              'operation', operation, 'outcome', NULL, 'chat_type', chat_type, 'event_time', timestamp_ms,
              'received_time', received_at_ms, 'id', call_id, 'msg_id', msg_id,
-             'upstream_status', NULL, 'upstream_error', NULL) AS line
-    FROM callbacks WHERE seq > ?1 AND +timestamp_ms >= ?3 AND +timestamp_ms < ?4 ORDER BY seq LIMIT ?2)
-  ORDER BY seq LIMIT ?2)";
+             'upstream_status', NULL, 'upstream_error', NULL)
+      FROM callbacks WHERE id = page.id) END AS line
+  FROM (
+    SELECT seq, is_call, id FROM (
+      SELECT seq, 1 AS is_call, id FROM calls
+      WHERE seq > ?1 AND +requested_at_ms >= ?3 AND +requested_at_ms < ?4 ORDER BY seq LIMIT ?2)
+    UNION ALL
+    SELECT seq, is_call, id FROM (
+      SELECT seq, 0 AS is_call, id FROM callbacks
+      WHERE seq > ?1 AND +timestamp_ms >= ?3 AND +timestamp_ms < ?4 ORDER BY seq LIMIT ?2)
+    ORDER BY seq LIMIT ?2) AS page)";
 
 /// A page of the feed: NDJSON lines (no trailing newline) and the last seq in it.
 #[derive(Debug, Clone, Default)]
