@@ -7,8 +7,9 @@ use friendhook::config::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
 /// jemalloc rather than the platform's malloc: after a large reconciliation report, glibc kept the
-/// freed memory in the arena of each thread that had run one (a service grew to 650-710 MB over
-/// six reports of 450 MB each); jemalloc reuses it and hands it back to the system within seconds.
+/// freed memory in the arena of each thread that had run one (seven full reports in a row at a
+/// million rows took a service to 667-713 MB, one alone to ~450 MB); jemalloc reuses it across
+/// threads and hands it back to the system within seconds.
 #[cfg(not(target_env = "msvc"))]
 #[global_allocator]
 static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;

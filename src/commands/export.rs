@@ -121,10 +121,10 @@ struct CsvNumbers([String; 3]);
 /// Writes `r` as one CSV row (the columns of [`CSV_HEADER`]), borrowing its fields: copying each
 /// into a string of its own first cost twelve allocations a row.
 fn write_csv_row(w: &mut csv::Writer<Vec<u8>>, r: &FeedRecord, numbers: &mut CsvNumbers) -> csv::Result<()> {
+    use std::fmt::Write as _;
     fn s(v: &Option<String>) -> &str {
         v.as_deref().unwrap_or_default()
     }
-    use std::fmt::Write as _;
     let [seq, event_time, received_time] = &mut numbers.0;
     for (text, n) in [(&mut *seq, r.seq), (&mut *event_time, r.event_time), (&mut *received_time, r.received_time)] {
         text.clear();
