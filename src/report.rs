@@ -453,11 +453,9 @@ mod tests {
     /// (pairs nobody called: counted in SQLite; called pairs outside every call's window: loaded).
     #[tokio::test]
     async fn the_summary_counts_what_the_full_report_does_without_loading_every_orphan() {
-        const START: i64 = 1_700_000_000_000;
+        const START: i64 = crate::store::SEED_START_MS;
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, _) = crate::store::open_test_store(&dir).await;
-        let spec = crate::store::seed::SeedSpec { calls: 3_000, callbacks: 3_600, start_ms: START, step_ms: 1_000 };
-        store.seed_bulk(spec, |_| {}).await.expect("seed");
+        let store = crate::store::seeded_test_store(&dir, 3_000, 3_600).await;
         // Seeded call n is user{n} -> peer{7n}, requested at START + n s. These callbacks of the
         // first 20 calls' pairs come long after those calls' windows have closed.
         for k in 0..20u64 {

@@ -556,11 +556,9 @@ mod tests {
     /// candidates gives each record of the range once, in seq order, rendered from its own row.
     #[tokio::test]
     async fn feed_pages_merge_calls_and_callbacks_in_seq_order() {
-        const START: i64 = 1_700_000_000_000;
+        const START: i64 = crate::store::SEED_START_MS;
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, _) = crate::store::open_test_store(&dir).await;
-        let spec = crate::store::seed::SeedSpec { calls: 300, callbacks: 400, start_ms: START, step_ms: 1_000 };
-        store.seed_bulk(spec, |_| {}).await.expect("seed");
+        let store = crate::store::seeded_test_store(&dir, 300, 400).await;
         for (since, until) in [(i64::MIN, i64::MAX), (START + 50_000, START + 200_000)] {
             let expected: Vec<(i64, String, String)> = sqlx::query_as(
                 "SELECT seq, 'call', CAST(id AS TEXT) FROM calls

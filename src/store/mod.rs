@@ -558,6 +558,21 @@ pub(crate) async fn open_test_store(dir: &tempfile::TempDir) -> (Store, String) 
     (store, url)
 }
 
+/// When the first call of [`seeded_test_store`] is requested (epoch ms); call n follows n seconds
+/// later.
+#[cfg(test)]
+pub(crate) const SEED_START_MS: i64 = 1_700_000_000_000;
+
+/// A test store (see [`open_test_store`]) seeded in bulk with `calls` calls and `callbacks`
+/// callbacks, one call a second from [`SEED_START_MS`].
+#[cfg(test)]
+pub(crate) async fn seeded_test_store(dir: &tempfile::TempDir, calls: u64, callbacks: u64) -> Store {
+    let (store, _) = open_test_store(dir).await;
+    let spec = seed::SeedSpec { calls, callbacks, start_ms: SEED_START_MS, step_ms: 1_000 };
+    store.seed_bulk(spec, |_| {}).await.expect("seed");
+    store
+}
+
 /// The `detail` lines of SQLite's plan for `sql` (parameters left unbound), for tests that pin
 /// which index a query uses.
 #[cfg(test)]
