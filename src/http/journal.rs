@@ -200,6 +200,23 @@ impl ReportGate {
         self.waiting.load(Ordering::Relaxed)
     }
 
+    /// The number of the kept report's last use, if a report is kept.
+    pub fn kept_use(&self) -> Option<u64> {
+        self.kept().as_ref().map(|(_, n)| *n)
+    }
+
+    /// Lets the kept report go if `use_number` is still its last use; `true` if it was let go.
+    /// Each use runs this [`ReportGate::KEEP_FOR`] after it, so a report is let go once it has
+    /// not been used for that long, and a later use renews it.
+    pub fn let_go_unless_used_since(&self, use_number: u64) -> bool {
+        let mut kept = self.kept();
+        if kept.as_ref().is_some_and(|(_, n)| *n == use_number) {
+            *kept = None;
+            return true;
+        }
+        false
+    }
+
     fn kept(&self) -> std::sync::MutexGuard<'_, Option<(Arc<report::Computed>, u64)>> {
         // A panic while holding this lock cannot leave the Option half-written.
         self.kept.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -236,10 +253,7 @@ impl ReportSlot {
         tokio::spawn(async move {
             tokio::time::sleep(ReportGate::KEEP_FOR).await;
             if let Some(gate) = weak.upgrade() {
-                let mut kept = gate.kept();
-                if kept.as_ref().is_some_and(|(_, n)| *n == use_number) {
-                    *kept = None;
-                }
+                gate.let_go_unless_used_since(use_number);
             }
         });
         Ok((computed, answer))

@@ -296,6 +296,37 @@ async fn a_queued_report_runs_once_the_one_before_it_finishes() {
 }
 
 #[tokio::test]
+async fn the_kept_report_is_let_go_once_unused_since_a_use() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("900004", "carol", "dave", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    assert_eq!(app.reports.kept_use(), None, "nothing computed yet");
+
+    let (status, body) = app.get_json("/v1/reconciliation").await;
+    assert_eq!(status, 200);
+    let first = app.reports.kept_use().expect("the report is kept for its next pages");
+    // The same report again: asked as of the same point.
+    let as_of = body["as_of"].as_str().expect("a report names its point").to_owned();
+    let (status, _) = app.get_json(&format!("/v1/reconciliation?as_of={as_of}")).await;
+    assert_eq!(status, 200);
+    let second = app.reports.kept_use().expect("still kept");
+    assert_ne!(first, second, "each use is numbered");
+    assert_eq!((report_requests(&app, "computed").await, report_requests(&app, "reused").await), (1.0, 1.0));
+
+    // What the first use's expiry runs once KEEP_FOR has passed: a use came since, so it stays.
+    assert!(!app.reports.let_go_unless_used_since(first));
+    assert_eq!(app.reports.kept_use(), Some(second));
+    // The last use's expiry lets it go, and the next request computes the report again.
+    assert!(app.reports.let_go_unless_used_since(second));
+    assert_eq!(app.reports.kept_use(), None);
+    let (status, body) = app.get_json("/v1/reconciliation").await;
+    assert_eq!(status, 200);
+    assert_eq!(body["summary"]["orphan"], 1, "{body}");
+    assert_eq!(report_requests(&app, "computed").await, 2.0);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn reconcile_cli_asks_again_while_the_service_is_busy_with_another_report() {
     use tokio::io::AsyncBufReadExt;
     // A report waits 200 ms for its turn here, then the CLI is told to come back (Retry-After).
