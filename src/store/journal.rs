@@ -348,7 +348,10 @@ impl Store {
         // allocation of their own (at a million rows a side, 5 million small allocations less).
         type Raw = (i64, CallOp, CompactString, CompactString, i64, Option<i64>, Option<Outcome>);
         let bounds = [at.seq, at.last_call_id];
-        self.read_json_pages(sql, since_ms, until_ms, &bounds, "calls", |row: Raw| {
+        // Calls are numbered from 1 without gaps (append-only), so everything up to the point is
+        // `last_call_id` rows: reserved at once instead of grown page by page.
+        let expected = usize::try_from(at.last_call_id).unwrap_or(0);
+        self.read_json_pages(sql, (since_ms, until_ms), &bounds, expected, "calls", |row: Raw| {
             let (id, op, owner, friend, requested_at_ms, completed_at_ms, outcome) = row;
             CallRow {
                 id,
@@ -372,7 +375,7 @@ impl Store {
         at: JournalPoint,
     ) -> Result<Vec<CallbackRow>, StoreError> {
         let sql = (ROSTER_CALLBACKS_ALL, ROSTER_CALLBACKS_IN_WINDOW);
-        self.read_json_pages(sql, since_ms, until_ms, &[at.seq], "callbacks", callback_row).await
+        self.read_json_pages(sql, (since_ms, until_ms), &[at.seq], 0, "callbacks", callback_row).await
     }
 
     /// The roster add/remove callbacks stored by `at` with an event time in `[since, until)` that
@@ -424,7 +427,8 @@ impl Store {
 
     /// Runs one of `sql` = (everything, a window) (each selects `count(*), max(id),
     /// json_group_array(...)` with `?1` since, `?2` until, `?3` after-id, then `bounds` as `?4`,
-    /// `?5`...) and maps every decoded row.
+    /// `?5`...) and maps every decoded row. `expected`: how many rows everything holds at most,
+    /// when the caller knows it without a query (0 if not).
     ///
     /// Reconciling everything reads millions of rows: one JSON text per page of 100,000 avoids
     /// sqlx's per-row hand-over between threads, and the next page is read while this one is
@@ -433,9 +437,9 @@ impl Store {
     async fn read_json_pages<Raw, Out>(
         &self,
         sql: (&'static str, &'static str),
-        since_ms: i64,
-        until_ms: i64,
+        (since_ms, until_ms): (i64, i64),
         bounds: &[i64],
+        expected: usize,
         what: &str,
         map: impl Fn(Raw) -> Out,
     ) -> Result<Vec<Out>, StoreError>
@@ -449,6 +453,10 @@ impl Store {
             bounds.iter().fold(q, |q, b| q.bind(*b)).fetch_one(self.read_pool())
         };
         let mut out = Vec::new();
+        if paged {
+            // A hint only: if it cannot be had, the vector grows page by page as usual.
+            let _ = out.try_reserve_exact(expected);
+        }
         let mut after = i64::MIN;
         let mut prefetched = None;
         loop {
