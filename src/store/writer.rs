@@ -575,6 +575,9 @@ impl Writer {
         match self.connect.connect().await {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut self.conn, fresh);
+                // `PRAGMA data_version` is per connection: the value noted on the old one says
+                // nothing about commits the new one has not seen, so reload the head.
+                self.data_version = None;
                 if let Err(err) = old.close().await {
                     tracing::debug!(error = %err, "closing the failed write connection");
                 }
@@ -1047,6 +1050,79 @@ mod tests {
             let plain = insert_callbacks_sql(rows, false);
             assert_eq!(plain.matches('?').count(), rows * FAST_COLUMNS, "{rows} rows, unguarded");
         }
+    }
+
+    /// A writer of its own on `url`'s database, as another process would run one (the service's
+    /// store keeps its writer running meanwhile): driven batch by batch by the test.
+    async fn second_writer(url: &str) -> Writer {
+        use sqlx::ConnectOptions;
+        let connect = super::super::connect_options(url).expect("options");
+        let mut conn = connect.connect().await.expect("connect");
+        let head = super::super::reads::load_head(&mut conn).await.expect("head");
+        let (committed, _) = watch::channel(head.seq);
+        Writer {
+            conn,
+            connect,
+            reopen_pending: false,
+            head,
+            clock: crate::clock::system(),
+            limits: WriterLimits { max_batch: 64, rejection_cap: 1_000, quarantine_cap: 1_000 },
+            committed,
+            health: Arc::new(WriterHealth::default()),
+            data_version: None,
+            fast_sql: Vec::new(),
+            users_indexed_upto: 0,
+            users_indexed_at: std::time::Instant::now(),
+            metrics: WriterMetrics::default(),
+            failure_log: LogThrottle::new(10_000),
+            failed_since_commit: 0,
+        }
+    }
+
+    /// `PRAGMA data_version` counts the commits of other connections as seen by one connection,
+    /// so a value read on the connection a writer replaced says nothing about the new one. A
+    /// writer that kept it across a reopen (after a failed `callback_users` chunk, say) took its
+    /// stale head for current when another process had stored an event meanwhile, and gave the
+    /// next call outcome that event's seq: two records on one seq, a forked chain, no error.
+    #[tokio::test]
+    async fn a_reopened_connection_reloads_the_head_another_writer_moved() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, url) = crate::store::open_test_store(&dir).await;
+        let mut writer = second_writer(&url).await;
+
+        let (tx, rx) = oneshot::channel();
+        let intent = NewCall {
+            op: crate::model::CallOp::Add,
+            owner: "alice".into(),
+            friend: "bob".into(),
+            idempotency_key: None,
+        };
+        writer.commit_batch(&mut vec![Job::Intent(intent, tx)]).await;
+        let Ok(Ok(IntentResult::Created(call))) = rx.await else { panic!("intent not created") };
+        assert!(writer.data_version.is_some(), "the transactional write noted the connection's data_version");
+
+        // The other writer stores an event: seq 1.
+        let ack = store.insert_callback(new_callback(1)).await.expect("stored");
+        assert_eq!(ack.seq, 1);
+
+        // This writer's connection is replaced, then it records the call's outcome.
+        writer.reopen_pending = true;
+        let (tx, rx) = oneshot::channel();
+        let outcome = CallOutcome {
+            call,
+            outcome: Outcome::Succeeded,
+            upstream_status: Some(200),
+            upstream_error: None,
+            attempts: 1,
+            response_body: None,
+        };
+        writer.commit_batch(&mut vec![Job::Outcome(Box::new(outcome), tx)]).await;
+        let recorded = rx.await.expect("answered").expect("recorded");
+        assert_eq!(recorded.seq, Some(2), "the next seq after the other writer's event");
+        let verdict = crate::commands::audit::verify(&store).await.expect("verify");
+        assert!(matches!(verdict, crate::commands::audit::Verdict::Intact { records: 2, .. }), "{verdict:?}");
+        writer.conn.close().await.expect("close");
+        store.close().await;
     }
 
     /// More callbacks than one fast-path statement takes, queued before the writer looks (a
