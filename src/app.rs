@@ -129,6 +129,14 @@ pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>
         .fallback(|| async {
             error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API")
         })
+        // A known path with another method (axum adds the `Allow` header).
+        .method_not_allowed_fallback(|| async {
+            error_response(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method (see `Allow` and the README's HTTP API)",
+            )
+        })
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(Arc::new(api_tokens), require_api_token))
         .layer(CatchPanicLayer::custom(|_| {

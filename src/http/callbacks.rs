@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 
 use axum::Json;
 use axum::body::Body;
+use axum::extract::rejection::PathRejection;
 use axum::extract::{ConnectInfo, Path, Query, State};
 use axum::http::{HeaderMap, header};
 use axum::response::{IntoResponse, Response};
@@ -17,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::query::{parse_cursor, parse_limit, parse_opt_time};
+use super::query::{bad_path, parse_cursor, parse_limit, parse_opt_time};
 use crate::app::{AppState, SharedState};
 use crate::callback::{self, ParsedCallback};
 use crate::config::OnBadSignature;
@@ -308,7 +309,11 @@ async fn list_callbacks(
     Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
 }
 
-async fn get_callback(State(state): State<SharedState>, Path(seq): Path<String>) -> Result<Response, ApiError> {
+async fn get_callback(
+    State(state): State<SharedState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(seq) = path.map_err(bad_path)?;
     let seq: i64 =
         seq.parse().map_err(|_| ApiError::bad_request("invalid_path", format!("`{seq}` is not a sequence number")))?;
     match state.store.get_callback(seq).await? {

@@ -6,7 +6,7 @@
 //! leave a call without an outcome; only a crash can, and start-up closes those as `unknown`.
 
 use axum::Json;
-use axum::extract::rejection::JsonRejection;
+use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -14,7 +14,7 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::query::{parse_cursor, parse_limit, parse_opt_time};
+use super::query::{bad_path, parse_cursor, parse_limit, parse_opt_time};
 use crate::app::SharedState;
 use crate::easemob::{self, ApiFailure, EasemobClient};
 use crate::error::ApiError;
@@ -29,7 +29,12 @@ pub fn router() -> axum::Router<SharedState> {
         .route("/v1/friends/{owner}/{friend}", delete(remove_friend))
         .route("/v1/calls", get(list_calls))
         .route("/v1/calls/{id}", get(get_call))
+        .layer(axum::extract::DefaultBodyLimit::max(BODY_LIMIT))
 }
+
+/// Largest request body of these endpoints (a full batch of [`MAX_BATCH`] pairs is a few tens
+/// of kilobytes); set here so the 413 can say what it is.
+const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 /// The JSON shape of a call record.
 #[derive(Debug, Clone, Serialize)]
@@ -96,8 +101,14 @@ struct BatchBody {
 /// Largest batch accepted.
 pub const MAX_BATCH: usize = 1000;
 
+/// The body, or the error axum found, as 415 (no JSON content type), 413 (over [`BODY_LIMIT`])
+/// or 400 (not JSON of the expected shape).
 fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
-    body.map(|Json(b)| b).map_err(|e| ApiError::bad_request("invalid_json", e.body_text()))
+    body.map(|Json(b)| b).map_err(|e| match e.status() {
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(e.body_text()),
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: BODY_LIMIT },
+        _ => ApiError::bad_request("invalid_json", e.body_text()),
+    })
 }
 
 /// Validates and lower-cases a pair (Easemob stores user IDs lower-case, and its callbacks carry
@@ -222,8 +233,9 @@ async fn add_friend(
 async fn remove_friend(
     State(state): State<SharedState>,
     headers: HeaderMap,
-    Path((owner, friend)): Path<(String, String)>,
+    path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
+    let Path((owner, friend)) = path.map_err(bad_path)?;
     trigger(state, headers, CallOp::Remove, Some(&owner), Some(&friend)).await
 }
 
@@ -299,7 +311,11 @@ async fn list_calls(
     Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
 }
 
-async fn get_call(State(state): State<SharedState>, Path(id): Path<String>) -> Result<Response, ApiError> {
+async fn get_call(
+    State(state): State<SharedState>,
+    path: Result<Path<String>, PathRejection>,
+) -> Result<Response, ApiError> {
+    let Path(id) = path.map_err(bad_path)?;
     let id: i64 = id.parse().map_err(|_| ApiError::bad_request("invalid_path", format!("`{id}` is not a call id")))?;
     match state.store.get_call(id).await? {
         Some(c) => Ok(Json(CallView::from(c)).into_response()),

@@ -295,6 +295,12 @@ async fn get_feed(
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(bad_query)?;
     let after = q.after.unwrap_or(0);
+    if after < 0 {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`after` must be 0 (from the start) or the `X-Last-Seq` of a previous page",
+        ));
+    }
     let limit = q.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
         return Err(ApiError::bad_request("invalid_query", "`limit` must be between 1 and 10000"));

@@ -33,12 +33,20 @@ pub fn parse_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
-/// A cursor is the last seen position (seq or id) as decimal text.
+/// A path segment axum could not decode (not UTF-8 once percent-decoded), as a JSON 400 rather
+/// than axum's plain-text one.
+pub fn bad_path(e: axum::extract::rejection::PathRejection) -> ApiError {
+    ApiError::bad_request("invalid_path", e.body_text())
+}
+
+/// A cursor is the last seen position (seq or id) as decimal text. Positions start at 1, so a
+/// negative one is refused rather than read from: a lookup by user walks its index bucket by
+/// bucket from the cursor, and from `i64::MIN` that walk would not end.
 pub fn parse_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
     cursor
         .filter(|c| !c.is_empty())
         .map(|c| {
-            c.parse::<i64>().map_err(|_| {
+            c.parse::<i64>().ok().filter(|n| *n >= 0).ok_or_else(|| {
                 ApiError::bad_request("invalid_query", "`cursor` must be a value of `next_cursor` from a previous page")
             })
         })
@@ -61,5 +69,16 @@ mod tests {
         assert_eq!(parse_limit(None).ok(), Some(100));
         assert!(parse_limit(Some(0)).is_err());
         assert!(parse_limit(Some(1001)).is_err());
+    }
+
+    #[test]
+    fn cursors_are_positions_from_zero() {
+        assert_eq!(parse_cursor(None).ok(), Some(None));
+        assert_eq!(parse_cursor(Some("")).ok(), Some(None));
+        assert_eq!(parse_cursor(Some("0")).ok(), Some(Some(0)));
+        assert_eq!(parse_cursor(Some("42")).ok(), Some(Some(42)));
+        for bad in ["-1", "-9223372036854775808", "x", "1.5"] {
+            assert!(parse_cursor(Some(bad)).is_err(), "{bad}");
+        }
     }
 }

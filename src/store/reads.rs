@@ -255,7 +255,9 @@ fn list_callbacks_query(f: &CallbackFilter) -> QueryBuilder<'static, Sqlite> {
         (None, None) => None,
     };
     if let Some((role, column, user)) = by_user {
-        let after = f.after_seq.unwrap_or(0);
+        // Never below 0 (the HTTP layer refuses negative cursors too): the walk below takes one
+        // step per bucket from here.
+        let after = f.after_seq.unwrap_or(0).max(0);
         // One key lookup per bucket of 65,536 sequence numbers (see migration 0002), from the
         // cursor's bucket to the last indexed one.
         q.push(" AND seq IN (WITH RECURSIVE buckets (b) AS (SELECT ")

@@ -766,3 +766,65 @@ async fn secrets_and_tokens_stay_out_of_the_log_at(level: &str, level_marker: &s
     }
     assert!(!contains_sandbox_token(&log), "an issued access token appears in the log");
 }
+
+/// Requests the API itself refuses before any handler logic runs: each gets the documented JSON
+/// error with the right status, not axum's plain text, and a negative cursor is refused rather
+/// than walked from (a lookup by user steps through its index from the cursor's bucket).
+#[tokio::test]
+async fn malformed_api_requests_get_json_errors_with_the_right_status() {
+    let app = TestApp::spawn(&[]).await;
+    let cases: Vec<(&str, reqwest::RequestBuilder, u16, &str)> = vec![
+        (
+            "negative cursor with a user filter",
+            app.client.get(format!("{}/v1/callbacks?from=alice&cursor=-9223372036854775808", app.base)),
+            400,
+            "invalid_query",
+        ),
+        ("negative cursor of calls", app.client.get(format!("{}/v1/calls?cursor=-1", app.base)), 400, "invalid_query"),
+        ("negative feed position", app.client.get(format!("{}/v1/feed?after=-1", app.base)), 400, "invalid_query"),
+        (
+            "GET on the callback endpoint",
+            app.client.get(format!("{}/callbacks/easemob", app.base)),
+            405,
+            "method_not_allowed",
+        ),
+        ("PUT on /v1/friends", app.client.put(format!("{}/v1/friends", app.base)), 405, "method_not_allowed"),
+        ("call id not UTF-8", app.client.get(format!("{}/v1/calls/%FF", app.base)), 400, "invalid_path"),
+        ("seq not UTF-8", app.client.get(format!("{}/v1/callbacks/%C3", app.base)), 400, "invalid_path"),
+        ("user not UTF-8", app.client.delete(format!("{}/v1/friends/%FF/bob", app.base)), 400, "invalid_path"),
+        (
+            "friend request without a JSON content type",
+            app.client.post(format!("{}/v1/friends", app.base)).body(r#"{"owner":"alice","friend":"bob"}"#),
+            415,
+            "unsupported_media_type",
+        ),
+    ];
+    for (what, request, status, code) in cases {
+        let resp = request.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(resp.status().as_u16(), status, "{what}");
+        if status == 405 {
+            assert!(resp.headers().contains_key("allow"), "{what}: a 405 says which methods the path takes");
+        }
+        let content_type = resp.headers().get("content-type").and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let body = resp.bytes().await.unwrap_or_else(|e| panic!("{what}: {e}"));
+        let err = assert_json_error(what, content_type.as_deref(), &body);
+        assert_eq!(err["code"], code, "{what}: {err}");
+    }
+    // Over the body limit: sent raw, the body from its own task, so that the server answering
+    // before it has read everything cannot fail the exchange.
+    let oversized = format!(r#"{{"owner":"alice","friend":"{}"}}"#, "b".repeat(3 * 1024 * 1024));
+    let head = format!(
+        "POST /v1/friends HTTP/1.1\r\nHost: {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        app.addr,
+        oversized.len()
+    );
+    let (status, head, body) = raw_exchange(app.addr, head.into_bytes(), oversized.into_bytes()).await;
+    assert_eq!(status, 413, "{head}");
+    let err = assert_json_error("friend request over the body limit", header_value(&head, "content-type"), &body);
+    assert_eq!(err["code"], "payload_too_large", "{err}");
+
+    // A cursor of 0 is the start, as before.
+    let (status, page) = app.get_json("/v1/callbacks?from=alice&cursor=0").await;
+    assert_eq!(status, 200, "{page}");
+    app.stop().await;
+}
