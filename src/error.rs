@@ -119,16 +119,24 @@ impl ApiError {
     }
 }
 
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let status = self.status();
-        let detail = match &self {
+impl ApiError {
+    /// The `detail` a client is shown. An internal error is logged with its cause here and shown
+    /// as a pointer to the log: its text may name files or queries.
+    pub fn public_detail(&self) -> String {
+        match self {
             ApiError::Internal(err) => {
                 tracing::error!(error = format!("{err:#}"), "internal error while handling a request");
                 "internal error; see the service log".to_string()
             }
             other => other.to_string(),
-        };
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let detail = self.public_detail();
         let mut response = (status, Json(ErrorBody { code: self.code(), detail: &detail })).into_response();
         if let ApiError::Unavailable { retry_after_secs, .. } = &self {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));

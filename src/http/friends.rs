@@ -135,11 +135,26 @@ fn client(state: &SharedState) -> Result<EasemobClient, ApiError> {
 
 /// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
 /// request so a disconnect cannot cut it between the two records.
-async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), ApiError> {
-    let record = match state.store.insert_call_intent(call).await? {
+/// A call that could not be carried through: `sent` is the id of its intent when the request
+/// went to Easemob before the failure (its outcome could not be recorded), `None` when nothing
+/// was sent (the intent could not be recorded).
+struct CallFailure {
+    error: ApiError,
+    sent: Option<i64>,
+}
+
+impl From<ApiError> for CallFailure {
+    fn from(error: ApiError) -> Self {
+        Self { error, sent: None }
+    }
+}
+
+async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), CallFailure> {
+    let record = match state.store.insert_call_intent(call).await.map_err(ApiError::from)? {
         IntentResult::Existing(existing) => return Ok((existing, true)),
         IntentResult::Created(record) => record,
     };
+    let id = record.id;
     let task = tokio::spawn(async move {
         let result = match record.op {
             CallOp::Add => client.add_friend(&record.owner, &record.friend).await,
@@ -173,7 +188,8 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
         }
         recorded
     });
-    let record = task.await.map_err(ApiError::internal)??;
+    let sent = |error: ApiError| CallFailure { error, sent: Some(id) };
+    let record = task.await.map_err(|e| sent(ApiError::internal(e)))?.map_err(|e| sent(ApiError::from(e)))?;
     Ok((record, false))
 }
 
@@ -196,7 +212,7 @@ async fn trigger(
     let key = idempotency_key(&headers)?;
     let client = client(&state)?;
     let new = NewCall { op, owner, friend, idempotency_key: key };
-    let (record, replayed) = execute(state.clone(), client, new.clone()).await?;
+    let (record, replayed) = execute(state.clone(), client, new.clone()).await.map_err(|f| f.error)?;
     if replayed {
         if record.op != new.op || record.owner != new.owner || record.friend != new.friend {
             return Err(ApiError::Unprocessable {
@@ -258,14 +274,52 @@ async fn add_friends_batch(
         calls.push(NewCall { op: CallOp::Add, owner, friend, idempotency_key: None });
     }
     let client = client(&state)?;
-    // All run at once; the client's rate limiter paces them to Easemob's limit.
+    // All run at once; the client's rate limiter paces them to Easemob's limit. Every one is
+    // waited for: one failing (storage busy, say) does not stop the others, which may already
+    // have gone to Easemob, so the answer has to say what became of each.
+    let pairs: Vec<(String, String)> = calls.iter().map(|c| (c.owner.clone(), c.friend.clone())).collect();
     let tasks: Vec<_> = calls.into_iter().map(|c| tokio::spawn(execute(state.clone(), client.clone(), c))).collect();
-    let mut results = Vec::with_capacity(tasks.len());
-    for t in tasks {
-        let (record, _) = t.await.map_err(ApiError::internal)??;
-        results.push(CallView::from(record));
+    let mut done = Vec::with_capacity(tasks.len());
+    for (t, pair) in tasks.into_iter().zip(pairs) {
+        let result = t.await.map_err(|e| CallFailure::from(ApiError::internal(e))).and_then(|r| r);
+        done.push((pair, result.map(|(record, _)| record)));
     }
-    Ok(Json(json!({ "results": results })).into_response())
+    Ok(Json(batch_answer(done)?).into_response())
+}
+
+/// The answer to a batch, one result per pair in request order: the call, or for a pair whose
+/// call could not be carried through, `error` with whether it was `sent` (then `call_id` is its
+/// record, in flight until a restart closes it as `unknown`; not sent: safe to send again).
+/// When no pair was recorded or sent, the batch failed as a whole: the first error.
+fn batch_answer(done: Vec<((String, String), Result<CallRecord, CallFailure>)>) -> Result<Value, ApiError> {
+    let mut results = Vec::with_capacity(done.len());
+    let mut first_unsent: Option<ApiError> = None;
+    let mut anything_happened = false;
+    for ((owner, friend), result) in done {
+        match result {
+            Ok(record) => {
+                anything_happened = true;
+                results.push(json!(CallView::from(record)));
+            }
+            Err(CallFailure { error, sent }) => {
+                anything_happened |= sent.is_some();
+                results.push(json!({
+                    "owner": owner,
+                    "friend": friend,
+                    "error": {"code": error.code(), "detail": error.public_detail()},
+                    "sent": sent.is_some(),
+                    "call_id": sent,
+                }));
+                if sent.is_none() && first_unsent.is_none() {
+                    first_unsent = Some(error);
+                }
+            }
+        }
+    }
+    match (anything_happened, first_unsent) {
+        (false, Some(error)) => Err(error),
+        _ => Ok(json!({ "results": results })),
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -326,6 +380,52 @@ async fn get_call(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn busy() -> ApiError {
+        ApiError::from(crate::store::StoreError::QueueFull)
+    }
+
+    fn pair(o: &str, f: &str) -> (String, String) {
+        (o.to_string(), f.to_string())
+    }
+
+    #[test]
+    fn a_batch_answer_says_what_became_of_each_pair() {
+        let ok = CallRecord { id: 7, owner: "alice".into(), friend: "bob".into(), ..CallRecord::default() };
+        let done = vec![
+            (pair("alice", "bob"), Ok(ok)),
+            (pair("alice", "carol"), Err(CallFailure { error: busy(), sent: None })),
+            (pair("alice", "dave"), Err(CallFailure { error: busy(), sent: Some(9) })),
+        ];
+        let answer = batch_answer(done).expect("some pairs went through");
+        let results = answer["results"].as_array().expect("results");
+        assert_eq!(results.len(), 3, "{answer}");
+        assert_eq!((results[0]["id"].as_i64(), results[0].get("error")), (Some(7), None), "{answer}");
+        assert_eq!(results[1]["friend"], "carol");
+        assert_eq!(
+            (results[1]["error"]["code"].as_str(), results[1]["sent"].as_bool()),
+            (Some("overloaded"), Some(false))
+        );
+        assert!(results[1]["call_id"].is_null());
+        assert_eq!(results[2]["friend"], "dave");
+        assert_eq!((results[2]["sent"].as_bool(), results[2]["call_id"].as_i64()), (Some(true), Some(9)));
+    }
+
+    #[test]
+    fn a_batch_of_which_nothing_was_recorded_or_sent_fails_as_a_whole() {
+        let done = vec![
+            (pair("alice", "bob"), Err(CallFailure { error: busy(), sent: None })),
+            (pair("alice", "carol"), Err(CallFailure { error: busy(), sent: None })),
+        ];
+        let err = batch_answer(done).expect_err("nothing happened");
+        assert_eq!(err.code(), "overloaded");
+        // One sent is enough for per-pair results: the client must learn which one.
+        let done = vec![
+            (pair("alice", "bob"), Err(CallFailure { error: busy(), sent: Some(1) })),
+            (pair("alice", "carol"), Err(CallFailure { error: busy(), sent: None })),
+        ];
+        assert!(batch_answer(done).is_ok());
+    }
 
     #[test]
     fn pairs_are_validated_and_lower_cased() {

@@ -15,20 +15,7 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
     assert_eq!(app.post_callback(first).await.status(), 200);
 
     // Another process takes the write lock and keeps it.
-    let mut locker = tokio::process::Command::new("sqlite3")
-        .arg(&app.db_path)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("sqlite3 is installed (.ci/run installs it)");
-    let mut stdin = locker.stdin.take().unwrap();
-    stdin.write_all(b"BEGIN IMMEDIATE;\nSELECT 'locked';\n").await.unwrap();
-    stdin.flush().await.unwrap();
-    // sqlite3 prints `locked` only once BEGIN IMMEDIATE holds the lock: no guessing at timing.
-    let mut out = tokio::io::BufReader::new(locker.stdout.take().unwrap()).lines();
-    let line = tokio::time::timeout(std::time::Duration::from_secs(10), out.next_line()).await;
-    assert_eq!(line.unwrap().unwrap().as_deref(), Some("locked"));
+    let lock = WriteLock::take(&app.db_path).await;
     let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, 503, "readyz reports the fault: {body}");
     assert_eq!(body["status"], "not_ready");
@@ -42,9 +29,7 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
     assert_eq!(err["code"], "storage_unavailable");
 
     // The fault goes away; nothing needs restarting.
-    stdin.write_all(b"ROLLBACK;\n.quit\n").await.unwrap();
-    drop(stdin);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), locker.wait()).await;
+    lock.release().await;
     let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, 200, "{body}");
     // Easemob's retry of the refused callback now succeeds and is a new event, not a duplicate.
@@ -60,6 +45,66 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
     assert_eq!(m["friendhook_callbacks_received_total{result=\"unavailable\"}"], 1.0);
     assert_eq!(m["friendhook_callbacks_received_total{result=\"stored\"}"], 2.0);
     assert_eq!(m["friendhook_commit_failures_total"], 2.0);
+    app.stop().await;
+}
+
+/// SQLite's write lock on a database, held by another process (the `sqlite3` shell) until
+/// released.
+struct WriteLock {
+    shell: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+}
+
+impl WriteLock {
+    async fn take(db: &std::path::Path) -> WriteLock {
+        let mut shell = tokio::process::Command::new("sqlite3")
+            .arg(db)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("sqlite3 is installed (.ci/run installs it)");
+        let mut stdin = shell.stdin.take().unwrap();
+        stdin.write_all(b"BEGIN IMMEDIATE;\nSELECT 'locked';\n").await.unwrap();
+        stdin.flush().await.unwrap();
+        // sqlite3 prints `locked` only once BEGIN IMMEDIATE holds the lock: no guessing at timing.
+        let mut out = tokio::io::BufReader::new(shell.stdout.take().unwrap()).lines();
+        let line = tokio::time::timeout(std::time::Duration::from_secs(10), out.next_line()).await;
+        assert_eq!(line.unwrap().unwrap().as_deref(), Some("locked"));
+        WriteLock { shell, stdin }
+    }
+
+    async fn release(mut self) {
+        self.stdin.write_all(b"ROLLBACK;\n.quit\n").await.unwrap();
+        drop(self.stdin);
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(10), self.shell.wait()).await;
+    }
+}
+
+/// A batch none of whose calls could be recorded sent nothing, so it fails as a whole with the
+/// store's 503 and Retry-After, and sending it again once the fault is gone is safe.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_that_could_record_nothing_is_answered_503_and_sent_nowhere() {
+    let app = TestApp::spawn(&["--sqlite-busy-timeout", "200ms"]).await;
+    app.register(&["alice", "bob", "carol"]).await;
+    let pairs =
+        serde_json::json!({"pairs": [{"owner": "alice", "friend": "bob"}, {"owner": "alice", "friend": "carol"}]});
+
+    let lock = WriteLock::take(&app.db_path).await;
+    let resp = app.client.post(format!("{}/v1/friends/batch", app.base)).json(&pairs).send().await.unwrap();
+    assert_eq!(resp.status(), 503);
+    assert!(resp.headers().contains_key("retry-after"));
+    let err: Value = resp.json().await.unwrap();
+    assert_eq!(err["code"], "storage_unavailable", "{err}");
+    lock.release().await;
+
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"].as_array().map(Vec::len), Some(0), "nothing recorded, nothing sent: {calls}");
+    let (status, batch) = app.post_json("/v1/friends/batch", pairs).await;
+    assert_eq!(status, 200, "{batch}");
+    let outcomes: Vec<&str> =
+        batch["results"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["succeeded", "succeeded"], "{batch}");
     app.stop().await;
 }
 
