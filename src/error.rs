@@ -117,9 +117,7 @@ impl ApiError {
             ApiError::Internal(_) => "internal",
         }
     }
-}
 
-impl ApiError {
     /// The `detail` a client is shown. An internal error is logged with its cause here and shown
     /// as a pointer to the log: its text may name files or queries.
     pub fn public_detail(&self) -> String {

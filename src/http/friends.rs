@@ -133,8 +133,6 @@ fn client(state: &SharedState) -> Result<EasemobClient, ApiError> {
     })
 }
 
-/// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
-/// request so a disconnect cannot cut it between the two records.
 /// A call that could not be carried through: `sent` is the id of its intent when the request
 /// went to Easemob before the failure (its outcome could not be recorded), `None` when nothing
 /// was sent (the intent could not be recorded).
@@ -149,6 +147,8 @@ impl From<ApiError> for CallFailure {
     }
 }
 
+/// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
+/// request so a disconnect cannot cut it between the two records.
 async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), CallFailure> {
     let record = match state.store.insert_call_intent(call).await.map_err(ApiError::from)? {
         IntentResult::Existing(existing) => return Ok((existing, true)),
