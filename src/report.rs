@@ -496,24 +496,9 @@ mod tests {
     /// report however much is stored after it.
     #[tokio::test]
     async fn a_report_as_of_a_point_sees_only_what_was_stored_by_then() {
-        use crate::model::CallOp;
-        use crate::store::{CallOutcome, IntentResult, NewCall};
+        use crate::store::{IntentResult, test_intent as intent, test_succeeded as succeeded};
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, _) = crate::store::open_test_store(&dir).await;
-        let intent = |owner: &str, friend: &str| NewCall {
-            op: CallOp::Add,
-            owner: owner.into(),
-            friend: friend.into(),
-            idempotency_key: None,
-        };
-        let succeeded = |call| CallOutcome {
-            call,
-            outcome: Outcome::Succeeded,
-            upstream_status: Some(200),
-            upstream_error: None,
-            attempts: 1,
-            response_body: None,
-        };
         let IntentResult::Created(call) = store.insert_call_intent(intent("alice", "bob")).await.expect("intent")
         else {
             panic!("a new call")

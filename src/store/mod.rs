@@ -586,6 +586,25 @@ pub(crate) async fn query_plan(store: &Store, sql: &str) -> Vec<String> {
         .collect()
 }
 
+/// An `add` intent of `owner` -> `friend` without an idempotency key, for store tests.
+#[cfg(test)]
+pub(crate) fn test_intent(owner: &str, friend: &str) -> NewCall {
+    NewCall { op: CallOp::Add, owner: owner.into(), friend: friend.into(), idempotency_key: None }
+}
+
+/// `call` succeeded at Easemob on its first attempt (200), for store tests.
+#[cfg(test)]
+pub(crate) fn test_succeeded(call: CallRecord) -> CallOutcome {
+    CallOutcome {
+        call,
+        outcome: Outcome::Succeeded,
+        upstream_status: Some(200),
+        upstream_error: None,
+        attempts: 1,
+        response_body: None,
+    }
+}
+
 /// A verified callback as the receive path would hand it to the writer, for store tests.
 #[cfg(test)]
 pub(crate) fn test_callback(body: &str, received_at_ms: i64) -> NewCallback {

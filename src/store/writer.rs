@@ -1091,13 +1091,7 @@ mod tests {
         let mut writer = second_writer(&url).await;
 
         let (tx, rx) = oneshot::channel();
-        let intent = NewCall {
-            op: crate::model::CallOp::Add,
-            owner: "alice".into(),
-            friend: "bob".into(),
-            idempotency_key: None,
-        };
-        writer.commit_batch(&mut vec![Job::Intent(intent, tx)]).await;
+        writer.commit_batch(&mut vec![Job::Intent(crate::store::test_intent("alice", "bob"), tx)]).await;
         let Ok(Ok(IntentResult::Created(call))) = rx.await else { panic!("intent not created") };
         assert!(writer.data_version.is_some(), "the transactional write noted the connection's data_version");
 
@@ -1108,15 +1102,8 @@ mod tests {
         // This writer's connection is replaced, then it records the call's outcome.
         writer.reopen_pending = true;
         let (tx, rx) = oneshot::channel();
-        let outcome = CallOutcome {
-            call,
-            outcome: Outcome::Succeeded,
-            upstream_status: Some(200),
-            upstream_error: None,
-            attempts: 1,
-            response_body: None,
-        };
-        writer.commit_batch(&mut vec![Job::Outcome(Box::new(outcome), tx)]).await;
+        let outcome = Box::new(crate::store::test_succeeded(call));
+        writer.commit_batch(&mut vec![Job::Outcome(outcome, tx)]).await;
         let recorded = rx.await.expect("answered").expect("recorded");
         assert_eq!(recorded.seq, Some(2), "the next seq after the other writer's event");
         let verdict = crate::commands::audit::verify(&store).await.expect("verify");
