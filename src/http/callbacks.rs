@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::query::{bad_path, parse_cursor, parse_limit, parse_opt_time};
+use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_opt_time};
 use crate::app::{AppState, SharedState};
 use crate::callback::{self, ParsedCallback};
 use crate::config::OnBadSignature;
@@ -292,7 +292,7 @@ async fn list_callbacks(
     State(state): State<SharedState>,
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Query(q) = query.map_err(bad_query)?;
     let limit = parse_limit(q.limit)?;
     let filter = CallbackFilter {
         call_id: q.call_id,

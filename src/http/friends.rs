@@ -14,7 +14,7 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::query::{bad_path, parse_cursor, parse_limit, parse_opt_time};
+use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_opt_time};
 use crate::app::SharedState;
 use crate::easemob::{self, ApiFailure, EasemobClient};
 use crate::error::ApiError;
@@ -337,7 +337,7 @@ async fn list_calls(
     State(state): State<SharedState>,
     query: Result<Query<CallsQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
-    let Query(q) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
+    let Query(q) = query.map_err(bad_query)?;
     let outcome = q
         .outcome
         .as_deref()

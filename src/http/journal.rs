@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use super::query::{parse_opt_time, parse_time};
+use super::query::{bad_query, parse_opt_time, parse_time};
 use crate::app::SharedState;
 use crate::error::ApiError;
 use crate::metrics::ReportAnswer;
@@ -38,10 +38,6 @@ struct ReconciliationQuery {
     limit: Option<usize>,
     cursor: Option<String>,
     as_of: Option<String>,
-}
-
-fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    ApiError::bad_request("invalid_query", e.body_text())
 }
 
 async fn get_reconciliation(

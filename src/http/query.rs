@@ -33,6 +33,11 @@ pub fn parse_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
+/// A query string axum could not deserialize, as a JSON 400.
+pub fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
+    ApiError::bad_request("invalid_query", e.body_text())
+}
+
 /// A path segment axum could not decode (not UTF-8 once percent-decoded), as a JSON 400 rather
 /// than axum's plain-text one.
 pub fn bad_path(e: axum::extract::rejection::PathRejection) -> ApiError {
