@@ -5,6 +5,8 @@
 //! (outcome). The Easemob call runs in its own task, so a client that disconnects mid-call cannot
 //! leave a call without an outcome; only a crash can, and start-up closes those as `unknown`.
 
+use std::time::Duration;
+
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Query, State};
@@ -19,7 +21,7 @@ use crate::app::SharedState;
 use crate::easemob::{self, ApiFailure, EasemobClient};
 use crate::error::ApiError;
 use crate::model::{CallOp, Outcome};
-use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall};
+use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall, StoreError};
 
 /// Routes of this module.
 pub fn router() -> axum::Router<SharedState> {
@@ -155,7 +157,8 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
         IntentResult::Created(record) => record,
     };
     let id = record.id;
-    let task = tokio::spawn(async move {
+    let (answer, answered) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
         let result = match record.op {
             CallOp::Add => client.add_friend(&record.owner, &record.friend).await,
             CallOp::Remove => client.delete_friend(&record.owner, &record.friend).await,
@@ -181,16 +184,89 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
                 call: record,
             },
         };
-        let (outcome_kind, attempts) = (outcome.outcome, outcome.attempts);
-        let recorded = state.store.mark_call_outcome(outcome).await;
-        if recorded.is_ok() {
-            state.metrics.call(outcome_kind, u64::try_from(attempts).unwrap_or(0));
-        }
-        recorded
+        record_outcome(&state, outcome, answer).await;
     });
     let sent = |error: ApiError| CallFailure { error, sent: Some(id) };
-    let record = task.await.map_err(|e| sent(ApiError::internal(e)))?.map_err(|e| sent(ApiError::from(e)))?;
+    let record = answered
+        .await
+        .map_err(|_| sent(ApiError::internal(anyhow::anyhow!("the task of call {id} ended without an answer"))))?
+        .map_err(|e| sent(outcome_not_recorded(id, &e)))?;
     Ok((record, false))
+}
+
+/// How long recording an outcome is retried when the database cannot commit it (locked, full,
+/// read-only, the write queue full). Easemob has acted by then, so giving up early would leave
+/// the call in flight until a restart closes it as `unknown`.
+const OUTCOME_RETRY_FOR: Duration = Duration::from_secs(600);
+/// The request waits through this many failed attempts, or this long, then is answered while
+/// the retries go on.
+const OUTCOME_ATTEMPTS_IN_REQUEST: u32 = 3;
+const OUTCOME_WAIT_IN_REQUEST: Duration = Duration::from_secs(2);
+
+/// Records a call's outcome, retrying (0.1 s, doubling up to 2 s) while the database cannot
+/// commit, and answers the request on `answer`: with the record, or with the error once the
+/// request has waited long enough (the retries go on) or the service is stopping.
+async fn record_outcome(
+    state: &SharedState,
+    outcome: CallOutcome,
+    answer: tokio::sync::oneshot::Sender<Result<CallRecord, StoreError>>,
+) {
+    let (id, kind, attempts) = (outcome.call.id, outcome.outcome, outcome.attempts);
+    let started = tokio::time::Instant::now();
+    let mut answer = Some(answer);
+    let mut delay = Duration::from_millis(100);
+    for failed in 1u32.. {
+        let err = match state.store.mark_call_outcome(outcome.clone()).await {
+            Ok(record) => {
+                state.metrics.call(kind, u64::try_from(attempts).unwrap_or(0));
+                if failed > 1 {
+                    tracing::info!(call_id = id, attempts = failed, "call outcome recorded after retrying");
+                }
+                if let Some(answer) = answer.take() {
+                    let _ = answer.send(Ok(record));
+                }
+                return;
+            }
+            Err(err) => err,
+        };
+        let stopping = matches!(err, StoreError::WriterGone);
+        let give_up = stopping || started.elapsed() >= OUTCOME_RETRY_FOR;
+        if failed == 1 || give_up {
+            let next = if give_up {
+                "giving up: the call stays in flight until a restart closes it as unknown"
+            } else {
+                "retrying"
+            };
+            tracing::warn!(call_id = id, outcome = kind.as_str(), error = %err, "could not record a call's outcome; {next}");
+        }
+        if (give_up || failed >= OUTCOME_ATTEMPTS_IN_REQUEST || started.elapsed() >= OUTCOME_WAIT_IN_REQUEST)
+            && let Some(answer) = answer.take()
+        {
+            let _ = answer.send(Err(err));
+        }
+        if give_up {
+            return;
+        }
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(2));
+    }
+}
+
+/// The answer for a call that went to Easemob but whose outcome is not recorded yet.
+fn outcome_not_recorded(id: i64, err: &StoreError) -> ApiError {
+    let still = if matches!(err, StoreError::WriterGone) {
+        "the service is stopping; its next start records the call as `unknown`"
+    } else {
+        "friendhook keeps trying for up to 10 minutes"
+    };
+    ApiError::Unavailable {
+        code: "outcome_not_recorded",
+        detail: format!(
+            "call {id} went to Easemob, but its outcome could not be recorded ({err}); {still}. Do not send \
+             it again: GET /v1/calls/{id} shows the outcome once it is recorded"
+        ),
+        retry_after_secs: 2,
+    }
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
@@ -289,7 +365,8 @@ async fn add_friends_batch(
 
 /// The answer to a batch, one result per pair in request order: the call, or for a pair whose
 /// call could not be carried through, `error` with whether it was `sent` (then `call_id` is its
-/// record, in flight until a restart closes it as `unknown`; not sent: safe to send again).
+/// record, in flight until its outcome is recorded (retried for up to 10 minutes) or a restart
+/// closes it as `unknown`; not sent: safe to send again).
 /// When no pair was recorded or sent, the batch failed as a whole: the first error.
 fn batch_answer(done: Vec<((String, String), Result<CallRecord, CallFailure>)>) -> Result<Value, ApiError> {
     let mut results = Vec::with_capacity(done.len());

@@ -942,7 +942,17 @@ async fn record_outcome(
     .execute(&mut *tx)
     .await?;
     if done.rows_affected() != 1 {
-        return Err(StoreError::Write(format!("call {} has no open intent (outcome already recorded?)", c.id)));
+        // Recorded already: a retry whose earlier attempt committed after all (its answer was an
+        // error). The first outcome stands, and the retry gets it, instead of failing the batch
+        // and every callback that shares it.
+        let row = sqlx::query(&format!("{} WHERE id = ?1 AND outcome IS NOT NULL", super::SELECT_CALL))
+            .bind(c.id)
+            .fetch_optional(&mut *tx)
+            .await?;
+        return match row {
+            Some(row) => Ok(CallRecord::from_row(&row)?),
+            None => Err(StoreError::Write(format!("call {} has no recorded intent", c.id))),
+        };
     }
     *head = ChainHead { seq, hash };
     Ok(CallRecord {
@@ -1109,6 +1119,30 @@ mod tests {
         let verdict = crate::commands::audit::verify(&store).await.expect("verify");
         assert!(matches!(verdict, crate::commands::audit::Verdict::Intact { records: 2, .. }), "{verdict:?}");
         writer.conn.close().await.expect("close");
+        store.close().await;
+    }
+
+    /// Recording an outcome is retried when a commit reports failure, and a commit can report
+    /// failure and still have happened: the repeat then gets the outcome already recorded (the
+    /// first stands), not an error that would fail every write batched with it.
+    #[tokio::test]
+    async fn an_outcome_recorded_again_gets_the_first_and_writes_nothing() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = crate::store::open_test_store(&dir).await;
+        let IntentResult::Created(call) =
+            store.insert_call_intent(crate::store::test_intent("alice", "bob")).await.expect("intent")
+        else {
+            panic!("intent not created")
+        };
+        let first = store.mark_call_outcome(crate::store::test_succeeded(call.clone())).await.expect("recorded");
+        let mut again = crate::store::test_succeeded(call);
+        again.outcome = Outcome::Failed;
+        let ack = store.insert_callback(new_callback(1)).await.expect("stored");
+        let repeated = store.mark_call_outcome(again).await.expect("no error");
+        assert_eq!(repeated, first, "the first outcome stands");
+        assert_eq!(ack.seq, 2, "the callback came after the outcome");
+        let verdict = crate::commands::audit::verify(&store).await.expect("verify");
+        assert!(matches!(verdict, crate::commands::audit::Verdict::Intact { records: 2, .. }), "{verdict:?}");
         store.close().await;
     }
 

@@ -265,3 +265,144 @@ async fn readyz_commits_one_write_probe_a_second_however_often_it_is_called() {
     assert_eq!(commits().await - before, 2.0, "a second later, a new probe");
     app.stop().await;
 }
+
+/// Easemob has acted, but the database cannot take the outcome: the request is answered 503
+/// `outcome_not_recorded` naming the call, and friendhook keeps recording it until the fault is
+/// gone, instead of leaving the call in flight until a restart closes it as `unknown`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_the_database_refused_is_recorded_once_the_fault_is_gone() {
+    let sandbox = friendhook::sandbox::spawn(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        friendhook::sandbox::SandboxConfig::default(),
+        friendhook::clock::system(),
+    )
+    .await
+    .unwrap();
+    let mut gate = Gate::spawn(sandbox.base_url()).await;
+    let app = TestApp::spawn(&[
+        "--easemob-base-url",
+        &gate.base,
+        "--easemob-org",
+        "demo-org",
+        "--easemob-app",
+        "demo-app",
+        "--easemob-client-id",
+        "sandbox-client-id",
+        "--easemob-client-secret",
+        "sandbox-client-secret",
+        "--sqlite-busy-timeout",
+        "200ms",
+        "--request-timeout",
+        "60s",
+    ])
+    .await;
+    let client = friendhook::easemob::EasemobClient::new(
+        friendhook::easemob::ClientConfig::new(
+            sandbox.base_url(),
+            "demo-org",
+            "demo-app",
+            "sandbox-client-id",
+            friendhook::secret::Secret::new("sandbox-client-secret"),
+        ),
+        friendhook::clock::system(),
+    )
+    .unwrap();
+    let users = ["alice", "bob"].map(|n| friendhook::easemob::NewUser {
+        username: n.into(),
+        password: "pw".into(),
+        nickname: None,
+    });
+    client.register_users(&users).await.unwrap();
+
+    let request = tokio::spawn({
+        let (http, url) = (app.client.clone(), app.url("/v1/friends"));
+        async move { http.post(url).json(&serde_json::json!({"owner": "alice", "friend": "bob"})).send().await }
+    });
+    // The add has reached Easemob (its intent is recorded); another process now takes the write
+    // lock before Easemob's answer comes back, so the outcome cannot be committed.
+    gate.arrived().await;
+    let lock = WriteLock::take(&app.db_path).await;
+    gate.open();
+
+    let response = request.await.unwrap().unwrap();
+    assert_eq!(response.status(), 503);
+    let err: Value = response.json().await.unwrap();
+    assert_eq!(err["code"], "outcome_not_recorded", "{err}");
+    let detail = err["detail"].as_str().unwrap();
+    assert!(detail.contains("call 1 went to Easemob") && detail.contains("GET /v1/calls/1"), "{detail}");
+    let (_, call) = app.get_json("/v1/calls/1").await;
+    assert_eq!(call["outcome"], "in_flight", "{call}");
+    assert_eq!(client.list_friends("alice").await.unwrap(), ["bob"], "Easemob did add the friend");
+
+    lock.release().await;
+    let call = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        loop {
+            let (_, call) = app.get_json("/v1/calls/1").await;
+            if call["outcome"] != "in_flight" {
+                return call;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .expect("the outcome is recorded within 30 s of the lock's release");
+    assert_eq!(call["outcome"], "succeeded", "{call}");
+    assert_eq!(call["upstream_status"], 200, "{call}");
+    assert_eq!(call["attempts"], 1, "Easemob was called once: {call}");
+    let m = app.metrics().await;
+    assert_eq!(m["friendhook_calls_total{outcome=\"succeeded\"}"], 1.0);
+    assert!(m["friendhook_commit_failures_total"] >= 3.0, "the request waited through three attempts");
+    app.stop().await;
+    sandbox.shutdown().await;
+}
+
+/// A proxy in front of the sandbox that holds the first add-friend request until opened.
+struct Gate {
+    base: String,
+    arrived: tokio::sync::mpsc::Receiver<()>,
+    open: std::sync::Arc<tokio::sync::Semaphore>,
+}
+
+impl Gate {
+    async fn spawn(upstream: String) -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        let (tx, arrived) = tokio::sync::mpsc::channel(8);
+        let open = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+        let gate = open.clone();
+        let http = reqwest::Client::new();
+        let forward = move |req: axum::extract::Request| {
+            let (tx, gate, http, upstream) = (tx.clone(), gate.clone(), http.clone(), upstream.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                if parts.uri.path().contains("/contacts/users/") {
+                    let _ = tx.send(()).await;
+                    let _ = gate.acquire().await.unwrap();
+                }
+                let body = axum::body::to_bytes(body, usize::MAX).await.unwrap();
+                let url = format!("{upstream}{}", parts.uri.path_and_query().unwrap());
+                let answer = http.request(parts.method, url).headers(parts.headers).body(body).send().await.unwrap();
+                let status = answer.status();
+                let headers = answer.headers().clone();
+                let bytes = answer.bytes().await.unwrap();
+                let mut response = axum::response::Response::new(axum::body::Body::from(bytes));
+                *response.status_mut() = status;
+                *response.headers_mut() = headers;
+                response
+            }
+        };
+        let router = axum::Router::new().fallback(forward);
+        tokio::spawn(async move { axum::serve(listener, router).await });
+        Gate { base, arrived, open }
+    }
+
+    async fn arrived(&mut self) {
+        tokio::time::timeout(std::time::Duration::from_secs(30), self.arrived.recv())
+            .await
+            .expect("the add reaches Easemob within 30 s");
+    }
+
+    fn open(&self) {
+        self.open.add_permits(1_000);
+    }
+}
