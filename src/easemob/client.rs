@@ -4,10 +4,12 @@
 //! - 2xx: done.
 //! - 401: the token is dropped, a new one fetched, and the call re-sent once; a second 401 is
 //!   final (`Rejected`). The docs warn that a token can stop working before `expires_in`.
-//! - 429, 5xx, transport error or timeout: back off (see [`backoff`](super::backoff)) and try again,
-//!   while fewer than `max_attempts` attempts were made and `max_retry_time` since the first
-//!   attempt is not used up; then `Failed`.
-//! - any other status: final (`Rejected`), with Easemob's error body.
+//! - 429 (but `resource_limited`, the plan's limit), 5xx, transport error or timeout: back off
+//!   (see [`backoff`](super::backoff)) and try again, while fewer than `max_attempts` attempts
+//!   were made and `max_retry_time` since the first attempt is not used up; then `Failed`.
+//! - any other status: final (`Rejected`), with Easemob's error body; but `Failed` if an earlier
+//!   attempt got a 5xx or no answer, since that attempt may have done what the final answer
+//!   says was not done (a retried add refused with 403 `exceed_limit` because the first one added).
 //!
 //! The token request is not paced (Easemob limits `/token` separately, at 300/s) and is not
 //! counted in `attempts`.
@@ -248,6 +250,11 @@ impl EasemobClient {
         let mut retries: u32 = 0;
         let mut renewed_after_401 = false;
         let mut first_attempt_at: Option<Instant> = None;
+        // Why an earlier attempt's fate is unknown (a 5xx or no answer: Easemob may have acted).
+        // A final answer after one is not final about the operation: a retried add can get 403
+        // exceed_limit because the first attempt did add, a retried delete 404 because the first
+        // did delete.
+        let mut uncertain: Option<String> = None;
 
         loop {
             let token = self.token().await.map_err(|failure| ApiFailure::Failed {
@@ -303,14 +310,46 @@ impl EasemobClient {
                     self.inner.tokens.invalidate(token.generation).await;
                     continue;
                 }
-                Some(status) if status == 429 || (500..600).contains(&status) => match &error {
-                    Some(error) => format!("HTTP {status} {}", error.summary()),
-                    None => format!("HTTP {status}"),
+                // `resource_limited` is the plan's limit (users on the free plan), not the rate
+                // limit: retrying cannot help.
+                Some(429) if error.as_ref().is_none_or(|e| e.error != "resource_limited") => match &error {
+                    Some(error) => format!("HTTP 429 {}", error.summary()),
+                    None => "HTTP 429".to_owned(),
                 },
-                Some(status) => {
-                    return Err(ApiFailure::Rejected { status, error, body, attempts });
+                Some(status) if (500..600).contains(&status) => {
+                    let reason = match &error {
+                        Some(error) => format!("HTTP {status} {}", error.summary()),
+                        None => format!("HTTP {status}"),
+                    };
+                    uncertain = Some(reason.clone());
+                    reason
                 }
-                None => transport_reason.unwrap_or_default(),
+                Some(status) => {
+                    return Err(match uncertain {
+                        None => ApiFailure::Rejected { status, error, body, attempts },
+                        Some(earlier) => {
+                            let answer = match &error {
+                                Some(error) => format!("HTTP {status} {}", error.summary()),
+                                None => format!("HTTP {status}"),
+                            };
+                            ApiFailure::Failed {
+                                status: Some(status),
+                                error,
+                                body,
+                                attempts,
+                                reason: format!(
+                                    "attempt {attempts} was answered {answer}, but an earlier attempt ({earlier}) may \
+                                     have been carried out: check the friendship before trying again"
+                                ),
+                            }
+                        }
+                    });
+                }
+                None => {
+                    let reason = transport_reason.unwrap_or_default();
+                    uncertain = Some(reason.clone());
+                    reason
+                }
             };
 
             let failed = |reason: String| ApiFailure::Failed {

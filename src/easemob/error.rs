@@ -2,8 +2,8 @@
 //!
 //! [`ApiFailure`] separates the two outcomes a caller must treat differently: `Rejected` means
 //! Easemob gave a final answer (the operation was not done, and repeating it unchanged will not
-//! help), `Failed` means the client gave up (retries exhausted, transport trouble, or no token),
-//! so the operation may or may not have happened and can be tried again later.
+//! help), `Failed` means the client gave up (retries exhausted, transport trouble, no token, or a
+//! refusal after an attempt whose fate is unknown), so the operation may or may not have happened.
 
 use serde_json::Value;
 
@@ -29,7 +29,8 @@ pub enum ApiFailure {
         /// HTTP attempts made for this call.
         attempts: u32,
     },
-    /// Retries exhausted on 429/5xx, or a transport error/timeout.
+    /// Retries exhausted on 429/5xx, or a transport error/timeout; or a final 4xx after an
+    /// attempt that got a 5xx or no answer, which may have done the operation (`reason` says so).
     ///
     /// Also used when no app token could be had; `reason` then starts with `token:` and says what
     /// to fix, and `status`/`error`/`body` describe the token endpoint's answer.

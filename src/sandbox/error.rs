@@ -41,8 +41,11 @@ pub enum EasemobError {
     UnsupportedMediaType,
     /// 429 `reach_limit`: the App Key's per-second request budget is spent.
     ReachLimit,
-    /// A status forced by `POST /_sandbox/faults`, with Easemob's body for that status.
-    Injected(StatusCode),
+    /// 429 `resource_limited`: the plan's limit (more than 100 users on the free plan).
+    ResourceLimited,
+    /// A status forced by `POST /_sandbox/faults`, with Easemob's body for that status, or for
+    /// the error type the fault names.
+    Injected(StatusCode, Option<String>),
 }
 
 /// The body every Easemob error response has.
@@ -77,8 +80,8 @@ impl EasemobError {
             Self::ResourceNotFound | Self::AppNotFound { .. } | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            Self::ReachLimit => StatusCode::TOO_MANY_REQUESTS,
-            Self::Injected(status) => *status,
+            Self::ReachLimit | Self::ResourceLimited => StatusCode::TOO_MANY_REQUESTS,
+            Self::Injected(status, _) => *status,
         }
     }
 
@@ -141,7 +144,12 @@ impl EasemobError {
                 "EasemobServiceUnavailableException",
                 "This request has reached api limit".into(),
             ),
-            Self::Injected(status) => injected_parts(*status),
+            Self::ResourceLimited => (
+                "resource_limited".into(),
+                "EasemobServiceUnavailableException",
+                "You have exceeded the limit of the community edition,Please upgrade to the enterprise edition".into(),
+            ),
+            Self::Injected(status, error) => injected_parts(*status, error.as_deref()),
         }
     }
 
@@ -157,16 +165,22 @@ impl EasemobError {
     }
 }
 
-/// Easemob's body for a status that a test forces: the documented error for the statuses that
-/// have one, a generic one for the rest.
-fn injected_parts(status: StatusCode) -> (String, &'static str, String) {
-    let documented = match status.as_u16() {
-        400 => Some(EasemobError::IllegalArgument("illegal argument".into())),
-        401 => Some(EasemobError::Unauthorized),
-        403 => Some(EasemobError::ExceedLimit),
-        404 => Some(EasemobError::ResourceNotFound),
-        415 => Some(EasemobError::UnsupportedMediaType),
-        429 => Some(EasemobError::ReachLimit),
+/// Easemob's body for a status that a test forces: the documented error for the error type the
+/// test names or else for the status, a generic one for the rest.
+fn injected_parts(status: StatusCode, error: Option<&str>) -> (String, &'static str, String) {
+    let documented = match (status.as_u16(), error) {
+        (429, Some("resource_limited")) => Some(EasemobError::ResourceLimited),
+        (_, Some(error)) => {
+            let exception =
+                if status.is_server_error() { "java.lang.RuntimeException" } else { WEB_APPLICATION_EXCEPTION };
+            return (error.to_owned(), exception, status.canonical_reason().unwrap_or("Unknown Status").to_owned());
+        }
+        (400, None) => Some(EasemobError::IllegalArgument("illegal argument".into())),
+        (401, None) => Some(EasemobError::Unauthorized),
+        (403, None) => Some(EasemobError::ExceedLimit),
+        (404, None) => Some(EasemobError::ResourceNotFound),
+        (415, None) => Some(EasemobError::UnsupportedMediaType),
+        (429, None) => Some(EasemobError::ReachLimit),
         _ => None,
     };
     if let Some(error) = documented {
@@ -226,13 +240,16 @@ mod tests {
 
     #[test]
     fn injected_statuses_reuse_documented_bodies_and_fall_back_to_the_reason() {
-        let body = EasemobError::Injected(StatusCode::TOO_MANY_REQUESTS).body(0, 0);
+        let body = EasemobError::Injected(StatusCode::TOO_MANY_REQUESTS, None).body(0, 0);
         assert_eq!(body.error, "reach_limit");
-        let body = EasemobError::Injected(StatusCode::SERVICE_UNAVAILABLE).body(0, 0);
+        let body = EasemobError::Injected(StatusCode::SERVICE_UNAVAILABLE, None).body(0, 0);
         assert_eq!(body.error, "service_unavailable");
         assert_eq!(body.error_description, "Service Unavailable");
-        let body = EasemobError::Injected(StatusCode::INTERNAL_SERVER_ERROR).body(0, 0);
+        let body = EasemobError::Injected(StatusCode::INTERNAL_SERVER_ERROR, None).body(0, 0);
         assert_eq!(body.error, "internal_server_error");
+        let body = EasemobError::Injected(StatusCode::TOO_MANY_REQUESTS, Some("resource_limited".into())).body(0, 0);
+        assert_eq!(body.error, "resource_limited");
+        assert!(body.error_description.contains("community edition"), "{}", body.error_description);
     }
 
     #[test]

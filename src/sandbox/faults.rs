@@ -19,6 +19,10 @@ pub struct InjectedFault {
     /// request, including `/token`.
     #[serde(default)]
     pub path_contains: Option<String>,
+    /// Easemob's error type for the body (`resource_limited`, say); `None`: the documented one
+    /// for the status.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Pending injected faults, oldest first.
@@ -32,6 +36,7 @@ struct Pending {
     status: StatusCode,
     remaining: u32,
     path_contains: Option<String>,
+    error: Option<String>,
 }
 
 impl FaultQueue {
@@ -42,25 +47,30 @@ impl FaultQueue {
             return Err(format!("status {} is not an error status", fault.status));
         }
         if fault.count > 0 {
-            self.pending.push_back(Pending { status, remaining: fault.count, path_contains: fault.path_contains });
+            self.pending.push_back(Pending {
+                status,
+                remaining: fault.count,
+                path_contains: fault.path_contains,
+                error: fault.error,
+            });
         }
         Ok(())
     }
 
-    /// The status to force on a request to `path`, if a queued fault matches it. When several
-    /// match, the oldest one is used up first.
-    pub fn take(&mut self, path: &str) -> Option<StatusCode> {
+    /// The status (and error type, if the fault names one) to force on a request to `path`, if
+    /// a queued fault matches it. When several match, the oldest one is used up first.
+    pub fn take(&mut self, path: &str) -> Option<(StatusCode, Option<String>)> {
         let index = self.pending.iter().position(|fault| match &fault.path_contains {
             Some(part) => path.contains(part.as_str()),
             None => true,
         })?;
         let fault = self.pending.get_mut(index)?;
-        let status = fault.status;
         fault.remaining -= 1;
+        let forced = (fault.status, fault.error.clone());
         if fault.remaining == 0 {
             self.pending.remove(index);
         }
-        Some(status)
+        Some(forced)
     }
 }
 
@@ -69,25 +79,25 @@ mod tests {
     use super::*;
 
     fn fault(status: u16, count: u32, path_contains: Option<&str>) -> InjectedFault {
-        InjectedFault { status, count, path_contains: path_contains.map(str::to_owned) }
+        InjectedFault { status, count, path_contains: path_contains.map(str::to_owned), error: None }
     }
 
     #[test]
     fn a_fault_applies_count_times_then_disappears() {
         let mut queue = FaultQueue::default();
         queue.push(fault(429, 2, None)).expect("valid");
-        assert_eq!(queue.take("/o/a/users"), Some(StatusCode::TOO_MANY_REQUESTS));
-        assert_eq!(queue.take("/o/a/token"), Some(StatusCode::TOO_MANY_REQUESTS));
-        assert_eq!(queue.take("/o/a/users"), None);
+        assert_eq!(queue.take("/o/a/users").map(|(s, _)| s), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(queue.take("/o/a/token").map(|(s, _)| s), Some(StatusCode::TOO_MANY_REQUESTS));
+        assert_eq!(queue.take("/o/a/users").map(|(s, _)| s), None);
     }
 
     #[test]
     fn only_matching_paths_use_up_a_fault() {
         let mut queue = FaultQueue::default();
         queue.push(fault(401, 1, Some("/contacts/"))).expect("valid");
-        assert_eq!(queue.take("/o/a/token"), None);
-        assert_eq!(queue.take("/o/a/users/x/contacts/users/y"), Some(StatusCode::UNAUTHORIZED));
-        assert_eq!(queue.take("/o/a/users/x/contacts/users/y"), None);
+        assert_eq!(queue.take("/o/a/token").map(|(s, _)| s), None);
+        assert_eq!(queue.take("/o/a/users/x/contacts/users/y").map(|(s, _)| s), Some(StatusCode::UNAUTHORIZED));
+        assert_eq!(queue.take("/o/a/users/x/contacts/users/y").map(|(s, _)| s), None);
     }
 
     #[test]
@@ -95,8 +105,8 @@ mod tests {
         let mut queue = FaultQueue::default();
         queue.push(fault(500, 1, None)).expect("valid");
         queue.push(fault(503, 1, None)).expect("valid");
-        assert_eq!(queue.take("/x"), Some(StatusCode::INTERNAL_SERVER_ERROR));
-        assert_eq!(queue.take("/x"), Some(StatusCode::SERVICE_UNAVAILABLE));
+        assert_eq!(queue.take("/x").map(|(s, _)| s), Some(StatusCode::INTERNAL_SERVER_ERROR));
+        assert_eq!(queue.take("/x").map(|(s, _)| s), Some(StatusCode::SERVICE_UNAVAILABLE));
     }
 
     #[test]

@@ -223,8 +223,8 @@ impl SandboxState {
         let now = self.clock.now_ms();
         let mut world = self.world();
         world.requests += 1;
-        if let Some(status) = world.faults.take(path) {
-            return Err(EasemobError::Injected(status));
+        if let Some((status, error)) = world.faults.take(path) {
+            return Err(EasemobError::Injected(status, error));
         }
         let Some((org, app, rest)) = split_api_path(path) else {
             return Err(EasemobError::RouteNotFound);
@@ -510,10 +510,10 @@ mod tests {
     fn injected_faults_win_over_everything_else() {
         let (state, _) = state(SandboxConfig::default());
         state
-            .inject_fault(InjectedFault { status: 503, count: 1, path_contains: Some("/token".into()) })
+            .inject_fault(InjectedFault { status: 503, count: 1, path_contains: Some("/token".into()), error: None })
             .expect("valid fault");
         let first = state.admit("/demo-org/demo-app/token", None);
-        assert_eq!(first, Err(EasemobError::Injected(axum::http::StatusCode::SERVICE_UNAVAILABLE)));
+        assert_eq!(first, Err(EasemobError::Injected(axum::http::StatusCode::SERVICE_UNAVAILABLE, None)));
         assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()));
     }
 

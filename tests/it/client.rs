@@ -173,7 +173,12 @@ async fn a_failing_token_endpoint_is_not_asked_again_during_the_cooldown() {
 #[tokio::test]
 async fn a_token_endpoint_outage_fails_fast_then_recovers_after_the_cooldown() {
     let h = harness().await;
-    h.sandbox.inject_faults(InjectedFault { status: 503, count: 1, path_contains: Some("/token".to_owned()) });
+    h.sandbox.inject_faults(InjectedFault {
+        status: 503,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+        error: None,
+    });
 
     let failure = h.client.get_user("alice").await.expect_err("no token");
     assert!(
@@ -252,7 +257,12 @@ async fn token_is_reused_then_refreshed_at_half_life() {
 async fn a_failed_refresh_keeps_using_the_still_valid_token() {
     let h = harness_with(SandboxConfig { token_ttl_secs: 100, ..sandbox_config() }, |_| {}).await;
     register(&h.client, &["alice"]).await;
-    h.sandbox.inject_faults(InjectedFault { status: 500, count: 1, path_contains: Some("/token".to_owned()) });
+    h.sandbox.inject_faults(InjectedFault {
+        status: 500,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+        error: None,
+    });
 
     h.clock.advance_ms(60_000);
     let fetched = h.client.get_user("alice").await.expect("old token still works");
@@ -334,6 +344,43 @@ async fn two_429s_are_retried_after_backoff_then_succeed() {
 
     assert_eq!(added.attempts, 3);
     assert_eq!(h.sandbox.stats().tokens_issued, 1, "a 429 does not touch the token");
+}
+
+#[tokio::test]
+async fn a_plan_limit_429_is_final_and_not_retried() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(InjectedFault { error: Some("resource_limited".to_owned()), ..contacts_fault(429, 5) });
+
+    let failure = h.client.add_friend("alice", "bob").await.expect_err("plan limit");
+
+    assert!(matches!(failure, ApiFailure::Rejected { status: 429, attempts: 1, .. }), "{failure:?}");
+    assert_eq!(failure.upstream_error(), Some("resource_limited"));
+}
+
+/// A final refusal after an attempt whose fate is unknown does not prove the operation was not
+/// done: that attempt may have done it (a retried add refused with 403 because the first one
+/// added), so the call is `Failed`, not `Rejected`.
+#[tokio::test]
+async fn a_refusal_after_an_attempt_that_may_have_acted_is_not_final() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(503, 1));
+    h.sandbox.inject_faults(contacts_fault(403, 1));
+
+    let failure = h.client.add_friend("alice", "bob").await.expect_err("refused");
+
+    let ApiFailure::Failed { status, attempts, reason, .. } = &failure else {
+        panic!("expected Failed, got {failure:?}");
+    };
+    assert_eq!((*status, *attempts), (Some(403), 2));
+    assert_eq!(failure.upstream_error(), Some("exceed_limit"));
+    assert!(reason.contains("HTTP 503") && reason.contains("may have been carried out"), "{reason}");
+
+    // Without the uncertain attempt before it, the same refusal is final.
+    h.sandbox.inject_faults(contacts_fault(403, 1));
+    let failure = h.client.add_friend("alice", "bob").await.expect_err("refused");
+    assert!(matches!(failure, ApiFailure::Rejected { status: 403, attempts: 1, .. }), "{failure:?}");
 }
 
 #[tokio::test]

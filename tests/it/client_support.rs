@@ -71,5 +71,5 @@ pub(crate) async fn register(client: &EasemobClient, names: &[&str]) {
 }
 
 pub(crate) fn contacts_fault(status: u16, count: u32) -> InjectedFault {
-    InjectedFault { status, count, path_contains: Some("/contacts/".to_owned()) }
+    InjectedFault { status, count, path_contains: Some("/contacts/".to_owned()), error: None }
 }

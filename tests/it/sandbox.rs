@@ -542,7 +542,12 @@ async fn an_injected_401_hits_once_then_requests_succeed() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
     let token = sandbox.token().await;
     sandbox.register(&token, &["alice", "bob"]).await;
-    sandbox.handle.inject_faults(InjectedFault { status: 401, count: 1, path_contains: Some("/contacts/".into()) });
+    sandbox.handle.inject_faults(InjectedFault {
+        status: 401,
+        count: 1,
+        path_contains: Some("/contacts/".into()),
+        error: None,
+    });
 
     let (status, body) = sandbox.add_friend(&token, "alice", "bob").await;
     assert_easemob_error(status, &body, 401, "unauthorized", "Unable to authenticate due to expired access token");
@@ -588,7 +593,12 @@ async fn faults_posted_over_http_answer_the_next_matching_requests() {
 #[tokio::test]
 async fn injected_5xx_faults_can_aim_at_the_token_endpoint() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
-    sandbox.handle.inject_faults(InjectedFault { status: 503, count: 1, path_contains: Some("/token".into()) });
+    sandbox.handle.inject_faults(InjectedFault {
+        status: 503,
+        count: 1,
+        path_contains: Some("/token".into()),
+        error: None,
+    });
     let body = json!({"grant_type": "client_credentials", "client_id": "sandbox-client-id", "client_secret": "sandbox-client-secret"});
     let (status, answer) = sandbox.request_token(body).await;
     assert_eq!((status, answer["error"].as_str()), (503, Some("service_unavailable")));
