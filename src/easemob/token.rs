@@ -6,8 +6,10 @@
 //!   they are; a stale one triggers a refresh, like the official SDKs, which cache for half the
 //!   lifetime, so a token is never used near its end (Easemob warns that a token can stop working
 //!   slightly before `expires_in` runs out).
-//! - Fetches are single flight: the state sits behind one async mutex that is held while a fetch
-//!   runs, so when many calls need a token at once, one fetches and the others wait and reuse it.
+//! - Fetches are single flight: one caller fetches while the others that need a token wait for
+//!   it and reuse it. A caller that still has a valid (stale) token does not wait for a refresh
+//!   someone else is running: it uses the stale token, so the refresh at half-life holds up no
+//!   call but the one that runs it.
 //! - A failed fetch is remembered for [`FAILURE_COOLDOWN_MS`]; meanwhile calls fail fast with the
 //!   same error instead of hammering the token endpoint (Easemob warns that requesting tokens
 //!   too often can get an account banned; the Java SDK caches errors for 10 s). A stale token
@@ -95,40 +97,77 @@ struct TokenState {
     last_generation: u64,
 }
 
+/// What [`TokenCache::get`] should do with the state as it is.
+enum Judged {
+    /// A fresh token, or a stale one while a failed refresh cools down.
+    Use(AppToken),
+    /// No usable token, and the last fetch failed less than the cooldown ago.
+    Fail(TokenFailure),
+    /// Fetch; the stale token is what can be used meanwhile (`None`: none or expired).
+    Refresh(Option<AppToken>),
+}
+
+impl TokenState {
+    fn judge(&self, now_ms: i64) -> Judged {
+        let usable_while_refreshing = match self.token.as_ref().map(|token| (token, freshness(token, now_ms))) {
+            Some((token, Freshness::Fresh)) => return Judged::Use(token.clone()),
+            Some((token, Freshness::Stale)) => Some(token.clone()),
+            Some((_, Freshness::Expired)) | None => None,
+        };
+        match (&self.failure, usable_while_refreshing) {
+            (Some((_, retry_at_ms)), Some(stale)) if now_ms < *retry_at_ms => Judged::Use(stale),
+            (Some((failure, retry_at_ms)), None) if now_ms < *retry_at_ms => Judged::Fail(failure.clone()),
+            (_, stale) => Judged::Refresh(stale),
+        }
+    }
+}
+
 /// The cache; one per client, shared by its clones.
 pub(crate) struct TokenCache {
     clock: SharedClock,
+    /// Never held across a fetch, so a look at the cached token never waits for the network.
     state: Mutex<TokenState>,
+    /// Held by the one caller fetching (single flight).
+    fetching: Mutex<()>,
 }
 
 impl TokenCache {
     pub(crate) fn new(clock: SharedClock) -> Self {
-        Self { clock, state: Mutex::new(TokenState::default()) }
+        Self { clock, state: Mutex::new(TokenState::default()), fetching: Mutex::new(()) }
     }
 
     /// A usable token: the cached one if fresh, otherwise the result of `fetch` (run by at most
-    /// one caller at a time; the others wait and reuse its result).
+    /// one caller at a time; the others wait and reuse its result). A caller whose cached token
+    /// is stale but still valid does not wait for a refresh another caller is running: it uses
+    /// the stale token.
     pub(crate) async fn get<F, Fut>(&self, fetch: F) -> Result<AppToken, TokenFailure>
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = Result<FetchedToken, TokenFailure>>,
     {
-        let mut state = self.state.lock().await;
+        let stale = match self.state.lock().await.judge(self.clock.now_ms()) {
+            Judged::Use(token) => return Ok(token),
+            Judged::Fail(failure) => return Err(failure),
+            Judged::Refresh(stale) => stale,
+        };
+        let _flight = match &stale {
+            Some(token) => match self.fetching.try_lock() {
+                Ok(flight) => flight,
+                Err(_) => return Ok(token.clone()),
+            },
+            None => self.fetching.lock().await,
+        };
+        // The fetch this caller may have waited for could have settled it.
         let now_ms = self.clock.now_ms();
-        let cached = state.token.as_ref().map(|token| (token.clone(), freshness(token, now_ms)));
-        let usable_while_refreshing = match cached {
-            Some((token, Freshness::Fresh)) => return Ok(token),
-            Some((token, Freshness::Stale)) => Some(token),
-            Some((_, Freshness::Expired)) | None => None,
+        let usable_while_refreshing = match self.state.lock().await.judge(now_ms) {
+            Judged::Use(token) => return Ok(token),
+            Judged::Fail(failure) => return Err(failure),
+            Judged::Refresh(stale) => stale,
         };
 
-        if let Some((failure, retry_at_ms)) = &state.failure {
-            if now_ms < *retry_at_ms {
-                return usable_while_refreshing.ok_or_else(|| failure.clone());
-            }
-        }
-
-        match fetch().await {
+        let fetched = fetch().await;
+        let mut state = self.state.lock().await;
+        match fetched {
             Ok(fetched) => {
                 state.last_generation += 1;
                 let token = AppToken {
@@ -276,6 +315,44 @@ mod tests {
 
         clock.advance_ms(40_000);
         cache.get(refused).await.expect_err("expired and no refresh");
+    }
+
+    /// The refresh at half-life holds up only the caller running it: the others go on with the
+    /// stale token, which is still valid, instead of waiting for the token endpoint.
+    #[tokio::test]
+    async fn callers_with_a_stale_token_do_not_wait_for_a_refresh_in_progress() {
+        let clock = ManualClock::new(START_MS);
+        let cache = Arc::new(TokenCache::new(clock.clone()));
+        cache.get(|| granted("one", 100)).await.expect("token");
+        clock.advance_ms(60_000);
+
+        let (started_tx, started) = tokio::sync::oneshot::channel();
+        let (finish, finish_rx) = tokio::sync::oneshot::channel::<()>();
+        let refresher = tokio::spawn({
+            let cache = cache.clone();
+            async move {
+                cache
+                    .get(|| async move {
+                        let _ = started_tx.send(());
+                        let _ = finish_rx.await;
+                        granted("two", 100).await
+                    })
+                    .await
+            }
+        });
+        started.await.expect("the refresh started");
+
+        let meanwhile = cache.get(|| async { panic!("a refresh is already running") });
+        let meanwhile = tokio::time::timeout(std::time::Duration::from_secs(10), meanwhile)
+            .await
+            .expect("not held up by the refresh")
+            .expect("token");
+        assert_eq!(meanwhile.value.expose(), "one", "the stale token, at once");
+
+        finish.send(()).expect("refresher waiting");
+        assert_eq!(refresher.await.expect("task").expect("token").value.expose(), "two");
+        let after = cache.get(|| async { panic!("the new token is fresh") }).await.expect("token");
+        assert_eq!(after.value.expose(), "two");
     }
 
     #[tokio::test]
