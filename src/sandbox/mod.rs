@@ -106,7 +106,8 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     );
     shutdown_signal().await;
     tracing::info!("Easemob sandbox shutting down");
-    handle.shutdown().await;
+    // A client stalled mid-request must not hold the exit: the same grace `serve` gives by default.
+    handle.shutdown_within(std::time::Duration::from_secs(10)).await;
     Ok(())
 }
 

@@ -147,7 +147,14 @@ impl SandboxState {
     /// State for a server reachable at `base_url` (used in the `uri` fields of responses).
     pub fn new(config: SandboxConfig, clock: SharedClock, base_url: String) -> anyhow::Result<Arc<Self>> {
         config.validate()?;
-        let http = reqwest::Client::builder().timeout(CALLBACK_TIMEOUT).build()?;
+        // Easemob counts only a 200 as delivered: a redirect is a failed attempt, not something to
+        // follow (a POST turned into a GET would lose the body and still count as delivered).
+        // And it posts straight to the rule's URL, whatever proxy the environment names.
+        let http = reqwest::Client::builder()
+            .timeout(CALLBACK_TIMEOUT)
+            .redirect(reqwest::redirect::Policy::none())
+            .no_proxy()
+            .build()?;
         let world = World::new(config.seed);
         Ok(Arc::new(Self {
             application: application_uuid(&config.app_key()),

@@ -777,6 +777,40 @@ async fn a_failing_receiver_gets_one_retry_then_the_callback_fails() {
     assert_eq!((stats.callbacks_failed, stats.callbacks_sent, stats.callbacks_pending), (1, 0, 0));
 }
 
+/// Easemob counts only a 200: a receiver that redirects (http to https, a trailing slash) has
+/// not received the callback, so the sandbox does not follow it (a POST followed as a GET would
+/// lose the body and still count as delivered).
+#[tokio::test]
+async fn a_redirect_is_a_failed_attempt_not_a_delivery() {
+    let gets = Arc::new(Mutex::new(0u32));
+    let app = axum::Router::new()
+        .route("/callback", post(|| async { (StatusCode::FOUND, [(axum::http::header::LOCATION, "/landing")]) }))
+        .route(
+            "/landing",
+            axum::routing::any({
+                let gets = Arc::clone(&gets);
+                move || async move {
+                    *gets.lock().expect("lock") += 1;
+                    StatusCode::OK
+                }
+            }),
+        );
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
+    let url = format!("http://{}/callback", listener.local_addr().expect("receiver address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    let receiver = Receiver { url, bodies: Arc::default() };
+    let sandbox = spawn_sandbox_for(&receiver, SandboxConfig::default()).await;
+    let token = sandbox.token().await;
+    sandbox.register(&token, &["alice", "bob"]).await;
+
+    sandbox.add_friend(&token, "alice", "bob").await;
+    sandbox.settle().await;
+
+    let records = sandbox.handle.callbacks();
+    assert_eq!((records[0].fate.as_str(), records[0].attempts), ("failed", 2));
+    assert_eq!(*gets.lock().expect("lock"), 0, "the redirect was not followed");
+}
+
 #[tokio::test]
 async fn an_unreachable_receiver_fails_the_callback_after_a_retry() {
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
