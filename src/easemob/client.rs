@@ -37,6 +37,26 @@ use super::username::validate_username;
 use crate::clock::SharedClock;
 use crate::secret::Secret;
 
+/// Most of an answer the client reads. Easemob's answers are a few KB (a full friend list of
+/// 3,000 names some 60 KB); anything longer is not Easemob (a wrong base URL serving a large
+/// page, say), and read whole it would be held by each of up to 1,000 concurrent calls and stored
+/// in each call's record. The rest is left unread; what was read is kept for diagnosis.
+const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// The answer's body, cut at [`MAX_ANSWER_BYTES`].
+async fn read_capped(mut response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = response.chunk().await? {
+        let room = MAX_ANSWER_BYTES - body.len();
+        if chunk.len() >= room {
+            body.extend_from_slice(&chunk[..room]);
+            break;
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body.freeze())
+}
+
 /// Most users Easemob accepts in one batch registration; larger input is sent in chunks.
 pub const MAX_USERS_PER_REGISTER: usize = 60;
 
@@ -402,7 +422,7 @@ impl EasemobClient {
             }
         };
         let status = response.status().as_u16();
-        match response.bytes().await {
+        match read_capped(response).await {
             Ok(bytes) => Answer::Received { status, body: body_to_value(&bytes) },
             Err(error) => Answer::NotReceived {
                 reason: format!("answer {status} cut short: {}", self.describe_transport_error(&error)),
@@ -438,7 +458,7 @@ impl EasemobClient {
             )
         })?;
         let status = response.status().as_u16();
-        let bytes = response.bytes().await.map_err(|error| {
+        let bytes = read_capped(response).await.map_err(|error| {
             failure(
                 Some(status),
                 None,
@@ -661,6 +681,33 @@ mod tests {
 
     fn client(base_url: &str) -> EasemobClient {
         EasemobClient::new(config(base_url), ManualClock::new(0)).expect("client")
+    }
+
+    /// Whatever a server sends, an answer is read up to the cap and no further (3 MiB here, as
+    /// one body and as a stream of small chunks).
+    #[tokio::test]
+    async fn an_answer_is_read_up_to_the_cap() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        let app = axum::Router::new()
+            .route("/whole", axum::routing::get(|| async { vec![b'x'; 3 << 20] }))
+            .route(
+                "/streamed",
+                axum::routing::get(|| async {
+                    let chunks = (0..3 * 256).map(|_| Ok::<_, std::io::Error>(Bytes::from(vec![b'y'; 4096])));
+                    axum::body::Body::from_stream(futures_util::stream::iter(chunks))
+                }),
+            )
+            .route("/small", axum::routing::get(|| async { "{\"ok\":true}" }));
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        let http = reqwest::Client::new();
+        for path in ["/whole", "/streamed"] {
+            let response = http.get(format!("{base}{path}")).send().await.expect("answer");
+            let body = read_capped(response).await.expect("read");
+            assert_eq!(body.len(), MAX_ANSWER_BYTES, "{path}");
+        }
+        let response = http.get(format!("{base}/small")).send().await.expect("answer");
+        assert_eq!(&read_capped(response).await.expect("read")[..], b"{\"ok\":true}");
     }
 
     #[test]
