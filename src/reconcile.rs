@@ -13,9 +13,20 @@
 //! - **Distance** of a callback to a call: 0 inside `[t0, t1]`, else the distance to the nearer
 //!   of `t0` and `t1`.
 //! - **Primary matches** come from one global greedy pass over all candidate pairs in the total
-//!   order `(distance, callback.timestamp_ms, callback.seq, call.requested_at_ms, call.id)`:
-//!   a pair is taken when neither its call nor its callback is taken yet. The order never looks
-//!   at input positions, so the result does not depend on input order.
+//!   order `(weighted distance, callback.timestamp_ms, callback.seq, |timestamp_ms - t0|,
+//!   call.requested_at_ms, call.id)`: a pair is taken when neither its call nor its callback is
+//!   taken yet. The order never looks at input positions, so the result does not depend on input
+//!   order.
+//!   - The weighted distance is the distance, plus `skew_ms` for a call that does not expect a
+//!     callback (neither succeeded nor in flight). Easemob's clock may be `skew_ms` off ours, so
+//!     a succeeded call's callback can fall inside the span of a failed call of the same pair;
+//!     taken by the failed call it would make two false alarms (the succeeded call `missing`,
+//!     the failed one `unexpected`). A callback well inside a failed call's span and far from
+//!     any succeeded call's still goes to the failed call: that is what `unexpected` is for.
+//!   - `|timestamp_ms - t0|` decides between calls the callback is equally near: the one
+//!     requested nearest to the event. A call whose span is long (in flight while its outcome
+//!     cannot be recorded, `unknown` after a restart) would otherwise take the callbacks of
+//!     every later call of its pair.
 //! - **Extras.** A callback inside some call's window that is nobody's primary (the
 //!   other-direction echo, a re-delivery) attaches to its nearest candidate call in the same
 //!   order. It is never an orphan.
@@ -402,9 +413,10 @@ struct Assignments {
 
 #[derive(Default)]
 struct Scratch {
-    /// Candidate pairs as (distance, local callback, local call). Because local positions follow
-    /// (timestamp, seq) and (requested_at, id), the tuple order is the required total order.
-    candidates: Vec<(i64, usize, usize)>,
+    /// Candidate pairs as (weighted distance, local callback, |timestamp - t0|, local call).
+    /// Because local positions follow (timestamp, seq) and (requested_at, id), the tuple order
+    /// is the required total order.
+    candidates: Vec<(i64, usize, i64, usize)>,
     /// Per local callback: taken as a primary.
     cb_taken: Vec<bool>,
     /// Per local call: has a primary.
@@ -433,12 +445,14 @@ fn match_group(
 
     for (c, &(_, _, _, ci)) in group_calls.iter().enumerate() {
         let span = Span::of(&calls[ci], params);
+        let weight = if expects_callback(calls[ci].outcome) { 0 } else { params.skew_ms };
         // Callbacks are sorted by timestamp, so the window is one contiguous slice.
         let lo = group_cbs.partition_point(|b| b.1 < span.open);
         let hi = group_cbs.partition_point(|b| b.1 <= span.close);
         for (k, b) in group_cbs.iter().enumerate().take(hi).skip(lo) {
             let d = span.distance(b.1);
-            s.candidates.push((d, k, c));
+            let from_t0 = b.1.abs_diff(span.t0).try_into().unwrap_or(i64::MAX);
+            s.candidates.push((d.saturating_add(weight), k, from_t0, c));
             // Calls are visited in (t0, id) order, so on equal distance the first one seen is
             // already the smaller in the total order: only a strictly nearer call replaces it.
             if s.nearest[k].is_none_or(|(best, _)| d < best) {
@@ -449,7 +463,7 @@ fn match_group(
 
     s.candidates.sort_unstable();
     let mut left = group_calls.len().min(group_cbs.len());
-    for &(_, k, c) in &s.candidates {
+    for &(_, k, _, c) in &s.candidates {
         if left == 0 {
             break;
         }
@@ -470,6 +484,11 @@ fn match_group(
             None => out.orphans.push(b.2),
         }
     }
+}
+
+/// Whether the call's outcome says Easemob acted, so a callback is due (the matching's weight).
+fn expects_callback(outcome: Outcome) -> bool {
+    matches!(outcome, Outcome::Succeeded | Outcome::InFlight)
 }
 
 /// The verdict for one call given its primary callback, if any.
@@ -814,6 +833,33 @@ mod tests {
         CallReport { call_id: 0, status, matched: latency_ms.map(|_| 0), extras: Vec::new(), late: false, latency_ms }
     }
 
+    /// Easemob's clock 250 ms ahead puts a succeeded add's callback inside the span of a later
+    /// failed add of the same pair. The failed call does not take it: that would make two false
+    /// alarms (the succeeded call missing, the failed one unexpected).
+    #[test]
+    fn a_failed_call_does_not_take_the_callback_of_a_succeeded_one_a_skew_away() {
+        let calls = [add(1, 0, 300), call(2, CallOp::Add, 400, Some(3_000), Outcome::Failed)];
+        let r = reconcile(&calls, &[add_cb(10, 550)], &params(LATER));
+        let status: Vec<_> = r.calls.iter().map(|c| (c.call_id, c.status, c.matched)).collect();
+        assert_eq!(status, [(1, CallStatus::Matched, Some(10)), (2, CallStatus::NotExpected, None)], "{r:?}");
+
+        // Far from any succeeded call, a callback inside the failed call's span is its own.
+        let r = reconcile(&[add(1, 0, 300), calls[1].clone()], &[add_cb(10, 2_900)], &params(LATER));
+        let status: Vec<_> = r.calls.iter().map(|c| (c.call_id, c.status)).collect();
+        assert_eq!(status, [(1, CallStatus::Missing), (2, CallStatus::Unexpected)], "{r:?}");
+    }
+
+    /// A call in flight for an hour (its outcome not recorded yet) spans every later call of its
+    /// pair. A callback as near to both goes to the call requested nearest to it.
+    #[test]
+    fn a_long_span_does_not_take_the_callbacks_of_later_calls() {
+        let hour = 3_600_000;
+        let calls = [call(1, CallOp::Add, 0, None, Outcome::InFlight), add(2, hour - 2_000, hour - 1_800)];
+        let r = reconcile(&calls, &[add_cb(10, hour - 1_900)], &params(hour));
+        let status: Vec<_> = r.calls.iter().map(|c| (c.call_id, c.status, c.matched)).collect();
+        assert_eq!(status, [(1, CallStatus::Pending, None), (2, CallStatus::Matched, Some(10))], "{r:?}");
+    }
+
     #[test]
     fn summarize_counts_every_status_and_the_orphans() {
         let calls = [
@@ -973,7 +1019,9 @@ mod tests {
                     } else {
                         0
                     };
-                    cands.push(((d, ts, b.seq, t0, c.id), i, k));
+                    let weight =
+                        if matches!(c.outcome, Outcome::Succeeded | Outcome::InFlight) { 0 } else { p.skew_ms };
+                    cands.push(((d + weight, ts, b.seq, (ts - t0).abs(), t0, c.id, d), i, k));
                 }
             }
         }
@@ -992,7 +1040,8 @@ mod tests {
             if taken[k] {
                 continue;
             }
-            match cands.iter().filter(|c| c.2 == k).min() {
+            // Extras go to the nearest call: (distance, t0, id), whatever its outcome.
+            match cands.iter().filter(|c| c.2 == k).min_by_key(|((_, _, _, _, t0, id, d), _, _)| (*d, *t0, *id)) {
                 Some(&(_, i, _)) => extras[i].push(b.seq),
                 None => orphans.push(b.seq),
             }
