@@ -271,8 +271,11 @@ pub fn page(computed: &Computed, q: &ReportQuery) -> Report {
     let (since, until) = basis.range;
     let as_of = basis.as_of;
     let by_seq = SeqIndex::new(callbacks);
-    let owner = q.owner.as_deref();
-    let friend = q.friend.as_deref();
+    // User IDs are stored lower-cased (as Easemob keeps them), so filters are compared that way,
+    // as `/v1/calls` does.
+    let (owner, friend) =
+        (q.owner.as_deref().map(str::to_ascii_lowercase), q.friend.as_deref().map(str::to_ascii_lowercase));
+    let (owner, friend) = (owner.as_deref(), friend.as_deref());
     let call_involves = |c: &CallRow| owner.is_none_or(|x| x == c.owner) && friend.is_none_or(|x| x == c.friend);
     let cb_involves = |cb: &CallbackRow| {
         let side = |x: &str| x == cb.from_user || x == cb.to_user;

@@ -212,6 +212,15 @@ async fn fetch_page(url: &str, query: &[(&str, String)]) -> anyhow::Result<Value
 
 /// Runs the command.
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
+    // Checked here, not only by the service: against a database a mistyped status would match
+    // nothing and read as "nothing to list".
+    if let Some(s) = args.status.as_deref() {
+        anyhow::ensure!(
+            crate::report::STATUSES.contains(&s),
+            "--status must be one of {}, got `{s}`",
+            crate::report::STATUSES.join(", ")
+        );
+    }
     let statuses: Vec<Option<&str>> = match args.status.as_deref() {
         Some(s) => vec![Some(s)],
         None if args.json => vec![None],

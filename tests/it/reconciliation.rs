@@ -166,6 +166,8 @@ async fn a_callback_no_call_explains_is_an_orphan_and_one_for_a_failed_call_is_u
     assert_eq!(orphan["kind"], "callback");
     let (_, only_carol) = all_report_items(&app, "owner=carol").await;
     assert_eq!(only_carol.len(), 1);
+    let (_, only_carol_again) = all_report_items(&app, "owner=Carol").await;
+    assert_eq!(only_carol_again, only_carol, "user IDs are compared lower-cased, as /v1/calls does");
     app.stop().await;
 }
 
@@ -216,6 +218,14 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["summary"]["missing"], 1);
+    // A mistyped status is an error, not an empty list that reads as "nothing missing".
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--database-url", &db, "--status", "mising"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("--status must be one of") && stderr.contains("missing"), "{stderr}");
 }
 
 #[tokio::test]
