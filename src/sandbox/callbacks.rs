@@ -43,7 +43,8 @@ pub struct CallbackRecord {
     /// `payload.operation`: `add` or `remove`.
     pub operation: String,
     /// `pending` while in flight, then `delivered` (some attempt got a 200), `dropped` (never
-    /// sent, by the drop fault) or `failed` (every attempt failed).
+    /// sent, by the drop fault), `failed` (every attempt failed) or `banned` (not sent: the
+    /// callback rule was banned after 90 failures within 30 s).
     pub fate: String,
     /// HTTP attempts made so far, retries and duplicate sends included.
     pub attempts: u32,
@@ -215,6 +216,19 @@ pub mod fate {
     pub const DROPPED: &str = "dropped";
     /// Every attempt failed.
     pub const FAILED: &str = "failed";
+    /// Never sent: the callback rule was banned when it was due.
+    pub const BANNED: &str = "banned";
+}
+
+/// How a callback in flight ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settled {
+    /// Some attempt was answered 200.
+    Delivered,
+    /// Attempts were made; none was answered 200.
+    Failed,
+    /// No attempt was made: the rule was banned.
+    Banned,
 }
 
 /// Records of generated callbacks (bounded) and exact counters.
@@ -231,6 +245,8 @@ pub struct CallbackLog {
     pub duplicated: u64,
     /// Failed callbacks.
     pub failed: u64,
+    /// Callbacks not sent because the rule was banned.
+    pub banned: u64,
     /// Callbacks still in flight.
     pub pending: u64,
 }
@@ -268,16 +284,23 @@ impl CallbackLog {
         }
     }
 
-    /// Settles a pending callback as delivered or failed. The counters move even when the
-    /// record itself has already been forgotten.
-    pub fn finish(&mut self, seq: u64, delivered: bool, attempts: u32) {
+    /// Settles a pending callback. The counters move even when the record itself has already
+    /// been forgotten.
+    pub fn finish(&mut self, seq: u64, settled: Settled, attempts: u32) {
         self.pending = self.pending.saturating_sub(1);
-        let fate = if delivered {
-            self.sent += 1;
-            fate::DELIVERED
-        } else {
-            self.failed += 1;
-            fate::FAILED
+        let fate = match settled {
+            Settled::Delivered => {
+                self.sent += 1;
+                fate::DELIVERED
+            }
+            Settled::Failed => {
+                self.failed += 1;
+                fate::FAILED
+            }
+            Settled::Banned => {
+                self.banned += 1;
+                fate::BANNED
+            }
         };
         if let Some(record) = self.record_mut(seq) {
             record.fate = fate.to_owned();
@@ -305,8 +328,8 @@ pub struct Delivery {
 }
 
 /// Sends one callback: optional delay, then one send (two for a duplicate), each with one
-/// immediate retry on a non-200 answer or a transport error, as Easemob does. The guard keeps
-/// the callback counted as in flight until this returns or the task is aborted.
+/// immediate retry on a failed attempt, as Easemob does; no attempt while the rule is banned.
+/// The guard keeps the callback counted as in flight until this returns or the task is aborted.
 pub async fn deliver(state: Arc<SandboxState>, delivery: Delivery, url: String, _in_flight: InFlightGuard) {
     if delivery.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(delivery.delay_ms)).await;
@@ -314,25 +337,56 @@ pub async fn deliver(state: Arc<SandboxState>, delivery: Delivery, url: String, 
     let sends = if delivery.duplicate { 2 } else { 1 };
     let mut attempts = 0;
     let mut delivered = false;
-    for _ in 0..sends {
+    'sends: for _ in 0..sends {
         for _attempt_and_retry in 0..2 {
+            if !state.callback_rule_may_send() {
+                break 'sends;
+            }
             attempts += 1;
             state.set_callback_attempts(delivery.seq, attempts);
-            let accepted = post_once(state.http(), &url, delivery.body.clone()).await;
-            if accepted {
+            if post_once(state.http(), &url, delivery.body.clone()).await {
                 delivered = true;
                 break;
             }
+            state.callback_attempt_failed();
         }
     }
-    state.finish_callback(delivery.seq, delivered, attempts);
+    let settled = match (delivered, attempts) {
+        (true, _) => Settled::Delivered,
+        (false, 0) => Settled::Banned,
+        (false, _) => Settled::Failed,
+    };
+    state.finish_callback(delivery.seq, settled, attempts);
 }
 
-/// One POST; only a 200 counts as success, as in Easemob's rules.
+/// Longest reply Easemob accepts from a receiver; a longer one is a failed attempt.
+const MAX_REPLY_BYTES: usize = 1_000;
+
+/// One POST; only a 200 with a reply of at most [`MAX_REPLY_BYTES`] counts as success, as in
+/// Easemob's rules.
 async fn post_once(http: &reqwest::Client, url: &str, body: Bytes) -> bool {
     let response = http.post(url).header(reqwest::header::CONTENT_TYPE, "application/json").body(body).send().await;
     match response {
-        Ok(response) if response.status() == reqwest::StatusCode::OK => true,
+        Ok(mut response) if response.status() == reqwest::StatusCode::OK => {
+            // Read no further than one byte past the limit.
+            let mut reply = 0;
+            loop {
+                match response.chunk().await {
+                    Ok(Some(chunk)) => {
+                        reply += chunk.len();
+                        if reply > MAX_REPLY_BYTES {
+                            tracing::debug!("callback receiver's reply is over 1,000 bytes: a failed attempt");
+                            return false;
+                        }
+                    }
+                    Ok(None) => return true,
+                    Err(error) => {
+                        tracing::debug!(%error, "callback receiver's reply was cut short");
+                        return false;
+                    }
+                }
+            }
+        }
         Ok(response) => {
             tracing::debug!(status = %response.status(), "callback receiver answered non-200");
             false
@@ -469,8 +523,8 @@ mod tests {
         let second = log.push(record(fate::PENDING), false);
         log.push(record(fate::DROPPED), false);
         assert_eq!((log.pending, log.dropped, log.duplicated), (2, 1, 1));
-        log.finish(first, true, 2);
-        log.finish(second, false, 2);
+        log.finish(first, Settled::Delivered, 2);
+        log.finish(second, Settled::Failed, 2);
         assert_eq!((log.pending, log.sent, log.failed), (0, 1, 1));
         let fates: Vec<String> = log.records().into_iter().map(|r| r.fate).collect();
         assert_eq!(fates, ["delivered", "failed", "dropped"]);
@@ -483,7 +537,7 @@ mod tests {
         for _ in 0..MAX_RECORDED_CALLBACKS {
             log.push(record(fate::DROPPED), false);
         }
-        log.finish(first, true, 1);
+        log.finish(first, Settled::Delivered, 1);
         assert_eq!(log.records().len(), MAX_RECORDED_CALLBACKS);
         assert_eq!(log.sent, 1);
         assert_eq!(log.pending, 0);

@@ -13,6 +13,7 @@
 //! - [`callbacks`]: the roster callback body, its md5 signature, fault draws and delivery.
 //! - [`error`]: Easemob's five-field error body; [`wire`]: the success envelope.
 //! - [`limiter`], [`faults`]: the per-second request budget and the injected-fault queue.
+//! - [`rule`]: the callback rule's failure count and bans.
 //!
 //! # Endpoints
 //! Easemob's: `POST /{org}/{app}/token`; `POST /{org}/{app}/users`; `GET`/`DELETE
@@ -44,7 +45,9 @@
 //!   each with its own msg_id; a remove sends one owner -> friend `remove` whose `roster_ver` is a
 //!   hash of the receiver's new friend list. msg_ids are time-based (ms << 22), strictly
 //!   increasing and at least 18 digits. With no `callback_secret` the signature uses "".
-//!   Success is a 200 answer only; one immediate retry, then `failed`. A duplicate is a second
+//!   Success is a 200 answer only, with a reply of at most 1,000 bytes; one immediate retry, then
+//!   `failed`. 90 failed attempts within 30 s (injected clock) ban the callback rule for 5, 10,
+//!   15, 20, then 25 minutes ([`rule`]); a callback due meanwhile is not sent (`banned`). A duplicate is a second
 //!   send of the same bytes after the first one finishes (with its own retry); its fate is
 //!   `delivered` if either send got a 200. Delays use real time (they reorder deliveries); the
 //!   `timestamp` is the injected clock at generation. Faults are drawn in request order from
@@ -61,6 +64,7 @@ pub mod error;
 pub mod faults;
 pub mod limiter;
 pub mod routes;
+pub mod rule;
 pub mod state;
 pub mod token;
 pub mod users;

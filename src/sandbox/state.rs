@@ -18,11 +18,12 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 
-use super::callbacks::{self, CallbackLog, CallbackRecord, Delivery, RosterEvent};
+use super::callbacks::{self, CallbackLog, CallbackRecord, Delivery, RosterEvent, Settled};
 use super::config::SandboxConfig;
 use super::error::{ApiError, EasemobError};
 use super::faults::{FaultQueue, InjectedFault};
 use super::limiter::FixedWindow;
+use super::rule::RuleHealth;
 use crate::clock::SharedClock;
 
 /// How long the sandbox waits for a callback receiver, per attempt.
@@ -30,7 +31,7 @@ const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Counters, as `GET /_sandbox/stats` reports them.
 ///
-/// Every generated callback is in exactly one of sent, dropped, failed or pending, so their sum
+/// Every generated callback is in exactly one of sent, dropped, failed, banned or pending, so their sum
 /// is the number of callbacks generated.
 #[derive(Serialize, Deserialize, Clone, Debug)]
 pub struct SandboxStats {
@@ -46,6 +47,9 @@ pub struct SandboxStats {
     pub callbacks_duplicated: u64,
     /// Callbacks whose every attempt failed.
     pub callbacks_failed: u64,
+    /// Callbacks not sent because the callback rule was banned (90 failures within 30 s).
+    #[serde(default)]
+    pub callbacks_banned: u64,
     /// Callbacks still being delayed, sent or retried.
     pub callbacks_pending: u64,
     /// Tokens issued by `POST /{org}/{app}/token`.
@@ -82,6 +86,8 @@ pub struct World {
     id_rng: StdRng,
     last_msg_id: u64,
     callbacks: CallbackLog,
+    /// The callback rule's failures and bans.
+    rule: RuleHealth,
     requests: u64,
     rate_limited: u64,
     tokens_issued: u64,
@@ -99,6 +105,7 @@ impl World {
             id_rng: StdRng::seed_from_u64(seed ^ ID_SEED_SALT),
             last_msg_id: 0,
             callbacks: CallbackLog::default(),
+            rule: RuleHealth::default(),
             requests: 0,
             rate_limited: 0,
             tokens_issued: 0,
@@ -208,6 +215,7 @@ impl SandboxState {
             callbacks_dropped: world.callbacks.dropped,
             callbacks_duplicated: world.callbacks.duplicated,
             callbacks_failed: world.callbacks.failed,
+            callbacks_banned: world.callbacks.banned,
             callbacks_pending: world.callbacks.pending,
             tokens_issued: world.tokens_issued,
         }
@@ -340,8 +348,24 @@ impl SandboxState {
         self.world().callbacks.set_attempts(seq, attempts);
     }
 
-    pub(crate) fn finish_callback(&self, seq: u64, delivered: bool, attempts: u32) {
-        self.world().callbacks.finish(seq, delivered, attempts);
+    pub(crate) fn finish_callback(&self, seq: u64, settled: Settled, attempts: u32) {
+        self.world().callbacks.finish(seq, settled, attempts);
+    }
+
+    /// Whether the callback rule is not banned now.
+    pub(crate) fn callback_rule_may_send(&self) -> bool {
+        self.world().rule.may_send(self.clock.now_ms())
+    }
+
+    /// Counts a failed delivery attempt against the rule, which may ban it.
+    pub(crate) fn callback_attempt_failed(&self) {
+        let now = self.clock.now_ms();
+        if let Some(length) = self.world().rule.failed(now) {
+            tracing::warn!(
+                minutes = length / 60_000,
+                "callback rule banned after 90 failed deliveries within 30 s, as Easemob does; callbacks due meanwhile are not sent"
+            );
+        }
     }
 
     /// Resolves once no delivery is in flight (delays and retries included).

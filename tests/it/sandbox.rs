@@ -811,6 +811,59 @@ async fn a_redirect_is_a_failed_attempt_not_a_delivery() {
     assert_eq!(*gets.lock().expect("lock"), 0, "the redirect was not followed");
 }
 
+/// 90 failed attempts within 30 s ban the callback rule: callbacks due during the ban are not
+/// sent at all (`banned`), and the first ban lasts 5 minutes (of the injected clock).
+#[tokio::test]
+async fn ninety_failures_in_thirty_seconds_ban_the_callback_rule_for_five_minutes() {
+    let receiver = spawn_receiver(StatusCode::SERVICE_UNAVAILABLE).await;
+    let sandbox = spawn_sandbox_for(&receiver, SandboxConfig::default()).await;
+    let token = sandbox.token().await;
+    let friends: Vec<String> = (0..47).map(|i| format!("f{i}")).collect();
+    let mut users = vec!["alice"];
+    users.extend(friends.iter().map(String::as_str));
+    sandbox.register(&token, &users).await;
+
+    // 45 callbacks, each tried twice: the 90th failure bans the rule.
+    for friend in &friends[..45] {
+        assert_eq!(sandbox.add_friend(&token, "alice", friend).await.0, 200);
+    }
+    sandbox.settle().await;
+    assert_eq!(receiver.raw().len(), 90);
+    assert_eq!(sandbox.add_friend(&token, "alice", &friends[45]).await.0, 200, "the API itself is not banned");
+    sandbox.settle().await;
+    assert_eq!(receiver.raw().len(), 90, "nothing is sent while the rule is banned");
+    let records = sandbox.handle.callbacks();
+    assert_eq!((records[45].fate.as_str(), records[45].attempts), ("banned", 0));
+    let stats = sandbox.handle.stats();
+    assert_eq!((stats.callbacks_failed, stats.callbacks_banned, stats.callbacks_pending), (45, 1, 0));
+
+    sandbox.clock.advance_ms(5 * 60_000);
+    sandbox.add_friend(&token, "alice", &friends[46]).await;
+    sandbox.settle().await;
+    assert_eq!(receiver.raw().len(), 92, "after five minutes the rule sends again");
+    assert_eq!(sandbox.handle.callbacks()[46].fate, "failed");
+}
+
+/// Easemob accepts a reply of up to 1,000 characters: a longer one is a failed attempt.
+#[tokio::test]
+async fn a_reply_over_a_thousand_bytes_is_a_failed_attempt() {
+    let app = axum::Router::new()
+        .route("/callback", post(|| async { "x".repeat(1_001) }))
+        .route("/short", post(|| async { "x".repeat(1_000) }));
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
+    let base = format!("http://{}", listener.local_addr().expect("receiver address"));
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    for (path, fate) in [("/callback", "failed"), ("/short", "delivered")] {
+        let receiver = Receiver { url: format!("{base}{path}"), bodies: Arc::default() };
+        let sandbox = spawn_sandbox_for(&receiver, SandboxConfig::default()).await;
+        let token = sandbox.token().await;
+        sandbox.register(&token, &["alice", "bob"]).await;
+        sandbox.add_friend(&token, "alice", "bob").await;
+        sandbox.settle().await;
+        assert_eq!(sandbox.handle.callbacks()[0].fate, fate, "{path}");
+    }
+}
+
 #[tokio::test]
 async fn an_unreachable_receiver_fails_the_callback_after_a_retry() {
     let closed = TcpListener::bind("127.0.0.1:0").await.expect("bind");
