@@ -334,6 +334,7 @@ pub async fn deliver(state: Arc<SandboxState>, delivery: Delivery, url: String, 
     if delivery.delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(delivery.delay_ms)).await;
     }
+    let _turn = state.send_turn().await;
     let sends = if delivery.duplicate { 2 } else { 1 };
     let mut attempts = 0;
     let mut delivered = false;

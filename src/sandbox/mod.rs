@@ -50,7 +50,8 @@
 //!   15, 20, then 25 minutes ([`rule`]); a callback due meanwhile is not sent (`banned`). A duplicate is a second
 //!   send of the same bytes after the first one finishes (with its own retry); its fate is
 //!   `delivered` if either send got a 200. Delays use real time (they reorder deliveries); the
-//!   `timestamp` is the injected clock at generation. Faults are drawn in request order from
+//!   `timestamp` is the injected clock at generation. At most 256 are being sent at once (each
+//!   holds a connection); the rest wait, `pending`. Faults are drawn in request order from
 //!   the seeded RNG, so the same seed and operations give the same faults.
 //! - **Records**: `GET /_sandbox/callbacks` keeps the last [`callbacks::MAX_RECORDED_CALLBACKS`];
 //!   the counters in the stats are exact.

@@ -26,6 +26,9 @@ use super::limiter::FixedWindow;
 use super::rule::RuleHealth;
 use crate::clock::SharedClock;
 
+/// Callback sends in progress at most (see `SandboxState::sending`).
+const MAX_SENDS_AT_ONCE: usize = 256;
+
 /// How long the sandbox waits for a callback receiver, per attempt.
 const CALLBACK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -123,6 +126,9 @@ pub struct SandboxState {
     http: reqwest::Client,
     in_flight: watch::Sender<u64>,
     deliveries: Mutex<JoinSet<()>>,
+    /// Sends at once (each holds a connection): a stalled receiver under a high callback rate
+    /// must not cost one socket per callback in flight. The others wait, still `pending`.
+    sending: tokio::sync::Semaphore,
 }
 
 impl std::fmt::Debug for SandboxState {
@@ -172,6 +178,7 @@ impl SandboxState {
             http,
             in_flight: watch::Sender::new(0),
             deliveries: Mutex::new(JoinSet::new()),
+            sending: tokio::sync::Semaphore::new(MAX_SENDS_AT_ONCE),
         }))
     }
 
@@ -197,6 +204,12 @@ impl SandboxState {
 
     pub(crate) fn http(&self) -> &reqwest::Client {
         &self.http
+    }
+
+    /// A turn to send callbacks, held while sending; waits while [`MAX_SENDS_AT_ONCE`] are
+    /// being sent. (`None` only if the semaphore were closed, which nothing does.)
+    pub(crate) async fn send_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.sending.acquire().await.ok()
     }
 
     /// Locks the world. A panic while it was held cannot leave it half-changed in a way that
