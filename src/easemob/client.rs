@@ -5,8 +5,9 @@
 //! - 401: the token is dropped, a new one fetched, and the call re-sent once; a second 401 is
 //!   final (`Rejected`). The docs warn that a token can stop working before `expires_in`.
 //! - 429 (but `resource_limited`, the plan's limit), 5xx, transport error or timeout: back off
-//!   (see [`backoff`](super::backoff)) and try again, while fewer than `max_attempts` attempts
-//!   were made and `max_retry_time` since the first attempt is not used up; then `Failed`.
+//!   (see [`backoff`](super::backoff); at least the answer's `Retry-After`) and try again, while
+//!   fewer than `max_attempts` attempts were made and `max_retry_time` since the first attempt is
+//!   not used up; then `Failed`. A 429 also holds every call of the client back for a second.
 //! - any other status: final (`Rejected`), with Easemob's error body; but `Failed` if an earlier
 //!   attempt got a 5xx or no answer, since that attempt may have done what the final answer
 //!   says was not done (a retried add refused with 403 `exceed_limit` because the first one added).
@@ -42,6 +43,19 @@ use crate::secret::Secret;
 /// page, say), and read whole it would be held by each of up to 1,000 concurrent calls and stored
 /// in each call's record. The rest is left unread; what was read is kept for diagnosis.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
+
+/// How long a 429 holds every call of the client back (Easemob counts requests per second).
+const RATE_LIMITED_PAUSE: Duration = Duration::from_secs(1);
+
+/// Longest `Retry-After` honoured: a larger one would outlast any retry budget.
+const MAX_RETRY_AFTER: Duration = Duration::from_secs(60);
+
+/// A `Retry-After` in seconds (the HTTP-date form is not used by API gateways in practice),
+/// capped at [`MAX_RETRY_AFTER`].
+fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    let secs: u64 = headers.get(reqwest::header::RETRY_AFTER)?.to_str().ok()?.trim().parse().ok()?;
+    Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
+}
 
 /// The answer's body, cut at [`MAX_ANSWER_BYTES`].
 async fn read_capped(mut response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
@@ -99,7 +113,7 @@ struct Call {
 
 /// What one HTTP attempt produced.
 enum Answer {
-    Received { status: u16, body: Value },
+    Received { status: u16, body: Value, retry_after: Option<Duration> },
     NotReceived { reason: String },
 }
 
@@ -288,8 +302,8 @@ impl EasemobClient {
             attempts += 1;
             let first_attempt_at = *first_attempt_at.get_or_insert_with(Instant::now);
 
-            let (status, body, transport_reason) = match self.attempt(&call, &token).await {
-                Answer::Received { status, body } => {
+            let (status, body, transport_reason, retry_after) = match self.attempt(&call, &token).await {
+                Answer::Received { status, body, retry_after } => {
                     tracing::debug!(
                         method = %call.method,
                         path = call.url.path(),
@@ -297,7 +311,7 @@ impl EasemobClient {
                         status,
                         "Easemob answered"
                     );
-                    (Some(status), body, None)
+                    (Some(status), body, None, retry_after)
                 }
                 Answer::NotReceived { reason } => {
                     tracing::debug!(
@@ -307,7 +321,7 @@ impl EasemobClient {
                         reason = %reason,
                         "no answer from Easemob"
                     );
-                    (None, Value::Null, Some(reason))
+                    (None, Value::Null, Some(reason), None)
                 }
             };
             let error = ErrorBody::from_value(&body);
@@ -332,10 +346,15 @@ impl EasemobClient {
                 }
                 // `resource_limited` is the plan's limit (users on the free plan), not the rate
                 // limit: retrying cannot help.
-                Some(429) if error.as_ref().is_none_or(|e| e.error != "resource_limited") => match &error {
-                    Some(error) => format!("HTTP 429 {}", error.summary()),
-                    None => "HTTP 429".to_owned(),
-                },
+                Some(429) if error.as_ref().is_none_or(|e| e.error != "resource_limited") => {
+                    // The App Key's budget for this second is spent, for every call of this
+                    // client: hold them all back, not only this one.
+                    self.inner.pacer.hold_for(retry_after.unwrap_or(RATE_LIMITED_PAUSE).max(RATE_LIMITED_PAUSE));
+                    match &error {
+                        Some(error) => format!("HTTP 429 {}", error.summary()),
+                        None => "HTTP 429".to_owned(),
+                    }
+                }
                 Some(status) if (500..600).contains(&status) => {
                     let reason = match &error {
                         Some(error) => format!("HTTP {status} {}", error.summary()),
@@ -382,7 +401,8 @@ impl EasemobClient {
             if attempts >= config.max_attempts {
                 return Err(failed(format!("gave up after {attempts} attempt(s) (max_attempts); last: {reason}")));
             }
-            let delay = self.next_backoff(retries);
+            // Easemob documents no Retry-After, but a gateway in front of it may send one.
+            let delay = self.next_backoff(retries).max(retry_after.unwrap_or_default());
             let elapsed = first_attempt_at.elapsed();
             if elapsed + delay > config.max_retry_time {
                 return Err(failed(format!(
@@ -422,8 +442,9 @@ impl EasemobClient {
             }
         };
         let status = response.status().as_u16();
+        let retry_after = retry_after(response.headers());
         match read_capped(response).await {
-            Ok(bytes) => Answer::Received { status, body: body_to_value(&bytes) },
+            Ok(bytes) => Answer::Received { status, body: body_to_value(&bytes), retry_after },
             Err(error) => Answer::NotReceived {
                 reason: format!("answer {status} cut short: {}", self.describe_transport_error(&error)),
             },
@@ -681,6 +702,21 @@ mod tests {
 
     fn client(base_url: &str) -> EasemobClient {
         EasemobClient::new(config(base_url), ManualClock::new(0)).expect("client")
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds_and_capped() {
+        let headers = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(reqwest::header::RETRY_AFTER, HeaderValue::from_str(value).expect("header"));
+            h
+        };
+        assert_eq!(retry_after(&headers("2")), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&headers(" 0 ")), Some(Duration::ZERO));
+        assert_eq!(retry_after(&headers("86400")), Some(MAX_RETRY_AFTER));
+        assert_eq!(retry_after(&headers("Wed, 21 Oct 2026 07:28:00 GMT")), None);
+        assert_eq!(retry_after(&headers("-1")), None);
+        assert_eq!(retry_after(&HeaderMap::new()), None);
     }
 
     /// Whatever a server sends, an answer is read up to the cap and no further (3 MiB here, as

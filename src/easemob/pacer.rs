@@ -14,6 +14,10 @@
 //! making 101. With 2 % extra spacing, 100 requests span about 1.01 s, so a window can hold 100
 //! only if arrival jitter exceeds ~10 ms; the throughput given up is 2 %.
 //!
+//! After a 429 the pacer holds every call back for a while ([`RequestPacer::hold_for`]): the App
+//! Key's budget is shared with the app's other servers and SDKs, so once Easemob refuses one call
+//! the calls queued behind it would only use up their retries on more 429s.
+//!
 //! Waiters queue on a fair (FIFO) mutex in front of the `governor` limiter. Without it, every
 //! waiting task would wake at each release and race for the single slot (a thundering herd of
 //! up to N wake-ups per slot), and the order in which calls leave would be arbitrary, so a call
@@ -24,6 +28,7 @@ use std::time::Duration;
 
 use governor::{DefaultDirectRateLimiter, Quota, RateLimiter};
 use tokio::sync::Mutex;
+use tokio::time::Instant;
 
 /// How much wider than `1 s / rate` the spacing between requests is (see the module docs).
 pub(crate) const SAFETY_MARGIN: f64 = 0.02;
@@ -32,6 +37,8 @@ pub(crate) const SAFETY_MARGIN: f64 = 0.02;
 pub(crate) struct RequestPacer {
     queue: Mutex<()>,
     limiter: DefaultDirectRateLimiter,
+    /// No request leaves before this (set after a 429).
+    held_until: std::sync::Mutex<Option<Instant>>,
 }
 
 impl RequestPacer {
@@ -42,13 +49,30 @@ impl RequestPacer {
         // `with_period` refuses only a zero period, which a rate of at most u32::MAX cannot give.
         let quota =
             Quota::with_period(spacing).unwrap_or_else(|| Quota::per_second(per_second)).allow_burst(NonZeroU32::MIN);
-        Self { queue: Mutex::new(()), limiter: RateLimiter::direct(quota) }
+        Self { queue: Mutex::new(()), limiter: RateLimiter::direct(quota), held_until: std::sync::Mutex::new(None) }
     }
 
     /// Waits until this caller may send one request.
     pub(crate) async fn wait_turn(&self) {
         let _turn = self.queue.lock().await;
+        // Re-read after each wait: another 429 may have moved the hold meanwhile.
+        while let Some(until) = self.held_until().filter(|until| *until > Instant::now()) {
+            tokio::time::sleep_until(until).await;
+        }
         self.limiter.until_ready().await;
+    }
+
+    /// Holds every request back for `pause` from now (a later hold already set stays).
+    pub(crate) fn hold_for(&self, pause: Duration) {
+        let until = Instant::now() + pause;
+        let mut held = self.held_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if held.is_none_or(|current| current < until) {
+            *held = Some(until);
+        }
+    }
+
+    fn held_until(&self) -> Option<Instant> {
+        *self.held_until.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -58,11 +82,9 @@ mod tests {
     use std::sync::Arc;
     use std::time::Instant;
 
-    #[tokio::test]
-    async fn requests_leave_evenly_spaced() {
-        let pacer = Arc::new(RequestPacer::new(NonZeroU32::new(100).expect("non-zero")));
-        let started = Instant::now();
-        let tasks: Vec<_> = (0..21)
+    /// `n` callers wait for their turn at once; when each got it, measured from `started`.
+    async fn turns_taken(pacer: &Arc<RequestPacer>, n: usize, started: Instant) -> Vec<Duration> {
+        let tasks: Vec<_> = (0..n)
             .map(|_| {
                 let pacer = pacer.clone();
                 tokio::spawn(async move {
@@ -71,10 +93,17 @@ mod tests {
                 })
             })
             .collect();
-        let mut times = Vec::new();
+        let mut times = Vec::with_capacity(n);
         for task in tasks {
             times.push(task.await.expect("task"));
         }
+        times
+    }
+
+    #[tokio::test]
+    async fn requests_leave_evenly_spaced() {
+        let pacer = Arc::new(RequestPacer::new(NonZeroU32::new(100).expect("non-zero")));
+        let mut times = turns_taken(&pacer, 21, Instant::now()).await;
         times.sort();
         // 21 requests at 100/s: the first at once, the last no earlier than 200 ms later
         // (204 ms with the margin).
@@ -84,5 +113,18 @@ mod tests {
         // (Measured times can only be later than the releases, never earlier.)
         let early = times.iter().filter(|t| **t < Duration::from_millis(100)).count();
         assert!(early <= 10, "{times:?}");
+    }
+
+    /// After a 429 every caller waits out the hold, whoever got the 429; a shorter hold set
+    /// later does not cut it short. (Lower bounds only: a loaded machine can only be later.)
+    #[tokio::test]
+    async fn a_hold_keeps_every_caller_back() {
+        let pacer = Arc::new(RequestPacer::new(NonZeroU32::new(1_000).expect("non-zero")));
+        let started = Instant::now();
+        pacer.hold_for(Duration::from_millis(300));
+        pacer.hold_for(Duration::from_millis(10));
+        for waited in turns_taken(&pacer, 3, started).await {
+            assert!(waited >= Duration::from_millis(300), "{waited:?}");
+        }
     }
 }

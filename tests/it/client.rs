@@ -340,10 +340,14 @@ async fn two_429s_are_retried_after_backoff_then_succeed() {
     register(&h.client, &["alice", "bob"]).await;
     h.sandbox.inject_faults(contacts_fault(429, 2));
 
+    let started = Instant::now();
     let added = h.client.add_friend("alice", "bob").await.expect("added");
 
     assert_eq!(added.attempts, 3);
     assert_eq!(h.sandbox.stats().tokens_issued, 1, "a 429 does not touch the token");
+    // Each 429 holds the client's calls back for a second (the backoff here is milliseconds):
+    // the App Key's budget is shared, so the calls behind this one would only draw more 429s.
+    assert!(started.elapsed() >= Duration::from_secs(2), "{:?}", started.elapsed());
 }
 
 #[tokio::test]
