@@ -247,7 +247,16 @@ async fn record_outcome(
         if give_up {
             return;
         }
-        tokio::time::sleep(delay).await;
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = state.store.closing() => {
+                tracing::warn!(call_id = id, "the service is stopping before the call's outcome could be recorded; its next start records it as unknown");
+                if let Some(answer) = answer.take() {
+                    let _ = answer.send(Err(StoreError::WriterGone));
+                }
+                return;
+            }
+        }
         delay = (delay * 2).min(Duration::from_secs(2));
     }
 }

@@ -269,6 +269,9 @@ pub struct Store {
     database_url: String,
     /// Fires when the writer thread has committed what was queued and closed its connection.
     writer_task: Arc<std::sync::Mutex<Option<tokio::sync::oneshot::Receiver<()>>>>,
+    /// Set by [`Store::close`], so that work that would keep a clone alive (an outcome waiting to
+    /// be retried) lets go instead of holding up the stop.
+    closing: Arc<watch::Sender<bool>>,
     /// Calls closed as `unknown` at start-up.
     pub recovered_calls: u64,
 }
@@ -422,6 +425,7 @@ impl Store {
             health,
             database_url: opts.database_url,
             writer_task,
+            closing: Arc::new(watch::Sender::new(false)),
             recovered_calls,
         })
     }
@@ -450,8 +454,16 @@ impl Store {
             health: Arc::new(WriterHealth::default()),
             database_url: database_url.to_string(),
             writer_task: Arc::new(std::sync::Mutex::new(None)),
+            closing: Arc::new(watch::Sender::new(false)),
             recovered_calls: 0,
         })
+    }
+
+    /// Resolves once [`Store::close`] has been called on some clone of this store.
+    pub async fn closing(&self) {
+        let mut closing = self.closing.subscribe();
+        // The sender lives as long as this store, so the wait can only end by the flag.
+        let _ = closing.wait_for(|c| *c).await;
     }
 
     /// The read pool (for the query functions in this module).
@@ -538,6 +550,7 @@ impl Store {
     /// Closes the read pool, then waits for the writer to commit what is queued and close its
     /// connection. Other clones of this store must be dropped first, or the writer keeps running.
     pub async fn close(self) {
+        self.closing.send_replace(true);
         let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
         drop(self.jobs);
         self.read.close().await;

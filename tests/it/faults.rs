@@ -271,67 +271,8 @@ async fn readyz_commits_one_write_probe_a_second_however_often_it_is_called() {
 /// gone, instead of leaving the call in flight until a restart closes it as `unknown`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_outcome_the_database_refused_is_recorded_once_the_fault_is_gone() {
-    let sandbox = friendhook::sandbox::spawn(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        friendhook::sandbox::SandboxConfig::default(),
-        friendhook::clock::system(),
-    )
-    .await
-    .unwrap();
-    let mut gate = Gate::spawn(sandbox.base_url()).await;
-    let app = TestApp::spawn(&[
-        "--easemob-base-url",
-        &gate.base,
-        "--easemob-org",
-        "demo-org",
-        "--easemob-app",
-        "demo-app",
-        "--easemob-client-id",
-        "sandbox-client-id",
-        "--easemob-client-secret",
-        "sandbox-client-secret",
-        "--sqlite-busy-timeout",
-        "200ms",
-        "--request-timeout",
-        "60s",
-    ])
-    .await;
-    let client = friendhook::easemob::EasemobClient::new(
-        friendhook::easemob::ClientConfig::new(
-            sandbox.base_url(),
-            "demo-org",
-            "demo-app",
-            "sandbox-client-id",
-            friendhook::secret::Secret::new("sandbox-client-secret"),
-        ),
-        friendhook::clock::system(),
-    )
-    .unwrap();
-    let users = ["alice", "bob"].map(|n| friendhook::easemob::NewUser {
-        username: n.into(),
-        password: "pw".into(),
-        nickname: None,
-    });
-    client.register_users(&users).await.unwrap();
-
-    let request = tokio::spawn({
-        let (http, url) = (app.client.clone(), app.url("/v1/friends"));
-        async move { http.post(url).json(&serde_json::json!({"owner": "alice", "friend": "bob"})).send().await }
-    });
-    // The add has reached Easemob (its intent is recorded); another process now takes the write
-    // lock before Easemob's answer comes back, so the outcome cannot be committed.
-    gate.arrived().await;
-    let lock = WriteLock::take(&app.db_path).await;
-    gate.open();
-
-    let response = request.await.unwrap().unwrap();
-    assert_eq!(response.status(), 503);
-    let err: Value = response.json().await.unwrap();
-    assert_eq!(err["code"], "outcome_not_recorded", "{err}");
-    let detail = err["detail"].as_str().unwrap();
-    assert!(detail.contains("call 1 went to Easemob") && detail.contains("GET /v1/calls/1"), "{detail}");
-    let (_, call) = app.get_json("/v1/calls/1").await;
-    assert_eq!(call["outcome"], "in_flight", "{call}");
+    let (sandbox, app, lock) = an_add_whose_outcome_the_database_refuses().await;
+    let client = sandbox_client(&sandbox);
     assert_eq!(client.list_friends("alice").await.unwrap(), ["bob"], "Easemob did add the friend");
 
     lock.release().await;
@@ -354,6 +295,102 @@ async fn an_outcome_the_database_refused_is_recorded_once_the_fault_is_gone() {
     assert!(m["friendhook_commit_failures_total"] >= 3.0, "the request waited through three attempts");
     app.stop().await;
     sandbox.shutdown().await;
+}
+
+/// An outcome still waiting for the database does not hold up a stop (the store would wait 30 s
+/// for the writer that its retries keep alive): the retries end, and the next start closes the
+/// call as `unknown`, as after any stop mid-call.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stop_does_not_wait_for_an_outcome_the_database_refuses() {
+    let (sandbox, app, lock) = an_add_whose_outcome_the_database_refuses().await;
+    let db_path = app.db_path.clone();
+    let dir = tokio::time::timeout(std::time::Duration::from_secs(10), app.stop())
+        .await
+        .expect("the service stops without waiting out the outcome's retries");
+    lock.release().await;
+
+    let app = TestApp::spawn_on(&db_path, &easemob_args(&sandbox.base_url())).await;
+    let (_, call) = app.get_json("/v1/calls/1").await;
+    assert_eq!(call["outcome"], "unknown", "{call}");
+    app.stop().await;
+    drop(dir);
+    sandbox.shutdown().await;
+}
+
+/// A service whose add of alice to bob reached Easemob, but whose outcome another process's
+/// write lock keeps out of the database: answered 503 `outcome_not_recorded`, call 1 in flight,
+/// the lock still held.
+async fn an_add_whose_outcome_the_database_refuses() -> (friendhook::sandbox::SandboxHandle, TestApp, WriteLock) {
+    let sandbox = friendhook::sandbox::spawn(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        friendhook::sandbox::SandboxConfig::default(),
+        friendhook::clock::system(),
+    )
+    .await
+    .unwrap();
+    let mut gate = Gate::spawn(sandbox.base_url()).await;
+    let app = TestApp::spawn(&easemob_args(&gate.base)).await;
+    let users = ["alice", "bob"].map(|n| friendhook::easemob::NewUser {
+        username: n.into(),
+        password: "pw".into(),
+        nickname: None,
+    });
+    sandbox_client(&sandbox).register_users(&users).await.unwrap();
+
+    let request = tokio::spawn({
+        let (http, url) = (app.client.clone(), app.url("/v1/friends"));
+        async move { http.post(url).json(&serde_json::json!({"owner": "alice", "friend": "bob"})).send().await }
+    });
+    // The add has reached Easemob (its intent is recorded); another process now takes the write
+    // lock before Easemob's answer comes back, so the outcome cannot be committed.
+    gate.arrived().await;
+    let lock = WriteLock::take(&app.db_path).await;
+    gate.open();
+
+    let response = request.await.unwrap().unwrap();
+    assert_eq!(response.status(), 503);
+    let err: Value = response.json().await.unwrap();
+    assert_eq!(err["code"], "outcome_not_recorded", "{err}");
+    let detail = err["detail"].as_str().unwrap();
+    assert!(detail.contains("call 1 went to Easemob") && detail.contains("GET /v1/calls/1"), "{detail}");
+    let (_, call) = app.get_json("/v1/calls/1").await;
+    assert_eq!(call["outcome"], "in_flight", "{call}");
+    (sandbox, app, lock)
+}
+
+/// `serve` flags for a real-Easemob setup at `base` with the sandbox's credentials.
+fn easemob_args(base: &str) -> Vec<&str> {
+    vec![
+        "--easemob-base-url",
+        base,
+        "--easemob-org",
+        "demo-org",
+        "--easemob-app",
+        "demo-app",
+        "--easemob-client-id",
+        "sandbox-client-id",
+        "--easemob-client-secret",
+        "sandbox-client-secret",
+        "--sqlite-busy-timeout",
+        "200ms",
+        "--request-timeout",
+        "60s",
+    ]
+}
+
+/// A client of the sandbox itself (not through the gate).
+fn sandbox_client(sandbox: &friendhook::sandbox::SandboxHandle) -> friendhook::easemob::EasemobClient {
+    friendhook::easemob::EasemobClient::new(
+        friendhook::easemob::ClientConfig::new(
+            sandbox.base_url(),
+            "demo-org",
+            "demo-app",
+            "sandbox-client-id",
+            friendhook::secret::Secret::new("sandbox-client-secret"),
+        ),
+        friendhook::clock::system(),
+    )
+    .unwrap()
 }
 
 /// A proxy in front of the sandbox that holds the first add-friend request until opened.
