@@ -61,7 +61,8 @@ pub enum ApiError {
         code: &'static str,
         /// What is going on.
         detail: String,
-        /// Seconds to wait before retrying.
+        /// Seconds to wait before retrying, sent as `Retry-After`; 0 sends none (for an answer
+        /// that must not be retried as it is).
         retry_after_secs: u32,
     },
     /// 500: a bug or an unexpected fault; logged with its cause, answered generically.
@@ -136,7 +137,9 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let detail = self.public_detail();
         let mut response = (status, Json(ErrorBody { code: self.code(), detail: &detail })).into_response();
-        if let ApiError::Unavailable { retry_after_secs, .. } = &self {
+        if let ApiError::Unavailable { retry_after_secs, .. } = &self
+            && *retry_after_secs > 0
+        {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
         response

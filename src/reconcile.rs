@@ -28,8 +28,12 @@
 //!     cannot be recorded, `unknown` after a restart) would otherwise take the callbacks of
 //!     every later call of its pair.
 //! - **Extras.** A callback inside some call's window that is nobody's primary (the
-//!   other-direction echo, a re-delivery) attaches to its nearest candidate call in the same
-//!   order. It is never an orphan.
+//!   other-direction echo, a re-delivery) attaches to its nearest candidate call, by (distance,
+//!   `call.requested_at_ms`, `call.id`) whatever the call's outcome. It is never an orphan.
+//!   (An echo is only an extra when no other call of the pair is left without a primary: next
+//!   to a failed call of the same pair, an add's echo is that call's primary, so it reads
+//!   `unexpected`. Telling an echo from another call's callback needs an event id that both
+//!   directions share, which Easemob does not document for REST adds.)
 //! - **Orphans** are callbacks inside no call's window.
 //! - **Status**, by outcome:
 //!   - succeeded: primary → matched; else pending while `now_ms <= t1 + window_ms`, then missing;

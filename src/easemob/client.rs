@@ -287,7 +287,7 @@ impl EasemobClient {
         // Why an earlier attempt's fate is unknown (a 5xx or no answer: Easemob may have acted).
         // A final answer after one is not final about the operation: a retried add can get 403
         // exceed_limit because the first attempt did add, a retried delete 404 because the first
-        // did delete.
+        // did delete. A GET changes nothing, so its final answer stays final.
         let mut uncertain: Option<String> = None;
 
         loop {
@@ -349,7 +349,7 @@ impl EasemobClient {
                 Some(429) if error.as_ref().is_none_or(|e| e.error != "resource_limited") => {
                     // The App Key's budget for this second is spent, for every call of this
                     // client: hold them all back, not only this one.
-                    self.inner.pacer.hold_for(retry_after.unwrap_or(RATE_LIMITED_PAUSE).max(RATE_LIMITED_PAUSE));
+                    self.inner.pacer.hold_for(RATE_LIMITED_PAUSE);
                     match &error {
                         Some(error) => format!("HTTP 429 {}", error.summary()),
                         None => "HTTP 429".to_owned(),
@@ -360,7 +360,9 @@ impl EasemobClient {
                         Some(error) => format!("HTTP {status} {}", error.summary()),
                         None => format!("HTTP {status}"),
                     };
-                    uncertain = Some(reason.clone());
+                    if call.method != Method::GET {
+                        uncertain = Some(reason.clone());
+                    }
                     reason
                 }
                 Some(status) => {
@@ -386,7 +388,9 @@ impl EasemobClient {
                 }
                 None => {
                     let reason = transport_reason.unwrap_or_default();
-                    uncertain = Some(reason.clone());
+                    if call.method != Method::GET {
+                        uncertain = Some(reason.clone());
+                    }
                     reason
                 }
             };

@@ -3,7 +3,9 @@
 //!
 //! Every call is recorded before anything is sent (intent) and again once Easemob has answered
 //! (outcome). The Easemob call runs in its own task, so a client that disconnects mid-call cannot
-//! leave a call without an outcome; only a crash can, and start-up closes those as `unknown`.
+//! leave a call without an outcome. An outcome the database refuses is retried for up to 10
+//! minutes; a stop (or a crash) before it is recorded leaves the call in flight, and the next
+//! start closes it as `unknown`.
 
 use std::time::Duration;
 
@@ -261,8 +263,11 @@ async fn record_outcome(
     }
 }
 
-/// The answer for a call that went to Easemob but whose outcome is not recorded yet.
+/// The answer for a call that went to Easemob but whose outcome is not recorded yet. No
+/// `Retry-After`: a client that retries 503s by itself would send the call again.
 fn outcome_not_recorded(id: i64, err: &StoreError) -> ApiError {
+    // The database's own error goes to the log, not to the client (it can name files).
+    tracing::error!(call_id = id, error = %err, "a call's outcome could not be recorded");
     let still = if matches!(err, StoreError::WriterGone) {
         "the service is stopping; its next start records the call as `unknown`"
     } else {
@@ -271,10 +276,10 @@ fn outcome_not_recorded(id: i64, err: &StoreError) -> ApiError {
     ApiError::Unavailable {
         code: "outcome_not_recorded",
         detail: format!(
-            "call {id} went to Easemob, but its outcome could not be recorded ({err}); {still}. Do not send \
-             it again: GET /v1/calls/{id} shows the outcome once it is recorded"
+            "call {id} went to Easemob, but the database could not record its outcome; {still}. Do not \
+             send it again: GET /v1/calls/{id} shows the outcome once it is recorded"
         ),
-        retry_after_secs: 2,
+        retry_after_secs: 0,
     }
 }
 

@@ -387,6 +387,22 @@ async fn a_refusal_after_an_attempt_that_may_have_acted_is_not_final() {
     assert!(matches!(failure, ApiFailure::Rejected { status: 403, attempts: 1, .. }), "{failure:?}");
 }
 
+/// A GET changes nothing, so a 404 after a 5xx still means what it says.
+#[tokio::test]
+async fn a_read_refused_after_a_5xx_is_still_final() {
+    let h = harness().await;
+    h.sandbox.inject_faults(InjectedFault {
+        status: 503,
+        count: 1,
+        path_contains: Some("/users/ghost".to_owned()),
+        error: None,
+    });
+
+    let failure = h.client.get_user("ghost").await.expect_err("no such user");
+
+    assert!(matches!(failure, ApiFailure::Rejected { status: 404, attempts: 2, .. }), "{failure:?}");
+}
+
 #[tokio::test]
 async fn persistent_5xx_fails_after_max_attempts() {
     let h = harness_with(sandbox_config(), |config| config.max_attempts = 4).await;

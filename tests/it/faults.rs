@@ -349,6 +349,7 @@ async fn an_add_whose_outcome_the_database_refuses() -> (friendhook::sandbox::Sa
 
     let response = request.await.unwrap().unwrap();
     assert_eq!(response.status(), 503);
+    assert!(!response.headers().contains_key("retry-after"), "a client must not send it again by itself");
     let err: Value = response.json().await.unwrap();
     assert_eq!(err["code"], "outcome_not_recorded", "{err}");
     let detail = err["detail"].as_str().unwrap();
