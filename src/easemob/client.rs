@@ -380,7 +380,7 @@ impl EasemobClient {
                                 attempts,
                                 reason: format!(
                                     "attempt {attempts} was answered {answer}, but an earlier attempt ({earlier}) may \
-                                     have been carried out: check the friendship before trying again"
+                                     have been carried out: check the result in Easemob before trying again"
                                 ),
                             }
                         }

@@ -266,8 +266,8 @@ async fn record_outcome(
 /// The answer for a call that went to Easemob but whose outcome is not recorded yet. No
 /// `Retry-After`: a client that retries 503s by itself would send the call again.
 fn outcome_not_recorded(id: i64, err: &StoreError) -> ApiError {
-    // The database's own error goes to the log, not to the client (it can name files).
-    tracing::error!(call_id = id, error = %err, "a call's outcome could not be recorded");
+    // The database's own error is not for the client (it can name files); `record_outcome`'s
+    // warnings have it in the log.
     let still = if matches!(err, StoreError::WriterGone) {
         "the service is stopping; its next start records the call as `unknown`"
     } else {
