@@ -170,11 +170,7 @@ impl EasemobError {
 fn injected_parts(status: StatusCode, error: Option<&str>) -> (String, &'static str, String) {
     let documented = match (status.as_u16(), error) {
         (429, Some("resource_limited")) => Some(EasemobError::ResourceLimited),
-        (_, Some(error)) => {
-            let exception =
-                if status.is_server_error() { "java.lang.RuntimeException" } else { WEB_APPLICATION_EXCEPTION };
-            return (error.to_owned(), exception, status.canonical_reason().unwrap_or("Unknown Status").to_owned());
-        }
+        (_, Some(_)) => None,
         (400, None) => Some(EasemobError::IllegalArgument("illegal argument".into())),
         (401, None) => Some(EasemobError::Unauthorized),
         (403, None) => Some(EasemobError::ExceedLimit),
@@ -186,8 +182,9 @@ fn injected_parts(status: StatusCode, error: Option<&str>) -> (String, &'static 
     if let Some(error) = documented {
         return error.parts();
     }
+    // Generic: the error type the fault names, or one made from the status's reason phrase.
     let reason = status.canonical_reason().unwrap_or("Unknown Status");
-    let error = reason.to_ascii_lowercase().replace([' ', '-'], "_");
+    let error = error.map_or_else(|| reason.to_ascii_lowercase().replace([' ', '-'], "_"), str::to_owned);
     let exception = if status.is_server_error() { "java.lang.RuntimeException" } else { WEB_APPLICATION_EXCEPTION };
     (error, exception, reason.to_owned())
 }

@@ -105,6 +105,15 @@ impl Sandbox {
         serde_json::from_value(body["data"].clone()).expect("data is a list of usernames")
     }
 
+    /// Registers alice and bob, lets alice add bob, and waits for the callbacks; the token.
+    async fn alice_adds_bob(&self) -> String {
+        let token = self.token().await;
+        self.register(&token, &["alice", "bob"]).await;
+        self.add_friend(&token, "alice", "bob").await;
+        self.settle().await;
+        token
+    }
+
     async fn settle(&self) {
         tokio::time::timeout(Duration::from_secs(30), self.handle.wait_callbacks_settled())
             .await
@@ -129,10 +138,15 @@ async fn spawn_receiver(answer: StatusCode) -> Receiver {
             }),
         )
         .with_state(Arc::clone(&bodies));
+    Receiver { url: format!("{}/callback", serve(app).await), bodies }
+}
+
+/// Serves `app` on a free loopback port; its base URL.
+async fn serve(app: axum::Router) -> String {
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
-    let url = format!("http://{}/callback", listener.local_addr().expect("receiver address"));
+    let base = format!("http://{}", listener.local_addr().expect("receiver address"));
     tokio::spawn(async move { axum::serve(listener, app).await });
-    Receiver { url, bodies }
+    base
 }
 
 impl Receiver {
@@ -653,11 +667,7 @@ async fn unknown_routes_and_methods_get_easemob_errors() {
 async fn callbacks_arrive_signed_with_the_documented_fields() {
     let receiver = spawn_receiver(StatusCode::OK).await;
     let sandbox = spawn_sandbox_for(&receiver, SandboxConfig::default()).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    sandbox.alice_adds_bob().await;
 
     let bodies = receiver.bodies();
     assert_eq!(bodies.len(), 1);
@@ -708,10 +718,7 @@ async fn callbacks_arrive_signed_with_the_documented_fields() {
 async fn a_remove_sends_a_remove_callback_with_a_roster_version() {
     let receiver = spawn_receiver(StatusCode::OK).await;
     let sandbox = spawn_sandbox_for(&receiver, SandboxConfig::default()).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    let token = sandbox.alice_adds_bob().await;
 
     sandbox.remove_friend(&token, "alice", "bob").await;
     sandbox.settle().await;
@@ -742,11 +749,7 @@ async fn two_callbacks_per_add_go_both_ways_with_their_own_ids() {
     let receiver = spawn_receiver(StatusCode::OK).await;
     let sandbox =
         spawn_sandbox_for(&receiver, SandboxConfig { callbacks_per_add: 2, ..SandboxConfig::default() }).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    sandbox.alice_adds_bob().await;
 
     let records = sandbox.handle.callbacks();
     let directions: Vec<(&str, &str)> = records.iter().map(|r| (r.from_user.as_str(), r.to_user.as_str())).collect();
@@ -762,11 +765,7 @@ async fn two_callbacks_per_add_go_both_ways_with_their_own_ids() {
 async fn a_failing_receiver_gets_one_retry_then_the_callback_fails() {
     let receiver = spawn_receiver(StatusCode::INTERNAL_SERVER_ERROR).await;
     let sandbox = spawn_sandbox_for(&receiver, SandboxConfig::default()).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    sandbox.alice_adds_bob().await;
 
     let raw = receiver.raw();
     assert_eq!(raw.len(), 2, "the first attempt and exactly one retry");
@@ -795,16 +794,9 @@ async fn a_redirect_is_a_failed_attempt_not_a_delivery() {
                 }
             }),
         );
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
-    let url = format!("http://{}/callback", listener.local_addr().expect("receiver address"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
-    let receiver = Receiver { url, bodies: Arc::default() };
+    let receiver = Receiver { url: format!("{}/callback", serve(app).await), bodies: Arc::default() };
     let sandbox = spawn_sandbox_for(&receiver, SandboxConfig::default()).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    sandbox.alice_adds_bob().await;
 
     let records = sandbox.handle.callbacks();
     assert_eq!((records[0].fate.as_str(), records[0].attempts), ("failed", 2));
@@ -850,16 +842,11 @@ async fn a_reply_over_a_thousand_bytes_is_a_failed_attempt() {
     let app = axum::Router::new()
         .route("/callback", post(|| async { "x".repeat(1_001) }))
         .route("/short", post(|| async { "x".repeat(1_000) }));
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind the receiver");
-    let base = format!("http://{}", listener.local_addr().expect("receiver address"));
-    tokio::spawn(async move { axum::serve(listener, app).await });
+    let base = serve(app).await;
     for (path, fate) in [("/callback", "failed"), ("/short", "delivered")] {
         let receiver = Receiver { url: format!("{base}{path}"), bodies: Arc::default() };
         let sandbox = spawn_sandbox_for(&receiver, SandboxConfig::default()).await;
-        let token = sandbox.token().await;
-        sandbox.register(&token, &["alice", "bob"]).await;
-        sandbox.add_friend(&token, "alice", "bob").await;
-        sandbox.settle().await;
+        sandbox.alice_adds_bob().await;
         assert_eq!(sandbox.handle.callbacks()[0].fate, fate, "{path}");
     }
 }
@@ -870,11 +857,7 @@ async fn an_unreachable_receiver_fails_the_callback_after_a_retry() {
     let url = format!("http://{}/callback", closed.local_addr().expect("address"));
     drop(closed);
     let sandbox = spawn_sandbox(SandboxConfig { callback_url: Some(url), ..SandboxConfig::default() }).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    sandbox.alice_adds_bob().await;
 
     let records = sandbox.handle.callbacks();
     assert_eq!((records[0].fate.as_str(), records[0].attempts), ("failed", 2));
@@ -903,11 +886,7 @@ async fn a_drop_rate_of_one_drops_every_callback() {
 async fn a_duplicate_rate_of_one_sends_every_callback_twice() {
     let receiver = spawn_receiver(StatusCode::OK).await;
     let sandbox = spawn_sandbox_for(&receiver, SandboxConfig { duplicate_rate: 1.0, ..SandboxConfig::default() }).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    sandbox.alice_adds_bob().await;
 
     let raw = receiver.raw();
     assert_eq!(raw.len(), 2);
@@ -923,11 +902,7 @@ async fn a_bad_signature_rate_of_one_signs_with_a_wrong_secret() {
     let receiver = spawn_receiver(StatusCode::OK).await;
     let sandbox =
         spawn_sandbox_for(&receiver, SandboxConfig { bad_signature_rate: 1.0, ..SandboxConfig::default() }).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    sandbox.alice_adds_bob().await;
 
     let body = &receiver.bodies()[0];
     let call_id = body["callId"].as_str().expect("callId");
@@ -987,13 +962,17 @@ async fn the_same_seed_gives_the_same_fates() {
 #[tokio::test]
 async fn without_a_callback_url_no_callbacks_are_generated() {
     let sandbox = spawn_sandbox(SandboxConfig::default()).await;
-    let token = sandbox.token().await;
-    sandbox.register(&token, &["alice", "bob"]).await;
-    sandbox.add_friend(&token, "alice", "bob").await;
-    sandbox.settle().await;
+    sandbox.alice_adds_bob().await;
     assert!(sandbox.handle.callbacks().is_empty());
     let stats = sandbox.handle.stats();
-    assert_eq!(stats.callbacks_sent + stats.callbacks_dropped + stats.callbacks_failed + stats.callbacks_pending, 0);
+    assert_eq!(
+        stats.callbacks_sent
+            + stats.callbacks_dropped
+            + stats.callbacks_failed
+            + stats.callbacks_banned
+            + stats.callbacks_pending,
+        0
+    );
 }
 
 #[tokio::test]
