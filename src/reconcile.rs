@@ -1023,8 +1023,7 @@ mod tests {
                     } else {
                         0
                     };
-                    let weight =
-                        if matches!(c.outcome, Outcome::Succeeded | Outcome::InFlight) { 0 } else { p.skew_ms };
+                    let weight = if expects_callback(c.outcome) { 0 } else { p.skew_ms };
                     cands.push(((d + weight, ts, b.seq, (ts - t0).abs(), t0, c.id, d), i, k));
                 }
             }

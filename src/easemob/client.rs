@@ -327,6 +327,10 @@ impl EasemobClient {
             let error = ErrorBody::from_value(&body);
             let body = (!body.is_null()).then_some(body);
 
+            let answered = |status: u16| match &error {
+                Some(error) => format!("HTTP {status} {}", error.summary()),
+                None => format!("HTTP {status}"),
+            };
             let reason = match status {
                 Some(status) if (200..300).contains(&status) => {
                     let body = body.unwrap_or(Value::Null);
@@ -350,29 +354,14 @@ impl EasemobClient {
                     // The App Key's budget for this second is spent, for every call of this
                     // client: hold them all back, not only this one.
                     self.inner.pacer.hold_for(RATE_LIMITED_PAUSE);
-                    match &error {
-                        Some(error) => format!("HTTP 429 {}", error.summary()),
-                        None => "HTTP 429".to_owned(),
-                    }
+                    answered(429)
                 }
-                Some(status) if (500..600).contains(&status) => {
-                    let reason = match &error {
-                        Some(error) => format!("HTTP {status} {}", error.summary()),
-                        None => format!("HTTP {status}"),
-                    };
-                    if call.method != Method::GET {
-                        uncertain = Some(reason.clone());
-                    }
-                    reason
-                }
+                Some(status) if (500..600).contains(&status) => answered(status),
                 Some(status) => {
                     return Err(match uncertain {
                         None => ApiFailure::Rejected { status, error, body, attempts },
                         Some(earlier) => {
-                            let answer = match &error {
-                                Some(error) => format!("HTTP {status} {}", error.summary()),
-                                None => format!("HTTP {status}"),
-                            };
+                            let answer = answered(status);
                             ApiFailure::Failed {
                                 status: Some(status),
                                 error,
@@ -386,14 +375,12 @@ impl EasemobClient {
                         }
                     });
                 }
-                None => {
-                    let reason = transport_reason.unwrap_or_default();
-                    if call.method != Method::GET {
-                        uncertain = Some(reason.clone());
-                    }
-                    reason
-                }
+                None => transport_reason.unwrap_or_default(),
             };
+            // A 5xx or no answer: this attempt may have acted (a 429 was refused before acting).
+            if call.method != Method::GET && status.is_none_or(|s| (500..600).contains(&s)) {
+                uncertain = Some(reason.clone());
+            }
 
             let failed = |reason: String| ApiFailure::Failed {
                 status,
