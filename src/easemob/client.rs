@@ -117,6 +117,14 @@ enum Answer {
     NotReceived { reason: String },
 }
 
+/// How one token request failed.
+enum TokenTry {
+    /// A 429, a 5xx or no (whole) answer: asking again may pass.
+    Transient(TokenFailure),
+    /// Refused credentials, an unknown App Key, an answer without a token: asking again will not.
+    Final(TokenFailure),
+}
+
 impl EasemobClient {
     /// Builds a client; nothing is sent until the first call (the token is fetched lazily).
     pub fn new(config: ClientConfig, clock: SharedClock) -> Result<Self, ClientError> {
@@ -446,8 +454,50 @@ impl EasemobClient {
         self.inner.tokens.get(|| self.fetch_token()).await
     }
 
-    /// `POST /{org}/{app}/token` with the client credentials.
+    /// Obtains a token, retrying what may pass (429, 5xx, no answer) like an API call: up to
+    /// `max_attempts` requests, none started later than `max_retry_time` after the first. Every
+    /// call waiting for a token waits for this one fetch, so one lost answer from the token
+    /// endpoint does not fail them all for the cooldown that follows a failed fetch.
     async fn fetch_token(&self) -> Result<FetchedToken, TokenFailure> {
+        let config = &self.inner.config;
+        let first_try_at = Instant::now();
+        let mut tries: u32 = 0;
+        loop {
+            tries += 1;
+            let failure = match self.fetch_token_once().await {
+                Ok(fetched) => return Ok(fetched),
+                Err(TokenTry::Final(failure)) => failure,
+                Err(TokenTry::Transient(failure)) => {
+                    let delay = self.next_backoff(tries - 1);
+                    let elapsed = first_try_at.elapsed();
+                    if tries < config.max_attempts && elapsed + delay <= config.max_retry_time {
+                        tracing::warn!(
+                            try_number = tries,
+                            delay_ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX),
+                            reason = %failure.reason,
+                            "could not obtain an Easemob app token; asking again after backoff"
+                        );
+                        tokio::time::sleep(delay).await;
+                        continue;
+                    }
+                    TokenFailure {
+                        reason: format!(
+                            "{} (after {tries} tr{}; asked again in {} s)",
+                            failure.reason,
+                            if tries == 1 { "y" } else { "ies" },
+                            super::token::FAILURE_COOLDOWN_MS / 1000
+                        ),
+                        ..failure
+                    }
+                }
+            };
+            tracing::warn!(status = failure.status, reason = %failure.reason, "could not obtain an Easemob app token");
+            return Err(failure);
+        }
+    }
+
+    /// One `POST /{org}/{app}/token` with the client credentials.
+    async fn fetch_token_once(&self) -> Result<FetchedToken, TokenTry> {
         let config = &self.inner.config;
         let url = self.app_path(&["token"]);
         tracing::debug!(path = url.path(), "fetching an Easemob app token");
@@ -459,7 +509,7 @@ impl EasemobClient {
         let failure = |status, error, body, reason| TokenFailure { status, error, body, reason };
 
         let response = self.inner.http.post(url.clone()).body(json_bytes(&request)).send().await.map_err(|error| {
-            failure(
+            TokenTry::Transient(failure(
                 None,
                 None,
                 None,
@@ -467,16 +517,16 @@ impl EasemobClient {
                     "could not reach the token endpoint {url}: {}; check --easemob-base-url and the network",
                     self.describe_transport_error(&error)
                 ),
-            )
+            ))
         })?;
         let status = response.status().as_u16();
         let bytes = read_capped(response).await.map_err(|error| {
-            failure(
+            TokenTry::Transient(failure(
                 Some(status),
                 None,
                 None,
                 format!("the token endpoint's answer was cut short: {}", self.describe_transport_error(&error)),
-            )
+            ))
         })?;
         let body = body_to_value(&bytes);
         tracing::debug!(path = url.path(), status, "token endpoint answered");
@@ -485,7 +535,7 @@ impl EasemobClient {
             let access_token = body.get("access_token").and_then(Value::as_str).filter(|token| !token.is_empty());
             let Some(access_token) = access_token else {
                 // The body is not kept: it may hold a token under another name.
-                return Err(failure(
+                return Err(TokenTry::Final(failure(
                     Some(status),
                     None,
                     None,
@@ -493,7 +543,7 @@ impl EasemobClient {
                         "the token endpoint answered {status} without an access_token; is --easemob-base-url ({}) Easemob's REST API?",
                         config.base_url
                     ),
-                ));
+                )));
             };
             // Missing or unreadable `expires_in` is treated as "no known expiry": the token is
             // then renewed when Easemob answers 401.
@@ -518,14 +568,13 @@ impl EasemobClient {
                 "Easemob does not know the App Key {} ({summary}); check --easemob-org, --easemob-app and --easemob-base-url (each data centre has its own host)",
                 config.app_key()
             ),
-            429 | 500..=599 => format!(
-                "the token endpoint answered {summary}; it will be asked again in {} s",
-                super::token::FAILURE_COOLDOWN_MS / 1000
-            ),
             _ => format!("the token endpoint answered {summary}"),
         };
-        tracing::warn!(status, reason = %reason, "could not obtain an Easemob app token");
-        Err(failure(Some(status), error, (!body.is_null()).then_some(body), reason))
+        let failed = failure(Some(status), error, (!body.is_null()).then_some(body), reason);
+        Err(match status {
+            429 | 500..=599 => TokenTry::Transient(failed),
+            _ => TokenTry::Final(failed),
+        })
     }
 
     fn next_backoff(&self, retry: u32) -> Duration {

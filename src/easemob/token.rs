@@ -10,7 +10,8 @@
 //!   it and reuse it. A caller that still has a valid (stale) token does not wait for a refresh
 //!   someone else is running: it uses the stale token, so the refresh at half-life holds up no
 //!   call but the one that runs it.
-//! - A failed fetch is remembered for [`FAILURE_COOLDOWN_MS`]; meanwhile calls fail fast with the
+//! - A failed fetch (after the client's own retries of a 429, 5xx or lost answer) is remembered
+//!   for [`FAILURE_COOLDOWN_MS`]; meanwhile calls fail fast with the
 //!   same error instead of hammering the token endpoint (Easemob warns that requesting tokens
 //!   too often can get an account banned; the Java SDK caches errors for 10 s). A stale token
 //!   that is still valid keeps being used while a refresh is failing.

@@ -171,25 +171,48 @@ async fn a_failing_token_endpoint_is_not_asked_again_during_the_cooldown() {
 }
 
 #[tokio::test]
-async fn a_token_endpoint_outage_fails_fast_then_recovers_after_the_cooldown() {
+async fn a_token_endpoint_blip_is_retried_within_the_call() {
+    let h = harness().await;
+    register(&h.client, &["alice"]).await;
+    // A second client on the same sandbox starts without a token.
+    let client = EasemobClient::new(client_config(&h.sandbox, &sandbox_config()), h.clock.clone()).expect("client");
+    let issued_before = h.sandbox.stats().tokens_issued;
+    h.sandbox.inject_faults(InjectedFault {
+        status: 503,
+        count: 2,
+        path_contains: Some("/token".to_owned()),
+        error: None,
+    });
+
+    let fetched = client.get_user("alice").await.expect("the third token request passes");
+
+    assert_eq!(fetched.attempts, 1, "the API call itself went once");
+    assert_eq!(h.sandbox.stats().tokens_issued - issued_before, 1);
+}
+
+#[tokio::test]
+async fn a_token_endpoint_outage_fails_after_the_tries_then_recovers_after_the_cooldown() {
     let h = harness().await;
     h.sandbox.inject_faults(InjectedFault {
         status: 503,
-        count: 1,
+        count: 5,
         path_contains: Some("/token".to_owned()),
         error: None,
     });
 
     let failure = h.client.get_user("alice").await.expect_err("no token");
     assert!(
-        matches!(&failure, ApiFailure::Failed { status: Some(503), reason, .. } if reason.starts_with("token: ")),
+        matches!(&failure, ApiFailure::Failed { status: Some(503), reason, .. }
+            if reason.starts_with("token: ") && reason.contains("after 5 tries")),
         "{failure:?}"
     );
     assert_eq!(failure.attempts(), 0);
+    let requests_after_failure = h.sandbox.stats().requests;
 
     // The endpoint is healthy again, but the failure is remembered for 5 s.
     let again = h.client.get_user("alice").await.expect_err("cooldown");
     assert_eq!(again.upstream_status(), Some(503));
+    assert_eq!(h.sandbox.stats().requests, requests_after_failure, "failed fast from the cached failure");
     assert_eq!(h.sandbox.stats().tokens_issued, 0);
 
     h.clock.advance_ms(5_000);
@@ -199,10 +222,13 @@ async fn a_token_endpoint_outage_fails_fast_then_recovers_after_the_cooldown() {
 }
 
 #[tokio::test]
-async fn unreachable_server_fails_as_transport_without_retrying_the_token() {
+async fn an_unreachable_server_fails_as_transport_before_any_api_attempt() {
     // Bind and drop a listener: nothing listens on that port any more.
     let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
-    let config = ClientConfig::new(format!("http://127.0.0.1:{port}"), "demo-org", "demo-app", "id", Secret::new("s"));
+    let mut config =
+        ClientConfig::new(format!("http://127.0.0.1:{port}"), "demo-org", "demo-app", "id", Secret::new("s"));
+    config.base_backoff = Duration::from_millis(1);
+    config.max_backoff = Duration::from_millis(5);
     let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
 
     let failure = client.add_friend("alice", "bob").await.expect_err("nobody there");
@@ -212,6 +238,7 @@ async fn unreachable_server_fails_as_transport_without_retrying_the_token() {
     assert_eq!(failure.upstream_error(), Some("transport"));
     assert_eq!(failure.attempts(), 0);
     assert!(failure.to_string().contains("token: could not reach"), "{failure}");
+    assert!(failure.to_string().contains("after 5 tries"), "the token request was tried again: {failure}");
 }
 
 #[tokio::test]
@@ -259,7 +286,7 @@ async fn a_failed_refresh_keeps_using_the_still_valid_token() {
     register(&h.client, &["alice"]).await;
     h.sandbox.inject_faults(InjectedFault {
         status: 500,
-        count: 1,
+        count: 5,
         path_contains: Some("/token".to_owned()),
         error: None,
     });
@@ -268,7 +295,7 @@ async fn a_failed_refresh_keeps_using_the_still_valid_token() {
     let fetched = h.client.get_user("alice").await.expect("old token still works");
 
     assert_eq!(fetched.attempts, 1);
-    assert_eq!(h.sandbox.stats().tokens_issued, 1, "the refresh failed");
+    assert_eq!(h.sandbox.stats().tokens_issued, 1, "the refresh failed all five tries");
 }
 
 #[tokio::test]
