@@ -41,7 +41,7 @@ pub struct ExportArgs {
     pub progress_every: u64,
 }
 
-const CSV_HEADER: [&str; 12] = [
+const CSV_HEADER: [&str; 13] = [
     "seq",
     "kind",
     "owner",
@@ -53,6 +53,7 @@ const CSV_HEADER: [&str; 12] = [
     "received_time",
     "id",
     "msg_id",
+    "upstream_status",
     "upstream_error",
 ];
 
@@ -75,8 +76,11 @@ pub async fn export(
     }
     loop {
         let page = store.feed_page(after, 10_000, since, until).await?;
-        let Some(last) = page.last_seq else { break };
-        after = last;
+        after = page.resume_after(after);
+        let complete = page.complete;
+        if page.count == 0 {
+            break;
+        }
         // One page at a time: a few MB at most, whatever the total size. SQLite rendered the
         // NDJSON already; CSV reads it back.
         let chunk = match format {
@@ -101,6 +105,9 @@ pub async fn export(
             let secs = started.elapsed().as_secs_f64();
             eprintln!("exported {written} records ({:.0}/s)", written as f64 / secs.max(1e-9));
         }
+        if complete {
+            break;
+        }
     }
     out.flush()?;
     Ok(written)
@@ -114,9 +121,9 @@ fn csv_into_bytes(w: csv::Writer<Vec<u8>>) -> anyhow::Result<Vec<u8>> {
     w.into_inner().map_err(|e| anyhow::anyhow!("csv: {e}"))
 }
 
-/// The text of a row's three numbers, reused from row to row.
+/// The text of a row's numbers, reused from row to row.
 #[derive(Default)]
-struct CsvNumbers([String; 3]);
+struct CsvNumbers([String; 4]);
 
 /// Writes `r` as one CSV row (the columns of [`CSV_HEADER`]), borrowing its fields: copying each
 /// into a string of its own first cost twelve allocations a row.
@@ -125,10 +132,14 @@ fn write_csv_row(w: &mut csv::Writer<Vec<u8>>, r: &FeedRecord, numbers: &mut Csv
     fn s(v: &Option<String>) -> &str {
         v.as_deref().unwrap_or_default()
     }
-    let [seq, event_time, received_time] = &mut numbers.0;
+    let [seq, event_time, received_time, upstream_status] = &mut numbers.0;
     for (text, n) in [(&mut *seq, r.seq), (&mut *event_time, r.event_time), (&mut *received_time, r.received_time)] {
         text.clear();
         let _ = write!(text, "{n}");
+    }
+    upstream_status.clear();
+    if let Some(status) = r.upstream_status {
+        let _ = write!(upstream_status, "{status}");
     }
     w.write_record([
         seq.as_str(),
@@ -142,6 +153,7 @@ fn write_csv_row(w: &mut csv::Writer<Vec<u8>>, r: &FeedRecord, numbers: &mut Csv
         received_time.as_str(),
         &r.id,
         s(&r.msg_id),
+        upstream_status.as_str(),
         s(&r.upstream_error),
     ])
 }

@@ -310,9 +310,24 @@ async fn get_feed(
     let since = q.since.as_deref().map(|s| parse_time("since", s)).transpose()?.unwrap_or(i64::MIN);
     let until = q.until.as_deref().map(|s| parse_time("until", s)).transpose()?.unwrap_or(i64::MAX);
 
-    // Long-poll: subscribe before reading, so a commit between the read and the wait is not missed.
+    // Long-poll: subscribe before reading, so a commit between the read and the wait is not
+    // missed; what is committed already is marked seen, since the read below covers it.
     let mut committed = state.store.committed();
+    committed.borrow_and_update();
     let mut page = state.store.feed_page(after, limit, since, until).await?;
+    if after > page.head_seq {
+        return Err(ApiError::bad_request(
+            "cursor_ahead",
+            format!(
+                "`after` ({after}) is beyond this journal's last seq ({}); a cursor from another database, or \
+                 one restored from a backup, would skip everything below it: start again from 0 or from \
+                 an `X-Last-Seq` this service gave",
+                page.head_seq
+            ),
+        ));
+    }
+    // Where the reader stands: past every record this request has looked at, matching or not.
+    let mut resume_after = page.resume_after(after);
     if page.count == 0 && !wait.is_zero() {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -320,16 +335,18 @@ async fn get_feed(
                 Ok(Ok(())) => {}
                 _ => break, // timed out, or the writer stopped
             }
-            if *committed.borrow_and_update() <= after {
+            if *committed.borrow_and_update() <= resume_after {
                 continue;
             }
-            page = state.store.feed_page(after, limit, since, until).await?;
+            // Only what was committed since the last read is read again.
+            page = state.store.feed_page(resume_after, limit, since, until).await?;
+            resume_after = page.resume_after(resume_after);
             if page.count > 0 {
                 break;
             }
         }
     }
-    let last = page.last_seq.unwrap_or(after);
+    let last = resume_after;
     let mut out = page.ndjson;
     if !out.is_empty() {
         out.push('\n');

@@ -96,8 +96,13 @@ SELECT count(*), json_group_array(json_array(seq, operation, from_user, to_user,
 /// `seq` index (`+` on the time columns keeps the planner from scanning by time and sorting).
 /// Each half picks up to a page of (seq, id); only the page's records, once merged, are rendered
 /// (rendering both halves' candidates rendered up to twice the page and threw half away).
+///
+/// The fourth column is the journal's head in the same snapshot: a page shorter than the limit
+/// holds every matching record up to it, so a filtered reader resumes from there instead of
+/// walking the same non-matching records again.
 const FEED_PAGE: &str = "\
-SELECT count(*), max(seq), group_concat(line, char(10) ORDER BY seq) FROM (
+SELECT count(*), max(seq), group_concat(line, char(10) ORDER BY seq),
+       max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)) FROM (
   SELECT seq, CASE WHEN is_call THEN (
       SELECT json_object('seq', seq, 'kind', 'call', 'owner', owner, 'friend', friend, 'operation', op,
              'outcome', outcome, 'chat_type', NULL, 'event_time', requested_at_ms,
@@ -120,15 +125,33 @@ SELECT count(*), max(seq), group_concat(line, char(10) ORDER BY seq) FROM (
       WHERE seq > ?1 AND +timestamp_ms >= ?3 AND +timestamp_ms < ?4 ORDER BY seq LIMIT ?2)
     ORDER BY seq LIMIT ?2) AS page)";
 
-/// A page of the feed: NDJSON lines (no trailing newline) and the last seq in it.
+/// A page of the feed: NDJSON lines (no trailing newline) and where to resume.
 #[derive(Debug, Clone, Default)]
 pub struct FeedPage {
     /// Records in the page.
     pub count: i64,
-    /// Seq of the last record (resume after it).
+    /// Seq of the last record.
     pub last_seq: Option<i64>,
     /// The records, one JSON object per line.
     pub ndjson: String,
+    /// The journal's last seq when the page was read.
+    pub head_seq: i64,
+    /// Whether the page holds every matching record up to `head_seq` (it was not cut at the
+    /// limit).
+    pub complete: bool,
+}
+
+impl FeedPage {
+    /// The seq to read the next page after: the page's last record if it was cut at the limit,
+    /// else the head it was read at (or `after`, if that is further), since nothing up to the
+    /// head is left to match. With a time filter that matches little, this is what keeps a
+    /// reader from walking the same records on every page.
+    pub fn resume_after(&self, after: i64) -> i64 {
+        match (self.complete, self.last_seq) {
+            (false, Some(last)) => last,
+            _ => self.head_seq.max(after),
+        }
+    }
 }
 
 /// A record of the chain as stored, for verification.
@@ -209,10 +232,13 @@ impl Store {
             .bind(until_ms)
             .fetch_one(self.read_pool())
             .await?;
+        let count: i64 = row.try_get(0)?;
         Ok(FeedPage {
-            count: row.try_get(0)?,
+            count,
             last_seq: row.try_get(1)?,
             ndjson: row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
+            head_seq: row.try_get(3)?,
+            complete: count < limit,
         })
     }
 

@@ -74,6 +74,118 @@ async fn feed_long_poll_returns_as_soon_as_something_is_stored() {
     app.stop().await;
 }
 
+async fn feed_response(app: &TestApp, query: &str) -> (u16, Option<i64>, Vec<Value>) {
+    let r = app.client.get(app.url(&format!("/v1/feed?{query}"))).send().await.unwrap();
+    let status = r.status().as_u16();
+    let last = r.headers().get("x-last-seq").map(|v| v.to_str().unwrap().parse().unwrap());
+    let text = r.text().await.unwrap();
+    let records = if status == 200 {
+        text.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    } else {
+        vec![serde_json::from_str(&text).unwrap()]
+    };
+    (status, last, records)
+}
+
+#[tokio::test]
+async fn a_time_filtered_feed_moves_past_what_it_does_not_match() {
+    let app = TestApp::spawn(&[]).await;
+    let t0 = 1_700_000_000_000;
+    for i in 0..6 {
+        let body = roster_body(&format!("61{i}"), "alice", &format!("u{i}"), "add", t0 + i, SECRET);
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+
+    // Nothing before t0: the answer is empty, but the reader is past all six records.
+    let (status, last, records) = feed_response(&app, &format!("after=0&until={t0}")).await;
+    assert_eq!((status, last, records.len()), (200, Some(6), 0));
+
+    // A window matching some: a short page resumes after its last record, the end of a
+    // complete page at the head.
+    let (_, last, records) = feed_response(&app, &format!("after=0&since={}&limit=2", t0 + 3)).await;
+    let seqs: Vec<i64> = records.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!((seqs, last), (vec![4, 5], Some(5)), "cut at the limit: resume after its last record");
+    let (_, last, records) = feed_response(&app, &format!("after=5&since={}&limit=2", t0 + 3)).await;
+    let seqs: Vec<i64> = records.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!((seqs, last), (vec![6], Some(6)));
+
+    // Later records matching the window still arrive after the cursor moved on.
+    let body = roster_body("619", "carol", "dave", "add", t0 - 10, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let (_, last, records) = feed_response(&app, &format!("after=6&until={t0}")).await;
+    assert_eq!(last, Some(7));
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0]["owner"], "carol");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_cursor_beyond_the_journal_is_refused() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("620", "alice", "bob", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+
+    let (status, last, records) = feed_response(&app, "after=1").await;
+    assert_eq!((status, last, records.len()), (200, Some(1), 0), "at the head: nothing new yet");
+
+    let (status, _, error) = feed_response(&app, "after=2&wait=30s").await;
+    assert_eq!(status, 400, "refused at once, not held for the wait");
+    assert_eq!(error[0]["code"], "cursor_ahead");
+    assert!(error[0]["detail"].as_str().unwrap().contains("last seq (1)"), "{}", error[0]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_and_csv() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob"]).await;
+    let (status, _) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(status, 201);
+    let (status, refused) =
+        app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "nobody"})).await;
+    assert_eq!((status, refused["upstream_status"].as_i64()), (201, Some(404)), "{refused}");
+    app.settle().await;
+
+    let (_, last, feed) = feed_response(&app, "after=0").await;
+    let seqs: Vec<i64> = feed.iter().map(|r| r["seq"].as_i64().unwrap()).collect();
+    assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>(), "one journal, no gaps");
+    assert_eq!(last, seqs.last().copied());
+    let kinds: Vec<&str> = feed.iter().map(|r| r["kind"].as_str().unwrap()).collect();
+    assert_eq!(kinds.iter().filter(|k| **k == "call").count(), 2, "{kinds:?}");
+    assert!(kinds.contains(&"callback"), "the sandbox's roster callback is stored: {kinds:?}");
+    let rejected = feed.iter().find(|r| r["outcome"] == "rejected").expect("the refused call");
+    assert_eq!(rejected["upstream_status"], 404);
+
+    let db_url = app.db_url.clone();
+    let _dir = app.stop().await;
+    let export = |format: &str| {
+        let out = std::process::Command::new(bin())
+            .args(["export", "--database-url", &db_url, "--format", format])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let ndjson: Vec<Value> = export("ndjson").lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(ndjson, feed, "the export holds the feed's records");
+
+    let csv = export("csv");
+    let mut lines = csv.lines();
+    let header: Vec<&str> = lines.next().unwrap().split(',').collect();
+    let fields: Vec<&str> = feed[0].as_object().unwrap().keys().map(String::as_str).collect();
+    let mut sorted_header = header.clone();
+    sorted_header.sort_unstable();
+    let mut sorted_fields = fields.clone();
+    sorted_fields.sort_unstable();
+    assert_eq!(sorted_header, sorted_fields, "one CSV column per feed field");
+    let rows: Vec<Vec<&str>> = lines.map(|l| l.split(',').collect()).collect();
+    assert_eq!(rows.len(), feed.len());
+    let column = |name: &str| header.iter().position(|h| *h == name).unwrap();
+    let rejected_row = rows.iter().find(|r| r[column("outcome")] == "rejected").expect("rejected row");
+    assert_eq!(rejected_row[column("upstream_status")], "404");
+    assert_eq!(rejected_row[column("upstream_error")], rejected["upstream_error"].as_str().unwrap());
+}
+
 #[tokio::test]
 async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     let app = TestApp::spawn(&[]).await;
