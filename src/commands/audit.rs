@@ -16,16 +16,19 @@ pub struct AuditArgs {
 /// Audit subcommands.
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
-    /// Recompute the SHA-256 chain over every stored callback and call outcome; exit 0 when
-    /// intact, 1 at the first record that does not match (printed).
+    /// Recompute the SHA-256 chain over every stored callback and call outcome. Exit 0 when
+    /// intact, 1 at the first record that does not match (printed), 2 when the check could not
+    /// be made (no database, unreadable file, a malformed --expect-head).
     Verify {
         /// The database to check (opened read-only).
         #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
         database_url: String,
-        /// Also require the chain to end at this published head, `SEQ:HASH` (from GET /v1/audit/head),
-        /// which detects records removed from the end.
-        #[arg(long)]
-        expect_head: Option<String>,
+        /// A head published earlier, `SEQ:HASH` (from GET /v1/audit/head): the chain must pass
+        /// through it, i.e. the record at SEQ must still carry HASH. Detects history rewritten
+        /// since it was published and records removed from the end; records stored since are
+        /// fine.
+        #[arg(long, value_parser = parse_published_head)]
+        expect_head: Option<PublishedHead>,
     },
 }
 
@@ -45,18 +48,67 @@ pub enum Verdict {
     Broken(String),
 }
 
+/// A chain head published earlier: `SEQ:HASH`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublishedHead {
+    /// Its seq (0: the empty chain, whose link is [`chain::GENESIS`]).
+    pub seq: i64,
+    /// The link at that seq, 64 lower-case hex digits.
+    pub hash: String,
+}
+
+/// Parses `SEQ:HASH` strictly (clap value parser).
+pub fn parse_published_head(text: &str) -> Result<PublishedHead, String> {
+    let advice = "expected SEQ:HASH as GET /v1/audit/head shows it, e.g. 560:1fb4361f... (64 hex digits)";
+    let (seq, hash) = text.split_once(':').ok_or_else(|| advice.to_string())?;
+    let seq: i64 = seq.parse().ok().filter(|seq| *seq >= 0).ok_or_else(|| format!("SEQ `{seq}`: {advice}"))?;
+    let hash = hash.to_ascii_lowercase();
+    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return Err(format!("HASH `{hash}`: {advice}"));
+    }
+    Ok(PublishedHead { seq, hash })
+}
+
 /// Walks the chain in seq order.
 pub async fn verify(store: &Store) -> anyhow::Result<Verdict> {
+    verify_through(store, None).await
+}
+
+/// Walks the chain in seq order and, given a published head, checks that the chain still passes
+/// through it.
+pub async fn verify_through(store: &Store, published: Option<&PublishedHead>) -> anyhow::Result<Verdict> {
     let mut expected_seq = 1i64;
     let mut prev = chain::GENESIS.to_string();
     let mut records = 0u64;
+    if let Some(head) = published.filter(|head| head.seq == 0) {
+        if head.hash != chain::GENESIS {
+            return Ok(Verdict::Broken(format!(
+                "the chain's start is {}, not the published {}",
+                chain::GENESIS,
+                head.hash
+            )));
+        }
+    }
+    // From the lowest seq there is, not from 1: a row slipped in with seq 0 or below would
+    // otherwise be read by everything but this walk.
+    let mut after = i64::MIN;
     loop {
-        let page = store.chain_page(expected_seq - 1, 5000).await?;
+        let page = store.chain_page(after, 5000).await?;
         if page.is_empty() {
             break;
         }
         for r in page {
             let what = format!("seq {} ({} id {})", r.seq, r.kind, r.id);
+            if let Some(problem) = &r.unreadable {
+                return Ok(Verdict::Broken(format!(
+                    "{what}: cannot be read as stored ({problem}): edited outside friendhook"
+                )));
+            }
+            if r.seq < expected_seq {
+                return Ok(Verdict::Broken(format!(
+                    "{what}: a seq below {expected_seq}, outside the chain's order (inserted outside friendhook)"
+                )));
+            }
             if r.seq != expected_seq {
                 return Ok(Verdict::Broken(format!(
                     "record seq {expected_seq} is missing (next stored is {what}): a record was deleted or renumbered"
@@ -73,10 +125,28 @@ pub async fn verify(store: &Store) -> anyhow::Result<Verdict> {
             if r.recomputed != r.chain_hash {
                 return Ok(Verdict::Broken(format!("{what}: content does not match its chain link (record edited)")));
             }
+            if let Some(head) = published.filter(|head| head.seq == r.seq) {
+                if head.hash != r.chain_hash {
+                    return Ok(Verdict::Broken(format!(
+                        "{what} carries the link {}, not the published {}: the history up to it was rewritten \
+                         (consistently) after the head was published",
+                        r.chain_hash, head.hash
+                    )));
+                }
+            }
+            after = r.seq;
             prev = r.chain_hash;
             expected_seq += 1;
             records += 1;
         }
+    }
+    let head_seq = expected_seq - 1;
+    if let Some(head) = published.filter(|head| head.seq > head_seq) {
+        return Ok(Verdict::Broken(format!(
+            "the chain is internally consistent but ends at seq {head_seq}, before the published head {}:{}: \
+             records were removed from the end",
+            head.seq, head.hash
+        )));
     }
     let unchained = store.count_unchained().await?;
     if unchained > 0 {
@@ -84,28 +154,34 @@ pub async fn verify(store: &Store) -> anyhow::Result<Verdict> {
             "{unchained} stored record(s) carry no chain link (inserted outside friendhook?)"
         )));
     }
-    Ok(Verdict::Intact { records, head_seq: expected_seq - 1, head_hash: prev })
+    Ok(Verdict::Intact { records, head_seq, head_hash: prev })
 }
 
-/// Runs the command; returns the process exit code.
+/// Runs the command; returns the process exit code: 0 intact, 1 broken, 2 not checked.
 pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     let AuditCommand::Verify { database_url, expect_head } = args.command;
-    let store = Store::open_read_only(&database_url).await?;
-    let verdict = verify(&store).await?;
+    let checked = async {
+        let store = Store::open_read_only(&database_url).await?;
+        verify_through(&store, expect_head.as_ref()).await
+    };
+    let verdict = match checked.await {
+        Ok(verdict) => verdict,
+        Err(e) => {
+            // Not 1: a script must be able to tell "tampered" from "could not look".
+            eprintln!("error: the chain could not be checked: {e:#}");
+            return Ok(2);
+        }
+    };
     match verdict {
         Verdict::Intact { records, head_seq, head_hash } => {
-            if let Some(expect) = expect_head {
-                let want = format!("{head_seq}:{head_hash}");
-                let matches = expect == want
-                    || expect.split(':').next() == Some(&head_seq.to_string()) && expect.ends_with(&head_hash);
-                if !matches {
-                    println!(
-                        "BROKEN: the chain is internally consistent but ends at {want}, not at the expected head {expect}"
-                    );
-                    return Ok(1);
-                }
+            match &expect_head {
+                Some(head) => println!(
+                    "intact: {records} records, head seq {head_seq} hash {head_hash}; passes through the published \
+                     head {}:{}",
+                    head.seq, head.hash
+                ),
+                None => println!("intact: {records} records, head seq {head_seq} hash {head_hash}"),
             }
-            println!("intact: {records} records, head seq {head_seq} hash {head_hash}");
             Ok(0)
         }
         Verdict::Broken(msg) => {

@@ -171,6 +171,89 @@ pub struct ChainRecord {
     pub recomputed: String,
     /// Whether the stored body digest matches the stored raw body (callbacks; true for calls).
     pub body_digest_ok: bool,
+    /// Why the row could not be decoded (its other fields are then empty).
+    pub unreadable: Option<String>,
+}
+
+impl ChainRecord {
+    /// A row whose columns could not be read as friendhook wrote them. Its seq, if even that is
+    /// unreadable, is taken as `i64::MIN`, so the walk meets it first.
+    fn unreadable(row: &sqlx::sqlite::SqliteRow, kind: &'static str, error: &sqlx::Error) -> Self {
+        Self {
+            seq: row.try_get("seq").unwrap_or(i64::MIN),
+            kind,
+            id: row.try_get("id").unwrap_or_default(),
+            prev_hash: String::new(),
+            chain_hash: String::new(),
+            recomputed: String::new(),
+            body_digest_ok: false,
+            unreadable: Some(error.to_string()),
+        }
+    }
+}
+
+fn callback_chain_record(r: &sqlx::sqlite::SqliteRow) -> Result<ChainRecord, sqlx::Error> {
+    let prev: String = r.try_get::<Option<String>, _>("prev_hash")?.unwrap_or_default();
+    // The bytes as stored: a body edited to something that is not UTF-8 is still hashed, and
+    // fails its digest like any other edit.
+    let raw: Vec<u8> = r.try_get_unchecked("raw_body")?;
+    let body_sha: String = r.try_get("body_sha256")?;
+    let content = CallbackContent {
+        seq: r.try_get("seq")?,
+        dedup_key: r.try_get("dedup_key")?,
+        call_id: r.try_get("call_id")?,
+        msg_id: r.try_get("msg_id")?,
+        appkey: r.try_get("appkey")?,
+        event_type: r.try_get("event_type")?,
+        chat_type: r.try_get("chat_type")?,
+        operation: r.try_get("operation")?,
+        from_user: r.try_get("from_user")?,
+        to_user: r.try_get("to_user")?,
+        timestamp_ms: r.try_get("timestamp_ms")?,
+        received_at_ms: r.try_get("received_at_ms")?,
+        scheme: r.try_get("scheme")?,
+        secret_index: r.try_get("secret_index")?,
+        body_sha256: &body_sha,
+    };
+    Ok(ChainRecord {
+        seq: content.seq,
+        kind: "callback",
+        id: r.try_get("id")?,
+        recomputed: chain::link(&prev, &content.canonical()),
+        prev_hash: prev,
+        chain_hash: r.try_get::<Option<String>, _>("chain_hash")?.unwrap_or_default(),
+        body_digest_ok: chain::sha256_hex(&raw) == body_sha,
+        unreadable: None,
+    })
+}
+
+fn call_chain_record(r: &sqlx::sqlite::SqliteRow) -> Result<ChainRecord, sqlx::Error> {
+    let prev: String = r.try_get::<Option<String>, _>("prev_hash")?.unwrap_or_default();
+    let content = CallContent {
+        seq: r.try_get("seq")?,
+        id: r.try_get("id")?,
+        op: r.try_get("op")?,
+        owner: r.try_get("owner")?,
+        friend: r.try_get("friend")?,
+        idempotency_key: r.try_get("idempotency_key")?,
+        requested_at_ms: r.try_get("requested_at_ms")?,
+        completed_at_ms: r.try_get::<Option<i64>, _>("completed_at_ms")?.unwrap_or_default(),
+        outcome: r.try_get::<Option<&str>, _>("outcome")?.unwrap_or_default(),
+        upstream_status: r.try_get("upstream_status")?,
+        upstream_error: r.try_get("upstream_error")?,
+        attempts: r.try_get::<Option<i64>, _>("attempts")?.unwrap_or_default(),
+        response_body: r.try_get("response_body")?,
+    };
+    Ok(ChainRecord {
+        seq: content.seq,
+        kind: "call",
+        id: content.id,
+        recomputed: chain::link(&prev, &content.canonical()),
+        prev_hash: prev,
+        chain_hash: r.try_get::<Option<String>, _>("chain_hash")?.unwrap_or_default(),
+        body_digest_ok: true,
+        unreadable: None,
+    })
 }
 
 /// A point in the journal: everything a reconciliation may see.
@@ -249,7 +332,14 @@ impl Store {
     }
 
     /// One page of chain records after `after`, with links recomputed from stored content.
+    ///
+    /// Both tables are read in one transaction: two separate reads on a live database could see
+    /// two moments, a call with seq N+1 without the callback with seq N, and report a deleted
+    /// record that is not. A row that cannot be decoded (a column edited to another type or to
+    /// bytes that are not UTF-8) comes back as a record with `unreadable` set, so the walk names
+    /// it instead of failing.
     pub async fn chain_page(&self, after: i64, limit: i64) -> Result<Vec<ChainRecord>, StoreError> {
+        let mut snapshot = self.read_pool().begin().await?;
         let callbacks = sqlx::query(
             "SELECT id, seq, dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation, from_user, to_user,
                     timestamp_ms, received_at_ms, scheme, secret_index, raw_body, body_sha256, prev_hash, chain_hash
@@ -257,7 +347,7 @@ impl Store {
         )
         .bind(after)
         .bind(limit)
-        .fetch_all(self.read_pool())
+        .fetch_all(&mut *snapshot)
         .await?;
         let calls = sqlx::query(
             "SELECT id, seq, op, owner, friend, idempotency_key, requested_at_ms, completed_at_ms, outcome,
@@ -266,66 +356,15 @@ impl Store {
         )
         .bind(after)
         .bind(limit)
-        .fetch_all(self.read_pool())
+        .fetch_all(&mut *snapshot)
         .await?;
+        snapshot.commit().await?;
         let mut out = Vec::with_capacity(callbacks.len() + calls.len());
         for r in &callbacks {
-            let prev: String = r.try_get::<Option<String>, _>("prev_hash")?.unwrap_or_default();
-            let raw: String = r.try_get("raw_body")?;
-            let body_sha: String = r.try_get("body_sha256")?;
-            let content = CallbackContent {
-                seq: r.try_get("seq")?,
-                dedup_key: r.try_get("dedup_key")?,
-                call_id: r.try_get("call_id")?,
-                msg_id: r.try_get("msg_id")?,
-                appkey: r.try_get("appkey")?,
-                event_type: r.try_get("event_type")?,
-                chat_type: r.try_get("chat_type")?,
-                operation: r.try_get("operation")?,
-                from_user: r.try_get("from_user")?,
-                to_user: r.try_get("to_user")?,
-                timestamp_ms: r.try_get("timestamp_ms")?,
-                received_at_ms: r.try_get("received_at_ms")?,
-                scheme: r.try_get("scheme")?,
-                secret_index: r.try_get("secret_index")?,
-                body_sha256: &body_sha,
-            };
-            out.push(ChainRecord {
-                seq: content.seq,
-                kind: "callback",
-                id: r.try_get("id")?,
-                recomputed: chain::link(&prev, &content.canonical()),
-                prev_hash: prev,
-                chain_hash: r.try_get::<Option<String>, _>("chain_hash")?.unwrap_or_default(),
-                body_digest_ok: chain::sha256_hex(raw.as_bytes()) == body_sha,
-            });
+            out.push(callback_chain_record(r).unwrap_or_else(|e| ChainRecord::unreadable(r, "callback", &e)));
         }
         for r in &calls {
-            let prev: String = r.try_get::<Option<String>, _>("prev_hash")?.unwrap_or_default();
-            let content = CallContent {
-                seq: r.try_get("seq")?,
-                id: r.try_get("id")?,
-                op: r.try_get("op")?,
-                owner: r.try_get("owner")?,
-                friend: r.try_get("friend")?,
-                idempotency_key: r.try_get("idempotency_key")?,
-                requested_at_ms: r.try_get("requested_at_ms")?,
-                completed_at_ms: r.try_get::<Option<i64>, _>("completed_at_ms")?.unwrap_or_default(),
-                outcome: r.try_get::<Option<&str>, _>("outcome")?.unwrap_or_default(),
-                upstream_status: r.try_get("upstream_status")?,
-                upstream_error: r.try_get("upstream_error")?,
-                attempts: r.try_get::<Option<i64>, _>("attempts")?.unwrap_or_default(),
-                response_body: r.try_get("response_body")?,
-            };
-            out.push(ChainRecord {
-                seq: content.seq,
-                kind: "call",
-                id: content.id,
-                recomputed: chain::link(&prev, &content.canonical()),
-                prev_hash: prev,
-                chain_hash: r.try_get::<Option<String>, _>("chain_hash")?.unwrap_or_default(),
-                body_digest_ok: true,
-            });
+            out.push(call_chain_record(r).unwrap_or_else(|e| ChainRecord::unreadable(r, "call", &e)));
         }
         out.sort_by_key(|r| r.seq);
         out.truncate(limit as usize);

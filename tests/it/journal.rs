@@ -252,6 +252,98 @@ async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
 }
 
 #[tokio::test]
+async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable() {
+    let app = TestApp::spawn(&[]).await;
+    for i in 0..3 {
+        let body = roster_body(&format!("75{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+    let db_path = app.db_path.clone();
+    let db_url = app.db_url.clone();
+    let _dir = app.stop().await;
+    let sql = |s: &str| {
+        let o = std::process::Command::new("sqlite3").arg(&db_path).arg(s).output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    };
+    let verify = || {
+        let out =
+            std::process::Command::new(bin()).args(["audit", "verify", "--database-url", &db_url]).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+
+    // No trigger stands in the way of an INSERT: a forged event with seq 0 (reconciliation and
+    // the read API would count it) must not pass as outside the chain.
+    sql(
+        "INSERT INTO callbacks (seq, dedup_key, call_id, timestamp_ms, received_at_ms, scheme, secret_index, raw_body, \
+         body_sha256, prev_hash, chain_hash, chat_type, operation, from_user, to_user) \
+         SELECT 0, 'forged', call_id, timestamp_ms, received_at_ms, scheme, secret_index, raw_body, body_sha256, \
+         prev_hash, chain_hash, chat_type, operation, from_user, 'mallory' FROM callbacks WHERE seq = 1;",
+    );
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("seq 0") && out.contains("outside the chain"), "{out}");
+    sql("DROP TRIGGER callbacks_no_delete; DELETE FROM callbacks WHERE seq = 0;");
+    assert_eq!(verify().0, Some(0), "intact again once it is gone");
+
+    // A body edited to bytes that are not UTF-8 is a broken record, not an error.
+    sql("DROP TRIGGER callbacks_immutable; UPDATE callbacks SET raw_body = CAST(x'7bff7d' AS TEXT) WHERE seq = 2;");
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("seq 2") && out.contains("body edited"), "{out}");
+}
+
+#[tokio::test]
+async fn audit_verify_checks_a_head_published_earlier_and_exits_2_when_it_cannot_check() {
+    let app = TestApp::spawn(&[]).await;
+    let post = |i: i64| roster_body(&format!("76{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
+    for i in 0..3 {
+        assert_eq!(app.post_callback(post(i)).await.status(), 200);
+    }
+    let (_, head) = app.get_json("/v1/audit/head").await;
+    let published = format!("{}:{}", head["seq"], head["hash"].as_str().unwrap());
+    for i in 3..5 {
+        assert_eq!(app.post_callback(post(i)).await.status(), 200);
+    }
+    let db_url = app.db_url.clone();
+    let _dir = app.stop().await;
+    let verify = |extra: &[&str]| {
+        let out = std::process::Command::new(bin())
+            .args(["audit", "verify", "--database-url", &db_url])
+            .args(extra)
+            .output()
+            .unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        (out.status.code(), text)
+    };
+
+    let (code, out) = verify(&["--expect-head", &published]);
+    assert_eq!(code, Some(0), "records stored after publishing are fine: {out}");
+    assert!(
+        out.contains("intact: 5 records") && out.contains(&format!("passes through the published head {published}")),
+        "{out}"
+    );
+
+    let other = format!("3:{}", "0".repeat(64));
+    let (code, out) = verify(&["--expect-head", &other]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("not the published"), "{out}");
+
+    let (code, out) = verify(&["--expect-head", &format!("9:{}", "0".repeat(64))]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("removed from the end"), "{out}");
+
+    let (code, out) = verify(&["--expect-head", &format!("{published}junk")]);
+    assert_eq!(code, Some(2), "a malformed head is a usage error: {out}");
+
+    let missing = std::process::Command::new(bin())
+        .args(["audit", "verify", "--database-url", "sqlite:///nonexistent/friendhook.db"])
+        .output()
+        .unwrap();
+    assert_eq!(missing.status.code(), Some(2), "{}", String::from_utf8_lossy(&missing.stderr));
+    assert!(String::from_utf8_lossy(&missing.stderr).contains("could not be checked"));
+}
+
+#[tokio::test]
 async fn stored_rows_cannot_be_deleted_or_edited_through_sql_while_triggers_stand() {
     let app = TestApp::spawn(&[]).await;
     let body = roster_body("61", "alice", "bob", "add", 1_700_000_000_000, SECRET);
