@@ -137,23 +137,67 @@ pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>
                 "this endpoint does not take that method (see `Allow` and the README's HTTP API)",
             )
         })
-        .with_state(state)
+        .with_state(state.clone())
         .layer(axum::middleware::from_fn_with_state(Arc::new(api_tokens), require_api_token))
         .layer(CatchPanicLayer::custom(|_| {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the service log")
         }))
-        .layer(axum::middleware::from_fn_with_state(*limits, request_deadline))
-        .layer(tower::limit::GlobalConcurrencyLimitLayer::new(limits.max_in_flight))
+        .layer(axum::middleware::from_fn_with_state(Deadlines { limits: *limits, state }, request_deadline))
+        .layer(axum::middleware::from_fn_with_state(InFlight::new(limits.max_in_flight), limit_in_flight))
         // tower-http logs every 5xx at ERROR by default: under a burst that is one line per 503.
         // The handlers log what failed and why themselves (internal errors with their cause, 503s
         // throttled with a count), so the per-response line is only wanted when debugging.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
 }
 
+/// The callback endpoint's path.
+const CALLBACK_PATH: &str = "/callbacks/easemob";
+
+/// Probes and the scraper: cheap, and needed most when everything else is busy.
+const PROBE_PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+
+/// `--max-in-flight`, counted separately for callbacks and for everything else, so that neither
+/// can take the other's turn: long-polls of the feed (up to a minute) and trigger requests
+/// waiting for Easemob (up to `--trigger-timeout`) cannot hold off Easemob's callbacks, and a
+/// callback burst cannot hold off the API. Probes and `/metrics` are not counted: a liveness
+/// check that waits behind a busy service gets the service restarted when it is busiest.
+#[derive(Clone)]
+struct InFlight {
+    callbacks: Arc<tokio::sync::Semaphore>,
+    others: Arc<tokio::sync::Semaphore>,
+}
+
+impl InFlight {
+    fn new(max_in_flight: usize) -> Self {
+        let permits = max_in_flight.clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
+        Self {
+            callbacks: Arc::new(tokio::sync::Semaphore::new(permits)),
+            others: Arc::new(tokio::sync::Semaphore::new(permits)),
+        }
+    }
+}
+
+/// Holds a request until its kind has a free slot (see [`InFlight`]).
+async fn limit_in_flight(State(in_flight): State<InFlight>, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    let semaphore = if path == CALLBACK_PATH {
+        &in_flight.callbacks
+    } else if PROBE_PATHS.contains(&path) {
+        return next.run(request).await;
+    } else {
+        &in_flight.others
+    };
+    // The semaphores are never closed, so acquiring only fails if that changes.
+    let Ok(_slot) = semaphore.acquire().await else {
+        return error_response(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", "the service is stopping; retry");
+    };
+    next.run(request).await
+}
+
 /// Paths that answer without an API token: the callback endpoint authenticates each request by
 /// its signature (Easemob cannot send our token), and probes and scrapers expect to be answered
 /// without one.
-const OPEN_PATHS: [&str; 4] = ["/callbacks/easemob", "/healthz", "/readyz", "/metrics"];
+const OPEN_PATHS: [&str; 4] = [CALLBACK_PATH, PROBE_PATHS[0], PROBE_PATHS[1], PROBE_PATHS[2]];
 
 /// With API tokens configured, every other request (the `/v1/...` API, and any path added later)
 /// must carry one as `Authorization: Bearer`. Every token is compared in constant time, so the
@@ -194,8 +238,16 @@ async fn require_api_token(State(tokens): State<Arc<Vec<Secret>>>, request: Requ
 ///
 /// Trigger endpoints get `trigger_timeout` instead: a batch of 1,000 additions at Easemob's
 /// 100/s takes ten seconds by design, plus retries. The feed's long-poll gets its wait on top.
-async fn request_deadline(State(limits): State<ServerLimits>, request: Request, next: Next) -> Response {
+///
+/// A callback answered 408 is counted (`timed_out`) here: its handler, which counts every other
+/// answer, was dropped with the deadline, and Easemob counts the 408 towards banning the rule.
+async fn request_deadline(
+    State(Deadlines { limits, state }): State<Deadlines>,
+    request: Request,
+    next: Next,
+) -> Response {
     let path = request.uri().path();
+    let is_callback = path == CALLBACK_PATH;
     let limit = if path.starts_with("/v1/friends") {
         limits.trigger_timeout
     } else if path == "/v1/feed" {
@@ -205,15 +257,27 @@ async fn request_deadline(State(limits): State<ServerLimits>, request: Request, 
     };
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) => error_response(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            &format!(
-                "the request did not complete within {} (a body sent too slowly, or a slow upstream); retry it",
-                humantime::format_duration(limit)
-            ),
-        ),
+        Err(_) => {
+            if is_callback {
+                state.metrics.callback(crate::metrics::CallbackResult::TimedOut);
+            }
+            error_response(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                &format!(
+                    "the request did not complete within {} (a body sent too slowly, or a slow upstream); retry it",
+                    humantime::format_duration(limit)
+                ),
+            )
+        }
     }
+}
+
+/// What [`request_deadline`] needs: the limits, and the metrics to count a callback's 408.
+#[derive(Clone)]
+struct Deadlines {
+    limits: ServerLimits,
+    state: SharedState,
 }
 
 /// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets in-flight

@@ -98,8 +98,11 @@ pub struct ServeArgs {
 
     /// Callback secret(s), comma-separated; any of them may verify a callback (several are active
     /// during a rotation). Easemob scheme: the rule's secret from the Easemob console.
-    /// standard-webhooks: `whsec_<base64>`. Empty in sandbox mode: one is generated at start.
-    #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', hide_env_values = true)]
+    /// standard-webhooks: `whsec_<base64>`. Unset in sandbox mode (Easemob scheme): one is
+    /// generated at start. Spaces around each item are ignored. Prefer the environment variable:
+    /// flags show in the process list.
+    #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', hide_env_values = true,
+          value_parser = parse_secret_item)]
     pub callback_secret: Vec<Secret>,
 
     /// API token(s), comma-separated: when set, the `/v1/...` API (trigger, calls, callbacks,
@@ -107,7 +110,9 @@ pub struct ServeArgs {
     /// `Authorization: Bearer <one of them>` (several are accepted during a rotation). Unset, it
     /// is open to whoever reaches the listener: keep it private. Only POST /callbacks/easemob
     /// (checked by its signature instead), /healthz, /readyz and /metrics answer without a token.
-    #[arg(long, env = "FRIENDHOOK_API_TOKEN", value_delimiter = ',', hide_env_values = true)]
+    /// Spaces around each item are ignored.
+    #[arg(long, env = "FRIENDHOOK_API_TOKEN", value_delimiter = ',', hide_env_values = true,
+          value_parser = parse_secret_item)]
     pub api_token: Vec<Secret>,
 
     /// Signature scheme checked on POST /callbacks/easemob.
@@ -237,11 +242,13 @@ pub struct EasemobArgs {
     pub sandbox_friend_limit: usize,
 
     /// Sandbox mode: share of callbacks never sent (0..1), to exercise reconciliation.
-    #[arg(long, env = "FRIENDHOOK_SANDBOX_DROP_RATE", default_value_t = 0.0)]
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_DROP_RATE", default_value_t = 0.0,
+          value_parser = crate::sandbox::config::parse_probability)]
     pub sandbox_drop_rate: f64,
 
     /// Sandbox mode: share of callbacks sent twice (0..1).
-    #[arg(long, env = "FRIENDHOOK_SANDBOX_DUPLICATE_RATE", default_value_t = 0.0)]
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_DUPLICATE_RATE", default_value_t = 0.0,
+          value_parser = crate::sandbox::config::parse_probability)]
     pub sandbox_duplicate_rate: f64,
 
     /// Sandbox mode: random delay before each callback, up to this many ms.
@@ -249,16 +256,29 @@ pub struct EasemobArgs {
     pub sandbox_delay_ms: u64,
 
     /// Sandbox mode: callbacks per add, 1 (owner to friend) or 2 (one in each direction).
-    #[arg(long, env = "FRIENDHOOK_SANDBOX_CALLBACKS_PER_ADD", default_value_t = 1)]
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_CALLBACKS_PER_ADD", default_value_t = 1,
+          value_parser = clap::value_parser!(u8).range(1..=2))]
     pub sandbox_callbacks_per_add: u8,
 
     /// Sandbox mode: share of callbacks signed with a wrong secret (0..1).
-    #[arg(long, env = "FRIENDHOOK_SANDBOX_BAD_SIGNATURE_RATE", default_value_t = 0.0)]
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_BAD_SIGNATURE_RATE", default_value_t = 0.0,
+          value_parser = crate::sandbox::config::parse_probability)]
     pub sandbox_bad_signature_rate: f64,
 
     /// Sandbox mode: seed of the fault generator (same seed, same faults).
     #[arg(long, env = "FRIENDHOOK_SANDBOX_SEED", default_value_t = 0)]
     pub sandbox_seed: u64,
+}
+
+/// One item of a comma-separated list of secrets or tokens, without the spaces around it
+/// (`a, b` must mean `a` and `b`: a secret that silently kept its leading space would fail every
+/// callback signed with it). An empty item is refused rather than ignored.
+pub fn parse_secret_item(item: &str) -> Result<Secret, String> {
+    let item = item.trim();
+    if item.is_empty() {
+        return Err("an empty item: remove the stray comma, or unset the option".to_string());
+    }
+    Ok(Secret::new(item))
 }
 
 /// Parses `5s`, `250ms`, `5m`, `1h`.

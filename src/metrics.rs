@@ -43,10 +43,13 @@ pub enum CallbackResult {
     Overloaded,
     /// 503: the database could not commit (or the service is stopping).
     Unavailable,
+    /// 408: not answered within `--request-timeout` (a body sent too slowly, or a commit that
+    /// waited on a database lock held elsewhere).
+    TimedOut,
 }
 
 impl CallbackResult {
-    const ALL: [CallbackResult; 8] = [
+    const ALL: [CallbackResult; 9] = [
         CallbackResult::Stored,
         CallbackResult::Duplicate,
         CallbackResult::Quarantined,
@@ -55,6 +58,7 @@ impl CallbackResult {
         CallbackResult::Forbidden,
         CallbackResult::Overloaded,
         CallbackResult::Unavailable,
+        CallbackResult::TimedOut,
     ];
 
     /// The label value.
@@ -68,6 +72,7 @@ impl CallbackResult {
             CallbackResult::Forbidden => "forbidden",
             CallbackResult::Overloaded => "overloaded",
             CallbackResult::Unavailable => "unavailable",
+            CallbackResult::TimedOut => "timed_out",
         }
     }
 }

@@ -2,7 +2,7 @@
 //! configured, and serve HTTP until SIGTERM/SIGINT.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use tokio::net::TcpListener;
@@ -46,6 +46,7 @@ pub fn store_options(args: &ServeArgs, metrics: WriterMetrics) -> StoreOptions {
         read_connections: 4,
         busy_timeout: args.db.sqlite_busy_timeout,
         recover_interrupted_calls: true,
+        instance_lock: true,
         metrics,
     }
 }
@@ -92,13 +93,11 @@ fn real_client(args: &ServeArgs, base: &str, clock: SharedClock) -> anyhow::Resu
 /// receiver's first secret; the client talks to it with the sandbox's documented credentials.
 async fn start_sandbox(
     args: &ServeArgs,
+    listener: TcpListener,
     receiver: std::net::SocketAddr,
     secret: Secret,
     clock: SharedClock,
 ) -> anyhow::Result<(EasemobClient, crate::sandbox::SandboxHandle)> {
-    let listener = TcpListener::bind(args.easemob.sandbox_listen).await.with_context(|| {
-        format!("could not start the sandbox on {} (try --sandbox-listen)", args.easemob.sandbox_listen)
-    })?;
     let config = crate::sandbox::SandboxConfig {
         callback_url: Some(format!("http://{receiver}/callbacks/easemob")),
         callback_secret: Some(secret),
@@ -130,13 +129,66 @@ async fn start_sandbox(
     Ok((client, sandbox))
 }
 
+/// What plays Easemob, ready before the database is opened.
+enum Upstream {
+    /// Real Easemob, through this client.
+    Real(EasemobClient),
+    /// The built-in sandbox, to be started on this listener.
+    Sandbox(TcpListener),
+}
+
+/// Refuses Easemob settings that would silently do something else than meant.
+fn check_easemob_settings(args: &ServeArgs) -> anyhow::Result<()> {
+    let e = &args.easemob;
+    match e.easemob_base_url.as_deref().map(str::trim) {
+        Some("") => bail!(
+            "--easemob-base-url (EASEMOB_BASE_URL) is empty: give Easemob's REST host (e.g. https://a1.easemob.com), \
+             or unset it to run with the built-in sandbox"
+        ),
+        Some(_) => Ok(()),
+        None => {
+            let given: Vec<&str> = [
+                (e.easemob_org.is_some(), "--easemob-org"),
+                (e.easemob_app.is_some(), "--easemob-app"),
+                (e.easemob_client_id.is_some(), "--easemob-client-id"),
+                (e.easemob_client_secret.is_some(), "--easemob-client-secret"),
+            ]
+            .into_iter()
+            .filter_map(|(set, flag)| set.then_some(flag))
+            .collect();
+            if given.is_empty() {
+                return Ok(());
+            }
+            bail!(
+                "{} given but no --easemob-base-url (EASEMOB_BASE_URL): without it friendhook would run with its \
+                 built-in sandbox and ignore them. Give the base URL of your Easemob data centre (e.g. \
+                 https://a1.easemob.com), or unset them for sandbox mode",
+                given.join(", ")
+            )
+        }
+    }
+}
+
 /// Binds the listener and builds every part, without serving yet.
+///
+/// Everything that can be refused is checked, and both ports are bound, before the database is
+/// opened: opening it as the service closes calls a previous run left in flight, which must not
+/// happen for a start that then fails.
 pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Service> {
     // An empty token would let `Authorization: Bearer ` through: refuse it rather than guess
     // whether the operator meant "no tokens" or mistyped one.
     if args.api_token.iter().any(|t| t.expose().trim().is_empty()) {
         bail!(
             "--api-token (FRIENDHOOK_API_TOKEN) contains an empty token; give non-empty tokens, or unset it to leave /v1 open"
+        );
+    }
+    check_easemob_settings(args)?;
+    if args.request_timeout <= args.db.sqlite_busy_timeout {
+        bail!(
+            "--request-timeout ({}) must be longer than --sqlite-busy-timeout ({}): a callback waiting on a locked \
+             database should be answered 503 with Retry-After when the wait gives up, not cut off with 408 first",
+            humantime::format_duration(args.request_timeout),
+            humantime::format_duration(args.db.sqlite_busy_timeout)
         );
     }
     let sandbox_mode = args.easemob.easemob_base_url.is_none();
@@ -158,6 +210,12 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!("could not listen on {} (is another friendhook running? try --listen)", args.listen)
     })?;
+    let upstream = match &args.easemob.easemob_base_url {
+        Some(base) => Upstream::Real(real_client(args, base.trim(), clock.clone())?),
+        None => Upstream::Sandbox(TcpListener::bind(args.easemob.sandbox_listen).await.with_context(|| {
+            format!("could not start the sandbox on {} (try --sandbox-listen)", args.easemob.sandbox_listen)
+        })?),
+    };
     let trailing =
         (!args.metrics_reconcile_window.is_zero()).then(|| TrailingReconciliation::new(args.metrics_reconcile_window));
     let metrics = if trailing.is_some() { Metrics::default().with_reconciliation() } else { Metrics::default() };
@@ -172,11 +230,12 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         match_window_ms: args.match_window.as_millis() as i64,
     };
     let receiver_addr = listener.local_addr()?;
-    let (easemob, sandbox) = match &args.easemob.easemob_base_url {
-        Some(base) => (real_client(args, base, clock.clone())?, None),
-        None => {
+    let (easemob, sandbox) = match upstream {
+        Upstream::Real(client) => (client, None),
+        Upstream::Sandbox(sandbox_listener) => {
             let (client, sandbox) =
-                start_sandbox(args, receiver_addr, verifier_first_secret.clone(), clock.clone()).await?;
+                start_sandbox(args, sandbox_listener, receiver_addr, verifier_first_secret.clone(), clock.clone())
+                    .await?;
             (client, Some(sandbox))
         }
     };
@@ -219,15 +278,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = async {
         app::shutdown_signal().await;
         let _ = signalled.set(Instant::now());
+        // A second signal means "now": the operator has seen the first one being honoured.
+        tokio::spawn(async {
+            app::shutdown_signal().await;
+            tracing::warn!("second signal: exiting at once, without waiting for in-flight requests");
+            std::process::exit(130);
+        });
     };
     app::serve(listener, router, limits, shutdown).await?;
+    let deadline = *signalled.get_or_init(Instant::now) + limits.shutdown_grace;
     if let Some(sandbox) = sandbox {
-        let deadline = *signalled.get_or_init(Instant::now) + limits.shutdown_grace;
         sandbox.shutdown_within(deadline.saturating_duration_since(Instant::now())).await;
     }
     let store = state.store.clone();
     drop(state);
-    store.close().await;
+    // What is left of the grace, and at least long enough for the writer's last batch.
+    store.close_within(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2))).await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -200,7 +200,7 @@ impl SandboxArgs {
 }
 
 /// Parses a probability, refusing anything outside `0..=1` (including NaN) at the command line.
-fn parse_probability(text: &str) -> Result<f64, String> {
+pub(crate) fn parse_probability(text: &str) -> Result<f64, String> {
     let value: f64 = text.parse().map_err(|e| format!("not a number: {e}"))?;
     if (0.0..=1.0).contains(&value) { Ok(value) } else { Err(format!("must be between 0 and 1, got {value}")) }
 }

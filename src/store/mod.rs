@@ -65,6 +65,27 @@ pub enum StoreError {
         /// Latest migration this binary has.
         known: i64,
     },
+    /// Another `friendhook serve` holds this database.
+    #[error(
+        "{database} is in use by another friendhook service ({lock} is locked); stop it first, or give \
+         this one its own --database-url. Nothing was changed"
+    )]
+    InUse {
+        /// The database URL as given.
+        database: String,
+        /// The lock file.
+        lock: String,
+    },
+    /// The service was pointed at an in-memory database.
+    #[error(
+        "{database} is an in-memory database: each connection would see its own, so callbacks \
+         acknowledged by the writer would be invisible to reads and gone at exit; give a file, e.g. \
+         sqlite://friendhook.db"
+    )]
+    InMemory {
+        /// The database URL as given.
+        database: String,
+    },
     /// A read-only command was pointed at a file that does not exist.
     #[error(
         "{database}: no such database file (is --database-url right? `friendhook serve` creates it \
@@ -239,6 +260,11 @@ pub struct StoreOptions {
     /// How long the writer waits for a lock held by another process before the write fails
     /// (and the request gets 503).
     pub busy_timeout: Duration,
+    /// Hold `<database>.lock` exclusively while the writer runs, and refuse to open if another
+    /// process holds it: for the service, of which one may run per database file (a second one
+    /// would close the first one's calls in flight as `unknown`). Off for the commands that may
+    /// run beside it (`quarantine reverify`).
+    pub instance_lock: bool,
     /// Where the writer records its batches (the service registers these for `/metrics`).
     pub metrics: WriterMetrics,
 }
@@ -254,6 +280,7 @@ impl StoreOptions {
             read_connections: 4,
             recover_interrupted_calls: true,
             busy_timeout: Duration::from_secs(5),
+            instance_lock: false,
             metrics: WriterMetrics::default(),
         }
     }
@@ -359,6 +386,36 @@ fn spawn_writer(writer: Writer, rx: mpsc::Receiver<Job>) -> Result<tokio::sync::
     Ok(done_rx)
 }
 
+/// Takes `<database file>.lock` for this process (released when the file is closed, so also
+/// when the process dies), or says who holds it.
+fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<std::fs::File, StoreError> {
+    let path = options.get_filename();
+    if database_url.contains(":memory:")
+        || database_url.contains("mode=memory")
+        || path == std::path::Path::new(":memory:")
+    {
+        return Err(StoreError::InMemory { database: database_url.to_string() });
+    }
+    let mut lock_path = path.as_os_str().to_os_string();
+    lock_path.push(".lock");
+    let lock_path = std::path::PathBuf::from(lock_path);
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|e| StoreError::Write(format!("could not create the lock file {}: {e}", lock_path.display())))?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => {
+            Err(StoreError::InUse { database: database_url.to_string(), lock: lock_path.display().to_string() })
+        }
+        Err(std::fs::TryLockError::Error(e)) => {
+            Err(StoreError::Write(format!("could not lock {}: {e}", lock_path.display())))
+        }
+    }
+}
+
 impl Store {
     /// Opens (creating if missing) the database, applies migrations, closes calls interrupted by
     /// a previous crash as `unknown` (unless `recover_interrupted_calls` is off), and starts the
@@ -377,6 +434,8 @@ impl Store {
             // Room for the fast path's statement per row count (up to 64) besides the others.
             .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
+        let instance_lock =
+            if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
         let mut conn = write_options.connect().await?;
         refuse_newer_schema(&mut conn, &opts.database_url).await?;
         MIGRATOR.run(&mut conn).await?;
@@ -408,6 +467,7 @@ impl Store {
             metrics: opts.metrics,
             failure_log: crate::metrics::LogThrottle::new(10_000),
             failed_since_commit: 0,
+            _instance_lock: instance_lock,
         };
         let recovered_calls = if opts.recover_interrupted_calls { writer.close_interrupted_calls().await? } else { 0 };
         if recovered_calls > 0 {
@@ -550,13 +610,25 @@ impl Store {
     /// Closes the read pool, then waits for the writer to commit what is queued and close its
     /// connection. Other clones of this store must be dropped first, or the writer keeps running.
     pub async fn close(self) {
+        self.close_within(Duration::from_secs(30)).await;
+    }
+
+    /// [`Store::close`], waiting at most `limit` for the writer. Handles held elsewhere (a call
+    /// still retrying Easemob, say) keep the writer alive; past `limit` it is left to the end of
+    /// the process. Nothing acknowledged is at stake: a request is answered after its commit, and
+    /// a call whose outcome is not recorded is closed as `unknown` at the next start.
+    pub async fn close_within(self, limit: Duration) {
         self.closing.send_replace(true);
         let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
         drop(self.jobs);
         self.read.close().await;
         if let Some(done) = task {
-            if tokio::time::timeout(Duration::from_secs(30), done).await.is_err() {
-                tracing::warn!("the writer did not finish within 30 s (is another handle to the store still alive?)");
+            if tokio::time::timeout(limit, done).await.is_err() {
+                tracing::warn!(
+                    limit = ?limit,
+                    "the writer did not finish in time: calls still waiting for Easemob hold it (their outcomes \
+                     are closed as unknown at the next start)"
+                );
             }
         }
     }

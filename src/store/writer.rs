@@ -230,6 +230,9 @@ pub(super) struct Writer {
     pub failure_log: LogThrottle,
     /// Batches failed since the last commit (a recovery is logged once).
     pub failed_since_commit: u64,
+    /// The service's claim on the database file (see `StoreOptions::instance_lock`), released
+    /// when the writer ends.
+    pub _instance_lock: Option<std::fs::File>,
 }
 
 /// Under steady load, the writer adds `callback_users` entries once this many sequence numbers
@@ -1086,6 +1089,7 @@ mod tests {
             metrics: WriterMetrics::default(),
             failure_log: LogThrottle::new(10_000),
             failed_since_commit: 0,
+            _instance_lock: None,
         }
     }
 

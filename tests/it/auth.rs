@@ -1,6 +1,7 @@
 //! `--api-token`: the `/v1/...` endpoints need a bearer token; the callback endpoint, the probes
 //! and `/metrics` do not.
 
+use clap::Parser;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -71,9 +72,20 @@ async fn without_an_api_token_the_v1_endpoints_stay_open() {
 
 #[tokio::test]
 async fn an_empty_api_token_is_refused_at_start_rather_than_matching_an_empty_bearer() {
-    let dir = tempfile::tempdir().unwrap();
-    let db_url = format!("sqlite://{}", dir.path().join("empty-token.db").display());
-    let args = serve_args(&db_url, &["--api-token", "tok-1,"]);
-    let err = friendhook::commands::serve::build(&args, friendhook::clock::system()).await.err().expect("refused");
-    assert!(err.to_string().contains("empty token"), "{err}");
+    let parsed = friendhook::config::Cli::try_parse_from(["friendhook", "serve", "--api-token", "tok-1,"]);
+    let err = parsed.expect_err("refused");
+    assert!(err.to_string().contains("an empty item"), "{err}");
+}
+
+#[tokio::test]
+async fn spaces_around_listed_tokens_and_secrets_are_not_part_of_them() {
+    // As an operator types them in an environment file during a rotation.
+    let app =
+        TestApp::spawn(&["--api-token", "tok-one, tok-two", "--callback-secret", &format!("old-secret, {SECRET}")])
+            .await;
+    let r = app.client.get(app.url("/v1/calls")).bearer_auth("tok-two").send().await.unwrap();
+    assert_eq!(r.status(), 200, "the second token, without its leading space");
+    let body = roster_body("700000000000000002", "carol", "dave", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200, "the second secret, without its leading space");
+    app.stop().await;
 }

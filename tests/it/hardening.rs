@@ -418,7 +418,7 @@ async fn slow_loris_connections_are_closed_by_the_header_timeout_while_others_ar
 #[tokio::test]
 async fn a_body_trickler_gets_a_json_408_from_the_request_timeout() {
     // Arrange
-    let app = TestApp::spawn(&["--request-timeout", "1s"]).await;
+    let app = TestApp::spawn(&["--request-timeout", "1s", "--sqlite-busy-timeout", "500ms"]).await;
     let body = roster_body("trickled", "alice", "bob", "add", TS, SECRET);
     let head = format!(
         "POST /callbacks/easemob HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
@@ -471,6 +471,49 @@ async fn a_body_trickler_gets_a_json_408_from_the_request_timeout() {
     assert_eq!(r.status(), 200);
     assert!(valid_latency < PROMPT, "a normal request took {valid_latency:?} beside the trickler");
     assert_eq!(stored_call_ids(&app).await, vec![call_id("beside-trickler")], "the trickled body was never stored");
+    let metrics = app.metrics().await;
+    assert_eq!(
+        metrics.get(r#"friendhook_callbacks_received_total{result="timed_out"}"#),
+        Some(&1.0),
+        "the 408 is counted like every other answer to a delivery"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_full_api_leaves_callbacks_probes_and_metrics_their_turn() {
+    // One request at a time of each kind, and a long-poll holding the API's.
+    let app = TestApp::spawn(&["--max-in-flight", "1"]).await;
+    let client = app.client.clone();
+    let url = app.url("/v1/feed?after=0&wait=30s");
+    let long_poll = tokio::spawn(async move { client.get(url).send().await.map(|r| r.status()) });
+    // Until another API request has to wait, the long-poll may not have its slot yet.
+    let held = reqwest::Client::builder().timeout(Duration::from_millis(300)).build().unwrap();
+    let mut api_waited = false;
+    for _ in 0..50 {
+        if held.get(app.url("/v1/calls")).send().await.is_err() {
+            api_waited = true;
+            break;
+        }
+    }
+    assert!(api_waited, "with --max-in-flight 1 and a long-poll running, another API request waits");
+
+    let patient = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().unwrap();
+    for open in ["/healthz", "/readyz", "/metrics"] {
+        let r = patient.get(app.url(open)).send().await.unwrap_or_else(|e| panic!("{open} answered: {e}"));
+        assert_eq!(r.status(), 200, "{open}");
+    }
+    let body = roster_body("beside-long-poll", "alice", "bob", "add", TS, SECRET);
+    let r = patient
+        .post(app.url("/callbacks/easemob"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("the callback is answered while the API is full");
+    assert_eq!(r.status(), 200);
+    // The stored callback ends the long-poll.
+    assert_eq!(long_poll.await.unwrap().expect("long-poll answered"), 200);
     app.stop().await;
 }
 

@@ -21,3 +21,4 @@ mod quarantine;
 mod receiver;
 mod reconciliation;
 mod sandbox;
+mod startup;

@@ -261,7 +261,7 @@ async fn a_time_window_reconciles_only_what_happened_in_it() {
 #[tokio::test]
 async fn a_report_that_cannot_start_in_time_is_answered_503_busy() {
     // A request deadline of 400 ms: a report waits at most half of it for its turn.
-    let app = TestApp::spawn(&["--request-timeout", "400ms"]).await;
+    let app = TestApp::spawn(&["--request-timeout", "400ms", "--sqlite-busy-timeout", "200ms"]).await;
     let slot = app.reports.enter().await.expect("the only slot is free");
 
     let resp = app.client.get(format!("{}/v1/reconciliation", app.base)).send().await.unwrap();
@@ -340,7 +340,7 @@ async fn the_kept_report_is_let_go_once_unused_since_a_use() {
 async fn reconcile_cli_asks_again_while_the_service_is_busy_with_another_report() {
     use tokio::io::AsyncBufReadExt;
     // A report waits 200 ms for its turn here, then the CLI is told to come back (Retry-After).
-    let app = TestApp::spawn(&["--request-timeout", "400ms"]).await;
+    let app = TestApp::spawn(&["--request-timeout", "400ms", "--sqlite-busy-timeout", "200ms"]).await;
     let body = roster_body("920001", "carol", "dave", "add", 1_700_000_000_000, SECRET);
     assert_eq!(app.post_callback(body).await.status(), 200);
     let slot = app.reports.enter().await.expect("the only slot is free");

@@ -1,0 +1,80 @@
+//! `friendhook serve` refuses, before touching the database, settings that would silently do
+//! something else than meant.
+
+use clap::Parser;
+use friendhook::config::Cli;
+
+use crate::helpers::*;
+
+async fn refusal(db: &std::path::Path, extra: &[&str]) -> String {
+    let args = serve_args(&format!("sqlite://{}", db.display()), extra);
+    let err = friendhook::commands::serve::build(&args, friendhook::clock::system()).await.err().expect("refused");
+    format!("{err:#}")
+}
+
+#[tokio::test]
+async fn easemob_credentials_without_a_base_url_are_refused_instead_of_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("creds.db");
+    let err = refusal(&db, &["--easemob-org", "acme", "--easemob-client-secret", "s3cret"]).await;
+    assert!(err.contains("--easemob-org, --easemob-client-secret given but no --easemob-base-url"), "{err}");
+    assert!(!err.contains("s3cret"), "{err}");
+    let err = refusal(&db, &["--easemob-base-url", " "]).await;
+    assert!(err.contains("--easemob-base-url (EASEMOB_BASE_URL) is empty"), "{err}");
+    assert!(!db.exists(), "nothing was created");
+}
+
+#[tokio::test]
+async fn an_in_memory_database_is_refused() {
+    for url in ["sqlite::memory:", "sqlite://file.db?mode=memory"] {
+        let args = serve_args(url, &[]);
+        let err = friendhook::commands::serve::build(&args, friendhook::clock::system()).await.err().expect(url);
+        assert!(format!("{err:#}").contains("in-memory database"), "{url}: {err:#}");
+    }
+}
+
+#[tokio::test]
+async fn a_second_service_on_the_same_database_is_refused_until_the_first_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("shared.db");
+    let first = TestApp::spawn_on(&db, &[]).await;
+
+    let err = refusal(&db, &[]).await;
+    assert!(err.contains("in use by another friendhook service"), "{err}");
+
+    first.stop().await;
+    let second = TestApp::spawn_on(&db, &[]).await;
+    second.stop().await;
+}
+
+#[tokio::test]
+async fn a_sandbox_port_in_use_is_found_before_the_database_is_opened() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("port.db");
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().to_string();
+    let db_url = format!("sqlite://{}", db.display());
+    let argv = ["friendhook", "serve", "--listen", "127.0.0.1:0", "--sandbox-listen", &port, "--database-url", &db_url];
+    let friendhook::config::Command::Serve(args) = Cli::try_parse_from(argv).unwrap().command else {
+        panic!("serve arguments");
+    };
+    let err = friendhook::commands::serve::build(&args, friendhook::clock::system()).await.err().expect("refused");
+    let err = format!("{err:#}");
+    assert!(err.contains("could not start the sandbox"), "{err}");
+    assert!(!db.exists(), "a start that fails does not open (or recover) the database");
+}
+
+#[tokio::test]
+async fn a_request_timeout_within_the_busy_timeout_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let err = refusal(&dir.path().join("t.db"), &["--request-timeout", "5s", "--sqlite-busy-timeout", "5s"]).await;
+    assert!(err.contains("must be longer than --sqlite-busy-timeout"), "{err}");
+}
+
+#[test]
+fn sandbox_fault_flags_are_checked_when_parsed_and_named() {
+    for (flag, value) in [("--sandbox-drop-rate", "1.5"), ("--sandbox-callbacks-per-add", "0")] {
+        let err = Cli::try_parse_from(["friendhook", "serve", flag, value]).expect_err("refused");
+        assert!(err.to_string().contains(flag), "{err}");
+    }
+}
