@@ -87,10 +87,10 @@ impl<T: Clone> Reused<T> {
         F: Future<Output = Result<T, E>>,
     {
         let mut last = self.last.lock().await;
-        if let Some((at, value)) = &*last {
-            if (0..self.reuse_ms).contains(&(now_ms - at)) {
-                return Ok(value.clone());
-            }
+        if let Some((at, value)) = &*last
+            && (0..self.reuse_ms).contains(&(now_ms - at))
+        {
+            return Ok(value.clone());
         }
         *last = None;
         let value = produce().await?;

@@ -211,10 +211,10 @@ impl ServiceProcess {
         let svc = Self { child, addr, sandbox_addr, db_url, _dir: dir };
         let client = reqwest::Client::new();
         loop {
-            if let Ok(r) = client.get(format!("http://{addr}/readyz")).send().await {
-                if r.status().is_success() {
-                    return Ok(svc);
-                }
+            if let Ok(r) = client.get(format!("http://{addr}/readyz")).send().await
+                && r.status().is_success()
+            {
+                return Ok(svc);
             }
             if Instant::now() > deadline {
                 anyhow::bail!("the service did not become ready within 30 s");

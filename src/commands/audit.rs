@@ -80,14 +80,14 @@ pub async fn verify_through(store: &Store, published: Option<&PublishedHead>) ->
     let mut expected_seq = 1i64;
     let mut prev = chain::GENESIS.to_string();
     let mut records = 0u64;
-    if let Some(head) = published.filter(|head| head.seq == 0) {
-        if head.hash != chain::GENESIS {
-            return Ok(Verdict::Broken(format!(
-                "the chain's start is {}, not the published {}",
-                chain::GENESIS,
-                head.hash
-            )));
-        }
+    if let Some(head) = published.filter(|head| head.seq == 0)
+        && head.hash != chain::GENESIS
+    {
+        return Ok(Verdict::Broken(format!(
+            "the chain's start is {}, not the published {}",
+            chain::GENESIS,
+            head.hash
+        )));
     }
     // From the lowest seq there is, not from 1: a row slipped in with seq 0 or below would
     // otherwise be read by everything but this walk.
@@ -125,14 +125,14 @@ pub async fn verify_through(store: &Store, published: Option<&PublishedHead>) ->
             if r.recomputed != r.chain_hash {
                 return Ok(Verdict::Broken(format!("{what}: content does not match its chain link (record edited)")));
             }
-            if let Some(head) = published.filter(|head| head.seq == r.seq) {
-                if head.hash != r.chain_hash {
-                    return Ok(Verdict::Broken(format!(
-                        "{what} carries the link {}, not the published {}: the history up to it was rewritten \
+            if let Some(head) = published.filter(|head| head.seq == r.seq)
+                && head.hash != r.chain_hash
+            {
+                return Ok(Verdict::Broken(format!(
+                    "{what} carries the link {}, not the published {}: the history up to it was rewritten \
                          (consistently) after the head was published",
-                        r.chain_hash, head.hash
-                    )));
-                }
+                    r.chain_hash, head.hash
+                )));
             }
             after = r.seq;
             prev = r.chain_hash;

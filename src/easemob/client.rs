@@ -696,11 +696,11 @@ fn merge_register_answers(mut so_far: ApiSuccess, next: ApiSuccess) -> ApiSucces
             _ => {}
         }
     }
-    if let Some(object) = so_far.body.as_object_mut() {
-        if object.contains_key("count") {
-            let count = object.get("entities").and_then(Value::as_array).map_or(0, Vec::len);
-            object.insert("count".into(), json!(count));
-        }
+    if let Some(object) = so_far.body.as_object_mut()
+        && object.contains_key("count")
+    {
+        let count = object.get("entities").and_then(Value::as_array).map_or(0, Vec::len);
+        object.insert("count".into(), json!(count));
     }
     ApiSuccess {
         status: next.status,

@@ -45,13 +45,13 @@ async fn get_reconciliation(
     query: Result<Query<ReconciliationQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(bad_query)?;
-    if let Some(s) = &q.status {
-        if !report::STATUSES.contains(&s.as_str()) {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                format!("`status` must be one of {}, got `{s}`", report::STATUSES.join(", ")),
-            ));
-        }
+    if let Some(s) = &q.status
+        && !report::STATUSES.contains(&s.as_str())
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`status` must be one of {}, got `{s}`", report::STATUSES.join(", ")),
+        ));
     }
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
@@ -75,13 +75,13 @@ async fn get_reconciliation(
             })
         })
         .transpose()?;
-    if let (Some((_, from_cursor)), Some(named)) = (cursor, named) {
-        if from_cursor != named {
-            return Err(ApiError::bad_request(
-                "invalid_query",
-                "`as_of` differs from the one in `cursor`; a cursor continues its own report, so pass one or the other",
-            ));
-        }
+    if let (Some((_, from_cursor)), Some(named)) = (cursor, named)
+        && from_cursor != named
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`as_of` differs from the one in `cursor`; a cursor continues its own report, so pass one or the other",
+        ));
     }
     let as_of = cursor.map(|(_, a)| a).or(named);
     if let Some(as_of) = as_of {

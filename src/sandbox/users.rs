@@ -100,14 +100,12 @@ pub async fn register_users(
     let mut failures = Vec::new();
     {
         let mut world = state.world();
-        if !is_batch {
-            if let Some(existing) = new_users.first().filter(|u| world.users.contains_key(&u.username)) {
-                let error = EasemobError::DuplicateUsername {
-                    application: state.application().to_owned(),
-                    username: existing.username.clone(),
-                };
-                return Err(state.reject(&timing, error));
-            }
+        if !is_batch && let Some(existing) = new_users.first().filter(|u| world.users.contains_key(&u.username)) {
+            let error = EasemobError::DuplicateUsername {
+                application: state.application().to_owned(),
+                username: existing.username.clone(),
+            };
+            return Err(state.reject(&timing, error));
         }
         let mut seen = HashSet::new();
         for new_user in new_users {

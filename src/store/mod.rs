@@ -622,14 +622,14 @@ impl Store {
         let task = self.writer_task.lock().ok().and_then(|mut t| t.take());
         drop(self.jobs);
         self.read.close().await;
-        if let Some(done) = task {
-            if tokio::time::timeout(limit, done).await.is_err() {
-                tracing::warn!(
-                    limit = ?limit,
-                    "the writer did not finish in time: calls still waiting for Easemob hold it (their outcomes \
-                     are closed as unknown at the next start)"
-                );
-            }
+        if let Some(done) = task
+            && tokio::time::timeout(limit, done).await.is_err()
+        {
+            tracing::warn!(
+                limit = ?limit,
+                "the writer did not finish in time: calls still waiting for Easemob hold it (their outcomes \
+                 are closed as unknown at the next start)"
+            );
         }
     }
 }
