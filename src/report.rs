@@ -20,7 +20,7 @@ use crate::clock::Reused;
 use crate::metrics::ReconciliationFigures;
 use crate::model::Outcome;
 use crate::reconcile::{self, CallRow, CallStatus, CallbackRow, MatchParams, Summary};
-use crate::store::{JournalPoint, Store, StoreError};
+use crate::store::{JournalPoint, PointFacts, Store, StoreError};
 
 /// What to report on.
 #[derive(Debug, Clone, Default)]
@@ -98,7 +98,45 @@ impl AsOf {
     pub fn reached_by(&self, head: JournalPoint) -> bool {
         self.point.seq <= head.seq && self.point.last_call_id <= head.last_call_id
     }
+
+    /// Whether a report could ever have been judged at this point, given what the journal says
+    /// about it: the journal has reached it; no call created after its last call has an outcome
+    /// at or below its seq (the two were read together); its time is not before the record at
+    /// its seq or its last call, nor after `now_ms`. An `as_of` edited by hand to hide calls or
+    /// to keep windows open is refused, instead of being answered with the journal's genuine
+    /// chain link beside it. `Err` says what does not fit.
+    pub fn check(&self, facts: &PointFacts, now_ms: i64) -> Result<(), String> {
+        let head = facts.head;
+        if !self.reached_by(head) {
+            return Err(format!(
+                "names a point this database has not reached (it stands at seq {}, call {})",
+                head.seq, head.last_call_id
+            ));
+        }
+        if let Some(seq) = facts.first_seq_of_later_calls.filter(|seq| *seq <= self.point.seq) {
+            return Err(format!(
+                "names call {} as the last one, but a later call's outcome is at seq {seq}, within seq {}: no \
+                 report had this point",
+                self.point.last_call_id, self.point.seq
+            ));
+        }
+        let stored_before = facts.stored_at_ms.into_iter().chain(facts.last_call_requested_at_ms).max();
+        if let Some(stored_at_ms) = stored_before.filter(|at| self.now_ms < at - AS_OF_CLOCK_SLACK_MS) {
+            return Err(format!(
+                "is judged at {}, before what it names was stored ({stored_at_ms}): no report had this time",
+                self.now_ms
+            ));
+        }
+        if self.now_ms > now_ms + AS_OF_CLOCK_SLACK_MS {
+            return Err(format!("is judged at {}, which is still to come (now is {now_ms})", self.now_ms));
+        }
+        Ok(())
+    }
 }
+
+/// How far an `as_of`'s time may lie outside what its point allows: a report reads the clock
+/// just before its journal point, and clocks step.
+const AS_OF_CLOCK_SLACK_MS: i64 = 60_000;
 
 /// A callback as shown in a report.
 #[derive(Debug, Clone, Serialize)]
@@ -532,6 +570,33 @@ mod tests {
         assert_eq!((now.summary.matched, now.summary.pending, now.summary.orphan), (1, 1, 1), "{:?}", now.summary);
         assert_ne!(now.as_of, before.as_of);
         store.close().await;
+    }
+
+    #[test]
+    fn an_as_of_is_checked_against_what_the_journal_says_about_its_point() {
+        let at = |seq, last_call_id, now_ms| AsOf { point: JournalPoint { seq, last_call_id }, now_ms };
+        let facts = PointFacts {
+            head: JournalPoint { seq: 10, last_call_id: 4 },
+            first_seq_of_later_calls: Some(9),
+            stored_at_ms: Some(1_000_000),
+            last_call_requested_at_ms: Some(900_000),
+        };
+        let now_ms = 2_000_000;
+        assert_eq!(at(8, 3, 1_000_500).check(&facts, now_ms), Ok(()), "a point as a report had it");
+        assert_eq!(at(8, 3, 950_000).check(&facts, now_ms), Ok(()), "a clock a little behind is allowed for");
+        let refused = |as_of: AsOf| as_of.check(&facts, now_ms).expect_err("refused");
+        assert!(refused(at(11, 3, 1_000_500)).contains("not reached"));
+        assert!(refused(at(8, 5, 1_000_500)).contains("not reached"));
+        assert!(refused(at(9, 3, 1_000_500)).contains("later call's outcome is at seq 9"), "call 4 ended at seq 9");
+        assert!(refused(at(8, 3, 900_000)).contains("before what it names was stored"));
+        assert!(refused(at(8, 3, now_ms + 60_001)).contains("still to come"));
+        let empty = PointFacts {
+            head: JournalPoint { seq: 0, last_call_id: 0 },
+            first_seq_of_later_calls: None,
+            stored_at_ms: None,
+            last_call_requested_at_ms: None,
+        };
+        assert_eq!(at(0, 0, 5).check(&empty, now_ms), Ok(()), "the empty journal");
     }
 
     #[test]

@@ -162,14 +162,10 @@ async fn as_of_in(store: &Store, token: &str) -> anyhow::Result<report::AsOf> {
     let as_of = report::AsOf::parse(token).ok_or_else(|| {
         anyhow::anyhow!("--as-of `{token}` is not an `as_of` of a report (<seq>.<last call id>.<epoch ms>)")
     })?;
-    let head = store.journal_point().await?;
-    anyhow::ensure!(
-        as_of.reached_by(head),
-        "--as-of `{token}` names a point this database has not reached (it stands at seq {}, call {}); \
-         is it the right database?",
-        head.seq,
-        head.last_call_id
-    );
+    let facts = store.point_facts(as_of.point).await?;
+    as_of
+        .check(&facts, crate::clock::system().now_ms())
+        .map_err(|problem| anyhow::anyhow!("--as-of `{token}` {problem}; is it the right database?"))?;
     Ok(as_of)
 }
 

@@ -85,17 +85,13 @@ async fn get_reconciliation(
     }
     let as_of = cursor.map(|(_, a)| a).or(named);
     if let Some(as_of) = as_of {
-        let head = state.store.journal_point().await?;
-        if !as_of.reached_by(head) {
-            return Err(ApiError::bad_request(
+        let facts = state.store.point_facts(as_of.point).await?;
+        as_of.check(&facts, state.clock.now_ms()).map_err(|problem| {
+            ApiError::bad_request(
                 "invalid_query",
-                format!(
-                    "`as_of` names a point this database has not reached (it stands at seq {}, call {}); use \
-                     the `as_of` of a report from this service",
-                    head.seq, head.last_call_id
-                ),
-            ));
-        }
+                format!("`as_of` {problem}; use the `as_of` of a report from this service, as it was given"),
+            )
+        })?;
     }
     let rq = ReportQuery {
         since_ms: parse_opt_time("since", q.since.as_deref())?,

@@ -278,7 +278,45 @@ const JOURNAL_POINT: &str = "\
 SELECT max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)),
        coalesce((SELECT max(id) FROM calls), 0)";
 
+/// What the journal says about the point an `as_of` names (see `report::AsOf::check`), read in
+/// one statement: where the journal stands, the lowest seq of a call created after the point's
+/// last call, when the record at the point's seq was stored, and when its last call was
+/// requested.
+const POINT_FACTS: &str = "\
+SELECT max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)),
+       coalesce((SELECT max(id) FROM calls), 0),
+       (SELECT min(seq) FROM calls WHERE id > ?2),
+       coalesce((SELECT received_at_ms FROM callbacks WHERE seq = ?1), (SELECT completed_at_ms FROM calls WHERE seq = ?1)),
+       (SELECT requested_at_ms FROM calls WHERE id = ?2)";
+
+/// See [`Store::point_facts`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PointFacts {
+    /// Where the journal stands now.
+    pub head: JournalPoint,
+    /// The lowest seq among calls with an id above the point's last call (`None`: no such call
+    /// has an outcome yet).
+    pub first_seq_of_later_calls: Option<i64>,
+    /// When the record with the point's seq was stored (`None` for seq 0).
+    pub stored_at_ms: Option<i64>,
+    /// When the point's last call was requested (`None` for call 0).
+    pub last_call_requested_at_ms: Option<i64>,
+}
+
 impl Store {
+    /// What the journal says about `point`, for checking that a given `as_of` is one a report
+    /// could have had.
+    pub async fn point_facts(&self, point: JournalPoint) -> Result<PointFacts, StoreError> {
+        let (seq, last_call_id, first_seq_of_later_calls, stored_at_ms, last_call_requested_at_ms) =
+            sqlx::query_as(POINT_FACTS).bind(point.seq).bind(point.last_call_id).fetch_one(self.read_pool()).await?;
+        Ok(PointFacts {
+            head: JournalPoint { seq, last_call_id },
+            first_seq_of_later_calls,
+            stored_at_ms,
+            last_call_requested_at_ms,
+        })
+    }
+
     /// Where the journal stands now.
     pub async fn journal_point(&self) -> Result<JournalPoint, StoreError> {
         let (seq, last_call_id) = sqlx::query_as(JOURNAL_POINT).fetch_one(self.read_pool()).await?;

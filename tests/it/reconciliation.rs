@@ -417,6 +417,17 @@ async fn the_pages_of_a_report_and_its_as_of_stay_put_while_more_is_stored() {
     assert!(err["detail"].as_str().unwrap().contains("has not reached"), "{err}");
     let (status, _) = app.get_json("/v1/reconciliation?as_of=soon").await;
     assert_eq!(status, 400);
+    // A genuine as_of edited by hand: hiding the calls, or judging before anything was stored.
+    let parts: Vec<&str> = as_of.split('.').collect();
+    for (tampered, says) in [
+        (format!("{}.0.{}", parts[0], parts[2]), "a later call's outcome"),
+        (format!("{}.{}.-9223372036854775808", parts[0], parts[1]), "before what it names was stored"),
+        (format!("{}.{}.9223372036854775807", parts[0], parts[1]), "still to come"),
+    ] {
+        let (status, err) = app.get_json(&format!("/v1/reconciliation?as_of={tampered}")).await;
+        assert_eq!((status, err["code"].as_str()), (400, Some("invalid_query")), "{tampered}: {err}");
+        assert!(err["detail"].as_str().unwrap().contains(says), "{tampered}: {err}");
+    }
     let c = first["next_cursor"].as_str().unwrap();
     let (status, err) = app.get_json(&format!("/v1/reconciliation?cursor={c}&as_of=0.0.0")).await;
     assert_eq!(status, 400, "{err}");
