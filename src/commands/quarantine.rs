@@ -310,6 +310,8 @@ pub struct ReverifySummary {
     pub still_held: u64,
     /// Still held: the signature verifies but the body is not a callback friendhook can read.
     pub unreadable: u64,
+    /// Still held: the body no longer matches the digest taken on arrival (edited in the file).
+    pub altered: u64,
     /// Promoted meanwhile by another run; skipped.
     pub taken_by_another_run: u64,
 }
@@ -317,7 +319,7 @@ pub struct ReverifySummary {
 impl ReverifySummary {
     /// The summary lines, with what to do next.
     pub fn render(&self, dry_run: bool) -> String {
-        let held = self.still_held + self.unreadable;
+        let held = self.still_held + self.unreadable + self.altered;
         let verb = if dry_run { "would promote" } else { "promoted" };
         let mut out = format!(
             "checked {}, {verb} {} (of which {} were duplicates of events already stored), still held {held}",
@@ -339,6 +341,13 @@ impl ReverifySummary {
                 "{} request(s) verify but their body is not a callback friendhook can read (the receive path would \
                  answer 400); they stay held for inspection.\n",
                 self.unreadable
+            ));
+        }
+        if self.altered > 0 {
+            out.push_str(&format!(
+                "{} request(s) no longer match the SHA-256 taken when they arrived: the quarantine was edited in the \
+                 database file. They are not promoted; investigate who had write access.\n",
+                self.altered
             ));
         }
         if self.promoted > 0 && dry_run {
@@ -380,6 +389,17 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<()> {
             let mut promotable = Vec::new();
             for req in &page {
                 summary.checked += 1;
+                // The quarantine is not chained: the digest taken on arrival is what shows that
+                // the body (or, for standard-webhooks, what its tolerance is judged against) is
+                // still the one that came.
+                if chain::sha256_hex(&req.raw_body) != req.body_sha256 {
+                    summary.altered += 1;
+                    println!(
+                        "#{}: the body does not match its digest from arrival (edited?); left in quarantine",
+                        req.id
+                    );
+                    continue;
+                }
                 match reverify_one(&verifier, req) {
                     Ok(cb) => promotable.push((req.id, cb)),
                     Err(Refusal::BadSignature(_)) => summary.still_held += 1,
@@ -407,8 +427,19 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<()> {
                     .map(|(id, cb)| async move { (id, writer.mark_quarantine_promoted(id, cb).await) }),
             )
             .await;
+            // Every result of the page is reported before an error ends the run: the promotions
+            // that did commit must be printed and counted.
+            let mut first_error = None;
             for (id, result) in results {
-                match result? {
+                let promoted = match result {
+                    Ok(promoted) => promoted,
+                    Err(e) => {
+                        println!("#{id}: could not be promoted: {e}");
+                        first_error.get_or_insert(e);
+                        continue;
+                    }
+                };
+                match promoted {
                     PromotionResult::Promoted(ack) => {
                         summary.promoted += 1;
                         if ack.duplicate {
@@ -420,6 +451,9 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<()> {
                     }
                     PromotionResult::AlreadyPromoted => summary.taken_by_another_run += 1,
                 }
+            }
+            if let Some(e) = first_error {
+                return Err(e.into());
             }
         }
         anyhow::Ok(())

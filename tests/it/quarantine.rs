@@ -282,3 +282,31 @@ async fn reverify_refuses_a_database_that_does_not_exist() {
     assert!(out.stderr.contains("--database-url"), "says what to check: {}", out.stderr);
     assert!(!dir.path().join("typo.db").exists(), "no empty database is created");
 }
+
+#[tokio::test]
+async fn a_held_request_edited_in_the_file_is_never_promoted() {
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine"]).await;
+    for (msg_id, to) in [("3101", "bob"), ("3102", "carol")] {
+        let body = roster_body(msg_id, "alice", to, "add", 1_700_000_000_123, ROTATED);
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+    let (db_path, db_url) = (app.db_path.clone(), app.db_url.clone());
+    let _dir = app.stop().await;
+    // Someone with write access swaps the addressee of one held request (the quarantine has no
+    // chain and no triggers); the signature does not cover `to`, so it would still verify.
+    let edit = std::process::Command::new("sqlite3")
+        .arg(&db_path)
+        .arg("UPDATE quarantine SET raw_body = CAST(replace(CAST(raw_body AS TEXT), '\"to\":\"carol\"', '\"to\":\"mallory\"') AS BLOB) WHERE instr(CAST(raw_body AS TEXT), 'carol') > 0;")
+        .output()
+        .expect("sqlite3 is installed (.ci/run installs it)");
+    assert!(edit.status.success(), "{}", String::from_utf8_lossy(&edit.stderr));
+
+    let out = reverify(&db_url, ROTATED, &[]).await;
+
+    assert!(out.contains("does not match its digest from arrival"), "{out}");
+    assert!(out.contains("promoted 1 ") && out.contains("still held 1"), "{out}");
+    assert!(out.contains("the quarantine was edited in the database file"), "{out}");
+    let held = list_json(&db_url, false).await;
+    assert_eq!(held["held"], 1, "{held}");
+    assert_eq!(held["items"][0]["call_id"], "demo-org#demo-app_3102", "{held}");
+}
