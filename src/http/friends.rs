@@ -220,7 +220,9 @@ async fn record_outcome(
     for failed in 1u32.. {
         let err = match state.store.mark_call_outcome(outcome.clone()).await {
             Ok(record) => {
-                state.metrics.call(kind, u64::try_from(attempts).unwrap_or(0));
+                // As stored: an outcome recorded before (by an earlier attempt of this loop whose
+                // answer was lost) is the one that counts.
+                state.metrics.call(record.outcome, u64::try_from(record.attempts.unwrap_or(attempts)).unwrap_or(0));
                 if failed > 1 {
                     tracing::info!(call_id = id, attempts = failed, "call outcome recorded after retrying");
                 }
