@@ -163,13 +163,22 @@ pub fn parse(body: &[u8], require_security: bool) -> Result<ParsedCallback, Pars
     let appkey = lenient_string(fields.appkey);
     let event_type = lenient_string(fields.event_type);
     let operation = operation(fields.payload)?;
-    let from_user = lenient_string(fields.from).map(|from| normalize_user(&from, appkey.as_deref()));
-    let to_user = lenient_string(fields.to).map(|to| normalize_user(&to, appkey.as_deref()));
+    let msg_id = lenient_string(fields.msg_id);
+    // Without an `appkey` field, a roster callId (`{appkey}_{msg_id}`) still names it.
+    let users_appkey = appkey.clone().or_else(|| appkey_from_call_id(&call_id, msg_id.as_deref()));
+    let from_user = lenient_string(fields.from).map(|from| normalize_user(&from, users_appkey.as_deref()));
+    let to_user = lenient_string(fields.to).map(|to| normalize_user(&to, users_appkey.as_deref()));
+    // From `to` as it came, so that the keys of events stored before user IDs were lower-cased
+    // still match their re-deliveries.
     let dedup_key = dedup_key(&call_id, event_type.as_deref(), to_user.as_deref(), operation.as_deref());
+    // Easemob stores user IDs lower-case, and the trigger API lower-cases them: so are they here,
+    // or a call for alice/bob and a callback for Bob would never meet.
+    let from_user = from_user.map(|user| user.to_ascii_lowercase());
+    let to_user = to_user.map(|user| user.to_ascii_lowercase());
 
     Ok(ParsedCallback {
         call_id,
-        msg_id: lenient_string(fields.msg_id),
+        msg_id,
         appkey,
         event_type,
         chat_type: lenient_string(fields.chat_type),
@@ -285,6 +294,15 @@ pub fn normalize_user(raw: &str, appkey: Option<&str>) -> String {
     without_prefix.to_owned()
 }
 
+/// The app key a roster callId carries: `{appkey}_{msg_id}` when it ends with `_` and the
+/// body's `msg_id`, and what is left looks like `org#app`.
+fn appkey_from_call_id(call_id: &str, msg_id: Option<&str>) -> Option<String> {
+    let msg_id = msg_id.filter(|id| !id.is_empty())?;
+    let appkey = call_id.strip_suffix(msg_id)?.strip_suffix('_')?;
+    let (org, app) = appkey.split_once('#')?;
+    (!org.is_empty() && !app.is_empty()).then(|| appkey.to_owned())
+}
+
 /// `easemob.com`, `im.example.cn`: at least one dot, not at either end, DNS characters only.
 fn looks_like_domain(s: &str) -> bool {
     s.contains('.')
@@ -361,6 +379,20 @@ mod tests {
                 dedup_key: r#"["demo-org#demo-app_1187654321098765432","chat","bob","add"]"#.into(),
             }
         );
+    }
+
+    #[test]
+    fn users_are_lower_cased_and_a_missing_appkey_is_read_from_the_call_id() {
+        let body = r#"{"callId":"demo-org#demo-app_9661","msg_id":"9661","timestamp":1,"security":"s",
+            "from":"demo-org#demo-app_Alice@easemob.com","to":"Bob","payload":{"operation":"add"}}"#;
+        let parsed = parse_str(body).expect("parses");
+        assert_eq!(parsed.from_user.as_deref(), Some("alice"), "prefix from the callId, then lower-cased");
+        assert_eq!(parsed.to_user.as_deref(), Some("bob"));
+        assert_eq!(parsed.appkey, None, "the stored appkey is what the body said");
+        assert!(parsed.dedup_key.contains("\"Bob\""), "the key keeps `to` as sent: {}", parsed.dedup_key);
+        // A callId that does not end with the msg_id names no app key: nothing is stripped.
+        let body = body.replace(r#""msg_id":"9661""#, r#""msg_id":"1234""#);
+        assert_eq!(parse_str(&body).expect("parses").from_user.as_deref(), Some("demo-org#demo-app_alice"));
     }
 
     #[test]
@@ -736,8 +768,12 @@ mod tests {
             prop_assert_eq!(&parsed.call_id, &call_id);
             prop_assert_eq!(parsed.timestamp_text, timestamp.to_string());
             prop_assert_eq!(&parsed.operation, &operation);
-            let expected_key = dedup_key(&call_id, None, parsed.to_user.as_deref(), parsed.operation.as_deref());
+            // The key takes `to` as it came (normalised, not lower-cased); the stored user is
+            // lower-cased.
+            let to_as_sent = to.as_deref().map(|to| normalize_user(to, None));
+            let expected_key = dedup_key(&call_id, None, to_as_sent.as_deref(), parsed.operation.as_deref());
             prop_assert_eq!(parsed.dedup_key, expected_key);
+            prop_assert_eq!(parsed.to_user, to_as_sent.map(|to| to.to_ascii_lowercase()));
         }
     }
 }

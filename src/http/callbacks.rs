@@ -150,8 +150,16 @@ enum Received {
     Quarantined,
 }
 
+/// Whether `--allow-from` (empty: any source) lets `peer` post callbacks. The address is taken
+/// canonical: on a dual-stack listener (`[::]`) an IPv4 sender shows as `::ffff:a.b.c.d`, which an
+/// IPv4 network of the list would never contain.
+fn source_allowed(allow_from: &[ipnet::IpNet], peer: SocketAddr) -> bool {
+    let source = peer.ip().to_canonical();
+    allow_from.is_empty() || allow_from.iter().any(|net| net.contains(&source))
+}
+
 async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, body: Body) -> Result<Received, ApiError> {
-    if !state.settings.allow_from.is_empty() && !state.settings.allow_from.iter().any(|net| net.contains(&peer.ip())) {
+    if !source_allowed(&state.settings.allow_from, peer) {
         tracing::warn!(%peer, "callback from a source outside --allow-from; answered 403");
         return Err(ApiError::Forbidden);
     }
@@ -212,8 +220,12 @@ pub fn verify_request(
 ) -> Result<(ParsedCallback, usize), Refusal> {
     match verifier.scheme() {
         Scheme::Easemob => {
-            let event = callback::parse(body, true).map_err(Refusal::Unparseable)?;
-            let security = event.security.as_deref().unwrap_or_default();
+            // A body without `security` (or with one that is not a string) is a callback that
+            // cannot be authenticated: answered like any failed signature (401, or quarantined),
+            // not as unreadable.
+            let event = callback::parse(body, false).map_err(Refusal::Unparseable)?;
+            let security =
+                event.security.as_deref().ok_or(Refusal::BadSignature(VerifyError::Malformed("security")))?;
             let index = verifier
                 .verify_easemob(&event.call_id, &event.timestamp_text, security)
                 .map_err(Refusal::BadSignature)?;
@@ -297,8 +309,9 @@ async fn list_callbacks(
     let filter = CallbackFilter {
         call_id: q.call_id,
         operation: q.operation,
-        from_user: q.from,
-        to_user: q.to,
+        // Stored lower-cased, like every user ID (see `callback::parse`).
+        from_user: q.from.map(|s| s.to_ascii_lowercase()),
+        to_user: q.to.map(|s| s.to_ascii_lowercase()),
         since_ms: parse_opt_time("since", q.since.as_deref())?,
         until_ms: parse_opt_time("until", q.until.as_deref())?,
         after_seq: parse_cursor(q.cursor.as_deref())?,
@@ -319,5 +332,22 @@ async fn get_callback(
     match state.store.get_callback(seq).await? {
         Some(detail) => Ok(Json(detail).into_response()),
         None => Err(ApiError::NotFound(format!("no callback with seq {seq}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn allow_from_matches_ipv4_senders_on_a_dual_stack_listener() {
+        let loopback: Vec<ipnet::IpNet> = vec!["127.0.0.0/8".parse().expect("cidr")];
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().expect("addr");
+        let plain: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
+        let outside: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().expect("addr");
+        assert!(source_allowed(&loopback, mapped), "::ffff:127.0.0.1 is 127.0.0.1");
+        assert!(source_allowed(&loopback, plain));
+        assert!(!source_allowed(&loopback, outside));
+        assert!(source_allowed(&[], outside), "no list: any source");
     }
 }

@@ -308,3 +308,38 @@ async fn allow_from_refuses_sources_outside_the_list() {
     assert_eq!(inside.post_callback(body).await.status(), 200);
     inside.stop().await;
 }
+
+#[tokio::test]
+async fn a_callback_without_a_signature_is_refused_like_a_bad_one_and_quarantined_in_that_mode() {
+    let unsigned = |msg_id: &str| {
+        let mut body: serde_json::Value =
+            serde_json::from_str(&roster_body(msg_id, "alice", "bob", "add", 1_700_000_000_000, SECRET)).unwrap();
+        body.as_object_mut().unwrap().remove("security");
+        body.to_string()
+    };
+    let app = TestApp::spawn(&[]).await;
+    let r = app.post_callback(unsigned("4401")).await;
+    assert_eq!(r.status(), 401, "it cannot be authenticated: not a 400 for an unreadable body");
+    let m = app.metrics().await;
+    assert_eq!(m.get(r#"friendhook_callbacks_received_total{result="rejected"}"#), Some(&1.0));
+    app.stop().await;
+
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine"]).await;
+    let r = app.post_callback(unsigned("4402")).await;
+    assert_eq!(r.status(), 200);
+    let ack: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(ack["status"], "quarantined");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn callback_users_are_stored_lower_cased_and_found_by_any_case() {
+    let app = TestApp::spawn(&[]).await;
+    let body = roster_body("4403", "Alice", "Bob", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let (_, list) = app.get_json("/v1/callbacks?to=BOB&from=alice").await;
+    let items = list["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "{list}");
+    assert_eq!((items[0]["from_user"].as_str(), items[0]["to_user"].as_str()), (Some("alice"), Some("bob")), "{list}");
+    app.stop().await;
+}
