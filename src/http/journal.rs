@@ -278,6 +278,9 @@ struct FeedQuery {
     until: Option<String>,
 }
 
+/// How often a waiting long-poll looks for records committed by another process.
+const FEED_RECHECK: Duration = Duration::from_secs(1);
+
 /// Longest long-poll a client may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
@@ -327,12 +330,19 @@ async fn get_feed(
     if page.count == 0 && !wait.is_zero() {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
-            match tokio::time::timeout_at(deadline, committed.changed()).await {
-                Ok(Ok(())) => {}
-                _ => break, // timed out, or the writer stopped
-            }
-            if *committed.borrow_and_update() <= resume_after {
-                continue;
+            // Woken by this service's commits, and at least every FEED_RECHECK: another process
+            // may commit to the same file (`quarantine reverify` promoting held requests), and
+            // its commits do not pass through this service's writer.
+            let wake_at = deadline.min(tokio::time::Instant::now() + FEED_RECHECK);
+            match tokio::time::timeout_at(wake_at, committed.changed()).await {
+                Ok(Ok(())) => {
+                    if *committed.borrow_and_update() <= resume_after {
+                        continue;
+                    }
+                }
+                Ok(Err(_)) => break, // the writer stopped
+                Err(_) if tokio::time::Instant::now() >= deadline => break,
+                Err(_) => {}
             }
             // Only what was committed since the last read is read again.
             page = state.store.feed_page(resume_after, limit, since, until).await?;

@@ -310,3 +310,25 @@ async fn a_held_request_edited_in_the_file_is_never_promoted() {
     assert_eq!(held["held"], 1, "{held}");
     assert_eq!(held["items"][0]["call_id"], "demo-org#demo-app_3102", "{held}");
 }
+
+#[tokio::test]
+async fn a_feed_long_poll_sees_events_promoted_by_reverify_beside_the_service() {
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine"]).await;
+    let body = roster_body("3201", "alice", "bob", "add", 1_700_000_000_123, ROTATED);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let client = app.client.clone();
+    let url = app.url("/v1/feed?after=0&wait=60s");
+    let long_poll = tokio::spawn(async move { client.get(url).send().await.unwrap().text().await.unwrap() });
+
+    // Another process commits the event; the service's own writer never sees it.
+    let out = reverify(&app.db_url, ROTATED, &[]).await;
+    assert!(out.contains("promoted as event seq 1"), "{out}");
+
+    let text = tokio::time::timeout(std::time::Duration::from_secs(20), long_poll)
+        .await
+        .expect("the long-poll answers well before its 60 s wait")
+        .unwrap();
+    let first: Value = serde_json::from_str(text.lines().next().expect("a record")).unwrap();
+    assert_eq!((first["seq"].as_i64(), first["id"].as_str()), (Some(1), Some("demo-org#demo-app_3201")));
+    app.stop().await;
+}
