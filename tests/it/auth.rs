@@ -1,7 +1,6 @@
 //! `--api-token`: the `/v1/...` endpoints need a bearer token; the callback endpoint, the probes
 //! and `/metrics` do not.
 
-use clap::Parser;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -72,9 +71,13 @@ async fn without_an_api_token_the_v1_endpoints_stay_open() {
 
 #[tokio::test]
 async fn an_empty_api_token_is_refused_at_start_rather_than_matching_an_empty_bearer() {
-    let parsed = friendhook::config::Cli::try_parse_from(["friendhook", "serve", "--api-token", "tok-1,"]);
-    let err = parsed.expect_err("refused");
-    assert!(err.to_string().contains("an empty item"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("empty-token.db").display());
+    for tokens in ["tok-1,", "tok-1, ,tok-2"] {
+        let args = serve_args(&db_url, &["--api-token", tokens]);
+        let err = friendhook::commands::serve::build(&args, friendhook::clock::system()).await.err().expect("refused");
+        assert!(err.to_string().contains("empty token"), "{tokens}: {err}");
+    }
 }
 
 #[tokio::test]
