@@ -186,6 +186,27 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     assert_eq!(rejected_row[column("upstream_error")], rejected["upstream_error"].as_str().unwrap());
 }
 
+/// Runs `sqlite3` on the file: the tests' stand-in for someone with write access to it.
+fn sqlite(db_path: &std::path::Path, sql: &str) {
+    let out = std::process::Command::new("sqlite3")
+        .arg(db_path)
+        .arg(sql)
+        .output()
+        .expect("sqlite3 is installed (.ci/run installs it)");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `friendhook audit verify --database-url db_url extra...`: exit code, stdout, stderr.
+fn audit_verify(db_url: &str, extra: &[&str]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new(bin())
+        .args(["audit", "verify", "--database-url", db_url])
+        .args(extra)
+        .output()
+        .unwrap();
+    let text = |bytes: &[u8]| String::from_utf8_lossy(bytes).into_owned();
+    (out.status.code(), text(&out.stdout), text(&out.stderr))
+}
+
 #[tokio::test]
 async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     let app = TestApp::spawn(&[]).await;
@@ -200,21 +221,15 @@ async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;
 
-    let ok = std::process::Command::new(bin()).args(["audit", "verify", "--database-url", &db_url]).output().unwrap();
-    assert!(ok.status.success(), "{}", String::from_utf8_lossy(&ok.stdout));
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("intact: 5 records"));
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("intact: 5 records"));
 
     // An attacker with file access: drop the append-only trigger and rewrite a stored event.
-    let edit = std::process::Command::new("sqlite3")
-        .arg(&db_path)
-        .arg("DROP TRIGGER callbacks_immutable; UPDATE callbacks SET to_user = 'mallory' WHERE seq = 3;")
-        .output()
-        .expect("sqlite3 is installed (.ci/run installs it)");
-    assert!(edit.status.success(), "{}", String::from_utf8_lossy(&edit.stderr));
+    sqlite(&db_path, "DROP TRIGGER callbacks_immutable; UPDATE callbacks SET to_user = 'mallory' WHERE seq = 3;");
 
-    let bad = std::process::Command::new(bin()).args(["audit", "verify", "--database-url", &db_url]).output().unwrap();
-    assert_eq!(bad.status.code(), Some(1));
-    let out = String::from_utf8_lossy(&bad.stdout);
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1));
     assert!(out.contains("seq 3"), "names the first bad record: {out}");
 }
 
@@ -228,27 +243,20 @@ async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
     let db_path = app.db_path.clone();
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;
-    let sql = |s: &str| {
-        let o = std::process::Command::new("sqlite3").arg(&db_path).arg(s).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
+    let sql = |statements: &str| sqlite(&db_path, statements);
     sql(
         "DROP TRIGGER callbacks_immutable; UPDATE callbacks SET raw_body = replace(raw_body, 'u1', 'zz') WHERE seq = 2;",
     );
-    let out = std::process::Command::new(bin()).args(["audit", "verify", "--database-url", &db_url]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stdout).contains("seq 2"));
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("seq 2"));
 
     sql(
         "UPDATE callbacks SET raw_body = replace(raw_body, 'zz', 'u1') WHERE seq = 2; DROP TRIGGER callbacks_no_delete; DROP TRIGGER callback_deliveries_no_delete; DELETE FROM callback_deliveries WHERE callback_id = (SELECT id FROM callbacks WHERE seq = 3); DELETE FROM callbacks WHERE seq = 3;",
     );
-    let out = std::process::Command::new(bin()).args(["audit", "verify", "--database-url", &db_url]).output().unwrap();
-    assert_eq!(out.status.code(), Some(1));
-    assert!(
-        String::from_utf8_lossy(&out.stdout).contains("seq 3 is missing"),
-        "{}",
-        String::from_utf8_lossy(&out.stdout)
-    );
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("seq 3 is missing"), "{out}");
 }
 
 #[tokio::test]
@@ -261,14 +269,10 @@ async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable()
     let db_path = app.db_path.clone();
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;
-    let sql = |s: &str| {
-        let o = std::process::Command::new("sqlite3").arg(&db_path).arg(s).output().unwrap();
-        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    };
+    let sql = |statements: &str| sqlite(&db_path, statements);
     let verify = || {
-        let out =
-            std::process::Command::new(bin()).args(["audit", "verify", "--database-url", &db_url]).output().unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned())
+        let (code, out, _) = audit_verify(&db_url, &[]);
+        (code, out)
     };
 
     // No trigger stands in the way of an INSERT: a forged event with seq 0 (reconciliation and
@@ -307,13 +311,8 @@ async fn audit_verify_checks_a_head_published_earlier_and_exits_2_when_it_cannot
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;
     let verify = |extra: &[&str]| {
-        let out = std::process::Command::new(bin())
-            .args(["audit", "verify", "--database-url", &db_url])
-            .args(extra)
-            .output()
-            .unwrap();
-        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        (out.status.code(), text)
+        let (code, out, err) = audit_verify(&db_url, extra);
+        (code, format!("{out}{err}"))
     };
 
     let (code, out) = verify(&["--expect-head", &published]);
@@ -335,12 +334,9 @@ async fn audit_verify_checks_a_head_published_earlier_and_exits_2_when_it_cannot
     let (code, out) = verify(&["--expect-head", &format!("{published}junk")]);
     assert_eq!(code, Some(2), "a malformed head is a usage error: {out}");
 
-    let missing = std::process::Command::new(bin())
-        .args(["audit", "verify", "--database-url", "sqlite:///nonexistent/friendhook.db"])
-        .output()
-        .unwrap();
-    assert_eq!(missing.status.code(), Some(2), "{}", String::from_utf8_lossy(&missing.stderr));
-    assert!(String::from_utf8_lossy(&missing.stderr).contains("could not be checked"));
+    let (code, _, err) = audit_verify("sqlite:///nonexistent/friendhook.db", &[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("could not be checked"), "{err}");
 }
 
 #[tokio::test]
