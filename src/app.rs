@@ -11,7 +11,7 @@ use axum::extract::{ConnectInfo, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use tokio::net::TcpListener;
 use tower::ServiceExt;
 use tower_http::catch_panic::CatchPanicLayer;
@@ -19,6 +19,7 @@ use tower_http::trace::{DefaultOnFailure, TraceLayer};
 
 use crate::clock::SharedClock;
 use crate::config::OnBadSignature;
+use crate::connection::{ConnectionClock, Overstayed, TimedIo, TrackedBody};
 use crate::error::error_response;
 use crate::metrics::{LogThrottle, Metrics};
 use crate::secret::Secret;
@@ -96,8 +97,11 @@ pub type SharedState = Arc<AppState>;
 pub struct ServerLimits {
     /// Most requests handled at once (more wait).
     pub max_in_flight: usize,
-    /// Headers must arrive within this time.
+    /// Headers must arrive within this time (from the connection's opening or the request's
+    /// first byte).
     pub header_timeout: Duration,
+    /// A kept-alive connection is closed after this long without a request.
+    pub idle_timeout: Duration,
     /// Whole request (body read and handling) deadline.
     pub request_timeout: Duration,
     /// Deadline of the trigger endpoints (`/v1/friends...`), which wait for Easemob.
@@ -111,6 +115,7 @@ impl Default for ServerLimits {
         Self {
             max_in_flight: 4096,
             header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(75),
             request_timeout: Duration::from_secs(10),
             trigger_timeout: Duration::from_secs(300),
             shutdown_grace: Duration::from_secs(10),
@@ -283,8 +288,9 @@ struct Deadlines {
 /// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
 /// requests finish for up to `limits.shutdown_grace`, and returns.
 ///
-/// hyper's connection builder is used directly (rather than `axum::serve`) for the header read
-/// timeout, which cuts off clients that trickle their headers (slow loris).
+/// hyper's connection builder is used directly (rather than `axum::serve`) for the per-connection
+/// timeouts of [`crate::connection`]: clients that trickle their headers (slow loris) are cut off
+/// after `limits.header_timeout`, kept-alive connections idle for `limits.idle_timeout`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
@@ -294,7 +300,9 @@ pub async fn serve(
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
     let mut http = hyper::server::conn::http1::Builder::new();
-    http.timer(TokioTimer::new()).header_read_timeout(limits.header_timeout).keep_alive(true);
+    // hyper's own header timeout also runs while a kept-alive connection is idle; it is replaced
+    // by the connection clock below, which tells the two apart.
+    http.header_read_timeout(None).keep_alive(true);
     tokio::pin!(shutdown);
     loop {
         let (stream, peer) = tokio::select! {
@@ -311,18 +319,34 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
-        let service = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
-            req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
-            let router = router.clone();
-            async move { Ok::<_, Infallible>(router.oneshot(req.map(axum::body::Body::new)).await.into_response()) }
+        let clock = ConnectionClock::new(limits.header_timeout, limits.idle_timeout);
+        let service = hyper::service::service_fn({
+            let clock = clock.clone();
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                clock.request_started();
+                req.extensions_mut().insert(ConnectInfo::<SocketAddr>(peer));
+                let router = router.clone();
+                let clock = clock.clone();
+                async move {
+                    let response = router.oneshot(req.map(axum::body::Body::new)).await.into_response();
+                    Ok::<_, Infallible>(response.map(|body| TrackedBody::new(body, clock)))
+                }
+            }
         });
-        let conn = http.serve_connection(TokioIo::new(stream), service);
+        let conn = http.serve_connection(TokioIo::new(TimedIo::new(stream, clock.clone())), service);
         let conn = graceful.watch(conn);
         // Reap finished connections, so the set holds only live ones.
         while connections.try_join_next().is_some() {}
         connections.spawn(async move {
-            if let Err(err) = conn.await {
-                tracing::debug!(%peer, error = %err, "connection ended with an error");
+            tokio::select! {
+                ended = conn => if let Err(err) = ended {
+                    tracing::debug!(%peer, error = %err, "connection ended with an error");
+                },
+                overstayed = clock.overstayed() => match overstayed {
+                    // Dropping the connection closes it, as hyper's own timeout did.
+                    Overstayed::Headers => tracing::debug!(%peer, "closing a connection whose request headers did not arrive within --header-timeout"),
+                    Overstayed::Idle => tracing::debug!(%peer, "closing a kept-alive connection idle for --idle-timeout"),
+                },
             }
         });
     }

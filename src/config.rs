@@ -144,10 +144,18 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_MAX_IN_FLIGHT", default_value_t = 4096)]
     pub max_in_flight: usize,
 
-    /// A client must send its request headers within this time, or the connection is closed
-    /// (slow-loris protection).
+    /// A client must send a request's headers within this time, counted from the connection's
+    /// opening or, on a kept-alive connection, from the request's first byte; otherwise the
+    /// connection is closed (slow-loris protection).
     #[arg(long, env = "FRIENDHOOK_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
     pub header_timeout: Duration,
+
+    /// A kept-alive connection with no request for this long is closed. Keep it longer than the
+    /// idle time of your clients' connection pools (Easemob's server SDKs: 10 s), so that the
+    /// client, not the service, closes an idle connection: a request sent on a connection just as
+    /// the service closes it is lost to the client.
+    #[arg(long, env = "FRIENDHOOK_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    pub idle_timeout: Duration,
 
     /// A request (body read and handling) must finish within this time, or it is answered 408.
     /// Reconciliation reports run one at a time; one waits up to half of this for its turn, then

@@ -3,6 +3,7 @@
 //! Crate map (data flows top to bottom on the receive path):
 //! - [`config`]: command line and environment (clap); secrets redacted.
 //! - [`app`]: application state, router assembly, the HTTP server and its shutdown.
+//! - [`connection`]: per-connection timeouts (headers vs. idle keep-alive).
 //! - [`http`]: one module per resource; handlers translate HTTP to store and domain calls.
 //! - [`error`]: the one API error type, rendered as `{"code": "...", "detail": "..."}`.
 //! - [`signature`]: pure signature verification (Easemob md5, standard-webhooks HMAC).
@@ -23,6 +24,7 @@ pub mod callback;
 pub mod clock;
 pub mod commands;
 pub mod config;
+pub mod connection;
 pub mod easemob;
 pub mod error;
 pub mod http;

@@ -425,9 +425,10 @@ impl CommitDelta {
 
 impl Phases {
     fn new(addr: SocketAddr, pid: u32) -> Self {
-        // A new connection for each scrape: the service closes a connection that has been idle
-        // for --header-timeout (5 s), about the length of a phase, and a pooled one reused just
-        // as it closed failed the scrape and left that phase out of the group-commit table.
+        // A new connection for each scrape: the scrapes are a phase apart, and a pooled
+        // connection the service had just closed for idleness (`--idle-timeout`, shorter than a
+        // phase if set so) would fail the scrape and leave that phase out of the group-commit
+        // table.
         let http = reqwest::Client::builder().pool_max_idle_per_host(0).build().unwrap_or_default();
         Self { addr, pid, http, cpu_rows: Vec::new(), commit_rows: Vec::new() }
     }

@@ -257,6 +257,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let limits = ServerLimits {
         max_in_flight: args.max_in_flight.max(1),
         header_timeout: args.header_timeout,
+        idle_timeout: args.idle_timeout,
         request_timeout: args.request_timeout,
         trigger_timeout: args.trigger_timeout,
         shutdown_grace: args.shutdown_grace,

@@ -416,6 +416,41 @@ async fn slow_loris_connections_are_closed_by_the_header_timeout_while_others_ar
 }
 
 #[tokio::test]
+async fn a_kept_alive_connection_outlives_the_header_timeout_while_idle_but_not_the_idle_timeout() {
+    // Arrange: a header timeout far shorter than the idle timeout.
+    let app = TestApp::spawn(&["--header-timeout", "1s", "--idle-timeout", "60s"]).await;
+    let short_idle = TestApp::spawn(&["--header-timeout", "1s", "--idle-timeout", "2s"]).await;
+    let get = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    // Act: one request, then idle for twice the header timeout (the wait is what is tested: any
+    // wait between 1 s and 60 s must give the same answer), then a second request on the same
+    // connection; then the first bytes of a third request whose headers never finish.
+    let (mut reader, mut writer) = TcpStream::connect(app.addr).await.expect("connect").into_split();
+    writer.write_all(get).await.expect("write");
+    let first = read_response(&mut reader).await.0;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    writer.write_all(get).await.expect("write after idling");
+    let second = tokio::time::timeout(CLOSED_WITHIN, read_response(&mut reader)).await;
+    writer.write_all(b"GET /heal").await.expect("write");
+    let trickle_closed = wait_closed(reader, CLOSED_WITHIN).await;
+
+    let (mut idle_reader, mut idle_writer) = TcpStream::connect(short_idle.addr).await.expect("connect").into_split();
+    idle_writer.write_all(get).await.expect("write");
+    let idle_first = read_response(&mut idle_reader).await.0;
+    let idle_closed = wait_closed(idle_reader, CLOSED_WITHIN).await;
+
+    // Assert
+    assert_eq!(first, 200);
+    assert_eq!(second.expect("the kept-alive connection answered").0, 200);
+    assert!(trickle_closed.is_ok(), "unfinished headers on a kept-alive connection were not cut");
+    assert_eq!(idle_first, 200);
+    let idle_for = idle_closed.expect("an idle connection is closed after --idle-timeout");
+    assert!(idle_for >= Duration::from_millis(1500), "closed after {idle_for:?}, before the idle timeout");
+    app.stop().await;
+    short_idle.stop().await;
+}
+
+#[tokio::test]
 async fn a_body_trickler_gets_a_json_408_from_the_request_timeout() {
     // Arrange
     let app = TestApp::spawn(&["--request-timeout", "1s", "--sqlite-busy-timeout", "500ms"]).await;
