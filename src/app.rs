@@ -39,6 +39,10 @@ pub struct Settings {
     pub match_skew_ms: i64,
     /// Reconciliation window (ms).
     pub match_window_ms: i64,
+    /// Longest a callback waits for its commit before it is answered 503 with `Retry-After`:
+    /// shorter than the request deadline, so that a database locked by another process gets the
+    /// answer that asks Easemob to retry, not a 408.
+    pub commit_timeout: Duration,
 }
 
 impl Default for Settings {
@@ -49,6 +53,7 @@ impl Default for Settings {
             allow_from: Vec::new(),
             match_skew_ms: 5_000,
             match_window_ms: 300_000,
+            commit_timeout: commit_timeout(ServerLimits::default().request_timeout),
         }
     }
 }
@@ -68,6 +73,8 @@ pub struct AppState {
     pub metrics: Metrics,
     /// Throttles the log line of callbacks answered 503 because the write queue is full.
     pub overloads: LogThrottle,
+    /// Throttles the log line of callbacks answered 503 because their commit ran out of time.
+    pub commit_timeouts: LogThrottle,
     /// The Easemob client for the trigger API (the sandbox's, in sandbox mode).
     pub easemob: Option<crate::easemob::EasemobClient>,
     /// The trailing window's reconciliation for `/metrics` (`None`: turned off).
@@ -87,6 +94,12 @@ impl AppState {
             now_ms: self.clock.now_ms(),
         }
     }
+}
+
+/// The commit wait of a callback under a request deadline of `request_timeout`: a tenth less
+/// (at most a second less), leaving the time to answer.
+pub fn commit_timeout(request_timeout: Duration) -> Duration {
+    request_timeout - (request_timeout / 10).min(Duration::from_secs(1))
 }
 
 /// State as the router holds it.

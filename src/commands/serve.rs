@@ -228,6 +228,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         allow_from: args.allow_from.clone(),
         match_skew_ms: args.match_skew.as_millis() as i64,
         match_window_ms: args.match_window.as_millis() as i64,
+        commit_timeout: app::commit_timeout(args.request_timeout),
     };
     let receiver_addr = listener.local_addr()?;
     let (easemob, sandbox) = match upstream {
@@ -249,6 +250,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         metrics,
         easemob,
         overloads: LogThrottle::new(10_000),
+        commit_timeouts: LogThrottle::new(10_000),
         trailing,
         write_probe: Default::default(),
         // Half the request deadline: a report that starts later would risk running into it.

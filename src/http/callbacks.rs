@@ -159,6 +159,7 @@ fn source_allowed(allow_from: &[ipnet::IpNet], peer: SocketAddr) -> bool {
 }
 
 async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, body: Body) -> Result<Received, ApiError> {
+    let commit_deadline = tokio::time::Instant::now() + state.settings.commit_timeout;
     if !source_allowed(&state.settings.allow_from, peer) {
         tracing::warn!(%peer, "callback from a source outside --allow-from; answered 403");
         return Err(ApiError::Forbidden);
@@ -179,19 +180,38 @@ async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, bod
     // The body parsed as JSON, so it is valid UTF-8; the fallback is unreachable in practice.
     let raw_body = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::bad_request("invalid_json", "body is not valid UTF-8"))?;
-    let ack = state
-        .store
-        .insert_callback(NewCallback {
-            body_sha256: chain::sha256_hex(raw_body.as_bytes()),
-            raw_body,
-            received_at_ms,
-            remote_addr: Some(peer.to_string()),
-            scheme: verifier.scheme().as_str(),
-            secret_index: secret_index as i64,
-            event,
-        })
-        .await
-        .map_err(|err| refused_by_store(state, err))?;
+    let insert = state.store.insert_callback(NewCallback {
+        body_sha256: chain::sha256_hex(raw_body.as_bytes()),
+        raw_body,
+        received_at_ms,
+        remote_addr: Some(peer.to_string()),
+        scheme: verifier.scheme().as_str(),
+        secret_index: secret_index as i64,
+        event,
+    });
+    // Behind a batch that waits on a lock held by another process, a callback can wait for two
+    // busy timeouts, past the request deadline: it is answered 503 before that, so that Easemob
+    // retries. Its row may still commit later; the retry is then answered as a duplicate.
+    let ack = match tokio::time::timeout_at(commit_deadline, insert).await {
+        Ok(stored) => stored.map_err(|err| refused_by_store(state, err))?,
+        Err(_) => {
+            if let Some(n) = state.commit_timeouts.hit(state.clock.now_ms()) {
+                tracing::warn!(
+                    answered_503_since_last_line = n,
+                    waited = ?state.settings.commit_timeout,
+                    "callbacks' commits did not finish in time: answered 503 (they may still commit; Easemob's retry is \
+                     then a duplicate). Is another process holding the database's write lock?"
+                );
+            }
+            return Err(ApiError::Unavailable {
+                code: "storage_unavailable",
+                detail: "the database did not commit in time; retry shortly (if it commits meanwhile, the retry is \
+                         answered as a duplicate)"
+                    .into(),
+                retry_after_secs: 1,
+            });
+        }
+    };
     Ok(Received::Stored(ack))
 }
 

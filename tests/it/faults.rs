@@ -48,6 +48,44 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
     app.stop().await;
 }
 
+/// A callback queued behind a batch that waits on the lock waits for two busy timeouts, longer
+/// than the request deadline: it must still get the 503 that asks Easemob to retry, never a 408.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn callbacks_queued_behind_a_locked_batch_get_503_before_the_request_deadline() {
+    let app = TestApp::spawn(&["--sqlite-busy-timeout", "1s", "--request-timeout", "1500ms"]).await;
+    let lock = WriteLock::take(&app.db_path).await;
+
+    // One callback takes the writer into a wait on the lock; the next ones queue behind it.
+    let mut sent = tokio::task::JoinSet::new();
+    for n in 0..6 {
+        let body = roster_body(&format!("31000{n}"), "alice", &format!("f{n}"), "add", 1_700_000_000_000 + n, SECRET);
+        let client = app.client.clone();
+        let url = format!("{}/callbacks/easemob", app.base);
+        sent.spawn(async move {
+            let r = client.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+            let retry_after = r.headers().contains_key("retry-after");
+            (r.status().as_u16(), retry_after, r.json::<Value>().await.unwrap())
+        });
+        if n == 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+    let mut answers = Vec::new();
+    while let Some(joined) = sent.join_next().await {
+        answers.push(joined.unwrap());
+    }
+    lock.release().await;
+
+    for (status, retry_after, body) in &answers {
+        assert_eq!(*status, 503, "{body}");
+        assert!(retry_after, "503 without Retry-After: {body}");
+        assert_eq!(body["code"], "storage_unavailable", "{body}");
+    }
+    let m = app.metrics().await;
+    assert_eq!(m.get("friendhook_callbacks_received_total{result=\"timed_out\"}").copied().unwrap_or(0.0), 0.0);
+    app.stop().await;
+}
+
 /// SQLite's write lock on a database, held by another process (the `sqlite3` shell) until
 /// released.
 struct WriteLock {
