@@ -304,7 +304,13 @@ async fn trigger(
     let key = idempotency_key(&headers)?;
     let client = client(&state)?;
     let new = NewCall { op, owner, friend, idempotency_key: key };
-    let (record, replayed) = execute(state.clone(), client, new.clone()).await.map_err(|f| f.error)?;
+    // In a task of its own, from the intent on: a client that disconnects while the intent is
+    // being written would otherwise drop this future after the writer committed the intent,
+    // leaving a call that was never sent in flight (and its Idempotency-Key answering 409).
+    let (record, replayed) = tokio::spawn(execute(state.clone(), client, new.clone()))
+        .await
+        .map_err(ApiError::internal)?
+        .map_err(|f| f.error)?;
     if replayed {
         if record.op != new.op || record.owner != new.owner || record.friend != new.friend {
             return Err(ApiError::Unprocessable {

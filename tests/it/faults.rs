@@ -146,6 +146,47 @@ async fn a_batch_that_could_record_nothing_is_answered_503_and_sent_nowhere() {
     app.stop().await;
 }
 
+/// A client that gives up while its call's intent waits on the lock must not leave the call in
+/// flight, unsent: the call goes on without it and gets its outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_while_the_intent_is_written_leaves_a_call_that_still_runs() {
+    let app = TestApp::spawn(&["--sqlite-busy-timeout", "5s"]).await;
+    app.register(&["alice", "bob"]).await;
+    let lock = WriteLock::take(&app.db_path).await;
+    let impatient = reqwest::Client::builder().timeout(std::time::Duration::from_millis(300)).build().unwrap();
+    let gave_up = impatient
+        .post(format!("{}/v1/friends", app.base))
+        .header("idempotency-key", "gave-up-1")
+        .json(&serde_json::json!({"owner": "alice", "friend": "bob"}))
+        .send()
+        .await;
+    assert!(gave_up.is_err(), "the client was meant to give up while the database was locked: {gave_up:?}");
+    lock.release().await;
+
+    // The call was sent and its outcome recorded; the key replays it.
+    let mut outcome = Value::Null;
+    for _ in 0..100 {
+        let (_, calls) = app.get_json("/v1/calls").await;
+        outcome = calls["items"][0]["outcome"].clone();
+        if outcome != "in_flight" && !outcome.is_null() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(outcome, "succeeded");
+    let replay = app
+        .client
+        .post(format!("{}/v1/friends", app.base))
+        .header("idempotency-key", "gave-up-1")
+        .json(&serde_json::json!({"owner": "alice", "friend": "bob"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers().get("idempotent-replayed").map(|v| v.to_str().unwrap()), Some("true"));
+    app.stop().await;
+}
+
 /// A small tmpfs of our own, so that "disk full" and "read-only" are real file-system states.
 /// Needs root (CI runs as root); elsewhere the tests say so and stop.
 struct SmallDisk {
