@@ -5,18 +5,22 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use clap::{Args, Parser};
+use anyhow::{Context, anyhow, bail};
+use clap::{Args, CommandFactory, FromArgMatches};
 use rand::{Rng, SeedableRng};
 use serde_json::{Value, json};
 
-use crate::config::{Cli, Command};
+use crate::config::{Cli, ServeArgs};
 use crate::easemob::{ClientConfig, EasemobClient, NewUser};
 use crate::secret::Secret;
+use crate::store::Replaceable;
 
 /// `friendhook demo` options.
 #[derive(Debug, Args)]
 pub struct DemoArgs {
-    /// Database for the demo (recreated on every run).
+    /// Database for the demo, deleted and created afresh on every run. Refused (nothing deleted)
+    /// if it is not a friendhook database or a service holds it; give the demo a file of its
+    /// own, not a service's database. The demo ignores the FRIENDHOOK_* variables of `serve`.
     #[arg(long, default_value = "friendhook-demo.db")]
     pub database: std::path::PathBuf,
     /// Friend additions to trigger.
@@ -48,12 +52,24 @@ const DEMO_MATCH_WINDOW: &str = "1s";
 
 /// Runs the demo.
 pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
+    let db_url = format!("sqlite://{}", args.database.display());
+    // Everything that can refuse runs before the old demo database is deleted.
+    match crate::store::check_replaceable(&db_url).await? {
+        Replaceable::Nothing | Replaceable::FriendhookDatabase => {}
+        Replaceable::Foreign => bail!(
+            "{} exists and is not a friendhook database; the demo recreates its database on every run, so give \
+             it a file of its own with --database. Nothing was changed",
+            args.database.display()
+        ),
+    }
+    std::net::TcpListener::bind(&args.listen).with_context(|| {
+        format!("cannot listen on {} (--listen); is something else using it? Nothing was changed", args.listen)
+    })?;
     for suffix in ["", "-wal", "-shm"] {
         let mut p = args.database.clone().into_os_string();
         p.push(suffix);
         let _ = std::fs::remove_file(p);
     }
-    let db_url = format!("sqlite://{}", args.database.display());
     let drop_rate = args.drop_rate.to_string();
     let friend_limit = args.friend_limit.to_string();
     let seed = args.seed.to_string();
@@ -79,7 +95,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--match-window",
         DEMO_MATCH_WINDOW,
     ];
-    let Command::Serve(serve_args) = Cli::try_parse_from(argv)?.command else { unreachable!("serve args") };
+    // Only these arguments and the defaults: the environment of a shell set up for a real
+    // service (FRIENDHOOK_API_TOKEN, FRIENDHOOK_ALLOW_FROM, ...) would make the demo's own
+    // requests fail.
+    let serve_command = Cli::command()
+        .find_subcommand("serve")
+        .cloned()
+        .ok_or_else(|| anyhow!("the serve command is missing"))?
+        .mut_args(|arg| arg.env(None));
+    let serve_args = ServeArgs::from_arg_matches(&serve_command.try_get_matches_from(&argv[1..])?)?;
     let service = crate::commands::serve::build(&serve_args, crate::clock::system()).await?;
     let crate::commands::serve::Service { listener, router, limits, state, sandbox } = service;
     let sandbox = sandbox.ok_or_else(|| anyhow::anyhow!("demo needs sandbox mode"))?;
@@ -138,8 +162,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let mut outcomes: BTreeMap<String, usize> = BTreeMap::new();
     let mut done = 0;
     for chunk in pairs.chunks(50) {
-        let resp: Value =
-            http.post(format!("{base}/v1/friends/batch")).json(&json!({"pairs": chunk})).send().await?.json().await?;
+        let resp = answer(http.post(format!("{base}/v1/friends/batch")).json(&json!({"pairs": chunk})).send().await?)
+            .await
+            .context("triggering a batch of friend additions")?;
         for r in resp["results"].as_array().cloned().unwrap_or_default() {
             let key = match r["upstream_error"].as_str() {
                 Some(e) => format!("{} ({e})", r["outcome"].as_str().unwrap_or("?")),
@@ -166,7 +191,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         stats.callbacks_dropped,
         state.store.count_callbacks().await?
     );
-    let report: Value = http.get(format!("{base}/v1/reconciliation?limit=1000")).send().await?.json().await?;
+    let report = answer(http.get(format!("{base}/v1/reconciliation?limit=1000")).send().await?)
+        .await
+        .context("reading the reconciliation")?;
     let mut attention = report.clone();
     if let Some(items) = attention["items"].as_array_mut() {
         items.retain(|i| matches!(i["status"].as_str(), Some("missing" | "unexpected" | "orphan")));
@@ -191,4 +218,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     drop(state);
     store.close().await;
     Ok(())
+}
+
+/// The JSON of a successful answer from the demo's own service; any other answer is an error
+/// that names its status and body.
+async fn answer(resp: reqwest::Response) -> anyhow::Result<Value> {
+    let status = resp.status();
+    let body = resp.text().await?;
+    if !status.is_success() {
+        bail!("the demo's service answered {status}: {body}");
+    }
+    Ok(serde_json::from_str(&body)?)
 }

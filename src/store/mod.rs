@@ -416,6 +416,49 @@ fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<s
     }
 }
 
+/// What a database file that is about to be recreated (the demo's) holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replaceable {
+    /// No file, or an empty one.
+    Nothing,
+    /// A friendhook database that no service holds.
+    FriendhookDatabase,
+    /// Something else: not SQLite, or SQLite without friendhook's tables. Not to be deleted.
+    Foreign,
+}
+
+/// Looks at the database at `database_url` before it is deleted and created afresh: fails with
+/// [`StoreError::InUse`] if a service holds it, and says whether it is friendhook's to delete.
+pub async fn check_replaceable(database_url: &str) -> Result<Replaceable, StoreError> {
+    let options = SqliteConnectOptions::from_str(database_url)?;
+    let path = options.get_filename().to_path_buf();
+    let len = match std::fs::metadata(&path) {
+        Ok(meta) => meta.len(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Replaceable::Nothing),
+        Err(e) => return Err(StoreError::Write(format!("cannot look at {}: {e}", path.display()))),
+    };
+    if len == 0 {
+        return Ok(Replaceable::Nothing);
+    }
+    let mut magic = [0u8; 16];
+    let is_sqlite = std::fs::File::open(&path)
+        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
+        .is_ok_and(|()| &magic == b"SQLite format 3\0");
+    if !is_sqlite {
+        return Ok(Replaceable::Foreign);
+    }
+    // Released at once: the caller deletes the file and then opens it as a service, which locks.
+    drop(lock_instance(database_url, &options)?);
+    let mut conn = options.read_only(true).connect().await?;
+    let tables: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('callbacks', 'calls', '_sqlx_migrations')",
+    )
+    .fetch_one(&mut conn)
+    .await?;
+    let _ = conn.close().await;
+    Ok(if tables == 3 { Replaceable::FriendhookDatabase } else { Replaceable::Foreign })
+}
+
 impl Store {
     /// Opens (creating if missing) the database, applies migrations, closes calls interrupted by
     /// a previous crash as `unknown` (unless `recover_interrupted_calls` is off), and starts the

@@ -78,3 +78,49 @@ fn sandbox_fault_flags_are_checked_when_parsed_and_named() {
         assert!(err.to_string().contains(flag), "{err}");
     }
 }
+
+fn demo(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .arg("demo")
+        .args(args)
+        .envs(env.iter().copied())
+        .current_dir(dir)
+        .output()
+        .expect("run friendhook demo")
+}
+
+#[tokio::test]
+async fn the_demo_never_deletes_a_file_that_is_not_its_own_or_a_database_in_use() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("notes.txt"), "keep me").unwrap();
+    let out = demo(dir.path(), &["--database", "notes.txt"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a friendhook database"), "{out:?}");
+    assert_eq!(std::fs::read_to_string(dir.path().join("notes.txt")).unwrap(), "keep me");
+
+    let db = dir.path().join("live.db");
+    let service = TestApp::spawn_on(&db, &[]).await;
+    assert_eq!(service.post_callback(roster_body("500001", "alice", "bob", "add", 1, SECRET)).await.status(), 200);
+    let out = demo(dir.path(), &["--database", "live.db"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another friendhook service"), "{out:?}");
+    let (_, list) = service.get_json("/v1/callbacks").await;
+    assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "the service's data is still there: {list}");
+    service.stop().await;
+}
+
+#[tokio::test]
+async fn the_demo_runs_end_to_end_whatever_the_shell_sets_for_a_real_service() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = demo(
+        dir.path(),
+        &["--adds", "30", "--users", "12"],
+        &[("FRIENDHOOK_API_TOKEN", "tok1"), ("FRIENDHOOK_ALLOW_FROM", "10.0.0.0/8")],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    let summary = stdout.lines().find(|l| l.starts_with("matched ")).expect("a reconciliation summary");
+    let matched: u32 = summary.split_whitespace().nth(1).and_then(|n| n.parse().ok()).expect("matched count");
+    assert!(matched > 0, "{stdout}");
+    assert!(dir.path().join("friendhook-demo.db").exists());
+}
