@@ -167,10 +167,18 @@ pub fn parse(body: &[u8], require_security: bool) -> Result<ParsedCallback, Pars
     // Without an `appkey` field, a roster callId (`{appkey}_{msg_id}`) still names it.
     let users_appkey = appkey.clone().or_else(|| appkey_from_call_id(&call_id, msg_id.as_deref()));
     let from_user = lenient_string(fields.from).map(|from| normalize_user(&from, users_appkey.as_deref()));
-    let to_user = lenient_string(fields.to).map(|to| normalize_user(&to, users_appkey.as_deref()));
-    // From `to` as it came, so that the keys of events stored before user IDs were lower-cased
-    // still match their re-deliveries.
-    let dedup_key = dedup_key(&call_id, event_type.as_deref(), to_user.as_deref(), operation.as_deref());
+    let to = lenient_string(fields.to);
+    let to_user = to.as_deref().map(|to| normalize_user(to, users_appkey.as_deref()));
+    // From `to` as it came, its prefix cut with the `appkey` field only (not with one taken from
+    // the callId), so that the keys of events stored by earlier releases still match their
+    // re-deliveries.
+    let to_keyed_apart = if appkey.is_none() && users_appkey.is_some() {
+        to.as_deref().map(|to| normalize_user(to, None))
+    } else {
+        None
+    };
+    let to_as_keyed = to_keyed_apart.as_deref().or(to_user.as_deref());
+    let dedup_key = dedup_key(&call_id, event_type.as_deref(), to_as_keyed, operation.as_deref());
     // Easemob stores user IDs lower-case, and the trigger API lower-cases them: so are they here,
     // or a call for alice/bob and a callback for Bob would never meet.
     let from_user = from_user.map(|user| user.to_ascii_lowercase());
@@ -390,6 +398,14 @@ mod tests {
         assert_eq!(parsed.to_user.as_deref(), Some("bob"));
         assert_eq!(parsed.appkey, None, "the stored appkey is what the body said");
         assert!(parsed.dedup_key.contains("\"Bob\""), "the key keeps `to` as sent: {}", parsed.dedup_key);
+        // A prefixed `to` is stored without the prefix taken from the callId, but keyed as earlier
+        // releases keyed it (they knew the prefix from an `appkey` field only).
+        let prefixed = body.replace(r#""to":"Bob""#, r#""to":"demo-org#demo-app_Bob@easemob.com""#);
+        let parsed = parse_str(&prefixed).expect("parses");
+        assert_eq!(parsed.to_user.as_deref(), Some("bob"));
+        assert!(parsed.dedup_key.contains("\"demo-org#demo-app_Bob\""), "{}", parsed.dedup_key);
+        let with_appkey = prefixed.replace(r#""timestamp":1"#, r#""timestamp":1,"appkey":"demo-org#demo-app""#);
+        assert!(parse_str(&with_appkey).expect("parses").dedup_key.contains("\"Bob\""));
         // A callId that does not end with the msg_id names no app key: nothing is stripped.
         let body = body.replace(r#""msg_id":"9661""#, r#""msg_id":"1234""#);
         assert_eq!(parse_str(&body).expect("parses").from_user.as_deref(), Some("demo-org#demo-app_alice"));

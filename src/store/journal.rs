@@ -626,6 +626,18 @@ fn decode_json_rows_into<Raw: DeserializeOwned, Out>(
     de.end()
 }
 
+/// A stored user ID as reconciliation compares it: lower-case. Callbacks are stored lower-cased
+/// since schema version 5's release; rows stored before keep the case they came with (they are
+/// part of the hash chain), and are lower-cased as they are read. A check, not a copy, for the
+/// rows already lower-case.
+fn lower_user(user: Option<CompactString>) -> CompactString {
+    match user {
+        Some(user) if user.bytes().any(|b| b.is_ascii_uppercase()) => user.to_ascii_lowercase(),
+        Some(user) => user,
+        None => CompactString::default(),
+    }
+}
+
 /// A roster callback as the reconciliation queries render it: seq, operation, from, to,
 /// timestamp, received at.
 type RosterRaw = (i64, CompactString, Option<CompactString>, Option<CompactString>, i64, i64);
@@ -634,14 +646,7 @@ type RosterRaw = (i64, CompactString, Option<CompactString>, Option<CompactStrin
 type RosterRawWithId = (i64, CompactString, Option<CompactString>, Option<CompactString>, i64, i64, i64);
 
 fn callback_row((seq, operation, from, to, timestamp_ms, received_at_ms): RosterRaw) -> CallbackRow {
-    CallbackRow {
-        seq,
-        operation,
-        from_user: from.unwrap_or_default(),
-        to_user: to.unwrap_or_default(),
-        timestamp_ms,
-        received_at_ms,
-    }
+    CallbackRow { seq, operation, from_user: lower_user(from), to_user: lower_user(to), timestamp_ms, received_at_ms }
 }
 
 #[cfg(test)]

@@ -273,9 +273,9 @@ fn list_callbacks_query(f: &CallbackFilter) -> QueryBuilder<'static, Sqlite> {
             .push_bind(after)
             .push(" UNION ALL SELECT seq FROM callbacks WHERE seq > max(")
             .push_bind(after)
-            .push(", coalesce((SELECT upto_seq FROM callback_users_progress), 0)) AND ")
+            .push(", coalesce((SELECT upto_seq FROM callback_users_progress), 0)) AND lower(")
             .push(column)
-            .push(" = ")
+            .push(") = ")
             .push_bind(user.clone())
             .push(")");
     }
@@ -285,11 +285,12 @@ fn list_callbacks_query(f: &CallbackFilter) -> QueryBuilder<'static, Sqlite> {
     if let Some(v) = &f.operation {
         q.push(" AND operation = ").push_bind(v.clone());
     }
+    // lower(): rows stored before user IDs were lower-cased on arrival keep their case.
     if let Some(v) = &f.from_user {
-        q.push(" AND from_user = ").push_bind(v.clone());
+        q.push(" AND lower(from_user) = ").push_bind(v.clone());
     }
     if let Some(v) = &f.to_user {
-        q.push(" AND to_user = ").push_bind(v.clone());
+        q.push(" AND lower(to_user) = ").push_bind(v.clone());
     }
     if let Some(v) = f.since_ms {
         q.push(" AND timestamp_ms >= ").push_bind(v);

@@ -249,9 +249,9 @@ const USER_INDEX_MOST: i64 = 4 * USER_INDEX_CHUNK;
 
 const INDEX_USERS: &str = "\
 INSERT OR IGNORE INTO callback_users (role, bucket, user_id, seq)
-SELECT 0, seq >> 16, from_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND from_user IS NOT NULL
+SELECT 0, seq >> 16, lower(from_user), seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND from_user IS NOT NULL
 UNION ALL
-SELECT 1, seq >> 16, to_user, seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND to_user IS NOT NULL
+SELECT 1, seq >> 16, lower(to_user), seq FROM callbacks WHERE seq > ?1 AND seq <= ?2 AND to_user IS NOT NULL
 ORDER BY 1, 2, 3, 4";
 
 /// Adds the `callback_users` entries of callbacks with `after < seq <= upto` and records the

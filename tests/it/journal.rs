@@ -187,7 +187,7 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
 }
 
 /// Runs `sqlite3` on the file: the tests' stand-in for someone with write access to it.
-fn sqlite(db_path: &std::path::Path, sql: &str) {
+pub fn sqlite(db_path: &std::path::Path, sql: &str) {
     let out = std::process::Command::new("sqlite3")
         .arg(db_path)
         .arg(sql)

@@ -343,3 +343,38 @@ async fn callback_users_are_stored_lower_cased_and_found_by_any_case() {
     assert_eq!((items[0]["from_user"].as_str(), items[0]["to_user"].as_str()), (Some("alice"), Some("bob")), "{list}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn callbacks_stored_with_upper_case_users_by_an_earlier_release_are_found_and_matched_after_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("upgraded.db");
+    let app = TestApp::spawn_on(&db, &[]).await;
+    app.register(&["alice", "bob"]).await;
+    let (status, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(status, 201, "{call}");
+    app.settle().await;
+    app.stop().await;
+
+    // What an earlier release left behind: users stored as sent ("Alice"), their lookup entries
+    // likewise, and schema version 4.
+    crate::journal::sqlite(
+        &db,
+        "DROP TRIGGER callbacks_immutable; UPDATE callbacks SET from_user = 'Alice' WHERE from_user = 'alice'; \
+         UPDATE callback_users SET user_id = 'Alice' WHERE user_id = 'alice'; \
+         DELETE FROM _sqlx_migrations WHERE version = 5;",
+    );
+    assert_eq!(
+        sqlite_count(&format!("sqlite://{}", db.display()), "SELECT count(*) FROM callbacks WHERE from_user = 'Alice'")
+            .await,
+        1
+    );
+
+    let app = TestApp::spawn_on(&db, &[]).await;
+    for filter in ["from=alice", "from=Alice", "to=bob&from=ALICE"] {
+        let (_, list) = app.get_json(&format!("/v1/callbacks?{filter}")).await;
+        assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "{filter}: {list}");
+    }
+    let (_, report) = app.get_json("/v1/reconciliation").await;
+    assert_eq!(report["summary"]["matched"], 1, "{report}");
+    app.stop().await;
+}

@@ -1,0 +1,11 @@
+-- friendhook schema, version 5: the lookup by user is lower-case.
+--
+-- Why: user IDs in callbacks are stored lower-cased on arrival (Easemob stores them lower-case,
+-- and the trigger API lower-cases them), and the `from`/`to` filters are lower-cased too. Rows
+-- stored by earlier releases keep the case they came with, since they are part of the hash chain;
+-- their entries here, derived data outside the chain, are lower-cased once, so that those
+-- callbacks are found by the filters as well. Reads lower-case the stored columns themselves.
+--
+-- Touches only the entries that have an upper-case letter (none, on a database created by this
+-- release); on an older one it reads the table once.
+UPDATE callback_users SET user_id = lower(user_id) WHERE user_id <> lower(user_id);
