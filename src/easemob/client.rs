@@ -31,7 +31,7 @@ use tokio::time::Instant;
 use super::backoff::backoff_delay;
 use super::body::{ApiSuccess, Envelope, ErrorBody, NewUser, body_to_value};
 use super::config::ClientConfig;
-use super::error::{ApiFailure, ClientError, TIMED_OUT};
+use super::error::{ApiFailure, ClientError, TIMED_OUT, TOKEN_REASON_PREFIX};
 use super::pacer::RequestPacer;
 use super::token::{AppToken, FetchedToken, TokenCache, TokenFailure};
 use super::username::validate_username;
@@ -299,13 +299,7 @@ impl EasemobClient {
         let mut uncertain: Option<String> = None;
 
         loop {
-            let token = self.token().await.map_err(|failure| ApiFailure::Failed {
-                status: failure.status,
-                error: failure.error,
-                body: failure.body,
-                attempts,
-                reason: format!("token: {}", failure.reason),
-            })?;
+            let token = self.token().await.map_err(|failure| token_failure(failure, attempts))?;
             self.inner.pacer.wait_turn().await;
             attempts += 1;
             let first_attempt_at = *first_attempt_at.get_or_insert_with(Instant::now);
@@ -448,6 +442,13 @@ impl EasemobClient {
                 reason: format!("answer {status} cut short: {}", self.describe_transport_error(&error)),
             },
         }
+    }
+
+    /// Gets an app token ready (from the cache, or fetched now), so that a caller can learn that
+    /// nothing could be sent before it records anything: the failure is the one a call would get,
+    /// with no attempts.
+    pub async fn ensure_token(&self) -> Result<(), ApiFailure> {
+        self.token().await.map(drop).map_err(|failure| token_failure(failure, 0))
     }
 
     async fn token(&self) -> Result<AppToken, TokenFailure> {
@@ -728,6 +729,17 @@ fn add_attempts(failure: ApiFailure, earlier: u32, users_before: usize) -> ApiFa
                 reason
             },
         },
+    }
+}
+
+/// A call's failure for want of an app token, after `attempts` attempts of the call itself.
+fn token_failure(failure: TokenFailure, attempts: u32) -> ApiFailure {
+    ApiFailure::Failed {
+        status: failure.status,
+        error: failure.error,
+        body: failure.body,
+        attempts,
+        reason: format!("{TOKEN_REASON_PREFIX}{}", failure.reason),
     }
 }
 

@@ -49,7 +49,25 @@ pub enum ApiFailure {
     },
 }
 
+/// How the `reason` of a failure for want of an app token starts.
+pub(crate) const TOKEN_REASON_PREFIX: &str = "token: ";
+
 impl ApiFailure {
+    /// Whether no app token could be had: `status`, `error` and `body` then describe the token
+    /// endpoint's answer, not the call's.
+    pub fn is_token_failure(&self) -> bool {
+        matches!(self, ApiFailure::Failed { reason, .. } if reason.starts_with(TOKEN_REASON_PREFIX))
+    }
+
+    /// Whether what failed may pass later by itself (429, 5xx, no answer), as opposed to an
+    /// answer that stays the same until something is fixed (wrong credentials, say).
+    pub fn may_pass_later(&self) -> bool {
+        match self {
+            ApiFailure::Rejected { .. } => false,
+            ApiFailure::Failed { status, .. } => status.is_none_or(|s| s == 429 || s >= 500),
+        }
+    }
+
     /// HTTP attempts made for this call (token fetches not counted).
     pub fn attempts(&self) -> u32 {
         match self {

@@ -154,6 +154,17 @@ impl From<ApiError> for CallFailure {
 /// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
 /// request so a disconnect cannot cut it between the two records.
 async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), CallFailure> {
+    // A call that cannot be sent for want of an app token (wrong credentials, token endpoint
+    // down) is answered before anything is recorded: recorded, it would hold its
+    // Idempotency-Key to a failure that never reached Easemob.
+    client.ensure_token().await.map_err(|failure| {
+        let retry_after_secs = if failure.may_pass_later() { 5 } else { 0 };
+        ApiError::Unavailable {
+            code: "easemob_token_unavailable",
+            detail: format!("{failure}; nothing was recorded or sent to Easemob"),
+            retry_after_secs,
+        }
+    })?;
     let record = match state.store.insert_call_intent(call).await.map_err(ApiError::from)? {
         IntentResult::Existing(existing) => return Ok((existing, true)),
         IntentResult::Created(record) => record,
@@ -174,6 +185,18 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
                 attempts: i64::from(ok.attempts),
                 response_body: Some(ok.body.to_string()),
             },
+            // The token endpoint's answer is not Easemob's answer to this call: left out.
+            Err(fail) if fail.is_token_failure() => {
+                tracing::warn!(call = record.id, error = %fail, "call failed for want of an app token");
+                CallOutcome {
+                    outcome: Outcome::Failed,
+                    upstream_status: None,
+                    upstream_error: None,
+                    attempts: i64::from(fail.attempts()),
+                    response_body: None,
+                    call: record,
+                }
+            }
             Err(fail) => CallOutcome {
                 outcome: match fail {
                     ApiFailure::Rejected { .. } => Outcome::Rejected,

@@ -438,6 +438,56 @@ async fn an_add_whose_outcome_the_database_refuses() -> (friendhook::sandbox::Sa
     (sandbox, app, lock)
 }
 
+/// Without an app token nothing can be sent: the call is answered 503 and not recorded, so its
+/// Idempotency-Key is still free once the credentials are fixed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_that_cannot_get_an_app_token_is_answered_without_being_recorded() {
+    let sandbox = friendhook::sandbox::spawn(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        friendhook::sandbox::SandboxConfig::default(),
+        friendhook::clock::system(),
+    )
+    .await
+    .unwrap();
+    let users = ["alice", "bob"].map(|n| friendhook::easemob::NewUser {
+        username: n.into(),
+        password: "pw".into(),
+        nickname: None,
+    });
+    sandbox_client(&sandbox).register_users(&users).await.unwrap();
+    let base = sandbox.base_url();
+    let mut wrong = easemob_args(&base);
+    let secret = wrong.iter().position(|a| *a == "sandbox-client-secret").unwrap();
+    wrong[secret] = "not-the-secret";
+    let app = TestApp::spawn(&wrong).await;
+    let add = serde_json::json!({"owner": "alice", "friend": "bob"});
+    let post = |http: reqwest::Client, url: String| {
+        let add = add.clone();
+        async move { http.post(url).header("idempotency-key", "k-1").json(&add).send().await.unwrap() }
+    };
+
+    let refused = post(app.client.clone(), app.url("/v1/friends")).await;
+    assert_eq!(refused.status(), 503);
+    assert!(!refused.headers().contains_key("retry-after"), "wrong credentials do not pass by waiting");
+    let err: Value = refused.json().await.unwrap();
+    assert_eq!(err["code"], "easemob_token_unavailable", "{err}");
+    assert!(err["detail"].as_str().unwrap().contains("--easemob-client-secret"), "{err}");
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"].as_array().map(Vec::len), Some(0), "{calls}");
+    let db_path = app.db_path.clone();
+    let dir = app.stop().await;
+
+    // Fixed credentials: the same key now makes the call.
+    let app = TestApp::spawn_on(&db_path, &easemob_args(&base)).await;
+    let made = post(app.client.clone(), app.url("/v1/friends")).await;
+    assert_eq!(made.status(), 201);
+    let call: Value = made.json().await.unwrap();
+    assert_eq!(call["outcome"], "succeeded", "{call}");
+    app.stop().await;
+    drop(dir);
+    sandbox.shutdown().await;
+}
+
 /// `serve` flags for a real-Easemob setup at `base` with the sandbox's credentials.
 fn easemob_args(base: &str) -> Vec<&str> {
     vec![
