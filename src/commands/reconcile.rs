@@ -2,6 +2,7 @@
 //! (missing, unexpected, orphan) as a table, or everything as JSON. Reads the database directly
 //! (read-only) or asks a running service.
 
+use anyhow::Context;
 use clap::Args;
 
 use crate::clock::{self, Clock};
@@ -22,6 +23,11 @@ pub struct ReconcileArgs {
     /// report at a time; while it is busy with another, this waits and asks again.
     #[arg(long)]
     pub url: Option<String>,
+    /// The service's API token, sent with --url as `Authorization: Bearer`; with several
+    /// (comma-separated, as `serve` takes them during a rotation) the first is sent.
+    #[arg(long, env = "FRIENDHOOK_API_TOKEN", value_delimiter = ',', hide_env_values = true,
+          value_parser = crate::config::parse_secret_item)]
+    pub api_token: Vec<crate::secret::Secret>,
     /// Calls requested (and orphans timestamped) at or after this: epoch ms or RFC 3339.
     #[arg(long)]
     pub since: Option<String>,
@@ -147,7 +153,8 @@ async fn fetch_all_pages(
             (None, Some(a)) => q.push(("as_of", a.to_string())),
             (None, None) => {}
         }
-        let page = fetch_page(&format!("{}/v1/reconciliation", base.trim_end_matches('/')), &q).await?;
+        let token = args.api_token.iter().find(|t| !t.expose().is_empty());
+        let page = fetch_page(&format!("{}/v1/reconciliation", base.trim_end_matches('/')), &q, token).await?;
         cursor = page["next_cursor"].as_str().map(str::to_string);
         append_items(&mut doc, page);
         if cursor.is_none() {
@@ -175,11 +182,22 @@ const BUSY_RETRIES: u32 = 10;
 /// One page of the service's report. The service computes one report at a time and answers 503
 /// `reconciliation_busy` (with `Retry-After`) to a report that could not start in time; that is
 /// worth waiting for, so the page is asked for again, up to [`BUSY_RETRIES`] times.
-async fn fetch_page(url: &str, query: &[(&str, String)]) -> anyhow::Result<Value> {
+async fn fetch_page(
+    url: &str,
+    query: &[(&str, String)],
+    token: Option<&crate::secret::Secret>,
+) -> anyhow::Result<Value> {
     let client = reqwest::Client::new();
     let mut retries = 0;
     loop {
-        let resp = client.get(url).query(query).send().await?;
+        let mut request = client.get(url).query(query);
+        if let Some(token) = token {
+            request = request.bearer_auth(token.expose());
+        }
+        let resp = request
+            .send()
+            .await
+            .with_context(|| format!("cannot reach {url}; is `friendhook serve` running there?"))?;
         if resp.status().is_success() {
             return Ok(resp.json().await?);
         }
@@ -201,6 +219,9 @@ async fn fetch_page(url: &str, query: &[(&str, String)]) -> anyhow::Result<Value
                 );
                 tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
             }
+            _ if status == reqwest::StatusCode::UNAUTHORIZED => anyhow::bail!(
+                "the service answered {status}: {body}; give its API token with --api-token (or FRIENDHOOK_API_TOKEN)"
+            ),
             _ => anyhow::bail!("the service answered {status}: {body}"),
         }
     }

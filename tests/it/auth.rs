@@ -92,3 +92,30 @@ async fn spaces_around_listed_tokens_and_secrets_are_not_part_of_them() {
     assert_eq!(app.post_callback(body).await.status(), 200, "the second secret, without its leading space");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn reconcile_against_a_service_sends_its_api_token_and_says_when_it_is_missing() {
+    let app = TestApp::spawn(&["--api-token", "tok-old-5Kq,tok-new-9Zx"]).await;
+    // tokio's process: the service runs on this test's runtime and must go on answering.
+    let reconcile = |extra: &[&str], env: Option<&str>| {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"));
+        cmd.args(["reconcile", "--url", &app.base, "--json"]).args(extra).env_remove("FRIENDHOOK_API_TOKEN");
+        if let Some(tokens) = env {
+            cmd.env("FRIENDHOOK_API_TOKEN", tokens);
+        }
+        async move { cmd.output().await.unwrap() }
+    };
+
+    let without = reconcile(&[], None).await;
+    assert_eq!(without.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&without.stderr);
+    assert!(stderr.contains("api_token_required") && stderr.contains("--api-token"), "{stderr}");
+    for (extra, env) in [(&["--api-token", "tok-new-9Zx"][..], None), (&[][..], Some("tok-old-5Kq,tok-new-9Zx"))] {
+        let out = reconcile(extra, env).await;
+        assert!(out.status.success(), "{extra:?} {env:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert!(doc["summary"].is_object(), "{doc}");
+        assert!(!String::from_utf8_lossy(&out.stderr).contains("tok-"), "no token in the output");
+    }
+    app.stop().await;
+}
