@@ -379,7 +379,14 @@ fn spawn_writer(writer: Writer, rx: mpsc::Receiver<Job>) -> Result<tokio::sync::
     std::thread::Builder::new()
         .name("friendhook-writer".into())
         .spawn(move || {
-            runtime.block_on(writer.run(rx));
+            let ran = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| runtime.block_on(writer.run(rx))));
+            if ran.is_err() {
+                // Without its writer the service could only answer 503 to every write, forever,
+                // while looking alive to a supervisor. Nothing acknowledged is lost by exiting:
+                // every 200 was given after its commit.
+                tracing::error!("the database writer stopped on a bug (see the panic above); exiting so that the service is restarted");
+                std::process::exit(70);
+            }
             let _ = done_tx.send(());
         })
         .map_err(|e| StoreError::Write(format!("cannot start the writer thread: {e}")))?;
@@ -509,6 +516,7 @@ impl Store {
             users_indexed_at: std::time::Instant::now(),
             metrics: opts.metrics,
             failure_log: crate::metrics::LogThrottle::new(10_000),
+            users_failure_log: crate::metrics::LogThrottle::new(10_000),
             failed_since_commit: 0,
             _instance_lock: instance_lock,
         };

@@ -228,6 +228,9 @@ pub(super) struct Writer {
     pub metrics: WriterMetrics,
     /// Throttles the log line of failed batches.
     pub failure_log: LogThrottle,
+    /// Throttles the log line of failed `callback_users` steps (they fail with the batches while
+    /// a fault lasts).
+    pub users_failure_log: LogThrottle,
     /// Batches failed since the last commit (a recovery is logged once).
     pub failed_since_commit: u64,
     /// The service's claim on the database file (see `StoreOptions::instance_lock`), released
@@ -559,8 +562,11 @@ impl Writer {
                 true
             }
             Err(err) => {
-                tracing::warn!(error = %err, pending = self.head.seq - self.users_indexed_upto,
-                    "adding callback user entries failed; queries scan the tail meanwhile");
+                if let Some(failures) = self.users_failure_log.hit(self.clock.now_ms()) {
+                    tracing::warn!(error = %err, pending = self.head.seq - self.users_indexed_upto,
+                        failures_since_last_line = failures,
+                        "adding callback user entries failed; queries scan the tail meanwhile");
+                }
                 self.reopen_pending = true;
                 false
             }
@@ -587,6 +593,9 @@ impl Writer {
                 tracing::debug!("write connection reopened after a failed batch");
             }
             Err(err) => {
+                // Asked again before the next batch (which would otherwise run on the connection
+                // that failed, and only its failure would ask again).
+                self.reopen_pending = true;
                 tracing::warn!(error = %err, "could not reopen the write connection; will retry before the next batch")
             }
         }
@@ -1088,6 +1097,7 @@ mod tests {
             users_indexed_at: std::time::Instant::now(),
             metrics: WriterMetrics::default(),
             failure_log: LogThrottle::new(10_000),
+            users_failure_log: LogThrottle::new(10_000),
             failed_since_commit: 0,
             _instance_lock: None,
         }
