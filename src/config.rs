@@ -245,6 +245,12 @@ pub struct EasemobArgs {
     #[arg(long, env = "FRIENDHOOK_SANDBOX_LISTEN", default_value = "127.0.0.1:8081")]
     pub sandbox_listen: SocketAddr,
 
+    /// Sandbox mode: requests per second for the App Key to each of the sandbox's APIs before 429
+    /// reach_limit (Easemob's: 100 for add, remove and list), whatever --easemob-rate-limit says:
+    /// a client limit set too high then shows as 429s here, as it would against Easemob.
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_RATE_LIMIT", default_value_t = 100)]
+    pub sandbox_rate_limit: u32,
+
     /// Sandbox mode: friends per user before 403 exceed_limit (Easemob's free plan: 100).
     #[arg(long, env = "FRIENDHOOK_SANDBOX_FRIEND_LIMIT", default_value_t = 100)]
     pub sandbox_friend_limit: usize,

@@ -516,7 +516,7 @@ async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
     let rate = a.rate_limit.max(1).to_string();
     let svc = ServiceProcess::start(
         a.binary.as_deref(),
-        &["--easemob-rate-limit", &rate, "--sandbox-friend-limit", "100000"],
+        &["--easemob-rate-limit", &rate, "--sandbox-rate-limit", &rate, "--sandbox-friend-limit", "100000"],
     )
     .await?;
     let base = format!("http://{}", svc.addr);

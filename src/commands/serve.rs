@@ -101,7 +101,7 @@ async fn start_sandbox(
     let config = crate::sandbox::SandboxConfig {
         callback_url: Some(format!("http://{receiver}/callbacks/easemob")),
         callback_secret: Some(secret),
-        rate_limit: args.easemob.easemob_rate_limit.max(1),
+        rate_limit: args.easemob.sandbox_rate_limit,
         friend_limit: args.easemob.sandbox_friend_limit,
         drop_rate: args.easemob.sandbox_drop_rate,
         duplicate_rate: args.easemob.sandbox_duplicate_rate,

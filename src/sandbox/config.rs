@@ -29,8 +29,11 @@ pub struct SandboxConfig {
     pub callback_secret: Option<Secret>,
     /// Maximum number of friends per user (Easemob free plan: 100; Pro/Flagship: 3000).
     pub friend_limit: usize,
-    /// API requests per second for the App Key (token requests excluded); 0 disables the limit.
+    /// Requests per second for the App Key to each API (each method and path shape has its own
+    /// budget, as Easemob's limits are per API); 0 disables the limit. Not the token endpoint's.
     pub rate_limit: u32,
+    /// Token requests per second for the App Key (Easemob: 300); 0 disables the limit.
+    pub token_rate_limit: u32,
     /// Token lifetime in seconds when the token request has no `ttl`; 0 means never expires.
     pub token_ttl_secs: i64,
     /// Probability that a callback is never sent (fate `dropped`).
@@ -59,6 +62,7 @@ impl Default for SandboxConfig {
             callback_secret: None,
             friend_limit: 100,
             rate_limit: 100,
+            token_rate_limit: 300,
             token_ttl_secs: 86_400,
             drop_rate: 0.0,
             duplicate_rate: 0.0,
@@ -138,9 +142,14 @@ pub struct SandboxArgs {
     #[arg(long, env = "FRIENDHOOK_SANDBOX_FRIEND_LIMIT", default_value_t = 100)]
     pub friend_limit: usize,
 
-    /// API requests per second for the App Key before 429 reach_limit (token requests excluded; 0 = unlimited).
+    /// Requests per second for the App Key to each API (add, remove, list, ...: each its own
+    /// budget, as Easemob counts them) before 429 reach_limit; token requests excluded; 0 = unlimited.
     #[arg(long, env = "FRIENDHOOK_SANDBOX_RATE_LIMIT", default_value_t = 100)]
     pub rate_limit: u32,
+
+    /// Token requests per second for the App Key before 429 reach_limit (Easemob: 300; 0 = unlimited).
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_TOKEN_RATE_LIMIT", default_value_t = 300)]
+    pub token_rate_limit: u32,
 
     /// Token lifetime in seconds when the token request has no ttl (0 = never expires).
     #[arg(long = "token-ttl", env = "FRIENDHOOK_SANDBOX_TOKEN_TTL", default_value_t = 86_400)]
@@ -188,6 +197,7 @@ impl SandboxArgs {
             callback_secret: self.callback_secret.clone(),
             friend_limit: self.friend_limit,
             rate_limit: self.rate_limit,
+            token_rate_limit: self.token_rate_limit,
             token_ttl_secs: self.token_ttl_secs,
             drop_rate: self.drop_rate,
             duplicate_rate: self.duplicate_rate,

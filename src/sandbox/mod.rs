@@ -23,12 +23,14 @@
 //!
 //! # Choices where Easemob's documentation is silent
 //! - **Gate order**: count the request, apply an injected fault, check the App Key (404
-//!   `organization_application_not_found`), then, except for `/token`, the rate limit and then
-//!   the token. Injected faults match `/token` too (use `path_contains` to aim them) and do not
+//!   `organization_application_not_found`), then the rate limit and, except for `/token`, the
+//!   token. Injected faults match `/token` too (use `path_contains` to aim them) and do not
 //!   use up the rate budget; injected 429s are not counted in `rate_limited`.
-//! - **Rate limit**: a fixed one-second window on the injected clock over all API requests
-//!   except `/token`; 0 disables it. With a frozen `ManualClock` exactly `rate_limit` requests
-//!   pass, which keeps tests deterministic.
+//! - **Rate limit**: a fixed one-second window on the injected clock per API (method and path
+//!   without user names: adding, removing and listing friends each have their own budget, as
+//!   Easemob counts them), `rate_limit` each; `/token` has its own, `token_rate_limit` (Easemob:
+//!   300/s); 0 disables either. With a frozen `ManualClock` exactly the limit passes, which keeps
+//!   tests deterministic.
 //! - **Tokens**: `ttl` may be a number or a numeric string; `ttl` 0 (or `token_ttl_secs` 0) never
 //!   expires. Missing, unknown and expired tokens get 401 `unauthorized`; a token not shaped like
 //!   ours (`YWMt...`) gets 401 `auth_bad_access_token`. Tokens come from the OS RNG, so a restarted

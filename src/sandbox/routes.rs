@@ -49,7 +49,7 @@ async fn gate(State(state): State<Arc<SandboxState>>, mut request: Request, next
     }
     let timing = Timing { start_ms: state.clock().now_ms() };
     let authorization = request.headers().get(AUTHORIZATION).and_then(|value| value.to_str().ok());
-    if let Err(error) = state.admit(request.uri().path(), authorization) {
+    if let Err(error) = state.admit(request.method().as_str(), request.uri().path(), authorization) {
         return state.reject(&timing, error).into_response();
     }
     request.extensions_mut().insert(timing);

@@ -81,7 +81,8 @@ pub struct World {
     pub users: HashMap<String, User>,
     /// Token -> expiry (ms since epoch; `None` = never expires).
     tokens: HashMap<String, Option<i64>>,
-    limiter: FixedWindow,
+    /// One budget per API (method and path shape, see [`api_of`]).
+    limiters: HashMap<String, FixedWindow>,
     faults: FaultQueue,
     /// Draws callback faults; seeded from the config.
     fault_rng: StdRng,
@@ -102,7 +103,7 @@ impl World {
         Self {
             users: HashMap::new(),
             tokens: HashMap::new(),
-            limiter: FixedWindow::default(),
+            limiters: HashMap::new(),
             faults: FaultQueue::default(),
             fault_rng: StdRng::seed_from_u64(seed),
             id_rng: StdRng::seed_from_u64(seed ^ ID_SEED_SALT),
@@ -247,7 +248,7 @@ impl SandboxState {
     /// The gate every API request (`/{org}/{app}/...`) passes, in this order: count it, apply an
     /// injected fault, check the App Key, then (except for `/token`) the rate limit and the
     /// bearer token. Injected faults come first so that a test's fault always wins.
-    pub fn admit(&self, path: &str, authorization: Option<&str>) -> Result<(), EasemobError> {
+    pub fn admit(&self, method: &str, path: &str, authorization: Option<&str>) -> Result<(), EasemobError> {
         let now = self.clock.now_ms();
         let mut world = self.world();
         world.requests += 1;
@@ -264,12 +265,14 @@ impl SandboxState {
                 uri_path: path.trim_start_matches('/').to_owned(),
             });
         }
-        if rest == "token" {
-            return Ok(());
-        }
-        if !world.limiter.try_acquire(now, self.config.rate_limit) {
+        let api = api_of(method, rest);
+        let limit = if rest == "token" { self.config.token_rate_limit } else { self.config.rate_limit };
+        if !world.limiters.entry(api).or_default().try_acquire(now, limit) {
             world.rate_limited += 1;
             return Err(EasemobError::ReachLimit);
+        }
+        if rest == "token" {
+            return Ok(());
         }
         let token = bearer_token(authorization).ok_or(EasemobError::Unauthorized)?;
         if !looks_like_token(token) {
@@ -433,6 +436,23 @@ pub fn split_api_path(path: &str) -> Option<(&str, &str, &str)> {
     Some((org, app, rest))
 }
 
+/// Which API a request is for, as Easemob's per-API rate limits count them: the method and the
+/// path with user names left out (`POST users/*/contacts/users/*` is adding a friend).
+fn api_of(method: &str, rest: &str) -> String {
+    let mut shape = String::with_capacity(method.len() + rest.len() + 1);
+    shape.push_str(method);
+    shape.push(' ');
+    let mut after_users = false;
+    for (i, segment) in rest.split('/').enumerate() {
+        if i > 0 {
+            shape.push('/');
+        }
+        shape.push_str(if after_users { "*" } else { segment });
+        after_users = segment == "users" && !after_users;
+    }
+    shape
+}
+
 /// The token of an `Authorization: Bearer <token>` header.
 fn bearer_token(header: Option<&str>) -> Option<&str> {
     let header = header?.trim();
@@ -507,11 +527,11 @@ mod tests {
         let (state, clock) = state(SandboxConfig::default());
         let token = state.issue_token(60);
         let header = format!("Bearer {token}");
-        assert_eq!(state.admit(P, Some(&header)), Ok(()));
+        assert_eq!(state.admit("GET", P, Some(&header)), Ok(()));
         clock.advance_ms(59_999);
-        assert_eq!(state.admit(P, Some(&header)), Ok(()));
+        assert_eq!(state.admit("GET", P, Some(&header)), Ok(()));
         clock.advance_ms(1);
-        assert_eq!(state.admit(P, Some(&header)), Err(EasemobError::Unauthorized));
+        assert_eq!(state.admit("GET", P, Some(&header)), Err(EasemobError::Unauthorized));
     }
 
     #[test]
@@ -519,34 +539,67 @@ mod tests {
         let (state, clock) = state(SandboxConfig::default());
         let header = format!("Bearer {}", state.issue_token(0));
         clock.advance_ms(i64::from(u32::MAX));
-        assert_eq!(state.admit(P, Some(&header)), Ok(()));
+        assert_eq!(state.admit("GET", P, Some(&header)), Ok(()));
     }
 
     #[test]
     fn missing_unknown_and_corrupt_tokens_are_told_apart() {
         let (state, _) = state(SandboxConfig::default());
-        assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
-        assert_eq!(state.admit(P, Some("Bearer YWMtunknown")), Err(EasemobError::Unauthorized));
-        assert_eq!(state.admit(P, Some("Bearer !!")), Err(EasemobError::CorruptToken));
-        assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()));
+        assert_eq!(state.admit("GET", P, None), Err(EasemobError::Unauthorized));
+        assert_eq!(state.admit("GET", P, Some("Bearer YWMtunknown")), Err(EasemobError::Unauthorized));
+        assert_eq!(state.admit("GET", P, Some("Bearer !!")), Err(EasemobError::CorruptToken));
+        assert_eq!(state.admit("POST", "/demo-org/demo-app/token", None), Ok(()));
         assert_eq!(state.stats().requests, 4);
     }
 
     #[test]
     fn the_rate_limit_applies_before_authentication_and_is_counted() {
         let (state, _) = state(SandboxConfig { rate_limit: 2, ..SandboxConfig::default() });
-        assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
-        assert_eq!(state.admit(P, None), Err(EasemobError::Unauthorized));
-        assert_eq!(state.admit(P, None), Err(EasemobError::ReachLimit));
-        assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()), "token requests are not limited");
+        assert_eq!(state.admit("GET", P, None), Err(EasemobError::Unauthorized));
+        assert_eq!(state.admit("GET", P, None), Err(EasemobError::Unauthorized));
+        assert_eq!(state.admit("GET", P, None), Err(EasemobError::ReachLimit));
+        assert_eq!(
+            state.admit("POST", "/demo-org/demo-app/token", None),
+            Ok(()),
+            "token requests have their own budget"
+        );
         assert_eq!(state.stats().rate_limited, 1);
+    }
+
+    #[test]
+    fn each_api_has_its_own_budget_and_tokens_theirs() {
+        let config = SandboxConfig { rate_limit: 2, token_rate_limit: 3, ..SandboxConfig::default() };
+        let (state, clock) = state(config);
+        let header = format!("Bearer {}", state.issue_token(0));
+        let add = |owner: &str, friend: &str| format!("/demo-org/demo-app/users/{owner}/contacts/users/{friend}");
+        // Two adds of different users use up the add budget; removes and lists have their own.
+        assert_eq!(state.admit("POST", &add("a", "b"), Some(&header)), Ok(()));
+        assert_eq!(state.admit("POST", &add("c", "d"), Some(&header)), Ok(()));
+        assert_eq!(state.admit("POST", &add("e", "f"), Some(&header)), Err(EasemobError::ReachLimit));
+        assert_eq!(state.admit("DELETE", &add("a", "b"), Some(&header)), Ok(()));
+        assert_eq!(state.admit("GET", "/demo-org/demo-app/users/a/contacts/users", Some(&header)), Ok(()));
+        let token = "/demo-org/demo-app/token";
+        assert!((0..3).all(|_| state.admit("POST", token, None).is_ok()));
+        assert_eq!(state.admit("POST", token, None), Err(EasemobError::ReachLimit));
+        clock.advance_ms(1_000);
+        assert_eq!(state.admit("POST", &add("e", "f"), Some(&header)), Ok(()));
+        assert_eq!(state.admit("POST", token, None), Ok(()));
+    }
+
+    #[test]
+    fn apis_are_told_apart_by_method_and_path_without_user_names() {
+        assert_eq!(api_of("POST", "users/alice/contacts/users/bob"), "POST users/*/contacts/users/*");
+        assert_eq!(api_of("GET", "users/alice/contacts/users"), "GET users/*/contacts/users");
+        assert_eq!(api_of("POST", "users"), "POST users");
+        assert_eq!(api_of("GET", "users/users"), "GET users/*");
+        assert_eq!(api_of("POST", "token"), "POST token");
     }
 
     #[test]
     fn an_unknown_app_key_is_not_found_and_short_paths_are_no_route() {
         let (state, _) = state(SandboxConfig::default());
-        assert!(matches!(state.admit("/other/demo-app/token", None), Err(EasemobError::AppNotFound { .. })));
-        assert_eq!(state.admit("/demo-org/demo-app", None), Err(EasemobError::RouteNotFound));
+        assert!(matches!(state.admit("POST", "/other/demo-app/token", None), Err(EasemobError::AppNotFound { .. })));
+        assert_eq!(state.admit("GET", "/demo-org/demo-app", None), Err(EasemobError::RouteNotFound));
         assert_eq!(split_api_path("/o/a/users/x"), Some(("o", "a", "users/x")));
     }
 
@@ -556,9 +609,9 @@ mod tests {
         state
             .inject_fault(InjectedFault { status: 503, count: 1, path_contains: Some("/token".into()), error: None })
             .expect("valid fault");
-        let first = state.admit("/demo-org/demo-app/token", None);
+        let first = state.admit("POST", "/demo-org/demo-app/token", None);
         assert_eq!(first, Err(EasemobError::Injected(axum::http::StatusCode::SERVICE_UNAVAILABLE, None)));
-        assert_eq!(state.admit("/demo-org/demo-app/token", None), Ok(()));
+        assert_eq!(state.admit("POST", "/demo-org/demo-app/token", None), Ok(()));
     }
 
     #[test]

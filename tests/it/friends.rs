@@ -195,3 +195,19 @@ async fn a_call_cut_off_between_intent_and_outcome_shows_as_unknown_after_restar
     assert_eq!(app.metrics().await["friendhook_calls_total{outcome=\"unknown\"}"], 1.0);
     app.stop().await;
 }
+
+#[tokio::test]
+async fn the_sandbox_keeps_its_own_rate_limit_so_a_client_limit_set_too_high_shows_as_429s() {
+    // The client may send 1,000/s; the sandbox, like Easemob, takes 5 adds a second.
+    let app = TestApp::spawn(&["--easemob-rate-limit", "1000", "--sandbox-rate-limit", "5"]).await;
+    let names: Vec<String> = (0..13).map(|i| format!("u{i}")).collect();
+    app.register(&names.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let pairs: Vec<Value> = (1..13).map(|i| json!({"owner": "u0", "friend": format!("u{i}")})).collect();
+
+    let (status, batch) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
+
+    assert_eq!(status, 200, "{batch}");
+    let limited = app.sandbox().stats().rate_limited;
+    assert!(limited > 0, "12 adds at once against 5/s: the sandbox answered no 429");
+    app.stop().await;
+}
