@@ -118,8 +118,10 @@ fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
 /// Validates and lower-cases a pair (Easemob stores user IDs lower-case, and its callbacks carry
 /// them that way, so matching needs the same form).
 fn validate_pair(owner: Option<&str>, friend: Option<&str>) -> Result<(String, String), String> {
-    let owner = owner.map(str::trim).filter(|s| !s.is_empty()).ok_or("`owner` is required")?;
-    let friend = friend.map(str::trim).filter(|s| !s.is_empty()).ok_or("`friend` is required")?;
+    // Not trimmed: a name with spaces is not a valid Easemob user ID, and acting on another
+    // name than the one given (" bob" as "bob") would record a call nobody asked for.
+    let owner = owner.filter(|s| !s.is_empty()).ok_or("`owner` is required")?;
+    let friend = friend.filter(|s| !s.is_empty()).ok_or("`friend` is required")?;
     easemob::validate_username(owner).map_err(|e| format!("`owner`: {e}"))?;
     easemob::validate_username(friend).map_err(|e| format!("`friend`: {e}"))?;
     let (owner, friend) = (owner.to_ascii_lowercase(), friend.to_ascii_lowercase());
@@ -378,8 +380,16 @@ async fn remove_friend(
 
 async fn add_friends_batch(
     State(state): State<SharedState>,
+    headers: HeaderMap,
     body: Result<Json<BatchBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
+    // Refused rather than ignored: a client relying on it would send a repeated batch twice.
+    if headers.contains_key("idempotency-key") {
+        return Err(ApiError::bad_request(
+            "idempotency_key_not_supported",
+            "a batch does not take an Idempotency-Key; send the pairs one by one with POST /v1/friends, each with its own key",
+        ));
+    }
     let body = json_body(body)?;
     if body.pairs.is_empty() || body.pairs.len() > MAX_BATCH {
         return Err(ApiError::bad_request(

@@ -211,3 +211,31 @@ async fn the_sandbox_keeps_its_own_rate_limit_so_a_client_limit_set_too_high_sho
     assert!(limited > 0, "12 adds at once against 5/s: the sandbox answered no 429");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn names_are_taken_as_given_and_a_batch_refuses_an_idempotency_key() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob"]).await;
+
+    let (status, err) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": " bob"})).await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid_request")), "{err}");
+    let r = app.client.delete(app.url("/v1/friends/alice/%20bob")).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+
+    let batch = json!({"pairs": [{"owner": "alice", "friend": "bob"}]});
+    let r = app
+        .client
+        .post(app.url("/v1/friends/batch"))
+        .header("idempotency-key", "b-1")
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    let err: Value = r.json().await.unwrap();
+    assert_eq!(err["code"], "idempotency_key_not_supported", "{err}");
+
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"].as_array().map(Vec::len), Some(0), "nothing was called: {calls}");
+    app.stop().await;
+}
