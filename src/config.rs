@@ -90,7 +90,7 @@ pub struct DatabaseArgs {
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
     /// Address the HTTP service listens on.
-    #[arg(long, env = "FRIENDHOOK_LISTEN", default_value = "127.0.0.1:8080")]
+    #[arg(long, env = "FRIENDHOOK_LISTEN", default_value = "127.0.0.1:8080", value_parser = parse_listen)]
     pub listen: SocketAddr,
 
     #[command(flatten)]
@@ -242,7 +242,7 @@ pub struct EasemobArgs {
     pub easemob_max_retry_time: Duration,
 
     /// Sandbox mode: where the built-in sandbox listens.
-    #[arg(long, env = "FRIENDHOOK_SANDBOX_LISTEN", default_value = "127.0.0.1:8081")]
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_LISTEN", default_value = "127.0.0.1:8081", value_parser = parse_listen)]
     pub sandbox_listen: SocketAddr,
 
     /// Sandbox mode: requests per second for the App Key to each of the sandbox's APIs before 429
@@ -282,6 +282,17 @@ pub struct EasemobArgs {
     /// Sandbox mode: seed of the fault generator (same seed, same faults).
     #[arg(long, env = "FRIENDHOOK_SANDBOX_SEED", default_value_t = 0)]
     pub sandbox_seed: u64,
+}
+
+/// A listen address: an IP address and a port. A bare port, the most common slip, is answered
+/// with an example.
+pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
+    value.trim().parse().map_err(|_| {
+        format!(
+            "`{value}` is not an address to listen on: give an IP address and a port, e.g. 127.0.0.1:8080 \
+             (this machine only) or 0.0.0.0:8080 (every interface)"
+        )
+    })
 }
 
 /// One item of a comma-separated list of secrets or tokens, without the spaces around it

@@ -4,6 +4,7 @@
 use std::io::Write;
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::{Args, ValueEnum};
 
 use crate::http::query::parse_time;
@@ -167,7 +168,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let store = Store::open_read_only(&args.database_url).await?;
     let started = Instant::now();
     let mut out: Box<dyn Write> = match &args.output {
-        Some(path) => Box::new(std::io::BufWriter::new(std::fs::File::create(path)?)),
+        Some(path) => Box::new(std::io::BufWriter::new(
+            std::fs::File::create(path).with_context(|| format!("cannot create --output {}", path.display()))?,
+        )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
     let n = export(

@@ -124,3 +124,20 @@ async fn the_demo_runs_end_to_end_whatever_the_shell_sets_for_a_real_service() {
     assert!(matched > 0, "{stdout}");
     assert!(dir.path().join("friendhook-demo.db").exists());
 }
+
+#[tokio::test]
+async fn a_bare_port_or_an_unwritable_export_file_is_answered_with_what_to_give() {
+    let err = Cli::try_parse_from(["friendhook", "serve", "--listen", "8080"]).expect_err("refused").to_string();
+    assert!(err.contains("`8080` is not an address to listen on") && err.contains("e.g. 127.0.0.1:8080"), "{err}");
+
+    let app = TestApp::spawn(&[]).await;
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["export", "--database-url", &app.db_url, "--output", "/nonexistent-dir/feed.ndjson"])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("cannot create --output /nonexistent-dir/feed.ndjson"), "{stderr}");
+    app.stop().await;
+}
