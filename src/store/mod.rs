@@ -454,16 +454,20 @@ pub async fn check_replaceable(database_url: &str) -> Result<Replaceable, StoreE
     if !is_sqlite {
         return Ok(Replaceable::Foreign);
     }
-    // Released at once: the caller deletes the file and then opens it as a service, which locks.
-    drop(lock_instance(database_url, &options)?);
-    let mut conn = options.read_only(true).connect().await?;
+    let mut conn = options.clone().read_only(true).connect().await?;
     let tables: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('callbacks', 'calls', '_sqlx_migrations')",
     )
     .fetch_one(&mut conn)
     .await?;
     let _ = conn.close().await;
-    Ok(if tables == 3 { Replaceable::FriendhookDatabase } else { Replaceable::Foreign })
+    if tables != 3 {
+        return Ok(Replaceable::Foreign);
+    }
+    // Only for friendhook's own files (the lock file is created beside it), and released at
+    // once: the caller deletes the file and then opens it as a service, which locks.
+    drop(lock_instance(database_url, &options)?);
+    Ok(Replaceable::FriendhookDatabase)
 }
 
 impl Store {

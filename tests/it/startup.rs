@@ -97,6 +97,11 @@ async fn the_demo_never_deletes_a_file_that_is_not_its_own_or_a_database_in_use(
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a friendhook database"), "{out:?}");
     assert_eq!(std::fs::read_to_string(dir.path().join("notes.txt")).unwrap(), "keep me");
+    // Another program's SQLite database: left alone, nothing created beside it.
+    crate::journal::sqlite(&dir.path().join("other.db"), "CREATE TABLE t (x); INSERT INTO t VALUES (1);");
+    let out = demo(dir.path(), &["--database", "other.db"], &[]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("is not a friendhook database"), "{out:?}");
+    assert!(!dir.path().join("other.db.lock").exists(), "no lock file beside a foreign database");
 
     let db = dir.path().join("live.db");
     let service = TestApp::spawn_on(&db, &[]).await;
