@@ -247,7 +247,7 @@ pub struct EasemobArgs {
 
     /// Sandbox mode: requests per second for the App Key to each of the sandbox's APIs before 429
     /// reach_limit (Easemob's: 100 for add, remove and list), whatever --easemob-rate-limit says:
-    /// a client limit set too high then shows as 429s here, as it would against Easemob.
+    /// a client limit set too high then shows as 429s here, as it would against Easemob. 0 = unlimited.
     #[arg(long, env = "FRIENDHOOK_SANDBOX_RATE_LIMIT", default_value_t = 100)]
     pub sandbox_rate_limit: u32,
 

@@ -400,21 +400,9 @@ async fn a_stop_does_not_wait_for_an_outcome_the_database_refuses() {
 /// write lock keeps out of the database: answered 503 `outcome_not_recorded`, call 1 in flight,
 /// the lock still held.
 async fn an_add_whose_outcome_the_database_refuses() -> (friendhook::sandbox::SandboxHandle, TestApp, WriteLock) {
-    let sandbox = friendhook::sandbox::spawn(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        friendhook::sandbox::SandboxConfig::default(),
-        friendhook::clock::system(),
-    )
-    .await
-    .unwrap();
+    let sandbox = sandbox_with_alice_and_bob().await;
     let mut gate = Gate::spawn(sandbox.base_url()).await;
     let app = TestApp::spawn(&easemob_args(&gate.base)).await;
-    let users = ["alice", "bob"].map(|n| friendhook::easemob::NewUser {
-        username: n.into(),
-        password: "pw".into(),
-        nickname: None,
-    });
-    sandbox_client(&sandbox).register_users(&users).await.unwrap();
 
     let request = tokio::spawn({
         let (http, url) = (app.client.clone(), app.url("/v1/friends"));
@@ -442,19 +430,7 @@ async fn an_add_whose_outcome_the_database_refuses() -> (friendhook::sandbox::Sa
 /// Idempotency-Key is still free once the credentials are fixed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_call_that_cannot_get_an_app_token_is_answered_without_being_recorded() {
-    let sandbox = friendhook::sandbox::spawn(
-        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
-        friendhook::sandbox::SandboxConfig::default(),
-        friendhook::clock::system(),
-    )
-    .await
-    .unwrap();
-    let users = ["alice", "bob"].map(|n| friendhook::easemob::NewUser {
-        username: n.into(),
-        password: "pw".into(),
-        nickname: None,
-    });
-    sandbox_client(&sandbox).register_users(&users).await.unwrap();
+    let sandbox = sandbox_with_alice_and_bob().await;
     let base = sandbox.base_url();
     let mut wrong = easemob_args(&base);
     let secret = wrong.iter().position(|a| *a == "sandbox-client-secret").unwrap();
@@ -506,6 +482,24 @@ fn easemob_args(base: &str) -> Vec<&str> {
         "--request-timeout",
         "60s",
     ]
+}
+
+/// A standalone sandbox (a real-Easemob setup's upstream) with users alice and bob registered.
+async fn sandbox_with_alice_and_bob() -> friendhook::sandbox::SandboxHandle {
+    let sandbox = friendhook::sandbox::spawn(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap(),
+        friendhook::sandbox::SandboxConfig::default(),
+        friendhook::clock::system(),
+    )
+    .await
+    .unwrap();
+    let users = ["alice", "bob"].map(|n| friendhook::easemob::NewUser {
+        username: n.into(),
+        password: "pw".into(),
+        nickname: None,
+    });
+    sandbox_client(&sandbox).register_users(&users).await.unwrap();
+    sandbox
 }
 
 /// A client of the sandbox itself (not through the gate).
