@@ -8,15 +8,24 @@
 //! `[t0 - skew_ms, t1 + window_ms]`, inclusive at both ends.
 //!
 //! - **Candidates.** A callback is a candidate for a call when its `operation` is
-//!   `op.expected_callback_operation()`, it is between O and F in either direction, and its
-//!   `timestamp_ms` lies in the call's window.
+//!   `op.expected_callback_operation()`, it is between O and F in either direction, its
+//!   `timestamp_ms` lies in the call's window, and it was not received before the call was
+//!   requested (`received_at_ms >= t0`: both are our own clock, so such a callback reports an
+//!   event the call cannot have caused, e.g. one made from a client app).
 //! - **Distance** of a callback to a call: 0 inside `[t0, t1]`, else the distance to the nearer
-//!   of `t0` and `t1`.
+//!   of `t0` and `t1`. **Reversed**: the callback goes from F to O.
+//! - **Twins.** One operation can be told to both users: two callbacks of the pair and
+//!   operation with the same `timestamp_ms` in opposite directions (Easemob's accept pair shares
+//!   its timestamp and callId; the sandbox sends an add's second callback that way). Per
+//!   timestamp, the i-th callback (by seq) from the lower user name is the twin of the i-th from
+//!   the higher one.
 //! - **Primary matches** come from one global greedy pass over all candidate pairs in the total
-//!   order `(weighted distance, callback.timestamp_ms, callback.seq, |timestamp_ms - t0|,
-//!   call.requested_at_ms, call.id)`: a pair is taken when neither its call nor its callback is
-//!   taken yet. The order never looks at input positions, so the result does not depend on input
-//!   order.
+//!   order `(weighted distance, reversed, callback.timestamp_ms, callback.seq, |timestamp_ms -
+//!   t0|, call.requested_at_ms, call.id)`: a pair is taken when neither its call nor its callback
+//!   is taken yet, and the taken callback's twin, if not taken yet, is taken with it as the same
+//!   call's extra (so the other half of one event never becomes the primary of a neighbouring
+//!   call of the pair, such as a rejected attempt just before a succeeded retry). The order never
+//!   looks at input positions, so the result does not depend on input order.
 //!   - The weighted distance is the distance, plus `skew_ms` for a call that does not expect a
 //!     callback (neither succeeded nor in flight). Easemob's clock may be `skew_ms` off ours, so
 //!     a succeeded call's callback can fall inside the span of a failed call of the same pair;
@@ -27,14 +36,13 @@
 //!     requested nearest to the event. A call whose span is long (in flight while its outcome
 //!     cannot be recorded, `unknown` after a restart) would otherwise take the callbacks of
 //!     every later call of its pair.
-//! - **Extras.** A callback inside some call's window that is nobody's primary (the
-//!   other-direction echo, a re-delivery) attaches to its nearest candidate call, by (distance,
-//!   `call.requested_at_ms`, `call.id`) whatever the call's outcome. It is never an orphan.
-//!   (An echo is only an extra when no other call of the pair is left without a primary: next
-//!   to a failed call of the same pair, an add's echo is that call's primary, so it reads
-//!   `unexpected`. Telling an echo from another call's callback needs an event id that both
-//!   directions share, which Easemob does not document for REST adds.)
-//! - **Orphans** are callbacks inside no call's window.
+//! - **Extras.** Besides twins, a callback that is some call's candidate but nobody's primary (a
+//!   re-delivery Easemob stamped anew, a second event) attaches to its nearest candidate call,
+//!   by (distance, `call.requested_at_ms`, `call.id`) whatever the call's outcome. It is never
+//!   an orphan. (Whether Easemob tells a REST add to both users, and with one timestamp, is not
+//!   documented; an other-direction callback with a timestamp of its own is matched like any
+//!   other callback, so next to a failed call of the pair it can read `unexpected`.)
+//! - **Orphans** are callbacks that are no call's candidate.
 //! - **Status**, by outcome:
 //!   - succeeded: primary → matched; else pending while `now_ms <= t1 + window_ms`, then missing;
 //!   - in flight: primary → matched; else pending;
@@ -42,7 +50,8 @@
 //!   - unknown: primary → matched (the callback proves Easemob acted); else not expected.
 //! - **Late**: the primary's `received_at_ms` is after `t1 + window_ms`, i.e. it reached us after
 //!   the call would have been declared missing.
-//! - **Latency**: primary `received_at_ms - requested_at_ms` (trigger to stored callback).
+//! - **Latency**: primary `received_at_ms - requested_at_ms` (trigger to stored callback), never
+//!   negative.
 //!
 //! Two edge conventions the rules above leave open: a call that has an outcome other than in
 //! flight but no `completed_at_ms` uses `t1 = t0` (it finished, we just do not know when, and
@@ -243,7 +252,7 @@ pub fn reconcile(calls: &[CallRow], callbacks: &[CallbackRow], params: &MatchPar
             // No call for this pair and operation: every callback is an orphan.
             out.orphans.extend(group_cbs.iter().map(|b| b.2));
         } else if !group_cbs.is_empty() {
-            match_group(group_calls, group_cbs, calls, params, &mut scratch, &mut out);
+            match_group(group_calls, group_cbs, calls, callbacks, params, &mut scratch, &mut out);
         }
         i = i_end;
         j = j_end;
@@ -417,10 +426,15 @@ struct Assignments {
 
 #[derive(Default)]
 struct Scratch {
-    /// Candidate pairs as (weighted distance, local callback, |timestamp - t0|, local call).
-    /// Because local positions follow (timestamp, seq) and (requested_at, id), the tuple order
-    /// is the required total order.
-    candidates: Vec<(i64, usize, i64, usize)>,
+    /// Candidate pairs as (weighted distance, reversed, local callback, |timestamp - t0|, local
+    /// call). Because local positions follow (timestamp, seq) and (requested_at, id), the tuple
+    /// order is the required total order.
+    candidates: Vec<(i64, bool, usize, i64, usize)>,
+    /// Per local callback: its twin (local), the other direction's callback of the same event.
+    twin: Vec<Option<usize>>,
+    /// Local callbacks of one timestamp, from the lower and from the higher user name.
+    ups: Vec<usize>,
+    downs: Vec<usize>,
     /// Per local callback: taken as a primary.
     cb_taken: Vec<bool>,
     /// Per local call: has a primary.
@@ -435,10 +449,12 @@ fn match_group(
     group_calls: &[Entry],
     group_cbs: &[Entry],
     calls: &[CallRow],
+    callbacks: &[CallbackRow],
     params: &MatchParams,
     s: &mut Scratch,
     out: &mut Assignments,
 ) {
+    find_twins(group_cbs, callbacks, s);
     s.candidates.clear();
     s.cb_taken.clear();
     s.cb_taken.resize(group_cbs.len(), false);
@@ -454,9 +470,15 @@ fn match_group(
         let lo = group_cbs.partition_point(|b| b.1 < span.open);
         let hi = group_cbs.partition_point(|b| b.1 <= span.close);
         for (k, b) in group_cbs.iter().enumerate().take(hi).skip(lo) {
+            let row = &callbacks[b.3];
+            if row.received_at_ms < span.t0 {
+                // Stored before the call was requested: not something the call caused.
+                continue;
+            }
             let d = span.distance(b.1);
             let from_t0 = b.1.abs_diff(span.t0).try_into().unwrap_or(i64::MAX);
-            s.candidates.push((d.saturating_add(weight), k, from_t0, c));
+            let reversed = row.from_user != calls[ci].owner;
+            s.candidates.push((d.saturating_add(weight), reversed, k, from_t0, c));
             // Calls are visited in (t0, id) order, so on equal distance the first one seen is
             // already the smaller in the total order: only a strictly nearer call replaces it.
             if s.nearest[k].is_none_or(|(best, _)| d < best) {
@@ -466,16 +488,24 @@ fn match_group(
     }
 
     s.candidates.sort_unstable();
-    let mut left = group_calls.len().min(group_cbs.len());
-    for &(_, k, _, c) in &s.candidates {
-        if left == 0 {
+    let (mut calls_left, mut cbs_left) = (group_calls.len(), group_cbs.len());
+    for &(_, _, k, _, c) in &s.candidates {
+        if calls_left == 0 || cbs_left == 0 {
             break;
         }
         if !s.cb_taken[k] && !s.call_taken[c] {
             s.cb_taken[k] = true;
             s.call_taken[c] = true;
             out.primary[group_calls[c].3] = Some(group_cbs[k].3);
-            left -= 1;
+            calls_left -= 1;
+            cbs_left -= 1;
+            // The same event told to the other user belongs to the same call, not to a
+            // neighbouring call of the pair that would otherwise take it as its primary.
+            if let Some(t) = s.twin[k].filter(|&t| !s.cb_taken[t]) {
+                s.cb_taken[t] = true;
+                cbs_left -= 1;
+                out.extras[group_calls[c].3].push(group_cbs[t].2);
+            }
         }
     }
 
@@ -487,6 +517,32 @@ fn match_group(
             Some((_, c)) => out.extras[group_calls[c].3].push(b.2),
             None => out.orphans.push(b.2),
         }
+    }
+}
+
+/// Pairs up the callbacks of one group that tell both users of one event: the same timestamp,
+/// opposite directions. Per timestamp, the i-th callback from the lower user name (by seq) is the
+/// twin of the i-th from the higher one. `group_cbs` is sorted by (timestamp, seq).
+fn find_twins(group_cbs: &[Entry], callbacks: &[CallbackRow], s: &mut Scratch) {
+    s.twin.clear();
+    s.twin.resize(group_cbs.len(), None);
+    let mut start = 0;
+    while start < group_cbs.len() {
+        let ts = group_cbs[start].1;
+        let end = start + group_cbs[start..].iter().take_while(|b| b.1 == ts).count();
+        if end - start >= 2 {
+            s.ups.clear();
+            s.downs.clear();
+            for k in start..end {
+                let row = &callbacks[group_cbs[k].3];
+                if row.from_user < row.to_user { s.ups.push(k) } else { s.downs.push(k) }
+            }
+            for (&u, &d) in s.ups.iter().zip(&s.downs) {
+                s.twin[u] = Some(d);
+                s.twin[d] = Some(u);
+            }
+        }
+        start = end;
     }
 }
 
@@ -566,6 +622,11 @@ mod tests {
         cb(seq, "add", "alice", "bob", ts)
     }
 
+    /// `cb` stored at `at` (our clock) instead of `DELIVERY` after its own timestamp (Easemob's).
+    fn received_at(cb: CallbackRow, at: i64) -> CallbackRow {
+        CallbackRow { received_at_ms: at, ..cb }
+    }
+
     fn single(r: &Reconciliation) -> &CallReport {
         assert_eq!(r.calls.len(), 1, "{r:?}");
         &r.calls[0]
@@ -598,14 +659,18 @@ mod tests {
 
     #[test]
     fn a_callback_exactly_skew_before_t0_matches() {
-        let r = reconcile(&[add(1, 100_000, 100_500)], &[add_cb(10, 100_000 - SKEW)], &params(LATER));
+        // Easemob's clock runs `SKEW` behind ours: the event is stamped before the request, but
+        // reaches us after it.
+        let callback = received_at(add_cb(10, 100_000 - SKEW), 100_300);
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[callback], &params(LATER));
         assert_eq!(single(&r).matched, Some(10));
         assert!(r.orphans.is_empty());
     }
 
     #[test]
     fn a_callback_one_ms_before_the_skew_edge_is_an_orphan() {
-        let r = reconcile(&[add(1, 100_000, 100_500)], &[add_cb(10, 100_000 - SKEW - 1)], &params(LATER));
+        let callback = received_at(add_cb(10, 100_000 - SKEW - 1), 100_300);
+        let r = reconcile(&[add(1, 100_000, 100_500)], &[callback], &params(LATER));
         assert_eq!(single(&r).status, CallStatus::Missing);
         assert_eq!(single(&r).matched, None);
         assert_eq!(r.orphans, vec![10]);
@@ -742,8 +807,9 @@ mod tests {
             add_cb(2, 130_100),
             // In both windows; 500 ms from call 1, 29 s from call 2.
             add_cb(3, 101_000),
-            // In both windows; 1 s before call 2 (within skew), 28.5 s after call 1.
-            add_cb(4, 129_000),
+            // In both windows; 1 s before call 2 (within skew), 28.5 s after call 1; received
+            // after call 2 was requested.
+            received_at(add_cb(4, 129_000), 130_300),
         ];
         let r = reconcile(&calls, &callbacks, &params(LATER));
         assert_eq!((r.calls[0].matched, r.calls[0].extras.clone()), (Some(1), vec![3]));
@@ -862,6 +928,62 @@ mod tests {
         let r = reconcile(&calls, &[add_cb(10, hour - 1_900)], &params(hour));
         let status: Vec<_> = r.calls.iter().map(|c| (c.call_id, c.status, c.matched)).collect();
         assert_eq!(status, [(1, CallStatus::Pending, None), (2, CallStatus::Matched, Some(10))], "{r:?}");
+    }
+
+    /// An add told to both users (same timestamp, both directions) right after a rejected attempt
+    /// of the pair: both callbacks belong to the retry; the rejected attempt expected nothing.
+    #[test]
+    fn both_halves_of_one_event_go_to_the_same_call() {
+        let calls = [call(1, CallOp::Add, 100_000, Some(100_050), Outcome::Rejected), add(2, 101_000, 101_100)];
+        let callbacks = [cb(10, "add", "bob", "alice", 101_040), add_cb(11, 101_040)];
+        let r = reconcile(&calls, &callbacks, &params(LATER));
+        assert_eq!(r.calls[0].status, CallStatus::NotExpected, "{r:?}");
+        assert_eq!((r.calls[1].status, r.calls[1].matched), (CallStatus::Matched, Some(11)), "owner to friend first");
+        assert_eq!(r.calls[1].extras, vec![10]);
+        assert!(r.orphans.is_empty());
+    }
+
+    /// A repeated add of an existing friendship that Easemob answers without a new event: the
+    /// first add's other half is not mistaken for the second add's callback.
+    #[test]
+    fn a_repeated_add_without_its_own_event_is_missing() {
+        let calls = [add(1, 100_000, 100_100), add(2, 101_000, 101_100)];
+        let callbacks = [add_cb(10, 100_050), cb(11, "add", "bob", "alice", 100_050)];
+        let r = reconcile(&calls, &callbacks, &params(LATER));
+        assert_eq!(
+            (r.calls[0].status, r.calls[0].matched, r.calls[0].extras.clone()),
+            (CallStatus::Matched, Some(10), vec![11])
+        );
+        assert_eq!(r.calls[1].status, CallStatus::Missing, "{r:?}");
+    }
+
+    /// Two events a second apart, each told one way only: no twins, each call gets its nearest.
+    #[test]
+    fn callbacks_with_their_own_timestamps_are_not_twins() {
+        let calls = [add(1, 100_000, 100_100), add(2, 101_000, 101_100)];
+        let callbacks = [add_cb(10, 100_050), cb(11, "add", "bob", "alice", 101_050)];
+        let r = reconcile(&calls, &callbacks, &params(LATER));
+        let matched: Vec<_> = r.calls.iter().map(|c| (c.status, c.matched)).collect();
+        assert_eq!(matched, [(CallStatus::Matched, Some(10)), (CallStatus::Matched, Some(11))]);
+    }
+
+    /// Both times are our own clock: a callback stored before the call was requested reports an
+    /// event the call did not cause (made from a client app, say), however near its timestamp.
+    #[test]
+    fn a_callback_stored_before_the_call_was_requested_is_not_its_match() {
+        let early = received_at(add_cb(10, 99_900), 99_950);
+        let r = reconcile(&[add(1, 100_000, 100_100)], &[early], &params(LATER));
+        assert_eq!((single(&r).status, single(&r).matched), (CallStatus::Missing, None));
+        assert_eq!(r.orphans, vec![10]);
+
+        // Next to a call requested before it, it is that call's.
+        let r = reconcile(
+            &[add(1, 90_000, 90_100), add(2, 100_000, 100_100)],
+            &[received_at(add_cb(10, 99_900), 99_950)],
+            &params(LATER),
+        );
+        let matched: Vec<_> = r.calls.iter().map(|c| (c.status, c.matched, c.latency_ms)).collect();
+        assert_eq!(matched, [(CallStatus::Matched, Some(10), Some(9_950)), (CallStatus::Missing, None, None)]);
     }
 
     #[test]
@@ -986,7 +1108,21 @@ mod tests {
                     received_at_ms: ts + rng.below(120) as i64 * 1_000,
                 }
             })
-            .collect();
+            .collect::<Vec<_>>();
+        // Some events told to both users: the same timestamp the other way round.
+        let mut twins = Vec::new();
+        for (i, b) in callbacks.iter().enumerate() {
+            if rng.below(4) == 0 {
+                twins.push(CallbackRow {
+                    seq: 1_000 + i as i64,
+                    from_user: b.to_user.clone(),
+                    to_user: b.from_user.clone(),
+                    received_at_ms: b.received_at_ms + rng.below(3) as i64 * 1_000,
+                    ..b.clone()
+                });
+            }
+        }
+        let callbacks = callbacks.into_iter().chain(twins).collect();
         let p =
             MatchParams { skew_ms: 2_000, window_ms: 20_000, now_ms: rng.below(span_s + span_s / 3) as i64 * 1_000 };
         (calls, callbacks, p)
@@ -1015,6 +1151,7 @@ mod tests {
                     && same_pair(c, b)
                     && t0 - p.skew_ms <= ts
                     && ts <= t1 + p.window_ms
+                    && b.received_at_ms >= t0
                 {
                     let d = if ts < t0 {
                         t0 - ts
@@ -1024,27 +1161,51 @@ mod tests {
                         0
                     };
                     let weight = if expects_callback(c.outcome) { 0 } else { p.skew_ms };
-                    cands.push(((d + weight, ts, b.seq, (ts - t0).abs(), t0, c.id, d), i, k));
+                    let reversed = b.from_user != c.owner;
+                    cands.push(((d + weight, reversed, ts, b.seq, (ts - t0).abs(), t0, c.id, d), i, k));
                 }
             }
         }
         cands.sort();
+        // Twins: per (unordered pair, operation, timestamp), callbacks from the lower name and
+        // from the higher one, each by seq, zipped.
+        type BySeq = Vec<(i64, usize)>;
+        let mut sides: HashMap<(String, String, String, i64), (BySeq, BySeq)> = HashMap::new();
+        for (k, b) in callbacks.iter().enumerate() {
+            let (lo, hi) =
+                if b.from_user <= b.to_user { (&b.from_user, &b.to_user) } else { (&b.to_user, &b.from_user) };
+            let e = sides.entry((lo.to_string(), hi.to_string(), b.operation.to_string(), b.timestamp_ms)).or_default();
+            if b.from_user < b.to_user { e.0.push((b.seq, k)) } else { e.1.push((b.seq, k)) }
+        }
+        let mut twin = vec![None; callbacks.len()];
+        for (mut ups, mut downs) in sides.into_values() {
+            ups.sort();
+            downs.sort();
+            for (&(_, u), &(_, d)) in ups.iter().zip(&downs) {
+                twin[u] = Some(d);
+                twin[d] = Some(u);
+            }
+        }
         let mut primary = vec![None; calls.len()];
         let mut taken = vec![false; callbacks.len()];
+        let mut extras = vec![Vec::new(); calls.len()];
         for &(_, i, k) in &cands {
             if primary[i].is_none() && !taken[k] {
                 primary[i] = Some(k);
                 taken[k] = true;
+                if let Some(t) = twin[k].filter(|&t| !taken[t]) {
+                    taken[t] = true;
+                    extras[i].push(callbacks[t].seq);
+                }
             }
         }
-        let mut extras = vec![Vec::new(); calls.len()];
         let mut orphans = Vec::new();
         for (k, b) in callbacks.iter().enumerate() {
             if taken[k] {
                 continue;
             }
             // Extras go to the nearest call: (distance, t0, id), whatever its outcome.
-            match cands.iter().filter(|c| c.2 == k).min_by_key(|((_, _, _, _, t0, id, d), _, _)| (*d, *t0, *id)) {
+            match cands.iter().filter(|c| c.2 == k).min_by_key(|((_, _, _, _, _, t0, id, d), _, _)| (*d, *t0, *id)) {
                 Some(&(_, i, _)) => extras[i].push(b.seq),
                 None => orphans.push(b.seq),
             }
@@ -1185,7 +1346,8 @@ mod tests {
                     from_user: from.clone(),
                     to_user: to.clone(),
                     timestamp_ms: ts,
-                    received_at_ms: ts + 100,
+                    // Easemob's clock may run behind ours; ours puts it after the request.
+                    received_at_ms: ts.max(t0) + 100,
                 });
             }
         }

@@ -42,7 +42,8 @@ pub struct SandboxConfig {
     pub duplicate_rate: f64,
     /// Upper bound of the random delay (uniform in `0..=delay_ms`) before a callback is sent.
     pub delay_ms: u64,
-    /// Callbacks per successful add: 1 (owner -> friend) or 2 (plus friend -> owner).
+    /// Callbacks per successful add: 1 (owner -> friend) or 2 (plus friend -> owner, sharing the
+    /// first one's callId, msg_id and timestamp).
     pub callbacks_per_add: u8,
     /// Probability that a callback is signed with a wrong secret.
     pub bad_signature_rate: f64,
@@ -167,7 +168,8 @@ pub struct SandboxArgs {
     #[arg(long, env = "FRIENDHOOK_SANDBOX_DELAY_MS", default_value_t = 0)]
     pub delay_ms: u64,
 
-    /// Callbacks per add: 1 (owner to friend) or 2 (also friend to owner).
+    /// Callbacks per add: 1 (owner to friend) or 2 (also friend to owner, with the same callId,
+    /// msg_id and timestamp: one event told to both users).
     #[arg(
         long,
         env = "FRIENDHOOK_SANDBOX_CALLBACKS_PER_ADD",

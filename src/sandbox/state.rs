@@ -302,17 +302,21 @@ impl SandboxState {
     /// Plans the callbacks for `events` while the caller holds the world (so fault draws follow
     /// request order) and returns the deliveries to start once the lock is released.
     /// Without a callback URL nothing is generated.
+    ///
+    /// `events` are the callbacks of one operation, so they share one `msg_id` (hence `callId`)
+    /// and one timestamp, as Easemob's documented pair of callbacks for one acceptance
+    /// (`remote_accept` to the requester, `accept` to the acceptor) does; they differ in `to`.
     pub fn plan_callbacks(&self, world: &mut World, events: Vec<RosterEvent>) -> Vec<Delivery> {
-        if self.config.callback_url.is_none() {
+        if self.config.callback_url.is_none() || events.is_empty() {
             return Vec::new();
         }
         let app_key = self.config.app_key();
         let secret = self.config.callback_secret.as_ref().map(|s| s.expose()).unwrap_or("");
+        let now = self.clock.now_ms();
+        let msg_id = callbacks::next_msg_id(world.last_msg_id, now);
+        world.last_msg_id = msg_id;
         let mut deliveries = Vec::new();
         for event in events {
-            let now = self.clock.now_ms();
-            let msg_id = callbacks::next_msg_id(world.last_msg_id, now);
-            world.last_msg_id = msg_id;
             let draw = callbacks::draw_faults(&mut world.fault_rng, &self.config);
             let signing_secret = if draw.bad_signature { callbacks::wrong_secret(secret) } else { secret.to_owned() };
             let body = callbacks::build_callback(&app_key, msg_id, &event, &signing_secret, now);

@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 
+use friendhook::sandbox::InjectedFault;
 use serde_json::{Value, json};
 
 use crate::helpers::*;
@@ -168,6 +169,34 @@ async fn a_callback_no_call_explains_is_an_orphan_and_one_for_a_failed_call_is_u
     assert_eq!(only_carol.len(), 1);
     let (_, only_carol_again) = all_report_items(&app, "owner=Carol").await;
     assert_eq!(only_carol_again, only_carol, "user IDs are compared lower-cased, as /v1/calls does");
+    app.stop().await;
+}
+
+/// A refused attempt and its successful retry, the add then told to both users (the sandbox
+/// sends its two callbacks as one event): both callbacks are the retry's. Before, the second one
+/// became the refused attempt's match and read `unexpected`.
+#[tokio::test]
+async fn an_add_told_to_both_users_belongs_to_the_retry_not_to_the_refused_attempt() {
+    let app = TestApp::spawn(&["--sandbox-callbacks-per-add", "2"]).await;
+    app.register(&["alice", "bob"]).await;
+    app.sandbox().inject_faults(InjectedFault {
+        status: 403,
+        count: 1,
+        path_contains: Some("/contacts/".to_owned()),
+        error: None,
+    });
+    let (_, refused) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(refused["outcome"], "rejected", "{refused}");
+    let (_, retry) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(retry["outcome"], "succeeded", "{retry}");
+    app.settle().await;
+
+    let (summary, items) = all_report_items(&app, "").await;
+    assert_eq!((summary["matched"].as_u64(), summary["not_expected"].as_u64()), (Some(1), Some(1)), "{summary}");
+    assert_eq!((summary["unexpected"].as_u64(), summary["orphan"].as_u64()), (Some(0), Some(0)), "{summary}");
+    let retried = items.iter().find(|i| i["id"] == retry["id"]).expect("the retry is reported");
+    assert_eq!(retried["matched"]["from_user"], "alice", "{retried}");
+    assert_eq!(retried["extras"][0]["from_user"], "bob", "{retried}");
     app.stop().await;
 }
 

@@ -745,7 +745,7 @@ async fn re_adding_a_friend_sends_no_second_callback() {
 }
 
 #[tokio::test]
-async fn two_callbacks_per_add_go_both_ways_with_their_own_ids() {
+async fn two_callbacks_per_add_go_both_ways_as_one_event() {
     let receiver = spawn_receiver(StatusCode::OK).await;
     let sandbox =
         spawn_sandbox_for(&receiver, SandboxConfig { callbacks_per_add: 2, ..SandboxConfig::default() }).await;
@@ -754,11 +754,15 @@ async fn two_callbacks_per_add_go_both_ways_with_their_own_ids() {
     let records = sandbox.handle.callbacks();
     let directions: Vec<(&str, &str)> = records.iter().map(|r| (r.from_user.as_str(), r.to_user.as_str())).collect();
     assert_eq!(directions, [("alice", "bob"), ("bob", "alice")]);
-    assert_ne!(records[0].call_id, records[1].call_id);
-    let mut froms: Vec<String> =
-        receiver.bodies().iter().map(|b| b["from"].as_str().unwrap_or_default().to_owned()).collect();
-    froms.sort();
+    // One operation told to both users, like Easemob's documented accept / remote_accept pair:
+    // one callId, msg_id and timestamp; only `from` and `to` differ.
+    assert_eq!((&records[0].call_id, &records[0].msg_id), (&records[1].call_id, &records[1].msg_id));
+    let mut bodies = receiver.bodies();
+    bodies.sort_by_key(|b| b["from"].as_str().unwrap_or_default().to_owned());
+    let froms: Vec<&str> = bodies.iter().map(|b| b["from"].as_str().unwrap_or_default()).collect();
     assert_eq!(froms, ["demo-org#demo-app_alice@easemob.com", "demo-org#demo-app_bob@easemob.com"]);
+    assert_eq!(bodies[0]["timestamp"], bodies[1]["timestamp"]);
+    assert_eq!(bodies[0]["callId"], bodies[1]["callId"]);
 }
 
 #[tokio::test]
