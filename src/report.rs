@@ -8,8 +8,10 @@
 //! To judge calls requested in [since, until) fairly, the matcher also sees the calls and
 //! callbacks just outside it: callbacks up to `window + skew` beyond either edge (a call's
 //! callback may come later, or Easemob's clock may run behind), and calls up to the same margin
-//! before `since` and after `until` (they compete for the same callbacks). Only calls requested inside the range,
-//! and orphans whose event time is inside it, are reported.
+//! before `since` and after `until` (they compete for the same callbacks), as well as calls
+//! requested earlier that were still running then (a paced batch's last calls: their callbacks
+//! fall in the window). Only calls requested inside the range, and orphans whose event time is
+//! inside it, are reported.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
@@ -569,6 +571,64 @@ mod tests {
         let now = build(&store, &q, params).await.expect("report");
         assert_eq!((now.summary.matched, now.summary.pending, now.summary.orphan), (1, 1, 1), "{:?}", now.summary);
         assert_ne!(now.as_of, before.as_of);
+        store.close().await;
+    }
+
+    /// A paced batch records its intents at once and completes its last calls long after: a
+    /// window that begins after such a call was requested, while it still ran, must see it, or
+    /// its callback inside the window reads `orphan`. Each way the store finds such calls is
+    /// used: completed soon after the window's start, running longer than ten minutes, running
+    /// still.
+    #[tokio::test]
+    async fn a_window_sees_the_calls_requested_before_it_that_still_ran_inside_it() {
+        use crate::store::{IntentResult, StoreOptions, test_intent as intent, test_succeeded as succeeded};
+        const T0: i64 = 1_700_000_000_000;
+        const MINUTE: i64 = 60_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("test.db").display());
+        let clock = crate::clock::ManualClock::new(T0);
+        let store = Store::open(StoreOptions::new(url), clock.clone()).await.expect("open store");
+        let mut calls = Vec::new();
+        for (owner, friend) in [("alice", "bob"), ("carol", "dave"), ("erin", "frank"), ("gus", "hal")] {
+            let IntentResult::Created(call) = store.insert_call_intent(intent(owner, friend)).await.expect("intent")
+            else {
+                panic!("a new call")
+            };
+            calls.push(call);
+        }
+        let callback = |msg: &str, from: &str, to: &str, ts: i64| {
+            let body = format!(
+                r#"{{"chat_type":"roster","callId":"demo-org#demo-app_{msg}","security":"x","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"demo-org#demo-app_{from}@easemob.com","to":"{to}","eventType":"chat","msg_id":"{msg}","timestamp":{ts}}}"#
+            );
+            crate::store::test_callback(&body, ts + 100)
+        };
+        // alice -> bob ran at once (no callback came); carol -> dave waited ten minutes for its
+        // turn; erin -> frank is still running; gus -> hal acted at Easemob after 30 minutes,
+        // but its outcome was recorded only after two hours. Each of the last three got its
+        // callback when Easemob acted.
+        store.mark_call_outcome(succeeded(calls[0].clone())).await.expect("outcome");
+        clock.advance_ms(10 * MINUTE);
+        store.mark_call_outcome(succeeded(calls[1].clone())).await.expect("outcome");
+        store.insert_callback(callback("1", "carol", "dave", T0 + 10 * MINUTE)).await.expect("insert");
+        store.insert_callback(callback("2", "erin", "frank", T0 + 10 * MINUTE)).await.expect("insert");
+        clock.advance_ms(20 * MINUTE);
+        store.insert_callback(callback("3", "gus", "hal", T0 + 30 * MINUTE)).await.expect("insert");
+        clock.advance_ms(90 * MINUTE);
+        store.mark_call_outcome(succeeded(calls[3].clone())).await.expect("outcome");
+        let params = MatchParams { skew_ms: 5_000, window_ms: MINUTE, now_ms: T0 + 122 * MINUTE };
+
+        // No call was requested in these windows, and each callback in them is a call's.
+        for (since, until) in
+            [(T0 + 5 * MINUTE, i64::MAX), (T0 + 5 * MINUTE, T0 + 15 * MINUTE), (T0 + 25 * MINUTE, T0 + 35 * MINUTE)]
+        {
+            let q = ReportQuery { since_ms: Some(since), until_ms: Some(until), limit: 10, ..ReportQuery::default() };
+            let report = build(&store, &q, params).await.expect("report");
+            assert_eq!(report.summary, Summary::default(), "window {since}..{until}: {:?}", report.summary);
+            assert_eq!(summary(&store, since, until, params).await.expect("summary"), report.summary);
+        }
+        let all = build(&store, &ReportQuery { limit: 10, ..ReportQuery::default() }, params).await.expect("report");
+        let s = all.summary;
+        assert_eq!((s.matched, s.missing, s.orphan), (3, 1, 0), "all but alice's call matched: {s:?}");
         store.close().await;
     }
 

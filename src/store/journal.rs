@@ -423,8 +423,19 @@ impl Store {
         Ok(a + b)
     }
 
-    /// Calls requested in [since, until), for reconciliation, as they were at `at`: a later call
-    /// is left out, a later outcome is not known yet (the call is in flight).
+    /// Calls requested in [since, until), and calls requested before `since` that were still
+    /// running at `since` (completed at or after it, or not completed), for reconciliation, as
+    /// they were at `at`: a later call is left out, a later outcome is not known yet (the call
+    /// is in flight).
+    ///
+    /// The second kind matters to a window: a paced batch records all its intents at once and
+    /// completes its last calls long after, so their callbacks fall in windows that begin after
+    /// their request. Read without reading older calls (SQLite's multi-index OR): those that
+    /// completed before `until` + 10 minutes through `calls_by_completed`, those that ran longer
+    /// than 10 minutes through the partial index `calls_long_running` (its condition is
+    /// repeated here word for word, or SQLite would not use it; see migration 0006), those
+    /// still running through `calls_by_outcome`. A call that ran at most 10 minutes and was
+    /// running at `since` completed before `since` + 10 minutes, so the three cover them all.
     pub async fn calls_for_reconcile(
         &self,
         since_ms: i64,
@@ -445,7 +456,12 @@ impl Store {
                SELECT id, op, owner, friend, requested_at_ms,
                       CASE WHEN seq <= ?4 THEN completed_at_ms END AS completed_at_ms,
                       CASE WHEN seq <= ?4 THEN outcome END AS outcome FROM calls
-               WHERE requested_at_ms >= ?1 AND requested_at_ms < ?2 AND id > ?3 AND +id <= ?5)",
+               WHERE ((requested_at_ms >= ?1 AND requested_at_ms < ?2)
+                      OR (requested_at_ms < ?1 AND completed_at_ms >= ?1 AND completed_at_ms < ?2 + 600000)
+                      OR (completed_at_ms - requested_at_ms > 600000 AND requested_at_ms < ?1
+                          AND completed_at_ms >= ?1)
+                      OR (requested_at_ms < ?1 AND outcome IS NULL))
+                 AND +id > ?3 AND +id <= ?5)",
         );
         // CompactString: user names of up to 24 bytes are decoded into the row itself, with no
         // allocation of their own (at a million rows a side, 5 million small allocations less).
