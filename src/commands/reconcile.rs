@@ -34,9 +34,8 @@ pub struct ReconcileArgs {
     /// ... and before this.
     #[arg(long)]
     pub until: Option<String>,
-    /// Only this status (matched, pending, missing, not_expected, unexpected, orphan).
-    /// Default: missing, unexpected and orphan.
-    #[arg(long)]
+    /// Only this status. Default: missing, unexpected and orphan.
+    #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::report::STATUSES))]
     pub status: Option<String>,
     /// Only calls of this owner (orphans: either side).
     #[arg(long)]
@@ -229,15 +228,6 @@ async fn fetch_page(
 
 /// Runs the command.
 pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
-    // Checked here, not only by the service: against a database a mistyped status would match
-    // nothing and read as "nothing to list".
-    if let Some(s) = args.status.as_deref() {
-        anyhow::ensure!(
-            crate::report::STATUSES.contains(&s),
-            "--status must be one of {}, got `{s}`",
-            crate::report::STATUSES.join(", ")
-        );
-    }
     let statuses: Vec<Option<&str>> = match args.status.as_deref() {
         Some(s) => vec![Some(s)],
         None if args.json => vec![None],

@@ -95,6 +95,24 @@ pub enum StoreError {
         /// The database URL as given.
         database: String,
     },
+    /// `--database-url` names a directory.
+    #[error("{database} is a directory; give a database file, e.g. sqlite://{example}. Nothing was changed")]
+    IsDirectory {
+        /// The database URL as given.
+        database: String,
+        /// A file path inside the directory, for the example.
+        example: String,
+    },
+    /// `--database-url` names a file that is not an SQLite database.
+    #[error(
+        "{database} is not an SQLite database (the file does not start with SQLite's header); is \
+         --database-url right? Give a friendhook database, or a new path for `friendhook serve` to \
+         create one. Nothing was changed"
+    )]
+    NotSqlite {
+        /// The database URL as given.
+        database: String,
+    },
     /// A read-only command found an SQLite file without friendhook's schema.
     #[error(
         "{database} has no friendhook schema (is --database-url right? `friendhook serve` creates \
@@ -423,6 +441,33 @@ fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<s
     }
 }
 
+/// Whether the file at `path` starts with SQLite's header (`Err` if it cannot be read).
+fn has_sqlite_header(path: &std::path::Path) -> std::io::Result<bool> {
+    let mut magic = [0u8; 16];
+    let mut file = std::fs::File::open(path)?;
+    match std::io::Read::read_exact(&mut file, &mut magic) {
+        Ok(()) => Ok(&magic == b"SQLite format 3\0"),
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(false),
+        Err(e) => Err(e),
+    }
+}
+
+/// Refuses a directory, or a non-empty file that is not SQLite, before anything is created
+/// beside it (the lock file) or SQLite answers with its own terse error ("file is not a
+/// database", "disk I/O error"). A file that cannot be read is left to SQLite to report.
+fn check_database_path(database_url: &str, path: &std::path::Path) -> Result<(), StoreError> {
+    let database = database_url.to_string();
+    match std::fs::metadata(path) {
+        Ok(meta) if meta.is_dir() => {
+            Err(StoreError::IsDirectory { database, example: path.join("friendhook.db").display().to_string() })
+        }
+        Ok(meta) if meta.len() > 0 && matches!(has_sqlite_header(path), Ok(false)) => {
+            Err(StoreError::NotSqlite { database })
+        }
+        _ => Ok(()),
+    }
+}
+
 /// What a database file that is about to be recreated (the demo's) holds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Replaceable {
@@ -447,11 +492,7 @@ pub async fn check_replaceable(database_url: &str) -> Result<Replaceable, StoreE
     if len == 0 {
         return Ok(Replaceable::Nothing);
     }
-    let mut magic = [0u8; 16];
-    let is_sqlite = std::fs::File::open(&path)
-        .and_then(|mut f| std::io::Read::read_exact(&mut f, &mut magic))
-        .is_ok_and(|()| &magic == b"SQLite format 3\0");
-    if !is_sqlite {
+    if !has_sqlite_header(&path).unwrap_or(false) {
         return Ok(Replaceable::Foreign);
     }
     let mut conn = options.clone().read_only(true).connect().await?;
@@ -488,6 +529,7 @@ impl Store {
             // Room for the fast path's statement per row count (up to 64) besides the others.
             .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
+        check_database_path(&opts.database_url, write_options.get_filename())?;
         let instance_lock =
             if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
         let mut conn = write_options.connect().await?;
@@ -555,6 +597,7 @@ impl Store {
         if !opts.get_filename().exists() {
             return Err(StoreError::NoDatabase { database: database_url.to_string() });
         }
+        check_database_path(database_url, opts.get_filename())?;
         let read = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
         if let Err(e) = check_readable_schema(&read, database_url).await {
             read.close().await;

@@ -146,3 +146,37 @@ async fn a_bare_port_or_an_unwritable_export_file_is_answered_with_what_to_give(
     assert!(stderr.contains("cannot create --output /nonexistent-dir/feed.ndjson"), "{stderr}");
     app.stop().await;
 }
+
+/// A directory, or a file of something else, is named as such, by the service and by the
+/// commands that read a database, and nothing (no lock file) is created beside it.
+#[tokio::test]
+async fn a_directory_or_a_file_that_is_not_sqlite_is_refused_with_what_to_give() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = dir.path().join("notes.txt");
+    std::fs::write(&text, "not a database\n").unwrap();
+    let folder = dir.path().join("data");
+    std::fs::create_dir(&folder).unwrap();
+
+    let err = refusal(&text, &[]).await;
+    assert!(err.contains("is not an SQLite database") && err.contains("Nothing was changed"), "{err}");
+    let err = refusal(&folder, &[]).await;
+    let example = format!("e.g. sqlite://{}", folder.join("friendhook.db").display());
+    assert!(err.contains("is a directory") && err.contains(&example), "{err}");
+
+    for (db, expected) in [(&text, "is not an SQLite database"), (&folder, "is a directory")] {
+        let url = format!("sqlite://{}", db.display());
+        let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+            .args(["reconcile", "--database-url", &url])
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+    let mut left: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    left.sort();
+    assert_eq!(left, ["data", "notes.txt"], "no lock file or database created beside them");
+    assert_eq!(std::fs::read_to_string(&text).unwrap(), "not a database\n");
+}
