@@ -173,7 +173,7 @@ async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, bod
         Ok(v) => v,
         Err(Refusal::Unparseable(err)) => return Err(parse_error(err)),
         Err(Refusal::BadSignature(err)) => {
-            return bad_signature(state, peer, headers, body, received_at_ms, err).await;
+            return bad_signature(state, peer, headers, body, received_at_ms, err, commit_deadline).await;
         }
     };
 
@@ -189,30 +189,38 @@ async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, bod
         secret_index: secret_index as i64,
         event,
     });
-    // Behind a batch that waits on a lock held by another process, a callback can wait for two
-    // busy timeouts, past the request deadline: it is answered 503 before that, so that Easemob
-    // retries. Its row may still commit later; the retry is then answered as a duplicate.
-    let ack = match tokio::time::timeout_at(commit_deadline, insert).await {
-        Ok(stored) => stored.map_err(|err| refused_by_store(state, err))?,
-        Err(_) => {
-            if let Some(n) = state.commit_timeouts.hit(state.clock.now_ms()) {
-                tracing::warn!(
-                    answered_503_since_last_line = n,
-                    waited = ?state.settings.commit_timeout,
-                    "callbacks' commits did not finish in time: answered 503 (they may still commit; Easemob's retry is \
-                     then a duplicate). Is another process holding the database's write lock?"
-                );
-            }
-            return Err(ApiError::Unavailable {
-                code: "storage_unavailable",
-                detail: "the database did not commit in time; retry shortly (if it commits meanwhile, the retry is \
-                         answered as a duplicate)"
-                    .into(),
-                retry_after_secs: 1,
-            });
-        }
-    };
+    let ack = committed_by(state, commit_deadline, insert).await?.map_err(|err| refused_by_store(state, err))?;
     Ok(Received::Stored(ack))
+}
+
+/// Waits for a write of the receive path until `deadline`.
+///
+/// Behind a batch that waits on a lock held by another process, a write can wait for two busy
+/// timeouts, past the request deadline (a 408 without `Retry-After`): it is answered 503 before
+/// that, so that Easemob retries. Its row may still commit later; the retry is then answered as a
+/// duplicate (or held in quarantine a second time).
+async fn committed_by<T>(
+    state: &SharedState,
+    deadline: tokio::time::Instant,
+    write: impl std::future::Future<Output = T>,
+) -> Result<T, ApiError> {
+    tokio::time::timeout_at(deadline, write).await.map_err(|_| {
+        if let Some(n) = state.commit_timeouts.hit(state.clock.now_ms()) {
+            tracing::warn!(
+                answered_503_since_last_line = n,
+                waited = ?state.settings.commit_timeout,
+                "callbacks' commits did not finish in time: answered 503 (they may still commit; Easemob's retry is \
+                 then a duplicate). Is another process holding the database's write lock?"
+            );
+        }
+        ApiError::Unavailable {
+            code: "storage_unavailable",
+            detail: "the database did not commit in time; retry shortly (if it commits meanwhile, the retry is \
+                     answered as a duplicate)"
+                .into(),
+            retry_after_secs: 1,
+        }
+    })
 }
 
 /// Why a request is not a verified callback.
@@ -269,6 +277,7 @@ async fn bad_signature(
     body: Bytes,
     received_at_ms: i64,
     err: VerifyError,
+    commit_deadline: tokio::time::Instant,
 ) -> Result<Received, ApiError> {
     let body_sha256 = chain::sha256_hex(&body);
     if state.settings.on_bad_signature == OnBadSignature::Quarantine {
@@ -277,16 +286,14 @@ async fn bad_signature(
                 .iter()
                 .filter_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(|v| (h.to_string(), json!(v))))
                 .collect();
-        let held = state
-            .store
-            .insert_quarantine(QuarantineEntry {
-                received_at_ms,
-                remote_addr: Some(peer.to_string()),
-                reason: err.reason(),
-                headers_json: serde_json::Value::Object(kept).to_string(),
-                raw_body: body.to_vec(),
-            })
-            .await?;
+        let hold = state.store.insert_quarantine(QuarantineEntry {
+            received_at_ms,
+            remote_addr: Some(peer.to_string()),
+            reason: err.reason(),
+            headers_json: serde_json::Value::Object(kept).to_string(),
+            raw_body: body.to_vec(),
+        });
+        let held = committed_by(state, commit_deadline, hold).await??;
         if let Some(id) = held {
             tracing::warn!(%peer, reason = err.reason(), quarantine_id = id, body_sha256,
                 "callback failed verification; QUARANTINED and answered 200 (check the callback secret; see `friendhook quarantine list`)");

@@ -50,15 +50,26 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
 
 /// A callback queued behind a batch that waits on the lock waits for two busy timeouts, longer
 /// than the request deadline: it must still get the 503 that asks Easemob to retry, never a 408.
+/// So must one on its way into quarantine.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn callbacks_queued_behind_a_locked_batch_get_503_before_the_request_deadline() {
-    let app = TestApp::spawn(&["--sqlite-busy-timeout", "1s", "--request-timeout", "1500ms"]).await;
+    let app = TestApp::spawn(&[
+        "--sqlite-busy-timeout",
+        "1s",
+        "--request-timeout",
+        "1500ms",
+        "--on-bad-signature",
+        "quarantine",
+    ])
+    .await;
     let lock = WriteLock::take(&app.db_path).await;
 
-    // One callback takes the writer into a wait on the lock; the next ones queue behind it.
+    // One callback takes the writer into a wait on the lock; the next ones queue behind it, every
+    // other one signed with a wrong secret (held in quarantine).
     let mut sent = tokio::task::JoinSet::new();
     for n in 0..6 {
-        let body = roster_body(&format!("31000{n}"), "alice", &format!("f{n}"), "add", 1_700_000_000_000 + n, SECRET);
+        let secret = if n % 2 == 0 { SECRET } else { "not-the-secret" };
+        let body = roster_body(&format!("31000{n}"), "alice", &format!("f{n}"), "add", 1_700_000_000_000 + n, secret);
         let client = app.client.clone();
         let url = format!("{}/callbacks/easemob", app.base);
         sent.spawn(async move {
