@@ -7,6 +7,7 @@
 //! minutes; a stop (or a crash) before it is recorded leaves the call in flight, and the next
 //! start closes it as `unknown`.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use axum::Json;
@@ -397,12 +398,21 @@ async fn add_friends_batch(
             format!("`pairs` must hold 1 to {MAX_BATCH} pairs, got {}", body.pairs.len()),
         ));
     }
-    // Validate everything first: a batch with a bad pair sends nothing.
+    // Validate everything first: a batch with a bad pair sends nothing. A pair given again is
+    // one call (a second add of it would be a re-add, which Easemob answers without an event,
+    // so it would only read `missing`): each position gets that call's result.
     let mut calls = Vec::with_capacity(body.pairs.len());
+    let mut first_of: HashMap<(String, String), usize> = HashMap::new();
+    let mut position_of = Vec::with_capacity(body.pairs.len());
     for (i, p) in body.pairs.iter().enumerate() {
         let (owner, friend) = validate_pair(p.owner.as_deref(), p.friend.as_deref())
             .map_err(|d| ApiError::bad_request("invalid_request", format!("pairs[{i}]: {d}")))?;
-        calls.push(NewCall { op: CallOp::Add, owner, friend, idempotency_key: None });
+        let next = calls.len();
+        let call = *first_of.entry((owner.clone(), friend.clone())).or_insert(next);
+        if call == next {
+            calls.push(NewCall { op: CallOp::Add, owner, friend, idempotency_key: None });
+        }
+        position_of.push(call);
     }
     let client = client(&state)?;
     // All run at once; the client's rate limiter paces them to Easemob's limit. Every one is
@@ -415,7 +425,10 @@ async fn add_friends_batch(
         let result = t.await.map_err(|e| CallFailure::from(ApiError::internal(e))).and_then(|r| r);
         done.push((pair, result.map(|(record, _)| record)));
     }
-    Ok(Json(batch_answer(done)?).into_response())
+    let mut answer = batch_answer(done)?;
+    let results = std::mem::take(&mut answer["results"]);
+    answer["results"] = Value::Array(position_of.iter().map(|&call| results[call].clone()).collect());
+    Ok(Json(answer).into_response())
 }
 
 /// The answer to a batch, one result per pair in request order: the call, or for a pair whose

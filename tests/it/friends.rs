@@ -148,6 +148,31 @@ async fn a_batch_runs_every_pair_and_answers_in_request_order() {
     app.stop().await;
 }
 
+/// A pair given twice in one batch is one call: the second add would be a re-add, which Easemob
+/// answers without an event, so it would only ever read `missing`.
+#[tokio::test]
+async fn a_pair_repeated_in_a_batch_is_one_call_reported_at_each_position() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob", "carol", "dave"]).await;
+    let pairs = json!([
+        {"owner": "alice", "friend": "bob"},
+        {"owner": "carol", "friend": "dave"},
+        {"owner": "Alice", "friend": "BOB"},
+        {"owner": "bob", "friend": "alice"},
+    ]);
+    let (status, body) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
+    assert_eq!(status, 200, "{body}");
+    let results = body["results"].as_array().unwrap();
+    assert_eq!(results.len(), 4, "one result per position");
+    assert_eq!(results[2], results[0], "the repeat is the same call");
+    let ids: std::collections::HashSet<i64> = results.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert_eq!(ids.len(), 3, "alice -> bob once; bob -> alice is a call of its own: {body}");
+    let (_, calls) = app.get_json("/v1/calls?owner=alice").await;
+    assert_eq!(calls["items"].as_array().unwrap().len(), 1, "{calls}");
+    assert_eq!(app.sandbox().stats().rate_limited, 0);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn deleting_a_friend_is_a_recorded_call_with_a_remove_callback() {
     let app = TestApp::spawn(&[]).await;
