@@ -62,7 +62,8 @@ pub struct CallView {
     pub upstream_status: Option<i64>,
     /// Easemob's error type (`exceed_limit`, `service_resource_not_found`, ...).
     pub upstream_error: Option<String>,
-    /// HTTP attempts made.
+    /// HTTP attempts made; `None` while in flight, and for a call cut off by a stop (`unknown`:
+    /// the count was lost with the process; the journal keeps the 0 it was closed with).
     pub attempts: Option<i64>,
     /// Easemob's response body.
     pub response: Option<Value>,
@@ -84,7 +85,7 @@ impl From<CallRecord> for CallView {
             outcome: c.outcome,
             upstream_status: c.upstream_status,
             upstream_error: c.upstream_error,
-            attempts: c.attempts,
+            attempts: c.attempts.filter(|_| c.outcome != Outcome::Unknown),
             response: c.response_body.as_deref().and_then(|b| serde_json::from_str(b).ok()),
             idempotency_key: c.idempotency_key,
             seq: c.seq,

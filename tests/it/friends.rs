@@ -217,6 +217,7 @@ async fn a_call_cut_off_between_intent_and_outcome_shows_as_unknown_after_restar
     assert_eq!(status, 200);
     assert_eq!(call["outcome"], "unknown");
     assert!(call["completed_at"].is_i64());
+    assert!(call["attempts"].is_null(), "how many attempts were made was lost with the process: {call}");
     assert_eq!(app.metrics().await["friendhook_calls_total{outcome=\"unknown\"}"], 1.0);
     app.stop().await;
 }
