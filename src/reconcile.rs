@@ -9,9 +9,9 @@
 //!
 //! - **Candidates.** A callback is a candidate for a call when its `operation` is
 //!   `op.expected_callback_operation()`, it is between O and F in either direction, its
-//!   `timestamp_ms` lies in the call's window, and it was not received before the call was
-//!   requested (`received_at_ms >= t0`: both are our own clock, so such a callback reports an
-//!   event the call cannot have caused, e.g. one made from a client app).
+//!   `timestamp_ms` lies in the call's window, and neither it nor its twin (below) was received
+//!   before the call was requested (`received_at_ms >= t0`: both are our own clock, so such a
+//!   callback reports an event the call cannot have caused, e.g. one made from a client app).
 //! - **Distance** of a callback to a call: 0 inside `[t0, t1]`, else the distance to the nearer
 //!   of `t0` and `t1`. **Reversed**: the callback goes from F to O.
 //! - **Twins.** One operation can be told to both users: two callbacks of the pair and
@@ -471,8 +471,10 @@ fn match_group(
         let hi = group_cbs.partition_point(|b| b.1 <= span.close);
         for (k, b) in group_cbs.iter().enumerate().take(hi).skip(lo) {
             let row = &callbacks[b.3];
-            if row.received_at_ms < span.t0 {
-                // Stored before the call was requested: not something the call caused.
+            // Stored before the call was requested (this half of the event or its twin): not
+            // something the call caused.
+            let twin_received = s.twin[k].map_or(i64::MAX, |t| callbacks[group_cbs[t].3].received_at_ms);
+            if row.received_at_ms.min(twin_received) < span.t0 {
                 continue;
             }
             let d = span.distance(b.1);
@@ -976,6 +978,13 @@ mod tests {
         assert_eq!((single(&r).status, single(&r).matched), (CallStatus::Missing, None));
         assert_eq!(r.orphans, vec![10]);
 
+        // Nor is the other half of an event whose first half was stored before the request.
+        let first_half = received_at(add_cb(10, 99_900), 99_950);
+        let second_half = received_at(cb(11, "add", "bob", "alice", 99_900), 100_300);
+        let r = reconcile(&[add(1, 100_000, 100_100)], &[first_half, second_half], &params(LATER));
+        assert_eq!((single(&r).status, single(&r).matched), (CallStatus::Missing, None));
+        assert_eq!(r.orphans, vec![10, 11]);
+
         // Next to a call requested before it, it is that call's.
         let r = reconcile(
             &[add(1, 90_000, 90_100), add(2, 100_000, 100_100)],
@@ -1142,16 +1151,19 @@ mod tests {
         let same_pair = |c: &CallRow, b: &CallbackRow| {
             (c.owner == b.from_user && c.friend == b.to_user) || (c.owner == b.to_user && c.friend == b.from_user)
         };
+        let twin = brute_force_twins(callbacks);
         let mut cands = Vec::new();
         for (i, c) in calls.iter().enumerate() {
             let (t0, t1) = (c.requested_at_ms, t1_of(c));
             for (k, b) in callbacks.iter().enumerate() {
                 let ts = b.timestamp_ms;
+                let event_received =
+                    twin[k].map_or(b.received_at_ms, |t| b.received_at_ms.min(callbacks[t].received_at_ms));
                 if b.operation == c.op.expected_callback_operation()
                     && same_pair(c, b)
                     && t0 - p.skew_ms <= ts
                     && ts <= t1 + p.window_ms
-                    && b.received_at_ms >= t0
+                    && event_received >= t0
                 {
                     let d = if ts < t0 {
                         t0 - ts
@@ -1167,25 +1179,6 @@ mod tests {
             }
         }
         cands.sort();
-        // Twins: per (unordered pair, operation, timestamp), callbacks from the lower name and
-        // from the higher one, each by seq, zipped.
-        type BySeq = Vec<(i64, usize)>;
-        let mut sides: HashMap<(String, String, String, i64), (BySeq, BySeq)> = HashMap::new();
-        for (k, b) in callbacks.iter().enumerate() {
-            let (lo, hi) =
-                if b.from_user <= b.to_user { (&b.from_user, &b.to_user) } else { (&b.to_user, &b.from_user) };
-            let e = sides.entry((lo.to_string(), hi.to_string(), b.operation.to_string(), b.timestamp_ms)).or_default();
-            if b.from_user < b.to_user { e.0.push((b.seq, k)) } else { e.1.push((b.seq, k)) }
-        }
-        let mut twin = vec![None; callbacks.len()];
-        for (mut ups, mut downs) in sides.into_values() {
-            ups.sort();
-            downs.sort();
-            for (&(_, u), &(_, d)) in ups.iter().zip(&downs) {
-                twin[u] = Some(d);
-                twin[d] = Some(u);
-            }
-        }
         let mut primary = vec![None; calls.len()];
         let mut taken = vec![false; callbacks.len()];
         let mut extras = vec![Vec::new(); calls.len()];
@@ -1238,6 +1231,29 @@ mod tests {
             })
             .collect();
         Reconciliation { calls, orphans }
+    }
+
+    /// Twins read literally: per (unordered pair, operation, timestamp), callbacks from the lower
+    /// name and from the higher one, each by seq, zipped.
+    fn brute_force_twins(callbacks: &[CallbackRow]) -> Vec<Option<usize>> {
+        type BySeq = Vec<(i64, usize)>;
+        let mut sides: HashMap<(String, String, String, i64), (BySeq, BySeq)> = HashMap::new();
+        for (k, b) in callbacks.iter().enumerate() {
+            let (lo, hi) =
+                if b.from_user <= b.to_user { (&b.from_user, &b.to_user) } else { (&b.to_user, &b.from_user) };
+            let e = sides.entry((lo.to_string(), hi.to_string(), b.operation.to_string(), b.timestamp_ms)).or_default();
+            if b.from_user < b.to_user { e.0.push((b.seq, k)) } else { e.1.push((b.seq, k)) }
+        }
+        let mut twin = vec![None; callbacks.len()];
+        for (mut ups, mut downs) in sides.into_values() {
+            ups.sort();
+            downs.sort();
+            for (&(_, u), &(_, d)) in ups.iter().zip(&downs) {
+                twin[u] = Some(d);
+                twin[d] = Some(u);
+            }
+        }
+        twin
     }
 
     /// Reports keyed by call id, so results can be compared across input orders.
