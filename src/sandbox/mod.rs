@@ -44,8 +44,8 @@
 //!   is checked for both users. Lists are sorted by username.
 //! - **Callbacks**: with no `callback_url`, none are generated at all (no records, no counters).
 //!   An add sends owner -> friend (`add`), plus friend -> owner when `callbacks_per_add` is 2,
-//!   the two as one event (one msg_id, callId and timestamp); a remove sends one owner -> friend `remove` whose `roster_ver` is a
-//!   hash of the receiver's new friend list. msg_ids are time-based (ms << 22), strictly
+//!   the two as one event (one msg_id, callId and timestamp); a remove sends one owner -> friend
+//!   `remove` whose `roster_ver` is a hash of the receiver's new friend list. msg_ids are time-based (ms << 22), strictly
 //!   increasing and at least 18 digits. With no `callback_secret` the signature uses "".
 //!   Success is a 200 answer only, with a reply of at most 1,000 bytes; one immediate retry, then
 //!   `failed`. 90 failed attempts within 30 s (injected clock) ban the callback rule for 5, 10,
