@@ -490,6 +490,7 @@ pub const STATUSES: [&str; 6] = ["matched", "pending", "missing", "not_expected"
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::test_roster_add;
 
     /// `summary` loads only the callbacks a call could explain; it must count exactly what
     /// `build` reports, over a seeded history with every status and with orphans of both kinds
@@ -503,11 +504,9 @@ mod tests {
         // first 20 calls' pairs come long after those calls' windows have closed.
         for k in 0..20u64 {
             let ts = START + 3_500_000 + k as i64;
-            let body = format!(
-                r#"{{"chat_type":"roster","callId":"demo-org#demo-app_late{k}","security":"x","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"demo-org#demo-app_user{k}@easemob.com","to":"peer{}","eventType":"chat","msg_id":"late{k}","timestamp":{ts}}}"#,
-                k * 7
-            );
-            store.insert_callback(crate::store::test_callback(&body, ts + 100)).await.expect("insert");
+            let late =
+                test_roster_add(&format!("late{k}"), &format!("user{k}"), &format!("peer{}", k * 7), ts, ts + 100);
+            store.insert_callback(late).await.expect("insert");
         }
         // Calls whose window is still open at `now` are pending.
         let params = MatchParams { skew_ms: 5_000, window_ms: 300_000, now_ms: START + 1_500_000 };
@@ -555,10 +554,7 @@ mod tests {
         store.mark_call_outcome(succeeded(call.clone())).await.expect("outcome");
         let ts = call.requested_at_ms;
         for (msg, from, to) in [("1", "alice", "bob"), ("2", "carol", "dave")] {
-            let body = format!(
-                r#"{{"chat_type":"roster","callId":"demo-org#demo-app_{msg}","security":"x","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"demo-org#demo-app_{from}@easemob.com","to":"{to}","eventType":"chat","msg_id":"{msg}","timestamp":{ts}}}"#
-            );
-            store.insert_callback(crate::store::test_callback(&body, ts + 100)).await.expect("insert");
+            store.insert_callback(test_roster_add(msg, from, to, ts, ts + 100)).await.expect("insert");
         }
         store.insert_call_intent(intent("erin", "frank")).await.expect("intent");
 
@@ -581,13 +577,12 @@ mod tests {
     /// still.
     #[tokio::test]
     async fn a_window_sees_the_calls_requested_before_it_that_still_ran_inside_it() {
-        use crate::store::{IntentResult, StoreOptions, test_intent as intent, test_succeeded as succeeded};
+        use crate::store::{IntentResult, test_intent as intent, test_succeeded as succeeded};
         const T0: i64 = 1_700_000_000_000;
         const MINUTE: i64 = 60_000;
         let dir = tempfile::tempdir().expect("tempdir");
-        let url = format!("sqlite://{}", dir.path().join("test.db").display());
         let clock = crate::clock::ManualClock::new(T0);
-        let store = Store::open(StoreOptions::new(url), clock.clone()).await.expect("open store");
+        let (store, _) = crate::store::open_test_store_with(&dir, clock.clone()).await;
         let mut calls = Vec::new();
         for (owner, friend) in [("alice", "bob"), ("carol", "dave"), ("erin", "frank"), ("gus", "hal")] {
             let IntentResult::Created(call) = store.insert_call_intent(intent(owner, friend)).await.expect("intent")
@@ -596,12 +591,7 @@ mod tests {
             };
             calls.push(call);
         }
-        let callback = |msg: &str, from: &str, to: &str, ts: i64| {
-            let body = format!(
-                r#"{{"chat_type":"roster","callId":"demo-org#demo-app_{msg}","security":"x","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"demo-org#demo-app_{from}@easemob.com","to":"{to}","eventType":"chat","msg_id":"{msg}","timestamp":{ts}}}"#
-            );
-            crate::store::test_callback(&body, ts + 100)
-        };
+        let callback = |msg: &str, from: &str, to: &str, ts: i64| test_roster_add(msg, from, to, ts, ts + 100);
         // alice -> bob ran at once (no callback came); carol -> dave waited ten minutes for its
         // turn; erin -> frank is still running; gus -> hal acted at Easemob after 30 minutes,
         // but its outcome was recorded only after two hours. Each of the last three got its

@@ -736,8 +736,14 @@ impl Store {
 /// second time).
 #[cfg(test)]
 pub(crate) async fn open_test_store(dir: &tempfile::TempDir) -> (Store, String) {
+    open_test_store_with(dir, crate::clock::system()).await
+}
+
+/// [`open_test_store`] whose times (request, outcome) come from `clock`.
+#[cfg(test)]
+pub(crate) async fn open_test_store_with(dir: &tempfile::TempDir, clock: SharedClock) -> (Store, String) {
     let url = format!("sqlite://{}", dir.path().join("test.db").display());
-    let store = Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await.expect("open store");
+    let store = Store::open(StoreOptions::new(url.clone()), clock).await.expect("open store");
     (store, url)
 }
 
@@ -800,6 +806,16 @@ pub(crate) fn test_callback(body: &str, received_at_ms: i64) -> NewCallback {
         scheme: "easemob",
         secret_index: 0,
     }
+}
+
+/// A roster `add` callback from `from` to `to` (plain user names, sent as Easemob's JIDs) with
+/// msg_id `msg`, stamped `timestamp_ms` and stored at `received_at_ms`, for store tests.
+#[cfg(test)]
+pub(crate) fn test_roster_add(msg: &str, from: &str, to: &str, timestamp_ms: i64, received_at_ms: i64) -> NewCallback {
+    let body = format!(
+        r#"{{"chat_type":"roster","callId":"demo-org#demo-app_{msg}","security":"x","payload":{{"operation":"add"}},"appkey":"demo-org#demo-app","from":"demo-org#demo-app_{from}@easemob.com","to":"{to}","eventType":"chat","msg_id":"{msg}","timestamp":{timestamp_ms}}}"#
+    );
+    test_callback(&body, received_at_ms)
 }
 
 #[cfg(test)]
