@@ -1,7 +1,7 @@
 //! Parsing an Easemob post-send callback body into a typed event. Pure; no I/O.
 //!
-//! Owns the shape of a callback body: which fields are required (`callId`, `timestamp`, and
-//! `security` under the easemob scheme), which are read leniently (everything else; a wrong type
+//! Owns the shape of a callback body: which fields are required (`callId`, `timestamp`; the
+//! easemob scheme's verifier also needs `security`), which are read leniently (everything else; a wrong type
 //! reads as absent, because Easemob's documented shapes disagree with each other, easemob-api.md
 //! §10 item 6), how `from`/`to` lose their JID decoration, and the dedup key. It does not verify
 //! the signature (see [`crate::signature`]) and does not store anything: the raw body is kept
@@ -9,7 +9,7 @@
 //!
 //! The body is hostile until verified, so parsing is bounded: invalid UTF-8, nesting deeper than
 //! serde_json's own limit, duplicate keys for the fields we read, and a `timestamp` whose text is
-//! not a plain non-negative integer are all refused with an error, never a panic.
+//! not a plain non-negative integer (bare or quoted) are all refused with an error, never a panic.
 
 use serde::Deserialize;
 use serde::de::IgnoredAny;
@@ -133,8 +133,10 @@ struct Payload<'a> {
     operation: Option<&'a RawValue>,
 }
 
-/// Parses a callback body. `require_security`: the easemob scheme needs `security`.
-pub fn parse(body: &[u8], require_security: bool) -> Result<ParsedCallback, ParseError> {
+/// Parses a callback body. `security` is read if it is a string and is `None` otherwise: whether
+/// a callback without one is acceptable is the verifier's decision (the easemob scheme refuses it
+/// as unauthenticated, a 401, not as unreadable), not the parser's.
+pub fn parse(body: &[u8]) -> Result<ParsedCallback, ParseError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| ParseError::NotJson(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
     if nesting_exceeds(text.as_bytes(), MAX_NESTING) {
@@ -155,11 +157,7 @@ pub fn parse(body: &[u8], require_security: bool) -> Result<ParsedCallback, Pars
         return Err(invalid("callId", "must not be empty"));
     }
     let (timestamp_ms, timestamp_text) = timestamp(fields.timestamp)?;
-    let security = if require_security {
-        Some(required_string(fields.security, "security")?)
-    } else {
-        lenient_string(fields.security)
-    };
+    let security = lenient_string(fields.security);
     let appkey = lenient_string(fields.appkey);
     let event_type = lenient_string(fields.event_type);
     let operation = operation(fields.payload)?;
@@ -247,15 +245,27 @@ fn lenient_string(raw: Option<&RawValue>) -> Option<String> {
     raw.and_then(|raw| serde_json::from_str(raw.get()).ok())
 }
 
-/// `timestamp`: epoch milliseconds as a bare JSON integer. Returns the number and its exact text,
+/// `timestamp`: epoch milliseconds as a JSON integer. Returns the number and its exact text,
 /// because the easemob signature covers the text (so `1.642648213494e12`, even if it were the same
 /// number, would not verify, and is refused here rather than silently re-rendered).
+///
+/// Easemob documents a number. A string of digits (`"1642648213494"`) is accepted too, its digits
+/// being the signed text: a sender that quotes it would sign the same characters, and refusing it
+/// would lose the event (a 400 gets one retry, then Easemob drops it).
 fn timestamp(raw: Option<&RawValue>) -> Result<(i64, String), ParseError> {
-    let text = raw.ok_or(ParseError::MissingField("timestamp"))?.get();
+    let raw = raw.ok_or(ParseError::MissingField("timestamp"))?.get();
+    // A quoted value is taken only without escapes: `"\u0031..."` would sign other characters
+    // than the ones it stands for.
+    let text = raw.strip_prefix('"').and_then(|inner| inner.strip_suffix('"')).unwrap_or(raw);
     // RawValue holds the value's text without surrounding whitespace, so digits-only rules out
-    // strings, signs, fractions and exponents in one check (JSON itself forbids leading zeros).
-    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
-        return Err(invalid("timestamp", "must be a non-negative JSON integer (epoch milliseconds)"));
+    // signs, fractions, exponents and escapes in one check. A bare number cannot have leading
+    // zeros (JSON forbids them); a quoted one is refused with them, as no sender writes them.
+    let leading_zero = text.len() > 1 && text.starts_with('0');
+    if text.is_empty() || leading_zero || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(invalid(
+            "timestamp",
+            "must be a non-negative integer of epoch milliseconds (a JSON number, or a string of digits)",
+        ));
     }
     let value = text
         .parse::<u64>()
@@ -353,7 +363,7 @@ mod tests {
     const ACCEPT: &str = r#"{"chat_type":"roster","callId":"demo-org#demo-app_966725899779049516","security":"bac67bdb1f935f86b3eaa30286975387","payload":{"roster_ver":"DD6E14FE5EE5A9ABC52CA86C5DE1601CF729BFD6","operation":"accept"},"host":"h","appkey":"demo-org#demo-app","from":"demo-org#demo-app_bob@easemob.com","to":"bob","eventType":"chat","msg_id":"966725899779049516","timestamp":1642648213494}"#;
 
     fn parse_str(body: &str) -> Result<ParsedCallback, ParseError> {
-        parse(body.as_bytes(), true)
+        parse(body.as_bytes())
     }
 
     fn invalid_field(result: Result<ParsedCallback, ParseError>) -> Option<&'static str> {
@@ -491,7 +501,7 @@ mod tests {
         };
         assert_eq!(parse_str(&without("callId")), Err(ParseError::MissingField("callId")));
         assert_eq!(parse_str(&without("timestamp")), Err(ParseError::MissingField("timestamp")));
-        assert_eq!(parse_str(&without("security")), Err(ParseError::MissingField("security")));
+        assert_eq!(parse_str(&without("security")).expect("read without it").security, None);
         // null counts as absent.
         let null_call_id =
             ROSTER_ADD.replace(r#""callId": "demo-org#demo-app_1187654321098765432""#, r#""callId": null"#);
@@ -499,13 +509,11 @@ mod tests {
     }
 
     #[test]
-    fn security_is_optional_when_not_required() {
+    fn security_that_is_absent_or_not_a_string_reads_as_none() {
         let body = r#"{"callId":"c","timestamp":1}"#;
-        assert_eq!(parse(body.as_bytes(), false).expect("parses").security, None);
-        assert_eq!(parse(body.as_bytes(), true), Err(ParseError::MissingField("security")));
+        assert_eq!(parse(body.as_bytes()).expect("parses").security, None);
         let numeric = r#"{"callId":"c","timestamp":1,"security":5}"#;
-        assert_eq!(parse(numeric.as_bytes(), false).expect("lenient").security, None);
-        assert_eq!(invalid_field(parse(numeric.as_bytes(), true)), Some("security"));
+        assert_eq!(parse(numeric.as_bytes()).expect("lenient").security, None);
     }
 
     #[test]
@@ -526,7 +534,12 @@ mod tests {
             "-1642648213494",
             "1642648213494.0",
             "1642648213494.5",
-            r#""1642648213494""#,
+            r#""""#,
+            r#"" 1642648213494""#,
+            r#""01642648213494""#,
+            r#""\u00316""#,
+            r#""-1""#,
+            r#""1e3""#,
             "1e3",
             "1E3",
             "16e11",
@@ -537,6 +550,15 @@ mod tests {
             let body = format!(r#"{{"callId":"c","timestamp":{bad},"security":"s"}}"#);
             assert_eq!(invalid_field(parse_str(&body)), Some("timestamp"), "{bad}");
         }
+    }
+
+    #[test]
+    fn a_timestamp_sent_as_a_string_of_digits_is_read_and_signed_by_its_digits() {
+        let body = r#"{"callId":"c","timestamp":"1642648213494","security":"s"}"#;
+        let parsed = parse_str(body).expect("parses");
+        assert_eq!((parsed.timestamp_ms, parsed.timestamp_text.as_str()), (1_642_648_213_494, "1642648213494"));
+        let out_of_range = r#"{"callId":"c","timestamp":"10000000000000","security":"s"}"#;
+        assert_eq!(invalid_field(parse_str(out_of_range)), Some("timestamp"));
     }
 
     #[test]
@@ -614,7 +636,7 @@ mod tests {
             ("single quotes", b"{'callId':'c'}".to_vec()),
         ];
         for (name, body) in cases {
-            let result = parse(&body, true);
+            let result = parse(&body);
             assert!(is_not_json(&result), "{name}: {result:?}");
         }
     }
@@ -749,18 +771,17 @@ mod tests {
     proptest! {
         #[test]
         fn parse_never_panics_on_arbitrary_bytes(body in proptest::collection::vec(any::<u8>(), 0..512)) {
-            let _ = parse(&body, true);
-            let _ = parse(&body, false);
+            let _ = parse(&body);
         }
 
         #[test]
         fn parse_never_panics_on_json_ish_text(body in r#"[\[\]{}:,"0-9a-zA-Z_#@.\\ \-eE+]{0,256}"#) {
-            let _ = parse(body.as_bytes(), true);
+            let _ = parse(body.as_bytes());
         }
 
         #[test]
         fn parse_never_panics_on_objects_with_our_fields(body in arb_callback_object()) {
-            if let Ok(parsed) = parse(body.as_bytes(), false) {
+            if let Ok(parsed) = parse(body.as_bytes()) {
                 // Whatever was accepted is self-consistent.
                 prop_assert_eq!(parsed.timestamp_text.parse::<i64>().ok(), Some(parsed.timestamp_ms));
                 prop_assert!(!parsed.call_id.is_empty());
@@ -778,7 +799,7 @@ mod tests {
                 "callId": call_id, "timestamp": timestamp, "security": "s", "to": to,
                 "payload": {"operation": operation},
             });
-            let parsed = parse(body.to_string().as_bytes(), true);
+            let parsed = parse(body.to_string().as_bytes());
             prop_assert!(parsed.is_ok(), "{:?}", parsed);
             let parsed = parsed.map_err(|e| TestCaseError::fail(e.to_string()))?;
             prop_assert_eq!(&parsed.call_id, &call_id);

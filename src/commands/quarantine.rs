@@ -145,7 +145,7 @@ impl ListItem {
     /// Describes a stored row; the body is parsed leniently (no `security` required) and only
     /// for display: it is still unverified.
     pub fn from_request(r: &QuarantinedRequest) -> Self {
-        let parsed = callback::parse(&r.raw_body, false).ok();
+        let parsed = callback::parse(&r.raw_body).ok();
         Self {
             id: r.id,
             received_at: fmt_time(r.received_at_ms),

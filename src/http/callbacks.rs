@@ -251,7 +251,7 @@ pub fn verify_request(
             // A body without `security` (or with one that is not a string) is a callback that
             // cannot be authenticated: answered like any failed signature (401, or quarantined),
             // not as unreadable.
-            let event = callback::parse(body, false).map_err(Refusal::Unparseable)?;
+            let event = callback::parse(body).map_err(Refusal::Unparseable)?;
             let security =
                 event.security.as_deref().ok_or(Refusal::BadSignature(VerifyError::Malformed("security")))?;
             let index = verifier
@@ -261,7 +261,7 @@ pub fn verify_request(
         }
         Scheme::StandardWebhooks => {
             let index = verifier.verify_standard(headers, body, now_ms).map_err(Refusal::BadSignature)?;
-            Ok((callback::parse(body, false).map_err(Refusal::Unparseable)?, index))
+            Ok((callback::parse(body).map_err(Refusal::Unparseable)?, index))
         }
     }
 }

@@ -798,7 +798,7 @@ pub(crate) fn test_succeeded(call: CallRecord) -> CallOutcome {
 #[cfg(test)]
 pub(crate) fn test_callback(body: &str, received_at_ms: i64) -> NewCallback {
     NewCallback {
-        event: crate::callback::parse(body.as_bytes(), true).expect("test body parses"),
+        event: crate::callback::parse(body.as_bytes()).expect("test body parses"),
         raw_body: body.to_string(),
         body_sha256: chain::sha256_hex(body.as_bytes()),
         received_at_ms,

@@ -41,6 +41,27 @@ async fn valid_callback_is_stored_with_its_raw_body() {
 }
 
 #[tokio::test]
+async fn a_timestamp_sent_as_a_string_of_digits_is_verified_by_its_digits_and_stored() {
+    let app = TestApp::spawn(&[]).await;
+    let mut body: Value =
+        serde_json::from_str(&roster_body("5501", "alice", "bob", "add", 1_700_000_000_321, SECRET)).unwrap();
+    body["timestamp"] = json!("1700000000321");
+    let body = body.to_string();
+
+    let r = app.post_callback(body.clone()).await;
+    assert_eq!(r.status(), 200, "{}", r.text().await.unwrap_or_default());
+    let seq = r.json::<Value>().await.unwrap()["seq"].as_i64().unwrap();
+    let (_, one) = app.get_json(&format!("/v1/callbacks/{seq}")).await;
+    assert_eq!(one["timestamp"], 1_700_000_000_321i64);
+    assert_eq!(one["raw_body"].as_str().unwrap(), body, "stored as it came, quotes included");
+
+    let mut forged: Value = serde_json::from_str(&body).unwrap();
+    forged["timestamp"] = json!("1700000000322");
+    assert_eq!(app.post_callback(forged.to_string()).await.status(), 401, "the digits are what is signed");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn duplicate_delivery_is_stored_once_and_counted() {
     let app = TestApp::spawn(&[]).await;
     let body = roster_body("42", "alice", "bob", "add", 1_700_000_000_000, SECRET);
