@@ -35,6 +35,8 @@ pub struct Settings {
     pub on_bad_signature: OnBadSignature,
     /// Source allow-list (empty: any).
     pub allow_from: Vec<ipnet::IpNet>,
+    /// Reverse proxies whose `X-Forwarded-For` is believed (empty: none).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Reconciliation skew (ms).
     pub match_skew_ms: i64,
     /// Reconciliation window (ms).
@@ -51,6 +53,7 @@ impl Default for Settings {
             max_body_bytes: 65536,
             on_bad_signature: OnBadSignature::Reject,
             allow_from: Vec::new(),
+            trusted_proxies: Vec::new(),
             match_skew_ms: 5_000,
             match_window_ms: 300_000,
             commit_timeout: commit_timeout(ServerLimits::default().request_timeout),

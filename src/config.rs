@@ -186,6 +186,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_ALLOW_FROM", value_delimiter = ',')]
     pub allow_from: Vec<ipnet::IpNet>,
 
+    /// Reverse proxies in front of friendhook (comma-separated CIDRs, e.g. `127.0.0.1/32`). A
+    /// callback arriving from one of them is taken to come from the address its
+    /// `X-Forwarded-For` reports (the rightmost entry not itself a listed proxy): that address is
+    /// what `--allow-from` checks and the delivery log records. Empty: the header is ignored.
+    #[arg(long, env = "FRIENDHOOK_TRUSTED_PROXY", value_delimiter = ',')]
+    pub trusted_proxy: Vec<ipnet::IpNet>,
+
     /// Reconciliation: how far before the call a callback's timestamp may lie (clock skew).
     #[arg(long, env = "FRIENDHOOK_MATCH_SKEW", default_value = "5s", value_parser = parse_duration)]
     pub match_skew: Duration,

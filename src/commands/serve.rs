@@ -226,6 +226,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         max_body_bytes: args.max_body_bytes,
         on_bad_signature: args.on_bad_signature,
         allow_from: args.allow_from.clone(),
+        trusted_proxies: args.trusted_proxy.clone(),
         match_skew_ms: args.match_skew.as_millis() as i64,
         match_window_ms: args.match_window.as_millis() as i64,
         commit_timeout: app::commit_timeout(args.request_timeout),

@@ -19,6 +19,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_opt_time};
+use super::source::{self, Source};
 use crate::app::{AppState, SharedState};
 use crate::callback::{self, ParsedCallback};
 use crate::config::OnBadSignature;
@@ -150,18 +151,23 @@ enum Received {
     Quarantined,
 }
 
-/// Whether `--allow-from` (empty: any source) lets `peer` post callbacks. The address is taken
+/// Whether `--allow-from` (empty: any source) lets `source` post callbacks. Its address is
 /// canonical: on a dual-stack listener (`[::]`) an IPv4 sender shows as `::ffff:a.b.c.d`, which an
 /// IPv4 network of the list would never contain.
-fn source_allowed(allow_from: &[ipnet::IpNet], peer: SocketAddr) -> bool {
-    let source = peer.ip().to_canonical();
-    allow_from.is_empty() || allow_from.iter().any(|net| net.contains(&source))
+fn source_allowed(allow_from: &[ipnet::IpNet], source: &Source) -> bool {
+    allow_from.is_empty() || allow_from.iter().any(|net| net.contains(&source.ip))
 }
 
 async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, body: Body) -> Result<Received, ApiError> {
     let commit_deadline = tokio::time::Instant::now() + state.settings.commit_timeout;
-    if !source_allowed(&state.settings.allow_from, peer) {
-        tracing::warn!(%peer, "callback from a source outside --allow-from; answered 403");
+    let source = source::resolve(&state.settings.trusted_proxies, peer, headers);
+    if !source_allowed(&state.settings.allow_from, &source) {
+        if source.ignored_forwarding {
+            tracing::warn!(%source, "callback from a source outside --allow-from; answered 403 (it came with \
+                X-Forwarded-For, which is ignored: if friendhook is behind a reverse proxy, name it with --trusted-proxy)");
+        } else {
+            tracing::warn!(%source, "callback from a source outside --allow-from; answered 403");
+        }
         return Err(ApiError::Forbidden);
     }
     check_content_type(headers)?;
@@ -173,7 +179,7 @@ async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, bod
         Ok(v) => v,
         Err(Refusal::Unparseable(err)) => return Err(parse_error(err)),
         Err(Refusal::BadSignature(err)) => {
-            return bad_signature(state, peer, headers, body, received_at_ms, err, commit_deadline).await;
+            return bad_signature(state, &source, headers, body, received_at_ms, err, commit_deadline).await;
         }
     };
 
@@ -184,7 +190,7 @@ async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, bod
         body_sha256: chain::sha256_hex(raw_body.as_bytes()),
         raw_body,
         received_at_ms,
-        remote_addr: Some(peer.to_string()),
+        remote_addr: Some(source.text.clone()),
         scheme: verifier.scheme().as_str(),
         secret_index: secret_index as i64,
         event,
@@ -272,7 +278,7 @@ fn parse_error(err: callback::ParseError) -> ApiError {
 
 async fn bad_signature(
     state: &SharedState,
-    peer: SocketAddr,
+    source: &Source,
     headers: &HeaderMap,
     body: Bytes,
     received_at_ms: i64,
@@ -288,23 +294,23 @@ async fn bad_signature(
                 .collect();
         let hold = state.store.insert_quarantine(QuarantineEntry {
             received_at_ms,
-            remote_addr: Some(peer.to_string()),
+            remote_addr: Some(source.text.clone()),
             reason: err.reason(),
             headers_json: serde_json::Value::Object(kept).to_string(),
             raw_body: body.to_vec(),
         });
         let held = committed_by(state, commit_deadline, hold).await??;
         if let Some(id) = held {
-            tracing::warn!(%peer, reason = err.reason(), quarantine_id = id, body_sha256,
+            tracing::warn!(%source, reason = err.reason(), quarantine_id = id, body_sha256,
                 "callback failed verification; QUARANTINED and answered 200 (check the callback secret; see `friendhook quarantine list`)");
             return Ok(Received::Quarantined);
         }
-        tracing::warn!(%peer, "quarantine is full; rejecting instead");
+        tracing::warn!(%source, "quarantine is full; rejecting instead");
     }
-    tracing::warn!(%peer, reason = err.reason(), body_sha256, size = body.len(), "callback failed verification; answered 401");
+    tracing::warn!(%source, reason = err.reason(), body_sha256, size = body.len(), "callback failed verification; answered 401");
     let rejection = Rejection {
         received_at_ms,
-        remote_addr: Some(peer.to_string()),
+        remote_addr: Some(source.text.clone()),
         reason: err.reason(),
         body_sha256,
         body_size: body.len() as i64,
@@ -372,9 +378,10 @@ mod tests {
         let mapped: SocketAddr = "[::ffff:127.0.0.1]:5000".parse().expect("addr");
         let plain: SocketAddr = "127.0.0.1:5000".parse().expect("addr");
         let outside: SocketAddr = "[::ffff:10.0.0.1]:5000".parse().expect("addr");
-        assert!(source_allowed(&loopback, mapped), "::ffff:127.0.0.1 is 127.0.0.1");
-        assert!(source_allowed(&loopback, plain));
-        assert!(!source_allowed(&loopback, outside));
-        assert!(source_allowed(&[], outside), "no list: any source");
+        let from = |peer| source::resolve(&[], peer, &HeaderMap::new());
+        assert!(source_allowed(&loopback, &from(mapped)), "::ffff:127.0.0.1 is 127.0.0.1");
+        assert!(source_allowed(&loopback, &from(plain)));
+        assert!(!source_allowed(&loopback, &from(outside)));
+        assert!(source_allowed(&[], &from(outside)), "no list: any source");
     }
 }

@@ -8,3 +8,4 @@ pub mod health;
 pub mod journal;
 pub mod metrics;
 pub mod query;
+pub mod source;

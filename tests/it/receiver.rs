@@ -331,6 +331,50 @@ async fn allow_from_refuses_sources_outside_the_list() {
 }
 
 #[tokio::test]
+async fn behind_a_trusted_proxy_the_forwarded_address_is_checked_and_recorded() {
+    let forwarded = |app: &TestApp, body: String, xff: &'static str| {
+        app.client
+            .post(app.url("/callbacks/easemob"))
+            .header("content-type", "application/json")
+            .header("x-forwarded-for", xff)
+            .body(body)
+            .send()
+    };
+    // The test client is on 127.0.0.1: it plays the reverse proxy.
+    let app = TestApp::spawn(&["--trusted-proxy", "127.0.0.0/8", "--allow-from", "203.0.113.0/24"]).await;
+    let body = roster_body("7101", "alice", "bob", "add", 1_700_000_000_000, SECRET);
+    let r = forwarded(&app, body.clone(), "198.51.100.1, 203.0.113.7").await.unwrap();
+    assert_eq!(r.status(), 200, "the proxy saw 203.0.113.7");
+    let seq = r.json::<Value>().await.unwrap()["seq"].as_i64().unwrap();
+    let (_, one) = app.get_json(&format!("/v1/callbacks/{seq}")).await;
+    assert_eq!(one["delivery_log"][0]["remote_addr"], "203.0.113.7", "the sender, not the proxy");
+
+    // What a sender writes itself (the left entries) is not believed.
+    let r = forwarded(&app, roster_body("7102", "alice", "bob", "add", 1, SECRET), "203.0.113.7, 198.51.100.1")
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "the proxy saw 198.51.100.1");
+    // Without the header the proxy itself is the source, outside the list.
+    assert_eq!(app.post_callback(roster_body("7103", "alice", "bob", "add", 1, SECRET)).await.status(), 403);
+
+    // A bad signature's rejection record names the forwarded source too.
+    let bad = roster_body("7104", "alice", "bob", "add", 1, "wrong-secret");
+    assert_eq!(forwarded(&app, bad, "203.0.113.9").await.unwrap().status(), 401);
+    let db = app.db_url.clone();
+    let _dir = app.stop().await;
+    assert_eq!(
+        sqlite_count(&db, "SELECT count(*) FROM rejected_deliveries WHERE remote_addr = '203.0.113.9'").await,
+        1
+    );
+
+    // Without --trusted-proxy the header is ignored: a sender cannot claim an allowed address.
+    let app = TestApp::spawn(&["--allow-from", "203.0.113.0/24"]).await;
+    let r = forwarded(&app, roster_body("7105", "alice", "bob", "add", 1, SECRET), "203.0.113.7").await.unwrap();
+    assert_eq!(r.status(), 403);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_callback_without_a_signature_is_refused_like_a_bad_one_and_quarantined_in_that_mode() {
     let unsigned = |msg_id: &str| {
         let mut body: serde_json::Value =

@@ -1,0 +1,181 @@
+//! Where a callback came from: the connection's peer, or, behind a reverse proxy named by
+//! `--trusted-proxy`, the address that proxy reports in `X-Forwarded-For`.
+//!
+//! `X-Forwarded-For` lists what each hop saw, each proxy appending its own peer on the right.
+//! Only the entries written by proxies we trust can be believed, so the list is read from the
+//! right for as long as the address being looked at is a trusted proxy; the first one that is
+//! not is the source. Its leftmost entries are whatever the sender chose to write, which is why
+//! the leftmost one is never taken as it is, and why the header is ignored altogether when the
+//! peer itself is not trusted.
+
+use std::fmt;
+use std::net::{IpAddr, SocketAddr};
+
+use axum::http::HeaderMap;
+use ipnet::IpNet;
+
+/// The most `X-Forwarded-For` entries read, so that a long header costs bounded work.
+const MAX_HOPS: usize = 32;
+
+/// The source of a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Source {
+    /// The address `--allow-from` is checked against (IPv4-mapped IPv6 made plain IPv4).
+    pub ip: IpAddr,
+    /// As stored in the delivery log and the rejection and quarantine records: the peer's
+    /// `ip:port`, or the forwarded address (a proxy does not report the port).
+    pub text: String,
+    /// The proxy that reported it, when it was forwarded.
+    pub via: Option<SocketAddr>,
+    /// The peer sent `X-Forwarded-For` but is not a trusted proxy, so the header was ignored:
+    /// worth a hint when the request is refused (`--trusted-proxy` may be missing).
+    pub ignored_forwarding: bool,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.via {
+            Some(proxy) => write!(f, "{} (via {proxy})", self.text),
+            None => f.write_str(&self.text),
+        }
+    }
+}
+
+/// The source of a request that arrived from `peer` with `headers`, believing `X-Forwarded-For`
+/// only as far as it was written by `trusted` proxies.
+pub fn resolve(trusted: &[IpNet], peer: SocketAddr, headers: &HeaderMap) -> Source {
+    let peer_ip = peer.ip().to_canonical();
+    let forwarded = headers.get_all("x-forwarded-for");
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    let direct = |ignored_forwarding| Source { ip: peer_ip, text: peer.to_string(), via: None, ignored_forwarding };
+    if !is_trusted(&peer_ip) {
+        return direct(forwarded.iter().next().is_some());
+    }
+    // Several header lines are one list, in order (RFC 9110 §5.3).
+    let entries: Vec<&str> =
+        forwarded.iter().flat_map(|line| line.to_str().unwrap_or("").split(',')).map(str::trim).collect();
+    let mut source = None;
+    for entry in entries.iter().rev().take(MAX_HOPS) {
+        // An entry that is not an address stops the walk: what lies left of it cannot be placed,
+        // so the source is the last hop that could (a proxy, which `--allow-from` is unlikely to
+        // list: refused rather than guessed).
+        let Some(ip) = parse_hop(entry) else { break };
+        source = Some(ip);
+        if !is_trusted(&ip) {
+            break;
+        }
+    }
+    match source {
+        Some(ip) => Source { ip, text: ip.to_string(), via: Some(peer), ignored_forwarding: false },
+        None => direct(false),
+    }
+}
+
+/// One `X-Forwarded-For` entry: an address, optionally with a port (`1.2.3.4:80`, `[::1]:80`).
+fn parse_hop(entry: &str) -> Option<IpAddr> {
+    let ip = entry.parse::<IpAddr>().ok().or_else(|| entry.parse::<SocketAddr>().ok().map(|s| s.ip()))?;
+    Some(ip.to_canonical())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nets(list: &[&str]) -> Vec<IpNet> {
+        list.iter().map(|n| n.parse().expect("a CIDR")).collect()
+    }
+
+    fn headers(lines: &[&str]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for line in lines {
+            h.append("x-forwarded-for", line.parse().expect("a header value"));
+        }
+        h
+    }
+
+    fn peer(s: &str) -> SocketAddr {
+        s.parse().expect("a socket address")
+    }
+
+    #[test]
+    fn without_trusted_proxies_the_peer_is_the_source_whatever_the_header_says() {
+        let s = resolve(&[], peer("127.0.0.1:4000"), &headers(&["203.0.113.7"]));
+        assert_eq!(
+            (s.ip, s.text.as_str(), s.via, s.ignored_forwarding),
+            (peer("127.0.0.1:4000").ip(), "127.0.0.1:4000", None, true)
+        );
+        let s = resolve(&[], peer("127.0.0.1:4000"), &HeaderMap::new());
+        assert!(!s.ignored_forwarding, "no header, nothing ignored");
+    }
+
+    #[test]
+    fn a_peer_outside_the_trusted_networks_is_the_source() {
+        let s = resolve(&nets(&["10.0.0.0/8"]), peer("198.51.100.9:5000"), &headers(&["203.0.113.7"]));
+        assert_eq!(s.text, "198.51.100.9:5000");
+        assert!(s.ignored_forwarding);
+    }
+
+    #[test]
+    fn behind_a_trusted_proxy_the_rightmost_untrusted_entry_is_the_source() {
+        let trusted = nets(&["127.0.0.0/8", "10.0.0.0/8"]);
+        // The sender wrote 192.0.2.1 itself; the outer proxy (10.1.1.1) saw 203.0.113.7.
+        let s = resolve(&trusted, peer("127.0.0.1:4000"), &headers(&["192.0.2.1, 203.0.113.7, 10.1.1.1"]));
+        assert_eq!(s.ip, "203.0.113.7".parse::<IpAddr>().unwrap());
+        assert_eq!(s.text, "203.0.113.7");
+        assert_eq!(s.via, Some(peer("127.0.0.1:4000")));
+        assert_eq!(s.to_string(), "203.0.113.7 (via 127.0.0.1:4000)");
+    }
+
+    #[test]
+    fn several_header_lines_are_one_list_in_order() {
+        let trusted = nets(&["127.0.0.0/8", "10.0.0.0/8"]);
+        let s = resolve(&trusted, peer("127.0.0.1:4000"), &headers(&["192.0.2.1", "203.0.113.7, 10.1.1.1"]));
+        assert_eq!(s.text, "203.0.113.7");
+    }
+
+    #[test]
+    fn entries_with_ports_and_ipv4_mapped_addresses_are_read_as_plain_addresses() {
+        let trusted = nets(&["127.0.0.0/8"]);
+        for (entry, want) in [
+            ("203.0.113.7:8443", "203.0.113.7"),
+            ("[2001:db8::1]:8443", "2001:db8::1"),
+            ("2001:db8::1", "2001:db8::1"),
+            ("::ffff:203.0.113.7", "203.0.113.7"),
+        ] {
+            let s = resolve(&trusted, peer("127.0.0.1:4000"), &headers(&[entry]));
+            assert_eq!(s.text, want, "{entry}");
+        }
+        // The peer, too: a dual-stack listener shows an IPv4 proxy as IPv4-mapped.
+        let s = resolve(&trusted, peer("[::ffff:127.0.0.1]:4000"), &headers(&["203.0.113.7"]));
+        assert_eq!(s.text, "203.0.113.7");
+    }
+
+    #[test]
+    fn an_entry_that_is_not_an_address_stops_at_the_last_hop_that_was() {
+        let trusted = nets(&["127.0.0.0/8", "10.0.0.0/8"]);
+        let s = resolve(&trusted, peer("127.0.0.1:4000"), &headers(&["203.0.113.7, unknown, 10.1.1.1"]));
+        assert_eq!(s.text, "10.1.1.1", "a trusted hop, not the address beyond the garbage");
+        let s = resolve(&trusted, peer("127.0.0.1:4000"), &headers(&["203.0.113.7, _hidden"]));
+        assert_eq!(s.text, "127.0.0.1:4000", "nothing readable: the peer");
+    }
+
+    #[test]
+    fn a_trusted_proxy_without_the_header_or_with_only_trusted_hops_is_the_source_itself_at_worst() {
+        let trusted = nets(&["127.0.0.0/8", "10.0.0.0/8"]);
+        let s = resolve(&trusted, peer("127.0.0.1:4000"), &HeaderMap::new());
+        assert_eq!((s.text.as_str(), s.via), ("127.0.0.1:4000", None));
+        let s = resolve(&trusted, peer("127.0.0.1:4000"), &headers(&["10.2.2.2, 10.1.1.1"]));
+        assert_eq!(s.text, "10.2.2.2");
+    }
+
+    #[test]
+    fn only_the_last_hops_are_read() {
+        let trusted = nets(&["10.0.0.0/8", "127.0.0.0/8"]);
+        let mut line = String::from("203.0.113.7");
+        for i in 0..MAX_HOPS {
+            line.push_str(&format!(", 10.0.0.{}", i % 250 + 1));
+        }
+        let s = resolve(&trusted, peer("127.0.0.1:4000"), &headers(&[&line]));
+        assert!(s.ip.is_ipv4() && s.text.starts_with("10.0.0."), "stopped at the bound: {}", s.text);
+    }
+}
