@@ -96,6 +96,15 @@ impl ApiFailure {
         }
     }
 
+    /// What to keep with the call's record: for a refusal, Easemob's answer (status, error type
+    /// and description); for a failure, why the client gave up and what to check.
+    pub fn detail(&self) -> String {
+        match self {
+            ApiFailure::Rejected { .. } => self.to_string(),
+            ApiFailure::Failed { reason, .. } => reason.clone(),
+        }
+    }
+
     /// The raw body of the last answer, if there was one.
     pub fn body(&self) -> Option<&Value> {
         match self {

@@ -62,6 +62,9 @@ pub struct CallView {
     pub upstream_status: Option<i64>,
     /// Easemob's error type (`exceed_limit`, `service_resource_not_found`, ...).
     pub upstream_error: Option<String>,
+    /// Why a call that did not succeed ended so, and what to check (`null` for a success and
+    /// for calls recorded before schema 7).
+    pub outcome_detail: Option<String>,
     /// HTTP attempts made; `None` while in flight, and for a call cut off by a stop (`unknown`:
     /// the count was lost with the process; the journal keeps the 0 it was closed with).
     pub attempts: Option<i64>,
@@ -85,6 +88,7 @@ impl From<CallRecord> for CallView {
             outcome: c.outcome,
             upstream_status: c.upstream_status,
             upstream_error: c.upstream_error,
+            outcome_detail: c.outcome_detail,
             attempts: c.attempts.filter(|_| c.outcome != Outcome::Unknown),
             response: c.response_body.as_deref().and_then(|b| serde_json::from_str(b).ok()),
             idempotency_key: c.idempotency_key,
@@ -188,6 +192,7 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
                 upstream_error: None,
                 attempts: i64::from(ok.attempts),
                 response_body: Some(ok.body.to_string()),
+                outcome_detail: None,
             },
             // The token endpoint's answer is not Easemob's answer to this call: left out.
             Err(fail) if fail.is_token_failure() => {
@@ -198,6 +203,7 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
                     upstream_error: None,
                     attempts: i64::from(fail.attempts()),
                     response_body: None,
+                    outcome_detail: Some(fail.detail()),
                     call: record,
                 }
             }
@@ -210,6 +216,7 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
                 upstream_error: fail.upstream_error().map(str::to_string),
                 attempts: i64::from(fail.attempts()),
                 response_body: fail.body().map(Value::to_string),
+                outcome_detail: Some(fail.detail()),
                 call: record,
             },
         };

@@ -116,12 +116,15 @@ pub struct CallContent<'a> {
     pub attempts: i64,
     /// Easemob's response body.
     pub response_body: Option<&'a str>,
+    /// Why it ended so (schema 7). Hashed only when present, so that a record without one (every
+    /// record written before the column existed) hashes as it always did.
+    pub outcome_detail: Option<&'a str>,
 }
 
 impl CallContent<'_> {
     /// Canonical text that the link hashes.
     pub fn canonical(&self) -> String {
-        json!([
+        let mut fields = json!([
             "call",
             self.seq,
             self.id,
@@ -136,8 +139,11 @@ impl CallContent<'_> {
             self.upstream_error,
             self.attempts,
             self.response_body.map(|b| sha256_hex(b.as_bytes())),
-        ])
-        .to_string()
+        ]);
+        if let (Some(detail), Some(fields)) = (self.outcome_detail, fields.as_array_mut()) {
+            fields.push(json!(detail));
+        }
+        fields.to_string()
     }
 }
 
@@ -152,6 +158,30 @@ mod tests {
         assert_ne!(a, link(&link(GENESIS, "z"), "x"));
         assert_eq!(a, link(GENESIS, "x"));
         assert_eq!(a.len(), 64);
+    }
+
+    #[test]
+    fn a_call_without_an_outcome_detail_hashes_as_before_the_field_existed() {
+        let mut call = CallContent {
+            seq: 7,
+            id: 3,
+            op: "add",
+            owner: "alice",
+            friend: "bob",
+            idempotency_key: None,
+            requested_at_ms: 1,
+            completed_at_ms: 2,
+            outcome: "failed",
+            upstream_status: Some(503),
+            upstream_error: None,
+            attempts: 5,
+            response_body: None,
+            outcome_detail: None,
+        };
+        // The text schema 6 and earlier chained: existing databases must still verify.
+        assert_eq!(call.canonical(), r#"["call",7,3,"add","alice","bob",null,1,2,"failed",503,null,5,null]"#);
+        call.outcome_detail = Some("gave up");
+        assert_eq!(call.canonical(), r#"["call",7,3,"add","alice","bob",null,1,2,"failed",503,null,5,null,"gave up"]"#);
     }
 
     #[test]

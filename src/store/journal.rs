@@ -243,6 +243,7 @@ fn call_chain_record(r: &sqlx::sqlite::SqliteRow) -> Result<ChainRecord, sqlx::E
         upstream_error: r.try_get("upstream_error")?,
         attempts: r.try_get::<Option<i64>, _>("attempts")?.unwrap_or_default(),
         response_body: r.try_get("response_body")?,
+        outcome_detail: r.try_get("outcome_detail")?,
     };
     Ok(ChainRecord {
         seq: content.seq,
@@ -389,7 +390,7 @@ impl Store {
         .await?;
         let calls = sqlx::query(
             "SELECT id, seq, op, owner, friend, idempotency_key, requested_at_ms, completed_at_ms, outcome,
-                    upstream_status, upstream_error, attempts, response_body, prev_hash, chain_hash
+                    upstream_status, upstream_error, attempts, response_body, outcome_detail, prev_hash, chain_hash
              FROM calls WHERE seq > ?1 ORDER BY seq LIMIT ?2",
         )
         .bind(after)

@@ -201,6 +201,9 @@ pub struct CallRecord {
     pub attempts: Option<i64>,
     /// Easemob's response body (JSON text).
     pub response_body: Option<String>,
+    /// Why the call ended so, in friendhook's words, when it did not succeed (why the client
+    /// gave up, whether an earlier attempt may have acted, what to check).
+    pub outcome_detail: Option<String>,
     /// Journal position once the outcome is recorded.
     pub seq: Option<i64>,
 }
@@ -220,13 +223,14 @@ impl Default for CallRecord {
             upstream_error: None,
             attempts: None,
             response_body: None,
+            outcome_detail: None,
             seq: None,
         }
     }
 }
 
 pub(crate) const SELECT_CALL: &str = "SELECT id, op, owner, friend, idempotency_key, requested_at_ms, completed_at_ms, \
-     outcome, upstream_status, upstream_error, attempts, response_body, seq FROM calls";
+     outcome, upstream_status, upstream_error, attempts, response_body, outcome_detail, seq FROM calls";
 
 impl CallRecord {
     pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
@@ -238,6 +242,7 @@ impl CallRecord {
             upstream_error: row.try_get("upstream_error")?,
             attempts: row.try_get("attempts")?,
             response_body: row.try_get("response_body")?,
+            outcome_detail: row.try_get("outcome_detail")?,
             seq: row.try_get("seq")?,
             ..Self::intent_from_row(row)?
         })
@@ -791,6 +796,7 @@ pub(crate) fn test_succeeded(call: CallRecord) -> CallOutcome {
         upstream_error: None,
         attempts: 1,
         response_body: None,
+        outcome_detail: None,
     }
 }
 

@@ -74,6 +74,7 @@ impl Store {
                     upstream_error: error,
                     attempts: 1,
                     response_body: None,
+                    outcome_detail: None,
                 };
                 let hash = chain::link(&prev, &content.canonical());
                 calls.push(json!([

@@ -129,6 +129,8 @@ pub struct CallOutcome {
     pub attempts: i64,
     /// Easemob's response body (JSON text).
     pub response_body: Option<String>,
+    /// Why it ended so, when it did not succeed.
+    pub outcome_detail: Option<String>,
 }
 
 /// Result of recording an intent.
@@ -504,6 +506,11 @@ impl Writer {
                 upstream_error: None,
                 attempts: 0,
                 response_body: None,
+                outcome_detail: Some(
+                    "friendhook stopped before Easemob's answer was recorded: Easemob may or may not have acted; \
+                     check the pair's friend list (GET /users/{owner}/contacts/users) before sending it again"
+                        .to_owned(),
+                ),
             };
             record_outcome(&mut tx, &mut head, &outcome, now).await?;
         }
@@ -882,7 +889,7 @@ impl Writer {
                     .fetch_optional(&mut *tx)
                     .await?;
                     answers[i] = match inserted {
-                        Some(id) => Answer::Intent(IntentResult::Created(CallRecord {
+                        Some(id) => Answer::Intent(Box::new(IntentResult::Created(CallRecord {
                             id,
                             op: new.op,
                             owner: new.owner.clone(),
@@ -890,13 +897,13 @@ impl Writer {
                             idempotency_key: new.idempotency_key.clone(),
                             requested_at_ms: now,
                             ..CallRecord::default()
-                        })),
+                        }))),
                         None => {
                             let row = sqlx::query(&format!("{} WHERE idempotency_key = ?1", super::SELECT_CALL))
                                 .bind(&new.idempotency_key)
                                 .fetch_one(&mut *tx)
                                 .await?;
-                            Answer::Intent(IntentResult::Existing(CallRecord::from_row(&row)?))
+                            Answer::Intent(Box::new(IntentResult::Existing(CallRecord::from_row(&row)?)))
                         }
                     };
                 }
@@ -934,11 +941,12 @@ async fn record_outcome(
         upstream_error: o.upstream_error.as_deref(),
         attempts: o.attempts,
         response_body: o.response_body.as_deref(),
+        outcome_detail: o.outcome_detail.as_deref(),
     };
     let hash = chain::link(&head.hash, &content.canonical());
     let done = sqlx::query(
         "UPDATE calls SET completed_at_ms = ?1, outcome = ?2, upstream_status = ?3, upstream_error = ?4,
-                attempts = ?5, response_body = ?6, seq = ?7, prev_hash = ?8, chain_hash = ?9
+                attempts = ?5, response_body = ?6, seq = ?7, prev_hash = ?8, chain_hash = ?9, outcome_detail = ?11
          WHERE id = ?10 AND outcome IS NULL",
     )
     .bind(now)
@@ -951,6 +959,7 @@ async fn record_outcome(
     .bind(&head.hash)
     .bind(&hash)
     .bind(c.id)
+    .bind(&o.outcome_detail)
     .execute(&mut *tx)
     .await?;
     if done.rows_affected() != 1 {
@@ -974,6 +983,7 @@ async fn record_outcome(
         upstream_error: o.upstream_error.clone(),
         attempts: Some(o.attempts),
         response_body: o.response_body.clone(),
+        outcome_detail: o.outcome_detail.clone(),
         seq: Some(seq),
         ..c.clone()
     })
@@ -1026,7 +1036,7 @@ enum Answer {
     Callback(CallbackAck),
     Quarantine(Option<i64>),
     Promote(PromotionResult),
-    Intent(IntentResult),
+    Intent(Box<IntentResult>),
     Outcome(Box<CallRecord>),
 }
 
@@ -1040,7 +1050,7 @@ impl Answer {
             (Job::Probe(tx), Answer::Unit) => drop(tx.send(Ok(()))),
             (Job::Quarantine(_, tx), Answer::Quarantine(id)) => drop(tx.send(Ok(id))),
             (Job::Promote(_, tx), Answer::Promote(r)) => drop(tx.send(Ok(r))),
-            (Job::Intent(_, tx), Answer::Intent(r)) => drop(tx.send(Ok(r))),
+            (Job::Intent(_, tx), Answer::Intent(r)) => drop(tx.send(Ok(*r))),
             (Job::Outcome(_, tx), Answer::Outcome(r)) => drop(tx.send(Ok(*r))),
             (job, _) => job.fail(&StoreError::Write("writer produced no answer for a job".into())),
         }

@@ -45,9 +45,12 @@ async fn easemob_errors_are_recorded_as_rejected_calls() {
     assert_eq!(unknown["upstream_status"], 404);
     assert_eq!(unknown["upstream_error"], "service_resource_not_found");
     assert_eq!(unknown["response"]["error"], "service_resource_not_found");
+    let detail = unknown["outcome_detail"].as_str().expect("a refusal says why");
+    assert!(detail.contains("HTTP 404") && detail.contains("service_resource_not_found"), "{detail}");
 
     let (_, first) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
     assert_eq!(first["outcome"], "succeeded");
+    assert!(first["outcome_detail"].is_null(), "{first}");
     let (_, limited) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "carol"})).await;
     assert_eq!(limited["outcome"], "rejected");
     assert_eq!(limited["upstream_status"], 403);
@@ -57,6 +60,29 @@ async fn easemob_errors_are_recorded_as_rejected_calls() {
     assert_eq!(rejected["items"].as_array().unwrap().len(), 2);
     let (_, alices) = app.get_json("/v1/calls?owner=alice&friend=bob").await;
     assert_eq!(alices["items"].as_array().unwrap().len(), 1);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_refusal_after_a_5xx_is_failed_and_its_record_says_the_first_attempt_may_have_acted() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice"]).await;
+    app.sandbox().inject_faults(friendhook::sandbox::InjectedFault {
+        status: 503,
+        count: 1,
+        path_contains: Some("/contacts/".to_owned()),
+        error: None,
+    });
+
+    let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "nobody"})).await;
+
+    assert_eq!(status, 201, "{call}");
+    assert_eq!((call["outcome"].as_str(), call["upstream_status"].as_i64()), (Some("failed"), Some(404)));
+    let detail = call["outcome_detail"].as_str().expect("a failure says why");
+    assert!(detail.contains("may") && detail.contains("check the result in Easemob"), "{detail}");
+    // Kept with the record, not only in the answer.
+    let (_, again) = app.get_json(&format!("/v1/calls/{}", call["id"])).await;
+    assert_eq!(again["outcome_detail"], call["outcome_detail"]);
     app.stop().await;
 }
 
@@ -218,6 +244,8 @@ async fn a_call_cut_off_between_intent_and_outcome_shows_as_unknown_after_restar
     assert_eq!(call["outcome"], "unknown");
     assert!(call["completed_at"].is_i64());
     assert!(call["attempts"].is_null(), "how many attempts were made was lost with the process: {call}");
+    let detail = call["outcome_detail"].as_str().expect("says what to check");
+    assert!(detail.contains("may or may not have acted"), "{detail}");
     assert_eq!(app.metrics().await["friendhook_calls_total{outcome=\"unknown\"}"], 1.0);
     app.stop().await;
 }

@@ -234,6 +234,62 @@ async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
 }
 
 #[tokio::test]
+async fn a_calls_outcome_detail_is_written_once_and_chained() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice"]).await;
+    let (status, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "nobody"})).await;
+    assert_eq!((status, call["outcome"].as_str()), (201, Some("rejected")), "{call}");
+    assert!(call["outcome_detail"].is_string(), "{call}");
+    let seq = call["seq"].as_i64().unwrap();
+    let db_path = app.db_path.clone();
+    let db_url = app.db_url.clone();
+    let _dir = app.stop().await;
+    assert_eq!(audit_verify(&db_url, &[]).0, Some(0), "a record with a detail verifies");
+
+    let edit = format!("UPDATE calls SET outcome_detail = 'all fine' WHERE seq = {seq};");
+    let out = std::process::Command::new("sqlite3").arg(&db_path).arg(&edit).output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("a call outcome is recorded once"), "{out:?}");
+
+    sqlite(&db_path, &format!("DROP TRIGGER calls_outcome_once; {edit}"));
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("seq {seq}")), "names the edited call: {out}");
+}
+
+#[tokio::test]
+async fn a_database_of_schema_6_is_upgraded_with_its_chain_intact_and_records_details_afterwards() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("v6.db");
+    let app = TestApp::spawn_on(&db, &[]).await;
+    app.register(&["alice", "bob"]).await;
+    let (status, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!((status, call["outcome"].as_str()), (201, Some("succeeded")), "{call}");
+    app.settle().await;
+    let db_url = app.db_url.clone();
+    app.stop().await;
+    // Schema 6 as an earlier release left it: no `outcome_detail`, the trigger without it.
+    sqlite(
+        &db,
+        "DROP TRIGGER calls_outcome_once; ALTER TABLE calls DROP COLUMN outcome_detail; \
+         CREATE TRIGGER calls_outcome_once BEFORE UPDATE OF completed_at_ms, outcome, upstream_status, upstream_error, \
+         attempts, response_body, seq, prev_hash, chain_hash ON calls WHEN OLD.outcome IS NOT NULL \
+         BEGIN SELECT RAISE(ABORT, 'a call outcome is recorded once'); END; \
+         DELETE FROM _sqlx_migrations WHERE version = 7;",
+    );
+
+    let app = TestApp::spawn_on(&db, &[]).await;
+    let (status, refused) =
+        app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "nobody"})).await;
+    assert_eq!((status, refused["outcome"].as_str()), (201, Some("rejected")), "{refused}");
+    assert!(refused["outcome_detail"].is_string(), "{refused}");
+    let (_, old) = app.get_json(&format!("/v1/calls/{}", call["id"])).await;
+    assert!(old["outcome_detail"].is_null() && old["outcome"] == "succeeded", "{old}");
+    app.stop().await;
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "records from before and after the upgrade verify: {out}");
+}
+
+#[tokio::test]
 async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
     let app = TestApp::spawn(&[]).await;
     for i in 0..4 {
