@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use super::config::SandboxConfig;
+use super::exception_cache::Cached;
 use super::state::{InFlightGuard, SandboxState};
 
 /// How many callback records `GET /_sandbox/callbacks` keeps (the oldest are forgotten first), so
@@ -44,7 +45,8 @@ pub struct CallbackRecord {
     pub operation: String,
     /// `pending` while in flight, then `delivered` (some attempt got a 200), `dropped` (never
     /// sent, by the drop fault), `failed` (every attempt failed) or `banned` (not sent: the
-    /// callback rule was banned after 90 failures within 30 s).
+    /// callback rule was banned after 90 failures within 30 s); a failed or banned one delivered
+    /// later from the exception cache becomes `redelivered`.
     pub fate: String,
     /// HTTP attempts made so far, retries and duplicate sends included.
     pub attempts: u32,
@@ -218,6 +220,8 @@ pub mod fate {
     pub const FAILED: &str = "failed";
     /// Never sent: the callback rule was banned when it was due.
     pub const BANNED: &str = "banned";
+    /// Failed or banned, then delivered from the exception cache on request.
+    pub const REDELIVERED: &str = "redelivered";
 }
 
 /// How a callback in flight ended.
@@ -249,6 +253,8 @@ pub struct CallbackLog {
     pub banned: u64,
     /// Callbacks still in flight.
     pub pending: u64,
+    /// Failed or banned callbacks delivered later from the exception cache.
+    pub redelivered: u64,
 }
 
 impl CallbackLog {
@@ -308,6 +314,16 @@ impl CallbackLog {
         }
     }
 
+    /// A failed or banned callback got through on a re-send from the exception cache. Its first
+    /// fate stays counted (that is how its first delivery ended); the record shows the last.
+    pub fn redelivered(&mut self, seq: u64) {
+        self.redelivered += 1;
+        if let Some(record) = self.record_mut(seq) {
+            record.fate = fate::REDELIVERED.to_owned();
+            record.attempts += 1;
+        }
+    }
+
     /// All remembered records, oldest first.
     pub fn records(&self) -> Vec<CallbackRecord> {
         self.records.iter().cloned().collect()
@@ -357,7 +373,31 @@ pub async fn deliver(state: Arc<SandboxState>, delivery: Delivery, url: String, 
         (false, 0) => Settled::Banned,
         (false, _) => Settled::Failed,
     };
-    state.finish_callback(delivery.seq, settled, attempts);
+    state.finish_callback(delivery.seq, settled, attempts, &delivery.body);
+}
+
+/// Sends a callback of the exception cache again (bucket starting at `bucket_start`): one send
+/// with one immediate retry, like a first delivery; if neither gets through (or the rule is
+/// banned), it goes back into its bucket.
+pub async fn redeliver(
+    state: Arc<SandboxState>,
+    bucket_start: i64,
+    item: Cached,
+    url: String,
+    _in_flight: InFlightGuard,
+) {
+    let _turn = state.send_turn().await;
+    for _attempt_and_retry in 0..2 {
+        if !state.callback_rule_may_send() {
+            break;
+        }
+        if post_once(state.http(), &url, item.body.clone()).await {
+            state.redelivered(item.seq);
+            return;
+        }
+        state.callback_attempt_failed();
+    }
+    state.keep_again(bucket_start, item);
 }
 
 /// Longest reply Easemob accepts from a receiver; a longer one is a failed attempt.

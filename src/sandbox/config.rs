@@ -50,6 +50,8 @@ pub struct SandboxConfig {
     /// Seed of the fault RNG: the same seed and the same sequence of operations give the same
     /// faults, delays and ids.
     pub seed: u64,
+    /// Keep failed callbacks for `/callbacks/storage/info|retry` (Easemob's paid exception cache).
+    pub exception_cache: bool,
 }
 
 impl Default for SandboxConfig {
@@ -71,6 +73,7 @@ impl Default for SandboxConfig {
             callbacks_per_add: 1,
             bad_signature_rate: 0.0,
             seed: 0,
+            exception_cache: true,
         }
     }
 }
@@ -185,6 +188,12 @@ pub struct SandboxArgs {
     /// Seed of the fault RNG: the same seed and the same operations give the same faults.
     #[arg(long, env = "FRIENDHOOK_SANDBOX_SEED", default_value_t = 0)]
     pub seed: u64,
+
+    /// Keep callbacks whose delivery failed for 3 days, in 10-minute buckets, for
+    /// `GET /{org}/{app}/callbacks/storage/info` and `POST .../callbacks/storage/retry` (Easemob's
+    /// paid exception cache); `false` answers those 403, as for an app without the add-on.
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_EXCEPTION_CACHE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub exception_cache: bool,
 }
 
 impl SandboxArgs {
@@ -207,6 +216,7 @@ impl SandboxArgs {
             callbacks_per_add: self.callbacks_per_add,
             bad_signature_rate: self.bad_signature_rate,
             seed: self.seed,
+            exception_cache: self.exception_cache,
         }
     }
 }

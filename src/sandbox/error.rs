@@ -41,6 +41,9 @@ pub enum EasemobError {
     UnsupportedMediaType,
     /// 429 `reach_limit`: the App Key's per-second request budget is spent.
     ReachLimit,
+    /// 403 `service_not_enabled`: the exception cache is a paid add-on, off
+    /// (`--exception-cache false`). Easemob documents the 403, not its error type.
+    ServiceNotEnabled,
     /// 429 `resource_limited`: the plan's limit (more than 100 users on the free plan).
     ResourceLimited,
     /// A status forced by `POST /_sandbox/faults`, with Easemob's body for that status, or for
@@ -76,7 +79,7 @@ impl EasemobError {
             | Self::JsonParse(_)
             | Self::DuplicateUsername { .. } => StatusCode::BAD_REQUEST,
             Self::Unauthorized | Self::CorruptToken => StatusCode::UNAUTHORIZED,
-            Self::ExceedLimit => StatusCode::FORBIDDEN,
+            Self::ExceedLimit | Self::ServiceNotEnabled => StatusCode::FORBIDDEN,
             Self::ResourceNotFound | Self::AppNotFound { .. } | Self::RouteNotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -124,6 +127,11 @@ impl EasemobError {
             Self::ExceedLimit => {
                 ("exceed_limit".into(), "EasemobForbiddenOpException", "user contact number exceed limit".into())
             }
+            Self::ServiceNotEnabled => (
+                "service_not_enabled".into(),
+                "EasemobForbiddenOpException",
+                "the callback exception cache is not enabled for this app".into(),
+            ),
             Self::ResourceNotFound => {
                 ("service_resource_not_found".into(), "UserNotFoundException", "Service resource not found".into())
             }

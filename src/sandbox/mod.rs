@@ -64,6 +64,7 @@ pub mod config;
 pub mod contacts;
 pub mod control;
 pub mod error;
+pub mod exception_cache;
 pub mod faults;
 pub mod limiter;
 pub mod routes;

@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 
 use super::error::{ApiError, EasemobError};
 use super::state::{SandboxState, Timing};
-use super::{contacts, control, token, users};
+use super::{contacts, control, exception_cache, token, users};
 
 /// Path prefix of the sandbox's own endpoints.
 const CONTROL_PREFIX: &str = "/_sandbox/";
@@ -33,6 +33,8 @@ pub fn router(state: Arc<SandboxState>) -> Router {
             "/{org}/{app}/users/{username}/contacts/users/{friend}",
             post(contacts::add_friend).delete(contacts::remove_friend),
         )
+        .route("/{org}/{app}/callbacks/storage/info", get(exception_cache::info))
+        .route("/{org}/{app}/callbacks/storage/retry", post(exception_cache::retry))
         .route("/_sandbox/stats", get(control::get_stats))
         .route("/_sandbox/callbacks", get(control::list_callbacks))
         .route("/_sandbox/faults", post(control::inject_faults))

@@ -21,6 +21,7 @@ use tokio::task::JoinSet;
 use super::callbacks::{self, CallbackLog, CallbackRecord, Delivery, RosterEvent, Settled};
 use super::config::SandboxConfig;
 use super::error::{ApiError, EasemobError};
+use super::exception_cache::{BucketInfo, Cached, ExceptionCache};
 use super::faults::{FaultQueue, InjectedFault};
 use super::limiter::FixedWindow;
 use super::rule::RuleHealth;
@@ -55,6 +56,10 @@ pub struct SandboxStats {
     pub callbacks_banned: u64,
     /// Callbacks still being delayed, sent or retried.
     pub callbacks_pending: u64,
+    /// Failed callbacks delivered later from the exception cache (still counted as failed or
+    /// banned too: that is how their first delivery ended).
+    #[serde(default)]
+    pub callbacks_redelivered: u64,
     /// Tokens issued by `POST /{org}/{app}/token`.
     pub tokens_issued: u64,
 }
@@ -90,6 +95,8 @@ pub struct World {
     id_rng: StdRng,
     last_msg_id: u64,
     callbacks: CallbackLog,
+    /// Callbacks whose delivery failed, for a re-send on request.
+    exception_cache: ExceptionCache,
     /// The callback rule's failures and bans.
     rule: RuleHealth,
     requests: u64,
@@ -109,6 +116,7 @@ impl World {
             id_rng: StdRng::seed_from_u64(seed ^ ID_SEED_SALT),
             last_msg_id: 0,
             callbacks: CallbackLog::default(),
+            exception_cache: ExceptionCache::default(),
             rule: RuleHealth::default(),
             requests: 0,
             rate_limited: 0,
@@ -231,6 +239,7 @@ impl SandboxState {
             callbacks_failed: world.callbacks.failed,
             callbacks_banned: world.callbacks.banned,
             callbacks_pending: world.callbacks.pending,
+            callbacks_redelivered: world.callbacks.redelivered,
             tokens_issued: world.tokens_issued,
         }
     }
@@ -368,8 +377,50 @@ impl SandboxState {
         self.world().callbacks.set_attempts(seq, attempts);
     }
 
-    pub(crate) fn finish_callback(&self, seq: u64, settled: Settled, attempts: u32) {
-        self.world().callbacks.finish(seq, settled, attempts);
+    /// Settles a callback; one that did not get through is kept in the exception cache (when
+    /// it is on) with the bytes it was sent as.
+    pub(crate) fn finish_callback(&self, seq: u64, settled: Settled, attempts: u32, body: &Bytes) {
+        let now = self.clock.now_ms();
+        let mut world = self.world();
+        world.callbacks.finish(seq, settled, attempts);
+        if settled != Settled::Delivered && self.config.exception_cache {
+            world.exception_cache.keep(now, Cached { seq, body: body.clone() });
+        }
+    }
+
+    /// The exception cache's buckets now.
+    pub fn exception_cache_info(&self) -> Vec<BucketInfo> {
+        let now = self.clock.now_ms();
+        self.world().exception_cache.info(now)
+    }
+
+    /// Starts sending the callbacks of the bucket named `date` again, to `target_url` or else to
+    /// the rule's URL; false if no such bucket is kept.
+    pub fn resend_from_exception_cache(self: &Arc<Self>, date: &str, target_url: Option<String>) -> bool {
+        let now = self.clock.now_ms();
+        let Some(url) = target_url.or_else(|| self.config.callback_url.clone()) else {
+            return false;
+        };
+        let Some((start, items)) = self.world().exception_cache.take(now, date) else {
+            return false;
+        };
+        let mut tasks = self.deliveries.lock().unwrap_or_else(PoisonError::into_inner);
+        while tasks.try_join_next().is_some() {}
+        for item in items {
+            let guard = InFlightGuard::new(&self.in_flight);
+            tasks.spawn(callbacks::redeliver(Arc::clone(self), start, item, url.clone(), guard));
+        }
+        true
+    }
+
+    /// A callback of the exception cache got through on a re-send.
+    pub(crate) fn redelivered(&self, seq: u64) {
+        self.world().callbacks.redelivered(seq);
+    }
+
+    /// A callback of the exception cache failed again: back into its bucket.
+    pub(crate) fn keep_again(&self, bucket_start: i64, item: Cached) {
+        self.world().exception_cache.put_back(bucket_start, item);
     }
 
     /// Whether the callback rule is not banned now.

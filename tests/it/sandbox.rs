@@ -987,3 +987,73 @@ async fn shutdown_stops_the_server() {
     let http = reqwest::Client::builder().timeout(Duration::from_secs(5)).build().expect("client");
     assert!(http.get(format!("{base}/_sandbox/stats")).send().await.is_err());
 }
+
+/// Easemob's exception cache: a callback that failed both attempts is kept in a 10-minute bucket
+/// and sent again, same bytes, when the bucket is asked for; the bucket then empties.
+#[tokio::test]
+async fn a_failed_callback_is_kept_in_the_exception_cache_and_sent_again_on_request() {
+    let down = spawn_receiver(StatusCode::SERVICE_UNAVAILABLE).await;
+    let up = spawn_receiver(StatusCode::OK).await;
+    let sandbox = spawn_sandbox_for(&down, SandboxConfig::default()).await;
+    let token = sandbox.alice_adds_bob().await;
+
+    let (status, info) = sandbox.call(reqwest::Method::GET, "/callbacks/storage/info", &token, None).await;
+    assert_eq!(status, 200, "{info}");
+    // START_MS (2023-11-14T22:13:20Z) is in the bucket of 22:10.
+    assert_eq!(info["data"], json!([{"date": "202311142210", "size": 1, "retry": 0}]), "{info}");
+    assert_eq!(info["path"], "/callbacks");
+
+    let unknown = json!({"date": "202311142200", "retry": 0, "targetUrl": up.url});
+    let (status, answer) = sandbox.call(reqwest::Method::POST, "/callbacks/storage/retry", &token, Some(unknown)).await;
+    assert_eq!((status, answer["data"].as_str()), (200, Some("failure")), "no such bucket: {answer}");
+
+    let retry = json!({"date": "202311142210", "retry": 0, "targetUrl": up.url});
+    let (status, answer) = sandbox.call(reqwest::Method::POST, "/callbacks/storage/retry", &token, Some(retry)).await;
+    assert_eq!((status, answer["data"].as_str()), (200, Some("success")), "{answer}");
+    sandbox.settle().await;
+
+    assert_eq!(up.raw(), vec![down.raw()[0].clone()], "the same bytes, signature included");
+    let stats = sandbox.handle.stats();
+    assert_eq!((stats.callbacks_failed, stats.callbacks_redelivered), (1, 1));
+    assert_eq!(sandbox.handle.callbacks()[0].fate, "redelivered");
+    let (_, info) = sandbox.call(reqwest::Method::GET, "/callbacks/storage/info", &token, None).await;
+    assert_eq!(info["data"], json!([]), "{info}");
+}
+
+#[tokio::test]
+async fn a_bucket_sent_again_to_a_receiver_still_down_keeps_its_callbacks_and_counts_the_retry() {
+    let down = spawn_receiver(StatusCode::SERVICE_UNAVAILABLE).await;
+    let sandbox = spawn_sandbox_for(&down, SandboxConfig::default()).await;
+    let token = sandbox.alice_adds_bob().await;
+    let retry = json!({"date": "202311142210", "retry": 0});
+    let (status, answer) = sandbox.call(reqwest::Method::POST, "/callbacks/storage/retry", &token, Some(retry)).await;
+    assert_eq!((status, answer["data"].as_str()), (200, Some("success")), "{answer}");
+    sandbox.settle().await;
+    assert_eq!(down.raw().len(), 4, "two attempts at first, two on the re-send to the rule's URL");
+    let (_, info) = sandbox.call(reqwest::Method::GET, "/callbacks/storage/info", &token, None).await;
+    assert_eq!(info["data"], json!([{"date": "202311142210", "size": 1, "retry": 1}]), "{info}");
+
+    // Three days after its bucket ended, it is gone.
+    sandbox.clock.advance_ms(3 * 24 * 3_600_000 + 600_000);
+    let token = sandbox.token().await;
+    let (_, info) = sandbox.call(reqwest::Method::GET, "/callbacks/storage/info", &token, None).await;
+    assert_eq!(info["data"], json!([]), "{info}");
+}
+
+#[tokio::test]
+async fn without_the_exception_cache_add_on_its_endpoints_answer_403_and_nothing_is_kept() {
+    let down = spawn_receiver(StatusCode::SERVICE_UNAVAILABLE).await;
+    let sandbox = spawn_sandbox_for(&down, SandboxConfig { exception_cache: false, ..SandboxConfig::default() }).await;
+    let token = sandbox.alice_adds_bob().await;
+    let (status, body) = sandbox.call(reqwest::Method::GET, "/callbacks/storage/info", &token, None).await;
+    assert_eq!((status, body["error"].as_str()), (403, Some("service_not_enabled")), "{body}");
+    let (status, _) = sandbox
+        .call(reqwest::Method::POST, "/callbacks/storage/retry", &token, Some(json!({"date": "202311142210"})))
+        .await;
+    assert_eq!(status, 403);
+    let (status, body) = spawn_sandbox(SandboxConfig::default())
+        .await
+        .call(reqwest::Method::POST, "/callbacks/storage/retry", "YWMtnotatoken", Some(json!({})))
+        .await;
+    assert_eq!(status, 401, "the token is checked first: {body}");
+}
