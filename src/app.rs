@@ -147,6 +147,7 @@ pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>
         .merge(crate::http::callbacks::router())
         .merge(crate::http::journal::router())
         .merge(crate::http::friends::router())
+        .merge(crate::http::exception_cache::router())
         .fallback(|| async {
             error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API")
         })

@@ -65,6 +65,15 @@ pub enum ApiError {
         /// that must not be retried as it is).
         retry_after_secs: u32,
     },
+    /// 502: Easemob did not give a usable answer to a request friendhook made on the caller's
+    /// behalf (it failed, or answered something unreadable).
+    #[error("{detail}")]
+    BadGateway {
+        /// Stable machine code.
+        code: &'static str,
+        /// What Easemob answered, and what to do.
+        detail: String,
+    },
     /// 500: a bug or an unexpected fault; logged with its cause, answered generically.
     #[error("internal error")]
     Internal(#[source] anyhow::Error),
@@ -99,6 +108,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Unprocessable { .. } => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::BadGateway { .. } => StatusCode::BAD_GATEWAY,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -115,6 +125,7 @@ impl ApiError {
             ApiError::UnsupportedMediaType(_) => "unsupported_media_type",
             ApiError::Unprocessable { code, .. } => code,
             ApiError::Unavailable { code, .. } => code,
+            ApiError::BadGateway { code, .. } => code,
             ApiError::Internal(_) => "internal",
         }
     }

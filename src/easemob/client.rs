@@ -77,6 +77,18 @@ pub const MAX_USERS_PER_REGISTER: usize = 60;
 const USER_AGENT: &str = concat!("friendhook/", env!("CARGO_PKG_VERSION"));
 const JSON: &str = "application/json";
 
+/// One bucket of Easemob's exception cache, as `callbacks/storage/info` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct CacheBucket {
+    /// The bucket's key: its start, `yyyyMMddHHmm` (pass it back as it is).
+    pub date: String,
+    /// Callbacks in it.
+    pub size: u64,
+    /// Re-sends asked for so far (Easemob recommends at most 10 per bucket).
+    #[serde(default)]
+    pub retry: u32,
+}
+
 /// Client for one Easemob App Key. Cheap to clone: clones share the token cache, the rate
 /// limiter and the connection pool, so build one per App Key and clone it.
 #[derive(Clone)]
@@ -273,6 +285,49 @@ impl EasemobClient {
         check_usernames(&[username]).map_err(|f| *f)?;
         let url = self.app_path(&["users", username]);
         self.send(Method::GET, url, None).await
+    }
+
+    /// The buckets of Easemob's exception cache (回调异常缓存, a paid add-on that keeps callbacks
+    /// whose delivery failed for 3 days, in 10-minute buckets):
+    /// `GET /{org}/{app}/callbacks/storage/info`. Without the add-on Easemob answers 403.
+    ///
+    /// A 2xx whose `data` is not a list of buckets is `Failed`, like a misread friend list.
+    pub async fn exception_cache_buckets(&self) -> Result<Vec<CacheBucket>, ApiFailure> {
+        let url = self.app_path(&["callbacks", "storage", "info"]);
+        let success = self.send(Method::GET, url, None).await?;
+        match success.envelope.data.clone().map(serde_json::from_value::<Vec<CacheBucket>>) {
+            Some(Ok(buckets)) => Ok(buckets),
+            _ => Err(ApiFailure::Failed {
+                status: Some(success.status),
+                error: None,
+                reason: format!(
+                    "Easemob answered {} to the exception cache request, but its `data` is not a list of buckets; see `body`",
+                    success.status
+                ),
+                body: Some(success.body),
+                attempts: success.attempts,
+            }),
+        }
+    }
+
+    /// Asks Easemob to send the callbacks of one exception-cache bucket again:
+    /// `POST /{org}/{app}/callbacks/storage/retry` with `date` (the bucket's key), `retry` (the
+    /// caller's count of earlier re-sends of it) and `targetUrl` (default: the rule's URL). True
+    /// when Easemob answers `"success"` (the re-send is started; the callbacks arrive by the
+    /// usual way), false for `"failure"` (no such bucket, say).
+    pub async fn exception_cache_resend(
+        &self,
+        date: &str,
+        retry: u32,
+        target_url: Option<&str>,
+    ) -> Result<bool, ApiFailure> {
+        let url = self.app_path(&["callbacks", "storage", "retry"]);
+        let mut body = serde_json::json!({"date": date, "retry": retry});
+        if let Some(target) = target_url {
+            body["targetUrl"] = serde_json::json!(target);
+        }
+        let success = self.send(Method::POST, url, Some(json_bytes(&body))).await?;
+        Ok(success.envelope.data.as_ref().and_then(Value::as_str) == Some("success"))
     }
 
     /// `{base}/{org}/{app}/{segments...}`, each segment percent-encoded.

@@ -27,7 +27,7 @@ mod token;
 mod username;
 
 pub use body::{ApiSuccess, Entity, Envelope, ErrorBody, NewUser};
-pub use client::{EasemobClient, MAX_USERS_PER_REGISTER};
+pub use client::{CacheBucket, EasemobClient, MAX_USERS_PER_REGISTER};
 pub use config::ClientConfig;
 pub use error::{ApiFailure, ClientError};
 pub use username::{MAX_USERNAME_BYTES, validate_username};

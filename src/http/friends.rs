@@ -113,7 +113,7 @@ pub const MAX_BATCH: usize = 1000;
 
 /// The body, or the error axum found, as 415 (no JSON content type), 413 (over [`BODY_LIMIT`])
 /// or 400 (not JSON of the expected shape).
-fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
+pub(super) fn json_body<T>(body: Result<Json<T>, JsonRejection>) -> Result<T, ApiError> {
     body.map(|Json(b)| b).map_err(|e| match e.status() {
         StatusCode::UNSUPPORTED_MEDIA_TYPE => ApiError::UnsupportedMediaType(e.body_text()),
         StatusCode::PAYLOAD_TOO_LARGE => ApiError::PayloadTooLarge { limit: BODY_LIMIT },
@@ -137,7 +137,7 @@ fn validate_pair(owner: Option<&str>, friend: Option<&str>) -> Result<(String, S
     Ok((owner, friend))
 }
 
-fn client(state: &SharedState) -> Result<EasemobClient, ApiError> {
+pub(super) fn client(state: &SharedState) -> Result<EasemobClient, ApiError> {
     state.easemob.clone().ok_or_else(|| ApiError::Unavailable {
         code: "no_easemob_client",
         detail: "no Easemob client is configured".into(),

@@ -3,6 +3,7 @@
 //! Handlers translate requests into store and domain calls and back; they hold no SQL.
 
 pub mod callbacks;
+pub mod exception_cache;
 pub mod friends;
 pub mod health;
 pub mod journal;

@@ -20,5 +20,6 @@ mod process;
 mod quarantine;
 mod receiver;
 mod reconciliation;
+mod recovery;
 mod sandbox;
 mod startup;

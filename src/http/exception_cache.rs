@@ -1,0 +1,153 @@
+//! `GET /v1/easemob/exception-cache` and `POST /v1/easemob/exception-cache/resend`: getting back
+//! the callbacks Easemob could not deliver (friendhook down, unreachable, answering 5xx), from
+//! Easemob's exception cache (回调异常缓存, a paid add-on that keeps them for 3 days in 10-minute
+//! buckets; easemob-api.md §8.5).
+//!
+//! friendhook only asks: Easemob re-sends the callbacks to the rule's URL (or `target_url`), where
+//! they arrive, are verified and are deduplicated like any delivery, so a bucket sent twice, or
+//! one holding callbacks that did arrive after all, stores nothing twice. Re-sending is left to
+//! an operator (or a cron job) rather than done at start-up: a bucket can be large, and Easemob
+//! recommends at most 10 re-sends per bucket.
+
+use axum::Json;
+use axum::extract::State;
+use axum::extract::rejection::JsonRejection;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use super::friends::{client, json_body};
+use crate::app::SharedState;
+use crate::easemob::{ApiFailure, CacheBucket, EasemobClient};
+use crate::error::ApiError;
+
+/// Easemob's recommended ceiling of re-sends per bucket.
+pub const MAX_RESENDS_PER_BUCKET: u32 = 10;
+
+/// Routes of this module.
+pub fn router() -> axum::Router<SharedState> {
+    axum::Router::new()
+        .route("/v1/easemob/exception-cache", get(list_buckets))
+        .route("/v1/easemob/exception-cache/resend", post(resend))
+}
+
+/// What went wrong asking Easemob, as an answer to our caller.
+fn easemob_refused(failure: &ApiFailure) -> ApiError {
+    if failure.is_token_failure() {
+        return ApiError::Unavailable {
+            code: "easemob_token_unavailable",
+            detail: failure.to_string(),
+            retry_after_secs: if failure.may_pass_later() { 5 } else { 0 },
+        };
+    }
+    match failure {
+        ApiFailure::Rejected { status: 403, .. } => ApiError::BadGateway {
+            code: "exception_cache_not_enabled",
+            detail: format!(
+                "{failure}. The exception cache (回调异常缓存) is a paid add-on of Easemob's Pro and Flagship plans; \
+                 without it, callbacks that could not be delivered are gone"
+            ),
+        },
+        _ => ApiError::BadGateway { code: "easemob_failed", detail: failure.to_string() },
+    }
+}
+
+async fn buckets(client: &EasemobClient) -> Result<Vec<CacheBucket>, ApiError> {
+    client.exception_cache_buckets().await.map_err(|failure| {
+        tracing::warn!(error = %failure, "could not read Easemob's exception cache");
+        easemob_refused(&failure)
+    })
+}
+
+async fn list_buckets(State(state): State<SharedState>) -> Result<Response, ApiError> {
+    let client = client(&state)?;
+    let buckets = buckets(&client).await?;
+    let callbacks: u64 = buckets.iter().map(|b| b.size).sum();
+    Ok(Json(json!({"buckets": buckets, "callbacks": callbacks})).into_response())
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ResendBody {
+    /// Bucket keys (`date` of the listing).
+    #[serde(default)]
+    dates: Vec<String>,
+    /// Every bucket kept.
+    #[serde(default)]
+    all: bool,
+    /// Where Easemob should send them (default: the callback rule's URL).
+    target_url: Option<String>,
+}
+
+/// One bucket's result.
+#[derive(Debug, Serialize)]
+struct Resent {
+    date: String,
+    /// Callbacks in it when asked (`null` for a date not in the cache).
+    size: Option<u64>,
+    /// Re-sends asked for before this one.
+    retry: Option<u32>,
+    /// Easemob accepted the request ("success"); the callbacks then arrive by the usual way.
+    resent: bool,
+    /// Why not, when not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<String>,
+}
+
+async fn resend(
+    State(state): State<SharedState>,
+    body: Result<Json<ResendBody>, JsonRejection>,
+) -> Result<Response, ApiError> {
+    let request = json_body(body)?;
+    // Both given, or neither.
+    if request.all != request.dates.is_empty() {
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            "give either `dates` (keys from GET /v1/easemob/exception-cache) or `\"all\": true`",
+        ));
+    }
+    if let Some(target) = &request.target_url
+        && !(target.starts_with("http://") || target.starts_with("https://"))
+    {
+        return Err(ApiError::bad_request("invalid_request", "`target_url` must be an http:// or https:// URL"));
+    }
+    let client = client(&state)?;
+    let kept = buckets(&client).await?;
+    let wanted: Vec<String> =
+        if request.all { kept.iter().map(|b| b.date.clone()).collect() } else { request.dates.clone() };
+    let mut results = Vec::with_capacity(wanted.len());
+    for date in wanted {
+        let Some(bucket) = kept.iter().find(|b| b.date == date) else {
+            results.push(Resent {
+                date,
+                size: None,
+                retry: None,
+                resent: false,
+                reason: Some("not in Easemob's exception cache (empty, expired after 3 days, or never there)".into()),
+            });
+            continue;
+        };
+        let mut result =
+            Resent { date, size: Some(bucket.size), retry: Some(bucket.retry), resent: false, reason: None };
+        if bucket.retry >= MAX_RESENDS_PER_BUCKET {
+            result.reason = Some(format!(
+                "re-sent {} times already; Easemob recommends at most {MAX_RESENDS_PER_BUCKET}: is the receiver reachable \
+                 from Easemob?",
+                bucket.retry
+            ));
+        } else {
+            match client.exception_cache_resend(&result.date, bucket.retry, request.target_url.as_deref()).await {
+                Ok(true) => result.resent = true,
+                Ok(false) => result.reason = Some("Easemob answered \"failure\"".into()),
+                Err(failure) => result.reason = Some(easemob_refused(&failure).to_string()),
+            }
+        }
+        tracing::info!(
+            date = %result.date, size = bucket.size, earlier_resends = bucket.retry, resent = result.resent,
+            reason = result.reason.as_deref().unwrap_or(""), "asked Easemob to re-send an exception-cache bucket"
+        );
+        results.push(result);
+    }
+    Ok(Json(json!({"results": results})).into_response())
+}
