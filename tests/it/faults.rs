@@ -475,24 +475,11 @@ async fn a_call_that_cannot_get_an_app_token_is_answered_without_being_recorded(
     sandbox.shutdown().await;
 }
 
-/// `serve` flags for a real-Easemob setup at `base` with the sandbox's credentials.
+/// `serve` flags for a real-Easemob setup at `base`, with short storage timeouts.
 fn easemob_args(base: &str) -> Vec<&str> {
-    vec![
-        "--easemob-base-url",
-        base,
-        "--easemob-org",
-        "demo-org",
-        "--easemob-app",
-        "demo-app",
-        "--easemob-client-id",
-        "sandbox-client-id",
-        "--easemob-client-secret",
-        "sandbox-client-secret",
-        "--sqlite-busy-timeout",
-        "200ms",
-        "--request-timeout",
-        "60s",
-    ]
+    let mut args = real_easemob_args(base);
+    args.extend_from_slice(&["--sqlite-busy-timeout", "200ms", "--request-timeout", "60s"]);
+    args
 }
 
 /// A standalone sandbox (a real-Easemob setup's upstream) with users alice and bob registered.
@@ -511,21 +498,6 @@ async fn sandbox_with_alice_and_bob() -> friendhook::sandbox::SandboxHandle {
     });
     sandbox_client(&sandbox).register_users(&users).await.unwrap();
     sandbox
-}
-
-/// A client of the sandbox itself (not through the gate).
-fn sandbox_client(sandbox: &friendhook::sandbox::SandboxHandle) -> friendhook::easemob::EasemobClient {
-    friendhook::easemob::EasemobClient::new(
-        friendhook::easemob::ClientConfig::new(
-            sandbox.base_url(),
-            "demo-org",
-            "demo-app",
-            "sandbox-client-id",
-            friendhook::secret::Secret::new("sandbox-client-secret"),
-        ),
-        friendhook::clock::system(),
-    )
-    .unwrap()
 }
 
 /// A proxy in front of the sandbox that holds the first add-friend request until opened.

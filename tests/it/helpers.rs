@@ -222,3 +222,35 @@ pub fn roster_body(msg_id: &str, from: &str, to: &str, operation: &str, timestam
     })
     .to_string()
 }
+
+/// `serve` flags for a real-Easemob setup at `base` (a standalone sandbox) with the sandbox's
+/// credentials.
+pub fn real_easemob_args(base: &str) -> Vec<&str> {
+    vec![
+        "--easemob-base-url",
+        base,
+        "--easemob-org",
+        "demo-org",
+        "--easemob-app",
+        "demo-app",
+        "--easemob-client-id",
+        "sandbox-client-id",
+        "--easemob-client-secret",
+        "sandbox-client-secret",
+    ]
+}
+
+/// A client of the sandbox itself (not through the gate).
+pub fn sandbox_client(sandbox: &friendhook::sandbox::SandboxHandle) -> friendhook::easemob::EasemobClient {
+    friendhook::easemob::EasemobClient::new(
+        friendhook::easemob::ClientConfig::new(
+            sandbox.base_url(),
+            "demo-org",
+            "demo-app",
+            "sandbox-client-id",
+            friendhook::secret::Secret::new("sandbox-client-secret"),
+        ),
+        friendhook::clock::system(),
+    )
+    .unwrap()
+}

@@ -21,17 +21,7 @@ async fn easemob_sending_to(callback_url: &str, exception_cache: bool) -> friend
     )
     .await
     .unwrap();
-    let client = friendhook::easemob::EasemobClient::new(
-        friendhook::easemob::ClientConfig::new(
-            sandbox.base_url(),
-            "demo-org",
-            "demo-app",
-            "sandbox-client-id",
-            friendhook::secret::Secret::new("sandbox-client-secret"),
-        ),
-        friendhook::clock::system(),
-    )
-    .unwrap();
+    let client = sandbox_client(&sandbox);
     let users = ["alice", "bob", "carol"].map(|n| friendhook::easemob::NewUser {
         username: n.into(),
         password: "pw".into(),
@@ -39,21 +29,6 @@ async fn easemob_sending_to(callback_url: &str, exception_cache: bool) -> friend
     });
     client.register_users(&users).await.unwrap();
     sandbox
-}
-
-fn real_easemob_args(base: &str) -> Vec<&str> {
-    vec![
-        "--easemob-base-url",
-        base,
-        "--easemob-org",
-        "demo-org",
-        "--easemob-app",
-        "demo-app",
-        "--easemob-client-id",
-        "sandbox-client-id",
-        "--easemob-client-secret",
-        "sandbox-client-secret",
-    ]
 }
 
 async fn settled(sandbox: &friendhook::sandbox::SandboxHandle) {
