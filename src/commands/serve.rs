@@ -219,9 +219,15 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let trailing =
         (!args.metrics_reconcile_window.is_zero()).then(|| TrailingReconciliation::new(args.metrics_reconcile_window));
     let metrics = if trailing.is_some() { Metrics::default().with_reconciliation() } else { Metrics::default() };
-    let store = Store::open(store_options(args, metrics.writer()), clock.clone())
-        .await
-        .with_context(|| format!("could not open the database {}", args.db.database_url))?;
+    let store = match Store::open(store_options(args, metrics.writer()), clock.clone()).await {
+        Ok(store) => store,
+        Err(err) if err.names_the_database() => return Err(err.into()),
+        Err(err) => {
+            return Err(
+                anyhow::Error::new(err).context(format!("could not open the database {}", args.db.database_url))
+            );
+        }
+    };
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         on_bad_signature: args.on_bad_signature,

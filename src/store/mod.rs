@@ -152,6 +152,22 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 }
 
 impl StoreError {
+    /// Whether the message already names the database (so a caller should not prefix it with
+    /// the URL again).
+    pub fn names_the_database(&self) -> bool {
+        matches!(
+            self,
+            StoreError::SchemaAhead { .. }
+                | StoreError::SchemaBehind { .. }
+                | StoreError::InUse { .. }
+                | StoreError::InMemory { .. }
+                | StoreError::NoDatabase { .. }
+                | StoreError::IsDirectory { .. }
+                | StoreError::NotSqlite { .. }
+                | StoreError::NoSchema { .. }
+        )
+    }
+
     pub(crate) fn clone_for_ack(&self) -> StoreError {
         match self {
             StoreError::QueueFull => StoreError::QueueFull,

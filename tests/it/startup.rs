@@ -162,6 +162,7 @@ async fn a_directory_or_a_file_that_is_not_sqlite_is_refused_with_what_to_give()
     let err = refusal(&folder, &[]).await;
     let example = format!("e.g. sqlite://{}", folder.join("friendhook.db").display());
     assert!(err.contains("is a directory") && err.contains(&example), "{err}");
+    assert!(!err.contains("could not open the database"), "the message names the database once: {err}");
 
     for (db, expected) in [(&text, "is not an SQLite database"), (&folder, "is a directory")] {
         let url = format!("sqlite://{}", db.display());
