@@ -259,7 +259,9 @@ async fn require_api_token(State(tokens): State<Arc<Vec<Secret>>>, request: Requ
 /// to be told what happened.
 ///
 /// Trigger endpoints get `trigger_timeout` instead: a batch of 1,000 additions at Easemob's
-/// 100/s takes ten seconds by design, plus retries. The feed's long-poll gets its wait on top.
+/// 100/s takes ten seconds by design, plus retries; so do the exception-cache endpoints, which
+/// also wait on Easemob (with its retries) once per bucket. The feed's long-poll gets its wait on
+/// top.
 ///
 /// A callback answered 408 is counted (`timed_out`) here: its handler, which counts every other
 /// answer, was dropped with the deadline, and Easemob counts the 408 towards banning the rule.
@@ -270,7 +272,7 @@ async fn request_deadline(
 ) -> Response {
     let path = request.uri().path();
     let is_callback = path == CALLBACK_PATH;
-    let limit = if path.starts_with("/v1/friends") {
+    let limit = if path.starts_with("/v1/friends") || path.starts_with("/v1/easemob/") {
         limits.trigger_timeout
     } else if path == "/v1/feed" {
         limits.request_timeout + crate::http::journal::MAX_WAIT

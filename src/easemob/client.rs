@@ -446,15 +446,24 @@ impl EasemobClient {
                 attempts,
                 reason,
             };
+            // A give-up after an attempt that may have acted says so, and what to check.
+            let may_have_acted = uncertain.as_ref().map_or(String::new(), |earlier| {
+                format!(
+                    "; an attempt answered {earlier} may have been carried out: check the result in Easemob before \
+                     trying again"
+                )
+            });
             if attempts >= config.max_attempts {
-                return Err(failed(format!("gave up after {attempts} attempt(s) (max_attempts); last: {reason}")));
+                return Err(failed(format!(
+                    "gave up after {attempts} attempt(s) (max_attempts); last: {reason}{may_have_acted}"
+                )));
             }
             // Easemob documents no Retry-After, but a gateway in front of it may send one.
             let delay = self.next_backoff(retries).max(retry_after.unwrap_or_default());
             let elapsed = first_attempt_at.elapsed();
             if elapsed + delay > config.max_retry_time {
                 return Err(failed(format!(
-                    "gave up after {attempts} attempt(s): a retry in {delay:?} would pass max_retry_time ({:?}, {elapsed:?} used); last: {reason}",
+                    "gave up after {attempts} attempt(s): a retry in {delay:?} would pass max_retry_time ({:?}, {elapsed:?} used); last: {reason}{may_have_acted}",
                     config.max_retry_time
                 )));
             }

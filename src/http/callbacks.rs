@@ -155,7 +155,7 @@ enum Received {
 /// canonical: on a dual-stack listener (`[::]`) an IPv4 sender shows as `::ffff:a.b.c.d`, which an
 /// IPv4 network of the list would never contain.
 fn source_allowed(allow_from: &[ipnet::IpNet], source: &Source) -> bool {
-    allow_from.is_empty() || allow_from.iter().any(|net| net.contains(&source.ip))
+    allow_from.is_empty() || source.ip.is_some_and(|ip| allow_from.iter().any(|net| net.contains(&ip)))
 }
 
 async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, body: Body) -> Result<Received, ApiError> {

@@ -1,7 +1,7 @@
 //! `GET /v1/easemob/exception-cache` and `POST /v1/easemob/exception-cache/resend`: getting back
 //! the callbacks Easemob could not deliver (friendhook down, unreachable, answering 5xx), from
 //! Easemob's exception cache (回调异常缓存, a paid add-on that keeps them for 3 days in 10-minute
-//! buckets; easemob-api.md §8.5).
+//! buckets; easemob-api.md §8.7).
 //!
 //! friendhook only asks: Easemob re-sends the callbacks to the rule's URL (or `target_url`), where
 //! they arrive, are verified and are deduplicated like any delivery, so a bucket sent twice, or
@@ -45,8 +45,8 @@ fn easemob_refused(failure: &ApiFailure) -> ApiError {
         ApiFailure::Rejected { status: 403, .. } => ApiError::BadGateway {
             code: "exception_cache_not_enabled",
             detail: format!(
-                "{failure}. The exception cache (回调异常缓存) is a paid add-on of Easemob's Pro and Flagship plans; \
-                 without it, callbacks that could not be delivered are gone"
+                "{failure}. Most likely the app does not have the exception cache (回调异常缓存), a paid add-on of \
+                 Easemob's Pro and Flagship plans; without it, callbacks that could not be delivered are gone"
             ),
         },
         _ => ApiError::BadGateway { code: "easemob_failed", detail: failure.to_string() },
@@ -114,8 +114,11 @@ async fn resend(
     }
     let client = client(&state)?;
     let kept = buckets(&client).await?;
-    let wanted: Vec<String> =
+    let mut wanted: Vec<String> =
         if request.all { kept.iter().map(|b| b.date.clone()).collect() } else { request.dates.clone() };
+    // A date given twice is asked for once (each request counts against the bucket's re-sends).
+    let mut seen = std::collections::HashSet::new();
+    wanted.retain(|date| seen.insert(date.clone()));
     let mut results = Vec::with_capacity(wanted.len());
     for date in wanted {
         let Some(bucket) = kept.iter().find(|b| b.date == date) else {

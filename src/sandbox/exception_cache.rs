@@ -1,18 +1,20 @@
 //! The exception cache (回调异常缓存, a paid add-on of Easemob): callbacks whose delivery failed
 //! are kept in 10-minute buckets for 3 days, listed by `GET /{org}/{app}/callbacks/storage/info`
 //! and sent again, a bucket at a time, on `POST /{org}/{app}/callbacks/storage/retry`
-//! (easemob-api.md §8.5).
+//! (easemob-api.md §8.7).
 //!
 //! What Easemob documents: the buckets (`date` = the bucket's start as `yyyyMMddHHmm`, `size`,
 //! `retry`), the 3-day retention, the request body (`date` required, `retry` the caller's own
 //! counter, `targetUrl` defaulting to the rule's URL) and the answer (`"data":"success"` or
 //! `"failure"`). What it does not, and the sandbox chooses: the time zone of `date` (UTC here; a
 //! receiver should treat the key as opaque), that a callback sent again successfully leaves its
-//! bucket and one that fails again stays, that `retry` counts the re-sends asked for, that a
+//! bucket and one that fails again stays, that `retry` counts the re-sends asked for (a callback
+//! that fails later into a bucket already re-sent shares its count), that at most [`MAX_KEPT`]
+//! callbacks are kept (the oldest go first), that a
 //! banned rule's callbacks are kept too (they failed to go), and that a dropped one (the drop
 //! fault: lost before Easemob tried) is not.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -29,6 +31,9 @@ use super::state::{SandboxState, Timing};
 pub const BUCKET_MS: i64 = 10 * 60 * 1000;
 /// How long a failed callback is kept.
 pub const RETENTION_MS: i64 = 3 * 24 * 60 * 60 * 1000;
+/// Most callbacks kept at once (the oldest bucket's oldest go first), so that a long benchmark
+/// against a receiver that is down cannot grow the sandbox without bound.
+pub const MAX_KEPT: usize = 100_000;
 
 /// A callback kept for a re-send: its record in the callback log and its exact bytes.
 #[derive(Debug, Clone)]
@@ -52,7 +57,7 @@ pub struct BucketInfo {
 
 #[derive(Debug, Default)]
 struct Bucket {
-    items: Vec<Cached>,
+    items: VecDeque<Cached>,
     retry: u32,
 }
 
@@ -60,17 +65,28 @@ struct Bucket {
 #[derive(Debug, Default)]
 pub struct ExceptionCache {
     buckets: BTreeMap<i64, Bucket>,
+    kept: usize,
 }
 
 impl ExceptionCache {
     /// Keeps a callback that failed at `now_ms`.
     pub fn keep(&mut self, now_ms: i64, item: Cached) {
-        self.buckets.entry(bucket_of(now_ms)).or_default().items.push(item);
+        self.put_back(bucket_of(now_ms), item);
     }
 
     /// Puts back a callback of the bucket starting at `start` whose re-send failed too.
     pub fn put_back(&mut self, start: i64, item: Cached) {
-        self.buckets.entry(start).or_default().items.push(item);
+        self.buckets.entry(start).or_default().items.push_back(item);
+        self.kept += 1;
+        while self.kept > MAX_KEPT {
+            let Some(mut oldest) = self.buckets.first_entry() else { break };
+            if oldest.get().items.is_empty() {
+                oldest.remove();
+                continue;
+            }
+            oldest.get_mut().items.pop_front();
+            self.kept -= 1;
+        }
     }
 
     /// The non-empty buckets kept at `now_ms`, oldest first.
@@ -90,11 +106,20 @@ impl ExceptionCache {
         let (start, bucket) =
             self.buckets.iter_mut().find(|(start, b)| !b.items.is_empty() && date_key(**start) == date)?;
         bucket.retry += 1;
-        Some((*start, std::mem::take(&mut bucket.items)))
+        let items = Vec::from(std::mem::take(&mut bucket.items));
+        self.kept -= items.len();
+        Some((*start, items))
     }
 
     fn expire(&mut self, now_ms: i64) {
-        self.buckets.retain(|start, _| start + BUCKET_MS > now_ms - RETENTION_MS);
+        let kept = &mut self.kept;
+        self.buckets.retain(|start, bucket| {
+            let keep = start + BUCKET_MS > now_ms - RETENTION_MS;
+            if !keep {
+                *kept -= bucket.items.len();
+            }
+            keep
+        });
     }
 }
 
@@ -109,7 +134,7 @@ pub fn date_key(ms: i64) -> String {
     humantime::format_rfc3339_seconds(at).to_string().chars().filter(char::is_ascii_digit).take(12).collect()
 }
 
-/// The envelope both endpoints answer in (easemob-api.md §8.5).
+/// The envelope both endpoints answer in (easemob-api.md §8.7).
 fn envelope(state: &SandboxState, timing: &Timing, data: Value) -> Json<Value> {
     let now = state.clock().now_ms();
     let config = state.config();
@@ -207,6 +232,22 @@ mod tests {
         cache.put_back(start, item(2));
         assert_eq!(cache.info(t0 + BUCKET_MS)[0], BucketInfo { date: "202611271010".into(), size: 1, retry: 1 });
         assert!(cache.take(t0, "209901010000").is_none());
+    }
+
+    #[test]
+    fn past_the_cap_the_oldest_callbacks_go_first() {
+        let mut cache = ExceptionCache::default();
+        let t0 = 1_795_774_200_000;
+        for seq in 0..MAX_KEPT as u64 {
+            cache.keep(t0, item(seq));
+        }
+        cache.keep(t0 + BUCKET_MS, item(u64::MAX));
+        let info = cache.info(t0 + BUCKET_MS);
+        assert_eq!(info.iter().map(|b| b.size).collect::<Vec<_>>(), [MAX_KEPT - 1, 1]);
+        let (_, items) = cache.take(t0 + BUCKET_MS, "202611271010").expect("kept");
+        assert_eq!(items[0].seq, 1, "seq 0, the oldest, went");
+        cache.keep(t0 + BUCKET_MS, item(7));
+        assert_eq!(cache.info(t0 + BUCKET_MS).iter().map(|b| b.size).sum::<usize>(), 2, "room again after a take");
     }
 
     #[test]

@@ -87,6 +87,26 @@ async fn a_refusal_after_a_5xx_is_failed_and_its_record_says_the_first_attempt_m
 }
 
 #[tokio::test]
+async fn a_call_given_up_after_5xx_answers_says_easemob_may_have_acted() {
+    let app = TestApp::spawn(&["--easemob-max-attempts", "2"]).await;
+    app.register(&["alice", "bob"]).await;
+    app.sandbox().inject_faults(friendhook::sandbox::InjectedFault {
+        status: 503,
+        count: 2,
+        path_contains: Some("/contacts/".to_owned()),
+        error: None,
+    });
+
+    let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+
+    assert_eq!((status, call["outcome"].as_str()), (201, Some("failed")), "{call}");
+    let detail = call["outcome_detail"].as_str().expect("a failure says why");
+    assert!(detail.contains("gave up after 2 attempt(s)"), "{detail}");
+    assert!(detail.contains("may have been carried out: check the result in Easemob"), "{detail}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn invalid_input_gets_400_and_nothing_is_sent() {
     let app = TestApp::spawn(&[]).await;
     let before = app.sandbox().stats().requests;

@@ -367,6 +367,20 @@ async fn behind_a_trusted_proxy_the_forwarded_address_is_checked_and_recorded() 
         1
     );
 
+    // A stray byte in what the sender wrote does not turn the source into the (allowed) proxy.
+    let app = TestApp::spawn(&["--trusted-proxy", "127.0.0.1/32", "--allow-from", "203.0.113.0/24,127.0.0.1/32"]).await;
+    let r = app
+        .client
+        .post(app.url("/callbacks/easemob"))
+        .header("content-type", "application/json")
+        .header("x-forwarded-for", reqwest::header::HeaderValue::from_bytes(b"203.0.113.5\xff, 198.51.100.1").unwrap())
+        .body(roster_body("7106", "alice", "bob", "add", 1, SECRET))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403, "the proxy saw 198.51.100.1");
+    app.stop().await;
+
     // Without --trusted-proxy the header is ignored: a sender cannot claim an allowed address.
     let app = TestApp::spawn(&["--allow-from", "203.0.113.0/24"]).await;
     let r = forwarded(&app, roster_body("7105", "alice", "bob", "add", 1, SECRET), "203.0.113.7").await.unwrap();
