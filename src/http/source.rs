@@ -5,8 +5,8 @@
 //! Only the entries written by proxies we trust can be believed, so the list is read from the
 //! right for as long as the address being looked at is a trusted proxy; the first one that is
 //! not is the source. Its leftmost entries are whatever the sender chose to write, which is why
-//! the leftmost one is never taken as it is, and why the header is ignored altogether when the
-//! peer itself is not trusted.
+//! an entry is believed only when every entry right of it names a trusted proxy (so it was
+//! written by one), and why the header is ignored altogether when the peer itself is not trusted.
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
