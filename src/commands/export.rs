@@ -42,7 +42,7 @@ pub struct ExportArgs {
     pub progress_every: u64,
 }
 
-const CSV_HEADER: [&str; 13] = [
+const CSV_HEADER: [&str; 14] = [
     "seq",
     "kind",
     "owner",
@@ -56,6 +56,7 @@ const CSV_HEADER: [&str; 13] = [
     "msg_id",
     "upstream_status",
     "upstream_error",
+    "outcome_detail",
 ];
 
 /// Streams every matching record to `out`; returns how many were written.
@@ -156,6 +157,7 @@ fn write_csv_row(w: &mut csv::Writer<Vec<u8>>, r: &FeedRecord, numbers: &mut Csv
         s(&r.msg_id),
         upstream_status.as_str(),
         s(&r.upstream_error),
+        s(&r.outcome_detail),
     ])
 }
 

@@ -45,6 +45,9 @@ pub struct FeedRecord {
     pub upstream_status: Option<i64>,
     /// Call: Easemob's error type.
     pub upstream_error: Option<String>,
+    /// Call: why it did not succeed, in a sentence (`null` for a success, a callback, and calls
+    /// recorded before schema 7).
+    pub outcome_detail: Option<String>,
 }
 
 /// Every roster add/remove callback stored up to seq `?4` ([`JournalPoint`]), one page of 100,000
@@ -107,13 +110,14 @@ SELECT count(*), max(seq), group_concat(line, char(10) ORDER BY seq),
       SELECT json_object('seq', seq, 'kind', 'call', 'owner', owner, 'friend', friend, 'operation', op,
              'outcome', outcome, 'chat_type', NULL, 'event_time', requested_at_ms,
              'received_time', completed_at_ms, 'id', CAST(id AS TEXT), 'msg_id', NULL,
-             'upstream_status', upstream_status, 'upstream_error', upstream_error)
+             'upstream_status', upstream_status, 'upstream_error', upstream_error,
+             'outcome_detail', outcome_detail)
       FROM calls WHERE id = page.id)
     ELSE (
       SELECT json_object('seq', seq, 'kind', 'callback', 'owner', from_user, 'friend', to_user,
              'operation', operation, 'outcome', NULL, 'chat_type', chat_type, 'event_time', timestamp_ms,
              'received_time', received_at_ms, 'id', call_id, 'msg_id', msg_id,
-             'upstream_status', NULL, 'upstream_error', NULL)
+             'upstream_status', NULL, 'upstream_error', NULL, 'outcome_detail', NULL)
       FROM callbacks WHERE id = page.id) END AS line
   FROM (
     SELECT seq, is_call, id FROM (

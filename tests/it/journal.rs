@@ -155,6 +155,8 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     assert!(kinds.contains(&"callback"), "the sandbox's roster callback is stored: {kinds:?}");
     let rejected = feed.iter().find(|r| r["outcome"] == "rejected").expect("the refused call");
     assert_eq!(rejected["upstream_status"], 404);
+    assert_eq!(rejected["outcome_detail"], refused["outcome_detail"], "the call record's detail: {rejected}");
+    assert!(feed.iter().all(|r| r.get("outcome_detail").is_some()), "every key on every line");
 
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;
@@ -184,6 +186,7 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     let rejected_row = rows.iter().find(|r| r[column("outcome")] == "rejected").expect("rejected row");
     assert_eq!(rejected_row[column("upstream_status")], "404");
     assert_eq!(rejected_row[column("upstream_error")], rejected["upstream_error"].as_str().unwrap());
+    assert_eq!(rejected_row[column("outcome_detail")], rejected["outcome_detail"].as_str().unwrap());
 }
 
 /// Runs `sqlite3` on the file: the tests' stand-in for someone with write access to it.
