@@ -17,7 +17,7 @@ use axum::routing::{get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::friends::{client, json_body};
+use super::friends::{client, json_body, token_unavailable};
 use crate::app::SharedState;
 use crate::easemob::{ApiFailure, CacheBucket, EasemobClient};
 use crate::error::ApiError;
@@ -35,11 +35,7 @@ pub fn router() -> axum::Router<SharedState> {
 /// What went wrong asking Easemob, as an answer to our caller.
 fn easemob_refused(failure: &ApiFailure) -> ApiError {
     if failure.is_token_failure() {
-        return ApiError::Unavailable {
-            code: "easemob_token_unavailable",
-            detail: failure.to_string(),
-            retry_after_secs: if failure.may_pass_later() { 5 } else { 0 },
-        };
+        return token_unavailable(failure, failure.to_string());
     }
     match failure {
         ApiFailure::Rejected { status: 403, .. } => ApiError::BadGateway {

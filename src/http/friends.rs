@@ -137,6 +137,16 @@ fn validate_pair(owner: Option<&str>, friend: Option<&str>) -> Result<(String, S
     Ok((owner, friend))
 }
 
+/// 503 `easemob_token_unavailable` for a request that needs an app token and has none (wrong
+/// credentials, token endpoint down), with `Retry-After` only when waiting may help.
+pub(super) fn token_unavailable(failure: &ApiFailure, detail: String) -> ApiError {
+    ApiError::Unavailable {
+        code: "easemob_token_unavailable",
+        detail,
+        retry_after_secs: if failure.may_pass_later() { 5 } else { 0 },
+    }
+}
+
 pub(super) fn client(state: &SharedState) -> Result<EasemobClient, ApiError> {
     state.easemob.clone().ok_or_else(|| ApiError::Unavailable {
         code: "no_easemob_client",
@@ -166,12 +176,7 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
     // down) is answered before anything is recorded: recorded, it would hold its
     // Idempotency-Key to a failure that never reached Easemob.
     client.ensure_token().await.map_err(|failure| {
-        let retry_after_secs = if failure.may_pass_later() { 5 } else { 0 };
-        ApiError::Unavailable {
-            code: "easemob_token_unavailable",
-            detail: format!("{failure}; nothing was recorded or sent to Easemob"),
-            retry_after_secs,
-        }
+        token_unavailable(&failure, format!("{failure}; nothing was recorded or sent to Easemob"))
     })?;
     let record = match state.store.insert_call_intent(call).await.map_err(ApiError::from)? {
         IntentResult::Existing(existing) => return Ok((existing, true)),

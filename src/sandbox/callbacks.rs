@@ -354,18 +354,16 @@ pub async fn deliver(state: Arc<SandboxState>, delivery: Delivery, url: String, 
     let sends = if delivery.duplicate { 2 } else { 1 };
     let mut attempts = 0;
     let mut delivered = false;
-    'sends: for _ in 0..sends {
-        for _attempt_and_retry in 0..2 {
-            if !state.callback_rule_may_send() {
-                break 'sends;
-            }
+    for _ in 0..sends {
+        let sent = send_with_one_retry(&state, &url, &delivery.body, || {
             attempts += 1;
             state.set_callback_attempts(delivery.seq, attempts);
-            if post_once(state.http(), &url, delivery.body.clone()).await {
-                delivered = true;
-                break;
-            }
-            state.callback_attempt_failed();
+        })
+        .await;
+        match sent {
+            Sent::Delivered => delivered = true,
+            Sent::Failed => {}
+            Sent::Banned => break,
         }
     }
     let settled = match (delivered, attempts) {
@@ -387,17 +385,37 @@ pub async fn redeliver(
     _in_flight: InFlightGuard,
 ) {
     let _turn = state.send_turn().await;
+    match send_with_one_retry(&state, &url, &item.body, || {}).await {
+        Sent::Delivered => state.redelivered(item.seq),
+        Sent::Failed | Sent::Banned => state.keep_again(bucket_start, item),
+    }
+}
+
+/// How one send (an attempt and its retry) ended.
+enum Sent {
+    /// An attempt was answered 200.
+    Delivered,
+    /// Every attempt made failed.
+    Failed,
+    /// The rule was banned before an attempt was due (attempts before it may have failed).
+    Banned,
+}
+
+/// One send as Easemob makes it: an attempt and, if it fails, one immediate retry, none while
+/// the callback rule is banned; each failure counts towards a ban. `attempting` is called before
+/// each attempt.
+async fn send_with_one_retry(state: &SandboxState, url: &str, body: &Bytes, mut attempting: impl FnMut()) -> Sent {
     for _attempt_and_retry in 0..2 {
         if !state.callback_rule_may_send() {
-            break;
+            return Sent::Banned;
         }
-        if post_once(state.http(), &url, item.body.clone()).await {
-            state.redelivered(item.seq);
-            return;
+        attempting();
+        if post_once(state.http(), url, body.clone()).await {
+            return Sent::Delivered;
         }
         state.callback_attempt_failed();
     }
-    state.keep_again(bucket_start, item);
+    Sent::Failed
 }
 
 /// Longest reply Easemob accepts from a receiver; a longer one is a failed attempt.

@@ -364,13 +364,19 @@ impl SandboxState {
         let Some(url) = self.config.callback_url.clone() else {
             return;
         };
-        let mut tasks = self.deliveries.lock().unwrap_or_else(PoisonError::into_inner);
-        // Reap finished tasks so the set does not grow with every callback ever sent.
-        while tasks.try_join_next().is_some() {}
+        let mut tasks = self.delivery_tasks();
         for delivery in deliveries {
             let guard = InFlightGuard::new(&self.in_flight);
             tasks.spawn(callbacks::deliver(Arc::clone(self), delivery, url.clone(), guard));
         }
+    }
+
+    /// The running delivery tasks, finished ones reaped first so that the set does not grow with
+    /// every callback ever sent.
+    fn delivery_tasks(&self) -> MutexGuard<'_, JoinSet<()>> {
+        let mut tasks = self.deliveries.lock().unwrap_or_else(PoisonError::into_inner);
+        while tasks.try_join_next().is_some() {}
+        tasks
     }
 
     pub(crate) fn set_callback_attempts(&self, seq: u64, attempts: u32) {
@@ -404,8 +410,7 @@ impl SandboxState {
         let Some((start, items)) = self.world().exception_cache.take(now, date) else {
             return false;
         };
-        let mut tasks = self.deliveries.lock().unwrap_or_else(PoisonError::into_inner);
-        while tasks.try_join_next().is_some() {}
+        let mut tasks = self.delivery_tasks();
         for item in items {
             let guard = InFlightGuard::new(&self.in_flight);
             tasks.spawn(callbacks::redeliver(Arc::clone(self), start, item, url.clone(), guard));
