@@ -67,12 +67,7 @@ async fn easemob_errors_are_recorded_as_rejected_calls() {
 async fn a_refusal_after_a_5xx_is_failed_and_its_record_says_the_first_attempt_may_have_acted() {
     let app = TestApp::spawn(&[]).await;
     app.register(&["alice"]).await;
-    app.sandbox().inject_faults(friendhook::sandbox::InjectedFault {
-        status: 503,
-        count: 1,
-        path_contains: Some("/contacts/".to_owned()),
-        error: None,
-    });
+    app.sandbox().inject_faults(crate::client_support::contacts_fault(503, 1));
 
     let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "nobody"})).await;
 
@@ -90,12 +85,7 @@ async fn a_refusal_after_a_5xx_is_failed_and_its_record_says_the_first_attempt_m
 async fn a_call_given_up_after_5xx_answers_says_easemob_may_have_acted() {
     let app = TestApp::spawn(&["--easemob-max-attempts", "2"]).await;
     app.register(&["alice", "bob"]).await;
-    app.sandbox().inject_faults(friendhook::sandbox::InjectedFault {
-        status: 503,
-        count: 2,
-        path_contains: Some("/contacts/".to_owned()),
-        error: None,
-    });
+    app.sandbox().inject_faults(crate::client_support::contacts_fault(503, 2));
 
     let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
 

@@ -254,3 +254,15 @@ pub fn sandbox_client(sandbox: &friendhook::sandbox::SandboxHandle) -> friendhoo
     )
     .unwrap()
 }
+
+/// Runs a service on `db` until alice has added bob (the call recorded, its callback stored),
+/// then stops it: the database an upgrade test edits into an earlier release's. The call record.
+pub async fn database_where_alice_added_bob(db: &std::path::Path) -> Value {
+    let app = TestApp::spawn_on(db, &[]).await;
+    app.register(&["alice", "bob"]).await;
+    let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!((status, call["outcome"].as_str()), (201, Some("succeeded")), "{call}");
+    app.settle().await;
+    app.stop().await;
+    call
+}

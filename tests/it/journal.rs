@@ -263,13 +263,8 @@ async fn a_calls_outcome_detail_is_written_once_and_chained() {
 async fn a_database_of_schema_6_is_upgraded_with_its_chain_intact_and_records_details_afterwards() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("v6.db");
-    let app = TestApp::spawn_on(&db, &[]).await;
-    app.register(&["alice", "bob"]).await;
-    let (status, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
-    assert_eq!((status, call["outcome"].as_str()), (201, Some("succeeded")), "{call}");
-    app.settle().await;
-    let db_url = app.db_url.clone();
-    app.stop().await;
+    let call = database_where_alice_added_bob(&db).await;
+    let db_url = format!("sqlite://{}", db.display());
     // Schema 6 as an earlier release left it: no `outcome_detail`, the trigger without it.
     sqlite(
         &db,

@@ -427,12 +427,7 @@ async fn callback_users_are_stored_lower_cased_and_found_by_any_case() {
 async fn callbacks_stored_with_upper_case_users_by_an_earlier_release_are_found_and_matched_after_the_upgrade() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("upgraded.db");
-    let app = TestApp::spawn_on(&db, &[]).await;
-    app.register(&["alice", "bob"]).await;
-    let (status, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
-    assert_eq!(status, 201, "{call}");
-    app.settle().await;
-    app.stop().await;
+    database_where_alice_added_bob(&db).await;
 
     // What an earlier release left behind: users stored as sent ("Alice"), their lookup entries
     // likewise, and schema version 4.
