@@ -24,7 +24,7 @@ use crate::app::SharedState;
 use crate::easemob::{self, ApiFailure, EasemobClient};
 use crate::error::ApiError;
 use crate::model::{CallOp, Outcome};
-use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall, StoreError};
+use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall, StoreError, pair_key};
 
 /// Routes of this module.
 pub fn router() -> axum::Router<SharedState> {
@@ -169,16 +169,32 @@ impl From<ApiError> for CallFailure {
     }
 }
 
+/// A call that cannot be sent for want of an app token (wrong credentials, token endpoint down)
+/// is answered before anything is recorded: recorded, it would hold its Idempotency-Key to a
+/// failure that never reached Easemob.
+async fn ensure_token(client: &EasemobClient) -> Result<(), ApiError> {
+    client
+        .ensure_token()
+        .await
+        .map_err(|failure| token_unavailable(&failure, format!("{failure}; nothing was recorded or sent to Easemob")))
+}
+
 /// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
 /// request so a disconnect cannot cut it between the two records.
 async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), CallFailure> {
-    // A call that cannot be sent for want of an app token (wrong credentials, token endpoint
-    // down) is answered before anything is recorded: recorded, it would hold its
-    // Idempotency-Key to a failure that never reached Easemob.
-    client.ensure_token().await.map_err(|failure| {
-        token_unavailable(&failure, format!("{failure}; nothing was recorded or sent to Easemob"))
-    })?;
-    let record = match state.store.insert_call_intent(call).await.map_err(ApiError::from)? {
+    ensure_token(&client).await?;
+    let intent = state.store.queue_call_intent(call).map_err(ApiError::from)?;
+    carry_out(state, client, intent).await
+}
+
+/// [`execute`] from a queued intent on: waits for it to be recorded, then calls Easemob and
+/// records the outcome.
+async fn carry_out(
+    state: SharedState,
+    client: EasemobClient,
+    intent: impl Future<Output = Result<IntentResult, StoreError>>,
+) -> Result<(CallRecord, bool), CallFailure> {
+    let record = match intent.await.map_err(ApiError::from)? {
         IntentResult::Existing(existing) => return Ok((existing, true)),
         IntentResult::Created(record) => record,
     };
@@ -411,28 +427,40 @@ async fn add_friends_batch(
             format!("`pairs` must hold 1 to {MAX_BATCH} pairs, got {}", body.pairs.len()),
         ));
     }
-    // Validate everything first: a batch with a bad pair sends nothing. A pair given again is
-    // one call (a second add of it would be a re-add, which Easemob answers without an event,
-    // so it would only read `missing`): each position gets that call's result.
+    // Validate everything first: a batch with a bad pair sends nothing. A pair given again, in
+    // either direction, is one call: friendship is two-way, so a second add of it would be a
+    // re-add, which Easemob answers without an event (it would only read `missing`), and run at
+    // the same time the two would race for the one event. Each position gets that call's result.
     let mut calls = Vec::with_capacity(body.pairs.len());
-    let mut first_of: HashMap<(String, String), usize> = HashMap::new();
+    let mut first_of: HashMap<String, usize> = HashMap::new();
     let mut position_of = Vec::with_capacity(body.pairs.len());
     for (i, p) in body.pairs.iter().enumerate() {
         let (owner, friend) = validate_pair(p.owner.as_deref(), p.friend.as_deref())
             .map_err(|d| ApiError::bad_request("invalid_request", format!("pairs[{i}]: {d}")))?;
         let next = calls.len();
-        let call = *first_of.entry((owner.clone(), friend.clone())).or_insert(next);
+        let call = *first_of.entry(pair_key(&owner, &friend)).or_insert(next);
         if call == next {
             calls.push(NewCall { op: CallOp::Add, owner, friend, idempotency_key: None });
         }
         position_of.push(call);
     }
     let client = client(&state)?;
-    // All run at once; the client's rate limiter paces them to Easemob's limit. Every one is
-    // waited for: one failing (storage busy, say) does not stop the others, which may already
-    // have gone to Easemob, so the answer has to say what became of each.
+    ensure_token(&client).await?;
+    // The intents are queued one after the other, with no await between queueing one and
+    // spawning its task (so a disconnect cannot leave an intent without its call): the writer
+    // numbers them in request order. Then all run at once; the client's rate limiter paces them
+    // to Easemob's limit. Every one is waited for: one failing (storage busy, say) does not stop
+    // the others, which may already have gone to Easemob, so the answer has to say what became
+    // of each.
     let pairs: Vec<(String, String)> = calls.iter().map(|c| (c.owner.clone(), c.friend.clone())).collect();
-    let tasks: Vec<_> = calls.into_iter().map(|c| tokio::spawn(execute(state.clone(), client.clone(), c))).collect();
+    let tasks: Vec<_> = calls
+        .into_iter()
+        .map(|c| {
+            let intent = state.store.queue_call_intent(c).map_err(ApiError::from);
+            let (state, client) = (state.clone(), client.clone());
+            tokio::spawn(async move { carry_out(state, client, intent?).await })
+        })
+        .collect();
     let mut done = Vec::with_capacity(tasks.len());
     for (t, pair) in tasks.into_iter().zip(pairs) {
         let result = t.await.map_err(|e| CallFailure::from(ApiError::internal(e))).and_then(|r| r);

@@ -24,7 +24,7 @@ pub use journal::*;
 pub use reads::*;
 pub use writer::{
     CallOutcome, CallbackAck, ChainHead, IntentResult, NewCallback, Promotion, PromotionResult, QuarantineEntry,
-    Rejection, WriterHealth, WriterLimits,
+    Rejection, WriterHealth, WriterLimits, pair_key,
 };
 
 use crate::clock::SharedClock;
@@ -677,16 +677,24 @@ impl Store {
         (size - self.jobs.capacity(), size)
     }
 
-    async fn submit<T>(
+    /// Hands a job to the writer now (without waiting), and returns where its answer will come.
+    fn enqueue<T>(
         &self,
         make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
-    ) -> Result<T, StoreError> {
+    ) -> Result<oneshot::Receiver<Result<T, StoreError>>, StoreError> {
         let (tx, rx) = oneshot::channel();
         self.jobs.try_send(make(tx)).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => StoreError::QueueFull,
             mpsc::error::TrySendError::Closed(_) => StoreError::WriterGone,
         })?;
-        rx.await.map_err(|_| StoreError::WriterGone)?
+        Ok(rx)
+    }
+
+    async fn submit<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, StoreError>>) -> Job,
+    ) -> Result<T, StoreError> {
+        self.enqueue(make)?.await.map_err(|_| StoreError::WriterGone)?
     }
 
     /// Stores a verified callback (or counts another delivery of it); returns after commit.
@@ -706,7 +714,19 @@ impl Store {
 
     /// Records a call intent (before anything is sent).
     pub async fn insert_call_intent(&self, call: NewCall) -> Result<IntentResult, StoreError> {
-        self.submit(|tx| Job::Intent(call, tx)).await
+        self.queue_call_intent(call)?.await
+    }
+
+    /// Hands a call intent to the writer now and returns its answer to wait for. The writer
+    /// takes jobs in the order they were queued, so intents queued one after the other are
+    /// numbered in that order however their answers are awaited: a batch's calls get ids in
+    /// request order.
+    pub fn queue_call_intent(
+        &self,
+        call: NewCall,
+    ) -> Result<impl Future<Output = Result<IntentResult, StoreError>> + Send + 'static, StoreError> {
+        let answer = self.enqueue(|tx| Job::Intent(call, tx))?;
+        Ok(async move { answer.await.map_err(|_| StoreError::WriterGone)? })
     }
 
     /// Records a call's outcome (once).

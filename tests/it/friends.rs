@@ -163,20 +163,22 @@ async fn the_same_idempotency_key_returns_the_same_call_and_calls_easemob_once()
 #[tokio::test]
 async fn a_batch_runs_every_pair_and_answers_in_request_order() {
     let app = TestApp::spawn(&[]).await;
-    let names: Vec<String> = (0..40).map(|i| format!("user_{i}")).collect();
+    let names: Vec<String> = (0..200).map(|i| format!("user_{i}")).collect();
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     app.register(&refs).await;
-    let mut pairs: Vec<Value> = (0..20).map(|i| json!({"owner": names[2 * i], "friend": names[2 * i + 1]})).collect();
+    let mut pairs: Vec<Value> = (0..100).map(|i| json!({"owner": names[2 * i], "friend": names[2 * i + 1]})).collect();
     pairs.push(json!({"owner": "user_0", "friend": "ghost"}));
     let (status, body) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
     assert_eq!(status, 200, "{body}");
     let results = body["results"].as_array().unwrap();
-    assert_eq!(results.len(), 21);
-    for (i, r) in results.iter().take(20).enumerate() {
+    assert_eq!(results.len(), 101);
+    for (i, r) in results.iter().take(100).enumerate() {
         assert_eq!(r["owner"], names[2 * i]);
         assert_eq!(r["outcome"], "succeeded");
     }
-    assert_eq!(results[20]["outcome"], "rejected");
+    assert_eq!(results[100]["outcome"], "rejected");
+    let ids: Vec<i64> = results.iter().map(|r| r["id"].as_i64().unwrap()).collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "calls are numbered in request order: {ids:?}");
     assert_eq!(app.sandbox().stats().rate_limited, 0);
 
     let (status, _) = app.post_json("/v1/friends/batch", json!({"pairs": [{"owner": "a", "friend": "a"}]})).await;
@@ -184,8 +186,9 @@ async fn a_batch_runs_every_pair_and_answers_in_request_order() {
     app.stop().await;
 }
 
-/// A pair given twice in one batch is one call: the second add would be a re-add, which Easemob
-/// answers without an event, so it would only ever read `missing`.
+/// A pair given twice in one batch, in either direction, is one call: friendship is two-way, so
+/// the second add would be a re-add, which Easemob answers without an event; it would only ever
+/// read `missing`, or take the first one's event and leave that one `missing`.
 #[tokio::test]
 async fn a_pair_repeated_in_a_batch_is_one_call_reported_at_each_position() {
     let app = TestApp::spawn(&[]).await;
@@ -201,10 +204,13 @@ async fn a_pair_repeated_in_a_batch_is_one_call_reported_at_each_position() {
     let results = body["results"].as_array().unwrap();
     assert_eq!(results.len(), 4, "one result per position");
     assert_eq!(results[2], results[0], "the repeat is the same call");
+    assert_eq!(results[3], results[0], "so is the other direction: {body}");
     let ids: std::collections::HashSet<i64> = results.iter().map(|r| r["id"].as_i64().unwrap()).collect();
-    assert_eq!(ids.len(), 3, "alice -> bob once; bob -> alice is a call of its own: {body}");
-    let (_, calls) = app.get_json("/v1/calls?owner=alice").await;
-    assert_eq!(calls["items"].as_array().unwrap().len(), 1, "{calls}");
+    assert_eq!(ids.len(), 2, "alice -> bob once, carol -> dave once: {body}");
+    for user in ["alice", "bob"] {
+        let (_, calls) = app.get_json(&format!("/v1/calls?owner={user}")).await;
+        assert_eq!(calls["items"].as_array().unwrap().len(), usize::from(user == "alice"), "{calls}");
+    }
     assert_eq!(app.sandbox().stats().rate_limited, 0);
     app.stop().await;
 }
