@@ -1,9 +1,12 @@
 //! The HTTP side of the client: the endpoints, and the attempt loop every call goes through.
 //!
-//! One call = token, pacer, HTTP attempt, then by the answer:
-//! - 2xx: done.
+//! One call = pacer, token (taken after the turn, so a call that waited never sends a token that
+//! expired or was renewed meanwhile), HTTP attempt, then by the answer:
+//! - 2xx: done; for a call that changes something, even when the body is cut short (the status
+//!   line says it was done).
 //! - 401: the token is dropped, a new one fetched, and the call re-sent once; a second 401 is
-//!   final (`Rejected`). The docs warn that a token can stop working before `expires_in`.
+//!   final (`Rejected`). The docs warn that a token can stop working before `expires_in`. A 401
+//!   to a token another call has renewed since does not use up that one renewal.
 //! - 429 (but `resource_limited`, the plan's limit), 5xx, transport error or timeout: back off
 //!   (see [`backoff`](super::backoff); at least the answer's `Retry-After`) and try again, while
 //!   fewer than `max_attempts` attempts were made and `max_retry_time` since the first attempt is
@@ -57,18 +60,24 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     Some(Duration::from_secs(secs).min(MAX_RETRY_AFTER))
 }
 
-/// The answer's body, cut at [`MAX_ANSWER_BYTES`].
-async fn read_capped(mut response: reqwest::Response) -> Result<Bytes, reqwest::Error> {
+/// The answer's body, cut at [`MAX_ANSWER_BYTES`]; with the error that cut it short, if the
+/// connection failed before its end (what arrived until then is kept).
+async fn read_capped(mut response: reqwest::Response) -> (Bytes, Option<reqwest::Error>) {
     let mut body = bytes::BytesMut::new();
-    while let Some(chunk) = response.chunk().await? {
-        let room = MAX_ANSWER_BYTES - body.len();
-        if chunk.len() >= room {
-            body.extend_from_slice(&chunk[..room]);
-            break;
+    loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => {
+                let room = MAX_ANSWER_BYTES - body.len();
+                if chunk.len() >= room {
+                    body.extend_from_slice(&chunk[..room]);
+                    return (body.freeze(), None);
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(None) => return (body.freeze(), None),
+            Err(error) => return (body.freeze(), Some(error)),
         }
-        body.extend_from_slice(&chunk);
     }
-    Ok(body.freeze())
 }
 
 /// Most users Easemob accepts in one batch registration; larger input is sent in chunks.
@@ -354,8 +363,14 @@ impl EasemobClient {
         let mut uncertain: Option<String> = None;
 
         loop {
-            let token = self.token().await.map_err(|failure| token_failure(failure, attempts))?;
+            let no_token = |failure| token_failure(failure, attempts, uncertain.as_deref());
+            // No turn is spent on a call that cannot be sent for want of a token...
+            self.token().await.map_err(no_token)?;
             self.inner.pacer.wait_turn().await;
+            // ...and the token is taken after the turn, not before: behind a batch a call can
+            // wait in the pacer for seconds, and a token taken before could have expired or been
+            // renewed meanwhile, so a whole queue would be sent with a dead token.
+            let token = self.token().await.map_err(no_token)?;
             attempts += 1;
             let first_attempt_at = *first_attempt_at.get_or_insert_with(Instant::now);
 
@@ -388,10 +403,25 @@ impl EasemobClient {
                 Some(error) => format!("HTTP {status} {}", error.summary()),
                 None => format!("HTTP {status}"),
             };
+            // A 401 after another call renewed the token says nothing about the new token: this
+            // call gets its retry with the new one, and keeps its own renewal for later.
+            let renewed_elsewhere = match status {
+                Some(401) => self.inner.tokens.invalidate(token.generation).await,
+                _ => false,
+            };
             let reason = match status {
                 Some(status) if (200..300).contains(&status) => {
                     let body = body.unwrap_or(Value::Null);
                     return Ok(ApiSuccess { status, envelope: Envelope::from_value(&body), body, attempts });
+                }
+                Some(401) if renewed_elsewhere && attempts < config.max_attempts => {
+                    tracing::debug!(
+                        method = %call.method,
+                        path = call.url.path(),
+                        attempt = attempts,
+                        "Easemob refused a token another call has renewed since; retrying with the new one"
+                    );
+                    continue;
                 }
                 Some(401) if !renewed_after_401 => {
                     renewed_after_401 = true;
@@ -402,7 +432,6 @@ impl EasemobClient {
                         error = error.as_ref().map(|e| e.error.as_str()),
                         "Easemob refused the app token; fetching a new one and retrying once"
                     );
-                    self.inner.tokens.invalidate(token.generation).await;
                     continue;
                 }
                 // `resource_limited` is the plan's limit (users on the free plan), not the rate
@@ -501,8 +530,21 @@ impl EasemobClient {
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
         match read_capped(response).await {
-            Ok(bytes) => Answer::Received { status, body: body_to_value(&bytes), retry_after },
-            Err(error) => Answer::NotReceived {
+            (bytes, None) => Answer::Received { status, body: body_to_value(&bytes), retry_after },
+            // A 2xx status line to a call that changes something says it was done: sent again,
+            // an add could be answered 403 exceed_limit (or a delete 404) and a success recorded
+            // as a failure. A read is simply asked again; it needs the whole body.
+            (bytes, Some(error)) if (200..300).contains(&status) && call.method != Method::GET => {
+                tracing::warn!(
+                    method = %call.method,
+                    path = call.url.path(),
+                    status,
+                    error = %self.describe_transport_error(&error),
+                    "Easemob's answer was cut short after its success status; taken as done"
+                );
+                Answer::Received { status, body: body_to_value(&bytes), retry_after }
+            }
+            (_, Some(error)) => Answer::NotReceived {
                 reason: format!("answer {status} cut short: {}", self.describe_transport_error(&error)),
             },
         }
@@ -512,7 +554,7 @@ impl EasemobClient {
     /// nothing could be sent before it records anything: the failure is the one a call would get,
     /// with no attempts.
     pub async fn ensure_token(&self) -> Result<(), ApiFailure> {
-        self.token().await.map(drop).map_err(|failure| token_failure(failure, 0))
+        self.token().await.map(drop).map_err(|failure| token_failure(failure, 0, None))
     }
 
     async fn token(&self) -> Result<AppToken, TokenFailure> {
@@ -585,14 +627,15 @@ impl EasemobClient {
             ))
         })?;
         let status = response.status().as_u16();
-        let bytes = read_capped(response).await.map_err(|error| {
-            TokenTry::Transient(failure(
+        let (bytes, cut) = read_capped(response).await;
+        if let Some(error) = cut {
+            return Err(TokenTry::Transient(failure(
                 Some(status),
                 None,
                 None,
                 format!("the token endpoint's answer was cut short: {}", self.describe_transport_error(&error)),
-            ))
-        })?;
+            )));
+        }
         let body = body_to_value(&bytes);
         tracing::debug!(path = url.path(), status, "token endpoint answered");
 
@@ -797,13 +840,22 @@ fn add_attempts(failure: ApiFailure, earlier: u32, users_before: usize) -> ApiFa
 }
 
 /// A call's failure for want of an app token, after `attempts` attempts of the call itself.
-fn token_failure(failure: TokenFailure, attempts: u32) -> ApiFailure {
+/// The failure of a call for want of an app token. `uncertain` is why an earlier attempt of the
+/// call may have acted (a 5xx or no answer): a call that loses its token after one has to say so,
+/// like any other give-up after one.
+fn token_failure(failure: TokenFailure, attempts: u32, uncertain: Option<&str>) -> ApiFailure {
+    let may_have_acted = uncertain.map_or(String::new(), |earlier| {
+        format!(
+            "; an earlier attempt answered {earlier} may have been carried out: check the result in Easemob before \
+             trying again"
+        )
+    });
     ApiFailure::Failed {
         status: failure.status,
         error: failure.error,
         body: failure.body,
         attempts,
-        reason: format!("{TOKEN_REASON_PREFIX}{}", failure.reason),
+        reason: format!("{TOKEN_REASON_PREFIX}{}{may_have_acted}", failure.reason),
     }
 }
 
@@ -855,11 +907,14 @@ mod tests {
         let http = reqwest::Client::new();
         for path in ["/whole", "/streamed"] {
             let response = http.get(format!("{base}{path}")).send().await.expect("answer");
-            let body = read_capped(response).await.expect("read");
+            let (body, cut) = read_capped(response).await;
+            assert!(cut.is_none(), "{path}: {cut:?}");
             assert_eq!(body.len(), MAX_ANSWER_BYTES, "{path}");
         }
         let response = http.get(format!("{base}/small")).send().await.expect("answer");
-        assert_eq!(&read_capped(response).await.expect("read")[..], b"{\"ok\":true}");
+        let (body, cut) = read_capped(response).await;
+        assert!(cut.is_none(), "{cut:?}");
+        assert_eq!(&body[..], b"{\"ok\":true}");
     }
 
     #[test]

@@ -203,11 +203,16 @@ impl TokenCache {
     }
 
     /// Forgets the token with this generation (Easemob answered 401 to it); a newer token, fetched
-    /// meanwhile by another call, is kept.
-    pub(crate) async fn invalidate(&self, generation: u64) {
+    /// meanwhile by another call, is kept. True when there is such a newer token.
+    pub(crate) async fn invalidate(&self, generation: u64) -> bool {
         let mut state = self.state.lock().await;
-        if state.token.as_ref().is_some_and(|token| token.generation == generation) {
-            state.token = None;
+        match &state.token {
+            Some(token) if token.generation == generation => {
+                state.token = None;
+                false
+            }
+            Some(token) => token.generation > generation,
+            None => false,
         }
     }
 }
@@ -362,12 +367,12 @@ mod tests {
         let cache = TokenCache::new(clock.clone());
         let first = cache.get(|| granted("one", 100)).await.expect("token");
 
-        cache.invalidate(first.generation).await;
+        assert!(!cache.invalidate(first.generation).await, "no newer token yet");
         let second = cache.get(|| granted("two", 100)).await.expect("token");
         assert_eq!(second.value.expose(), "two");
 
-        // A late 401 for the first token must not throw away the second.
-        cache.invalidate(first.generation).await;
+        // A late 401 for the first token must not throw away the second, and says there is one.
+        assert!(cache.invalidate(first.generation).await, "the second is newer");
         let kept = cache.get(|| async { panic!("second token is still valid") }).await.expect("token");
         assert_eq!(kept.generation, second.generation);
     }

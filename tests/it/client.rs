@@ -261,6 +261,77 @@ async fn a_silent_server_times_out() {
     assert_eq!(failure.upstream_error(), Some("timeout"), "{failure}");
 }
 
+/// An add answered 200 whose body is cut off was done: it is not sent again (a second add could
+/// be refused 403 exceed_limit and the success recorded as a failure). A read cut off the same
+/// way is asked again.
+#[tokio::test]
+async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    // A server that answers the token request whole and every other request with a 200 whose
+    // body stops 80 bytes short of its Content-Length, then closes the connection.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let requests = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = requests.clone();
+    let _server = tokio::spawn(async move {
+        while let Ok((socket, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                let mut socket = BufReader::new(socket);
+                loop {
+                    let mut head = String::new();
+                    let mut length = 0;
+                    loop {
+                        let mut line = String::new();
+                        if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        head.push_str(&line);
+                    }
+                    let mut body = vec![0; length];
+                    socket.read_exact(&mut body).await.expect("request body");
+                    let request_line = head.lines().next().unwrap_or_default().to_string();
+                    seen.lock().unwrap().push(request_line.clone());
+                    if request_line.contains("/token") {
+                        let token = r#"{"access_token":"t","expires_in":3600}"#;
+                        let answer = format!(
+                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{token}",
+                            token.len()
+                        );
+                        socket.get_mut().write_all(answer.as_bytes()).await.expect("write");
+                        continue;
+                    }
+                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"action\":\"post\"";
+                    socket.get_mut().write_all(answer.as_bytes()).await.expect("write");
+                    return;
+                }
+            });
+        }
+    });
+    let mut config = ClientConfig::new(format!("http://{address}"), "demo-org", "demo-app", "id", Secret::new("s"));
+    config.base_backoff = Duration::from_millis(1);
+    config.max_backoff = Duration::from_millis(5);
+    let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
+    let sent = |what: &str| requests.lock().unwrap().iter().filter(|r| r.contains(what)).count();
+
+    let added = client.add_friend("alice", "bob").await.expect("a 200 status is a success");
+    assert_eq!((added.status, added.attempts), (200, 1));
+    assert_eq!(sent("POST /demo-org/demo-app/users/alice/contacts/users/bob"), 1, "sent once");
+
+    let failure = client.get_user("alice").await.expect_err("a read needs its whole body");
+    assert!(failure.to_string().contains("cut short"), "{failure}");
+    assert!(failure.attempts() > 1, "asked again: {failure}");
+    assert_eq!(sent("GET /demo-org/demo-app/users/alice "), failure.attempts() as usize);
+}
+
 // ---------------------------------------------------------------------------------------------
 // Token lifecycle
 
@@ -335,6 +406,66 @@ async fn a_second_401_is_final() {
     assert_eq!(failure.attempts(), 2);
     assert_eq!(failure.upstream_error(), Some("unauthorized"));
     assert_eq!(h.sandbox.stats().tokens_issued, 2);
+}
+
+/// A call takes its token after its turn in the pacer: a token that expires while calls wait
+/// there is renewed once, not sent by every waiting call and refused 401 (which would cost each
+/// an attempt and the App Key's shared budget a request).
+#[tokio::test]
+async fn calls_waiting_in_the_pacer_take_the_token_after_their_turn() {
+    let h =
+        harness_with(SandboxConfig { token_ttl_secs: 100, ..sandbox_config() }, |c| c.rate_limit_per_sec = 10).await;
+    let friends: Vec<String> = (0..4).map(|i| format!("friend_{i}")).collect();
+    let mut names = vec!["alice"];
+    names.extend(friends.iter().map(String::as_str));
+    register(&h.client, &names).await;
+    let before = h.sandbox.stats().requests;
+
+    let calls: Vec<_> = friends
+        .iter()
+        .map(|f| {
+            let (client, friend) = (h.client.clone(), f.clone());
+            tokio::spawn(async move { client.add_friend("alice", &friend).await })
+        })
+        .collect();
+    // Once the first call has been answered the others wait their turns, ~100 ms apart: the
+    // token they would have taken before waiting expires now.
+    while h.sandbox.stats().requests == before {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    h.clock.advance_ms(101_000);
+
+    let mut attempts = Vec::new();
+    for call in calls {
+        attempts.push(call.await.expect("task").expect("added").attempts);
+    }
+    // Each call reads the token right before it is sent, so at most the one call that had just
+    // read it when time moved can be refused.
+    assert!(attempts.iter().filter(|a| **a > 1).count() <= 1, "attempts per call: {attempts:?}");
+    assert_eq!(h.sandbox.stats().tokens_issued, 2, "the expired token was renewed once");
+}
+
+/// A call that can no longer get a token after an attempt that may have acted (a 5xx) says that
+/// attempt may have acted, like any other give-up after one.
+#[tokio::test]
+async fn a_call_that_loses_its_token_after_a_5xx_says_the_5xx_may_have_acted() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(503, 1));
+    h.sandbox.inject_faults(contacts_fault(401, 1));
+    h.sandbox.inject_faults(InjectedFault {
+        status: 400,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+        error: Some("invalid_grant".to_owned()),
+    });
+
+    let failure = h.client.add_friend("alice", "bob").await.expect_err("no token after the 401");
+
+    assert!(failure.is_token_failure(), "{failure:?}");
+    assert_eq!(failure.attempts(), 2);
+    assert!(failure.detail().contains("an earlier attempt answered HTTP 503"), "{}", failure.detail());
+    assert!(failure.detail().contains("may have been carried out"), "{}", failure.detail());
 }
 
 #[tokio::test]
