@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, StatusCode, header};
+use axum::http::{HeaderValue, Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
@@ -272,7 +272,11 @@ async fn request_deadline(
 ) -> Response {
     let path = request.uri().path();
     let is_callback = path == CALLBACK_PATH;
-    let limit = if path.starts_with("/v1/friends") || path.starts_with("/v1/easemob/") {
+    let waits_on_easemob = path.starts_with("/v1/friends") || path.starts_with("/v1/easemob/");
+    // A trigger or a re-send that ran out of time has started work that goes on without it (each
+    // call runs in a task of its own): "retry it" would send the calls a second time.
+    let still_running = waits_on_easemob && request.method() != Method::GET;
+    let limit = if waits_on_easemob {
         limits.trigger_timeout
     } else if path == "/v1/feed" {
         limits.request_timeout + crate::http::journal::MAX_WAIT
@@ -281,6 +285,17 @@ async fn request_deadline(
     };
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
+        Err(_) if still_running => error_response(
+            StatusCode::GATEWAY_TIMEOUT,
+            "still_running",
+            &format!(
+                "not finished within {} (--trigger-timeout); what was started goes on and is recorded: do not send \
+                 it again (a second add of a pair is a re-add, which Easemob answers without an event). GET /v1/calls \
+                 shows each call's outcome once it is recorded (GET /v1/easemob/exception-cache a bucket's re-sends); \
+                 raise --trigger-timeout for larger batches",
+                humantime::format_duration(limit)
+            ),
+        ),
         Err(_) => {
             if is_callback {
                 state.metrics.callback(crate::metrics::CallbackResult::TimedOut);

@@ -163,8 +163,10 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub request_timeout: Duration,
 
-    /// Deadline of the trigger endpoints (POST /v1/friends, /v1/friends/batch, DELETE), which wait
-    /// for Easemob: a batch of 1,000 at 100/s takes 10 s, plus retries.
+    /// Deadline of the endpoints that wait on Easemob: the triggers (POST /v1/friends,
+    /// /v1/friends/batch, DELETE) and /v1/easemob/exception-cache. A batch of 1,000 at 100/s takes
+    /// 10 s, plus retries. Past it the answer is 504 `still_running`: what was started goes on and
+    /// is recorded (see GET /v1/calls); do not send it again.
     #[arg(long, env = "FRIENDHOOK_TRIGGER_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     pub trigger_timeout: Duration,
 

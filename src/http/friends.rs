@@ -182,6 +182,15 @@ async fn ensure_token(client: &EasemobClient) -> Result<(), ApiError> {
 /// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
 /// request so a disconnect cannot cut it between the two records.
 async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), CallFailure> {
+    // A replay is answered from its record before any token is asked for: while none can be had,
+    // "nothing was recorded or sent" would be false for it, and a client that believed it could
+    // send the call again under a new key. (A replay racing its first request is still caught
+    // when the intent is written.)
+    if let Some(key) = &call.idempotency_key
+        && let Some(existing) = state.store.get_call_by_idempotency_key(key).await.map_err(ApiError::from)?
+    {
+        return Ok((existing, true));
+    }
     ensure_token(&client).await?;
     let intent = state.store.queue_call_intent(call).map_err(ApiError::from)?;
     carry_out(state, client, intent).await

@@ -208,6 +208,15 @@ impl Store {
         Ok(row.as_ref().map(CallRecord::from_row).transpose()?)
     }
 
+    /// The call recorded under this idempotency key, if any.
+    pub async fn get_call_by_idempotency_key(&self, key: &str) -> Result<Option<CallRecord>, StoreError> {
+        let row = sqlx::query(&format!("{SELECT_CALL} WHERE idempotency_key = ?1"))
+            .bind(key)
+            .fetch_optional(self.read_pool())
+            .await?;
+        Ok(row.as_ref().map(CallRecord::from_row).transpose()?)
+    }
+
     /// `GET /v1/calls`: a page in id order.
     pub async fn list_calls(&self, f: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{SELECT_CALL} WHERE 1 = 1"));

@@ -186,6 +186,79 @@ async fn a_batch_runs_every_pair_and_answers_in_request_order() {
     app.stop().await;
 }
 
+/// A replay is answered from its record even while no app token can be had: "nothing was
+/// recorded or sent" would be false for it.
+#[tokio::test]
+async fn a_replay_is_answered_while_no_app_token_can_be_had() {
+    let clock = friendhook::clock::ManualClock::new(1_800_000_000_000);
+    let app = TestApp::spawn_with_clock(&[], clock.clone()).await;
+    app.register(&["alice", "bob", "carol"]).await;
+    let add = |friend: &'static str, key: &'static str| {
+        app.client
+            .post(app.url("/v1/friends"))
+            .header("idempotency-key", key)
+            .json(&json!({"owner": "alice", "friend": friend}))
+            .send()
+    };
+    let first = add("bob", "order-7").await.unwrap();
+    assert_eq!(first.status(), 201);
+    let first: Value = first.json().await.unwrap();
+
+    // The token expires, and the token endpoint now refuses the credentials.
+    app.sandbox().inject_faults(friendhook::sandbox::InjectedFault {
+        status: 401,
+        count: 100,
+        path_contains: Some("/token".to_owned()),
+        error: None,
+    });
+    clock.advance_ms(2 * 86_400_000);
+
+    let replay = add("bob", "order-7").await.unwrap();
+    assert_eq!(replay.status(), 201);
+    assert_eq!(replay.headers()["idempotent-replayed"], "true");
+    assert_eq!(replay.json::<Value>().await.unwrap(), first);
+
+    let (status, new) = {
+        let r = add("carol", "order-8").await.unwrap();
+        (r.status(), r.json::<Value>().await.unwrap())
+    };
+    assert_eq!((status.as_u16(), new["code"].as_str()), (503, Some("easemob_token_unavailable")), "{new}");
+    app.stop().await;
+}
+
+/// A batch past --trigger-timeout is not answered "retry it": its calls were started and go on
+/// (sent again, each would be a re-add), so the answer says so and the calls are all recorded.
+#[tokio::test]
+async fn a_batch_past_the_trigger_timeout_says_its_calls_go_on_and_they_do() {
+    // Three calls at the client's 100/s are spaced ~10 ms apart, so they cannot finish in 5 ms.
+    let app = TestApp::spawn(&["--trigger-timeout", "5ms"]).await;
+    app.register(&["alice", "bob", "carol", "dave"]).await;
+    let pairs = json!([
+        {"owner": "alice", "friend": "bob"},
+        {"owner": "alice", "friend": "carol"},
+        {"owner": "alice", "friend": "dave"},
+    ]);
+    let (status, body) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
+    assert_eq!(status, 504, "{body}");
+    assert_eq!(body["code"], "still_running");
+    assert!(body["detail"].as_str().unwrap().contains("do not send it again"), "{body}");
+
+    let mut polls = 0;
+    let outcomes = loop {
+        polls += 1;
+        assert!(polls < 3000, "the calls were not all recorded within 30 s");
+        let (_, calls) = app.get_json("/v1/calls?owner=alice").await;
+        let outcomes: Vec<String> =
+            calls["items"].as_array().unwrap().iter().map(|c| c["outcome"].as_str().unwrap().to_string()).collect();
+        if outcomes.len() == 3 && outcomes.iter().all(|o| o != "in_flight") {
+            break outcomes;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    };
+    assert_eq!(outcomes, ["succeeded"; 3]);
+    app.stop().await;
+}
+
 /// A pair given twice in one batch, in either direction, is one call: friendship is two-way, so
 /// the second add would be a re-add, which Easemob answers without an event; it would only ever
 /// read `missing`, or take the first one's event and leave that one `missing`.
