@@ -43,6 +43,9 @@ pub enum Verdict {
         head_seq: i64,
         /// Last hash.
         head_hash: String,
+        /// Calls without an outcome, which the chain does not cover yet: how many, and the
+        /// first [`IN_FLIGHT_SHOWN`] ids.
+        in_flight: (i64, Vec<i64>),
     },
     /// The first problem found.
     Broken(String),
@@ -69,6 +72,12 @@ pub fn parse_published_head(text: &str) -> Result<PublishedHead, String> {
     Ok(PublishedHead { seq, hash })
 }
 
+/// How many ids of calls without an outcome `verify` lists.
+pub const IN_FLIGHT_SHOWN: i64 = 20;
+
+/// Records read per page of the walk.
+const PAGE: i64 = 5000;
+
 /// Walks the chain in seq order.
 pub async fn verify(store: &Store) -> anyhow::Result<Verdict> {
     verify_through(store, None).await
@@ -77,6 +86,11 @@ pub async fn verify(store: &Store) -> anyhow::Result<Verdict> {
 /// Walks the chain in seq order and, given a published head, checks that the chain still passes
 /// through it.
 pub async fn verify_through(store: &Store, published: Option<&PublishedHead>) -> anyhow::Result<Verdict> {
+    verify_in_pages(store, published, PAGE).await
+}
+
+/// [`verify_through`], reading `page` records at a time.
+pub async fn verify_in_pages(store: &Store, published: Option<&PublishedHead>, page: i64) -> anyhow::Result<Verdict> {
     let mut expected_seq = 1i64;
     let mut prev = chain::GENESIS.to_string();
     let mut records = 0u64;
@@ -93,11 +107,11 @@ pub async fn verify_through(store: &Store, published: Option<&PublishedHead>) ->
     // otherwise be read by everything but this walk.
     let mut after = i64::MIN;
     loop {
-        let page = store.chain_page(after, 5000).await?;
-        if page.is_empty() {
+        let records_read = store.chain_page(after, page).await?;
+        if records_read.is_empty() {
             break;
         }
-        for r in page {
+        for r in records_read {
             let what = format!("seq {} ({} id {})", r.seq, r.kind, r.id);
             if let Some(problem) = &r.unreadable {
                 return Ok(Verdict::Broken(format!(
@@ -148,14 +162,31 @@ pub async fn verify_through(store: &Store, published: Option<&PublishedHead>) ->
             head.seq, head.hash
         )));
     }
-    let unchained = store.count_unchained().await?;
+    let (unchained, first) = store.unchained().await?;
     if unchained > 0 {
         return Ok(Verdict::Broken(format!(
-            "{unchained} stored record(s) carry no chain link (inserted outside friendhook?)"
+            "{unchained} stored record(s) carry no chain link, the first {}: inserted outside friendhook",
+            first.as_deref().unwrap_or("unknown")
         )));
     }
-    Ok(Verdict::Intact { records, head_seq, head_hash: prev })
+    let missing = store.missing_guards().await?;
+    if !missing.is_empty() {
+        return Ok(Verdict::Broken(format!(
+            "the chain is intact, but the append-only trigger(s) {} were dropped outside friendhook: while they \
+             were gone, records could have been deleted or rewritten without an error (the chain shows what is \
+             left, not what was removed from its end; --expect-head with a head published earlier does)",
+            missing.join(", ")
+        )));
+    }
+    let in_flight = store.calls_without_outcome(IN_FLIGHT_SHOWN).await?;
+    Ok(Verdict::Intact { records, head_seq, head_hash: prev, in_flight })
 }
+
+/// What to do after a BROKEN verdict.
+const AFTER_BROKEN: &str = "What next: keep this file as it is (copy it aside before anything else writes to it), \
+    and find out what changed: compare it with a backup, or run this check with --expect-head and a head \
+    published earlier (GET /v1/audit/head) to learn whether history before it was rewritten. Records up to the \
+    one named are as friendhook wrote them.";
 
 /// Runs the command; returns the process exit code: 0 intact, 1 broken, 2 not checked.
 pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
@@ -173,7 +204,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         }
     };
     match verdict {
-        Verdict::Intact { records, head_seq, head_hash } => {
+        Verdict::Intact { records, head_seq, head_hash, in_flight } => {
             match &expect_head {
                 Some(head) => println!(
                     "intact: {records} records, head seq {head_seq} hash {head_hash}; passes through the published \
@@ -182,11 +213,32 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
                 ),
                 None => println!("intact: {records} records, head seq {head_seq} hash {head_hash}"),
             }
+            if let Some(note) = in_flight_note(&in_flight) {
+                println!("{note}");
+            }
             Ok(0)
         }
         Verdict::Broken(msg) => {
             println!("BROKEN: {msg}");
+            println!("{AFTER_BROKEN}");
             Ok(1)
         }
     }
+}
+
+/// The note on calls without an outcome, which the chain does not cover yet; `None` when there
+/// are none.
+pub fn in_flight_note((count, ids): &(i64, Vec<i64>)) -> Option<String> {
+    if *count == 0 {
+        return None;
+    }
+    let mut shown = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+    if *count > ids.len() as i64 {
+        shown.push_str(", ...");
+    }
+    Some(format!(
+        "note: {count} call(s) have no outcome yet (ids {shown}): in flight, or interrupted by a stop (the next \
+         start closes them as `unknown`). Their intents join the chain with their outcome, so until then the chain \
+         does not vouch for them; a call listed here that nobody requested was inserted outside friendhook"
+    ))
 }

@@ -228,6 +228,16 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
             );
         }
     };
+    // Not a refusal: callbacks would be lost while the service stays down. Loud, though.
+    match store.missing_guards().await {
+        Ok(missing) if !missing.is_empty() => tracing::error!(
+            triggers = %missing.join(", "),
+            "the database's append-only triggers were dropped outside friendhook, so stored records can be deleted \
+             or rewritten without an error; run `friendhook audit verify` on this file and find out who changed it"
+        ),
+        Ok(_) => {}
+        Err(err) => tracing::warn!(error = %err, "could not check the database's append-only triggers"),
+    }
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         on_bad_signature: args.on_bad_signature,

@@ -14,6 +14,18 @@ use super::{Store, StoreError};
 use crate::model::{CallOp, Outcome};
 use crate::reconcile::{CallRow, CallbackRow};
 
+/// The triggers the migrations create to keep calls and callbacks append-only (a record written
+/// once, an outcome and a chain link set once, nothing deleted).
+pub const APPEND_ONLY_TRIGGERS: [&str; 7] = [
+    "callbacks_no_delete",
+    "callbacks_immutable",
+    "callbacks_chain_once",
+    "callback_deliveries_no_delete",
+    "calls_no_delete",
+    "calls_immutable",
+    "calls_outcome_once",
+];
+
 /// One normalised feed record.
 ///
 /// Every key is always present (`null` when it does not apply), so consumers see one schema.
@@ -410,22 +422,53 @@ impl Store {
             out.push(call_chain_record(r).unwrap_or_else(|e| ChainRecord::unreadable(r, "call", &e)));
         }
         out.sort_by_key(|r| r.seq);
-        out.truncate(limit as usize);
+        // Cut after the page's last seq, never within it: a seq is unique in each table, but a
+        // row forged into the other table with the same seq would sort after the real one, and
+        // cut off here it would be skipped by the next page (`seq > after`) and never checked.
+        if let Some(last) = out.get((limit as usize).saturating_sub(1)).map(|r| r.seq) {
+            out.truncate(out.partition_point(|r| r.seq <= last));
+        }
         Ok(out)
     }
 
-    /// Records that should carry a chain link but do not: callbacks without seq, and calls with
-    /// an outcome but no seq.
-    pub async fn count_unchained(&self) -> Result<i64, StoreError> {
-        let a: i64 = sqlx::query_scalar("SELECT count(*) FROM callbacks WHERE seq IS NULL OR chain_hash IS NULL")
-            .fetch_one(self.read_pool())
+    /// Records that should carry a chain link but do not (callbacks without seq, and calls with
+    /// an outcome but no seq): how many, and the first of them (`callback id 7`).
+    pub async fn unchained(&self) -> Result<(i64, Option<String>), StoreError> {
+        const CALLBACKS: &str = "FROM callbacks WHERE seq IS NULL OR chain_hash IS NULL";
+        const CALLS: &str = "FROM calls WHERE outcome IS NOT NULL AND (seq IS NULL OR chain_hash IS NULL)";
+        let mut count = 0;
+        let mut first = None;
+        for (kind, from) in [("callback", CALLBACKS), ("call", CALLS)] {
+            let (n, id): (i64, Option<i64>) =
+                sqlx::query_as(&format!("SELECT count(*), min(id) {from}")).fetch_one(self.read_pool()).await?;
+            count += n;
+            if first.is_none() {
+                first = id.map(|id| format!("{kind} id {id}"));
+            }
+        }
+        Ok((count, first))
+    }
+
+    /// Calls without an outcome (in flight, or interrupted by a stop and not yet closed as
+    /// `unknown` by the next start), in id order: their intents carry no chain link until the
+    /// outcome is recorded. How many, and the first `limit` ids.
+    pub async fn calls_without_outcome(&self, limit: i64) -> Result<(i64, Vec<i64>), StoreError> {
+        let count: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM calls WHERE outcome IS NULL").fetch_one(self.read_pool()).await?;
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM calls WHERE outcome IS NULL ORDER BY id LIMIT ?1")
+            .bind(limit)
+            .fetch_all(self.read_pool())
             .await?;
-        let b: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM calls WHERE outcome IS NOT NULL AND (seq IS NULL OR chain_hash IS NULL)",
-        )
-        .fetch_one(self.read_pool())
-        .await?;
-        Ok(a + b)
+        Ok((count, ids))
+    }
+
+    /// The append-only triggers of the migrations that are missing from the database (dropped
+    /// outside friendhook: then rows can be deleted or rewritten without an error).
+    pub async fn missing_guards(&self) -> Result<Vec<&'static str>, StoreError> {
+        let present: Vec<String> = sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'trigger'")
+            .fetch_all(self.read_pool())
+            .await?;
+        Ok(APPEND_ONLY_TRIGGERS.iter().copied().filter(|t| !present.iter().any(|p| p == t)).collect())
     }
 
     /// Calls requested in [since, until), and calls requested before `since` that were still

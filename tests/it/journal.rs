@@ -287,6 +287,62 @@ async fn a_database_of_schema_6_is_upgraded_with_its_chain_intact_and_records_de
     assert_eq!(code, Some(0), "records from before and after the upgrade verify: {out}");
 }
 
+/// A call forged with the seq that ends a page of the walk is still read and named: a page is
+/// never cut between two records of one seq. Walked in pages of 2 here (5,000 in the command).
+#[tokio::test]
+async fn a_record_forged_with_the_seq_that_ends_a_page_is_found() {
+    let app = TestApp::spawn(&[]).await;
+    for i in 0..4 {
+        let body = roster_body(&format!("76{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+    let db_path = app.db_path.clone();
+    let db_url = app.db_url.clone();
+    let _dir = app.stop().await;
+    // A plain INSERT: no trigger stands in its way.
+    sqlite(
+        &db_path,
+        "INSERT INTO calls (op, owner, friend, pair_key, requested_at_ms, completed_at_ms, outcome, upstream_status, \
+         attempts, seq, prev_hash, chain_hash) VALUES ('add', 'mallory', 'u1', 'k', 1, 2, 'succeeded', 200, 1, 2, 'x', 'y');",
+    );
+
+    let store = friendhook::store::Store::open_read_only(&db_url).await.unwrap();
+    let verdict = friendhook::commands::audit::verify_in_pages(&store, None, 2).await.unwrap();
+    let friendhook::commands::audit::Verdict::Broken(problem) = verdict else { panic!("not found: {verdict:?}") };
+    assert!(problem.contains("seq 2 (call id 1)"), "{problem}");
+    store.close().await;
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("What next: keep this file as it is"), "says what to do: {out}");
+}
+
+/// `audit verify` lists the calls without an outcome, which the chain cannot vouch for yet (a
+/// call inserted outside friendhook looks like one), and fails when the append-only triggers
+/// were dropped, even if what is left is consistent.
+#[tokio::test]
+async fn audit_verify_lists_calls_without_outcome_and_fails_without_its_guards() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("friendhook.db");
+    database_where_alice_added_bob(&db).await;
+    let db_url = format!("sqlite://{}", db.display());
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("no outcome"), "{out}");
+
+    sqlite(
+        &db,
+        "INSERT INTO calls (op, owner, friend, pair_key, requested_at_ms) VALUES ('add', 'mallory', 'alice', 'k', 1);",
+    );
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("note: 1 call(s) have no outcome yet (ids 2)"), "{out}");
+
+    sqlite(&db, "DROP TRIGGER calls_no_delete;");
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("append-only trigger(s) calls_no_delete were dropped"), "{out}");
+}
+
 #[tokio::test]
 async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
     let app = TestApp::spawn(&[]).await;
@@ -341,7 +397,9 @@ async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable()
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("seq 0") && out.contains("outside the chain"), "{out}");
     sql("DROP TRIGGER callbacks_no_delete; DELETE FROM callbacks WHERE seq = 0;");
-    assert_eq!(verify().0, Some(0), "intact again once it is gone");
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("the chain is intact, but the append-only trigger(s) callbacks_no_delete"), "{out}");
 
     // A body edited to bytes that are not UTF-8 is a broken record, not an error.
     sql("DROP TRIGGER callbacks_immutable; UPDATE callbacks SET raw_body = CAST(x'7bff7d' AS TEXT) WHERE seq = 2;");
