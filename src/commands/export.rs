@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use crate::http::query::parse_time;
+use crate::http::query::parse_range;
 use crate::store::{FeedRecord, Store};
 
 /// Output formats.
@@ -25,10 +25,10 @@ pub struct ExportArgs {
     /// The database to read (opened read-only).
     #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
     pub database_url: String,
-    /// Only records whose event time is at or after this (epoch ms or RFC 3339).
+    /// Only records whose event time is at or after this (epoch ms or RFC 3339, e.g. 2026-11-25T18:00:00+08:00).
     #[arg(long)]
     pub since: Option<String>,
-    /// Only records whose event time is before this (epoch ms or RFC 3339).
+    /// Only records whose event time is before this (epoch ms or RFC 3339, e.g. 2026-11-25T18:00:00+08:00).
     #[arg(long)]
     pub until: Option<String>,
     /// Output format.
@@ -163,10 +163,8 @@ fn write_csv_row(w: &mut csv::Writer<Vec<u8>>, r: &FeedRecord, numbers: &mut Csv
 
 /// Runs the command.
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let since =
-        args.since.as_deref().map(|s| parse_time("since", s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let until =
-        args.until.as_deref().map(|s| parse_time("until", s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let (since, until) =
+        parse_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open_read_only(&args.database_url).await?;
     let started = Instant::now();
     let mut out: Box<dyn Write> = match &args.output {

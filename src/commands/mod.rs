@@ -6,3 +6,21 @@ pub mod export;
 pub mod quarantine;
 pub mod reconcile;
 pub mod serve;
+
+/// Text from a stored record (a user name, a callId: what a sender chose) on one terminal line:
+/// control characters (ESC, CR, newline, ...) shown as `?`, so they can neither move the cursor,
+/// recolour the output nor fake a line of the table.
+pub fn one_line(s: &str) -> String {
+    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+}
+
+/// Epoch ms as RFC 3339 with milliseconds; the number itself when out of RFC 3339's range.
+pub fn fmt_time(ms: i64) -> String {
+    // humantime formats 1970..=9999 and reports anything later as a formatting error.
+    const MAX_MS: i64 = 253_402_300_799_999;
+    if !(0..=MAX_MS).contains(&ms) {
+        return ms.to_string();
+    }
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms as u64);
+    humantime::format_rfc3339_millis(t).to_string()
+}

@@ -18,6 +18,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use clap::{Args, Subcommand};
 use serde::Serialize;
 
+use super::{fmt_time, one_line};
 use crate::callback::{self, ParseError};
 use crate::http::callbacks::{Refusal, verify_request};
 use crate::secret::Secret;
@@ -232,21 +233,6 @@ pub fn next_step(held: usize, database_url: &str) -> String {
          --dry-run to try a secret without writing),\n\
          and fix the service's --callback-secret too, or new callbacks keep landing here."
     )
-}
-
-fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
-}
-
-/// Epoch ms as RFC 3339 with milliseconds; the number itself when out of RFC 3339's range.
-pub fn fmt_time(ms: i64) -> String {
-    // humantime formats 1970..=9999 and reports anything later as a formatting error.
-    const MAX_MS: i64 = 253_402_300_799_999;
-    if !(0..=MAX_MS).contains(&ms) {
-        return ms.to_string();
-    }
-    let t = std::time::UNIX_EPOCH + Duration::from_millis(ms as u64);
-    humantime::format_rfc3339_millis(t).to_string()
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -5,9 +5,10 @@
 use anyhow::Context;
 use clap::Args;
 
+use super::{fmt_time, one_line};
 use crate::clock::{self, Clock};
 use crate::config::parse_duration;
-use crate::http::query::parse_time;
+use crate::http::query::parse_range;
 use crate::reconcile::MatchParams;
 use crate::report::{self, ReportQuery};
 use crate::store::Store;
@@ -34,7 +35,8 @@ pub struct ReconcileArgs {
     /// ... and before this.
     #[arg(long)]
     pub until: Option<String>,
-    /// Only this status. Default: missing, unexpected and orphan.
+    /// Only this status. Default: missing, unexpected and orphan in the table; every status with
+    /// --json.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::report::STATUSES))]
     pub status: Option<String>,
     /// Only calls of this owner (orphans: either side).
@@ -78,12 +80,11 @@ impl Source {
         match self {
             Source::Service(base) => fetch_all_pages(base, args, status, as_of).await,
             Source::Database(store, computed) => {
-                let time = |name: &'static str, v: &Option<String>| {
-                    v.as_deref().map(|s| parse_time(name, s)).transpose().map_err(|e| anyhow::anyhow!("{e}"))
-                };
+                let (since_ms, until_ms) =
+                    parse_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
                 let query = ReportQuery {
-                    since_ms: time("since", &args.since)?,
-                    until_ms: time("until", &args.until)?,
+                    since_ms,
+                    until_ms,
                     status: status.map(str::to_string),
                     owner: args.owner.clone(),
                     friend: args.friend.clone(),
@@ -291,7 +292,8 @@ pub fn render_table(r: &Value) -> String {
         "\n{:<12} {:<8} {:>8}  {:<16} {:<16} {:<24} detail",
         "STATUS", "KIND", "ID/SEQ", "OWNER/FROM", "FRIEND/TO", "TIME (UTC)"
     );
-    let str_of = |v: &Value| v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string());
+    // Names and operations come from callbacks, whose signature does not cover them: one line each.
+    let str_of = |v: &Value| one_line(&v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
     for item in &items {
         let call = item["kind"] == "call";
         let (id, a, b, t, detail) = if call {
@@ -331,7 +333,24 @@ pub fn render_table(r: &Value) -> String {
     out
 }
 
-fn fmt_time(ms: i64) -> String {
-    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms.max(0) as u64);
-    humantime::format_rfc3339_millis(t).to_string()
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_table_shows_each_item_on_one_line_whatever_its_names_hold() {
+        let report = serde_json::json!({
+            "summary": {"orphan": 1, "match_latency_ms": {}},
+            "items": [{
+                "status": "orphan", "kind": "callback", "seq": 7, "timestamp": 1_700_000_000_000_i64,
+                "from_user": "x\u{1b}[31mRED\u{1b}[0m\rmissing call 99 fake", "to_user": "a\nb", "operation": "add",
+            }],
+        });
+        let table = render_table(&report);
+        assert!(!table.contains('\u{1b}') && !table.contains('\r'), "{table:?}");
+        let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("orphan ")).collect();
+        assert_eq!(rows.len(), 1, "{table}");
+        assert!(rows[0].contains("x?[31mRED?[0m?missing call 99 fake") && rows[0].contains("a?b"), "{table}");
+        assert!(rows[0].contains("2023-11-14T22:13:20.000Z"), "{table}");
+    }
 }

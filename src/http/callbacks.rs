@@ -18,7 +18,7 @@ use http_body_util::{BodyExt, LengthLimitError, Limited};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_opt_time};
+use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_range};
 use super::source::{self, Source};
 use crate::app::{AppState, SharedState};
 use crate::callback::{self, ParsedCallback};
@@ -338,6 +338,7 @@ async fn list_callbacks(
     query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, ApiError> {
     let Query(q) = query.map_err(bad_query)?;
+    let (since_ms, until_ms) = parse_range(q.since.as_deref(), q.until.as_deref())?;
     let limit = parse_limit(q.limit)?;
     let filter = CallbackFilter {
         call_id: q.call_id,
@@ -345,8 +346,8 @@ async fn list_callbacks(
         // Stored lower-cased, like every user ID (see `callback::parse`).
         from_user: q.from.map(|s| s.to_ascii_lowercase()),
         to_user: q.to.map(|s| s.to_ascii_lowercase()),
-        since_ms: parse_opt_time("since", q.since.as_deref())?,
-        until_ms: parse_opt_time("until", q.until.as_deref())?,
+        since_ms,
+        until_ms,
         after_seq: parse_cursor(q.cursor.as_deref())?,
         limit,
     };

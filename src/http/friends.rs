@@ -19,7 +19,7 @@ use axum::routing::{delete, get, post};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
-use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_opt_time};
+use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_range};
 use crate::app::SharedState;
 use crate::easemob::{self, ApiFailure, EasemobClient};
 use crate::error::ApiError;
@@ -545,13 +545,14 @@ async fn list_calls(
             })
         })
         .transpose()?;
+    let (since_ms, until_ms) = parse_range(q.since.as_deref(), q.until.as_deref())?;
     let limit = parse_limit(q.limit)?;
     let filter = CallFilter {
         owner: q.owner.map(|s| s.to_ascii_lowercase()),
         friend: q.friend.map(|s| s.to_ascii_lowercase()),
         outcome,
-        since_ms: parse_opt_time("since", q.since.as_deref())?,
-        until_ms: parse_opt_time("until", q.until.as_deref())?,
+        since_ms,
+        until_ms,
         after_id: parse_cursor(q.cursor.as_deref())?,
         limit,
     };

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 
-use super::query::{bad_query, parse_opt_time, parse_time};
+use super::query::{bad_query, parse_range};
 use crate::app::SharedState;
 use crate::error::ApiError;
 use crate::metrics::ReportAnswer;
@@ -35,7 +35,7 @@ struct ReconciliationQuery {
     status: Option<String>,
     owner: Option<String>,
     friend: Option<String>,
-    limit: Option<usize>,
+    limit: Option<i64>,
     cursor: Option<String>,
     as_of: Option<String>,
 }
@@ -55,8 +55,9 @@ async fn get_reconciliation(
     }
     let limit = q.limit.unwrap_or(100);
     if !(1..=1000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "`limit` must be between 1 and 1000"));
+        return Err(ApiError::bad_request("invalid_query", format!("`limit` must be between 1 and 1000, got {limit}")));
     }
+    let limit = limit as usize;
     let cursor = q
         .cursor
         .as_deref()
@@ -93,9 +94,10 @@ async fn get_reconciliation(
             )
         })?;
     }
+    let (since_ms, until_ms) = parse_range(q.since.as_deref(), q.until.as_deref())?;
     let rq = ReportQuery {
-        since_ms: parse_opt_time("since", q.since.as_deref())?,
-        until_ms: parse_opt_time("until", q.until.as_deref())?,
+        since_ms,
+        until_ms,
         status: q.status,
         owner: q.owner,
         friend: q.friend,
@@ -306,8 +308,8 @@ async fn get_feed(
             .map_err(|e| ApiError::bad_request("invalid_query", format!("`wait`: {e}")))?
             .min(MAX_WAIT),
     };
-    let since = q.since.as_deref().map(|s| parse_time("since", s)).transpose()?.unwrap_or(i64::MIN);
-    let until = q.until.as_deref().map(|s| parse_time("until", s)).transpose()?.unwrap_or(i64::MAX);
+    let (since, until) = parse_range(q.since.as_deref(), q.until.as_deref())?;
+    let (since, until) = (since.unwrap_or(i64::MIN), until.unwrap_or(i64::MAX));
 
     // Long-poll: subscribe before reading, so a commit between the read and the wait is not
     // missed; what is committed already is marked seen, since the read below covers it.

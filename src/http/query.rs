@@ -2,26 +2,53 @@
 
 use crate::error::ApiError;
 
-/// Parses a time bound given as epoch milliseconds or RFC 3339 (`2026-11-25T10:00:00Z`).
+/// Parses a time bound given as epoch milliseconds or RFC 3339 with any offset
+/// (`2026-11-25T10:00:00Z`, `2026-11-25T18:00:00+08:00`); a time without an offset
+/// (`2026-11-25 10:00:00`) is taken as UTC.
 pub fn parse_time(name: &'static str, value: &str) -> Result<i64, ApiError> {
     if let Ok(ms) = value.parse::<i64>() {
         return Ok(ms);
     }
-    humantime::parse_rfc3339_weak(value)
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map(|d| d.as_millis() as i64)
-        .ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_query",
-                format!("`{name}` must be epoch milliseconds or RFC 3339 (e.g. 2026-11-25T10:00:00Z), got `{value}`"),
-            )
-        })
+    let with_offset = || value.parse::<jiff::Timestamp>().ok().map(|t| t.as_millisecond());
+    let as_utc = || {
+        humantime::parse_rfc3339_weak(value)
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map(|d| d.as_millis() as i64)
+    };
+    with_offset().or_else(as_utc).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "`{name}` must be epoch milliseconds or RFC 3339 (e.g. 2026-11-25T10:00:00Z or \
+                 2026-11-25T18:00:00+08:00), got `{value}`"
+            ),
+        )
+    })
 }
 
 /// Optional time bound.
 pub fn parse_opt_time(name: &'static str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
     value.map(|v| parse_time(name, v)).transpose()
+}
+
+/// `since` and `until`, each optional; refused when `since` is after `until` (a range nothing
+/// can fall in is a mistake, most likely the two swapped, not a question with an empty answer).
+pub fn parse_range(since: Option<&str>, until: Option<&str>) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    let (since_ms, until_ms) = (parse_opt_time("since", since)?, parse_opt_time("until", until)?);
+    if let (Some(s), Some(u)) = (since_ms, until_ms)
+        && s > u
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "`since` ({}) is after `until` ({}): nothing can be in that range; swap them?",
+                since.unwrap_or_default(),
+                until.unwrap_or_default()
+            ),
+        ));
+    }
+    Ok((since_ms, until_ms))
 }
 
 /// Page size: default 100, 1..=1000.
@@ -66,7 +93,16 @@ mod tests {
     fn time_accepts_epoch_ms_and_rfc3339() {
         assert_eq!(parse_time("since", "1700000000123").ok(), Some(1_700_000_000_123));
         assert_eq!(parse_time("since", "2023-11-14T22:13:20Z").ok(), Some(1_700_000_000_000));
+        // Easemob's users are mostly on UTC+8: the same instant, however it is written.
+        assert_eq!(parse_time("since", "2023-11-15T06:13:20+08:00").ok(), Some(1_700_000_000_000));
+        assert_eq!(parse_time("since", "2023-11-14T17:13:20.5-05:00").ok(), Some(1_700_000_000_500));
+        assert_eq!(parse_time("since", "2023-11-14 22:13:20").ok(), Some(1_700_000_000_000), "no offset: UTC");
         assert!(parse_time("since", "yesterday").is_err());
+        assert_eq!(parse_range(Some("1"), Some("2")).ok(), Some((Some(1), Some(2))));
+        assert_eq!(parse_range(Some("2"), Some("2")).ok(), Some((Some(2), Some(2))));
+        assert_eq!(parse_range(None, Some("2")).ok(), Some((None, Some(2))));
+        let swapped = parse_range(Some("2023-11-15T06:13:20+08:00"), Some("1")).expect_err("since after until");
+        assert!(swapped.to_string().contains("swap them"), "{swapped}");
     }
 
     #[test]

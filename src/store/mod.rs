@@ -86,6 +86,15 @@ pub enum StoreError {
         /// The database URL as given.
         database: String,
     },
+    /// `--database-url` is not an SQLite URL.
+    #[error(
+        "{database}: this release stores in SQLite only; give sqlite://<file>, e.g. sqlite://friendhook.db. \
+         Nothing was changed"
+    )]
+    NotSqliteUrl {
+        /// The database URL as given.
+        database: String,
+    },
     /// A read-only command was pointed at a file that does not exist.
     #[error(
         "{database}: no such database file (is --database-url right? `friendhook serve` creates it \
@@ -161,6 +170,7 @@ impl StoreError {
                 | StoreError::SchemaBehind { .. }
                 | StoreError::InUse { .. }
                 | StoreError::InMemory { .. }
+                | StoreError::NotSqliteUrl { .. }
                 | StoreError::NoDatabase { .. }
                 | StoreError::IsDirectory { .. }
                 | StoreError::NotSqlite { .. }
@@ -392,8 +402,17 @@ async fn check_readable_schema(read: &SqlitePool, database_url: &str) -> Result<
     }
 }
 
+/// The options of an `sqlite:` URL; anything else (`postgres://...`, a bare path) is refused
+/// by name rather than taken for a file name.
+fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
+    if !url.starts_with("sqlite:") {
+        return Err(StoreError::NotSqliteUrl { database: url.to_string() });
+    }
+    Ok(SqliteConnectOptions::from_str(url)?)
+}
+
 fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
-    Ok(SqliteConnectOptions::from_str(url)?
+    Ok(sqlite_options(url)?
         .create_if_missing(true)
         .journal_mode(SqliteJournalMode::Wal)
         .busy_timeout(Duration::from_secs(5))
@@ -503,7 +522,7 @@ pub enum Replaceable {
 /// Looks at the database at `database_url` before it is deleted and created afresh: fails with
 /// [`StoreError::InUse`] if a service holds it, and says whether it is friendhook's to delete.
 pub async fn check_replaceable(database_url: &str) -> Result<Replaceable, StoreError> {
-    let options = SqliteConnectOptions::from_str(database_url)?;
+    let options = sqlite_options(database_url)?;
     let path = options.get_filename().to_path_buf();
     let len = match std::fs::metadata(&path) {
         Ok(meta) => meta.len(),
@@ -611,10 +630,8 @@ impl Store {
     /// Opens an existing database for reading only: no migrations, no writer, no recovery. For the
     /// CLI commands that inspect a database a running service may be writing to.
     pub async fn open_read_only(database_url: &str) -> Result<Store, StoreError> {
-        let opts = SqliteConnectOptions::from_str(database_url)?
-            .create_if_missing(false)
-            .read_only(true)
-            .busy_timeout(Duration::from_secs(5));
+        let opts =
+            sqlite_options(database_url)?.create_if_missing(false).read_only(true).busy_timeout(Duration::from_secs(5));
         if !opts.get_filename().exists() {
             return Err(StoreError::NoDatabase { database: database_url.to_string() });
         }

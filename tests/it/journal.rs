@@ -287,6 +287,30 @@ async fn a_database_of_schema_6_is_upgraded_with_its_chain_intact_and_records_de
     assert_eq!(code, Some(0), "records from before and after the upgrade verify: {out}");
 }
 
+/// Time bounds take RFC 3339 with any offset (Easemob's users are mostly on UTC+8), and a range
+/// with `since` after `until` is refused rather than answered with nothing.
+#[tokio::test]
+async fn time_bounds_take_any_offset_and_a_swapped_range_is_refused() {
+    let app = TestApp::spawn(&[]).await;
+    for i in 0..3 {
+        let body =
+            roster_body(&format!("78{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i * 1000, SECRET);
+        assert_eq!(app.post_callback(body).await.status(), 200);
+    }
+    // 1_700_000_001_000 ms is 2023-11-14T22:13:21Z, i.e. 2023-11-15T06:13:21+08:00.
+    for since in ["1700000001000", "2023-11-14T22:13:21Z", "2023-11-15T06:13:21%2B08:00"] {
+        let (status, page) = app.get_json(&format!("/v1/callbacks?since={since}")).await;
+        assert_eq!(status, 200, "{since}: {page}");
+        assert_eq!(page["items"].as_array().unwrap().len(), 2, "{since}: {page}");
+    }
+    for path in ["/v1/callbacks", "/v1/calls", "/v1/reconciliation", "/v1/feed"] {
+        let (status, err) = app.get_json(&format!("{path}?since=2000&until=1000")).await;
+        assert_eq!((status, err["code"].as_str()), (400, Some("invalid_query")), "{path}: {err}");
+        assert!(err["detail"].as_str().unwrap().contains("swap them"), "{path}: {err}");
+    }
+    app.stop().await;
+}
+
 /// A call forged with the seq that ends a page of the walk is still read and named: a page is
 /// never cut between two records of one seq. Walked in pages of 2 here (5,000 in the command).
 #[tokio::test]

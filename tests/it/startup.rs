@@ -24,6 +24,23 @@ async fn easemob_credentials_without_a_base_url_are_refused_instead_of_ignored()
     assert!(!db.exists(), "nothing was created");
 }
 
+/// A URL of another database (PostgreSQL is planned, not here yet) is refused by name, by the
+/// service and by a command that reads, instead of being taken for a file name.
+#[tokio::test]
+async fn a_database_url_that_is_not_sqlite_is_refused_by_name() {
+    let url = "postgres://friendhook@localhost/friendhook";
+    let err = friendhook::commands::serve::build(&serve_args(url, &[]), friendhook::clock::system()).await.err();
+    let err = format!("{:#}", err.expect("refused"));
+    assert!(err.contains("this release stores in SQLite only; give sqlite://<file>"), "{err}");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["audit", "verify", "--database-url", url])
+        .output();
+    let out = out.await.unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("SQLite only"), "{stderr}");
+}
+
 #[tokio::test]
 async fn an_in_memory_database_is_refused() {
     for url in ["sqlite::memory:", "sqlite://file.db?mode=memory"] {
