@@ -11,7 +11,9 @@
 //!   (see [`backoff`](super::backoff); at least the answer's `Retry-After`) and try again, while
 //!   fewer than `max_attempts` attempts were made and `max_retry_time` since the first attempt is
 //!   not used up; then `Failed`. A 429 also holds every call of the client back for a second.
-//! - any other status: final (`Rejected`), with Easemob's error body; but `Failed` if an earlier
+//! - any other status, and a 500 whose error type says the method or URL is wrong
+//!   (`unsupported_service_operation`, `web_application`, `no_full_text_index`): final
+//!   (`Rejected`), with Easemob's error body; but `Failed` if an earlier
 //!   attempt got a 5xx or no answer, since that attempt may have done what the final answer
 //!   says was not done (a retried add refused with 403 `exceed_limit` because the first one added).
 //!
@@ -442,7 +444,9 @@ impl EasemobClient {
                     self.inner.pacer.hold_for(RATE_LIMITED_PAUSE);
                     answered(429)
                 }
-                Some(status) if (500..600).contains(&status) => answered(status),
+                Some(status) if (500..600).contains(&status) && !names_a_wrong_request(error.as_ref()) => {
+                    answered(status)
+                }
                 Some(status) => {
                     return Err(match uncertain {
                         None => ApiFailure::Rejected { status, error, body, attempts },
@@ -840,6 +844,15 @@ fn add_attempts(failure: ApiFailure, earlier: u32, users_before: usize) -> ApiFa
 }
 
 /// A call's failure for want of an app token, after `attempts` attempts of the call itself.
+/// Whether a 5xx answer's error type says the request itself is wrong (Easemob answers a wrong
+/// method or URL with 500 `unsupported_service_operation`, `web_application` or
+/// `no_full_text_index`): final, like a 4xx; sent again it would only be refused again.
+fn names_a_wrong_request(error: Option<&ErrorBody>) -> bool {
+    error.is_some_and(|e| {
+        matches!(e.error.as_str(), "unsupported_service_operation" | "web_application" | "no_full_text_index")
+    })
+}
+
 /// The failure of a call for want of an app token. `uncertain` is why an earlier attempt of the
 /// call may have acted (a 5xx or no answer): a call that loses its token after one has to say so,
 /// like any other give-up after one.

@@ -561,6 +561,26 @@ async fn a_read_refused_after_a_5xx_is_still_final() {
     assert!(matches!(failure, ApiFailure::Rejected { status: 404, attempts: 2, .. }), "{failure:?}");
 }
 
+/// A 500 that says the request is wrong (a wrong method or URL) is final: sent again, it would
+/// only be refused again, and the give-up would claim the attempts may have acted.
+#[tokio::test]
+async fn a_500_naming_a_wrong_request_is_final_and_not_retried() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(InjectedFault {
+        status: 500,
+        count: 1,
+        path_contains: Some("/contacts/".to_owned()),
+        error: Some("unsupported_service_operation".to_owned()),
+    });
+
+    let failure = h.client.add_friend("alice", "bob").await.expect_err("refused");
+
+    assert!(matches!(failure, ApiFailure::Rejected { status: 500, .. }), "{failure:?}");
+    assert_eq!(failure.attempts(), 1);
+    assert_eq!(failure.upstream_error(), Some("unsupported_service_operation"));
+}
+
 #[tokio::test]
 async fn persistent_5xx_fails_after_max_attempts() {
     let h = harness_with(sandbox_config(), |config| config.max_attempts = 4).await;
