@@ -34,6 +34,9 @@ pub struct ApiSuccess {
     pub envelope: Envelope,
     /// How many HTTP attempts the call took (token fetches not counted).
     pub attempts: u32,
+    /// The connection failed before the body's end: `body` is what arrived (a call that changes
+    /// something is done by its 2xx status alone; a read is asked again instead).
+    pub cut_short: bool,
 }
 
 /// The success envelope most user and contact endpoints answer with.

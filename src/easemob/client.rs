@@ -6,7 +6,8 @@
 //!   line says it was done).
 //! - 401: the token is dropped, a new one fetched, and the call re-sent once; a second 401 is
 //!   final (`Rejected`). The docs warn that a token can stop working before `expires_in`. A 401
-//!   to a token another call has renewed since does not use up that one renewal.
+//!   to a token another call has renewed since gets one retry with the new token, without using
+//!   up that one renewal.
 //! - 429 (but `resource_limited`, the plan's limit), 5xx, transport error or timeout: back off
 //!   (see [`backoff`](super::backoff); at least the answer's `Retry-After`) and try again, while
 //!   fewer than `max_attempts` attempts were made and `max_retry_time` since the first attempt is
@@ -136,7 +137,7 @@ struct Call {
 
 /// What one HTTP attempt produced.
 enum Answer {
-    Received { status: u16, body: Value, retry_after: Option<Duration> },
+    Received { status: u16, body: Value, retry_after: Option<Duration>, cut_short: bool },
     NotReceived { reason: String },
 }
 
@@ -325,7 +326,9 @@ impl EasemobClient {
     /// `POST /{org}/{app}/callbacks/storage/retry` with `date` (the bucket's key), `retry` (the
     /// caller's count of earlier re-sends of it) and `targetUrl` (default: the rule's URL). True
     /// when Easemob answers `"success"` (the re-send is started; the callbacks arrive by the
-    /// usual way), false for `"failure"` (no such bucket, say).
+    /// usual way), false for `"failure"` (no such bucket, say). An answer cut short after its
+    /// 200 counts as started: which it was cannot be read, and the bucket's `retry` count in the
+    /// next listing tells.
     pub async fn exception_cache_resend(
         &self,
         date: &str,
@@ -338,7 +341,7 @@ impl EasemobClient {
             body["targetUrl"] = serde_json::json!(target);
         }
         let success = self.send(Method::POST, url, Some(json_bytes(&body))).await?;
-        Ok(success.envelope.data.as_ref().and_then(Value::as_str) == Some("success"))
+        Ok(success.cut_short || success.envelope.data.as_ref().and_then(Value::as_str) == Some("success"))
     }
 
     /// `{base}/{org}/{app}/{segments...}`, each segment percent-encoded.
@@ -357,6 +360,7 @@ impl EasemobClient {
         let mut attempts: u32 = 0;
         let mut retries: u32 = 0;
         let mut renewed_after_401 = false;
+        let mut retried_with_a_renewed_token = false;
         let mut first_attempt_at: Option<Instant> = None;
         // Why an earlier attempt's fate is unknown (a 5xx or no answer: Easemob may have acted).
         // A final answer after one is not final about the operation: a retried add can get 403
@@ -365,19 +369,12 @@ impl EasemobClient {
         let mut uncertain: Option<String> = None;
 
         loop {
-            let no_token = |failure| token_failure(failure, attempts, uncertain.as_deref());
-            // No turn is spent on a call that cannot be sent for want of a token...
-            self.token().await.map_err(no_token)?;
-            self.inner.pacer.wait_turn().await;
-            // ...and the token is taken after the turn, not before: behind a batch a call can
-            // wait in the pacer for seconds, and a token taken before could have expired or been
-            // renewed meanwhile, so a whole queue would be sent with a dead token.
-            let token = self.token().await.map_err(no_token)?;
+            let token = self.token_at_turn(attempts, uncertain.as_deref()).await?;
             attempts += 1;
             let first_attempt_at = *first_attempt_at.get_or_insert_with(Instant::now);
 
-            let (status, body, transport_reason, retry_after) = match self.attempt(&call, &token).await {
-                Answer::Received { status, body, retry_after } => {
+            let (status, body, transport_reason, retry_after, cut_short) = match self.attempt(&call, &token).await {
+                Answer::Received { status, body, retry_after, cut_short } => {
                     tracing::debug!(
                         method = %call.method,
                         path = call.url.path(),
@@ -385,7 +382,7 @@ impl EasemobClient {
                         status,
                         "Easemob answered"
                     );
-                    (Some(status), body, None, retry_after)
+                    (Some(status), body, None, retry_after, cut_short)
                 }
                 Answer::NotReceived { reason } => {
                     tracing::debug!(
@@ -395,7 +392,7 @@ impl EasemobClient {
                         reason = %reason,
                         "no answer from Easemob"
                     );
-                    (None, Value::Null, Some(reason), None)
+                    (None, Value::Null, Some(reason), None, false)
                 }
             };
             let error = ErrorBody::from_value(&body);
@@ -405,18 +402,16 @@ impl EasemobClient {
                 Some(error) => format!("HTTP {status} {}", error.summary()),
                 None => format!("HTTP {status}"),
             };
-            // A 401 after another call renewed the token says nothing about the new token: this
-            // call gets its retry with the new one, and keeps its own renewal for later.
-            let renewed_elsewhere = match status {
-                Some(401) => self.inner.tokens.invalidate(token.generation).await,
-                _ => false,
-            };
+            // A 401 to a token another call has renewed since says nothing about the new one:
+            // this call gets one retry with it, and keeps its own renewal for later.
+            let renewed_elsewhere = status == Some(401) && self.inner.tokens.renewed_since(token.generation).await;
             let reason = match status {
                 Some(status) if (200..300).contains(&status) => {
                     let body = body.unwrap_or(Value::Null);
-                    return Ok(ApiSuccess { status, envelope: Envelope::from_value(&body), body, attempts });
+                    return Ok(ApiSuccess { status, envelope: Envelope::from_value(&body), body, attempts, cut_short });
                 }
-                Some(401) if renewed_elsewhere && attempts < config.max_attempts => {
+                Some(401) if renewed_elsewhere && !retried_with_a_renewed_token => {
+                    retried_with_a_renewed_token = true;
                     tracing::debug!(
                         method = %call.method,
                         path = call.url.path(),
@@ -427,6 +422,7 @@ impl EasemobClient {
                 }
                 Some(401) if !renewed_after_401 => {
                     renewed_after_401 = true;
+                    self.inner.tokens.invalidate(token.generation).await;
                     tracing::warn!(
                         method = %call.method,
                         path = call.url.path(),
@@ -534,7 +530,7 @@ impl EasemobClient {
         let status = response.status().as_u16();
         let retry_after = retry_after(response.headers());
         match read_capped(response).await {
-            (bytes, None) => Answer::Received { status, body: body_to_value(&bytes), retry_after },
+            (bytes, None) => Answer::Received { status, body: body_to_value(&bytes), retry_after, cut_short: false },
             // A 2xx status line to a call that changes something says it was done: sent again,
             // an add could be answered 403 exceed_limit (or a delete 404) and a success recorded
             // as a failure. A read is simply asked again; it needs the whole body.
@@ -546,12 +542,33 @@ impl EasemobClient {
                     error = %self.describe_transport_error(&error),
                     "Easemob's answer was cut short after its success status; taken as done"
                 );
-                Answer::Received { status, body: body_to_value(&bytes), retry_after }
+                Answer::Received { status, body: body_to_value(&bytes), retry_after, cut_short: true }
             }
             (_, Some(error)) => Answer::NotReceived {
                 reason: format!("answer {status} cut short: {}", self.describe_transport_error(&error)),
             },
         }
+    }
+
+    /// The token for the next attempt, taken after the call's turn in the pacer: behind a batch
+    /// a call can wait there for seconds, and a token taken before could have expired or been
+    /// renewed meanwhile, so a whole queue would be sent with a dead token. No turn is spent
+    /// while no token can be had; and when the token has to be fetched after the turn (it went
+    /// away while the call waited), the call fetches it and queues again, because every call
+    /// whose turn came during the fetch would otherwise leave together when it arrives, a burst
+    /// the pacer is there to prevent.
+    async fn token_at_turn(&self, attempts: u32, uncertain: Option<&str>) -> Result<AppToken, ApiFailure> {
+        let no_token = |failure| token_failure(failure, attempts, uncertain);
+        // Bounded: a token endpoint handing out tokens that expire before a turn comes would
+        // otherwise keep the call queueing; the third time, the fetched token is used.
+        for _ in 0..2 {
+            self.token().await.map_err(no_token)?;
+            self.inner.pacer.wait_turn().await;
+            if let Some(token) = self.inner.tokens.cached().await {
+                return Ok(token);
+            }
+        }
+        self.token().await.map_err(no_token)
     }
 
     /// Gets an app token ready (from the cache, or fetched now), so that a caller can learn that
@@ -819,6 +836,7 @@ fn merge_register_answers(mut so_far: ApiSuccess, next: ApiSuccess) -> ApiSucces
         envelope: Envelope::from_value(&so_far.body),
         body: so_far.body,
         attempts: so_far.attempts + next.attempts,
+        cut_short: so_far.cut_short || next.cut_short,
     }
 }
 
@@ -1001,8 +1019,13 @@ mod tests {
 
     #[test]
     fn register_answers_merge_entities_data_and_attempts() {
-        let answer =
-            |body: Value, attempts| ApiSuccess { status: 200, envelope: Envelope::from_value(&body), body, attempts };
+        let answer = |body: Value, attempts| ApiSuccess {
+            status: 200,
+            envelope: Envelope::from_value(&body),
+            body,
+            attempts,
+            cut_short: false,
+        };
         let merged = merge_register_answers(
             answer(json!({"action":"post","entities":[{"username":"a"}],"data":[],"count":1}), 1),
             answer(

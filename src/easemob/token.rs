@@ -203,17 +203,25 @@ impl TokenCache {
     }
 
     /// Forgets the token with this generation (Easemob answered 401 to it); a newer token, fetched
-    /// meanwhile by another call, is kept. True when there is such a newer token.
-    pub(crate) async fn invalidate(&self, generation: u64) -> bool {
+    /// meanwhile by another call, is kept.
+    pub(crate) async fn invalidate(&self, generation: u64) {
         let mut state = self.state.lock().await;
-        match &state.token {
-            Some(token) if token.generation == generation => {
-                state.token = None;
-                false
-            }
-            Some(token) => token.generation > generation,
-            None => false,
+        if state.token.as_ref().is_some_and(|token| token.generation == generation) {
+            state.token = None;
         }
+    }
+
+    /// Whether a token newer than this generation has been fetched since.
+    pub(crate) async fn renewed_since(&self, generation: u64) -> bool {
+        self.state.lock().await.last_generation > generation
+    }
+
+    /// The cached token if it can be used now without fetching (fresh, or stale but still
+    /// valid); `None` when it would have to be fetched.
+    pub(crate) async fn cached(&self) -> Option<AppToken> {
+        let now_ms = self.clock.now_ms();
+        let state = self.state.lock().await;
+        state.token.as_ref().filter(|token| freshness(token, now_ms) != Freshness::Expired).cloned()
     }
 }
 
@@ -367,12 +375,16 @@ mod tests {
         let cache = TokenCache::new(clock.clone());
         let first = cache.get(|| granted("one", 100)).await.expect("token");
 
-        assert!(!cache.invalidate(first.generation).await, "no newer token yet");
+        assert!(!cache.renewed_since(first.generation).await, "no newer token yet");
+        cache.invalidate(first.generation).await;
+        assert!(cache.cached().await.is_none(), "gone: it has to be fetched");
         let second = cache.get(|| granted("two", 100)).await.expect("token");
         assert_eq!(second.value.expose(), "two");
+        assert!(cache.renewed_since(first.generation).await, "the second is newer");
 
-        // A late 401 for the first token must not throw away the second, and says there is one.
-        assert!(cache.invalidate(first.generation).await, "the second is newer");
+        // A late 401 for the first token must not throw away the second.
+        cache.invalidate(first.generation).await;
+        assert_eq!(cache.cached().await.map(|t| t.generation), Some(second.generation));
         let kept = cache.get(|| async { panic!("second token is still valid") }).await.expect("token");
         assert_eq!(kept.generation, second.generation);
     }
