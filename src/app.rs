@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{ConnectInfo, Request, State};
-use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use hyper_util::rt::TokioIo;
@@ -252,7 +252,8 @@ async fn require_api_token(State(tokens): State<Arc<Vec<Secret>>>, request: Requ
     response
 }
 
-/// Answers 408 when a request (reading its body included) is not done within `limit`.
+/// Answers 408 when a request (reading its body included) is not done within `limit`, or 504
+/// `still_running` when its handler had started work that goes on without it ([`WorkStarted`]).
 ///
 /// Rather than tower-http's `TimeoutLayer`, whose 408 has an empty body: every error of this API
 /// is `{"code", "detail"}` JSON, and a sender trickling its body is exactly the client that needs
@@ -267,15 +268,14 @@ async fn require_api_token(State(tokens): State<Arc<Vec<Secret>>>, request: Requ
 /// answer, was dropped with the deadline, and Easemob counts the 408 towards banning the rule.
 async fn request_deadline(
     State(Deadlines { limits, state }): State<Deadlines>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
+    let started = WorkStarted::default();
+    request.extensions_mut().insert(started.clone());
     let path = request.uri().path();
     let is_callback = path == CALLBACK_PATH;
     let waits_on_easemob = path.starts_with("/v1/friends") || path.starts_with("/v1/easemob/");
-    // A trigger or a re-send that ran out of time has started work that goes on without it (each
-    // call runs in a task of its own): "retry it" would send the calls a second time.
-    let still_running = waits_on_easemob && request.method() != Method::GET;
     let limit = if waits_on_easemob {
         limits.trigger_timeout
     } else if path == "/v1/feed" {
@@ -285,14 +285,17 @@ async fn request_deadline(
     };
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        Err(_) if still_running => error_response(
+        // A trigger or a re-send that ran out of time after handing its work to tasks of their
+        // own: "retry it" would send the calls a second time.
+        Err(_) if !started.give_up() => error_response(
             StatusCode::GATEWAY_TIMEOUT,
             "still_running",
             &format!(
-                "not finished within {} (--trigger-timeout); what was started goes on and is recorded: do not send \
-                 it again (a second add of a pair is a re-add, which Easemob answers without an event). GET /v1/calls \
-                 shows each call's outcome once it is recorded (GET /v1/easemob/exception-cache a bucket's re-sends); \
-                 raise --trigger-timeout for larger batches",
+                "not finished within {} (--trigger-timeout); what it started goes on: do not send it again (a \
+                 second add of a pair is a re-add, which Easemob answers without an event; a request with the same \
+                 Idempotency-Key is safe). GET /v1/calls shows each call once recorded, with its outcome once known \
+                 (a pair not listed there was not sent); GET /v1/easemob/exception-cache shows each bucket's \
+                 re-sends. Raise --trigger-timeout for larger batches",
                 humantime::format_duration(limit)
             ),
         ),
@@ -309,6 +312,40 @@ async fn request_deadline(
                 ),
             )
         }
+    }
+}
+
+/// Whether a request that waits on Easemob has started work that goes on whatever becomes of
+/// the request (a call to Easemob, a re-send of the exception cache). Past the deadline such a
+/// request is answered 504 `still_running` ("do not send it again"); one that started nothing,
+/// 408 ("retry it"), and then it never starts anything: the two sides settle it with one atomic
+/// exchange, so a call still waiting for its token when the deadline passes is not sent after
+/// the client was told to retry it.
+#[derive(Clone, Debug, Default)]
+pub struct WorkStarted(Arc<std::sync::atomic::AtomicU8>);
+
+const NOTHING_YET: u8 = 0;
+const STARTED: u8 = 1;
+const ANSWERED_AS_NOT_STARTED: u8 = 2;
+
+impl WorkStarted {
+    /// Called right before work that outlives the request starts: false when the request was
+    /// already answered "retry it", and the work must not start. Without a tracker (no deadline
+    /// around the handler), always true.
+    pub fn start(started: Option<&WorkStarted>) -> bool {
+        started.is_none_or(|s| {
+            use std::sync::atomic::Ordering::AcqRel;
+            matches!(
+                s.0.compare_exchange(NOTHING_YET, STARTED, AcqRel, std::sync::atomic::Ordering::Acquire),
+                Ok(_) | Err(STARTED)
+            )
+        })
+    }
+
+    /// At the deadline: true when nothing had started (and now never will).
+    fn give_up(&self) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        self.0.compare_exchange(NOTHING_YET, ANSWERED_AS_NOT_STARTED, AcqRel, Acquire).is_ok()
     }
 }
 

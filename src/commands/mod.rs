@@ -8,10 +8,15 @@ pub mod reconcile;
 pub mod serve;
 
 /// Text from a stored record (a user name, a callId: what a sender chose) on one terminal line:
-/// control characters (ESC, CR, newline, ...) shown as `?`, so they can neither move the cursor,
-/// recolour the output nor fake a line of the table.
+/// control characters (ESC, CR, newline, ...) and the invisible direction and width marks shown
+/// as `?`, so they can neither move the cursor, recolour the output, reorder it nor fake a line
+/// of the table.
 pub fn one_line(s: &str) -> String {
-    s.chars().map(|c| if c.is_control() { '?' } else { c }).collect()
+    let hidden = |c: char| {
+        c.is_control()
+            || matches!(c, '\u{200B}'..='\u{200F}' | '\u{202A}'..='\u{202E}' | '\u{2066}'..='\u{2069}' | '\u{FEFF}')
+    };
+    s.chars().map(|c| if hidden(c) { '?' } else { c }).collect()
 }
 
 /// Epoch ms as RFC 3339 with milliseconds; the number itself when out of RFC 3339's range.

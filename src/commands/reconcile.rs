@@ -343,14 +343,14 @@ mod tests {
             "summary": {"orphan": 1, "match_latency_ms": {}},
             "items": [{
                 "status": "orphan", "kind": "callback", "seq": 7, "timestamp": 1_700_000_000_000_i64,
-                "from_user": "x\u{1b}[31mRED\u{1b}[0m\rmissing call 99 fake", "to_user": "a\nb", "operation": "add",
+                "from_user": "x\u{1b}[31mRED\u{1b}[0m\rmissing call 99 fake", "to_user": "a\nb\u{202e}c", "operation": "add",
             }],
         });
         let table = render_table(&report);
         assert!(!table.contains('\u{1b}') && !table.contains('\r'), "{table:?}");
         let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("orphan ")).collect();
         assert_eq!(rows.len(), 1, "{table}");
-        assert!(rows[0].contains("x?[31mRED?[0m?missing call 99 fake") && rows[0].contains("a?b"), "{table}");
+        assert!(rows[0].contains("x?[31mRED?[0m?missing call 99 fake") && rows[0].contains("a?b?c"), "{table}");
         assert!(rows[0].contains("2023-11-14T22:13:20.000Z"), "{table}");
     }
 }

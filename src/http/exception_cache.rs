@@ -9,16 +9,16 @@
 //! an operator (or a cron job) rather than done at start-up: a bucket can be large, and Easemob
 //! recommends at most 10 re-sends per bucket.
 
-use axum::Json;
 use axum::extract::State;
 use axum::extract::rejection::JsonRejection;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::friends::{client, json_body, token_unavailable};
-use crate::app::SharedState;
+use crate::app::{SharedState, WorkStarted};
 use crate::easemob::{ApiFailure, CacheBucket, EasemobClient};
 use crate::error::ApiError;
 
@@ -93,6 +93,7 @@ struct Resent {
 
 async fn resend(
     State(state): State<SharedState>,
+    started: Option<Extension<WorkStarted>>,
     body: Result<Json<ResendBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let request = json_body(body)?;
@@ -115,6 +116,27 @@ async fn resend(
     // A date given twice is asked for once (each request counts against the bucket's re-sends).
     let mut seen = std::collections::HashSet::new();
     wanted.retain(|date| seen.insert(date.clone()));
+    // In a task of its own: past --trigger-timeout the request is answered, and the buckets not
+    // asked for yet still are (the client is told not to send it again).
+    if !WorkStarted::start(started.as_ref().map(|Extension(started)| started)) {
+        return Err(ApiError::Unavailable {
+            code: "request_timeout",
+            detail: "the request's deadline passed before anything was asked of Easemob".into(),
+            retry_after_secs: 0,
+        });
+    }
+    let results =
+        tokio::spawn(resend_each(client, kept, wanted, request.target_url)).await.map_err(ApiError::internal)?;
+    Ok(Json(json!({"results": results})).into_response())
+}
+
+/// Asks Easemob to re-send each wanted bucket in turn; one result per date.
+async fn resend_each(
+    client: EasemobClient,
+    kept: Vec<CacheBucket>,
+    wanted: Vec<String>,
+    target_url: Option<String>,
+) -> Vec<Resent> {
     let mut results = Vec::with_capacity(wanted.len());
     for date in wanted {
         let Some(bucket) = kept.iter().find(|b| b.date == date) else {
@@ -136,7 +158,7 @@ async fn resend(
                 bucket.retry
             ));
         } else {
-            match client.exception_cache_resend(&result.date, bucket.retry, request.target_url.as_deref()).await {
+            match client.exception_cache_resend(&result.date, bucket.retry, target_url.as_deref()).await {
                 Ok(true) => result.resent = true,
                 Ok(false) => result.reason = Some("Easemob answered \"failure\"".into()),
                 Err(failure) => result.reason = Some(easemob_refused(&failure).to_string()),
@@ -148,5 +170,5 @@ async fn resend(
         );
         results.push(result);
     }
-    Ok(Json(json!({"results": results})).into_response())
+    results
 }

@@ -10,17 +10,17 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection};
 use axum::extract::{Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
+use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 
 use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_range};
-use crate::app::SharedState;
+use crate::app::{SharedState, WorkStarted};
 use crate::easemob::{self, ApiFailure, EasemobClient};
 use crate::error::ApiError;
 use crate::model::{CallOp, Outcome};
@@ -179,9 +179,24 @@ async fn ensure_token(client: &EasemobClient) -> Result<(), ApiError> {
         .map_err(|failure| token_unavailable(&failure, format!("{failure}; nothing was recorded or sent to Easemob")))
 }
 
+/// The answer for a request whose deadline passed before it started anything (it was answered
+/// 408 "retry it" already, so this one is not seen).
+fn too_late() -> ApiError {
+    ApiError::Unavailable {
+        code: "request_timeout",
+        detail: "the request's deadline passed before anything was sent; nothing was recorded".into(),
+        retry_after_secs: 0,
+    }
+}
+
 /// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
 /// request so a disconnect cannot cut it between the two records.
-async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Result<(CallRecord, bool), CallFailure> {
+async fn execute(
+    state: SharedState,
+    client: EasemobClient,
+    call: NewCall,
+    started: Option<WorkStarted>,
+) -> Result<(CallRecord, bool), CallFailure> {
     // A replay is answered from its record before any token is asked for: while none can be had,
     // "nothing was recorded or sent" would be false for it, and a client that believed it could
     // send the call again under a new key. (A replay racing its first request is still caught
@@ -192,6 +207,9 @@ async fn execute(state: SharedState, client: EasemobClient, call: NewCall) -> Re
         return Ok((existing, true));
     }
     ensure_token(&client).await?;
+    if !WorkStarted::start(started.as_ref()) {
+        return Err(too_late().into());
+    }
     let intent = state.store.queue_call_intent(call).map_err(ApiError::from)?;
     carry_out(state, client, intent).await
 }
@@ -360,6 +378,7 @@ fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
 async fn trigger(
     state: SharedState,
     headers: HeaderMap,
+    started: Option<Extension<WorkStarted>>,
     op: CallOp,
     owner: Option<&str>,
     friend: Option<&str>,
@@ -371,7 +390,8 @@ async fn trigger(
     // In a task of its own, from the intent on: a client that disconnects while the intent is
     // being written would otherwise drop this future after the writer committed the intent,
     // leaving a call that was never sent in flight (and its Idempotency-Key answering 409).
-    let (record, replayed) = tokio::spawn(execute(state.clone(), client, new.clone()))
+    let started = started.map(|Extension(started)| started);
+    let (record, replayed) = tokio::spawn(execute(state.clone(), client, new.clone(), started))
         .await
         .map_err(ApiError::internal)?
         .map_err(|f| f.error)?;
@@ -401,24 +421,27 @@ async fn trigger(
 
 async fn add_friend(
     State(state): State<SharedState>,
+    started: Option<Extension<WorkStarted>>,
     headers: HeaderMap,
     body: Result<Json<PairBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     let body = json_body(body)?;
-    trigger(state, headers, CallOp::Add, body.owner.as_deref(), body.friend.as_deref()).await
+    trigger(state, headers, started, CallOp::Add, body.owner.as_deref(), body.friend.as_deref()).await
 }
 
 async fn remove_friend(
     State(state): State<SharedState>,
+    started: Option<Extension<WorkStarted>>,
     headers: HeaderMap,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Result<Response, ApiError> {
     let Path((owner, friend)) = path.map_err(bad_path)?;
-    trigger(state, headers, CallOp::Remove, Some(&owner), Some(&friend)).await
+    trigger(state, headers, started, CallOp::Remove, Some(&owner), Some(&friend)).await
 }
 
 async fn add_friends_batch(
     State(state): State<SharedState>,
+    started: Option<Extension<WorkStarted>>,
     headers: HeaderMap,
     body: Result<Json<BatchBody>, JsonRejection>,
 ) -> Result<Response, ApiError> {
@@ -462,6 +485,9 @@ async fn add_friends_batch(
     // the others, which may already have gone to Easemob, so the answer has to say what became
     // of each.
     let pairs: Vec<(String, String)> = calls.iter().map(|c| (c.owner.clone(), c.friend.clone())).collect();
+    if !WorkStarted::start(started.as_ref().map(|Extension(started)| started)) {
+        return Err(too_late());
+    }
     let tasks: Vec<_> = calls
         .into_iter()
         .map(|c| {

@@ -402,10 +402,13 @@ async fn check_readable_schema(read: &SqlitePool, database_url: &str) -> Result<
     }
 }
 
-/// The options of an `sqlite:` URL; anything else (`postgres://...`, a bare path) is refused
-/// by name rather than taken for a file name.
+/// The options of an SQLite URL (`sqlite://file`, or a bare path, which sqlx takes as a file);
+/// the URL of another database (`postgres://...`) is refused by name rather than taken for a
+/// file name.
 fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
-    if !url.starts_with("sqlite:") {
+    if let Some((scheme, _)) = url.split_once("://")
+        && !scheme.eq_ignore_ascii_case("sqlite")
+    {
         return Err(StoreError::NotSqliteUrl { database: url.to_string() });
     }
     Ok(SqliteConnectOptions::from_str(url)?)
