@@ -28,7 +28,10 @@ async fn main() -> std::process::ExitCode {
         Command::Sandbox(args) => friendhook::sandbox::run(args).await,
         Command::Reconcile(args) => friendhook::commands::reconcile::run(args).await,
         Command::Export(args) => friendhook::commands::export::run(args).await,
-        Command::Quarantine(args) => friendhook::commands::quarantine::run(args).await,
+        Command::Quarantine(args) => match friendhook::commands::quarantine::run(args).await {
+            Ok(code) => return std::process::ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Command::Bench(args) => friendhook::bench::run(args).await,
         Command::Audit(args) => match friendhook::commands::audit::run(args).await {
             Ok(code) => return std::process::ExitCode::from(code),

@@ -42,7 +42,9 @@ pub enum QuarantineCommand {
     List(ListArgs),
     /// Re-check every held request against the given secret(s), exactly as the receive path
     /// would have on arrival, and promote those that verify into ordinary events (deduplicated
-    /// against events already stored). Safe while the service runs on the same database.
+    /// against events already stored). Safe while the service runs on the same database. Exit 0
+    /// when nothing is left held, 3 when some requests stay held (with --dry-run: would stay), 1
+    /// on an error.
     Reverify(ReverifyArgs),
 }
 
@@ -89,10 +91,15 @@ pub struct ReverifyArgs {
     pub dry_run: bool,
 }
 
-/// Runs the command.
-pub async fn run(args: QuarantineArgs) -> anyhow::Result<()> {
+/// Exit code of `reverify` when requests stay held: not an error (the run did what it could),
+/// but a script or a cron job must be able to tell it from "nothing left" (0) and from a failed
+/// run (1; 2 is clap's for a usage error).
+pub const STILL_HELD_EXIT: u8 = 3;
+
+/// Runs the command; returns the process exit code (see [`STILL_HELD_EXIT`]).
+pub async fn run(args: QuarantineArgs) -> anyhow::Result<u8> {
     match args.command {
-        QuarantineCommand::List(args) => list(args).await,
+        QuarantineCommand::List(args) => list(args).await.map(|()| 0),
         QuarantineCommand::Reverify(args) => reverify(args).await,
     }
 }
@@ -303,9 +310,14 @@ pub struct ReverifySummary {
 }
 
 impl ReverifySummary {
+    /// Requests left held (or, with --dry-run, that would be).
+    pub fn held(&self) -> u64 {
+        self.still_held + self.unreadable + self.altered
+    }
+
     /// The summary lines, with what to do next.
     pub fn render(&self, dry_run: bool) -> String {
-        let held = self.still_held + self.unreadable + self.altered;
+        let held = self.held();
         let verb = if dry_run { "would promote" } else { "promoted" };
         let mut out = format!(
             "checked {}, {verb} {} (of which {} were duplicates of events already stored), still held {held}",
@@ -348,7 +360,7 @@ impl ReverifySummary {
     }
 }
 
-async fn reverify(args: ReverifyArgs) -> anyhow::Result<()> {
+async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
     let tolerance = i64::try_from(args.timestamp_tolerance.as_secs()).unwrap_or(i64::MAX);
     let verifier = Verifier::new(args.signature_scheme, args.callback_secret, tolerance)
         .map_err(|e| anyhow::anyhow!("--callback-secret: {e}"))?;
@@ -456,7 +468,7 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<()> {
         )
     })?;
     print!("{}", summary.render(args.dry_run));
-    Ok(())
+    Ok(if summary.held() > 0 { STILL_HELD_EXIT } else { 0 })
 }
 
 #[cfg(test)]
