@@ -17,8 +17,10 @@ pub struct AuditArgs {
 #[derive(Debug, Subcommand)]
 pub enum AuditCommand {
     /// Recompute the SHA-256 chain over every stored callback and call outcome. Exit 0 when
-    /// intact, 1 at the first record that does not match (printed), 2 when the check could not
-    /// be made (no database, unreadable file, a malformed --expect-head).
+    /// intact, 1 at the first record that does not match (printed, with what to do next) or when
+    /// the append-only triggers were dropped, 2 when the check could not be made (no database,
+    /// unreadable file, a malformed --expect-head). Calls still without an outcome, which the
+    /// chain does not cover yet, are listed after an intact verdict.
     Verify {
         /// The database to check (opened read-only).
         #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
