@@ -329,16 +329,21 @@ const STARTED: u8 = 1;
 const ANSWERED_AS_NOT_STARTED: u8 = 2;
 
 impl WorkStarted {
-    /// Called right before work that outlives the request starts: false when the request was
-    /// already answered "retry it", and the work must not start. Without a tracker (no deadline
-    /// around the handler), always true.
-    pub fn start(started: Option<&WorkStarted>) -> bool {
-        started.is_none_or(|s| {
-            use std::sync::atomic::Ordering::AcqRel;
-            matches!(
-                s.0.compare_exchange(NOTHING_YET, STARTED, AcqRel, std::sync::atomic::Ordering::Acquire),
-                Ok(_) | Err(STARTED)
-            )
+    /// Called right before work that outlives the request starts: an error when the request was
+    /// already answered "retry it", and the work must not start (nobody sees that error: the
+    /// client has its 408). Without a tracker (no deadline around the handler), always `Ok`.
+    pub fn start(started: Option<&WorkStarted>) -> Result<(), crate::error::ApiError> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let may_start = started.is_none_or(|s| {
+            matches!(s.0.compare_exchange(NOTHING_YET, STARTED, AcqRel, Acquire), Ok(_) | Err(STARTED))
+        });
+        if may_start {
+            return Ok(());
+        }
+        Err(crate::error::ApiError::Unavailable {
+            code: "request_timeout",
+            detail: "the request's deadline passed before it started anything; nothing of it was sent".into(),
+            retry_after_secs: 0,
         })
     }
 

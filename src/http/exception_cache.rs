@@ -118,13 +118,7 @@ async fn resend(
     wanted.retain(|date| seen.insert(date.clone()));
     // In a task of its own: past --trigger-timeout the request is answered, and the buckets not
     // asked for yet still are (the client is told not to send it again).
-    if !WorkStarted::start(started.as_ref().map(|Extension(started)| started)) {
-        return Err(ApiError::Unavailable {
-            code: "request_timeout",
-            detail: "the request's deadline passed before anything was asked of Easemob".into(),
-            retry_after_secs: 0,
-        });
-    }
+    WorkStarted::start(started.as_ref().map(|Extension(started)| started))?;
     let results =
         tokio::spawn(resend_each(client, kept, wanted, request.target_url)).await.map_err(ApiError::internal)?;
     Ok(Json(json!({"results": results})).into_response())

@@ -179,16 +179,6 @@ async fn ensure_token(client: &EasemobClient) -> Result<(), ApiError> {
         .map_err(|failure| token_unavailable(&failure, format!("{failure}; nothing was recorded or sent to Easemob")))
 }
 
-/// The answer for a request whose deadline passed before it started anything (it was answered
-/// 408 "retry it" already, so this one is not seen).
-fn too_late() -> ApiError {
-    ApiError::Unavailable {
-        code: "request_timeout",
-        detail: "the request's deadline passed before anything was sent; nothing was recorded".into(),
-        retry_after_secs: 0,
-    }
-}
-
 /// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the
 /// request so a disconnect cannot cut it between the two records.
 async fn execute(
@@ -207,9 +197,7 @@ async fn execute(
         return Ok((existing, true));
     }
     ensure_token(&client).await?;
-    if !WorkStarted::start(started.as_ref()) {
-        return Err(too_late().into());
-    }
+    WorkStarted::start(started.as_ref())?;
     let intent = state.store.queue_call_intent(call).map_err(ApiError::from)?;
     carry_out(state, client, intent).await
 }
@@ -485,9 +473,7 @@ async fn add_friends_batch(
     // the others, which may already have gone to Easemob, so the answer has to say what became
     // of each.
     let pairs: Vec<(String, String)> = calls.iter().map(|c| (c.owner.clone(), c.friend.clone())).collect();
-    if !WorkStarted::start(started.as_ref().map(|Extension(started)| started)) {
-        return Err(too_late());
-    }
+    WorkStarted::start(started.as_ref().map(|Extension(started)| started))?;
     let tasks: Vec<_> = calls
         .into_iter()
         .map(|c| {
