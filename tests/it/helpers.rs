@@ -174,6 +174,22 @@ impl TestApp {
         (status, r.json().await.unwrap_or(Value::Null))
     }
 
+    /// Posts `count` signed roster `add` callbacks from alice to u0, u1, ... (msg ids
+    /// `<prefix>0`, `<prefix>1`, ..., timestamps a millisecond apart), each answered 200.
+    pub async fn store_adds_from_alice(&self, msg_id_prefix: &str, count: i64) {
+        for i in 0..count {
+            let body = roster_body(
+                &format!("{msg_id_prefix}{i}"),
+                "alice",
+                &format!("u{i}"),
+                "add",
+                1_700_000_000_000 + i,
+                SECRET,
+            );
+            assert_eq!(self.post_callback(body).await.status(), 200);
+        }
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("{}{}", self.base, path)
     }

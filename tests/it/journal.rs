@@ -213,10 +213,7 @@ fn audit_verify(db_url: &str, extra: &[&str]) -> (Option<i32>, String, String) {
 #[tokio::test]
 async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     let app = TestApp::spawn(&[]).await;
-    for i in 0..5 {
-        let body = roster_body(&format!("8{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
-        assert_eq!(app.post_callback(body).await.status(), 200);
-    }
+    app.store_adds_from_alice("8", 5).await;
     let (_, head) = app.get_json("/v1/audit/head").await;
     assert_eq!(head["seq"], 5);
     assert_eq!(head["hash"].as_str().unwrap().len(), 64);
@@ -316,10 +313,7 @@ async fn time_bounds_take_any_offset_and_a_swapped_range_is_refused() {
 #[tokio::test]
 async fn a_record_forged_with_the_seq_that_ends_a_page_is_found() {
     let app = TestApp::spawn(&[]).await;
-    for i in 0..4 {
-        let body = roster_body(&format!("76{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
-        assert_eq!(app.post_callback(body).await.status(), 200);
-    }
+    app.store_adds_from_alice("76", 4).await;
     let db_path = app.db_path.clone();
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;
@@ -370,10 +364,7 @@ async fn audit_verify_lists_calls_without_outcome_and_fails_without_its_guards()
 #[tokio::test]
 async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
     let app = TestApp::spawn(&[]).await;
-    for i in 0..4 {
-        let body = roster_body(&format!("7{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
-        assert_eq!(app.post_callback(body).await.status(), 200);
-    }
+    app.store_adds_from_alice("7", 4).await;
     let db_path = app.db_path.clone();
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;
@@ -396,10 +387,7 @@ async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
 #[tokio::test]
 async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable() {
     let app = TestApp::spawn(&[]).await;
-    for i in 0..3 {
-        let body = roster_body(&format!("75{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
-        assert_eq!(app.post_callback(body).await.status(), 200);
-    }
+    app.store_adds_from_alice("75", 3).await;
     let db_path = app.db_path.clone();
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;

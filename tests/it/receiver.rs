@@ -245,10 +245,7 @@ async fn unknown_callback_seq_is_404_json() {
 #[tokio::test]
 async fn listing_pages_with_a_cursor_in_sequence_order() {
     let app = TestApp::spawn(&[]).await;
-    for i in 0..5 {
-        let body = roster_body(&format!("10{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
-        assert_eq!(app.post_callback(body).await.status(), 200);
-    }
+    app.store_adds_from_alice("10", 5).await;
     let (_, p1) = app.get_json("/v1/callbacks?limit=3").await;
     assert_eq!(p1["items"].as_array().unwrap().len(), 3);
     let cursor = p1["next_cursor"].as_str().unwrap().to_string();
