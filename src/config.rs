@@ -313,6 +313,13 @@ pub fn parse_secret_item(item: &str) -> Result<Secret, String> {
     Ok(Secret::new(item.trim()))
 }
 
+/// The callback secrets of a `--callback-secret` list, empty items dropped (`a,` is `a`; an empty
+/// variable is no secret). `serve` and `quarantine reverify` both go through here, so one value
+/// of `FRIENDHOOK_CALLBACK_SECRET` means the same secrets, with the same `secret_index`, in both.
+pub fn callback_secrets(items: &[Secret]) -> Vec<Secret> {
+    items.iter().filter(|s| !s.expose().is_empty()).cloned().collect()
+}
+
 /// Parses `5s`, `250ms`, `5m`, `1h`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 5s, 250ms or 5m: {e}"))

@@ -73,8 +73,11 @@ pub struct ReverifyArgs {
 
     /// Secret(s) to try, comma-separated; any of them may verify a request. Easemob scheme: the
     /// callback rule's secret from the Easemob console; standard-webhooks: `whsec_<base64>`.
-    /// Prefer the environment variable, which keeps the secret out of shell history and `ps`.
-    #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', required = true, hide_env_values = true)]
+    /// Read as `serve` reads it (spaces around items ignored, empty items dropped), so the
+    /// service's value works here unchanged. Prefer the environment variable, which keeps the
+    /// secret out of shell history and `ps`.
+    #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', required = true, hide_env_values = true,
+          value_parser = crate::config::parse_secret_item)]
     pub callback_secret: Vec<Secret>,
 
     /// Signature scheme to check the held requests under.
@@ -362,8 +365,9 @@ impl ReverifySummary {
 
 async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
     let tolerance = i64::try_from(args.timestamp_tolerance.as_secs()).unwrap_or(i64::MAX);
-    let verifier = Verifier::new(args.signature_scheme, args.callback_secret, tolerance)
-        .map_err(|e| anyhow::anyhow!("--callback-secret: {e}"))?;
+    let verifier =
+        Verifier::new(args.signature_scheme, crate::config::callback_secrets(&args.callback_secret), tolerance)
+            .map_err(|e| anyhow::anyhow!("--callback-secret: {e}"))?;
     // Read-only first: it refuses a database that does not exist, where `Store::open` would
     // silently create an empty one and report nothing to do.
     let reader = open_existing(&args.database_url).await?;
@@ -378,6 +382,7 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
     };
 
     let mut summary = ReverifySummary::default();
+    let mut would_store = std::collections::HashSet::new();
     let mut after = 0;
     let outcome = async {
         loop {
@@ -413,7 +418,19 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
             let Some(writer) = &writer else {
                 for (id, cb) in &promotable {
                     summary.promoted += 1;
-                    println!("#{id}: verifies (callId {}); would be promoted", one_line(&cb.event.call_id));
+                    // A duplicate of an event stored, or of one this dry run would promote first.
+                    let key = cb.event.dedup_key.as_str();
+                    let duplicate = match reader.seq_of_dedup_key(key).await? {
+                        Some(seq) => format!(" as one more delivery of event seq {seq}"),
+                        None if !would_store.insert(key.to_owned()) => {
+                            " as one more delivery of an event promoted above".into()
+                        }
+                        None => String::new(),
+                    };
+                    if !duplicate.is_empty() {
+                        summary.duplicates += 1;
+                    }
+                    println!("#{id}: verifies (callId {}); would be promoted{duplicate}", one_line(&cb.event.call_id));
                 }
                 continue;
             };

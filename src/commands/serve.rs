@@ -192,7 +192,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         );
     }
     let sandbox_mode = args.easemob.easemob_base_url.is_none();
-    let mut secrets: Vec<Secret> = args.callback_secret.iter().filter(|s| !s.expose().is_empty()).cloned().collect();
+    let mut secrets = crate::config::callback_secrets(&args.callback_secret);
     if secrets.is_empty() {
         if sandbox_mode && args.signature_scheme == Scheme::Easemob {
             secrets.push(generated_secret());

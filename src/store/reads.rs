@@ -201,6 +201,15 @@ impl Store {
         Ok(sqlx::query_scalar("SELECT count(*) FROM callbacks").fetch_one(self.read_pool()).await?)
     }
 
+    /// The seq of the event stored under this dedup key, if any (`quarantine reverify --dry-run`
+    /// tells a promotion from a duplicate with it).
+    pub async fn seq_of_dedup_key(&self, key: &str) -> Result<Option<i64>, StoreError> {
+        Ok(sqlx::query_scalar("SELECT seq FROM callbacks WHERE dedup_key = ?1")
+            .bind(key)
+            .fetch_optional(self.read_pool())
+            .await?)
+    }
+
     /// `GET /v1/calls/{id}`.
     pub async fn get_call(&self, id: i64) -> Result<Option<CallRecord>, StoreError> {
         let row =

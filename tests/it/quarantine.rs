@@ -127,7 +127,9 @@ async fn reverify_promotes_only_with_the_right_secret_while_the_service_runs() {
     assert!(callbacks(&app).await.is_empty(), "neither a wrong secret nor a dry run stores anything");
     assert_eq!(list_json(&app.db_url, false).await["held"], 1);
 
-    let out = reverify(&app.db_url, &format!("yet-another-secret,{ROTATED}"), &[]).await;
+    // Written as an operator might paste the service's value: spaces and a trailing comma are
+    // read as `serve` reads them.
+    let out = reverify(&app.db_url, &format!("yet-another-secret, {ROTATED} ,"), &[]).await;
     assert!(
         out.contains("checked 1, promoted 1 (of which 0 were duplicates of events already stored), still held 0"),
         "{out}"
@@ -182,6 +184,14 @@ async fn a_callback_quarantined_and_later_delivered_correctly_signed_is_stored_o
     assert_eq!((ack["status"].as_str(), ack["duplicate"].as_bool()), (Some("ok"), Some(false)));
     let db_url = app.db_url.clone();
     app.stop().await;
+
+    // A dry run already tells the duplicate from a promotion.
+    let out = reverify(&db_url, ROTATED, &["--dry-run"]).await;
+    assert!(
+        out.contains("would promote 1 (of which 1 were duplicates of events already stored), still held 0"),
+        "{out}"
+    );
+    assert!(out.contains(&format!("as one more delivery of event seq {}", ack["seq"])), "{out}");
 
     // Reverify on the stopped database.
     let out = reverify(&db_url, ROTATED, &[]).await;
