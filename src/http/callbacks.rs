@@ -5,6 +5,7 @@
 //! exact bytes, and the raw body is stored byte-exact.
 
 use std::net::SocketAddr;
+use std::time::Duration;
 
 use axum::Json;
 use axum::body::Body;
@@ -159,7 +160,7 @@ fn source_allowed(allow_from: &[ipnet::IpNet], source: &Source) -> bool {
 }
 
 async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, body: Body) -> Result<Received, ApiError> {
-    let commit_deadline = tokio::time::Instant::now() + state.settings.commit_timeout;
+    let started = tokio::time::Instant::now();
     let source = source::resolve(&state.settings.trusted_proxies, peer, headers);
     if !source_allowed(&state.settings.allow_from, &source) {
         if source.ignored_forwarding {
@@ -172,6 +173,9 @@ async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, bod
     }
     check_content_type(headers)?;
     let body = read_body(headers, body, state.settings.max_body_bytes).await?;
+    // Counted from the request's start, like the request deadline it must come before; how long
+    // the body took is kept to tell a slow sender from a slow database if it passes.
+    let commit_deadline = CommitDeadline { at: started + state.settings.commit_timeout, body_wait: started.elapsed() };
     let received_at_ms = state.clock.now_ms();
     let verifier = &state.verifier;
 
@@ -199,18 +203,40 @@ async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, bod
     Ok(Received::Stored(ack))
 }
 
+/// When a callback's write must have committed, and how much of that time its body took to
+/// arrive.
+#[derive(Debug, Clone, Copy)]
+struct CommitDeadline {
+    at: tokio::time::Instant,
+    body_wait: Duration,
+}
+
 /// Waits for a write of the receive path until `deadline`.
 ///
 /// Behind a batch that waits on a lock held by another process, a write can wait for two busy
 /// timeouts, past the request deadline (a 408 without `Retry-After`): it is answered 503 before
 /// that, so that Easemob retries. Its row may still commit later; the retry is then answered as a
-/// duplicate (or held in quarantine a second time).
+/// duplicate (or held in quarantine a second time). When the body itself took most of the time,
+/// the answer and the log say so instead of blaming the database.
 async fn committed_by<T>(
     state: &SharedState,
-    deadline: tokio::time::Instant,
+    deadline: CommitDeadline,
     write: impl std::future::Future<Output = T>,
 ) -> Result<T, ApiError> {
-    tokio::time::timeout_at(deadline, write).await.map_err(|_| {
+    tokio::time::timeout_at(deadline.at, write).await.map_err(|_| {
+        if deadline.body_wait >= state.settings.commit_timeout / 2 {
+            let body_wait = humantime::format_duration(Duration::from_millis(deadline.body_wait.as_millis() as u64));
+            tracing::warn!(%body_wait, "a callback's body was so slow to arrive that its commit could not finish \
+                before the request deadline: answered 503 (it may still commit; a retry is then a duplicate)");
+            return ApiError::Unavailable {
+                code: "slow_request_body",
+                detail: format!(
+                    "the request body took {body_wait} to arrive, which left too little of the request deadline to \
+                     commit it; retry (if it commits meanwhile, the retry is answered as a duplicate)"
+                ),
+                retry_after_secs: 1,
+            };
+        }
         if let Some(n) = state.commit_timeouts.hit(state.clock.now_ms()) {
             tracing::warn!(
                 answered_503_since_last_line = n,
@@ -283,7 +309,7 @@ async fn bad_signature(
     body: Bytes,
     received_at_ms: i64,
     err: VerifyError,
-    commit_deadline: tokio::time::Instant,
+    commit_deadline: CommitDeadline,
 ) -> Result<Received, ApiError> {
     let body_sha256 = chain::sha256_hex(&body);
     if state.settings.on_bad_signature == OnBadSignature::Quarantine {
@@ -315,13 +341,19 @@ async fn bad_signature(
         body_sha256,
         body_size: body.len() as i64,
     };
-    if let Err(e) = state.store.insert_rejection(rejection).await {
-        tracing::warn!(error = %e, "could not record a rejected delivery");
+    // The record is for the operator; the sender's 401 does not wait past the deadline for it
+    // (the write stays queued and lands when the database frees up).
+    match tokio::time::timeout_at(commit_deadline.at, state.store.insert_rejection(rejection)).await {
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "could not record a rejected delivery"),
+        Err(_) => tracing::warn!("a rejected delivery's record did not commit in time; answered 401 without waiting"),
     }
     Err(ApiError::Unauthorized)
 }
 
 #[derive(Debug, Deserialize)]
+// A misspelt parameter is refused: ignored, it would silently answer without its filter.
+#[serde(deny_unknown_fields)]
 struct ListQuery {
     call_id: Option<String>,
     operation: Option<String>,

@@ -530,6 +530,8 @@ fn batch_answer(done: Vec<((String, String), Result<CallRecord, CallFailure>)>) 
 }
 
 #[derive(Debug, Deserialize)]
+// A misspelt parameter is refused: ignored, it would silently answer without its filter.
+#[serde(deny_unknown_fields)]
 struct CallsQuery {
     owner: Option<String>,
     friend: Option<String>,

@@ -29,6 +29,8 @@ pub fn router() -> axum::Router<SharedState> {
 }
 
 #[derive(Debug, Deserialize)]
+// A misspelt parameter is refused: ignored, it would silently answer without its filter.
+#[serde(deny_unknown_fields)]
 struct ReconciliationQuery {
     since: Option<String>,
     until: Option<String>,
@@ -272,6 +274,8 @@ impl Drop for Queued<'_> {
 }
 
 #[derive(Debug, Deserialize)]
+// A misspelt parameter is refused: ignored, it would silently answer without its filter.
+#[serde(deny_unknown_fields)]
 struct FeedQuery {
     after: Option<i64>,
     limit: Option<i64>,

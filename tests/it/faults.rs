@@ -550,3 +550,53 @@ impl Gate {
         self.open.add_permits(1_000);
     }
 }
+
+/// A callback whose body is slow to arrive and then cannot commit before the deadline is told
+/// that its body was slow, not that the database failed; and a bad signature's 401 does not wait
+/// past the deadline for its record to commit (it used to, into a 408).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_body_is_named_as_the_cause_and_a_401_does_not_wait_for_a_locked_database() {
+    // Commit deadline 2.7 s; a row queued behind a batch that waits on the lock waits for two
+    // busy timeouts (4 s), so nothing below commits in time, whatever the timing.
+    let app = TestApp::spawn(&["--sqlite-busy-timeout", "2s", "--request-timeout", "3s"]).await;
+    let lock = WriteLock::take(&app.db_path).await;
+    let post = |body: String| {
+        let client = app.client.clone();
+        let url = format!("{}/callbacks/easemob", app.base);
+        async move {
+            let r = client.post(url).header("content-type", "application/json").body(body).send().await.unwrap();
+            (r.status().as_u16(), r.json::<Value>().await.unwrap())
+        }
+    };
+    let first = tokio::spawn(post(roster_body("320001", "alice", "bob", "add", 1_700_000_000_000, SECRET)));
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    let bad = tokio::spawn(post(roster_body("320002", "alice", "carol", "add", 1_700_000_000_001, "not-the-secret")));
+
+    // The slow one: all but its last byte, then the rest after more than half the deadline.
+    let body = roster_body("320003", "alice", "dave", "add", 1_700_000_000_002, SECRET);
+    let addr = app.base.trim_start_matches("http://").to_owned();
+    let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let head = format!(
+        "POST /callbacks/easemob HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    stream.write_all(&body.as_bytes()[..body.len() - 1]).await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    stream.write_all(&body.as_bytes()[body.len() - 1..]).await.unwrap();
+    let mut answer = String::new();
+    tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+    assert!(answer.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"), "{answer}");
+    let json: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
+    assert_eq!(json["code"], "slow_request_body", "{json}");
+    assert!(json["detail"].as_str().unwrap().contains("the request body took 1s"), "{json}");
+
+    let (status, err) = bad.await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (401, Some("unauthorized")), "{err}");
+    let (status, err) = first.await.unwrap();
+    assert_eq!((status, err["code"].as_str()), (503, Some("storage_unavailable")), "{err}");
+    lock.release().await;
+    app.stop().await;
+}

@@ -861,6 +861,11 @@ async fn malformed_api_requests_get_json_errors_with_the_right_status() {
         ),
         ("negative cursor of calls", app.client.get(format!("{}/v1/calls?cursor=-1", app.base)), 400, "invalid_query"),
         ("negative feed position", app.client.get(format!("{}/v1/feed?after=-1", app.base)), 400, "invalid_query"),
+        // Ignored, these would answer everything: the feed from its start, every callback.
+        ("the feed given a cursor", app.client.get(format!("{}/v1/feed?cursor=20", app.base)), 400, "invalid_query"),
+        ("a misspelt filter", app.client.get(format!("{}/v1/callbacks?form=alice", app.base)), 400, "invalid_query"),
+        ("calls by user", app.client.get(format!("{}/v1/calls?user=alice", app.base)), 400, "invalid_query"),
+        ("a report by pair", app.client.get(format!("{}/v1/reconciliation?pair=a", app.base)), 400, "invalid_query"),
         (
             "GET on the callback endpoint",
             app.client.get(format!("{}/callbacks/easemob", app.base)),
@@ -889,6 +894,8 @@ async fn malformed_api_requests_get_json_errors_with_the_right_status() {
         let err = assert_json_error(what, content_type.as_deref(), &body);
         assert_eq!(err["code"], code, "{what}: {err}");
     }
+    let (_, err) = app.get_json("/v1/feed?cursor=20").await;
+    assert!(err["detail"].as_str().unwrap_or("").contains("`after`"), "names what the feed takes: {err}");
     // Over the body limit: sent raw, the body from its own task, so that the server answering
     // before it has read everything cannot fail the exchange.
     let oversized = format!(r#"{{"owner":"alice","friend":"{}"}}"#, "b".repeat(3 * 1024 * 1024));
