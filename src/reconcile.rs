@@ -48,9 +48,10 @@
 //!   - in flight: primary → matched; else pending;
 //!   - rejected / failed: primary → unexpected; else not expected;
 //!   - unknown: primary → matched (the callback proves Easemob acted); else not expected.
-//! - **Late**: the primary's `received_at_ms` is after `t1 + window_ms`, i.e. it reached us after
-//!   the call would have been declared missing.
-//! - **Latency**: primary `received_at_ms - requested_at_ms` (trigger to stored callback), never
+//! - **Late**: the primary became available after `t1 + window_ms`, i.e. after the call would
+//!   have been declared missing. Available: `received_at_ms`, or for a callback promoted from
+//!   quarantine the promotion (it could not be matched while it was held).
+//! - **Latency**: primary available minus `requested_at_ms` (trigger to stored callback), never
 //!   negative.
 //!
 //! Two edge conventions the rules above leave open: a call that has an outcome other than in
@@ -116,6 +117,17 @@ pub struct CallbackRow {
     pub timestamp_ms: i64,
     /// When friendhook first stored it (epoch ms).
     pub received_at_ms: i64,
+    /// When it was promoted from quarantine by `friendhook quarantine reverify`, if it was: held
+    /// until then, it was not an event anyone could match before.
+    pub promoted_at_ms: Option<i64>,
+}
+
+impl CallbackRow {
+    /// When the event became available to match: its arrival, or its promotion from quarantine.
+    /// Lateness and latency are measured to this.
+    pub fn available_at_ms(&self) -> i64 {
+        self.promoted_at_ms.map_or(self.received_at_ms, |at| at.max(self.received_at_ms))
+    }
 }
 
 /// Matching parameters.
@@ -569,8 +581,8 @@ fn report(call: &CallRow, primary: Option<&CallbackRow>, extras: Vec<i64>, param
         status,
         matched: primary.map(|cb| cb.seq),
         extras,
-        late: primary.is_some_and(|cb| cb.received_at_ms > span.close),
-        latency_ms: primary.map(|cb| cb.received_at_ms.saturating_sub(call.requested_at_ms)),
+        late: primary.is_some_and(|cb| cb.available_at_ms() > span.close),
+        latency_ms: primary.map(|cb| cb.available_at_ms().saturating_sub(call.requested_at_ms)),
     }
 }
 
@@ -616,6 +628,7 @@ mod tests {
             to_user: to.into(),
             timestamp_ms: ts,
             received_at_ms: ts + DELIVERY,
+            promoted_at_ms: None,
         }
     }
 
@@ -1115,6 +1128,7 @@ mod tests {
                     to_user: user(rng),
                     timestamp_ms: ts,
                     received_at_ms: ts + rng.below(120) as i64 * 1_000,
+                    promoted_at_ms: None,
                 }
             })
             .collect::<Vec<_>>();
@@ -1225,8 +1239,8 @@ mod tests {
                     status,
                     matched: prim.map(|b| b.seq),
                     extras: ex,
-                    late: prim.is_some_and(|b| b.received_at_ms > close),
-                    latency_ms: prim.map(|b| b.received_at_ms - c.requested_at_ms),
+                    late: prim.is_some_and(|b| b.available_at_ms() > close),
+                    latency_ms: prim.map(|b| b.available_at_ms() - c.requested_at_ms),
                 }
             })
             .collect();
@@ -1364,6 +1378,7 @@ mod tests {
                     timestamp_ms: ts,
                     // Easemob's clock may run behind ours; ours puts it after the request.
                     received_at_ms: ts.max(t0) + 100,
+                    promoted_at_ms: None,
                 });
             }
         }

@@ -102,8 +102,9 @@ impl AsOf {
     }
 
     /// Whether a report could ever have been judged at this point, given what the journal says
-    /// about it: the journal has reached it; no call created after its last call has an outcome
-    /// at or below its seq (the two were read together); its time is not before the record at
+    /// about it: the journal has reached it; its seq is not below where the journal stood when
+    /// its last call was recorded; no call created after its last call has an outcome at or below
+    /// its seq (the two were read together); its time is not before the record at
     /// its seq or its last call, nor after `now_ms`. An `as_of` edited by hand to hide calls or
     /// to keep windows open is refused, instead of being answered with the journal's genuine
     /// chain link beside it. `Err` says what does not fit.
@@ -113,6 +114,13 @@ impl AsOf {
             return Err(format!(
                 "names a point this database has not reached (it stands at seq {}, call {})",
                 head.seq, head.last_call_id
+            ));
+        }
+        if let Some(seq) = facts.last_call_head_seq.filter(|seq| *seq > self.point.seq) {
+            return Err(format!(
+                "names call {} as the last one, but seq {seq} was stored before that call was recorded: no report \
+                 that saw the call stopped at seq {}",
+                self.point.last_call_id, self.point.seq
             ));
         }
         if let Some(seq) = facts.first_seq_of_later_calls.filter(|seq| *seq <= self.point.seq) {
@@ -155,6 +163,8 @@ pub struct CallbackRef {
     pub timestamp: i64,
     /// When stored.
     pub received_at: i64,
+    /// When promoted from quarantine (`null` for a callback that verified on arrival).
+    pub promoted_at: Option<i64>,
 }
 
 impl From<&CallbackRow> for CallbackRef {
@@ -166,6 +176,7 @@ impl From<&CallbackRow> for CallbackRef {
             to_user: c.to_user.to_string(),
             timestamp: c.timestamp_ms,
             received_at: c.received_at_ms,
+            promoted_at: c.promoted_at_ms,
         }
     }
 }
@@ -630,6 +641,7 @@ mod tests {
             first_seq_of_later_calls: Some(9),
             stored_at_ms: Some(1_000_000),
             last_call_requested_at_ms: Some(900_000),
+            last_call_head_seq: Some(7),
         };
         let now_ms = 2_000_000;
         assert_eq!(at(8, 3, 1_000_500).check(&facts, now_ms), Ok(()), "a point as a report had it");
@@ -638,6 +650,8 @@ mod tests {
         assert!(refused(at(11, 3, 1_000_500)).contains("not reached"));
         assert!(refused(at(8, 5, 1_000_500)).contains("not reached"));
         assert!(refused(at(9, 3, 1_000_500)).contains("later call's outcome is at seq 9"), "call 4 ended at seq 9");
+        assert!(refused(at(6, 3, 1_000_500)).contains("seq 7 was stored before that call"), "call 3 came after seq 7");
+        assert_eq!(at(7, 3, 1_000_500).check(&facts, now_ms), Ok(()), "seen together with call 3");
         assert!(refused(at(8, 3, 900_000)).contains("before what it names was stored"));
         assert!(refused(at(8, 3, now_ms + 60_001)).contains("still to come"));
         let empty = PointFacts {
@@ -645,6 +659,7 @@ mod tests {
             first_seq_of_later_calls: None,
             stored_at_ms: None,
             last_call_requested_at_ms: None,
+            last_call_head_seq: None,
         };
         assert_eq!(at(0, 0, 5).check(&empty, now_ms), Ok(()), "the empty journal");
     }

@@ -1,6 +1,7 @@
 //! Reads over the journal (everything with a `seq`): the feed, the audit chain, the chain head,
 //! and the rows reconciliation needs.
 
+use std::collections::HashMap;
 use std::marker::PhantomData;
 
 use compact_str::CompactString;
@@ -298,13 +299,14 @@ SELECT max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(s
 /// What the journal says about the point an `as_of` names (see `report::AsOf::check`), read in
 /// one statement: where the journal stands, the lowest seq of a call created after the point's
 /// last call, when the record at the point's seq was stored, and when its last call was
-/// requested.
+/// requested and where the journal stood then.
 const POINT_FACTS: &str = "\
 SELECT max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)),
        coalesce((SELECT max(id) FROM calls), 0),
        (SELECT min(seq) FROM calls WHERE id > ?2),
        coalesce((SELECT received_at_ms FROM callbacks WHERE seq = ?1), (SELECT completed_at_ms FROM calls WHERE seq = ?1)),
-       (SELECT requested_at_ms FROM calls WHERE id = ?2)";
+       (SELECT requested_at_ms FROM calls WHERE id = ?2),
+       (SELECT head_seq_at_intent FROM calls WHERE id = ?2)";
 
 /// See [`Store::point_facts`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -318,19 +320,23 @@ pub struct PointFacts {
     pub stored_at_ms: Option<i64>,
     /// When the point's last call was requested (`None` for call 0).
     pub last_call_requested_at_ms: Option<i64>,
+    /// The journal's seq when the point's last call was recorded (`None` for call 0 and for
+    /// calls recorded before schema 8).
+    pub last_call_head_seq: Option<i64>,
 }
 
 impl Store {
     /// What the journal says about `point`, for checking that a given `as_of` is one a report
     /// could have had.
     pub async fn point_facts(&self, point: JournalPoint) -> Result<PointFacts, StoreError> {
-        let (seq, last_call_id, first_seq_of_later_calls, stored_at_ms, last_call_requested_at_ms) =
+        let (seq, last_call_id, first_seq_of_later_calls, stored_at_ms, last_call_requested_at_ms, last_call_head_seq) =
             sqlx::query_as(POINT_FACTS).bind(point.seq).bind(point.last_call_id).fetch_one(self.read_pool()).await?;
         Ok(PointFacts {
             head: JournalPoint { seq, last_call_id },
             first_seq_of_later_calls,
             stored_at_ms,
             last_call_requested_at_ms,
+            last_call_head_seq,
         })
     }
 
@@ -542,7 +548,24 @@ impl Store {
         at: JournalPoint,
     ) -> Result<Vec<CallbackRow>, StoreError> {
         let sql = (ROSTER_CALLBACKS_ALL, ROSTER_CALLBACKS_IN_WINDOW);
-        self.read_json_pages(sql, (since_ms, until_ms), &[at.seq], 0, "callbacks", callback_row).await
+        let promoted = self.promotions_upto(at.seq).await?;
+        self.read_json_pages(sql, (since_ms, until_ms), &[at.seq], 0, "callbacks", |raw| {
+            with_promotion(callback_row(raw), &promoted)
+        })
+        .await
+    }
+
+    /// When each event promoted from quarantine by seq `upto` was promoted, by seq: few, read
+    /// through the partial index of migration 0008 (the quarantine's rows hold whole bodies).
+    async fn promotions_upto(&self, upto: i64) -> Result<HashMap<i64, i64>, StoreError> {
+        let rows: Vec<(i64, i64)> = sqlx::query_as(
+            "SELECT promoted_seq, promoted_at_ms FROM quarantine INDEXED BY quarantine_promoted
+             WHERE promoted_seq IS NOT NULL AND promoted_seq <= ?1",
+        )
+        .bind(upto)
+        .fetch_all(self.read_pool())
+        .await?;
+        Ok(rows.into_iter().collect())
     }
 
     /// The roster add/remove callbacks stored by `at` with an event time in `[since, until)` that
@@ -559,6 +582,7 @@ impl Store {
         counted: (i64, i64),
         keep: impl Fn(&CallbackRow) -> bool,
     ) -> Result<(Vec<CallbackRow>, u64), StoreError> {
+        let promoted = self.promotions_upto(at.seq).await?;
         let mut kept = Vec::new();
         let mut counted_total = 0u64;
         let mut after = (i64::MIN, i64::MIN);
@@ -580,7 +604,8 @@ impl Store {
                 // promise to list them in that order: the next page starts after the largest.
                 after = after.max((timestamp_ms, id));
                 counted_total += u64::from(timestamp_ms >= counted.0 && timestamp_ms < counted.1);
-                let cb = callback_row((seq, operation, from, to, timestamp_ms, received_at_ms));
+                let cb =
+                    with_promotion(callback_row((seq, operation, from, to, timestamp_ms, received_at_ms)), &promoted);
                 if keep(&cb) {
                     kept.push(cb);
                 }
@@ -709,8 +734,21 @@ type RosterRaw = (i64, CompactString, Option<CompactString>, Option<CompactStrin
 /// [`RosterRaw`] followed by the row's id (the paging key).
 type RosterRawWithId = (i64, CompactString, Option<CompactString>, Option<CompactString>, i64, i64, i64);
 
+fn with_promotion(mut cb: CallbackRow, promoted: &HashMap<i64, i64>) -> CallbackRow {
+    cb.promoted_at_ms = promoted.get(&cb.seq).copied();
+    cb
+}
+
 fn callback_row((seq, operation, from, to, timestamp_ms, received_at_ms): RosterRaw) -> CallbackRow {
-    CallbackRow { seq, operation, from_user: lower_user(from), to_user: lower_user(to), timestamp_ms, received_at_ms }
+    CallbackRow {
+        seq,
+        operation,
+        from_user: lower_user(from),
+        to_user: lower_user(to),
+        timestamp_ms,
+        received_at_ms,
+        promoted_at_ms: None,
+    }
 }
 
 #[cfg(test)]

@@ -876,8 +876,8 @@ impl Writer {
                 }
                 Job::Intent(new, _) => {
                     let inserted: Option<i64> = sqlx::query_scalar(
-                        "INSERT INTO calls (op, owner, friend, pair_key, idempotency_key, requested_at_ms)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                        "INSERT INTO calls (op, owner, friend, pair_key, idempotency_key, requested_at_ms, head_seq_at_intent)
+                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
                          ON CONFLICT (idempotency_key) DO NOTHING RETURNING id",
                     )
                     .bind(new.op.as_str())
@@ -886,6 +886,8 @@ impl Writer {
                     .bind(pair_key(&new.owner, &new.friend))
                     .bind(&new.idempotency_key)
                     .bind(now)
+                    // Every seq up to here commits no later than this call (see migration 0008).
+                    .bind(head.seq)
                     .fetch_optional(&mut *tx)
                     .await?;
                     answers[i] = match inserted {

@@ -351,3 +351,30 @@ async fn a_feed_long_poll_sees_events_promoted_by_reverify_beside_the_service() 
     assert_eq!((first["seq"].as_i64(), first["id"].as_str()), (Some(1), Some("demo-org#demo-app_3201")));
     app.stop().await;
 }
+
+/// A callback held in quarantine could not be matched while it was held: promoted after its
+/// call was declared missing, it makes the call `matched` and `late`, with the latency to its
+/// promotion, and says when it was promoted.
+#[tokio::test]
+async fn a_callback_promoted_after_its_call_was_declared_missing_reads_late() {
+    let app =
+        TestApp::spawn(&["--on-bad-signature", "quarantine", "--match-window", "0s", "--sandbox-drop-rate", "1"]).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(call["outcome"], "succeeded", "{call}");
+    let t = call["requested_at"].as_i64().unwrap();
+    let held = app.post_callback(roster_body("3301", "alice", "bob", "add", t, ROTATED)).await;
+    assert_eq!(held.json::<Value>().await.unwrap()["status"], "quarantined");
+    let (_, before) = app.get_json("/v1/reconciliation").await;
+    assert_eq!(before["items"][0]["status"], "missing", "{before}");
+
+    reverify(&app.db_url, ROTATED, &[]).await;
+    let (_, after) = app.get_json("/v1/reconciliation").await;
+    let item = &after["items"][0];
+    assert_eq!((item["status"].as_str(), item["late"].as_bool()), (Some("matched"), Some(true)), "{after}");
+    let matched = &item["matched"];
+    let promoted_at = matched["promoted_at"].as_i64().expect("says when it was promoted");
+    assert!(promoted_at >= matched["received_at"].as_i64().unwrap(), "{after}");
+    assert_eq!(item["latency_ms"].as_i64(), Some(promoted_at - t), "measured to the promotion: {after}");
+    app.stop().await;
+}

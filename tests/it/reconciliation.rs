@@ -392,6 +392,32 @@ async fn reconcile_cli_asks_again_while_the_service_is_busy_with_another_report(
     app.stop().await;
 }
 
+/// An `as_of` whose seq was lowered by hand, below records stored before its last call existed,
+/// would hide them (here the orphan stored first) and still come with the chain's genuine link:
+/// it is refused, while the points a report could have had are answered.
+#[tokio::test]
+async fn an_as_of_lowered_below_what_its_last_call_had_seen_is_refused() {
+    let app = TestApp::spawn(&["--match-window", "0s", "--sandbox-drop-rate", "1"]).await;
+    app.register(&["alice", "bob"]).await;
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64;
+    assert_eq!(app.post_callback(roster_body("940001", "carol", "dave", "add", now, SECRET)).await.status(), 200);
+    let (_, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(call["outcome"], "succeeded");
+    let (_, report) = app.get_json("/v1/reconciliation").await;
+    let as_of = report["as_of"].as_str().unwrap().to_string();
+    let parts: Vec<&str> = as_of.split('.').collect();
+    assert_eq!(parts[..2], ["2", "1"], "the orphan at seq 1, call 1's outcome at seq 2: {as_of}");
+
+    // Seq 1 with call 1 in flight was a point of the journal; seq 0 with call 1 never was.
+    let (status, seen) = app.get_json(&format!("/v1/reconciliation?as_of=1.1.{}", parts[2])).await;
+    assert_eq!(status, 200, "{seen}");
+    assert_eq!(seen["summary"]["orphan"], 1, "{seen}");
+    let (status, err) = app.get_json(&format!("/v1/reconciliation?as_of=0.1.{}", parts[2])).await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid_query")), "{err}");
+    assert!(err["detail"].as_str().unwrap().contains("seq 1 was stored before that call was recorded"), "{err}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn the_pages_of_a_report_and_its_as_of_stay_put_while_more_is_stored() {
     let (app, call) = alice_added_bob_and_no_callback_came().await;
