@@ -68,7 +68,7 @@ pub enum StoreError {
     /// Another `friendhook serve` holds this database.
     #[error(
         "{database} is in use by another friendhook service ({lock} is locked); stop it first, or give \
-         this one its own --database-url. Nothing was changed"
+         this command a database of its own. Nothing was changed"
     )]
     InUse {
         /// The database URL as given.
@@ -85,6 +85,36 @@ pub enum StoreError {
     InMemory {
         /// The database URL as given.
         database: String,
+    },
+    /// `--database-url` names no file (empty, or `sqlite://` alone): SQLite would open a private
+    /// temporary database per connection, so acknowledged callbacks would be invisible and lost.
+    #[error(
+        "--database-url `{database}` names no database file; give one, e.g. sqlite://friendhook.db. Nothing was \
+         changed"
+    )]
+    NoFileName {
+        /// The database URL as given.
+        database: String,
+    },
+    /// `serve` was given a URL that opens the database read-only.
+    #[error(
+        "{database} opens the database read-only (mode=ro), and the service writes every callback; drop \
+         `mode=ro` (the read-only commands open a service's database without it). Nothing was changed"
+    )]
+    ReadOnlyUrl {
+        /// The database URL as given.
+        database: String,
+    },
+    /// The service was pointed at an SQLite database of something else.
+    #[error(
+        "{database} is an SQLite database of something else (it has a table `{table}` and none of friendhook's); \
+         give friendhook a file of its own, e.g. sqlite://friendhook.db. Nothing was changed"
+    )]
+    Foreign {
+        /// The database URL as given.
+        database: String,
+        /// One of its tables, to recognise it by.
+        table: String,
     },
     /// `--database-url` is not an SQLite URL.
     #[error(
@@ -411,7 +441,28 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
     {
         return Err(StoreError::NotSqliteUrl { database: url.to_string() });
     }
-    Ok(SqliteConnectOptions::from_str(url)?)
+    let options = SqliteConnectOptions::from_str(url)?;
+    if options.get_filename().as_os_str().is_empty() {
+        return Err(StoreError::NoFileName { database: url.to_string() });
+    }
+    Ok(options)
+}
+
+/// Refuses an SQLite file that holds tables but not friendhook's, before the migrations add
+/// friendhook's beside them (and `friendhook demo` would later take the file for its own to
+/// delete).
+async fn refuse_foreign(conn: &mut SqliteConnection, database_url: &str) -> Result<(), StoreError> {
+    let (table, ours): (Option<String>, i64) = sqlx::query_as(
+        "SELECT (SELECT min(name) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
+                   AND name <> '_sqlx_migrations'),
+                (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'callbacks')",
+    )
+    .fetch_one(conn)
+    .await?;
+    match table {
+        Some(table) if ours == 0 => Err(StoreError::Foreign { database: database_url.to_string(), table }),
+        _ => Ok(()),
+    }
 }
 
 fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
@@ -573,9 +624,13 @@ impl Store {
             .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
         check_database_path(&opts.database_url, write_options.get_filename())?;
+        if opts.database_url.contains("mode=ro") {
+            return Err(StoreError::ReadOnlyUrl { database: opts.database_url.clone() });
+        }
         let instance_lock =
             if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
         let mut conn = write_options.connect().await?;
+        refuse_foreign(&mut conn, &opts.database_url).await?;
         refuse_newer_schema(&mut conn, &opts.database_url).await?;
         MIGRATOR.run(&mut conn).await?;
         let read = SqlitePoolOptions::new()

@@ -1,6 +1,8 @@
 //! `friendhook serve` refuses, before touching the database, settings that would silently do
 //! something else than meant.
 
+use std::str::FromStr;
+
 use clap::Parser;
 use friendhook::config::Cli;
 
@@ -39,6 +41,38 @@ async fn a_database_url_that_is_not_sqlite_is_refused_by_name() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("SQLite only"), "{stderr}");
+}
+
+/// URLs the service could not keep callbacks in are refused before anything is written: one
+/// that names no file (SQLite would open a private temporary database per connection, and the
+/// service answered 200 to callbacks it lost), one that opens read-only, and another program's
+/// SQLite database (which the migrations used to fill with friendhook's tables).
+#[tokio::test]
+async fn a_database_url_the_service_cannot_keep_callbacks_in_is_refused() {
+    let refused = |url: String| async move {
+        let err = friendhook::commands::serve::build(&serve_args(&url, &[]), friendhook::clock::system()).await.err();
+        format!("{:#}", err.unwrap_or_else(|| panic!("{url:?} was accepted")))
+    };
+    for url in ["", "sqlite://", "sqlite:"] {
+        let err = refused(url.to_string()).await;
+        assert!(err.contains("names no database file; give one, e.g. sqlite://friendhook.db"), "{url:?}: {err}");
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let read_only = format!("sqlite://{}?mode=ro", dir.path().join("ro.db").display());
+    assert!(refused(read_only).await.contains("opens the database read-only (mode=ro)"));
+
+    let other = dir.path().join("other.db");
+    let url = format!("sqlite://{}", other.display());
+    let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
+    let mut conn = sqlx::ConnectOptions::connect(&options).await.unwrap();
+    sqlx::query("CREATE TABLE foo (x)").execute(&mut conn).await.unwrap();
+    let err = refused(url.clone()).await;
+    assert!(err.contains("an SQLite database of something else (it has a table `foo`"), "{err}");
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'").fetch_all(&mut conn).await.unwrap();
+    assert_eq!(tables, ["foo"], "nothing was added to it");
+    sqlx::Connection::close(conn).await.unwrap();
 }
 
 #[tokio::test]
