@@ -275,10 +275,23 @@ async fn request_deadline(
     request.extensions_mut().insert(started.clone());
     let path = request.uri().path();
     let is_callback = path == CALLBACK_PATH;
+    let is_feed = path == "/v1/feed";
     let waits_on_easemob = path.starts_with("/v1/friends") || path.starts_with("/v1/easemob/");
+    // Their body is read first, under the ordinary deadline: `--trigger-timeout` (minutes) is
+    // for the wait on Easemob, not for a sender trickling a body, who would hold a slot of
+    // --max-in-flight as long. A declared size over the limit is answered before anything is
+    // read (so `Expect: 100-continue` is never told to go on).
+    let request = if waits_on_easemob {
+        match read_body_first(request, limits.request_timeout).await {
+            Ok(request) => request,
+            Err(refused) => return refused,
+        }
+    } else {
+        request
+    };
     let limit = if waits_on_easemob {
         limits.trigger_timeout
-    } else if path == "/v1/feed" {
+    } else if is_feed {
         limits.request_timeout + crate::http::journal::MAX_WAIT
     } else {
         limits.request_timeout
@@ -311,6 +324,39 @@ async fn request_deadline(
                     humantime::format_duration(limit)
                 ),
             )
+        }
+    }
+}
+
+/// The request with its body read into memory within `limit` and
+/// [`BODY_LIMIT`](crate::http::friends::BODY_LIMIT).
+async fn read_body_first(request: Request, limit: Duration) -> Result<Request, Response> {
+    use crate::error::ApiError;
+    use http_body_util::{BodyExt, LengthLimitError, Limited};
+    let max = crate::http::friends::BODY_LIMIT;
+    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > max as u64) {
+        return Err(ApiError::PayloadTooLarge { limit: max }.into_response());
+    }
+    let (parts, body) = request.into_parts();
+    let Ok(read) = tokio::time::timeout(limit, Limited::new(body, max).collect()).await else {
+        return Err(error_response(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            &format!(
+                "the request body did not arrive within {}; nothing was started: send it whole and retry",
+                humantime::format_duration(limit)
+            ),
+        ));
+    };
+    match read {
+        Ok(collected) => Ok(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
+            Err(ApiError::PayloadTooLarge { limit: max }.into_response())
+        }
+        Err(e) => {
+            Err(ApiError::bad_request("body_read_failed", format!("could not read the request body: {e}"))
+                .into_response())
         }
     }
 }

@@ -38,8 +38,9 @@ pub fn router() -> axum::Router<SharedState> {
 }
 
 /// Largest request body of these endpoints (a full batch of [`MAX_BATCH`] pairs is a few tens
-/// of kilobytes); set here so the 413 can say what it is.
-const BODY_LIMIT: usize = 2 * 1024 * 1024;
+/// of kilobytes); set here so the 413 can say what it is. The exception-cache endpoints read
+/// theirs under the same limit (see `app::request_deadline`).
+pub(crate) const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 /// The JSON shape of a call record.
 #[derive(Debug, Clone, Serialize)]

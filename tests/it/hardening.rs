@@ -516,6 +516,32 @@ async fn a_body_trickler_gets_a_json_408_from_the_request_timeout() {
     app.stop().await;
 }
 
+/// The trigger endpoints wait on Easemob for up to --trigger-timeout (minutes), but their body
+/// is read under the ordinary request deadline: a sender trickling one is answered 408 like any
+/// other, instead of holding a slot of the API for the trigger timeout. An oversized one is
+/// refused before it is sent, even when it asks `Expect: 100-continue`.
+#[tokio::test]
+async fn a_trigger_body_is_read_under_the_request_timeout_not_the_trigger_timeout() {
+    let app = TestApp::spawn(&["--request-timeout", "1s", "--sqlite-busy-timeout", "500ms"]).await;
+    for path in ["/v1/friends", "/v1/friends/batch", "/v1/easemob/exception-cache/resend"] {
+        let head =
+            format!("POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n");
+        // Ten bytes of a hundred, and then nothing: only the request timeout can end it.
+        let (status, head, body) = raw_exchange(app.addr, head.into_bytes(), b"{\"owner\":".to_vec()).await;
+        assert_eq!(status, 408, "{path}: {head}");
+        let err = assert_json_error(path, header_value(&head, "content-type"), &body);
+        assert_eq!(err["code"], "request_timeout", "{path}: {err}");
+        assert!(err["detail"].as_str().unwrap().contains("nothing was started"), "{path}: {err}");
+    }
+    let head = "POST /v1/friends HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 5000000\r\nExpect: 100-continue\r\n\r\n";
+    let (status, head, _) = raw_exchange(app.addr, head.as_bytes().to_vec(), Vec::new()).await;
+    assert_eq!(status, 413, "refused without a 100 Continue first: {head}");
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"].as_array().map(Vec::len), Some(0), "{calls}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_full_api_leaves_callbacks_probes_and_metrics_their_turn() {
     // One request at a time of each kind, and a long-poll holding the API's.
