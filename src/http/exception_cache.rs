@@ -104,10 +104,23 @@ async fn resend(
             "give either `dates` (keys from GET /v1/easemob/exception-cache) or `\"all\": true`",
         ));
     }
-    if let Some(target) = &request.target_url
-        && !(target.starts_with("http://") || target.starts_with("https://"))
-    {
-        return Err(ApiError::bad_request("invalid_request", "`target_url` must be an http:// or https:// URL"));
+    // Checked whole: each request counts against the bucket's few re-sends, and Easemob takes
+    // any text, so a URL nothing can receive at would spend one for nothing.
+    if let Some(target) = &request.target_url {
+        let parsed = reqwest::Url::parse(target)
+            .ok()
+            .filter(|u| matches!(u.scheme(), "http" | "https") && u.host_str().is_some_and(|h| !h.is_empty()));
+        // The URL parser drops tabs and newlines, and spaces at the ends, without a word.
+        let parsed = parsed.filter(|_| !target.chars().any(|c| c.is_whitespace() || c.is_control()));
+        if parsed.is_none() {
+            return Err(ApiError::bad_request(
+                "invalid_request",
+                format!(
+                    "`target_url` must be an http:// or https:// URL with a host and no spaces or control \
+                     characters (e.g. https://example.com/callbacks/easemob), got {target:?}"
+                ),
+            ));
+        }
     }
     let client = client(&state)?;
     let kept = buckets(&client).await?;

@@ -100,9 +100,15 @@ async fn without_the_add_on_the_answer_says_so_and_a_request_must_name_what_to_r
     assert_eq!((status, err["code"].as_str()), (502, Some("exception_cache_not_enabled")), "{err}");
     assert!(err["detail"].as_str().unwrap().contains("paid add-on"), "{err}");
 
-    for bad in
-        [json!({}), json!({"all": true, "dates": ["202611271010"]}), json!({"all": true, "target_url": "ftp://x"})]
-    {
+    // A target nothing can receive at would spend one of a bucket's few re-sends.
+    for bad in [
+        json!({}),
+        json!({"all": true, "dates": ["202611271010"]}),
+        json!({"all": true, "target_url": "ftp://x"}),
+        json!({"all": true, "target_url": "http://"}),
+        json!({"all": true, "target_url": "http://exa mple/\n"}),
+        json!({"all": true, "target_url": "https://example.com/cb\n"}),
+    ] {
         let (status, err): (u16, Value) = app.post_json("/v1/easemob/exception-cache/resend", bad.clone()).await;
         assert_eq!((status, err["code"].as_str()), (400, Some("invalid_request")), "{bad}: {err}");
     }
