@@ -120,7 +120,7 @@ pub struct ServeArgs {
     pub signature_scheme: Scheme,
 
     /// Largest accepted callback body; larger requests get 413 without the rest being read.
-    #[arg(long, env = "FRIENDHOOK_MAX_BODY_BYTES", default_value_t = 65536)]
+    #[arg(long, env = "FRIENDHOOK_MAX_BODY_BYTES", default_value_t = 65536, value_parser = parse_count)]
     pub max_body_bytes: usize,
 
     /// standard-webhooks only: how far `webhook-timestamp` may be from now, either way.
@@ -133,34 +133,34 @@ pub struct ServeArgs {
 
     /// Requests waiting for the writer beyond this many are answered 503 with Retry-After
     /// (never 200 before commit); bounds memory under overload.
-    #[arg(long, env = "FRIENDHOOK_WRITE_QUEUE", default_value_t = 8192)]
+    #[arg(long, env = "FRIENDHOOK_WRITE_QUEUE", default_value_t = 8192, value_parser = parse_count)]
     pub write_queue: usize,
 
     /// Most rows committed in one transaction by the group-commit writer.
-    #[arg(long, env = "FRIENDHOOK_MAX_BATCH", default_value_t = 512)]
+    #[arg(long, env = "FRIENDHOOK_MAX_BATCH", default_value_t = 512, value_parser = parse_count)]
     pub max_batch: usize,
 
     /// Most requests handled at once; further requests wait in the accept queue.
-    #[arg(long, env = "FRIENDHOOK_MAX_IN_FLIGHT", default_value_t = 4096)]
+    #[arg(long, env = "FRIENDHOOK_MAX_IN_FLIGHT", default_value_t = 4096, value_parser = parse_count)]
     pub max_in_flight: usize,
 
     /// A client must send a request's headers within this time, counted from the connection's
     /// opening or, on a kept-alive connection, from the request's first byte; otherwise the
     /// connection is closed (slow-loris protection).
-    #[arg(long, env = "FRIENDHOOK_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_duration)]
+    #[arg(long, env = "FRIENDHOOK_HEADER_TIMEOUT", default_value = "5s", value_parser = parse_nonzero_duration)]
     pub header_timeout: Duration,
 
     /// A kept-alive connection with no request for this long is closed. Keep it longer than the
     /// idle time of your clients' connection pools (Easemob's server SDKs: 10 s), so that the
     /// client, not the service, closes an idle connection: a request sent on a connection just as
     /// the service closes it is lost to the client.
-    #[arg(long, env = "FRIENDHOOK_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_duration)]
+    #[arg(long, env = "FRIENDHOOK_IDLE_TIMEOUT", default_value = "75s", value_parser = parse_nonzero_duration)]
     pub idle_timeout: Duration,
 
     /// A request (body read and handling) must finish within this time, or it is answered 408.
     /// Reconciliation reports run one at a time; one waits up to half of this for its turn, then
     /// is answered 503 `reconciliation_busy`.
-    #[arg(long, env = "FRIENDHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    #[arg(long, env = "FRIENDHOOK_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_nonzero_duration)]
     pub request_timeout: Duration,
 
     /// Deadline of the endpoints that wait on Easemob: the triggers (POST /v1/friends,
@@ -168,7 +168,7 @@ pub struct ServeArgs {
     /// 10 s, plus retries. Past it, a request that had started its calls answers 504
     /// `still_running` (they go on, see GET /v1/calls: do not send it again); one that had started
     /// nothing, 408 (nothing of it is sent later: retry it).
-    #[arg(long, env = "FRIENDHOOK_TRIGGER_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    #[arg(long, env = "FRIENDHOOK_TRIGGER_TIMEOUT", default_value = "5m", value_parser = parse_nonzero_duration)]
     pub trigger_timeout: Duration,
 
     /// On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit.
@@ -240,11 +240,11 @@ pub struct EasemobArgs {
 
     /// Client-side rate limit for Easemob calls, requests per second per App Key (Easemob's limit
     /// for the contact APIs is 100/s).
-    #[arg(long, env = "EASEMOB_RATE_LIMIT", default_value_t = 100)]
+    #[arg(long, env = "EASEMOB_RATE_LIMIT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub easemob_rate_limit: u32,
 
     /// Most HTTP attempts per Easemob call (429, 5xx and transport errors are retried).
-    #[arg(long, env = "EASEMOB_MAX_ATTEMPTS", default_value_t = 5)]
+    #[arg(long, env = "EASEMOB_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub easemob_max_attempts: u32,
 
     /// Total time budget for retries of one Easemob call.
@@ -318,6 +318,24 @@ pub fn parse_secret_item(item: &str) -> Result<Secret, String> {
 /// of `FRIENDHOOK_CALLBACK_SECRET` means the same secrets, with the same `secret_index`, in both.
 pub fn callback_secrets(items: &[Secret]) -> Vec<Secret> {
     items.iter().filter(|s| !s.expose().is_empty()).cloned().collect()
+}
+
+/// A duration that zero would break: a deadline of nothing fails every request.
+pub fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("`{s}` is zero, which would fail every request; give a duration like 5s")),
+        d => Ok(d),
+    }
+}
+
+/// A count or a size that zero would break (a queue of none, batches of none, no requests at
+/// all).
+pub fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(0) => Err("0 would refuse everything; give at least 1".to_string()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
 }
 
 /// Parses `5s`, `250ms`, `5m`, `1h`.

@@ -65,8 +65,8 @@ fn client_config(
     secret: Secret,
 ) -> ClientConfig {
     let mut cfg = ClientConfig::new(base_url, org, app, client_id, secret);
-    cfg.rate_limit_per_sec = args.easemob.easemob_rate_limit.max(1);
-    cfg.max_attempts = args.easemob.easemob_max_attempts.max(1);
+    cfg.rate_limit_per_sec = args.easemob.easemob_rate_limit;
+    cfg.max_attempts = args.easemob.easemob_max_attempts;
     cfg.max_retry_time = args.easemob.easemob_max_retry_time;
     cfg
 }

@@ -130,6 +130,30 @@ fn sandbox_fault_flags_are_checked_when_parsed_and_named() {
     }
 }
 
+/// Zero would break each of these (every request failed or closed unanswered, every callback
+/// 413, nothing ever sent): refused when parsed, naming the flag, instead of started with or
+/// silently raised to 1.
+#[test]
+fn zero_where_zero_breaks_the_service_is_refused_when_parsed() {
+    for flag in [
+        "--trigger-timeout",
+        "--header-timeout",
+        "--idle-timeout",
+        "--request-timeout",
+        "--max-body-bytes",
+        "--write-queue",
+        "--max-batch",
+        "--max-in-flight",
+        "--easemob-rate-limit",
+        "--easemob-max-attempts",
+    ] {
+        let value = if flag.ends_with("timeout") { "0s" } else { "0" };
+        let err = Cli::try_parse_from(["friendhook", "serve", flag, value]).expect_err(flag);
+        assert!(err.to_string().contains(flag), "{flag}: {err}");
+    }
+    assert!(Cli::try_parse_from(["friendhook", "serve", "--max-body-bytes", "1", "--trigger-timeout", "1ms"]).is_ok());
+}
+
 fn demo(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
         .arg("demo")
