@@ -357,9 +357,18 @@ fn outcome_not_recorded(id: i64, err: &StoreError) -> ApiError {
 }
 
 fn idempotency_key(headers: &HeaderMap) -> Result<Option<String>, ApiError> {
-    let Some(v) = headers.get("idempotency-key") else { return Ok(None) };
-    let key = v.to_str().ok().map(str::trim).filter(|k| !k.is_empty() && k.len() <= 255).ok_or_else(|| {
-        ApiError::bad_request("invalid_idempotency_key", "Idempotency-Key must be 1 to 255 visible ASCII characters")
+    let mut given = headers.get_all("idempotency-key").iter();
+    let Some(v) = given.next() else { return Ok(None) };
+    // Two keys: which one the client meant to be checked is anyone's guess.
+    if given.next().is_some() {
+        return Err(ApiError::bad_request("invalid_idempotency_key", "give one Idempotency-Key header, not several"));
+    }
+    let visible = |k: &&str| !k.is_empty() && k.len() <= 255 && k.bytes().all(|b| b.is_ascii_graphic());
+    let key = v.to_str().ok().map(str::trim).filter(visible).ok_or_else(|| {
+        ApiError::bad_request(
+            "invalid_idempotency_key",
+            "Idempotency-Key must be 1 to 255 visible ASCII characters (no spaces or tabs inside)",
+        )
     })?;
     Ok(Some(key.to_string()))
 }

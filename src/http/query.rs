@@ -17,11 +17,13 @@ pub fn parse_time(name: &'static str, value: &str) -> Result<i64, ApiError> {
             .map(|d| d.as_millis() as i64)
     };
     with_offset().or_else(as_utc).ok_or_else(|| {
+        // `+08:00` unescaped in a query string arrives as ` 08:00`.
+        let hint = if value.contains(' ') { "; a `+` in a URL reads as a space: write it as %2B" } else { "" };
         ApiError::bad_request(
             "invalid_query",
             format!(
                 "`{name}` must be epoch milliseconds or RFC 3339 (e.g. 2026-11-25T10:00:00Z or \
-                 2026-11-25T18:00:00+08:00), got `{value}`"
+                 2026-11-25T18:00:00+08:00), got `{value}`{hint}"
             ),
         )
     })
@@ -98,6 +100,9 @@ mod tests {
         assert_eq!(parse_time("since", "2023-11-14T17:13:20.5-05:00").ok(), Some(1_700_000_000_500));
         assert_eq!(parse_time("since", "2023-11-14 22:13:20").ok(), Some(1_700_000_000_000), "no offset: UTC");
         assert!(parse_time("since", "yesterday").is_err());
+        let unescaped = parse_time("since", "2023-11-15T06:13:20 08:00").expect_err("a + read as a space");
+        assert!(unescaped.to_string().contains("write it as %2B"), "{unescaped}");
+        assert!(!parse_time("since", "soon").expect_err("no space").to_string().contains("%2B"));
         assert_eq!(parse_range(Some("1"), Some("2")).ok(), Some((Some(1), Some(2))));
         assert_eq!(parse_range(Some("2"), Some("2")).ok(), Some((Some(2), Some(2))));
         assert_eq!(parse_range(None, Some("2")).ok(), Some((None, Some(2))));

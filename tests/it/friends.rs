@@ -157,6 +157,20 @@ async fn the_same_idempotency_key_returns_the_same_call_and_calls_easemob_once()
         .await
         .unwrap();
     assert_eq!(other.status(), 422);
+
+    // A key with spaces or tabs inside, or two keys: refused before anything is recorded.
+    for keys in [vec!["a b\tc"], vec!["order-43", "order-44"]] {
+        let mut request = app.client.post(app.url("/v1/friends")).json(&json!({"owner": "alice", "friend": "carol"}));
+        for key in &keys {
+            request = request.header("idempotency-key", *key);
+        }
+        let refused = request.send().await.unwrap();
+        assert_eq!(refused.status(), 400, "{keys:?}");
+        let err: Value = refused.json().await.unwrap();
+        assert_eq!(err["code"], "invalid_idempotency_key", "{keys:?}: {err}");
+    }
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"].as_array().map(Vec::len), Some(1), "{calls}");
     app.stop().await;
 }
 
