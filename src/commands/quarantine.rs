@@ -111,13 +111,10 @@ pub async fn run(args: QuarantineArgs) -> anyhow::Result<u8> {
 /// whole.
 const PAGE: i64 = 200;
 
+/// The store's errors name the database and say what to do (no such file, another schema, a
+/// read-only directory), so they are passed on as they are.
 async fn open_existing(database_url: &str) -> anyhow::Result<Store> {
-    Store::open_read_only(database_url).await.map_err(|e| {
-        anyhow::anyhow!(
-            "cannot open {database_url}: {e}. Check --database-url (FRIENDHOOK_DATABASE_URL): it must be the \
-             database `friendhook serve` uses"
-        )
-    })
+    Ok(Store::open_read_only(database_url).await?)
 }
 
 // ---------------------------------------------------------------------------------------------

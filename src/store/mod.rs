@@ -116,6 +116,18 @@ pub enum StoreError {
         /// One of its tables, to recognise it by.
         table: String,
     },
+    /// A read-only command could not open a database file that exists.
+    #[error(
+        "{database}: SQLite cannot open it ({cause}). Even a reader of a friendhook database (WAL mode) \
+         creates `<file>-shm` beside it: if its directory is read-only (a mounted backup, say), copy the \
+         file, with its `-wal` if there is one, to a writable directory and point --database-url there"
+    )]
+    CannotOpen {
+        /// The database URL as given.
+        database: String,
+        /// SQLite's message.
+        cause: String,
+    },
     /// `--database-url` is not an SQLite URL.
     #[error(
         "{database}: this release stores in SQLite only; give sqlite://<file>, e.g. sqlite://friendhook.db. \
@@ -448,6 +460,18 @@ fn sqlite_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
     Ok(options)
 }
 
+/// SQLite's "unable to open database file" (code 14) on a file that exists, for a read: most
+/// likely a read-only directory, where a WAL database cannot create the `-shm` file that even a
+/// reader needs. Said so, with what to do; any other error is returned as it is.
+fn explain_cannot_open(err: StoreError, database_url: &str) -> StoreError {
+    match &err {
+        StoreError::Sqlx(sqlx::Error::Database(db)) if db.code().as_deref() == Some("14") => {
+            StoreError::CannotOpen { database: database_url.to_string(), cause: db.message().to_string() }
+        }
+        _ => err,
+    }
+}
+
 /// Refuses an SQLite file that holds tables but not friendhook's, before the migrations add
 /// friendhook's beside them (and `friendhook demo` would later take the file for its own to
 /// delete).
@@ -694,10 +718,14 @@ impl Store {
             return Err(StoreError::NoDatabase { database: database_url.to_string() });
         }
         check_database_path(database_url, opts.get_filename())?;
-        let read = SqlitePoolOptions::new().max_connections(2).connect_with(opts).await?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(2)
+            .connect_with(opts)
+            .await
+            .map_err(|e| explain_cannot_open(e.into(), database_url))?;
         if let Err(e) = check_readable_schema(&read, database_url).await {
             read.close().await;
-            return Err(e);
+            return Err(explain_cannot_open(e, database_url));
         }
         let (jobs, _) = mpsc::channel(1);
         let (_, committed) = watch::channel(0);
