@@ -1,6 +1,6 @@
-//! `friendhook quarantine list` and `friendhook quarantine reverify`: inspect the requests that
-//! `--on-bad-signature quarantine` kept aside, and promote the ones that verify under the right
-//! secret into ordinary events.
+//! `friendhook quarantine list`, `reverify` and `purge`: inspect the requests that
+//! `--on-bad-signature quarantine` kept aside, promote the ones that verify under the right
+//! secret into ordinary events, and delete the ones that never will.
 //!
 //! Owns the operator's side of the quarantine: output formats, the summary, and the one rule that
 //! is specific to re-verifying later (see [`reverify_one`]). It does not decide what "verifies"
@@ -8,8 +8,8 @@
 //! a request is promoted exactly when it would have been stored had the secret been right on
 //! arrival. SQL is in [`crate::store::quarantine`].
 //!
-//! Both commands are safe while the service runs on the same database: `list` only reads, and
-//! `reverify` writes through its own writer, which (like the service's) takes SQLite's write lock
+//! All three are safe while the service runs on the same database: `list` only reads, and
+//! `reverify` and `purge` write through their own writer, which (like the service's) takes SQLite's write lock
 //! per transaction and re-reads the chain head when another process has committed.
 
 use std::time::Duration;
@@ -24,7 +24,7 @@ use crate::http::callbacks::{Refusal, verify_request};
 use crate::secret::Secret;
 use crate::signature::{Scheme, Verifier};
 use crate::store::quarantine::QuarantinedRequest;
-use crate::store::{NewCallback, PromotionResult, Store, StoreOptions, chain};
+use crate::store::{NewCallback, PromotionResult, PurgeFilter, Store, StoreOptions, chain};
 
 /// `friendhook quarantine ...`.
 #[derive(Debug, Args)]
@@ -46,6 +46,12 @@ pub enum QuarantineCommand {
     /// when nothing is left held, 3 when some requests stay held (with --dry-run: would stay), 1
     /// on an error.
     Reverify(ReverifyArgs),
+    /// Delete held requests that will never verify (junk posted by an unknown sender, requests
+    /// signed with a secret that is lost), which otherwise stay, count against
+    /// --quarantine-cap and keep `reverify` exiting 3. Only held requests: promoted ones stay,
+    /// as the record of where their event came from. Give --older-than or --id (or both); try
+    /// --dry-run first. Safe while the service runs on the same database.
+    Purge(PurgeArgs),
 }
 
 /// Options of `friendhook quarantine list`.
@@ -94,6 +100,31 @@ pub struct ReverifyArgs {
     pub dry_run: bool,
 }
 
+/// Options of `friendhook quarantine purge`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["older_than", "ids"])))]
+pub struct PurgeArgs {
+    /// The database holding the quarantine; it must exist. May be in use by a running service.
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    pub database_url: String,
+
+    /// Only requests that arrived longer ago than this (e.g. `30d`); `0s` for every held request.
+    #[arg(long, value_parser = crate::config::parse_duration)]
+    pub older_than: Option<Duration>,
+
+    /// Only this held request (its id in `quarantine list`); repeat for several.
+    #[arg(long = "id")]
+    pub ids: Vec<i64>,
+
+    /// Only requests held for this reason (the `reason` column of `quarantine list`).
+    #[arg(long, value_parser = ["signature_mismatch", "malformed_signature", "missing_header", "timestamp_out_of_tolerance"])]
+    pub reason: Option<String>,
+
+    /// Only report what would be deleted; delete nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
 /// Exit code of `reverify` when requests stay held: not an error (the run did what it could),
 /// but a script or a cron job must be able to tell it from "nothing left" (0) and from a failed
 /// run (1; 2 is clap's for a usage error).
@@ -104,7 +135,44 @@ pub async fn run(args: QuarantineArgs) -> anyhow::Result<u8> {
     match args.command {
         QuarantineCommand::List(args) => list(args).await.map(|()| 0),
         QuarantineCommand::Reverify(args) => reverify(args).await,
+        QuarantineCommand::Purge(args) => purge(args).await.map(|()| 0),
     }
+}
+
+async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
+    let now_ms = crate::clock::system().now_ms();
+    let older_than_ms = args.older_than.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let filter = PurgeFilter {
+        // `0s`: everything received up to now (received_at_ms < now + 1).
+        received_before_ms: older_than_ms.map(|ms| now_ms.saturating_sub(ms).saturating_add(1)),
+        ids: args.ids,
+        reason: args.reason,
+    };
+    // Read-only first: it refuses a database that does not exist, where `Store::open` would
+    // silently create an empty one.
+    let reader = open_existing(&args.database_url).await?;
+    let purged = if args.dry_run {
+        reader.preview_quarantine_purge(&filter).await?
+    } else {
+        let mut opts = StoreOptions::new(args.database_url.clone());
+        // As for reverify: the service's calls are its own business.
+        opts.recover_interrupted_calls = false;
+        let writer = Store::open(opts, crate::clock::system()).await?;
+        let purged = writer.purge_quarantine(filter).await;
+        writer.close().await;
+        purged?
+    };
+    let held = reader.count_quarantine_held().await?;
+    reader.close().await;
+    let verb = if args.dry_run { "would delete" } else { "deleted" };
+    println!(
+        "{verb} {} held request(s), {} bytes of bodies; {held} held now. Promoted requests are kept.",
+        purged.requests, purged.body_bytes
+    );
+    if !args.dry_run && purged.requests > 0 {
+        println!("SQLite reuses the freed space for new rows; the file itself keeps its size.");
+    }
+    Ok(())
 }
 
 /// Rows read per page: bodies are up to `--max-body-bytes` each, so the quarantine is never loaded

@@ -23,8 +23,8 @@ use tokio::sync::{mpsc, oneshot, watch};
 pub use journal::*;
 pub use reads::*;
 pub use writer::{
-    CallOutcome, CallbackAck, ChainHead, IntentResult, NewCallback, Promotion, PromotionResult, QuarantineEntry,
-    Rejection, WriterHealth, WriterLimits, pair_key,
+    CallOutcome, CallbackAck, ChainHead, IntentResult, NewCallback, Promotion, PromotionResult, PurgeFilter, Purged,
+    QuarantineEntry, Rejection, WriterHealth, WriterLimits, pair_key,
 };
 
 use crate::clock::SharedClock;

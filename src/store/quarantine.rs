@@ -13,7 +13,7 @@ use serde::Serialize;
 use sqlx::Row;
 use sqlx::sqlite::SqliteRow;
 
-use super::writer::{Job, NewCallback, Promotion, PromotionResult};
+use super::writer::{Job, NewCallback, Promotion, PromotionResult, PurgeFilter, Purged};
 use super::{Store, StoreError};
 
 /// One quarantined request, as stored.
@@ -109,6 +109,47 @@ impl Store {
 }
 
 const COUNT_HELD: &str = "SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL";
+
+/// The held rows a [`PurgeFilter`] picks (`?1` received before, `?2` a JSON array of ids, `?3`
+/// reason; NULL: any), for the two statements below.
+macro_rules! purge_where {
+    () => {
+        "promoted_at_ms IS NULL AND (?1 IS NULL OR received_at_ms < ?1)
+         AND (?2 IS NULL OR id IN (SELECT value FROM json_each(?2))) AND (?3 IS NULL OR reason = ?3)"
+    };
+}
+
+/// Deletes what a purge picks, one body size per row deleted (run by the writer).
+pub(super) const PURGE_HELD: &str =
+    concat!("DELETE FROM quarantine WHERE ", purge_where!(), " RETURNING length(raw_body)");
+
+/// What a purge would delete, without deleting it.
+const PURGE_PREVIEW: &str = concat!("SELECT length(raw_body) FROM quarantine WHERE ", purge_where!());
+
+/// `sql` (one of the two above) with `filter` bound.
+pub(super) fn purge_query<'q>(
+    sql: &'q str,
+    filter: &'q PurgeFilter,
+) -> sqlx::query::QueryScalar<'q, sqlx::Sqlite, i64, sqlx::sqlite::SqliteArguments<'q>> {
+    let ids = (!filter.ids.is_empty()).then(|| serde_json::json!(filter.ids).to_string());
+    sqlx::query_scalar(sql).bind(filter.received_before_ms).bind(ids).bind(filter.reason.as_deref())
+}
+
+impl Store {
+    /// Deletes the held (never promoted) requests `filter` picks: requests that will never verify
+    /// (junk from an unknown sender, a secret that is lost) would otherwise stay, count against
+    /// `--quarantine-cap`, and keep `reverify` reporting them. Promoted rows are kept: they record
+    /// where an event came from. Safe while the service runs (through this store's writer).
+    pub async fn purge_quarantine(&self, filter: PurgeFilter) -> Result<Purged, StoreError> {
+        self.submit(|tx| Job::Purge(filter, tx)).await
+    }
+
+    /// What [`Store::purge_quarantine`] would delete, read without deleting.
+    pub async fn preview_quarantine_purge(&self, filter: &PurgeFilter) -> Result<Purged, StoreError> {
+        let sizes = purge_query(PURGE_PREVIEW, filter).fetch_all(self.read_pool()).await?;
+        Ok(Purged { requests: sizes.len() as u64, body_bytes: sizes.iter().map(|n| *n as u64).sum() })
+    }
+}
 
 #[cfg(test)]
 mod tests {

@@ -150,6 +150,28 @@ pub(super) enum Job {
     Intent(NewCall, oneshot::Sender<Result<IntentResult, StoreError>>),
     Outcome(Box<CallOutcome>, oneshot::Sender<Result<CallRecord, StoreError>>),
     Probe(oneshot::Sender<Result<(), StoreError>>),
+    Purge(PurgeFilter, oneshot::Sender<Result<Purged, StoreError>>),
+}
+
+/// Which held quarantine rows `friendhook quarantine purge` deletes: held (never promoted) ones
+/// only, and of those the ones every given condition picks.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PurgeFilter {
+    /// Received before this time (epoch ms).
+    pub received_before_ms: Option<i64>,
+    /// These row ids only (empty: any).
+    pub ids: Vec<i64>,
+    /// Held for this reason only (`signature_mismatch`, ...).
+    pub reason: Option<String>,
+}
+
+/// What a purge deleted (or, counted without deleting, would).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Purged {
+    /// Rows.
+    pub requests: u64,
+    /// Bytes of their bodies.
+    pub body_bytes: u64,
 }
 
 impl Job {
@@ -163,6 +185,7 @@ impl Job {
             Job::Intent(_, tx) => drop(tx.send(Err(e()))),
             Job::Outcome(_, tx) => drop(tx.send(Err(e()))),
             Job::Probe(tx) => drop(tx.send(Err(e()))),
+            Job::Purge(_, tx) => drop(tx.send(Err(e()))),
         }
     }
 }
@@ -852,6 +875,15 @@ impl Writer {
                     .await?;
                     answers[i] = Answer::Unit;
                 }
+                Job::Purge(filter, _) => {
+                    let sizes: Vec<i64> = super::quarantine::purge_query(super::quarantine::PURGE_HELD, filter)
+                        .fetch_all(&mut *tx)
+                        .await?;
+                    answers[i] = Answer::Purged(Purged {
+                        requests: sizes.len() as u64,
+                        body_bytes: sizes.iter().map(|n| *n as u64).sum(),
+                    });
+                }
                 Job::Quarantine(q, _) => {
                     let held: i64 = sqlx::query_scalar("SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL")
                         .fetch_one(&mut *tx)
@@ -1040,6 +1072,7 @@ enum Answer {
     Promote(PromotionResult),
     Intent(Box<IntentResult>),
     Outcome(Box<CallRecord>),
+    Purged(Purged),
 }
 
 impl Answer {
@@ -1054,6 +1087,7 @@ impl Answer {
             (Job::Promote(_, tx), Answer::Promote(r)) => drop(tx.send(Ok(r))),
             (Job::Intent(_, tx), Answer::Intent(r)) => drop(tx.send(Ok(*r))),
             (Job::Outcome(_, tx), Answer::Outcome(r)) => drop(tx.send(Ok(*r))),
+            (Job::Purge(_, tx), Answer::Purged(r)) => drop(tx.send(Ok(r))),
             (job, _) => job.fail(&StoreError::Write("writer produced no answer for a job".into())),
         }
     }

@@ -378,3 +378,51 @@ async fn a_callback_promoted_after_its_call_was_declared_missing_reads_late() {
     assert_eq!(item["latency_ms"].as_i64(), Some(promoted_at - t), "measured to the promotion: {after}");
     app.stop().await;
 }
+
+/// Requests that will never verify (here: junk posted without the secret) fill the quarantine
+/// up to its cap, after which even a callback signed with a rotated secret is refused 401.
+/// `quarantine purge` deletes held requests by age, id or reason, with a dry run first, while the
+/// service runs; promoted requests stay.
+#[tokio::test]
+async fn purge_deletes_held_requests_that_will_never_verify_and_frees_the_cap() {
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine", "--quarantine-cap", "3"]).await;
+    let rotated = roster_body("3401", "alice", "bob", "add", 1_700_000_000_000, ROTATED);
+    assert_eq!(app.post_callback(rotated).await.status(), 200);
+    for i in 0..2 {
+        let junk = roster_body(&format!("340{}", i + 2), "mallory", "bob", "add", 1_700_000_000_000, "guess");
+        assert_eq!(app.post_callback(junk).await.status(), 200, "junk {i} fits in the quarantine");
+    }
+    let late = roster_body("3409", "carol", "dave", "add", 1_700_000_000_000, ROTATED);
+    assert_eq!(app.post_callback(late.clone()).await.status(), 401, "the cap is full");
+    reverify(&app.db_url, ROTATED, &[]).await;
+    let held: Vec<i64> = list_json(&app.db_url, false).await["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["id"].as_i64().unwrap())
+        .collect();
+    assert_eq!(held.len(), 2, "the junk stays held");
+
+    let out = friendhook(&["quarantine", "purge", "--database-url", &app.db_url]).await;
+    assert_eq!(out.code, 2, "neither --older-than nor --id: a usage error, nothing deleted: {}", out.stderr);
+    let first = held[0].to_string();
+    let out = friendhook(&["quarantine", "purge", "--database-url", &app.db_url, "--id", &first, "--dry-run"]).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(
+        out.stdout.contains("would delete 1 held request(s)") && out.stdout.contains("2 held now"),
+        "{}",
+        out.stdout
+    );
+    let args = ["quarantine", "purge", "--database-url", &app.db_url, "--older-than", "0s"];
+    let out = friendhook(&[&args[..], &["--reason", "missing_header"]].concat()).await;
+    assert!(out.stdout.contains("deleted 0 held request(s)"), "no such reason held: {}", out.stdout);
+    let out = friendhook(&args).await;
+    assert_eq!(out.code, 0, "{}", out.stderr);
+    assert!(out.stdout.contains("deleted 2 held request(s)") && out.stdout.contains("0 held now"), "{}", out.stdout);
+
+    let all = list_json(&app.db_url, true).await;
+    assert_eq!(all["items"].as_array().map(Vec::len), Some(1), "the promoted request is kept: {all}");
+    assert_eq!(all["items"][0]["promoted"], true);
+    assert_eq!(app.post_callback(late).await.status(), 200, "room in the quarantine again");
+    app.stop().await;
+}
