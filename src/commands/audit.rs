@@ -48,6 +48,9 @@ pub enum Verdict {
         /// Calls without an outcome, which the chain does not cover yet: how many, and the
         /// first [`IN_FLIGHT_SHOWN`] ids.
         in_flight: (i64, Vec<i64>),
+        /// Calls closed as `unknown` by a restart: how many, and the first [`IN_FLIGHT_SHOWN`]
+        /// ids.
+        closed_unknown: (i64, Vec<i64>),
     },
     /// The first problem found.
     Broken(String),
@@ -180,8 +183,20 @@ pub async fn verify_in_pages(store: &Store, published: Option<&PublishedHead>, p
             missing.join(", ")
         )));
     }
+    let (missing_entries, extra_entries) = store.user_index_mismatches().await?;
+    if missing_entries > 0 || extra_entries > 0 {
+        return Ok(Verdict::Broken(format!(
+            "the chain is intact, but the lookup by user (table callback_users, which answers `from`/`to` queries) \
+             disagrees with the events: {missing_entries} entries missing, {extra_entries} that no event has, so a \
+             query by user would hide or invent events. The events are as friendhook wrote them; the lookup is \
+             derived from them: with the service stopped, `DELETE FROM callback_users; UPDATE \
+             callback_users_progress SET upto_seq = 0` makes the service rebuild it, in the background, at its next \
+             start (queries stay complete meanwhile, only slower)"
+        )));
+    }
     let in_flight = store.calls_without_outcome(IN_FLIGHT_SHOWN).await?;
-    Ok(Verdict::Intact { records, head_seq, head_hash: prev, in_flight })
+    let closed_unknown = store.calls_closed_unknown(IN_FLIGHT_SHOWN).await?;
+    Ok(Verdict::Intact { records, head_seq, head_hash: prev, in_flight, closed_unknown })
 }
 
 /// What to do after a BROKEN verdict.
@@ -206,7 +221,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         }
     };
     match verdict {
-        Verdict::Intact { records, head_seq, head_hash, in_flight } => {
+        Verdict::Intact { records, head_seq, head_hash, in_flight, closed_unknown } => {
             match &expect_head {
                 Some(head) => println!(
                     "intact: {records} records, head seq {head_seq} hash {head_hash}; passes through the published \
@@ -216,6 +231,9 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
                 None => println!("intact: {records} records, head seq {head_seq} hash {head_hash}"),
             }
             if let Some(note) = in_flight_note(&in_flight) {
+                println!("{note}");
+            }
+            if let Some(note) = closed_unknown_note(&closed_unknown) {
                 println!("{note}");
             }
             Ok(0)
@@ -228,16 +246,32 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     }
 }
 
-/// The note on calls without an outcome, which the chain does not cover yet; `None` when there
-/// are none.
-pub fn in_flight_note((count, ids): &(i64, Vec<i64>)) -> Option<String> {
-    if *count == 0 {
+/// `ids`, the first of `count`, as a list for a note; `None` when there are none.
+fn shown_ids(count: i64, ids: &[i64]) -> Option<String> {
+    if count == 0 {
         return None;
     }
     let mut shown = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
-    if *count > ids.len() as i64 {
+    if count > ids.len() as i64 {
         shown.push_str(", ...");
     }
+    Some(shown)
+}
+
+/// The note on calls closed as `unknown` by a restart; `None` when there are none.
+pub fn closed_unknown_note((count, ids): &(i64, Vec<i64>)) -> Option<String> {
+    let shown = shown_ids(*count, ids)?;
+    Some(format!(
+        "note: {count} call(s) were closed as `unknown` by a restart (ids {shown}). The chain vouches for their \
+         closing, not for their request, which carried no link while in flight: a row inserted into the file by \
+         hand before a restart would look the same. Check them against your application's own records."
+    ))
+}
+
+/// The note on calls without an outcome, which the chain does not cover yet; `None` when there
+/// are none.
+pub fn in_flight_note((count, ids): &(i64, Vec<i64>)) -> Option<String> {
+    let shown = shown_ids(*count, ids)?;
     Some(format!(
         "note: {count} call(s) have no outcome yet (ids {shown}): in flight, or interrupted by a stop (the next \
          start closes them as `unknown`). Their intents join the chain with their outcome, so until then the chain \

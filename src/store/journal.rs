@@ -291,6 +291,20 @@ pub struct JournalPoint {
     pub last_call_id: i64,
 }
 
+/// See [`Store::user_index_mismatches`]: the entries the events up to the indexed seq make (as
+/// the writer's `INDEX_USERS` makes them), against the table, both ways, in one snapshot.
+const USER_INDEX_MISMATCHES: &str = "\
+WITH upto AS (SELECT coalesce((SELECT upto_seq FROM callback_users_progress), 0) AS seq),
+expected AS (
+  SELECT 0 AS role, seq >> 16 AS bucket, lower(from_user) AS user_id, seq FROM callbacks
+  WHERE seq IS NOT NULL AND seq <= (SELECT seq FROM upto) AND from_user IS NOT NULL
+  UNION ALL
+  SELECT 1, seq >> 16, lower(to_user), seq FROM callbacks
+  WHERE seq IS NOT NULL AND seq <= (SELECT seq FROM upto) AND to_user IS NOT NULL),
+indexed AS (SELECT role, bucket, user_id, seq FROM callback_users WHERE seq <= (SELECT seq FROM upto))
+SELECT (SELECT count(*) FROM (SELECT * FROM expected EXCEPT SELECT * FROM indexed)),
+       (SELECT count(*) FROM (SELECT * FROM indexed EXCEPT SELECT * FROM expected))";
+
 /// The current [`JournalPoint`], in one statement (one snapshot).
 const JOURNAL_POINT: &str = "\
 SELECT max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)),
@@ -466,6 +480,28 @@ impl Store {
             .fetch_all(self.read_pool())
             .await?;
         Ok((count, ids))
+    }
+
+    /// Calls closed as `unknown` (interrupted by a stop, closed by the next start), in id order:
+    /// the chain vouches for the closing, not for the intent, which carried no link while in
+    /// flight. How many, and the first `limit` ids.
+    pub async fn calls_closed_unknown(&self, limit: i64) -> Result<(i64, Vec<i64>), StoreError> {
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM calls WHERE outcome = 'unknown'")
+            .fetch_one(self.read_pool())
+            .await?;
+        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM calls WHERE outcome = 'unknown' ORDER BY id LIMIT ?1")
+            .bind(limit)
+            .fetch_all(self.read_pool())
+            .await?;
+        Ok((count, ids))
+    }
+
+    /// How far the lookup by user (`callback_users`, which answers `from`/`to` queries) is from
+    /// what the events say, over the events it claims to cover (`callback_users_progress`):
+    /// entries missing, and entries no event has. Not chained (it is derived from the events), so
+    /// `audit verify` compares it with them instead.
+    pub async fn user_index_mismatches(&self) -> Result<(i64, i64), StoreError> {
+        Ok(sqlx::query_as(USER_INDEX_MISMATCHES).fetch_one(self.read_pool()).await?)
     }
 
     /// The append-only triggers of the migrations that are missing from the database (dropped

@@ -354,11 +354,44 @@ async fn audit_verify_lists_calls_without_outcome_and_fails_without_its_guards()
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("note: 1 call(s) have no outcome yet (ids 2)"), "{out}");
+    // The next start closes it as `unknown` and chains it: still named, since nothing can tell
+    // it from a call a crash interrupted.
+    TestApp::spawn_on(&db, &[]).await.stop().await;
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("note: 1 call(s) were closed as `unknown` by a restart (ids 2)"), "{out}");
 
     sqlite(&db, "DROP TRIGGER calls_no_delete;");
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("append-only trigger(s) calls_no_delete were dropped"), "{out}");
+}
+
+/// The lookup by user is derived from the events, not chained: deleting its entries hid events
+/// from `from`/`to` queries while `audit verify` said intact. It is now compared with the events.
+#[tokio::test]
+async fn audit_verify_finds_a_lookup_by_user_that_disagrees_with_the_events() {
+    let app = TestApp::spawn(&[]).await;
+    app.store_adds_from_alice("8", 3).await;
+    let (db_path, db_url) = (app.db_path.clone(), app.db_url.clone());
+    let _dir = app.stop().await;
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
+
+    sqlite(
+        &db_path,
+        "DELETE FROM callback_users WHERE user_id = 'alice' AND seq = 2; \
+         INSERT INTO callback_users (role, bucket, user_id, seq) VALUES (0, 0, 'mallory', 1);",
+    );
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("disagrees with the events: 1 entries missing, 1 that no event has"), "{out}");
+
+    // The remedy it gives works: the service rebuilds the lookup at its next start.
+    sqlite(&db_path, "DELETE FROM callback_users; UPDATE callback_users_progress SET upto_seq = 0;");
+    TestApp::spawn_on(&db_path, &[]).await.stop().await;
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
 }
 
 #[tokio::test]
