@@ -7,7 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::{Args, ValueEnum};
 
-use crate::http::query::parse_range;
+use crate::http::query::parse_flag_range;
 use crate::store::{FeedRecord, Store};
 
 /// Output formats.
@@ -164,7 +164,7 @@ fn write_csv_row(w: &mut csv::Writer<Vec<u8>>, r: &FeedRecord, numbers: &mut Csv
 /// Runs the command.
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let (since, until) =
-        parse_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        parse_flag_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open_read_only(&args.database_url).await?;
     let started = Instant::now();
     let mut out: Box<dyn Write> = match &args.output {

@@ -8,7 +8,7 @@ use clap::Args;
 use super::{fmt_time, one_line};
 use crate::clock::{self, Clock};
 use crate::config::parse_duration;
-use crate::http::query::parse_range;
+use crate::http::query::parse_flag_range;
 use crate::reconcile::MatchParams;
 use crate::report::{self, ReportQuery};
 use crate::store::Store;
@@ -80,8 +80,8 @@ impl Source {
         match self {
             Source::Service(base) => fetch_all_pages(base, args, status, as_of).await,
             Source::Database(store, computed) => {
-                let (since_ms, until_ms) =
-                    parse_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+                let (since_ms, until_ms) = parse_flag_range(args.since.as_deref(), args.until.as_deref())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
                 let query = ReportQuery {
                     since_ms,
                     until_ms,

@@ -37,14 +37,27 @@ pub fn parse_opt_time(name: &'static str, value: Option<&str>) -> Result<Option<
 /// `since` and `until`, each optional; refused when `since` is after `until` (a range nothing
 /// can fall in is a mistake, most likely the two swapped, not a question with an empty answer).
 pub fn parse_range(since: Option<&str>, until: Option<&str>) -> Result<(Option<i64>, Option<i64>), ApiError> {
-    let (since_ms, until_ms) = (parse_opt_time("since", since)?, parse_opt_time("until", until)?);
+    parse_range_named(("since", "until"), since, until)
+}
+
+/// [`parse_range`] for the command line, whose errors name the flags (`--since`).
+pub fn parse_flag_range(since: Option<&str>, until: Option<&str>) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    parse_range_named(("--since", "--until"), since, until)
+}
+
+fn parse_range_named(
+    (since_name, until_name): (&'static str, &'static str),
+    since: Option<&str>,
+    until: Option<&str>,
+) -> Result<(Option<i64>, Option<i64>), ApiError> {
+    let (since_ms, until_ms) = (parse_opt_time(since_name, since)?, parse_opt_time(until_name, until)?);
     if let (Some(s), Some(u)) = (since_ms, until_ms)
         && s > u
     {
         return Err(ApiError::bad_request(
             "invalid_query",
             format!(
-                "`since` ({}) is after `until` ({}): nothing can be in that range; swap them?",
+                "`{since_name}` ({}) is after `{until_name}` ({}): nothing can be in that range; swap them?",
                 since.unwrap_or_default(),
                 until.unwrap_or_default()
             ),

@@ -255,6 +255,13 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "a usage error, as clap's others: {stderr}");
     assert!(stderr.contains("invalid value 'mising' for '--status") && stderr.contains("'missing'"), "{stderr}");
+    // A time it cannot read names the flag, as the command line has it.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--database-url", &db, "--since", "yesterday"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("`--since` must be epoch milliseconds or RFC 3339"), "{stderr}");
 }
 
 #[tokio::test]
