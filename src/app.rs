@@ -160,6 +160,8 @@ pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>
             )
         })
         .with_state(state.clone())
+        // Inside the token check: a body is read for a caller already let in.
+        .layer(axum::middleware::from_fn_with_state(limits.request_timeout, read_trigger_body_first))
         .layer(axum::middleware::from_fn_with_state(Arc::new(api_tokens), require_api_token))
         .layer(CatchPanicLayer::custom(|_| {
             error_response(StatusCode::INTERNAL_SERVER_ERROR, "internal", "internal error; see the service log")
@@ -276,20 +278,7 @@ async fn request_deadline(
     let path = request.uri().path();
     let is_callback = path == CALLBACK_PATH;
     let is_feed = path == "/v1/feed";
-    let waits_on_easemob = path.starts_with("/v1/friends") || path.starts_with("/v1/easemob/");
-    // Their body is read first, under the ordinary deadline: `--trigger-timeout` (minutes) is
-    // for the wait on Easemob, not for a sender trickling a body, who would hold a slot of
-    // --max-in-flight as long. A declared size over the limit is answered before anything is
-    // read (so `Expect: 100-continue` is never told to go on).
-    let request = if waits_on_easemob {
-        match read_body_first(request, limits.request_timeout).await {
-            Ok(request) => request,
-            Err(refused) => return refused,
-        }
-    } else {
-        request
-    };
-    let limit = if waits_on_easemob {
+    let limit = if waits_on_easemob(path) {
         limits.trigger_timeout
     } else if is_feed {
         limits.request_timeout + crate::http::journal::MAX_WAIT
@@ -325,6 +314,26 @@ async fn request_deadline(
                 ),
             )
         }
+    }
+}
+
+/// The endpoints that wait on Easemob, under `--trigger-timeout` rather than `--request-timeout`.
+fn waits_on_easemob(path: &str) -> bool {
+    path.starts_with("/v1/friends") || path.starts_with("/v1/easemob/")
+}
+
+/// Reads the body of an endpoint that waits on Easemob before its handler runs, under the
+/// ordinary `--request-timeout`: `--trigger-timeout` (minutes) is for the wait on Easemob, not
+/// for a sender trickling a body, who would hold a slot of --max-in-flight as long. A declared
+/// size over the limit is answered before anything is read (so `Expect: 100-continue` is never
+/// told to go on).
+async fn read_trigger_body_first(State(limit): State<Duration>, request: Request, next: Next) -> Response {
+    if !waits_on_easemob(request.uri().path()) {
+        return next.run(request).await;
+    }
+    match read_body_first(request, limit).await {
+        Ok(request) => next.run(request).await,
+        Err(refused) => refused,
     }
 }
 

@@ -540,6 +540,14 @@ async fn a_trigger_body_is_read_under_the_request_timeout_not_the_trigger_timeou
     let (_, calls) = app.get_json("/v1/calls").await;
     assert_eq!(calls["items"].as_array().map(Vec::len), Some(0), "{calls}");
     app.stop().await;
+
+    // With an API token, a caller without it is refused before its body is read at all.
+    let guarded =
+        TestApp::spawn(&["--request-timeout", "1s", "--sqlite-busy-timeout", "500ms", "--api-token", "t0k"]).await;
+    let head = "POST /v1/friends HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n";
+    let (status, head, _) = raw_exchange(guarded.addr, head.as_bytes().to_vec(), b"{\"owner\":".to_vec()).await;
+    assert_eq!(status, 401, "not a 408 after waiting for the body: {head}");
+    guarded.stop().await;
 }
 
 #[tokio::test]
