@@ -96,10 +96,10 @@ pub enum StoreError {
         /// The database URL as given.
         database: String,
     },
-    /// `serve` was given a URL that opens the database read-only.
+    /// A command that writes was given a URL that opens the database read-only.
     #[error(
-        "{database} opens the database read-only (mode=ro), and the service writes every callback; drop \
-         `mode=ro` (the read-only commands open a service's database without it). Nothing was changed"
+        "{database} opens the database read-only (`mode=ro` or `immutable`), and this command writes to it; drop \
+         that parameter (the read-only commands open a service's database without it). Nothing was changed"
     )]
     ReadOnlyUrl {
         /// The database URL as given.
@@ -107,7 +107,7 @@ pub enum StoreError {
     },
     /// The service was pointed at an SQLite database of something else.
     #[error(
-        "{database} is an SQLite database of something else (it has a table `{table}` and none of friendhook's); \
+        "{database} is an SQLite database of something else (it has a table `{table}`, but not friendhook's schema); \
          give friendhook a file of its own, e.g. sqlite://friendhook.db. Nothing was changed"
     )]
     Foreign {
@@ -472,19 +472,38 @@ fn explain_cannot_open(err: StoreError, database_url: &str) -> StoreError {
     }
 }
 
-/// Refuses an SQLite file that holds tables but not friendhook's, before the migrations add
-/// friendhook's beside them (and `friendhook demo` would later take the file for its own to
-/// delete).
-async fn refuse_foreign(conn: &mut SqliteConnection, database_url: &str) -> Result<(), StoreError> {
-    let (table, ours): (Option<String>, i64) = sqlx::query_as(
+/// Whether the URL's query opens the database read-only (`mode=ro`, `immutable=1`).
+fn opens_read_only(database_url: &str) -> bool {
+    let Some((_, query)) = database_url.split_once('?') else { return false };
+    query.split('&').any(|param| match param.split_once('=') {
+        Some(("mode", mode)) => mode.eq_ignore_ascii_case("ro"),
+        Some(("immutable", on)) => ["1", "true", "yes", "on"].iter().any(|v| on.eq_ignore_ascii_case(v)),
+        _ => false,
+    })
+}
+
+/// Refuses an SQLite file that holds tables but not friendhook's, before anything is written to
+/// it: the migrations would add friendhook's tables beside them (and `friendhook demo` would later
+/// take the file for its own to delete), and even opening it for writing turns it to WAL and puts
+/// a lock file beside it. Looked at through a read-only connection, and only when the file has
+/// something in it. Friendhook's own files have `_sqlx_migrations` and `callbacks`; a file with
+/// only `_sqlx_migrations` is one whose first migration was interrupted.
+async fn refuse_foreign(options: &SqliteConnectOptions, database_url: &str) -> Result<(), StoreError> {
+    let path = options.get_filename();
+    if std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true) {
+        return Ok(());
+    }
+    let mut conn = options.clone().read_only(true).create_if_missing(false).connect().await?;
+    let found: Result<(Option<String>, i64), sqlx::Error> = sqlx::query_as(
         "SELECT (SELECT min(name) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
                    AND name <> '_sqlx_migrations'),
-                (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name = 'callbacks')",
+                (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('callbacks', '_sqlx_migrations'))",
     )
-    .fetch_one(conn)
-    .await?;
-    match table {
-        Some(table) if ours == 0 => Err(StoreError::Foreign { database: database_url.to_string(), table }),
+    .fetch_one(&mut conn)
+    .await;
+    let _ = conn.close().await;
+    match found? {
+        (Some(table), ours) if ours < 2 => Err(StoreError::Foreign { database: database_url.to_string(), table }),
         _ => Ok(()),
     }
 }
@@ -648,13 +667,13 @@ impl Store {
             .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
         check_database_path(&opts.database_url, write_options.get_filename())?;
-        if opts.database_url.contains("mode=ro") {
+        if opens_read_only(&opts.database_url) {
             return Err(StoreError::ReadOnlyUrl { database: opts.database_url.clone() });
         }
+        refuse_foreign(&sqlite_options(&opts.database_url)?, &opts.database_url).await?;
         let instance_lock =
             if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
         let mut conn = write_options.connect().await?;
-        refuse_foreign(&mut conn, &opts.database_url).await?;
         refuse_newer_schema(&mut conn, &opts.database_url).await?;
         MIGRATOR.run(&mut conn).await?;
         let read = SqlitePoolOptions::new()

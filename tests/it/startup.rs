@@ -59,20 +59,27 @@ async fn a_database_url_the_service_cannot_keep_callbacks_in_is_refused() {
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let read_only = format!("sqlite://{}?mode=ro", dir.path().join("ro.db").display());
-    assert!(refused(read_only).await.contains("opens the database read-only (mode=ro)"));
-
     let other = dir.path().join("other.db");
     let url = format!("sqlite://{}", other.display());
     let options = sqlx::sqlite::SqliteConnectOptions::from_str(&url).unwrap().create_if_missing(true);
     let mut conn = sqlx::ConnectOptions::connect(&options).await.unwrap();
     sqlx::query("CREATE TABLE foo (x)").execute(&mut conn).await.unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    let before = std::fs::read(&other).unwrap();
     let err = refused(url.clone()).await;
     assert!(err.contains("an SQLite database of something else (it has a table `foo`"), "{err}");
-    let tables: Vec<String> =
-        sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'table'").fetch_all(&mut conn).await.unwrap();
-    assert_eq!(tables, ["foo"], "nothing was added to it");
-    sqlx::Connection::close(conn).await.unwrap();
+    assert_eq!(std::fs::read(&other).unwrap(), before, "not a byte of it changed (not even to WAL)");
+    let beside: Vec<_> = std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(beside, ["other.db"], "and nothing was created beside it");
+
+    for read_only in ["?mode=ro", "?immutable=1", "?cache=shared&mode=ro"] {
+        let err = refused(format!("{url}{read_only}")).await;
+        assert!(err.contains("opens the database read-only (`mode=ro` or `immutable`)"), "{read_only}: {err}");
+    }
+    // Only the URL's parameters count: a directory that happens to be called so is a directory.
+    let odd = dir.path().join("mode=robust");
+    std::fs::create_dir(&odd).unwrap();
+    TestApp::spawn_on(&odd.join("x.db"), &[]).await.stop().await;
 }
 
 #[tokio::test]
