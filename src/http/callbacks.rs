@@ -224,7 +224,9 @@ async fn committed_by<T>(
     write: impl std::future::Future<Output = T>,
 ) -> Result<T, ApiError> {
     tokio::time::timeout_at(deadline.at, write).await.map_err(|_| {
-        if deadline.body_wait >= state.settings.commit_timeout / 2 {
+        // The body's fault only when it left too little time for any commit: with more left, a
+        // commit that did not finish is the database's (a lock held elsewhere, say).
+        if deadline.body_wait >= state.settings.commit_timeout.mul_f64(0.9) {
             let body_wait = humantime::format_duration(Duration::from_millis(deadline.body_wait.as_millis() as u64));
             tracing::warn!(%body_wait, "a callback's body was so slow to arrive that its commit could not finish \
                 before the request deadline: answered 503 (it may still commit; a retry is then a duplicate)");

@@ -17,8 +17,10 @@ pub fn parse_time(name: &'static str, value: &str) -> Result<i64, ApiError> {
             .map(|d| d.as_millis() as i64)
     };
     with_offset().or_else(as_utc).ok_or_else(|| {
-        // `+08:00` unescaped in a query string arrives as ` 08:00`.
-        let hint = if value.contains(' ') { "; a `+` in a URL reads as a space: write it as %2B" } else { "" };
+        // `+08:00` unescaped in a query string arrives as ` 08:00` (a flag, `--since`, has no URL).
+        let in_url = !name.starts_with("--");
+        let hint =
+            if in_url && value.contains(' ') { "; a `+` in a URL reads as a space: write it as %2B" } else { "" };
         ApiError::bad_request(
             "invalid_query",
             format!(
@@ -116,6 +118,8 @@ mod tests {
         let unescaped = parse_time("since", "2023-11-15T06:13:20 08:00").expect_err("a + read as a space");
         assert!(unescaped.to_string().contains("write it as %2B"), "{unescaped}");
         assert!(!parse_time("since", "soon").expect_err("no space").to_string().contains("%2B"));
+        let flag = parse_time("--since", "2023-11-15T06:13:20 08:00").expect_err("a flag");
+        assert!(!flag.to_string().contains("%2B"), "a flag is not in a URL: {flag}");
         assert_eq!(parse_range(Some("1"), Some("2")).ok(), Some((Some(1), Some(2))));
         assert_eq!(parse_range(Some("2"), Some("2")).ok(), Some((Some(2), Some(2))));
         assert_eq!(parse_range(None, Some("2")).ok(), Some((None, Some(2))));

@@ -556,9 +556,10 @@ impl Gate {
 /// past the deadline for its record to commit (it used to, into a 408).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_slow_body_is_named_as_the_cause_and_a_401_does_not_wait_for_a_locked_database() {
-    // Commit deadline 2.7 s; a row queued behind a batch that waits on the lock waits for two
-    // busy timeouts (4 s), so nothing below commits in time, whatever the timing.
-    let app = TestApp::spawn(&["--sqlite-busy-timeout", "2s", "--request-timeout", "3s"]).await;
+    // The default deadlines: commit 9 s, request 10 s. A row queued behind a batch that waits on
+    // the lock waits for two busy timeouts (10 s), so nothing below commits in time, whatever the
+    // timing; the slow body is blamed when it leaves less than a tenth of the commit deadline.
+    let app = TestApp::spawn(&["--sqlite-busy-timeout", "5s", "--request-timeout", "10s"]).await;
     let lock = WriteLock::take(&app.db_path).await;
     let post = |body: String| {
         let client = app.client.clone();
@@ -572,7 +573,8 @@ async fn a_slow_body_is_named_as_the_cause_and_a_401_does_not_wait_for_a_locked_
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     let bad = tokio::spawn(post(roster_body("320002", "alice", "carol", "add", 1_700_000_000_001, "not-the-secret")));
 
-    // The slow one: all but its last byte, then the rest after more than half the deadline.
+    // The slow one: all but its last byte, then the rest at 8.5 s (blamed from 8.1 s; the
+    // request deadline, 10 s, leaves 1.5 s of slack).
     let body = roster_body("320003", "alice", "dave", "add", 1_700_000_000_002, SECRET);
     let addr = app.base.trim_start_matches("http://").to_owned();
     let mut stream = tokio::net::TcpStream::connect(&addr).await.unwrap();
@@ -583,7 +585,7 @@ async fn a_slow_body_is_named_as_the_cause_and_a_401_does_not_wait_for_a_locked_
     );
     stream.write_all(head.as_bytes()).await.unwrap();
     stream.write_all(&body.as_bytes()[..body.len() - 1]).await.unwrap();
-    tokio::time::sleep(std::time::Duration::from_millis(1600)).await;
+    tokio::time::sleep(std::time::Duration::from_millis(8500)).await;
     stream.write_all(&body.as_bytes()[body.len() - 1..]).await.unwrap();
     let mut answer = String::new();
     tokio::io::AsyncReadExt::read_to_string(&mut stream, &mut answer).await.unwrap();
@@ -591,7 +593,7 @@ async fn a_slow_body_is_named_as_the_cause_and_a_401_does_not_wait_for_a_locked_
     assert!(answer.to_ascii_lowercase().contains("\r\nretry-after: 1\r\n"), "{answer}");
     let json: Value = serde_json::from_str(answer.split("\r\n\r\n").nth(1).unwrap()).unwrap();
     assert_eq!(json["code"], "slow_request_body", "{json}");
-    assert!(json["detail"].as_str().unwrap().contains("the request body took 1s"), "{json}");
+    assert!(json["detail"].as_str().unwrap().contains("the request body took 8s"), "{json}");
 
     let (status, err) = bad.await.unwrap();
     assert_eq!((status, err["code"].as_str()), (401, Some("unauthorized")), "{err}");
