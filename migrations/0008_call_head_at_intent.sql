@@ -7,8 +7,9 @@
 -- the journal's genuine chain link. With the head seq at the moment the call's intent was written,
 -- such a point is refused: a snapshot that saw the call saw every record up to that seq.
 --
--- Cost: none on an existing database (a column added with no default rewrites no row; calls
--- recorded before this version have none, and their points are checked as before).
+-- Cost: on an existing database, reading the quarantine once for the index below; the columns
+-- are added with no default, which rewrites no row (calls recorded before this version have none,
+-- and their points are checked as before).
 ALTER TABLE calls ADD COLUMN head_seq_at_intent INTEGER;
 
 DROP TRIGGER calls_immutable;
@@ -16,8 +17,13 @@ CREATE TRIGGER calls_immutable BEFORE UPDATE OF
     op, owner, friend, pair_key, idempotency_key, requested_at_ms, head_seq_at_intent ON calls
 BEGIN SELECT RAISE(ABORT, 'calls are append-only'); END;
 
--- And when each event promoted from quarantine was promoted: reconciliation measures lateness
--- and latency to it (the event could not be matched while it was held). The quarantine's rows
--- hold whole bodies, so a scan would read them all; this index holds the two numbers, for the
--- few promoted rows only.
-CREATE INDEX quarantine_promoted ON quarantine (promoted_seq, promoted_at_ms) WHERE promoted_seq IS NOT NULL;
+-- And which promotions from quarantine stored their event (rather than adding one more delivery to
+-- an event stored already): reconciliation measures lateness and latency to such a promotion (the
+-- event could not be matched while it was held). Rows promoted before this version have NULL
+-- and are measured as before, by arrival.
+ALTER TABLE quarantine ADD COLUMN promoted_as_new INTEGER;
+
+-- The quarantine's rows hold whole bodies, so a scan would read them all; this index holds the
+-- two numbers, for the promotions that stored their event only. Building it reads the quarantine
+-- once (on a new column nothing has set yet, so it starts empty).
+CREATE INDEX quarantine_promoted ON quarantine (promoted_seq, promoted_at_ms) WHERE promoted_as_new = 1;

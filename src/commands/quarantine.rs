@@ -117,7 +117,7 @@ pub struct PurgeArgs {
     pub ids: Vec<i64>,
 
     /// Only requests held for this reason (the `reason` column of `quarantine list`).
-    #[arg(long, value_parser = ["signature_mismatch", "malformed_signature", "missing_header", "timestamp_out_of_tolerance"])]
+    #[arg(long, value_parser = crate::signature::VerifyError::REASONS)]
     pub reason: Option<String>,
 
     /// Only report what would be deleted; delete nothing.
@@ -150,7 +150,7 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     };
     // Read-only first: it refuses a database that does not exist, where `Store::open` would
     // silently create an empty one.
-    let reader = open_existing(&args.database_url).await?;
+    let reader = Store::open_read_only(&args.database_url).await?;
     let purged = if args.dry_run {
         reader.preview_quarantine_purge(&filter).await?
     } else {
@@ -178,12 +178,6 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
 /// Rows read per page: bodies are up to `--max-body-bytes` each, so the quarantine is never loaded
 /// whole.
 const PAGE: i64 = 200;
-
-/// The store's errors name the database and say what to do (no such file, another schema, a
-/// read-only directory), so they are passed on as they are.
-async fn open_existing(database_url: &str) -> anyhow::Result<Store> {
-    Ok(Store::open_read_only(database_url).await?)
-}
 
 // ---------------------------------------------------------------------------------------------
 // list
@@ -240,7 +234,7 @@ impl ListItem {
 }
 
 async fn list(args: ListArgs) -> anyhow::Result<()> {
-    let store = open_existing(&args.database_url).await?;
+    let store = Store::open_read_only(&args.database_url).await?;
     let mut items = Vec::new();
     let mut after = 0;
     loop {
@@ -435,7 +429,7 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
             .map_err(|e| anyhow::anyhow!("--callback-secret: {e}"))?;
     // Read-only first: it refuses a database that does not exist, where `Store::open` would
     // silently create an empty one and report nothing to do.
-    let reader = open_existing(&args.database_url).await?;
+    let reader = Store::open_read_only(&args.database_url).await?;
     let writer = if args.dry_run {
         None
     } else {

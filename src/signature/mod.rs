@@ -49,6 +49,10 @@ pub enum VerifyError {
 }
 
 impl VerifyError {
+    /// Every [`VerifyError::reason`], as `quarantine purge --reason` takes them.
+    pub const REASONS: [&'static str; 4] =
+        ["missing_header", "malformed_signature", "timestamp_out_of_tolerance", "signature_mismatch"];
+
     /// A short, stable reason code for the rejection log.
     pub fn reason(&self) -> &'static str {
         match self {
@@ -165,6 +169,18 @@ mod tests {
             let err = Verifier::new(scheme, vec![], 300).expect_err("no secret");
             assert!(err.0.contains("at least one secret"), "{}", err.0);
         }
+    }
+
+    #[test]
+    fn every_reason_is_listed_for_purge() {
+        let all = [
+            VerifyError::MissingHeader("webhook-id"),
+            VerifyError::Malformed("x"),
+            VerifyError::TimestampOutOfTolerance,
+            VerifyError::Mismatch,
+        ];
+        let reasons: Vec<&str> = all.iter().map(VerifyError::reason).collect();
+        assert_eq!(reasons, VerifyError::REASONS);
     }
 
     #[test]

@@ -473,23 +473,26 @@ impl Store {
     /// `unknown` by the next start), in id order: their intents carry no chain link until the
     /// outcome is recorded. How many, and the first `limit` ids.
     pub async fn calls_without_outcome(&self, limit: i64) -> Result<(i64, Vec<i64>), StoreError> {
-        let count: i64 =
-            sqlx::query_scalar("SELECT count(*) FROM calls WHERE outcome IS NULL").fetch_one(self.read_pool()).await?;
-        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM calls WHERE outcome IS NULL ORDER BY id LIMIT ?1")
-            .bind(limit)
-            .fetch_all(self.read_pool())
-            .await?;
-        Ok((count, ids))
+        self.calls_counted_and_listed("outcome IS NULL", limit).await
     }
 
     /// Calls closed as `unknown` (interrupted by a stop, closed by the next start), in id order:
     /// the chain vouches for the closing, not for the intent, which carried no link while in
     /// flight. How many, and the first `limit` ids.
     pub async fn calls_closed_unknown(&self, limit: i64) -> Result<(i64, Vec<i64>), StoreError> {
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM calls WHERE outcome = 'unknown'")
+        self.calls_counted_and_listed("outcome = 'unknown'", limit).await
+    }
+
+    /// How many calls match `condition` (a constant SQL condition), and the first `limit` ids.
+    async fn calls_counted_and_listed(
+        &self,
+        condition: &'static str,
+        limit: i64,
+    ) -> Result<(i64, Vec<i64>), StoreError> {
+        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM calls WHERE {condition}"))
             .fetch_one(self.read_pool())
             .await?;
-        let ids: Vec<i64> = sqlx::query_scalar("SELECT id FROM calls WHERE outcome = 'unknown' ORDER BY id LIMIT ?1")
+        let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM calls WHERE {condition} ORDER BY id LIMIT ?1"))
             .bind(limit)
             .fetch_all(self.read_pool())
             .await?;
@@ -591,12 +594,14 @@ impl Store {
         .await
     }
 
-    /// When each event promoted from quarantine by seq `upto` was promoted, by seq: few, read
-    /// through the partial index of migration 0008 (the quarantine's rows hold whole bodies).
+    /// When each event that a promotion from quarantine stored (by seq `upto`) was promoted, by
+    /// seq: few, read through the partial index of migration 0008 (the quarantine's rows hold
+    /// whole bodies). A promotion that only added a delivery to an event stored already is not
+    /// one: that event was there to match from its own arrival.
     async fn promotions_upto(&self, upto: i64) -> Result<HashMap<i64, i64>, StoreError> {
         let rows: Vec<(i64, i64)> = sqlx::query_as(
             "SELECT promoted_seq, promoted_at_ms FROM quarantine INDEXED BY quarantine_promoted
-             WHERE promoted_seq IS NOT NULL AND promoted_seq <= ?1",
+             WHERE promoted_as_new = 1 AND promoted_seq <= ?1",
         )
         .bind(upto)
         .fetch_all(self.read_pool())

@@ -108,7 +108,7 @@ impl Store {
     }
 }
 
-const COUNT_HELD: &str = "SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL";
+pub(super) const COUNT_HELD: &str = "SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL";
 
 /// The held rows a [`PurgeFilter`] picks (`?1` received before, `?2` a JSON array of ids, `?3`
 /// reason; NULL: any), for the two statements below.
@@ -147,7 +147,7 @@ impl Store {
     /// What [`Store::purge_quarantine`] would delete, read without deleting.
     pub async fn preview_quarantine_purge(&self, filter: &PurgeFilter) -> Result<Purged, StoreError> {
         let sizes = purge_query(PURGE_PREVIEW, filter).fetch_all(self.read_pool()).await?;
-        Ok(Purged { requests: sizes.len() as u64, body_bytes: sizes.iter().map(|n| *n as u64).sum() })
+        Ok(Purged::from_sizes(&sizes))
     }
 }
 

@@ -174,6 +174,13 @@ pub struct Purged {
     pub body_bytes: u64,
 }
 
+impl Purged {
+    /// From the body size of each row.
+    pub(super) fn from_sizes(sizes: &[i64]) -> Purged {
+        Purged { requests: sizes.len() as u64, body_bytes: sizes.iter().map(|n| n.unsigned_abs()).sum() }
+    }
+}
+
 impl Job {
     fn fail(self, err: &StoreError) {
         let e = || err.clone_for_ack();
@@ -469,13 +476,16 @@ SELECT value->>0, value->>1, value->>2, value->>3, value->>4 FROM json_each(?1)"
 const PRUNE_REJECTIONS: &str = "\
 DELETE FROM rejected_deliveries WHERE id <= (SELECT max(id) FROM rejected_deliveries) - ?1";
 
+/// Claims held rows by id and body digest (`?1`: `[[id, sha256], ...]`): a row purged and its id
+/// taken by a later request (rowids are reused) is not the one that was verified.
 const CLAIM_QUARANTINE: &str = "\
 UPDATE quarantine SET promoted_at_ms = ?2
-WHERE id IN (SELECT value FROM json_each(?1)) AND promoted_at_ms IS NULL
+WHERE promoted_at_ms IS NULL
+  AND EXISTS (SELECT 1 FROM json_each(?1) AS j WHERE j.value->>0 = quarantine.id AND j.value->>1 = quarantine.body_sha256)
 RETURNING id";
 
 const MARK_QUARANTINE_PROMOTED: &str = "\
-UPDATE quarantine SET promoted_seq = j.value->>1
+UPDATE quarantine SET promoted_seq = j.value->>1, promoted_as_new = j.value->>2
 FROM json_each(?1) AS j WHERE quarantine.id = j.value->>0";
 
 /// The chained fields of a callback about to be stored as `seq`.
@@ -771,10 +781,10 @@ impl Writer {
         // Promotions first claim their quarantine row, so that a row another process promoted in
         // the meantime (two `quarantine reverify` runs at once) is skipped instead of counting its
         // event's delivery twice. A claimed promotion is then stored exactly like a callback.
-        let promote_ids: Vec<i64> = batch
+        let promote_ids: Vec<Value> = batch
             .iter()
             .filter_map(|j| match j {
-                Job::Promote(p, _) => Some(p.quarantine_id),
+                Job::Promote(p, _) => Some(json!([p.quarantine_id, p.callback.body_sha256])),
                 _ => None,
             })
             .collect();
@@ -782,7 +792,7 @@ impl Writer {
             std::collections::HashSet::new()
         } else {
             sqlx::query_scalar(CLAIM_QUARANTINE)
-                .bind(json!(promote_ids).to_string())
+                .bind(Value::Array(promote_ids).to_string())
                 .bind(now)
                 .fetch_all(&mut *tx)
                 .await?
@@ -832,7 +842,9 @@ impl Writer {
             let Job::Promote(p, _) = job else { continue };
             answers[i] = match &answers[i] {
                 Answer::Callback(ack) => {
-                    marks.push(json!([p.quarantine_id, ack.seq]));
+                    // Whether this promotion stored the event, or added a delivery to one stored
+                    // already (reconciliation measures lateness to the first kind only).
+                    marks.push(json!([p.quarantine_id, ack.seq, i64::from(!ack.duplicate)]));
                     Answer::Promote(PromotionResult::Promoted(*ack))
                 }
                 _ => Answer::Promote(PromotionResult::AlreadyPromoted),
@@ -879,15 +891,10 @@ impl Writer {
                     let sizes: Vec<i64> = super::quarantine::purge_query(super::quarantine::PURGE_HELD, filter)
                         .fetch_all(&mut *tx)
                         .await?;
-                    answers[i] = Answer::Purged(Purged {
-                        requests: sizes.len() as u64,
-                        body_bytes: sizes.iter().map(|n| *n as u64).sum(),
-                    });
+                    answers[i] = Answer::Purged(Purged::from_sizes(&sizes));
                 }
                 Job::Quarantine(q, _) => {
-                    let held: i64 = sqlx::query_scalar("SELECT count(*) FROM quarantine WHERE promoted_at_ms IS NULL")
-                        .fetch_one(&mut *tx)
-                        .await?;
+                    let held: i64 = sqlx::query_scalar(super::quarantine::COUNT_HELD).fetch_one(&mut *tx).await?;
                     if held >= self.limits.quarantine_cap {
                         answers[i] = Answer::Quarantine(None);
                     } else {

@@ -426,3 +426,36 @@ async fn purge_deletes_held_requests_that_will_never_verify_and_frees_the_cap() 
     assert_eq!(app.post_callback(late).await.status(), 200, "room in the quarantine again");
     app.stop().await;
 }
+
+/// A promotion that only adds a delivery to an event stored already changes nothing about when
+/// that event could be matched: its call stays on time, with the same latency, and a report
+/// given `as_of` before the promotion is the same report after it.
+#[tokio::test]
+async fn promoting_another_delivery_of_a_stored_event_leaves_its_reconciliation_alone() {
+    let app =
+        TestApp::spawn(&["--on-bad-signature", "quarantine", "--match-window", "0s", "--sandbox-drop-rate", "1"]).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
+    let t = call["requested_at"].as_i64().unwrap();
+    assert_eq!(app.post_callback(roster_body("3501", "alice", "bob", "add", t, SECRET)).await.status(), 200);
+    let (_, before) = app.get_json("/v1/reconciliation").await;
+    let item = before["items"][0].clone();
+    assert_eq!((item["status"].as_str(), item["matched"]["promoted_at"].is_null()), (Some("matched"), true));
+    let as_of = before["as_of"].as_str().unwrap().to_string();
+
+    // The same event again, signed with a rotated secret: held, then promoted as a duplicate.
+    let held = app.post_callback(roster_body("3501", "alice", "bob", "add", t, ROTATED)).await;
+    assert_eq!(held.json::<Value>().await.unwrap()["status"], "quarantined");
+    let out = reverify(&app.db_url, ROTATED, &[]).await;
+    assert!(out.contains("promoted 1 (of which 1 were duplicates"), "{out}");
+
+    let (_, after) = app.get_json("/v1/reconciliation").await;
+    let again = &after["items"][0];
+    for key in ["status", "late", "latency_ms"] {
+        assert_eq!(again[key], item[key], "{key}: {after}");
+    }
+    assert!(again["matched"]["promoted_at"].is_null(), "{after}");
+    let (_, same) = app.get_json(&format!("/v1/reconciliation?as_of={as_of}")).await;
+    assert_eq!(same["items"], before["items"], "the report as of before the promotion");
+    app.stop().await;
+}
