@@ -340,33 +340,19 @@ async fn read_trigger_body_first(State(limit): State<Duration>, request: Request
 /// The request with its body read into memory within `limit` and
 /// [`BODY_LIMIT`](crate::http::friends::BODY_LIMIT).
 async fn read_body_first(request: Request, limit: Duration) -> Result<Request, Response> {
-    use crate::error::ApiError;
-    use http_body_util::{BodyExt, LengthLimitError, Limited};
-    let max = crate::http::friends::BODY_LIMIT;
-    let declared = request.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > max as u64) {
-        return Err(ApiError::PayloadTooLarge { limit: max }.into_response());
-    }
     let (parts, body) = request.into_parts();
-    let Ok(read) = tokio::time::timeout(limit, Limited::new(body, max).collect()).await else {
-        return Err(error_response(
+    let max = crate::http::friends::BODY_LIMIT;
+    match tokio::time::timeout(limit, crate::http::callbacks::read_body(&parts.headers, body, max)).await {
+        Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
+        Ok(Err(refused)) => Err(refused.into_response()),
+        Err(_) => Err(error_response(
             StatusCode::REQUEST_TIMEOUT,
             "request_timeout",
             &format!(
                 "the request body did not arrive within {}; nothing was started: send it whole and retry",
                 humantime::format_duration(limit)
             ),
-        ));
-    };
-    match read {
-        Ok(collected) => Ok(Request::from_parts(parts, axum::body::Body::from(collected.to_bytes()))),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => {
-            Err(ApiError::PayloadTooLarge { limit: max }.into_response())
-        }
-        Err(e) => {
-            Err(ApiError::bad_request("body_read_failed", format!("could not read the request body: {e}"))
-                .into_response())
-        }
+        )),
     }
 }
 

@@ -87,8 +87,9 @@ fn refused_by_store(state: &AppState, err: StoreError) -> ApiError {
     unavailable(&err)
 }
 
-/// The body if it fits, else 413; stops reading at the limit instead of buffering the rest.
-async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
+/// The body if it fits, else 413; stops reading at the limit instead of buffering the rest (and
+/// refuses a declared size over it before reading anything).
+pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, ApiError> {
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
