@@ -99,6 +99,21 @@ pub async fn verify_through(store: &Store, published: Option<&PublishedHead>) ->
 
 /// [`verify_through`], reading `page` records at a time.
 pub async fn verify_in_pages(store: &Store, published: Option<&PublishedHead>, page: i64) -> anyhow::Result<Verdict> {
+    verify_reporting(store, published, page, (u64::MAX, &mut |_| {})).await
+}
+
+/// Records between two progress lines of `audit verify`: a million events and a million calls
+/// take the better part of a minute.
+const PROGRESS_EVERY: u64 = 250_000;
+
+/// [`verify_in_pages`], calling `progress.1` with the records checked so far every `progress.0`
+/// of them.
+pub async fn verify_reporting(
+    store: &Store,
+    published: Option<&PublishedHead>,
+    page: i64,
+    (every, progress): (u64, &mut dyn FnMut(u64)),
+) -> anyhow::Result<Verdict> {
     let mut expected_seq = 1i64;
     let mut prev = chain::GENESIS.to_string();
     let mut records = 0u64;
@@ -160,6 +175,9 @@ pub async fn verify_in_pages(store: &Store, published: Option<&PublishedHead>, p
             prev = r.chain_hash;
             expected_seq += 1;
             records += 1;
+            if records.is_multiple_of(every) {
+                progress(records);
+            }
         }
     }
     let head_seq = expected_seq - 1;
@@ -213,7 +231,9 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     let AuditCommand::Verify { database_url, expect_head } = args.command;
     let checked = async {
         let store = Store::open_read_only(&database_url).await?;
-        verify_through(&store, expect_head.as_ref()).await
+        // On stderr, so that stdout holds the verdict alone.
+        let mut report = |n| eprintln!("audit verify: {n} records checked");
+        verify_reporting(&store, expect_head.as_ref(), PAGE, (PROGRESS_EVERY, &mut report)).await
     };
     let verdict = match checked.await {
         Ok(verdict) => verdict,

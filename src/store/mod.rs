@@ -731,8 +731,13 @@ impl Store {
     /// Opens an existing database for reading only: no migrations, no writer, no recovery. For the
     /// CLI commands that inspect a database a running service may be writing to.
     pub async fn open_read_only(database_url: &str) -> Result<Store, StoreError> {
-        let opts =
-            sqlite_options(database_url)?.create_if_missing(false).read_only(true).busy_timeout(Duration::from_secs(5));
+        let opts = sqlite_options(database_url)?
+            .create_if_missing(false)
+            .read_only(true)
+            .busy_timeout(Duration::from_secs(5))
+            // The commands that read (audit, reconcile, export) run whole-table statements by
+            // design; sqlx's warning on every one over a second would read as a problem.
+            .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
         if !opts.get_filename().exists() {
             return Err(StoreError::NoDatabase { database: database_url.to_string() });
         }

@@ -367,6 +367,22 @@ async fn audit_verify_lists_calls_without_outcome_and_fails_without_its_guards()
     assert!(out.contains("append-only trigger(s) calls_no_delete were dropped"), "{out}");
 }
 
+/// A long walk reports its progress (on stderr, in `audit verify`), every so many records.
+#[tokio::test]
+async fn audit_verify_reports_its_progress_through_a_long_chain() {
+    let app = TestApp::spawn(&[]).await;
+    app.store_adds_from_alice("9", 5).await;
+    let db_url = app.db_url.clone();
+    let _dir = app.stop().await;
+    let store = friendhook::store::Store::open_read_only(&db_url).await.unwrap();
+    let mut seen = Vec::new();
+    let verdict =
+        friendhook::commands::audit::verify_reporting(&store, None, 2, (2, &mut |n| seen.push(n))).await.unwrap();
+    assert!(matches!(verdict, friendhook::commands::audit::Verdict::Intact { records: 5, .. }), "{verdict:?}");
+    assert_eq!(seen, [2, 4]);
+    store.close().await;
+}
+
 /// The lookup by user is derived from the events, not chained: deleting its entries hid events
 /// from `from`/`to` queries while `audit verify` said intact. It is now compared with the events.
 #[tokio::test]
