@@ -282,3 +282,15 @@ pub async fn database_where_alice_added_bob(db: &std::path::Path) -> Value {
     app.stop().await;
     call
 }
+
+/// A service with a zero match window whose sandbox drops every callback (and `extra` flags),
+/// after one successful add alice → bob (returned): the test alone decides which callbacks
+/// arrive.
+pub async fn alice_added_bob_and_no_callback_came(extra: &[&str]) -> (TestApp, Value) {
+    let args = [&["--match-window", "0s", "--sandbox-drop-rate", "1"], extra].concat();
+    let app = TestApp::spawn(&args).await;
+    app.register(&["alice", "bob"]).await;
+    let (_, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
+    assert_eq!(call["outcome"], "succeeded", "{call}");
+    (app, call)
+}

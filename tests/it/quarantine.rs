@@ -357,11 +357,7 @@ async fn a_feed_long_poll_sees_events_promoted_by_reverify_beside_the_service() 
 /// promotion, and says when it was promoted.
 #[tokio::test]
 async fn a_callback_promoted_after_its_call_was_declared_missing_reads_late() {
-    let app =
-        TestApp::spawn(&["--on-bad-signature", "quarantine", "--match-window", "0s", "--sandbox-drop-rate", "1"]).await;
-    app.register(&["alice", "bob"]).await;
-    let (_, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
-    assert_eq!(call["outcome"], "succeeded", "{call}");
+    let (app, call) = alice_added_bob_and_no_callback_came(&["--on-bad-signature", "quarantine"]).await;
     let t = call["requested_at"].as_i64().unwrap();
     let held = app.post_callback(roster_body("3301", "alice", "bob", "add", t, ROTATED)).await;
     assert_eq!(held.json::<Value>().await.unwrap()["status"], "quarantined");
@@ -432,10 +428,7 @@ async fn purge_deletes_held_requests_that_will_never_verify_and_frees_the_cap() 
 /// given `as_of` before the promotion is the same report after it.
 #[tokio::test]
 async fn promoting_another_delivery_of_a_stored_event_leaves_its_reconciliation_alone() {
-    let app =
-        TestApp::spawn(&["--on-bad-signature", "quarantine", "--match-window", "0s", "--sandbox-drop-rate", "1"]).await;
-    app.register(&["alice", "bob"]).await;
-    let (_, call) = app.post_json("/v1/friends", serde_json::json!({"owner": "alice", "friend": "bob"})).await;
+    let (app, call) = alice_added_bob_and_no_callback_came(&["--on-bad-signature", "quarantine"]).await;
     let t = call["requested_at"].as_i64().unwrap();
     assert_eq!(app.post_callback(roster_body("3501", "alice", "bob", "add", t, SECRET)).await.status(), 200);
     let (_, before) = app.get_json("/v1/reconciliation").await;

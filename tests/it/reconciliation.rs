@@ -211,19 +211,9 @@ async fn a_call_without_its_callback_is_pending_while_the_window_is_open() {
     app.stop().await;
 }
 
-/// A service with a zero match window whose sandbox drops every callback, after one successful
-/// add alice → bob (returned): the test alone decides which callbacks arrive.
-async fn alice_added_bob_and_no_callback_came() -> (TestApp, Value) {
-    let app = TestApp::spawn(&["--match-window", "0s", "--sandbox-drop-rate", "1"]).await;
-    app.register(&["alice", "bob"]).await;
-    let (_, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
-    assert_eq!(call["outcome"], "succeeded");
-    (app, call)
-}
-
 #[tokio::test]
 async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
-    let (app, _) = alice_added_bob_and_no_callback_came().await;
+    let (app, _) = alice_added_bob_and_no_callback_came(&[]).await;
     let base = app.base.clone();
     let db = app.db_url.clone();
     // tokio's Command: the service runs on this test's runtime and must keep answering meanwhile.
@@ -267,7 +257,7 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
 #[tokio::test]
 async fn a_time_window_reconciles_only_what_happened_in_it() {
     // Bounded windows and "everything" are read by different queries; both must agree on rows.
-    let (app, call) = alice_added_bob_and_no_callback_came().await;
+    let (app, call) = alice_added_bob_and_no_callback_came(&[]).await;
     let t = call["requested_at"].as_i64().unwrap();
     let matching = roster_body("910001", "alice", "bob", "add", t, SECRET);
     assert_eq!(app.post_callback(matching).await.status(), 200);
@@ -427,7 +417,7 @@ async fn an_as_of_lowered_below_what_its_last_call_had_seen_is_refused() {
 
 #[tokio::test]
 async fn the_pages_of_a_report_and_its_as_of_stay_put_while_more_is_stored() {
-    let (app, call) = alice_added_bob_and_no_callback_came().await;
+    let (app, call) = alice_added_bob_and_no_callback_came(&[]).await;
     let t = call["requested_at"].as_i64().unwrap();
     for (msg, from, to) in [("930001", "carol", "dave"), ("930002", "erin", "frank")] {
         assert_eq!(app.post_callback(roster_body(msg, from, to, "add", t, SECRET)).await.status(), 200);
