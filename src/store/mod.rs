@@ -493,19 +493,39 @@ async fn refuse_foreign(options: &SqliteConnectOptions, database_url: &str) -> R
     if std::fs::metadata(path).map(|m| m.len() == 0).unwrap_or(true) {
         return Ok(());
     }
+    match tables_in(options).await? {
+        TablesIn { first_table: Some(table), callbacks, migrations, .. } if !(callbacks && migrations) => {
+            Err(StoreError::Foreign { database: database_url.to_string(), table })
+        }
+        _ => Ok(()),
+    }
+}
+
+/// What an existing SQLite file holds, by table: the first (by name) that is not sqlx's
+/// bookkeeping, and whether friendhook's own are there.
+struct TablesIn {
+    first_table: Option<String>,
+    callbacks: bool,
+    calls: bool,
+    migrations: bool,
+}
+
+/// Reads [`TablesIn`] through a read-only connection of its own, which changes nothing in the
+/// file (`serve` and `demo` ask before they decide to write to it or delete it).
+async fn tables_in(options: &SqliteConnectOptions) -> Result<TablesIn, StoreError> {
     let mut conn = options.clone().read_only(true).create_if_missing(false).connect().await?;
-    let found: Result<(Option<String>, i64), sqlx::Error> = sqlx::query_as(
+    let found: Result<(Option<String>, bool, bool, bool), sqlx::Error> = sqlx::query_as(
         "SELECT (SELECT min(name) FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite\\_%' ESCAPE '\\'
                    AND name <> '_sqlx_migrations'),
-                (SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('callbacks', '_sqlx_migrations'))",
+                EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'callbacks'),
+                EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'calls'),
+                EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = '_sqlx_migrations')",
     )
     .fetch_one(&mut conn)
     .await;
     let _ = conn.close().await;
-    match found? {
-        (Some(table), ours) if ours < 2 => Err(StoreError::Foreign { database: database_url.to_string(), table }),
-        _ => Ok(()),
-    }
+    let (first_table, callbacks, calls, migrations) = found?;
+    Ok(TablesIn { first_table, callbacks, calls, migrations })
 }
 
 fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
@@ -632,14 +652,8 @@ pub async fn check_replaceable(database_url: &str) -> Result<Replaceable, StoreE
     if !has_sqlite_header(&path).unwrap_or(false) {
         return Ok(Replaceable::Foreign);
     }
-    let mut conn = options.clone().read_only(true).connect().await?;
-    let tables: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM sqlite_master WHERE type = 'table' AND name IN ('callbacks', 'calls', '_sqlx_migrations')",
-    )
-    .fetch_one(&mut conn)
-    .await?;
-    let _ = conn.close().await;
-    if tables != 3 {
+    let tables = tables_in(&options).await?;
+    if !(tables.callbacks && tables.calls && tables.migrations) {
         return Ok(Replaceable::Foreign);
     }
     // Only for friendhook's own files (the lock file is created beside it), and released at
