@@ -17,7 +17,7 @@ use axum::{Extension, Json};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::friends::{client, json_body, token_unavailable};
+use super::friends::{Object, client, json_body, token_unavailable};
 use crate::app::{SharedState, WorkStarted};
 use crate::easemob::{ApiFailure, CacheBucket, EasemobClient};
 use crate::error::ApiError;
@@ -94,9 +94,9 @@ struct Resent {
 async fn resend(
     State(state): State<SharedState>,
     started: Option<Extension<WorkStarted>>,
-    body: Result<Json<ResendBody>, JsonRejection>,
+    body: Result<Json<Object<ResendBody>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let request = json_body(body)?;
+    let Object(request) = json_body(body)?;
     // Both given, or neither.
     if request.all != request.dates.is_empty() {
         return Err(ApiError::bad_request(

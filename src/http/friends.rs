@@ -16,7 +16,8 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{delete, get, post};
 use axum::{Extension, Json};
-use serde::{Deserialize, Serialize};
+use serde::de::{DeserializeOwned, Error as _};
+use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::{Value, json};
 
 use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_range};
@@ -99,14 +100,45 @@ impl From<CallRecord> for CallView {
 }
 
 #[derive(Debug, Clone, Deserialize)]
+// A misspelt or misplaced field (`idempotency_key` belongs in a header) is refused, not ignored.
+#[serde(deny_unknown_fields)]
 struct PairBody {
     owner: Option<String>,
     friend: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
 struct BatchBody {
-    pairs: Vec<PairBody>,
+    pairs: Vec<Object<PairBody>>,
+}
+
+/// A request body (or part of one) that must be a JSON object. serde's derived structs also take
+/// an array of their fields in order (`["alice", "bob"]` as owner and friend), which no client
+/// means to send and whose meaning would change silently with the fields' order.
+#[derive(Debug, Clone)]
+pub(super) struct Object<T>(pub T);
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Object<T> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            object @ Value::Object(_) => serde_json::from_value(object).map(Object).map_err(D::Error::custom),
+            other => {
+                Err(D::Error::custom(format!("expected a JSON object with named fields, found {}", json_kind(&other))))
+            }
+        }
+    }
+}
+
+fn json_kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 /// Largest batch accepted.
@@ -421,9 +453,9 @@ async fn add_friend(
     State(state): State<SharedState>,
     started: Option<Extension<WorkStarted>>,
     headers: HeaderMap,
-    body: Result<Json<PairBody>, JsonRejection>,
+    body: Result<Json<Object<PairBody>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    let body = json_body(body)?;
+    let Object(body) = json_body(body)?;
     trigger(state, headers, started, CallOp::Add, body.owner.as_deref(), body.friend.as_deref()).await
 }
 
@@ -441,7 +473,7 @@ async fn add_friends_batch(
     State(state): State<SharedState>,
     started: Option<Extension<WorkStarted>>,
     headers: HeaderMap,
-    body: Result<Json<BatchBody>, JsonRejection>,
+    body: Result<Json<Object<BatchBody>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
     // Refused rather than ignored: a client relying on it would send a repeated batch twice.
     if headers.contains_key("idempotency-key") {
@@ -450,7 +482,7 @@ async fn add_friends_batch(
             "a batch does not take an Idempotency-Key; send the pairs one by one with POST /v1/friends, each with its own key",
         ));
     }
-    let body = json_body(body)?;
+    let Object(body) = json_body(body)?;
     if body.pairs.is_empty() || body.pairs.len() > MAX_BATCH {
         return Err(ApiError::bad_request(
             "invalid_request",
@@ -464,7 +496,7 @@ async fn add_friends_batch(
     let mut calls = Vec::with_capacity(body.pairs.len());
     let mut first_of: HashMap<String, usize> = HashMap::new();
     let mut position_of = Vec::with_capacity(body.pairs.len());
-    for (i, p) in body.pairs.iter().enumerate() {
+    for (i, Object(p)) in body.pairs.iter().enumerate() {
         let (owner, friend) = validate_pair(p.owner.as_deref(), p.friend.as_deref())
             .map_err(|d| ApiError::bad_request("invalid_request", format!("pairs[{i}]: {d}")))?;
         let next = calls.len();

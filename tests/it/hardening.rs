@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
+use serde_json::{Value, json};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
@@ -916,6 +916,39 @@ async fn malformed_api_requests_get_json_errors_with_the_right_status() {
             415,
             "unsupported_media_type",
         ),
+        // serde would take a struct written as an array of its fields, in order.
+        (
+            "a pair as an array",
+            app.client.post(app.url("/v1/friends")).json(&json!(["alice", "bob"])),
+            400,
+            "invalid_json",
+        ),
+        (
+            "a batch pair as an array",
+            app.client.post(app.url("/v1/friends/batch")).json(&json!({"pairs": [["alice", "bob"]]})),
+            400,
+            "invalid_json",
+        ),
+        (
+            "a batch as an array",
+            app.client.post(app.url("/v1/friends/batch")).json(&json!([[{"owner": "alice", "friend": "bob"}]])),
+            400,
+            "invalid_json",
+        ),
+        (
+            "an idempotency key in the body",
+            app.client
+                .post(app.url("/v1/friends"))
+                .json(&json!({"owner": "alice", "friend": "bob", "idempotency_key": "k1"})),
+            400,
+            "invalid_json",
+        ),
+        (
+            "a re-send as an array",
+            app.client.post(app.url("/v1/easemob/exception-cache/resend")).json(&json!([[], true])),
+            400,
+            "invalid_json",
+        ),
     ];
     for (what, request, status, code) in cases {
         let resp = request.send().await.unwrap_or_else(|e| panic!("{what}: {e}"));
@@ -928,6 +961,10 @@ async fn malformed_api_requests_get_json_errors_with_the_right_status() {
         let err = assert_json_error(what, content_type.as_deref(), &body);
         assert_eq!(err["code"], code, "{what}: {err}");
     }
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"], json!([]), "no refused request made a call: {calls}");
+    let (_, err) = app.post_json("/v1/friends", json!(["alice", "bob"])).await;
+    assert!(err["detail"].as_str().unwrap_or("").contains("expected a JSON object"), "says what it wants: {err}");
     let (_, err) = app.get_json("/v1/feed?cursor=20").await;
     assert!(err["detail"].as_str().unwrap_or("").contains("`after`"), "names what the feed takes: {err}");
     // Over the body limit: sent raw, the body from its own task, so that the server answering
