@@ -247,9 +247,16 @@ pub struct EasemobArgs {
     #[arg(long, env = "EASEMOB_MAX_ATTEMPTS", default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
     pub easemob_max_attempts: u32,
 
-    /// Total time budget for retries of one Easemob call.
+    /// No retry of an Easemob call starts later than this after its first attempt (0s: no
+    /// retries by time). A call can so last up to this plus one --easemob-request-timeout, plus
+    /// its wait for the rate limiter.
     #[arg(long, env = "EASEMOB_MAX_RETRY_TIME", default_value = "30s", value_parser = parse_duration)]
     pub easemob_max_retry_time: Duration,
+
+    /// Longest one HTTP exchange with Easemob may take, connecting included (a call that gets no
+    /// answer within it counts as a timeout and is retried).
+    #[arg(long, env = "EASEMOB_REQUEST_TIMEOUT", default_value = "15s", value_parser = parse_nonzero_duration)]
+    pub easemob_request_timeout: Duration,
 
     /// Sandbox mode: where the built-in sandbox listens.
     #[arg(long, env = "FRIENDHOOK_SANDBOX_LISTEN", default_value = "127.0.0.1:8081", value_parser = parse_listen)]

@@ -68,6 +68,9 @@ fn client_config(
     cfg.rate_limit_per_sec = args.easemob.easemob_rate_limit;
     cfg.max_attempts = args.easemob.easemob_max_attempts;
     cfg.max_retry_time = args.easemob.easemob_max_retry_time;
+    cfg.request_timeout = args.easemob.easemob_request_timeout;
+    // The connection is part of the exchange: its own limit can only be shorter.
+    cfg.connect_timeout = cfg.connect_timeout.min(cfg.request_timeout);
     cfg
 }
 
@@ -316,4 +319,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     store.close_within(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(2))).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use clap::Parser;
+
+    use super::*;
+    use crate::config::{Cli, Command};
+
+    #[test]
+    fn the_easemob_flags_reach_the_client() {
+        let argv = ["friendhook", "serve", "--easemob-max-retry-time", "7s", "--easemob-request-timeout", "2s"];
+        let Command::Serve(args) = Cli::try_parse_from(argv).expect("valid").command else {
+            panic!("not serve");
+        };
+        let config = client_config(&args, "http://x".into(), "o".into(), "a".into(), "id".into(), Secret::new("s"));
+        assert_eq!((config.max_retry_time, config.request_timeout), (Duration::from_secs(7), Duration::from_secs(2)));
+        assert_eq!(config.connect_timeout, Duration::from_secs(2), "no longer than the whole exchange");
+    }
 }

@@ -137,14 +137,28 @@ struct Call {
 
 /// What one HTTP attempt produced.
 enum Answer {
-    Received { status: u16, body: Value, retry_after: Option<Duration>, cut_short: bool },
-    NotReceived { reason: String },
+    Received {
+        status: u16,
+        body: Value,
+        retry_after: Option<Duration>,
+        cut_short: bool,
+    },
+    /// No (whole) answer. `sent` is false when the connection could not even be made, so that
+    /// Easemob cannot have seen the request.
+    NotReceived {
+        reason: String,
+        sent: bool,
+    },
 }
+
+/// A call's last answer (status, error body, raw body), kept for a failure that follows it.
+type LastAnswer = (Option<u16>, Option<ErrorBody>, Option<Value>);
 
 /// How one token request failed.
 enum TokenTry {
-    /// A 429, a 5xx or no (whole) answer: asking again may pass.
-    Transient(TokenFailure),
+    /// A 429, a 5xx or no (whole) answer: asking again may pass, not before `wait` (from a
+    /// `Retry-After`, or the second a 429 asks for).
+    Transient(TokenFailure, Option<Duration>),
     /// Refused credentials, an unknown App Key, an answer without a token: asking again will not.
     Final(TokenFailure),
 }
@@ -367,13 +381,15 @@ impl EasemobClient {
         // exceed_limit because the first attempt did add, a retried delete 404 because the first
         // did delete. A GET changes nothing, so its final answer stays final.
         let mut uncertain: Option<String> = None;
+        let mut last: LastAnswer = (None, None, None);
 
         loop {
-            let token = self.token_at_turn(attempts, uncertain.as_deref()).await?;
+            let token = self.token_at_turn(attempts, uncertain.as_deref(), &last).await?;
             attempts += 1;
             let first_attempt_at = *first_attempt_at.get_or_insert_with(Instant::now);
 
-            let (status, body, transport_reason, retry_after, cut_short) = match self.attempt(&call, &token).await {
+            let (status, body, transport_reason, retry_after, cut_short, sent) = match self.attempt(&call, &token).await
+            {
                 Answer::Received { status, body, retry_after, cut_short } => {
                     tracing::debug!(
                         method = %call.method,
@@ -382,9 +398,9 @@ impl EasemobClient {
                         status,
                         "Easemob answered"
                     );
-                    (Some(status), body, None, retry_after, cut_short)
+                    (Some(status), body, None, retry_after, cut_short, true)
                 }
-                Answer::NotReceived { reason } => {
+                Answer::NotReceived { reason, sent } => {
                     tracing::debug!(
                         method = %call.method,
                         path = call.url.path(),
@@ -392,11 +408,12 @@ impl EasemobClient {
                         reason = %reason,
                         "no answer from Easemob"
                     );
-                    (None, Value::Null, Some(reason), None, false)
+                    (None, Value::Null, Some(reason), None, false, sent)
                 }
             };
             let error = ErrorBody::from_value(&body);
             let body = (!body.is_null()).then_some(body);
+            last = (status, error.clone(), body.clone());
 
             let answered = |status: u16| match &error {
                 Some(error) => format!("HTTP {status} {}", error.summary()),
@@ -463,8 +480,9 @@ impl EasemobClient {
                 }
                 None => transport_reason.unwrap_or_default(),
             };
-            // A 5xx or no answer: this attempt may have acted (a 429 was refused before acting).
-            if call.method != Method::GET && status.is_none_or(|s| (500..600).contains(&s)) {
+            // A 5xx or no answer: this attempt may have acted (a 429 was refused before acting,
+            // and a request whose connection could not be made never reached Easemob).
+            if call.method != Method::GET && sent && status.is_none_or(|s| (500..600).contains(&s)) {
                 uncertain = Some(reason.clone());
             }
 
@@ -524,7 +542,12 @@ impl EasemobClient {
         let response = match request.send().await {
             Ok(response) => response,
             Err(error) => {
-                return Answer::NotReceived { reason: self.describe_transport_error(&error) };
+                // A failed connect (refused, unreachable, TLS handshake) sent nothing; any other
+                // error may have come after the request went out.
+                return Answer::NotReceived {
+                    reason: self.describe_transport_error(&error),
+                    sent: !error.is_connect(),
+                };
             }
         };
         let status = response.status().as_u16();
@@ -546,6 +569,7 @@ impl EasemobClient {
             }
             (_, Some(error)) => Answer::NotReceived {
                 reason: format!("answer {status} cut short: {}", self.describe_transport_error(&error)),
+                sent: true,
             },
         }
     }
@@ -557,8 +581,13 @@ impl EasemobClient {
     /// away while the call waited), the call fetches it and queues again, because every call
     /// whose turn came during the fetch would otherwise leave together when it arrives, a burst
     /// the pacer is there to prevent.
-    async fn token_at_turn(&self, attempts: u32, uncertain: Option<&str>) -> Result<AppToken, ApiFailure> {
-        let no_token = |failure| token_failure(failure, attempts, uncertain);
+    async fn token_at_turn(
+        &self,
+        attempts: u32,
+        uncertain: Option<&str>,
+        last: &LastAnswer,
+    ) -> Result<AppToken, ApiFailure> {
+        let no_token = |failure| token_failure(failure, attempts, uncertain, last.clone());
         // Bounded: a token endpoint handing out tokens that expire before a turn comes would
         // otherwise keep the call queueing; the third time, the fetched token is used.
         for _ in 0..2 {
@@ -575,7 +604,7 @@ impl EasemobClient {
     /// nothing could be sent before it records anything: the failure is the one a call would get,
     /// with no attempts.
     pub async fn ensure_token(&self) -> Result<(), ApiFailure> {
-        self.token().await.map(drop).map_err(|failure| token_failure(failure, 0, None))
+        self.token().await.map(drop).map_err(|failure| token_failure(failure, 0, None, (None, None, None)))
     }
 
     async fn token(&self) -> Result<AppToken, TokenFailure> {
@@ -595,8 +624,8 @@ impl EasemobClient {
             let failure = match self.fetch_token_once().await {
                 Ok(fetched) => return Ok(fetched),
                 Err(TokenTry::Final(failure)) => failure,
-                Err(TokenTry::Transient(failure)) => {
-                    let delay = self.next_backoff(tries - 1);
+                Err(TokenTry::Transient(failure, wait)) => {
+                    let delay = self.next_backoff(tries - 1).max(wait.unwrap_or_default());
                     let elapsed = first_try_at.elapsed();
                     if tries < config.max_attempts && elapsed + delay <= config.max_retry_time {
                         tracing::warn!(
@@ -634,28 +663,31 @@ impl EasemobClient {
             "client_id": config.client_id,
             "client_secret": config.client_secret.expose(),
         });
-        let failure = |status, error, body, reason| TokenFailure { status, error, body, reason };
+        let failure = |status, reason| TokenFailure { status, reason };
 
         let response = self.inner.http.post(url.clone()).body(json_bytes(&request)).send().await.map_err(|error| {
-            TokenTry::Transient(failure(
-                None,
-                None,
-                None,
-                format!(
-                    "could not reach the token endpoint {url}: {}; check --easemob-base-url and the network",
-                    self.describe_transport_error(&error)
+            TokenTry::Transient(
+                failure(
+                    None,
+                    format!(
+                        "could not reach the token endpoint {url}: {}; check --easemob-base-url and the network",
+                        self.describe_transport_error(&error)
+                    ),
                 ),
-            ))
+                None,
+            )
         })?;
         let status = response.status().as_u16();
+        let wait = retry_after(response.headers());
         let (bytes, cut) = read_capped(response).await;
         if let Some(error) = cut {
-            return Err(TokenTry::Transient(failure(
-                Some(status),
-                None,
-                None,
-                format!("the token endpoint's answer was cut short: {}", self.describe_transport_error(&error)),
-            )));
+            return Err(TokenTry::Transient(
+                failure(
+                    Some(status),
+                    format!("the token endpoint's answer was cut short: {}", self.describe_transport_error(&error)),
+                ),
+                wait,
+            ));
         }
         let body = body_to_value(&bytes);
         tracing::debug!(path = url.path(), status, "token endpoint answered");
@@ -666,8 +698,6 @@ impl EasemobClient {
                 // The body is not kept: it may hold a token under another name.
                 return Err(TokenTry::Final(failure(
                     Some(status),
-                    None,
-                    None,
                     format!(
                         "the token endpoint answered {status} without an access_token; is --easemob-base-url ({}) Easemob's REST API?",
                         config.base_url
@@ -699,9 +729,12 @@ impl EasemobClient {
             ),
             _ => format!("the token endpoint answered {summary}"),
         };
-        let failed = failure(Some(status), error, (!body.is_null()).then_some(body), reason);
+        let failed = failure(Some(status), reason);
         Err(match status {
-            429 | 500..=599 => TokenTry::Transient(failed),
+            // Like a call's 429, the token endpoint's asks for a second (it counts requests per
+            // second: 300 for the App Key).
+            429 => TokenTry::Transient(failed, Some(wait.unwrap_or_default().max(RATE_LIMITED_PAUSE))),
+            500..=599 => TokenTry::Transient(failed, wait),
             _ => TokenTry::Final(failed),
         })
     }
@@ -843,25 +876,34 @@ fn merge_register_answers(mut so_far: ApiSuccess, next: ApiSuccess) -> ApiSucces
 /// A chunk's failure, counted as the whole batch call's: earlier chunks' attempts added, and
 /// (for `Failed`) the reason saying how many users went through before.
 fn add_attempts(failure: ApiFailure, earlier: u32, users_before: usize) -> ApiFailure {
+    let said = |reason: String| {
+        if users_before > 0 {
+            format!("{reason} (the first {users_before} users were sent in earlier chunks and registered)")
+        } else {
+            reason
+        }
+    };
     match failure {
         ApiFailure::Rejected { status, error, body, attempts } => {
             ApiFailure::Rejected { status, error, body, attempts: attempts + earlier }
         }
-        ApiFailure::Failed { status, error, body, attempts, reason } => ApiFailure::Failed {
-            status,
-            error,
-            body,
-            attempts: attempts + earlier,
-            reason: if users_before > 0 {
-                format!("{reason} (the first {users_before} users were sent in earlier chunks and registered)")
-            } else {
-                reason
-            },
-        },
+        ApiFailure::Failed { status, error, body, attempts, reason } => {
+            ApiFailure::Failed { status, error, body, attempts: attempts + earlier, reason: said(reason) }
+        }
+        ApiFailure::NoToken { status, error, body, attempts, token_status, may_have_acted, reason } => {
+            ApiFailure::NoToken {
+                status,
+                error,
+                body,
+                attempts: attempts + earlier,
+                token_status,
+                may_have_acted,
+                reason: said(reason),
+            }
+        }
     }
 }
 
-/// A call's failure for want of an app token, after `attempts` attempts of the call itself.
 /// Whether a 5xx answer's error type says the request itself is wrong (Easemob answers a wrong
 /// method or URL with 500 `unsupported_service_operation`, `web_application` or
 /// `no_full_text_index`): final, like a 4xx; sent again it would only be refused again.
@@ -871,22 +913,30 @@ fn names_a_wrong_request(error: Option<&ErrorBody>) -> bool {
     })
 }
 
-/// The failure of a call for want of an app token. `uncertain` is why an earlier attempt of the
-/// call may have acted (a 5xx or no answer): a call that loses its token after one has to say so,
-/// like any other give-up after one.
-fn token_failure(failure: TokenFailure, attempts: u32, uncertain: Option<&str>) -> ApiFailure {
-    let may_have_acted = uncertain.map_or(String::new(), |earlier| {
-        format!(
+/// The failure of a call for want of an app token, after `attempts` attempts whose last answer
+/// was `last`. `uncertain` is why an earlier attempt may have acted (a 5xx or no answer): a call
+/// that loses its token after one has to say so, like any other give-up after one.
+fn token_failure(failure: TokenFailure, attempts: u32, uncertain: Option<&str>, last: LastAnswer) -> ApiFailure {
+    let (status, error, body) = last;
+    let fate = match (uncertain, status) {
+        (Some(earlier), _) => format!(
             "; an earlier attempt answered {earlier} may have been carried out: check the result in Easemob before \
              trying again"
-        )
-    });
-    ApiFailure::Failed {
-        status: failure.status,
-        error: failure.error,
-        body: failure.body,
+        ),
+        (None, Some(401)) => {
+            "; Easemob had refused the call's token (HTTP 401), so the call was not carried out".into()
+        }
+        (None, _) if attempts == 0 => "; nothing was sent".into(),
+        (None, _) => String::new(),
+    };
+    ApiFailure::NoToken {
+        status,
+        error,
+        body,
         attempts,
-        reason: format!("{TOKEN_REASON_PREFIX}{}{may_have_acted}", failure.reason),
+        token_status: failure.status,
+        may_have_acted: uncertain.is_some(),
+        reason: format!("{TOKEN_REASON_PREFIX}{}{fate}", failure.reason),
     }
 }
 
@@ -946,6 +996,37 @@ mod tests {
         let (body, cut) = read_capped(response).await;
         assert!(cut.is_none(), "{cut:?}");
         assert_eq!(&body[..], b"{\"ok\":true}");
+    }
+
+    /// A request whose connection could not be made never reached Easemob, so a final answer
+    /// after it stays final; one whose connection dropped without an answer may have.
+    #[tokio::test]
+    async fn only_a_failed_connect_counts_as_not_sent() {
+        let token = AppToken { value: Secret::new("t"), issued_at_ms: 0, expires_at_ms: None, generation: 1 };
+        let post = |base: &str| Call {
+            method: Method::POST,
+            url: Url::parse(&format!("{base}/demo-org/demo-app/users/a/contacts/users/b")).expect("url"),
+            body: None,
+        };
+        // Nothing listens on a port whose listener has been dropped.
+        let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
+        let base = format!("http://127.0.0.1:{port}");
+        match client(&base).attempt(&post(&base), &token).await {
+            Answer::NotReceived { sent, reason } => assert!(!sent, "refused: {reason}"),
+            Answer::Received { status, .. } => panic!("answered {status}"),
+        }
+        // A server that reads the request and hangs up without answering.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("addr"));
+        tokio::spawn(async move {
+            let (mut stream, _) = listener.accept().await.expect("accept");
+            let mut buf = [0u8; 4096];
+            let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
+        });
+        match client(&base).attempt(&post(&base), &token).await {
+            Answer::NotReceived { sent, reason } => assert!(sent, "hung up: {reason}"),
+            Answer::Received { status, .. } => panic!("answered {status}"),
+        }
     }
 
     #[test]

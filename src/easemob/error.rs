@@ -2,8 +2,10 @@
 //!
 //! [`ApiFailure`] separates the two outcomes a caller must treat differently: `Rejected` means
 //! Easemob gave a final answer (the operation was not done, and repeating it unchanged will not
-//! help), `Failed` means the client gave up (retries exhausted, transport trouble, no token, or a
-//! refusal after an attempt whose fate is unknown), so the operation may or may not have happened.
+//! help), `Failed` means the client gave up (retries exhausted, transport trouble, or a refusal
+//! after an attempt whose fate is unknown), so the operation may or may not have happened, and
+//! `NoToken` that no app token could be had for an attempt (which of the two that amounts to is
+//! told by [`ApiFailure::may_have_acted`]).
 
 use serde_json::Value;
 
@@ -31,9 +33,6 @@ pub enum ApiFailure {
     },
     /// Retries exhausted on 429/5xx, or a transport error/timeout; or a final 4xx after an
     /// attempt that got a 5xx or no answer, which may have done the operation (`reason` says so).
-    ///
-    /// Also used when no app token could be had; `reason` then starts with `token:` and says what
-    /// to fix, and `status`/`error`/`body` describe the token endpoint's answer.
     #[error("Easemob call failed after {attempts} attempt(s): {reason}")]
     Failed {
         /// The last HTTP status, if an answer was received at all.
@@ -47,39 +46,76 @@ pub enum ApiFailure {
         /// What went wrong and, where there is something to do, what to do.
         reason: String,
     },
+    /// No app token could be had for an attempt: before the first one (the token endpoint refused
+    /// the credentials or did not answer), or after Easemob refused the call's token with 401 and
+    /// its renewal failed (the console's client secret was changed, say), or before a retry.
+    ///
+    /// `status`, `error` and `body` are the call's own last answer, if it was sent at all; the
+    /// token endpoint's answer is in `reason` (which says what to fix) and `token_status`.
+    #[error("Easemob call failed for want of an app token after {attempts} attempt(s): {reason}")]
+    NoToken {
+        /// The call's last HTTP status, if an attempt was answered.
+        status: Option<u16>,
+        /// The call's last parsed error body.
+        error: Option<ErrorBody>,
+        /// The call's last raw body.
+        body: Option<Value>,
+        /// HTTP attempts made for this call.
+        attempts: u32,
+        /// The token endpoint's status, if it answered.
+        token_status: Option<u16>,
+        /// Whether an earlier attempt got a 5xx or no answer after it was sent, so that the
+        /// operation may have been done.
+        may_have_acted: bool,
+        /// Why no token could be had, what to fix, and what became of the call.
+        reason: String,
+    },
 }
 
 /// How the `reason` of a failure for want of an app token starts.
 pub(crate) const TOKEN_REASON_PREFIX: &str = "token: ";
 
 impl ApiFailure {
-    /// Whether no app token could be had: `status`, `error` and `body` then describe the token
-    /// endpoint's answer, not the call's.
+    /// Whether no app token could be had: see [`ApiFailure::NoToken`].
     pub fn is_token_failure(&self) -> bool {
-        matches!(self, ApiFailure::Failed { reason, .. } if reason.starts_with(TOKEN_REASON_PREFIX))
+        matches!(self, ApiFailure::NoToken { .. })
+    }
+
+    /// Whether the operation may have been done: never after a refusal, always after a `Failed`
+    /// give-up, and after a missing token only if an earlier attempt may have acted.
+    pub fn may_have_acted(&self) -> bool {
+        match self {
+            ApiFailure::Rejected { .. } => false,
+            ApiFailure::Failed { .. } => true,
+            ApiFailure::NoToken { may_have_acted, .. } => *may_have_acted,
+        }
     }
 
     /// Whether what failed may pass later by itself (429, 5xx, no answer), as opposed to an
     /// answer that stays the same until something is fixed (wrong credentials, say).
     pub fn may_pass_later(&self) -> bool {
+        let transient = |status: &Option<u16>| status.is_none_or(|s| s == 429 || s >= 500);
         match self {
             ApiFailure::Rejected { .. } => false,
-            ApiFailure::Failed { status, .. } => status.is_none_or(|s| s == 429 || s >= 500),
+            ApiFailure::Failed { status, .. } => transient(status),
+            ApiFailure::NoToken { token_status, .. } => transient(token_status),
         }
     }
 
     /// HTTP attempts made for this call (token fetches not counted).
     pub fn attempts(&self) -> u32 {
         match self {
-            ApiFailure::Rejected { attempts, .. } | ApiFailure::Failed { attempts, .. } => *attempts,
+            ApiFailure::Rejected { attempts, .. }
+            | ApiFailure::Failed { attempts, .. }
+            | ApiFailure::NoToken { attempts, .. } => *attempts,
         }
     }
 
-    /// The last HTTP status Easemob answered with, if any.
+    /// The last HTTP status Easemob answered the call with, if any.
     pub fn upstream_status(&self) -> Option<u16> {
         match self {
             ApiFailure::Rejected { status, .. } => Some(*status),
-            ApiFailure::Failed { status, .. } => *status,
+            ApiFailure::Failed { status, .. } | ApiFailure::NoToken { status, .. } => *status,
         }
     }
 
@@ -88,7 +124,11 @@ impl ApiFailure {
     pub fn upstream_error(&self) -> Option<&str> {
         match self {
             ApiFailure::Rejected { error, .. } => error.as_ref().map(|e| e.error.as_str()),
-            ApiFailure::Failed { error: Some(error), .. } => Some(error.error.as_str()),
+            ApiFailure::Failed { error: Some(error), .. } | ApiFailure::NoToken { error: Some(error), .. } => {
+                Some(error.error.as_str())
+            }
+            // The call was answered without an error body, or not sent at all for want of a token.
+            ApiFailure::NoToken { .. } => None,
             // An answer without an error body (an HTML 502 page, an empty 503) has no error type.
             ApiFailure::Failed { status: Some(_), .. } => None,
             ApiFailure::Failed { reason, .. } if reason.contains(TIMED_OUT) => Some("timeout"),
@@ -101,14 +141,16 @@ impl ApiFailure {
     pub fn detail(&self) -> String {
         match self {
             ApiFailure::Rejected { .. } => self.to_string(),
-            ApiFailure::Failed { reason, .. } => reason.clone(),
+            ApiFailure::Failed { reason, .. } | ApiFailure::NoToken { reason, .. } => reason.clone(),
         }
     }
 
     /// The raw body of the last answer, if there was one.
     pub fn body(&self) -> Option<&Value> {
         match self {
-            ApiFailure::Rejected { body, .. } | ApiFailure::Failed { body, .. } => body.as_ref(),
+            ApiFailure::Rejected { body, .. } | ApiFailure::Failed { body, .. } | ApiFailure::NoToken { body, .. } => {
+                body.as_ref()
+            }
         }
     }
 }

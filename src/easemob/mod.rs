@@ -2,9 +2,10 @@
 //! typed bodies.
 //!
 //! What it owns: talking to one App Key's REST API (`{base_url}/{org}/{app}/...`) for the calls
-//! friendhook needs (add, delete and list friends; register and get users), and deciding what an
-//! answer means ([`ApiSuccess`], or [`ApiFailure::Rejected`] vs [`ApiFailure::Failed`]). What it
-//! does not own: recording calls, receiving callbacks, or deciding whether to call at all.
+//! friendhook needs (add, delete and list friends; register and get users; list and re-send the
+//! exception cache), and deciding what an answer means ([`ApiSuccess`], or
+//! [`ApiFailure::Rejected`] vs [`ApiFailure::Failed`] vs [`ApiFailure::NoToken`]). What it does
+//! not own: recording calls, receiving callbacks, or deciding whether to call at all.
 //!
 //! Map:
 //! - `client`: the endpoints and the attempt loop (401 renewal, 429/5xx/transport retries).

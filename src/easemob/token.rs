@@ -23,10 +23,8 @@
 
 use std::future::Future;
 
-use serde_json::Value;
 use tokio::sync::Mutex;
 
-use super::body::ErrorBody;
 use crate::clock::SharedClock;
 use crate::secret::Secret;
 
@@ -80,12 +78,11 @@ pub(crate) struct FetchedToken {
     pub(crate) expires_in_secs: i64,
 }
 
-/// Why no token could be had; becomes `ApiFailure::Failed { reason: "token: ..." }`.
+/// Why no token could be had; becomes `ApiFailure::NoToken { reason: "token: ...", .. }`.
 #[derive(Clone, Debug)]
 pub(crate) struct TokenFailure {
+    /// The token endpoint's status, if it answered (its error type is in `reason`).
     pub(crate) status: Option<u16>,
-    pub(crate) error: Option<ErrorBody>,
-    pub(crate) body: Option<Value>,
     /// What went wrong and what to fix, without the `token: ` prefix.
     pub(crate) reason: String,
 }
@@ -243,7 +240,7 @@ mod tests {
     }
 
     async fn refused() -> Result<FetchedToken, TokenFailure> {
-        Err(TokenFailure { status: Some(503), error: None, body: None, reason: "token endpoint answered 503".into() })
+        Err(TokenFailure { status: Some(503), reason: "token endpoint answered 503".into() })
     }
 
     #[test]

@@ -263,31 +263,27 @@ async fn carry_out(
                 response_body: Some(ok.body.to_string()),
                 outcome_detail: None,
             },
-            // The token endpoint's answer is not Easemob's answer to this call: left out.
-            Err(fail) if fail.is_token_failure() => {
-                tracing::warn!(call = record.id, error = %fail, "call failed for want of an app token");
+            Err(fail) => {
+                if fail.is_token_failure() {
+                    tracing::warn!(call = record.id, error = %fail, "call failed for want of an app token");
+                }
                 CallOutcome {
-                    outcome: Outcome::Failed,
-                    upstream_status: None,
-                    upstream_error: None,
+                    outcome: match fail {
+                        ApiFailure::Rejected { .. } => Outcome::Rejected,
+                        // Refused with 401 and no new token to be had: Easemob's last word on
+                        // the call was a refusal, and no earlier attempt can have acted.
+                        ApiFailure::NoToken { status: Some(401), may_have_acted: false, .. } => Outcome::Rejected,
+                        ApiFailure::Failed { .. } | ApiFailure::NoToken { .. } => Outcome::Failed,
+                    },
+                    // The call's own last answer; the token endpoint's is in the detail.
+                    upstream_status: fail.upstream_status().map(i64::from),
+                    upstream_error: fail.upstream_error().map(str::to_string),
                     attempts: i64::from(fail.attempts()),
-                    response_body: None,
+                    response_body: fail.body().map(Value::to_string),
                     outcome_detail: Some(fail.detail()),
                     call: record,
                 }
             }
-            Err(fail) => CallOutcome {
-                outcome: match fail {
-                    ApiFailure::Rejected { .. } => Outcome::Rejected,
-                    ApiFailure::Failed { .. } => Outcome::Failed,
-                },
-                upstream_status: fail.upstream_status().map(i64::from),
-                upstream_error: fail.upstream_error().map(str::to_string),
-                attempts: i64::from(fail.attempts()),
-                response_body: fail.body().map(Value::to_string),
-                outcome_detail: Some(fail.detail()),
-                call: record,
-            },
         };
         record_outcome(&state, outcome, answer).await;
     });

@@ -138,13 +138,16 @@ async fn wrong_client_secret_fails_with_invalid_grant_and_says_what_to_fix() {
 
     let failure = h.client.get_user("alice").await.expect_err("no token");
 
-    let ApiFailure::Failed { status, reason, attempts, .. } = &failure else {
-        panic!("expected Failed, got {failure:?}");
+    let ApiFailure::NoToken { status, token_status, reason, attempts, may_have_acted, .. } = &failure else {
+        panic!("expected NoToken, got {failure:?}");
     };
-    assert_eq!(*status, Some(400));
-    assert_eq!(failure.upstream_error(), Some("invalid_grant"));
+    assert_eq!(*token_status, Some(400));
+    assert_eq!(*status, None, "the call itself got no answer");
+    assert!(!may_have_acted);
+    assert!(reason.contains("invalid_grant"), "{reason}");
     assert_eq!(*attempts, 0, "the API call itself was never sent");
     assert!(reason.starts_with("token: "), "{reason}");
+    assert!(reason.ends_with("nothing was sent"), "{reason}");
     assert!(reason.contains("--easemob-client-secret"), "{reason}");
     assert!(!format!("{failure:?} {failure}").contains("not-the-secret"));
     assert_eq!(h.sandbox.stats().tokens_issued, 0);
@@ -161,7 +164,7 @@ async fn a_failing_token_endpoint_is_not_asked_again_during_the_cooldown() {
 
     for _ in 0..5 {
         let failure = h.client.get_user("alice").await.expect_err("still no token");
-        assert_eq!(failure.upstream_error(), Some("invalid_grant"));
+        assert!(failure.detail().contains("invalid_grant"), "{failure:?}");
     }
     assert_eq!(h.sandbox.stats().requests, requests_after_first, "failed fast from the cached failure");
 
@@ -202,7 +205,7 @@ async fn a_token_endpoint_outage_fails_after_the_tries_then_recovers_after_the_c
 
     let failure = h.client.get_user("alice").await.expect_err("no token");
     assert!(
-        matches!(&failure, ApiFailure::Failed { status: Some(503), reason, .. }
+        matches!(&failure, ApiFailure::NoToken { token_status: Some(503), reason, .. }
             if reason.starts_with("token: ") && reason.contains("after 5 tries")),
         "{failure:?}"
     );
@@ -211,7 +214,7 @@ async fn a_token_endpoint_outage_fails_after_the_tries_then_recovers_after_the_c
 
     // The endpoint is healthy again, but the failure is remembered for 5 s.
     let again = h.client.get_user("alice").await.expect_err("cooldown");
-    assert_eq!(again.upstream_status(), Some(503));
+    assert!(matches!(again, ApiFailure::NoToken { token_status: Some(503), .. }), "{again:?}");
     assert_eq!(h.sandbox.stats().requests, requests_after_failure, "failed fast from the cached failure");
     assert_eq!(h.sandbox.stats().tokens_issued, 0);
 
@@ -233,9 +236,9 @@ async fn an_unreachable_server_fails_as_transport_before_any_api_attempt() {
 
     let failure = client.add_friend("alice", "bob").await.expect_err("nobody there");
 
-    assert!(matches!(failure, ApiFailure::Failed { .. }), "{failure:?}");
+    assert!(matches!(failure, ApiFailure::NoToken { token_status: None, may_have_acted: false, .. }), "{failure:?}");
     assert_eq!(failure.upstream_status(), None);
-    assert_eq!(failure.upstream_error(), Some("transport"));
+    assert_eq!(failure.upstream_error(), None, "the call itself was not sent");
     assert_eq!(failure.attempts(), 0);
     assert!(failure.to_string().contains("token: could not reach"), "{failure}");
     assert!(failure.to_string().contains("after 5 tries"), "the token request was tried again: {failure}");
@@ -258,7 +261,9 @@ async fn a_silent_server_times_out() {
     let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
     let failure = client.get_user("alice").await.expect_err("timed out");
 
-    assert_eq!(failure.upstream_error(), Some("timeout"), "{failure}");
+    // The token request is the first to meet the silence.
+    assert!(failure.is_token_failure(), "{failure:?}");
+    assert!(failure.detail().contains("request timed out"), "{failure}");
 }
 
 /// An add answered 200 whose body is cut off was done: it is not sent again (a second add could
@@ -463,9 +468,58 @@ async fn a_call_that_loses_its_token_after_a_5xx_says_the_5xx_may_have_acted() {
     let failure = h.client.add_friend("alice", "bob").await.expect_err("no token after the 401");
 
     assert!(failure.is_token_failure(), "{failure:?}");
+    assert!(failure.may_have_acted(), "{failure:?}");
     assert_eq!(failure.attempts(), 2);
     assert!(failure.detail().contains("an earlier attempt answered HTTP 503"), "{}", failure.detail());
     assert!(failure.detail().contains("may have been carried out"), "{}", failure.detail());
+}
+
+/// The console's client secret changed under a running service: Easemob refuses the call's token
+/// with 401 and no new one can be had. Easemob's last word on the call was that refusal, so it
+/// was not carried out, and the failure keeps that answer, not only the token endpoint's.
+#[tokio::test]
+async fn a_401_with_no_token_to_be_had_after_it_is_a_refusal_that_keeps_the_401() {
+    let h = harness().await;
+    register(&h.client, &["alice", "bob"]).await;
+    h.sandbox.inject_faults(contacts_fault(401, 1));
+    h.sandbox.inject_faults(InjectedFault {
+        status: 400,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+        error: Some("invalid_grant".to_owned()),
+    });
+
+    let failure = h.client.add_friend("alice", "bob").await.expect_err("no token after the 401");
+
+    let ApiFailure::NoToken { status, token_status, may_have_acted, attempts, .. } = &failure else {
+        panic!("expected NoToken, got {failure:?}");
+    };
+    assert_eq!((*status, *token_status, *may_have_acted, *attempts), (Some(401), Some(400), false, 1));
+    assert!(!failure.may_have_acted());
+    assert_eq!(failure.upstream_error(), Some("unauthorized"));
+    let detail = failure.detail();
+    assert!(detail.contains("--easemob-client-secret"), "says what to fix: {detail}");
+    assert!(detail.contains("not carried out"), "{detail}");
+    assert_eq!(h.sandbox.stats().tokens_issued, 1, "the renewal was refused");
+}
+
+/// A 429 from the token endpoint (it counts requests per second, like the API) is asked again a
+/// second later at the earliest, not after the millisecond backoff of these tests.
+#[tokio::test]
+async fn a_token_request_refused_429_is_asked_again_no_sooner_than_a_second_later() {
+    let h = harness().await;
+    h.sandbox.inject_faults(InjectedFault {
+        status: 429,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+        error: None,
+    });
+
+    let started = std::time::Instant::now();
+    h.client.ensure_token().await.expect("the second token request passes");
+
+    assert!(started.elapsed() >= Duration::from_secs(1), "asked again after {:?}", started.elapsed());
+    assert_eq!(h.sandbox.stats().tokens_issued, 1);
 }
 
 #[tokio::test]

@@ -81,6 +81,37 @@ async fn a_refusal_after_a_5xx_is_failed_and_its_record_says_the_first_attempt_m
     app.stop().await;
 }
 
+/// The client secret changed in the console while the service ran: the call's token is refused
+/// with 401 and the renewal with 400 invalid_grant. The call was not carried out; its record says
+/// so, keeps Easemob's 401 and says what to fix.
+#[tokio::test]
+async fn a_call_refused_401_with_no_new_token_to_be_had_is_recorded_rejected_with_the_401() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob", "carol"]).await;
+    // The service's client holds a token (the add of a missing token is refused before it is
+    // recorded: 503, nothing sent).
+    let (_, first) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "carol"})).await;
+    assert_eq!(first["outcome"], "succeeded", "{first}");
+    app.sandbox().inject_faults(crate::client_support::contacts_fault(401, 1));
+    app.sandbox().inject_faults(friendhook::sandbox::InjectedFault {
+        status: 400,
+        count: 1,
+        path_contains: Some("/token".to_owned()),
+        error: Some("invalid_grant".to_owned()),
+    });
+
+    let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+
+    assert_eq!(status, 201, "{call}");
+    assert_eq!(call["outcome"], "rejected", "{call}");
+    assert_eq!((call["upstream_status"].as_i64(), call["upstream_error"].as_str()), (Some(401), Some("unauthorized")));
+    assert_eq!(call["attempts"], 1);
+    let detail = call["outcome_detail"].as_str().expect("says why");
+    assert!(detail.contains("invalid_grant") && detail.contains("--easemob-client-secret"), "{detail}");
+    assert!(detail.contains("not carried out"), "{detail}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_call_given_up_after_5xx_answers_says_easemob_may_have_acted() {
     let app = TestApp::spawn(&["--easemob-max-attempts", "2"]).await;

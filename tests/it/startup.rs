@@ -153,6 +153,7 @@ fn zero_where_zero_breaks_the_service_is_refused_when_parsed() {
         "--max-in-flight",
         "--easemob-rate-limit",
         "--easemob-max-attempts",
+        "--easemob-request-timeout",
     ] {
         let value = if flag.ends_with("timeout") { "0s" } else { "0" };
         let err = Cli::try_parse_from(["friendhook", "serve", flag, value]).expect_err(flag);
