@@ -180,12 +180,7 @@ async fn a_token_endpoint_blip_is_retried_within_the_call() {
     // A second client on the same sandbox starts without a token.
     let client = EasemobClient::new(client_config(&h.sandbox, &sandbox_config()), h.clock.clone()).expect("client");
     let issued_before = h.sandbox.stats().tokens_issued;
-    h.sandbox.inject_faults(InjectedFault {
-        status: 503,
-        count: 2,
-        path_contains: Some("/token".to_owned()),
-        error: None,
-    });
+    h.sandbox.inject_faults(token_fault(503, 2));
 
     let fetched = client.get_user("alice").await.expect("the third token request passes");
 
@@ -196,12 +191,7 @@ async fn a_token_endpoint_blip_is_retried_within_the_call() {
 #[tokio::test]
 async fn a_token_endpoint_outage_fails_after_the_tries_then_recovers_after_the_cooldown() {
     let h = harness().await;
-    h.sandbox.inject_faults(InjectedFault {
-        status: 503,
-        count: 5,
-        path_contains: Some("/token".to_owned()),
-        error: None,
-    });
+    h.sandbox.inject_faults(token_fault(503, 5));
 
     let failure = h.client.get_user("alice").await.expect_err("no token");
     assert!(
@@ -360,12 +350,7 @@ async fn token_is_reused_then_refreshed_at_half_life() {
 async fn a_failed_refresh_keeps_using_the_still_valid_token() {
     let h = harness_with(SandboxConfig { token_ttl_secs: 100, ..sandbox_config() }, |_| {}).await;
     register(&h.client, &["alice"]).await;
-    h.sandbox.inject_faults(InjectedFault {
-        status: 500,
-        count: 5,
-        path_contains: Some("/token".to_owned()),
-        error: None,
-    });
+    h.sandbox.inject_faults(token_fault(500, 5));
 
     h.clock.advance_ms(60_000);
     let fetched = h.client.get_user("alice").await.expect("old token still works");
@@ -458,12 +443,7 @@ async fn a_call_that_loses_its_token_after_a_5xx_says_the_5xx_may_have_acted() {
     register(&h.client, &["alice", "bob"]).await;
     h.sandbox.inject_faults(contacts_fault(503, 1));
     h.sandbox.inject_faults(contacts_fault(401, 1));
-    h.sandbox.inject_faults(InjectedFault {
-        status: 400,
-        count: 1,
-        path_contains: Some("/token".to_owned()),
-        error: Some("invalid_grant".to_owned()),
-    });
+    h.sandbox.inject_faults(token_refused_once());
 
     let failure = h.client.add_friend("alice", "bob").await.expect_err("no token after the 401");
 
@@ -482,12 +462,7 @@ async fn a_401_with_no_token_to_be_had_after_it_is_a_refusal_that_keeps_the_401(
     let h = harness().await;
     register(&h.client, &["alice", "bob"]).await;
     h.sandbox.inject_faults(contacts_fault(401, 1));
-    h.sandbox.inject_faults(InjectedFault {
-        status: 400,
-        count: 1,
-        path_contains: Some("/token".to_owned()),
-        error: Some("invalid_grant".to_owned()),
-    });
+    h.sandbox.inject_faults(token_refused_once());
 
     let failure = h.client.add_friend("alice", "bob").await.expect_err("no token after the 401");
 
@@ -508,12 +483,7 @@ async fn a_401_with_no_token_to_be_had_after_it_is_a_refusal_that_keeps_the_401(
 #[tokio::test]
 async fn a_token_request_refused_429_is_asked_again_no_sooner_than_a_second_later() {
     let h = harness().await;
-    h.sandbox.inject_faults(InjectedFault {
-        status: 429,
-        count: 1,
-        path_contains: Some("/token".to_owned()),
-        error: None,
-    });
+    h.sandbox.inject_faults(token_fault(429, 1));
 
     let started = std::time::Instant::now();
     h.client.ensure_token().await.expect("the second token request passes");

@@ -73,3 +73,12 @@ pub(crate) async fn register(client: &EasemobClient, names: &[&str]) {
 pub(crate) fn contacts_fault(status: u16, count: u32) -> InjectedFault {
     InjectedFault { status, count, path_contains: Some("/contacts/".to_owned()), error: None }
 }
+
+pub(crate) fn token_fault(status: u16, count: u32) -> InjectedFault {
+    InjectedFault { status, count, path_contains: Some("/token".to_owned()), error: None }
+}
+
+/// The token endpoint refusing the credentials once, as after the client secret was changed.
+pub(crate) fn token_refused_once() -> InjectedFault {
+    InjectedFault { error: Some("invalid_grant".to_owned()), ..token_fault(400, 1) }
+}

@@ -93,12 +93,7 @@ async fn a_call_refused_401_with_no_new_token_to_be_had_is_recorded_rejected_wit
     let (_, first) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "carol"})).await;
     assert_eq!(first["outcome"], "succeeded", "{first}");
     app.sandbox().inject_faults(crate::client_support::contacts_fault(401, 1));
-    app.sandbox().inject_faults(friendhook::sandbox::InjectedFault {
-        status: 400,
-        count: 1,
-        path_contains: Some("/token".to_owned()),
-        error: Some("invalid_grant".to_owned()),
-    });
+    app.sandbox().inject_faults(crate::client_support::token_refused_once());
 
     let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
 
@@ -250,12 +245,7 @@ async fn a_replay_is_answered_while_no_app_token_can_be_had() {
     let first: Value = first.json().await.unwrap();
 
     // The token expires, and the token endpoint now refuses the credentials.
-    app.sandbox().inject_faults(friendhook::sandbox::InjectedFault {
-        status: 401,
-        count: 100,
-        path_contains: Some("/token".to_owned()),
-        error: None,
-    });
+    app.sandbox().inject_faults(crate::client_support::token_fault(401, 100));
     clock.advance_ms(2 * 86_400_000);
 
     let replay = add("bob", "order-7").await.unwrap();
