@@ -86,9 +86,50 @@ pub struct AppState {
     pub write_probe: crate::http::health::WriteProbe,
     /// `/v1/reconciliation` reports, one at a time.
     pub reports: Arc<crate::http::journal::ReportGate>,
+    /// Set when the service is told to stop ([`AppState::begin_stop`]).
+    pub stopping: Stopping,
+}
+
+/// Whether the service has been told to stop. Work that would otherwise hold the stop, or
+/// outlast the receiver, ends early: a feed long-poll answers at once, calls not sent yet are not
+/// sent (their callbacks would come to a closed port).
+#[derive(Clone, Debug)]
+pub struct Stopping(Arc<tokio::sync::watch::Sender<bool>>);
+
+impl Default for Stopping {
+    fn default() -> Self {
+        Self(Arc::new(tokio::sync::watch::Sender::new(false)))
+    }
+}
+
+impl Stopping {
+    /// Resolves once the service is stopping (at once if it is).
+    pub async fn wait(&self) {
+        let mut stopping = self.0.subscribe();
+        // `self` holds the sender, so the wait ends only when the flag is set.
+        let _ = stopping.wait_for(|stopping| *stopping).await;
+    }
+
+    /// Whether the service is stopping.
+    pub fn is_set(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    fn set(&self) {
+        self.0.send_replace(true);
+    }
 }
 
 impl AppState {
+    /// The first step of a stop, taken when the signal arrives (before the listener closes):
+    /// long-polls end, and the Easemob client sends nothing it has not sent yet.
+    pub fn begin_stop(&self) {
+        self.stopping.set();
+        if let Some(client) = &self.easemob {
+            client.stop_sending();
+        }
+    }
+
     /// How reconciliation judges calls as of now (`--match-skew`, `--match-window`).
     pub fn match_params(&self) -> crate::reconcile::MatchParams {
         crate::reconcile::MatchParams {

@@ -142,6 +142,7 @@ pub struct Metrics {
     quarantine_held: Gauge<f64, AtomicU64>,
     database_bytes: Family<Labels, Gauge>,
     reports: [Counter; ReportAnswer::ALL.len()],
+    feed_long_polls: Gauge,
     writer: WriterMetrics,
     reconciliation: Option<ReconciliationMetrics>,
 }
@@ -324,6 +325,12 @@ impl Metrics {
              a next page cut from the one kept; busy: 503, another report was running)",
             report_requests,
         );
+        let feed_long_polls = registered(
+            &mut registry,
+            "feed_long_polls",
+            "GET /v1/feed requests waiting for records (wait=...) right now",
+            Gauge::default(),
+        );
         registry.register("commit_writes", "Writes per commit (group commit)", writer.commit_writes.clone());
         registry.register(
             "commit_seconds",
@@ -346,6 +353,7 @@ impl Metrics {
             quarantine_held,
             database_bytes,
             reports,
+            feed_long_polls,
             writer,
             reconciliation: None,
         }
@@ -362,6 +370,18 @@ impl Metrics {
     /// The handle to give the store's writer.
     pub fn writer(&self) -> WriterMetrics {
         self.writer.clone()
+    }
+
+    /// Counts a feed long-poll as waiting until the returned guard is dropped.
+    pub fn feed_long_poll(&self) -> impl Drop + use<> {
+        struct Waiting(Gauge);
+        impl Drop for Waiting {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.feed_long_polls.inc();
+        Waiting(self.feed_long_polls.clone())
     }
 
     /// Counts one callback delivery.

@@ -275,6 +275,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         write_probe: Default::default(),
         // Half the request deadline: a report that starts later would risk running into it.
         reports: Arc::new(ReportGate::new(args.request_timeout / 2)),
+        stopping: Default::default(),
     });
     let limits = ServerLimits {
         max_in_flight: args.max_in_flight.max(1),
@@ -301,6 +302,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let shutdown = async {
         app::shutdown_signal().await;
         let _ = signalled.set(Instant::now());
+        state.begin_stop();
         // A second signal means "now": the operator has seen the first one being honoured.
         tokio::spawn(async {
             app::shutdown_signal().await;

@@ -115,6 +115,8 @@ struct Inner {
     http: reqwest::Client,
     tokens: TokenCache,
     pacer: RequestPacer,
+    /// Set by [`EasemobClient::stop_sending`].
+    stopped: tokio::sync::watch::Sender<bool>,
     jitter: Mutex<StdRng>,
 }
 
@@ -198,6 +200,7 @@ impl EasemobClient {
                 http,
                 tokens: TokenCache::new(clock),
                 pacer: RequestPacer::new(rate),
+                stopped: tokio::sync::watch::Sender::new(false),
                 jitter: Mutex::new(jitter),
                 config,
             }),
@@ -592,7 +595,23 @@ impl EasemobClient {
         // otherwise keep the call queueing; the third time, the fetched token is used.
         for _ in 0..2 {
             self.token().await.map_err(no_token)?;
-            self.inner.pacer.wait_turn().await;
+            if attempts == 0 {
+                // A call not sent yet is not sent once the service stops: its callback would
+                // come to a receiver that no longer listens.
+                tokio::select! {
+                    biased;
+                    () = self.stopped() => {
+                        return Err(ApiFailure::NotSent {
+                            reason: "not sent: the service was stopping before the call's turn came; nothing reached \
+                                     Easemob, so it is safe to send again"
+                                .into(),
+                        });
+                    }
+                    () = self.inner.pacer.wait_turn() => {}
+                }
+            } else {
+                self.inner.pacer.wait_turn().await;
+            }
             if let Some(token) = self.inner.tokens.cached().await {
                 return Ok(token);
             }
@@ -605,6 +624,24 @@ impl EasemobClient {
     /// with no attempts.
     pub async fn ensure_token(&self) -> Result<(), ApiFailure> {
         self.token().await.map(drop).map_err(|failure| token_failure(failure, 0, None, (None, None, None)))
+    }
+
+    /// Sends no call that has not been sent yet: each one waiting for its turn (behind a batch,
+    /// say) or starting from now on ends as [`ApiFailure::NotSent`]. Calls already sent finish,
+    /// with their retries. For a service that is stopping.
+    pub fn stop_sending(&self) {
+        self.inner.stopped.send_replace(true);
+    }
+
+    /// Whether [`EasemobClient::stop_sending`] was called.
+    pub fn is_stopping(&self) -> bool {
+        *self.inner.stopped.borrow()
+    }
+
+    async fn stopped(&self) {
+        let mut stopped = self.inner.stopped.subscribe();
+        // The sender lives as long as the client, so the wait ends only when stopped.
+        let _ = stopped.wait_for(|stopped| *stopped).await;
     }
 
     async fn token(&self) -> Result<AppToken, TokenFailure> {
@@ -890,6 +927,7 @@ fn add_attempts(failure: ApiFailure, earlier: u32, users_before: usize) -> ApiFa
         ApiFailure::Failed { status, error, body, attempts, reason } => {
             ApiFailure::Failed { status, error, body, attempts: attempts + earlier, reason: said(reason) }
         }
+        ApiFailure::NotSent { reason } => ApiFailure::NotSent { reason: said(reason) },
         ApiFailure::NoToken { status, error, body, attempts, token_status, may_have_acted, reason } => {
             ApiFailure::NoToken {
                 status,

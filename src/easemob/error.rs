@@ -70,6 +70,13 @@ pub enum ApiFailure {
         /// Why no token could be had, what to fix, and what became of the call.
         reason: String,
     },
+    /// The client was stopped ([`EasemobClient::stop_sending`](super::EasemobClient::stop_sending):
+    /// the service is shutting down) before the call's first attempt; nothing was sent.
+    #[error("{reason}")]
+    NotSent {
+        /// Why, and that it is safe to send again.
+        reason: String,
+    },
 }
 
 /// How the `reason` of a failure for want of an app token starts.
@@ -85,7 +92,7 @@ impl ApiFailure {
     /// give-up, and after a missing token only if an earlier attempt may have acted.
     pub fn may_have_acted(&self) -> bool {
         match self {
-            ApiFailure::Rejected { .. } => false,
+            ApiFailure::Rejected { .. } | ApiFailure::NotSent { .. } => false,
             ApiFailure::Failed { .. } => true,
             ApiFailure::NoToken { may_have_acted, .. } => *may_have_acted,
         }
@@ -99,6 +106,7 @@ impl ApiFailure {
             ApiFailure::Rejected { .. } => false,
             ApiFailure::Failed { status, .. } => transient(status),
             ApiFailure::NoToken { token_status, .. } => transient(token_status),
+            ApiFailure::NotSent { .. } => true,
         }
     }
 
@@ -108,6 +116,7 @@ impl ApiFailure {
             ApiFailure::Rejected { attempts, .. }
             | ApiFailure::Failed { attempts, .. }
             | ApiFailure::NoToken { attempts, .. } => *attempts,
+            ApiFailure::NotSent { .. } => 0,
         }
     }
 
@@ -116,6 +125,7 @@ impl ApiFailure {
         match self {
             ApiFailure::Rejected { status, .. } => Some(*status),
             ApiFailure::Failed { status, .. } | ApiFailure::NoToken { status, .. } => *status,
+            ApiFailure::NotSent { .. } => None,
         }
     }
 
@@ -128,7 +138,7 @@ impl ApiFailure {
                 Some(error.error.as_str())
             }
             // The call was answered without an error body, or not sent at all for want of a token.
-            ApiFailure::NoToken { .. } => None,
+            ApiFailure::NoToken { .. } | ApiFailure::NotSent { .. } => None,
             // An answer without an error body (an HTML 502 page, an empty 503) has no error type.
             ApiFailure::Failed { status: Some(_), .. } => None,
             ApiFailure::Failed { reason, .. } if reason.contains(TIMED_OUT) => Some("timeout"),
@@ -141,7 +151,9 @@ impl ApiFailure {
     pub fn detail(&self) -> String {
         match self {
             ApiFailure::Rejected { .. } => self.to_string(),
-            ApiFailure::Failed { reason, .. } | ApiFailure::NoToken { reason, .. } => reason.clone(),
+            ApiFailure::Failed { reason, .. } | ApiFailure::NoToken { reason, .. } | ApiFailure::NotSent { reason } => {
+                reason.clone()
+            }
         }
     }
 
@@ -151,6 +163,7 @@ impl ApiFailure {
             ApiFailure::Rejected { body, .. } | ApiFailure::Failed { body, .. } | ApiFailure::NoToken { body, .. } => {
                 body.as_ref()
             }
+            ApiFailure::NotSent { .. } => None,
         }
     }
 }

@@ -202,6 +202,21 @@ impl From<ApiError> for CallFailure {
     }
 }
 
+/// A trigger that arrives while the service stops (on a kept-alive connection) is refused before
+/// anything is recorded: its call would only be recorded as not sent.
+fn refuse_while_stopping(client: &EasemobClient) -> Result<(), ApiError> {
+    if client.is_stopping() {
+        return Err(ApiError::Unavailable {
+            code: "shutting_down",
+            detail: "the service is stopping; nothing was recorded or sent to Easemob: send it again once the \
+                     service is back"
+                .into(),
+            retry_after_secs: 5,
+        });
+    }
+    Ok(())
+}
+
 /// A call that cannot be sent for want of an app token (wrong credentials, token endpoint down)
 /// is answered before anything is recorded: recorded, it would hold its Idempotency-Key to a
 /// failure that never reached Easemob.
@@ -229,6 +244,7 @@ async fn execute(
     {
         return Ok((existing, true));
     }
+    refuse_while_stopping(&client)?;
     ensure_token(&client).await?;
     WorkStarted::start(started.as_ref())?;
     let intent = state.store.queue_call_intent(call).map_err(ApiError::from)?;
@@ -273,7 +289,11 @@ async fn carry_out(
                         // Refused with 401 and no new token to be had: Easemob's last word on
                         // the call was a refusal, and no earlier attempt can have acted.
                         ApiFailure::NoToken { status: Some(401), may_have_acted: false, .. } => Outcome::Rejected,
-                        ApiFailure::Failed { .. } | ApiFailure::NoToken { .. } => Outcome::Failed,
+                        // Not sent at all (the service stopped first): ended, not carried out;
+                        // its detail says it is safe to send again.
+                        ApiFailure::Failed { .. } | ApiFailure::NoToken { .. } | ApiFailure::NotSent { .. } => {
+                            Outcome::Failed
+                        }
                     },
                     // The call's own last answer; the token endpoint's is in the detail.
                     upstream_status: fail.upstream_status().map(i64::from),
@@ -503,6 +523,7 @@ async fn add_friends_batch(
         position_of.push(call);
     }
     let client = client(&state)?;
+    refuse_while_stopping(&client)?;
     ensure_token(&client).await?;
     // The intents are queued one after the other, with no await between queueing one and
     // spawning its task (so a disconnect cannot leave an intent without its call): the writer

@@ -335,12 +335,18 @@ async fn get_feed(
     let mut resume_after = page.resume_after(after);
     if page.count == 0 && !wait.is_zero() {
         let deadline = tokio::time::Instant::now() + wait;
+        let _waiting = state.metrics.feed_long_poll();
         loop {
             // Woken by this service's commits, and at least every FEED_RECHECK: another process
             // may commit to the same file (`quarantine reverify` promoting held requests), and
-            // its commits do not pass through this service's writer.
+            // its commits do not pass through this service's writer. A stop ends the wait with
+            // the empty page, so that the poll does not hold the shutdown for its whole wait.
             let wake_at = deadline.min(tokio::time::Instant::now() + FEED_RECHECK);
-            match tokio::time::timeout_at(wake_at, committed.changed()).await {
+            let woken = tokio::select! {
+                () = state.stopping.wait() => break,
+                woken = tokio::time::timeout_at(wake_at, committed.changed()) => woken,
+            };
+            match woken {
                 Ok(Ok(())) => {
                     if *committed.borrow_and_update() <= resume_after {
                         continue;

@@ -107,6 +107,41 @@ async fn a_call_refused_401_with_no_new_token_to_be_had_is_recorded_rejected_wit
     app.stop().await;
 }
 
+/// A stop during a batch sends none of the calls still waiting for their turn: their callbacks
+/// would come to a receiver that no longer listens (and, failing, ban the callback rule). Each is
+/// recorded as not sent, which is safe to send again, and the batch is answered.
+#[tokio::test]
+async fn a_stop_during_a_batch_sends_none_of_the_calls_still_waiting_and_records_them_not_sent() {
+    let mut app = TestApp::spawn(&["--easemob-rate-limit", "1"]).await;
+    let friends: Vec<String> = (0..20).map(|i| format!("friend{i}")).collect();
+    let mut names = vec!["alice"];
+    names.extend(friends.iter().map(String::as_str));
+    app.register(&names).await;
+    let pairs: Vec<Value> = friends.iter().map(|f| json!({"owner": "alice", "friend": f})).collect();
+    let request = app.client.post(app.url("/v1/friends/batch")).json(&json!({ "pairs": pairs }));
+    let batch = tokio::spawn(async move { request.send().await });
+    // One call a second: once the first has been answered, the other nineteen wait their turns.
+    while app.metrics().await.get("friendhook_calls_total{outcome=\"succeeded\"}").copied() != Some(1.0) {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    let sent_before_stop = app.sandbox().stats().requests;
+
+    app.begin_stop();
+
+    let answer: Value = batch.await.expect("task").expect("the batch is answered").json().await.expect("JSON");
+    let results = answer["results"].as_array().expect("results");
+    let not_sent: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["outcome"] == "failed" && r["attempts"] == 0)
+        .filter(|r| r["outcome_detail"].as_str().is_some_and(|d| d.contains("safe to send again")))
+        .collect();
+    let succeeded = results.iter().filter(|r| r["outcome"] == "succeeded").count();
+    assert_eq!(not_sent.len() + succeeded, 20, "each pair either went through or was not sent: {answer}");
+    assert!(not_sent.len() >= 15, "the waiting calls were not sent: {answer}");
+    assert!(app.sandbox().stats().requests - sent_before_stop <= 5, "nothing more went to Easemob");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_call_given_up_after_5xx_answers_says_easemob_may_have_acted() {
     let app = TestApp::spawn(&["--easemob-max-attempts", "2"]).await;

@@ -89,8 +89,10 @@ impl TestApp {
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(async move {
             let friendhook::commands::serve::Service { listener, router, limits, state, .. } = service;
+            // As `serve` does on a signal: the stop's first step, before the listener closes.
             friendhook::app::serve(listener, router, limits, async {
                 let _ = rx.await;
+                state.begin_stop();
             })
             .await
             .expect("serve");
@@ -119,11 +121,16 @@ impl TestApp {
         }
     }
 
-    /// Stops the service gracefully and waits for it.
-    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+    /// Tells the service to stop, as a signal would, without waiting for it: `stop` then waits.
+    pub fn begin_stop(&mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }
+    }
+
+    /// Stops the service gracefully and waits for it.
+    pub async fn stop(mut self) -> Option<tempfile::TempDir> {
+        self.begin_stop();
         if let Some(join) = self.join.take() {
             let _ = join.await;
         }

@@ -74,6 +74,31 @@ async fn feed_long_poll_returns_as_soon_as_something_is_stored() {
     app.stop().await;
 }
 
+/// A stop answers a waiting long-poll at once, with the empty page and where the reader stands,
+/// rather than holding the shutdown for the poll's wait and then cutting it off unanswered.
+#[tokio::test]
+async fn a_stop_answers_a_waiting_long_poll_with_the_empty_page() {
+    let mut app = TestApp::spawn(&[]).await;
+    let client = app.client.clone();
+    let url = app.url("/v1/feed?after=0&wait=60s");
+    let waiter = tokio::spawn(async move { client.get(url).send().await });
+    while app.metrics().await.get("friendhook_feed_long_polls").copied() != Some(1.0) {
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+
+    app.begin_stop();
+
+    let response = tokio::time::timeout(std::time::Duration::from_secs(30), waiter)
+        .await
+        .expect("answered before its 60 s wait")
+        .expect("task")
+        .expect("an HTTP answer, not a closed connection");
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["x-last-seq"], "0");
+    assert_eq!(response.text().await.expect("body"), "");
+    app.stop().await;
+}
+
 async fn feed_response(app: &TestApp, query: &str) -> (u16, Option<i64>, Vec<Value>) {
     let r = app.client.get(app.url(&format!("/v1/feed?{query}"))).send().await.unwrap();
     let status = r.status().as_u16();
