@@ -128,7 +128,7 @@ pub struct ServeArgs {
     pub timestamp_tolerance: Duration,
 
     /// At most this many rejected deliveries are kept (oldest pruned first).
-    #[arg(long, env = "FRIENDHOOK_REJECTION_LOG_CAP", default_value_t = 10_000)]
+    #[arg(long, env = "FRIENDHOOK_REJECTION_LOG_CAP", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(1..))]
     pub rejection_log_cap: i64,
 
     /// Requests waiting for the writer beyond this many are answered 503 with Retry-After
@@ -183,21 +183,22 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_ON_BAD_SIGNATURE", value_enum, default_value = "reject")]
     pub on_bad_signature: OnBadSignature,
 
-    /// quarantine mode: keep at most this many quarantined requests (further ones are rejected).
-    #[arg(long, env = "FRIENDHOOK_QUARANTINE_CAP", default_value_t = 10_000)]
+    /// quarantine mode: keep at most this many quarantined requests (further ones are rejected;
+    /// 0 holds none).
+    #[arg(long, env = "FRIENDHOOK_QUARANTINE_CAP", default_value_t = 10_000, value_parser = clap::value_parser!(i64).range(0..))]
     pub quarantine_cap: i64,
 
-    /// Only accept callbacks from these source networks (comma-separated CIDRs, e.g.
-    /// `203.0.113.0/24,127.0.0.1/32`). Empty: any source.
-    #[arg(long, env = "FRIENDHOOK_ALLOW_FROM", value_delimiter = ',')]
-    pub allow_from: Vec<ipnet::IpNet>,
+    /// Only accept callbacks from these source networks (comma-separated CIDRs or addresses, e.g.
+    /// `203.0.113.0/24,127.0.0.1`). Empty: any source.
+    #[arg(long, env = "FRIENDHOOK_ALLOW_FROM", value_delimiter = ',', value_parser = parse_network)]
+    pub allow_from: Vec<Network>,
 
-    /// Reverse proxies in front of friendhook (comma-separated CIDRs, e.g. `127.0.0.1/32`). A
+    /// Reverse proxies in front of friendhook (comma-separated CIDRs or addresses, e.g. `127.0.0.1`). A
     /// callback arriving from one of them is taken to come from the address its
     /// `X-Forwarded-For` reports (the rightmost entry not itself a listed proxy): that address is
     /// what `--allow-from` checks and the delivery log records. Empty: the header is ignored.
-    #[arg(long, env = "FRIENDHOOK_TRUSTED_PROXY", value_delimiter = ',')]
-    pub trusted_proxy: Vec<ipnet::IpNet>,
+    #[arg(long, env = "FRIENDHOOK_TRUSTED_PROXY", value_delimiter = ',', value_parser = parse_network)]
+    pub trusted_proxy: Vec<Network>,
 
     /// Reconciliation: how far before the call a callback's timestamp may lie (clock skew).
     #[arg(long, env = "FRIENDHOOK_MATCH_SKEW", default_value = "5s", value_parser = parse_duration)]
@@ -330,6 +331,31 @@ pub fn callback_secrets(items: &[Secret]) -> Vec<Secret> {
     items.iter().filter(|s| !s.expose().is_empty()).cloned().collect()
 }
 
+/// One item of a comma-separated list of networks; `None` for an empty item (`FRIENDHOOK_ALLOW_FROM=`
+/// means "any source", as no flag does, and `a,` is `a`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Network(pub Option<ipnet::IpNet>);
+
+/// The networks of a list, empty items dropped.
+pub fn networks(items: &[Network]) -> Vec<ipnet::IpNet> {
+    items.iter().filter_map(|n| n.0).collect()
+}
+
+/// `10.0.0.0/8`, or an address alone as the network of just that address (`10.0.0.1` as
+/// `10.0.0.1/32`); spaces around it are dropped (`a, b` means `a` and `b`).
+pub fn parse_network(item: &str) -> Result<Network, String> {
+    let item = item.trim();
+    if item.is_empty() {
+        return Ok(Network(None));
+    }
+    if let Ok(net) = item.parse::<ipnet::IpNet>() {
+        return Ok(Network(Some(net)));
+    }
+    item.parse::<std::net::IpAddr>()
+        .map(|ip| Network(Some(ip.into())))
+        .map_err(|_| format!("`{item}` is neither a network like 203.0.113.0/24 nor an address like 203.0.113.7"))
+}
+
 /// A duration that zero would break: a deadline of nothing fails every request.
 pub fn parse_nonzero_duration(s: &str) -> Result<Duration, String> {
     match parse_duration(s)? {
@@ -348,7 +374,16 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
     }
 }
 
-/// Parses `5s`, `250ms`, `5m`, `1h`.
+/// Longest duration any setting takes. Far beyond any sensible timeout, window or age, and far
+/// below what adding to a clock reading can take (humantime reads up to ~5.8e11 years; a deadline
+/// that far ahead would overflow and panic in every request).
+pub const MAX_DURATION: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Parses `5s`, `250ms`, `5m`, `1h`, up to [`MAX_DURATION`] (10 years).
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 5s, 250ms or 5m: {e}"))
+    let d = humantime::parse_duration(s).map_err(|e| format!("`{s}` is not a duration like 5s, 250ms or 5m: {e}"))?;
+    if d > MAX_DURATION {
+        return Err(format!("`{s}` is longer than 10 years, the most any setting takes"));
+    }
+    Ok(d)
 }

@@ -24,16 +24,16 @@ pub struct DemoArgs {
     #[arg(long, default_value = "friendhook-demo.db")]
     pub database: std::path::PathBuf,
     /// Friend additions to trigger.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 300, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(1..))]
     pub adds: usize,
-    /// Users to register in the sandbox.
-    #[arg(long, default_value_t = 120)]
+    /// Users to register in the sandbox (at least 2: a user cannot befriend itself).
+    #[arg(long, default_value_t = 120, value_parser = clap::builder::RangedU64ValueParser::<usize>::new().range(2..))]
     pub users: usize,
     /// Sandbox friend limit (low, so that some additions hit 403 exceed_limit).
     #[arg(long, default_value_t = 8)]
     pub friend_limit: usize,
-    /// Share of callbacks the sandbox drops, so that some calls end up `missing`.
-    #[arg(long, default_value_t = 0.03)]
+    /// Share of callbacks the sandbox drops (0..1), so that some calls end up `missing`.
+    #[arg(long, default_value_t = 0.03, value_parser = crate::sandbox::config::parse_probability)]
     pub drop_rate: f64,
     /// Seed for the pairs and the sandbox's faults.
     #[arg(long, default_value_t = 7)]
@@ -130,7 +130,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         ),
         crate::clock::system(),
     )?;
-    let names: Vec<String> = (0..args.users.max(2)).map(|i| format!("user_{i:03}")).collect();
+    let names: Vec<String> = (0..args.users).map(|i| format!("user_{i:03}")).collect();
     for chunk in names.chunks(60) {
         let users: Vec<NewUser> = chunk
             .iter()

@@ -199,7 +199,14 @@ async fn fetch_page(
             .await
             .with_context(|| format!("cannot reach {url}; is `friendhook serve` running there?"))?;
         if resp.status().is_success() {
-            return Ok(resp.json().await?);
+            let what = format!(
+                "{url} answered {} with something other than a reconciliation report; is --url a friendhook \
+                 service (its base URL, e.g. http://127.0.0.1:8080)?",
+                resp.status()
+            );
+            let page: Value = resp.json().await.with_context(|| what.clone())?;
+            anyhow::ensure!(page.is_object(), what);
+            return Ok(page);
         }
         let status = resp.status();
         let wait = resp

@@ -40,8 +40,8 @@ pub fn store_options(args: &ServeArgs, metrics: WriterMetrics) -> StoreOptions {
         write_queue: args.write_queue,
         limits: WriterLimits {
             max_batch: args.max_batch.max(1),
-            rejection_cap: args.rejection_log_cap.max(1),
-            quarantine_cap: args.quarantine_cap.max(0),
+            rejection_cap: args.rejection_log_cap,
+            quarantine_cap: args.quarantine_cap,
         },
         read_connections: 4,
         busy_timeout: args.db.sqlite_busy_timeout,
@@ -244,8 +244,8 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
         on_bad_signature: args.on_bad_signature,
-        allow_from: args.allow_from.clone(),
-        trusted_proxies: args.trusted_proxy.clone(),
+        allow_from: crate::config::networks(&args.allow_from),
+        trusted_proxies: crate::config::networks(&args.trusted_proxy),
         match_skew_ms: args.match_skew.as_millis() as i64,
         match_window_ms: args.match_window.as_millis() as i64,
         commit_timeout: app::commit_timeout(args.request_timeout),

@@ -59,7 +59,7 @@ async fn buckets(client: &EasemobClient) -> Result<Vec<CacheBucket>, ApiError> {
 async fn list_buckets(State(state): State<SharedState>) -> Result<Response, ApiError> {
     let client = client(&state)?;
     let buckets = buckets(&client).await?;
-    let callbacks: u64 = buckets.iter().map(|b| b.size).sum();
+    let callbacks = buckets.iter().fold(0u64, |total, b| total.saturating_add(b.size));
     Ok(Json(json!({"buckets": buckets, "callbacks": callbacks})).into_response())
 }
 

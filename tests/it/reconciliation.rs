@@ -362,6 +362,27 @@ async fn the_kept_report_is_let_go_once_unused_since_a_use() {
     app.stop().await;
 }
 
+/// A --url that answers 200 with JSON that is not a report (another service, a proxy's page) is
+/// an error that says what to check; it panicked when the CLI marked the report's last page.
+#[tokio::test]
+async fn reconcile_cli_refuses_a_url_that_answers_something_else() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let other = axum::Router::new().fallback(|| async { axum::Json(serde_json::json!(["not", "a", "report"])) });
+    tokio::spawn(async move { axum::serve(listener, other).await });
+
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--url", &base, "--json"])
+        .output()
+        .await
+        .unwrap();
+
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("something other than a reconciliation report"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
 #[tokio::test]
 async fn reconcile_cli_asks_again_while_the_service_is_busy_with_another_report() {
     use tokio::io::AsyncBufReadExt;

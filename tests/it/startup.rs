@@ -160,6 +160,59 @@ fn zero_where_zero_breaks_the_service_is_refused_when_parsed() {
         assert!(err.to_string().contains(flag), "{flag}: {err}");
     }
     assert!(Cli::try_parse_from(["friendhook", "serve", "--max-body-bytes", "1", "--trigger-timeout", "1ms"]).is_ok());
+    // Negative caps were quietly turned into 0 (quarantine off) and 1.
+    for (flag, value) in [("--quarantine-cap", "-1"), ("--rejection-log-cap", "-5"), ("--rejection-log-cap", "0")] {
+        let err = Cli::try_parse_from(["friendhook", "serve", &format!("{flag}={value}")]).expect_err(flag);
+        assert!(err.to_string().contains(flag) && err.to_string().contains("not in"), "{flag}: {err}");
+    }
+}
+
+/// humantime reads durations of up to ~5.8e11 years; a deadline that far ahead overflows the
+/// clock and panicked in every connection. Anything past 10 years is refused when parsed.
+#[test]
+fn durations_beyond_ten_years_are_refused_when_parsed() {
+    for flag in
+        ["--header-timeout", "--request-timeout", "--shutdown-grace", "--match-window", "--easemob-max-retry-time"]
+    {
+        let err = Cli::try_parse_from(["friendhook", "serve", flag, "500000000000y"]).expect_err(flag);
+        assert!(err.to_string().contains("longer than 10 years"), "{flag}: {err}");
+    }
+    assert!(Cli::try_parse_from(["friendhook", "serve", "--match-window", "3650days"]).is_ok());
+}
+
+/// `FRIENDHOOK_ALLOW_FROM=` (empty) means any source, as the help says; items are trimmed like the
+/// secrets' (`a, b`), and an address alone is that address's network. All three were refused.
+#[test]
+fn network_lists_take_empty_values_spaces_and_bare_addresses() {
+    let parse = |flag: &str, value: &str| match Cli::try_parse_from(["friendhook", "serve", flag, value]) {
+        Ok(cli) => match cli.command {
+            friendhook::config::Command::Serve(args) => {
+                Ok((friendhook::config::networks(&args.allow_from), friendhook::config::networks(&args.trusted_proxy)))
+            }
+            _ => unreachable!(),
+        },
+        Err(e) => Err(e.to_string()),
+    };
+    assert_eq!(parse("--allow-from", ""), Ok((vec![], vec![])));
+    let nets = |list: &[&str]| list.iter().map(|n| n.parse::<ipnet::IpNet>().unwrap()).collect::<Vec<_>>();
+    assert_eq!(
+        parse("--allow-from", " 10.0.0.0/8, 127.0.0.1 ,::1"),
+        Ok((nets(&["10.0.0.0/8", "127.0.0.1/32", "::1/128"]), vec![]))
+    );
+    assert_eq!(parse("--trusted-proxy", "10.0.0.1,"), Ok((vec![], nets(&["10.0.0.1/32"]))));
+    let err = parse("--allow-from", "10.0.0.0/8,example.com").expect_err("not a network");
+    assert!(err.contains("--allow-from") && err.contains("`example.com` is neither a network"), "{err}");
+}
+
+/// The demo's counts are checked when parsed: one user cannot befriend anyone (its pairs were
+/// drawn until the friend differed from the owner), and a drop rate is a share.
+#[test]
+fn demo_arguments_out_of_range_are_refused_when_parsed() {
+    for (flag, value) in [("--users", "1"), ("--users", "0"), ("--adds", "0"), ("--drop-rate", "1.5")] {
+        let err = Cli::try_parse_from(["friendhook", "demo", flag, value]).expect_err(flag);
+        assert!(err.to_string().contains(flag), "{flag}: {err}");
+    }
+    assert!(Cli::try_parse_from(["friendhook", "demo", "--users", "2", "--drop-rate", "1"]).is_ok());
 }
 
 fn demo(dir: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> std::process::Output {
