@@ -78,6 +78,9 @@ pub struct AppState {
     pub overloads: LogThrottle,
     /// Throttles the log line of callbacks answered 503 because their commit ran out of time.
     pub commit_timeouts: LogThrottle,
+    /// Throttles the log line of callbacks that failed verification (anyone who can reach the
+    /// endpoint can send them; `/metrics` counts every one).
+    pub bad_signatures: LogThrottle,
     /// The Easemob client for the trigger API (the sandbox's, in sandbox mode).
     pub easemob: Option<crate::easemob::EasemobClient>,
     /// The trailing window's reconciliation for `/metrics` (`None`: turned off).

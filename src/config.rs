@@ -140,7 +140,9 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_MAX_BATCH", default_value_t = 512, value_parser = parse_count)]
     pub max_batch: usize,
 
-    /// Most requests handled at once; further requests wait in the accept queue.
+    /// Most requests handled at once, counted separately for callbacks and for the API (so a busy
+    /// API cannot starve callbacks); further requests are read and wait for a slot, within their
+    /// --request-timeout. Probes and /metrics are not counted.
     #[arg(long, env = "FRIENDHOOK_MAX_IN_FLIGHT", default_value_t = 4096, value_parser = parse_count)]
     pub max_in_flight: usize,
 
@@ -331,6 +333,26 @@ pub fn callback_secrets(items: &[Secret]) -> Vec<Secret> {
     items.iter().filter(|s| !s.expose().is_empty()).cloned().collect()
 }
 
+/// The log filter of a `RUST_LOG` value: `info` when there is none, and when it cannot be read, with
+/// a warning to log saying so (an operator who asked for `debug` and silently got `info` would
+/// look for lines that never come).
+pub fn log_filter(rust_log: Option<&str>) -> (tracing_subscriber::EnvFilter, Option<String>) {
+    let info = || tracing_subscriber::EnvFilter::new("info");
+    match rust_log.map(str::trim).filter(|s| !s.is_empty()) {
+        None => (info(), None),
+        Some(text) => match tracing_subscriber::EnvFilter::try_new(text) {
+            Ok(filter) => (filter, None),
+            Err(e) => (
+                info(),
+                Some(format!(
+                    "RUST_LOG={text:?} is not a log filter ({e}); logging at info. Examples: RUST_LOG=debug, \
+                     RUST_LOG=info,friendhook::store=debug"
+                )),
+            ),
+        },
+    }
+}
+
 /// One item of a comma-separated list of networks; `None` for an empty item (`FRIENDHOOK_ALLOW_FROM=`
 /// means "any source", as no flag does, and `a,` is `a`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -386,4 +408,20 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         return Err(format!("`{s}` is longer than 10 years, the most any setting takes"));
     }
     Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_log_filter_that_cannot_be_read_falls_back_to_info_and_says_so() {
+        let (filter, warning) = log_filter(Some("friendhook=verbose"));
+        assert_eq!(filter.to_string(), "info");
+        assert!(warning.is_some_and(|w| w.contains("RUST_LOG=\"friendhook=verbose\" is not a log filter")));
+        let (filter, warning) = log_filter(Some("info,friendhook::store=debug"));
+        assert_eq!((filter.to_string().contains("friendhook::store=debug"), warning), (true, None));
+        assert_eq!(log_filter(None).1, None);
+        assert_eq!(log_filter(Some(" ")).0.to_string(), "info");
+    }
 }

@@ -24,7 +24,7 @@ pub enum ApiError {
     #[error("signature verification failed")]
     Unauthorized,
     /// 403: the source address is not allowed.
-    #[error("source address not allowed")]
+    #[error("source address not allowed (see --allow-from and --trusted-proxy; the service log names the address)")]
     Forbidden,
     /// 404: no such resource.
     #[error("{0}")]
@@ -54,7 +54,8 @@ pub enum ApiError {
         /// What is wrong.
         detail: String,
     },
-    /// 503: cannot commit right now (queue full, database fault); the caller should retry.
+    /// 503: the service cannot do it right now (write queue full, database fault, no Easemob token,
+    /// another report running, stopping); `retry_after_secs` says whether and when to retry.
     #[error("{detail}")]
     Unavailable {
         /// Stable machine code.

@@ -1,10 +1,10 @@
 //! friendhook: receive, verify, store and reconcile Easemob friend (roster) callbacks.
 //!
-//! Crate map (data flows top to bottom on the receive path):
+//! Crate map:
 //! - [`config`]: command line and environment (clap); secrets redacted.
 //! - [`app`]: application state, router assembly, the HTTP server and its shutdown.
 //! - [`connection`]: per-connection timeouts (headers vs. idle keep-alive).
-//! - [`http`]: one module per resource; handlers translate HTTP to store and domain calls.
+//! - [`http`]: the resources' routes; handlers translate HTTP to store and domain calls.
 //! - [`error`]: the one API error type, rendered as `{"code": "...", "detail": "..."}`.
 //! - [`signature`]: pure signature verification (Easemob md5, standard-webhooks HMAC).
 //! - [`callback`]: pure, lenient parsing of a callback body and its dedup key.

@@ -4,7 +4,6 @@ use std::io::IsTerminal;
 
 use clap::Parser;
 use friendhook::config::{Cli, Command};
-use tracing_subscriber::EnvFilter;
 
 /// jemalloc rather than the platform's malloc: after a large reconciliation report, glibc kept the
 /// freed memory in the arena of each thread that had run one (seven full reports in a row at a
@@ -17,11 +16,15 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
+    let (filter, not_understood) = friendhook::config::log_filter(std::env::var("RUST_LOG").ok().as_deref());
     tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")))
+        .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
+    if let Some(warning) = not_understood {
+        tracing::warn!("{warning}");
+    }
     let result = match cli.command {
         Command::Serve(args) => friendhook::commands::serve::run(*args).await,
         Command::Demo(args) => friendhook::commands::demo::run(args).await,

@@ -114,6 +114,8 @@ pub struct WriterMetrics {
     pub commit_seconds: Histogram,
     /// Batches that could not be committed (every write in them answered 503).
     pub failed_commits: Counter,
+    /// `/readyz` write probes committed (kept out of `commit_writes` and `commit_seconds`).
+    pub probe_commits: Counter,
 }
 
 impl Default for WriterMetrics {
@@ -125,6 +127,7 @@ impl Default for WriterMetrics {
             // stalled disk in the last.
             commit_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             failed_commits: Counter::default(),
+            probe_commits: Counter::default(),
         }
     }
 }
@@ -341,6 +344,12 @@ impl Metrics {
             "commit_failures",
             "Batches that could not be committed (each of their writes was answered 503)",
             writer.failed_commits.clone(),
+        );
+        registry.register(
+            "readyz_write_probes",
+            "Write probes /readyz committed (at most one a second however often it is called; not counted in \
+             commit_writes and commit_seconds)",
+            writer.probe_commits.clone(),
         );
         Self {
             registry,

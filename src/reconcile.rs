@@ -168,9 +168,11 @@ pub struct CallReport {
     pub matched: Option<i64>,
     /// Seqs of further callbacks attached to this call (other direction, re-deliveries).
     pub extras: Vec<i64>,
-    /// The primary callback was received after the window had closed.
+    /// The primary callback became available after the window had closed: it was received then,
+    /// or promoted from quarantine then (see `CallbackRow::available_at_ms`).
     pub late: bool,
-    /// Primary callback's `received_at_ms` minus the call's `requested_at_ms`.
+    /// When the primary callback became available (received, or promoted from quarantine) minus
+    /// the call's `requested_at_ms`.
     pub latency_ms: Option<i64>,
 }
 

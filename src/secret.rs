@@ -17,7 +17,9 @@ impl Secret {
     }
 
     /// The secret value itself. Call sites are the only places a secret leaves this type, which
-    /// keeps them easy to audit: signing, verification and the token request.
+    /// keeps them easy to audit: signing and verifying callbacks, the token request and the bearer
+    /// tokens sent (to Easemob, and by `reconcile --url`), the API-token check, and checks that a
+    /// secret is not empty.
     pub fn expose(&self) -> &str {
         &self.0
     }

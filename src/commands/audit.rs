@@ -1,5 +1,6 @@
 //! `friendhook audit verify`: recompute the hash chain and report the first record that does not
-//! match.
+//! match; `friendhook audit rebuild-user-index`: the remedy for a lookup by user that disagrees
+//! with the events.
 
 use clap::{Args, Subcommand};
 
@@ -34,6 +35,15 @@ pub enum AuditCommand {
         /// fine.
         #[arg(long, value_parser = parse_published_head)]
         expect_head: Option<PublishedHead>,
+    },
+    /// Empty the lookup by user (`from`/`to` queries), which is derived from the events and not
+    /// chained, so that the service rebuilds it from them, in the background, at its next start.
+    /// The remedy when `audit verify` finds the lookup disagreeing with the events. The service
+    /// must be stopped (refused otherwise); the events are not touched.
+    RebuildUserIndex {
+        /// The database whose lookup to rebuild.
+        #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+        database_url: String,
     },
 }
 
@@ -210,9 +220,8 @@ pub async fn verify_reporting(
             "the chain is intact, but the lookup by user (table callback_users, which answers `from`/`to` queries) \
              disagrees with the events: {missing_entries} entries missing, {extra_entries} that no event has, so a \
              query by user would hide or invent events. The events are as friendhook wrote them; the lookup is \
-             derived from them: with the service stopped, `DELETE FROM callback_users; UPDATE \
-             callback_users_progress SET upto_seq = 0` makes the service rebuild it, in the background, at its next \
-             start (queries stay complete meanwhile, only slower)"
+             derived from them: with the service stopped, `friendhook audit rebuild-user-index` empties it, and the \
+             service rebuilds it in the background at its next start (queries stay complete meanwhile, only slower)"
         )));
     }
     let in_flight = store.calls_without_outcome(IN_FLIGHT_SHOWN).await?;
@@ -228,7 +237,17 @@ const AFTER_BROKEN: &str = "What next: keep this file as it is (copy it aside be
 
 /// Runs the command; returns the process exit code: 0 intact, 1 broken, 2 not checked.
 pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
-    let AuditCommand::Verify { database_url, expect_head } = args.command;
+    let (database_url, expect_head) = match args.command {
+        AuditCommand::Verify { database_url, expect_head } => (database_url, expect_head),
+        AuditCommand::RebuildUserIndex { database_url } => {
+            let removed = Store::reset_user_index(&database_url).await?;
+            println!(
+                "emptied the lookup by user ({removed} entries); the service rebuilds it from the events in the \
+                 background at its next start, and `audit verify` then compares it again"
+            );
+            return Ok(0);
+        }
+    };
     let checked = async {
         let store = Store::open_read_only(&database_url).await?;
         // On stderr, so that stdout holds the verdict alone.

@@ -271,6 +271,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         easemob,
         overloads: LogThrottle::new(10_000),
         commit_timeouts: LogThrottle::new(10_000),
+        bad_signatures: LogThrottle::new(10_000),
         trailing,
         write_probe: Default::default(),
         // Half the request deadline: a report that starts later would risk running into it.
@@ -289,6 +290,27 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     Ok(Service { listener, router, limits, state, sandbox })
 }
 
+/// How long start-up waits for Easemob's first app token.
+const CREDENTIALS_CHECK: Duration = Duration::from_secs(5);
+
+/// Asks Easemob for an app token at start-up, so that wrong credentials or a wrong host show in
+/// the log now rather than as 503s on the first trigger. Only logged: Easemob may be briefly
+/// unreachable.
+async fn check_credentials(base: &str, client: &EasemobClient) {
+    let app_key = client.app_key();
+    match tokio::time::timeout(CREDENTIALS_CHECK, client.ensure_token()).await {
+        Ok(Ok(())) => tracing::info!(easemob = base, app_key, "Easemob gave an app token: the credentials work"),
+        Ok(Err(failure)) => tracing::warn!(easemob = base, app_key, error = %failure,
+            "Easemob gave no app token; triggers are answered 503 easemob_token_unavailable until it does"),
+        Err(_) => tracing::warn!(
+            easemob = base,
+            app_key,
+            "Easemob's token endpoint did not answer within 5 s; triggers wait for it (check --easemob-base-url \
+             and the network)"
+        ),
+    }
+}
+
 /// `friendhook serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let service = build(&args, clock::system()).await?;
@@ -296,6 +318,10 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
         "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");
     let Service { listener, router, limits, state, sandbox } = service;
+    if let (Some(base), Some(client)) = (args.easemob.easemob_base_url.clone(), state.easemob.clone()) {
+        // Beside the service, not before it: callbacks are received whatever Easemob answers.
+        tokio::spawn(async move { check_credentials(&base, &client).await });
+    }
     // One grace for the whole stop: the sandbox gets what the receiver left of it, so a client
     // stalled on either port cannot hold the exit much past --shutdown-grace.
     let signalled = std::sync::OnceLock::<Instant>::new();

@@ -315,7 +315,8 @@ async fn bad_signature(
     commit_deadline: CommitDeadline,
 ) -> Result<Received, ApiError> {
     let body_sha256 = chain::sha256_hex(&body);
-    if state.settings.on_bad_signature == OnBadSignature::Quarantine {
+    let quarantine = state.settings.on_bad_signature == OnBadSignature::Quarantine;
+    if quarantine {
         let kept: serde_json::Map<String, serde_json::Value> =
             ["webhook-id", "webhook-timestamp", "webhook-signature", "content-type"]
                 .iter()
@@ -330,13 +331,26 @@ async fn bad_signature(
         });
         let held = committed_by(state, commit_deadline, hold).await??;
         if let Some(id) = held {
-            tracing::warn!(%source, reason = err.reason(), quarantine_id = id, body_sha256,
-                "callback failed verification; QUARANTINED and answered 200 (check the callback secret; see `friendhook quarantine list`)");
+            if let Some(since_last_line) = state.bad_signatures.hit(received_at_ms) {
+                tracing::warn!(%source, reason = err.reason(), quarantine_id = id, body_sha256, since_last_line,
+                    "callback failed verification; QUARANTINED and answered 200 (check the callback secret; see `friendhook quarantine list`)");
+            }
             return Ok(Received::Quarantined);
         }
-        tracing::warn!(%source, "quarantine is full; rejecting instead");
     }
-    tracing::warn!(%source, reason = err.reason(), body_sha256, size = body.len(), "callback failed verification; answered 401");
+    // One line per failure would let anyone who reaches the endpoint flood the log: at most one
+    // every 10 s, with how many failed since the last one (each is in /metrics and the rejection
+    // log besides).
+    if let Some(since_last_line) = state.bad_signatures.hit(received_at_ms) {
+        if quarantine {
+            tracing::warn!(%source, reason = err.reason(), body_sha256, size = body.len(), since_last_line,
+                "callback failed verification and the quarantine is full (--quarantine-cap); answered 401 (see \
+                 `friendhook quarantine list` and `purge`)");
+        } else {
+            tracing::warn!(%source, reason = err.reason(), body_sha256, size = body.len(), since_last_line,
+                "callback failed verification; answered 401 (check the callback secret; the rejection log keeps each one)");
+        }
+    }
     let rejection = Rejection {
         received_at_ms,
         remote_addr: Some(source.text.clone()),

@@ -167,7 +167,13 @@ async fn resend_each(
         } else {
             match client.exception_cache_resend(&result.date, bucket.retry, target_url.as_deref()).await {
                 Ok(true) => result.resent = true,
-                Ok(false) => result.reason = Some("Easemob answered \"failure\"".into()),
+                Ok(false) => {
+                    result.reason = Some(
+                        "Easemob answered \"failure\": the bucket may have expired or been emptied since it was \
+                         listed; list the buckets again with GET /v1/easemob/exception-cache"
+                            .into(),
+                    )
+                }
                 Err(failure) => result.reason = Some(easemob_refused(&failure).to_string()),
             }
         }

@@ -40,7 +40,7 @@ pub fn router() -> axum::Router<SharedState> {
 
 /// Largest request body of these endpoints (a full batch of [`MAX_BATCH`] pairs is a few tens
 /// of kilobytes); set here so the 413 can say what it is. The exception-cache endpoints read
-/// theirs under the same limit (see `app::request_deadline`).
+/// theirs under the same limit (see `app::read_trigger_body_first`).
 pub(crate) const BODY_LIMIT: usize = 2 * 1024 * 1024;
 
 /// The JSON shape of a call record.
@@ -183,8 +183,12 @@ pub(super) fn token_unavailable(failure: &ApiFailure, detail: String) -> ApiErro
 pub(super) fn client(state: &SharedState) -> Result<EasemobClient, ApiError> {
     state.easemob.clone().ok_or_else(|| ApiError::Unavailable {
         code: "no_easemob_client",
-        detail: "no Easemob client is configured".into(),
-        retry_after_secs: 60,
+        // `serve` always has one (its own sandbox's, or Easemob's with --easemob-base-url); only
+        // a service assembled without one (an embedding, a test) gets here, and waiting cannot help.
+        detail: "no Easemob client is configured: start the service with --easemob-base-url and the app's \
+                 credentials, or without it to use the built-in sandbox"
+            .into(),
+        retry_after_secs: 0,
     })
 }
 

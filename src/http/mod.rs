@@ -1,4 +1,6 @@
-//! HTTP resources, one module each; every module exposes a `router()`.
+//! HTTP resources: each resource module exposes a `router()` (`journal` serves the reconciliation,
+//! the feed and the audit head); `query` and `source` are the helpers they share (query-string
+//! parsing, where a request came from).
 //!
 //! Handlers translate requests into store and domain calls and back; they hold no SQL.
 

@@ -713,7 +713,7 @@ impl Store {
             } else {
                 decode.await
             };
-            decoded.map_err(|e| StoreError::Write(format!("decoding {what}: {e}")))?;
+            decoded.map_err(|e| StoreError::Sqlx(sqlx::Error::Decode(format!("decoding {what}: {e}").into())))?;
             if !more {
                 break;
             }

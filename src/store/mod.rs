@@ -154,6 +154,14 @@ pub enum StoreError {
         /// A file path inside the directory, for the example.
         example: String,
     },
+    /// `--database-url` names a file in a directory that does not exist.
+    #[error("{database}: the directory {directory} does not exist; create it first (nothing was created)")]
+    NoDirectory {
+        /// The database URL as given.
+        database: String,
+        /// The directory that is missing.
+        directory: String,
+    },
     /// `--database-url` names a file that is not an SQLite database.
     #[error(
         "{database} is not an SQLite database (the file does not start with SQLite's header); is \
@@ -215,6 +223,7 @@ impl StoreError {
                 | StoreError::NotSqliteUrl { .. }
                 | StoreError::NoDatabase { .. }
                 | StoreError::IsDirectory { .. }
+                | StoreError::NoDirectory { .. }
                 | StoreError::NotSqlite { .. }
                 | StoreError::NoSchema { .. }
         )
@@ -614,6 +623,9 @@ fn has_sqlite_header(path: &std::path::Path) -> std::io::Result<bool> {
 /// database", "disk I/O error"). A file that cannot be read is left to SQLite to report.
 fn check_database_path(database_url: &str, path: &std::path::Path) -> Result<(), StoreError> {
     let database = database_url.to_string();
+    if let Some(directory) = path.parent().filter(|d| !d.as_os_str().is_empty() && !d.is_dir()) {
+        return Err(StoreError::NoDirectory { database, directory: directory.display().to_string() });
+    }
     match std::fs::metadata(path) {
         Ok(meta) if meta.is_dir() => {
             Err(StoreError::IsDirectory { database, example: path.join("friendhook.db").display().to_string() })
@@ -740,6 +752,32 @@ impl Store {
             closing: Arc::new(watch::Sender::new(false)),
             recovered_calls,
         })
+    }
+
+    /// Empties the lookup by user (`callback_users`) and its progress, so that the service rebuilds
+    /// it from the events, in the background, at its next start (queries by user stay complete
+    /// meanwhile, only slower). The remedy `audit verify` gives for a lookup that disagrees with the
+    /// events. Takes the instance lock, so it refuses a database a service holds: the writer keeps
+    /// how far the lookup goes in memory. Returns the entries removed.
+    pub async fn reset_user_index(database_url: &str) -> Result<u64, StoreError> {
+        let options = sqlite_options(database_url)?.create_if_missing(false).busy_timeout(Duration::from_secs(5));
+        if !options.get_filename().exists() {
+            return Err(StoreError::NoDatabase { database: database_url.to_string() });
+        }
+        check_database_path(database_url, options.get_filename())?;
+        if opens_read_only(database_url) {
+            return Err(StoreError::ReadOnlyUrl { database: database_url.to_string() });
+        }
+        refuse_foreign(&options, database_url).await?;
+        let _lock = lock_instance(database_url, &options)?;
+        let mut conn = options.connect().await.map_err(|e| explain_cannot_open(e.into(), database_url))?;
+        refuse_newer_schema(&mut conn, database_url).await?;
+        let mut tx = sqlx::Connection::begin(&mut conn).await?;
+        let removed = sqlx::query("DELETE FROM callback_users").execute(&mut *tx).await?.rows_affected();
+        sqlx::query("UPDATE callback_users_progress SET upto_seq = 0").execute(&mut *tx).await?;
+        tx.commit().await?;
+        let _ = sqlx::Connection::close(conn).await;
+        Ok(removed)
     }
 
     /// Opens an existing database for reading only: no migrations, no writer, no recovery. For the

@@ -670,7 +670,13 @@ impl Writer {
         match self.write(batch, &mut head, now).await {
             Ok(answers) => {
                 self.head = head;
-                self.record_commit(batch.len(), started.elapsed());
+                // `/readyz`'s probes are not the service's writes: a readiness probe every second
+                // would otherwise fill the group-commit figures with one-write commits.
+                let probes = batch.iter().filter(|job| matches!(job, Job::Probe(_))).count();
+                if probes > 0 {
+                    self.metrics.probe_commits.inc();
+                }
+                self.record_commit(batch.len() - probes, started.elapsed());
                 let _ = self.committed.send(self.head.seq);
                 for (job, answer) in batch.drain(..).zip(answers) {
                     answer.send(job);
@@ -681,11 +687,13 @@ impl Writer {
     }
 
     /// After a commit, before its writes are answered (so whoever got an answer also sees the
-    /// commit in `/metrics`): records its size and duration, clears the error `/readyz` reports,
-    /// and says so once after a fault.
+    /// commit in `/metrics`): records its size and duration (unless it held only probes), clears
+    /// the error `/readyz` reports, and says so once after a fault.
     fn record_commit(&mut self, writes: usize, took: std::time::Duration) {
-        self.metrics.commit_writes.observe(writes as f64);
-        self.metrics.commit_seconds.observe(took.as_secs_f64());
+        if writes > 0 {
+            self.metrics.commit_writes.observe(writes as f64);
+            self.metrics.commit_seconds.observe(took.as_secs_f64());
+        }
         self.health.set(None);
         if self.failed_since_commit > 0 {
             tracing::info!(failed_batches = self.failed_since_commit, "writes commit again after a fault");

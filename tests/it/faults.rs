@@ -339,7 +339,7 @@ async fn a_read_only_database_file_gets_503_and_the_service_recovers_when_writab
 async fn readyz_commits_one_write_probe_a_second_however_often_it_is_called() {
     let clock = friendhook::clock::ManualClock::new(1_800_000_000_000);
     let app = TestApp::spawn_with_clock(&[], clock.clone()).await;
-    let commits = || async { app.metrics().await["friendhook_commit_seconds_count"] };
+    let commits = || async { app.metrics().await["friendhook_readyz_write_probes_total"] };
     let before = commits().await;
 
     // Ten at once, then ten more in a row, all within one (frozen) second.

@@ -985,3 +985,33 @@ async fn malformed_api_requests_get_json_errors_with_the_right_status() {
     assert_eq!(status, 200, "{page}");
     app.stop().await;
 }
+
+/// Anyone who can reach the callback endpoint can send bad signatures: one log line each would
+/// let them flood the log. The first is logged at once, the rest counted into the next line (at
+/// most one every 10 s); each is in /metrics and the rejection log besides.
+#[tokio::test]
+async fn a_run_of_bad_signatures_is_logged_once_not_once_each() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_url = format!("sqlite://{}", dir.path().join("flood.db").display());
+    let mut service = ServeProcess::start(&db_url, &[], &[]).await;
+    let http = bounded_client();
+    for i in 0..50 {
+        let r = http
+            .post(format!("{}/callbacks/easemob", service.base))
+            .header("content-type", "application/json")
+            .body(roster_body(&format!("flood-{i}"), "alice", "bob", "add", TS, "not-the-secret"))
+            .send()
+            .await
+            .expect("callback");
+        assert_eq!(r.status(), 401);
+    }
+    service.signal("TERM");
+    let status = service.wait_exit(Duration::from_secs(20)).await;
+
+    let log = service.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("callback failed verification")).collect();
+    // Two if the run happened to straddle a 10 s boundary on a slow machine; never fifty.
+    assert!((1..=2).contains(&lines.len()), "{lines:#?}");
+    assert!(lines[0].contains("since_last_line=1"), "{}", lines[0]);
+}

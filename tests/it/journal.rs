@@ -428,8 +428,27 @@ async fn audit_verify_finds_a_lookup_by_user_that_disagrees_with_the_events() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("disagrees with the events: 1 entries missing, 1 that no event has"), "{out}");
 
-    // The remedy it gives works: the service rebuilds the lookup at its next start.
-    sqlite(&db_path, "DELETE FROM callback_users; UPDATE callback_users_progress SET upto_seq = 0;");
+    // The remedy it names works: refused while a service holds the database, then the lookup is
+    // emptied and the service rebuilds it at its next start.
+    assert!(out.contains("friendhook audit rebuild-user-index"), "{out}");
+    let rebuild = || {
+        std::process::Command::new(bin())
+            .args(["audit", "rebuild-user-index", "--database-url", &db_url])
+            .output()
+            .unwrap()
+    };
+    let running = TestApp::spawn_on(&db_path, &[]).await;
+    let refused = rebuild();
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("in use"), "{refused:?}");
+    running.stop().await;
+    sqlite(
+        &db_path,
+        "DELETE FROM callback_users WHERE user_id = 'alice' AND seq = 3;          INSERT INTO callback_users (role, bucket, user_id, seq) VALUES (0, 0, 'mallory', 2);",
+    );
+    let done = rebuild();
+    assert!(done.status.success(), "{done:?}");
+    assert!(String::from_utf8_lossy(&done.stdout).contains("emptied the lookup by user"), "{done:?}");
     TestApp::spawn_on(&db_path, &[]).await.stop().await;
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(0), "{out}");

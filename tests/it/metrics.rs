@@ -125,3 +125,22 @@ async fn a_zero_reconcile_window_leaves_the_reconciliation_figures_out() {
     assert!(reconciliation.is_empty(), "{reconciliation:?}");
     app.stop().await;
 }
+
+/// `/readyz` commits a probe row; a readiness probe every second would otherwise fill the
+/// group-commit figures (writes per commit, commit time) with one-write commits of its own.
+#[tokio::test]
+async fn readiness_probes_stay_out_of_the_group_commit_figures() {
+    let app = TestApp::spawn(&[]).await;
+    let response = app.client.get(app.url("/readyz")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    let m = app.metrics().await;
+    assert_eq!(m["friendhook_commit_writes_count"], 0.0, "the probe's commit is not counted");
+    assert_eq!(m["friendhook_commit_seconds_count"], 0.0);
+    assert_eq!(m["friendhook_readyz_write_probes_total"], 1.0, "counted on its own");
+
+    let body = roster_body("900000000000000101", "carol", "dave", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let m = app.metrics().await;
+    assert_eq!((m["friendhook_commit_writes_count"], m["friendhook_commit_writes_sum"]), (1.0, 1.0));
+    app.stop().await;
+}

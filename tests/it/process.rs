@@ -106,8 +106,11 @@ impl ServeProcess {
             .and_then(|s| s.strip_suffix("/callbacks/easemob").map(str::to_string))
             .unwrap_or_else(|| panic!("receiver address not found in the log:\n{log}"));
         process.base = format!("http://{receiver}");
-        process.sandbox = field_after(&log, "sandbox mode:", "sandbox=")
-            .unwrap_or_else(|| panic!("sandbox address not found in the log:\n{log}"));
+        // With --easemob-base-url there is no sandbox of its own.
+        if !extra.contains(&"--easemob-base-url") {
+            process.sandbox = field_after(&log, "sandbox mode:", "sandbox=")
+                .unwrap_or_else(|| panic!("sandbox address not found in the log:\n{log}"));
+        }
         process
     }
 

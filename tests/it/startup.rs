@@ -317,3 +317,44 @@ async fn a_directory_or_a_file_that_is_not_sqlite_is_refused_with_what_to_give()
     assert_eq!(left, ["data", "notes.txt"], "no lock file or database created beside them");
     assert_eq!(std::fs::read_to_string(&text).unwrap(), "not a database\n");
 }
+
+/// A database in a directory that does not exist: said so, rather than "could not create the lock
+/// file ...: No such file or directory".
+#[tokio::test]
+async fn a_database_in_a_missing_directory_is_refused_naming_the_directory() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let missing = dir.path().join("nodir").join("sub");
+    let url = format!("sqlite://{}", missing.join("fh.db").display());
+    let err = friendhook::store::Store::open(friendhook::store::StoreOptions::new(url), friendhook::clock::system())
+        .await
+        .expect_err("refused");
+    let text = err.to_string();
+    assert!(text.contains(&format!("the directory {} does not exist", missing.display())), "{text}");
+    assert!(!dir.path().join("nodir").exists(), "nothing was created");
+}
+
+/// With real Easemob, wrong credentials show in the log at start-up, not only as 503s on the
+/// first trigger; right ones are confirmed.
+#[tokio::test]
+async fn serve_checks_the_easemob_credentials_at_start_up() {
+    let sandbox =
+        crate::client_support::start_sandbox(crate::client_support::sandbox_config(), friendhook::clock::system())
+            .await;
+    let base = sandbox.base_url();
+    let dir = tempfile::tempdir().expect("tempdir");
+    for (secret, expected) in [
+        ("sandbox-client-secret", "Easemob gave an app token: the credentials work"),
+        ("not-the-secret", "Easemob gave no app token"),
+    ] {
+        let db_url = format!("sqlite://{}", dir.path().join(format!("{secret}.db")).display());
+        let mut args = crate::helpers::real_easemob_args(&base);
+        let at = args.iter().position(|a| *a == "--easemob-client-secret").expect("flag") + 1;
+        args[at] = secret;
+        let mut service = crate::process::ServeProcess::start(&db_url, &args, &[]).await;
+        service.wait_for_log(expected, std::time::Duration::from_secs(20)).await;
+        assert!(service.log().contains("app_key=\"demo-org#demo-app\""), "{}", service.log());
+        service.signal("TERM");
+        service.wait_exit(std::time::Duration::from_secs(20)).await;
+    }
+    sandbox.shutdown().await;
+}
