@@ -38,6 +38,9 @@ fn easemob_refused(failure: &ApiFailure) -> ApiError {
         return token_unavailable(failure, failure.to_string());
     }
     match failure {
+        ApiFailure::NotSent { reason } => {
+            ApiError::Unavailable { code: "shutting_down", detail: reason.clone(), retry_after_secs: 5 }
+        }
         ApiFailure::Rejected { status: 403, .. } => ApiError::BadGateway {
             code: "exception_cache_not_enabled",
             detail: format!(
