@@ -113,11 +113,6 @@ impl Stopping {
         let _ = stopping.wait_for(|stopping| *stopping).await;
     }
 
-    /// Whether the service is stopping.
-    pub fn is_set(&self) -> bool {
-        *self.0.borrow()
-    }
-
     fn set(&self) {
         self.0.send_replace(true);
     }
