@@ -254,7 +254,7 @@ pub struct EasemobArgs {
     pub easemob_max_attempts: u32,
 
     /// No retry of an Easemob call starts later than this after its first attempt (0s: no
-    /// retries by time). A call can so last up to this plus one --easemob-request-timeout, plus
+    /// retries by time). So a call lasts at most this plus one --easemob-request-timeout, plus
     /// its wait for the rate limiter.
     #[arg(long, env = "EASEMOB_MAX_RETRY_TIME", default_value = "30s", value_parser = parse_duration)]
     pub easemob_max_retry_time: Duration,
