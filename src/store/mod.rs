@@ -510,6 +510,19 @@ async fn refuse_foreign(options: &SqliteConnectOptions, database_url: &str) -> R
     }
 }
 
+/// What a command that writes refuses before it opens the file for writing (which alone would turn
+/// it to WAL and put a lock file beside it): an unusable path, a URL that opens the database
+/// read-only, and another program's database. Nothing is created or changed here.
+async fn refuse_to_write(database_url: &str) -> Result<(), StoreError> {
+    // Plain options: the writers' set WAL mode on connect, which the look inside must not do.
+    let options = sqlite_options(database_url)?;
+    check_database_path(database_url, options.get_filename())?;
+    if opens_read_only(database_url) {
+        return Err(StoreError::ReadOnlyUrl { database: database_url.to_string() });
+    }
+    refuse_foreign(&options, database_url).await
+}
+
 /// What an existing SQLite file holds, by table: the first (by name) that is not sqlx's
 /// bookkeeping, and whether friendhook's own are there.
 struct TablesIn {
@@ -692,11 +705,7 @@ impl Store {
             // Room for the fast path's statement per row count (up to 64) besides the others.
             .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
-        check_database_path(&opts.database_url, write_options.get_filename())?;
-        if opens_read_only(&opts.database_url) {
-            return Err(StoreError::ReadOnlyUrl { database: opts.database_url.clone() });
-        }
-        refuse_foreign(&sqlite_options(&opts.database_url)?, &opts.database_url).await?;
+        refuse_to_write(&opts.database_url).await?;
         let instance_lock =
             if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
         let mut conn = write_options.connect().await?;
@@ -764,11 +773,7 @@ impl Store {
         if !options.get_filename().exists() {
             return Err(StoreError::NoDatabase { database: database_url.to_string() });
         }
-        check_database_path(database_url, options.get_filename())?;
-        if opens_read_only(database_url) {
-            return Err(StoreError::ReadOnlyUrl { database: database_url.to_string() });
-        }
-        refuse_foreign(&options, database_url).await?;
+        refuse_to_write(database_url).await?;
         let _lock = lock_instance(database_url, &options)?;
         let mut conn = options.connect().await.map_err(|e| explain_cannot_open(e.into(), database_url))?;
         refuse_newer_schema(&mut conn, database_url).await?;
