@@ -20,6 +20,22 @@ pub struct Cli {
     /// What to do.
     #[command(subcommand)]
     pub command: Command,
+
+    /// How log lines are written to stderr: `text` for people (coloured on a terminal), `json`
+    /// for a log collector (one object per line: timestamp, level, target, message and the
+    /// line's fields at the top level, the spans it ran in under `spans`). RUST_LOG picks which
+    /// lines (default: info).
+    #[arg(long, global = true, env = "FRIENDHOOK_LOG_FORMAT", value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+}
+
+/// The format of the log lines on stderr.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// One line of text per event.
+    Text,
+    /// One JSON object per event.
+    Json,
 }
 
 /// The subcommands.

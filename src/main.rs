@@ -3,7 +3,7 @@
 use std::io::IsTerminal;
 
 use clap::Parser;
-use friendhook::config::{Cli, Command};
+use friendhook::config::{Cli, Command, LogFormat};
 
 /// jemalloc rather than the platform's malloc: after a large reconciliation report, glibc kept the
 /// freed memory in the arena of each thread that had run one (seven full reports in a row at a
@@ -17,11 +17,12 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let (filter, not_understood) = friendhook::config::log_filter(std::env::var("RUST_LOG").ok().as_deref());
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        // Fields beside the message rather than under "fields": what log collectors index.
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_span_list(true).init(),
+    }
     if let Some(warning) = not_understood {
         tracing::warn!("{warning}");
     }

@@ -358,3 +358,59 @@ async fn serve_checks_the_easemob_credentials_at_start_up() {
     }
     sandbox.shutdown().await;
 }
+
+/// `--log-format json`: every line the service writes is one JSON object, with the message and
+/// the line's own fields at the top level (what a log collector indexes).
+#[tokio::test]
+async fn json_logs_are_one_object_per_line() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_url = format!("sqlite://{}", dir.path().join("json-logs.db").display());
+    let mut child = tokio::process::Command::new(crate::process::BIN)
+        .args(["--log-format", "json", "serve", "--listen", "127.0.0.1:0", "--sandbox-listen", "127.0.0.1:0"])
+        .args(["--database-url", &db_url, "--callback-secret", crate::helpers::SECRET])
+        .env("RUST_LOG", "info")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("start the friendhook binary");
+    let stderr = child.stderr.take().expect("stderr");
+    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stderr));
+    let mut seen = Vec::new();
+    let listening = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            let object: serde_json::Value =
+                serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}\nbefore it: {seen:#?}"));
+            seen.push(line);
+            if object["message"].as_str().is_some_and(|m| m.starts_with("friendhook is listening")) {
+                return object;
+            }
+        }
+        panic!("the service ended before it listened: {seen:#?}")
+    })
+    .await
+    .expect("the service listens within 30 s");
+    assert_eq!(listening["level"], "INFO", "{listening}");
+    assert!(listening["timestamp"].is_string(), "{listening}");
+    assert!(listening["target"].as_str().is_some_and(|t| t.starts_with("friendhook")), "{listening}");
+    let addr = listening["addr"].as_str().expect("the address as a field of its own");
+    assert!(addr.starts_with("127.0.0.1:"), "{listening}");
+
+    // The stop's lines too.
+    let pid = child.id().expect("pid").to_string();
+    assert!(std::process::Command::new("kill").args(["-s", "TERM", &pid]).status().expect("kill").success());
+    let rest = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        let mut rest = Vec::new();
+        while let Some(line) = lines.next_line().await.expect("read stderr") {
+            rest.push(
+                serde_json::from_str::<serde_json::Value>(&line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}")),
+            );
+        }
+        rest
+    })
+    .await
+    .expect("the service stops within 30 s");
+    assert!(rest.iter().any(|line| line["message"] == "stopped"), "{rest:#?}");
+    assert!(child.wait().await.expect("wait").success());
+}
