@@ -136,11 +136,11 @@ pub async fn verify_reporting(
             head.hash
         )));
     }
-    // From the lowest seq there is, not from 1: a row slipped in with seq 0 or below would
-    // otherwise be read by everything but this walk.
-    let mut after = i64::MIN;
-    loop {
-        let records_read = store.chain_page(after, page).await?;
+    // From the lowest seq there can be, not from 1, and that one included: a row slipped in
+    // with seq 0 or below (down to i64::MIN) would otherwise be read by everything but this walk.
+    let mut from = Some(i64::MIN);
+    while let Some(start) = from {
+        let records_read = store.chain_page(start, page).await?;
         if records_read.is_empty() {
             break;
         }
@@ -181,7 +181,8 @@ pub async fn verify_reporting(
                     r.chain_hash, head.hash
                 )));
             }
-            after = r.seq;
+            // None only past i64::MAX, where nothing more can be stored.
+            from = r.seq.checked_add(1);
             prev = r.chain_hash;
             expected_seq += 1;
             records += 1;
@@ -196,6 +197,19 @@ pub async fn verify_reporting(
             "the chain is internally consistent but ends at seq {head_seq}, before the published head {}:{}: \
              records were removed from the end",
             head.seq, head.hash
+        )));
+    }
+    let beyond = store.references_past_head().await?;
+    if let Some((what, seq)) = beyond.first() {
+        return Ok(Verdict::Broken(format!(
+            "the chain is internally consistent but ends at seq {head_seq}, and the file still refers to seq {seq} \
+             ({what}{}): records were removed from the end of the journal, or the file was replaced by an older \
+             copy of itself",
+            if beyond.len() > 1 {
+                format!(", and {} other reference(s) like it", beyond.len() - 1)
+            } else {
+                String::new()
+            }
         )));
     }
     let (unchained, first) = store.unchained().await?;
@@ -219,9 +233,12 @@ pub async fn verify_reporting(
         return Ok(Verdict::Broken(format!(
             "the chain is intact, but the lookup by user (table callback_users, which answers `from`/`to` queries) \
              disagrees with the events: {missing_entries} entries missing, {extra_entries} that no event has, so a \
-             query by user would hide or invent events. The events are as friendhook wrote them; the lookup is \
-             derived from them: with the service stopped, `friendhook audit rebuild-user-index` empties it, and the \
-             service rebuilds it in the background at its next start (queries stay complete meanwhile, only slower)"
+             query by user would hide or invent events. The chain vouches for the events that are there; the lookup \
+             is derived from them, and a lookup edited on its own is what this looks like. Before rebuilding it, \
+             make sure no events were removed: keep a copy of the file and run this check with --expect-head and a \
+             head published earlier. Then, with the service stopped, `friendhook audit rebuild-user-index` empties \
+             it, and the service rebuilds it in the background at its next start (queries stay complete meanwhile, \
+             only slower)"
         )));
     }
     let in_flight = store.calls_without_outcome(IN_FLIGHT_SHOWN).await?;
@@ -232,8 +249,8 @@ pub async fn verify_reporting(
 /// What to do after a BROKEN verdict.
 const AFTER_BROKEN: &str = "What next: keep this file as it is (copy it aside before anything else writes to it), \
     and find out what changed: compare it with a backup, or run this check with --expect-head and a head \
-    published earlier (GET /v1/audit/head) to learn whether history before it was rewritten. Records up to the \
-    one named are as friendhook wrote them.";
+    published earlier (GET /v1/audit/head) to learn whether history before it was rewritten: without one, the \
+    chain shows that each record follows from the one before it, not that nobody rewrote them all consistently.";
 
 /// Runs the command; returns the process exit code: 0 intact, 1 broken, 2 not checked.
 pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {

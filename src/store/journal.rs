@@ -406,30 +406,31 @@ impl Store {
         super::reads::load_head(&mut conn).await
     }
 
-    /// One page of chain records after `after`, with links recomputed from stored content.
+    /// One page of chain records from seq `from` on (inclusive, so that a walk can start at
+    /// `i64::MIN` and meet a row forged with that seq), with links recomputed from stored content.
     ///
     /// Both tables are read in one transaction: two separate reads on a live database could see
     /// two moments, a call with seq N+1 without the callback with seq N, and report a deleted
     /// record that is not. A row that cannot be decoded (a column edited to another type or to
     /// bytes that are not UTF-8) comes back as a record with `unreadable` set, so the walk names
     /// it instead of failing.
-    pub async fn chain_page(&self, after: i64, limit: i64) -> Result<Vec<ChainRecord>, StoreError> {
+    pub async fn chain_page(&self, from: i64, limit: i64) -> Result<Vec<ChainRecord>, StoreError> {
         let mut snapshot = self.read_pool().begin().await?;
         let callbacks = sqlx::query(
             "SELECT id, seq, dedup_key, call_id, msg_id, appkey, event_type, chat_type, operation, from_user, to_user,
                     timestamp_ms, received_at_ms, scheme, secret_index, raw_body, body_sha256, prev_hash, chain_hash
-             FROM callbacks WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+             FROM callbacks WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
         )
-        .bind(after)
+        .bind(from)
         .bind(limit)
         .fetch_all(&mut *snapshot)
         .await?;
         let calls = sqlx::query(
             "SELECT id, seq, op, owner, friend, idempotency_key, requested_at_ms, completed_at_ms, outcome,
                     upstream_status, upstream_error, attempts, response_body, outcome_detail, prev_hash, chain_hash
-             FROM calls WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+             FROM calls WHERE seq >= ?1 ORDER BY seq LIMIT ?2",
         )
-        .bind(after)
+        .bind(from)
         .bind(limit)
         .fetch_all(&mut *snapshot)
         .await?;
@@ -444,7 +445,7 @@ impl Store {
         out.sort_by_key(|r| r.seq);
         // Cut after the page's last seq, never within it: a seq is unique in each table, but a
         // row forged into the other table with the same seq would sort after the real one, and
-        // cut off here it would be skipped by the next page (`seq > after`) and never checked.
+        // cut off here it would be skipped by the next page (from the last seq + 1) and never checked.
         if let Some(last) = out.get((limit as usize).saturating_sub(1)).map(|r| r.seq) {
             out.truncate(out.partition_point(|r| r.seq <= last));
         }
@@ -505,6 +506,32 @@ impl Store {
     /// `audit verify` compares it with them instead.
     pub async fn user_index_mismatches(&self) -> Result<(i64, i64), StoreError> {
         Ok(sqlx::query_as(USER_INDEX_MISMATCHES).fetch_one(self.read_pool()).await?)
+    }
+
+    /// Seqs the file still refers to beyond the last stored record, each as what refers to it:
+    /// the lookup by user's progress, its entries, quarantined callbacks promoted into the
+    /// journal, and the journal head each call saw at its intent. A chain that is consistent
+    /// but shorter than these lost records from its end. Read in one statement, so a record
+    /// stored meanwhile by a running service is counted in the head it is compared with.
+    pub async fn references_past_head(&self) -> Result<Vec<(&'static str, i64)>, StoreError> {
+        type Seqs = (Option<i64>, Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+        let (head, progress, entries, promoted, intents): Seqs = sqlx::query_as(
+            "SELECT max(coalesce((SELECT max(seq) FROM callbacks), 0), coalesce((SELECT max(seq) FROM calls), 0)),
+                        (SELECT max(upto_seq) FROM callback_users_progress),
+                        (SELECT max(seq) FROM callback_users),
+                        (SELECT max(promoted_seq) FROM quarantine),
+                        (SELECT max(head_seq_at_intent) FROM calls)",
+        )
+        .fetch_one(self.read_pool())
+        .await?;
+        let head = head.unwrap_or(0);
+        let named = [
+            ("the lookup by user's progress (callback_users_progress.upto_seq)", progress),
+            ("an entry of the lookup by user (callback_users.seq)", entries),
+            ("a callback promoted from quarantine (quarantine.promoted_seq)", promoted),
+            ("the journal head a call saw when it was requested (calls.head_seq_at_intent)", intents),
+        ];
+        Ok(named.into_iter().filter_map(|(what, seq)| seq.filter(|seq| *seq > head).map(|seq| (what, seq))).collect())
     }
 
     /// The append-only triggers of the migrations that are missing from the database (dropped

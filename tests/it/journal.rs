@@ -224,6 +224,13 @@ pub fn sqlite(db_path: &std::path::Path, sql: &str) {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
+/// What sqlite3 prints for `sql` on the file.
+fn sqlite_out(db_path: &std::path::Path, sql: &str) -> String {
+    let out = std::process::Command::new("sqlite3").arg(db_path).arg(sql).output().expect("sqlite3 is installed");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
 /// `friendhook audit verify --database-url db_url extra...`: exit code, stdout, stderr.
 fn audit_verify(db_url: &str, extra: &[&str]) -> (Option<i32>, String, String) {
     let out = std::process::Command::new(bin())
@@ -477,6 +484,27 @@ async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
     assert!(out.contains("seq 3 is missing"), "{out}");
 }
 
+/// Records cut from the end leave a consistent, shorter chain; what else in the file refers to
+/// their seqs gives it away, and the verdict says so instead of blaming the lookup by user.
+#[tokio::test]
+async fn audit_verify_notices_records_removed_from_the_end() {
+    let app = TestApp::spawn(&[]).await;
+    app.store_adds_from_alice("74", 4).await;
+    let db_path = app.db_path.clone();
+    let db_url = app.db_url.clone();
+    let _dir = app.stop().await;
+    // The stop brought the lookup by user up to the head: it refers to seq 4.
+    assert_eq!(sqlite_out(&db_path, "SELECT upto_seq FROM callback_users_progress"), "4");
+    let schema = sqlite_out(&db_path, "SELECT sql || ';' FROM sqlite_master WHERE name = 'callbacks_no_delete'");
+    sqlite(&db_path, &format!("DROP TRIGGER callbacks_no_delete; DELETE FROM callbacks WHERE seq = 4; {schema}"));
+
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("ends at seq 3") && out.contains("refers to seq 4"), "{out}");
+    assert!(out.contains("removed from the end"), "{out}");
+    assert!(!out.contains("rebuild-user-index"), "the lookup is not to blame: {out}");
+}
+
 #[tokio::test]
 async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable() {
     let app = TestApp::spawn(&[]).await;
@@ -501,7 +529,16 @@ async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable()
     let (code, out) = verify();
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("seq 0") && out.contains("outside the chain"), "{out}");
-    sql("DROP TRIGGER callbacks_no_delete; DELETE FROM callbacks WHERE seq = 0;");
+    // The lowest seq there is, too: a walk reading "after i64::MIN" would pass over it.
+    sql("DROP TRIGGER callbacks_no_delete; DELETE FROM callbacks WHERE seq = 0; \
+         INSERT INTO callbacks (seq, dedup_key, call_id, timestamp_ms, received_at_ms, scheme, secret_index, raw_body, \
+         body_sha256, prev_hash, chain_hash, chat_type, operation, from_user, to_user) \
+         SELECT -9223372036854775808, 'forged', call_id, timestamp_ms, received_at_ms, scheme, secret_index, raw_body, \
+         body_sha256, prev_hash, chain_hash, chat_type, operation, from_user, 'mallory' FROM callbacks WHERE seq = 1;");
+    let (code, out) = verify();
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("seq -9223372036854775808") && out.contains("outside the chain"), "{out}");
+    sql("DELETE FROM callbacks WHERE seq < 1;");
     let (code, out) = verify();
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("the chain is intact, but the append-only trigger(s) callbacks_no_delete"), "{out}");
