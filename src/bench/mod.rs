@@ -729,21 +729,16 @@ async fn bench_feed(a: SeedArgs) -> anyhow::Result<()> {
     let store = seeded_store(&a).await?;
     let t = Instant::now();
     let mut sink = std::io::sink();
-    let n = crate::commands::export::export(
-        &store,
-        i64::MIN,
-        i64::MAX,
-        crate::commands::export::Format::Ndjson,
-        &mut sink,
-        0,
-    )
-    .await?;
+    let everything = (0, i64::MIN, i64::MAX);
+    let n = crate::commands::export::export(&store, everything, crate::commands::export::Format::Ndjson, &mut sink, 0)
+        .await?
+        .records;
     let secs = t.elapsed().as_secs_f64();
     println!("feed export (NDJSON): {n} records in {secs:.2} s = {:.0} lines/s", n as f64 / secs.max(1e-9));
     let t = Instant::now();
-    let n =
-        crate::commands::export::export(&store, i64::MIN, i64::MAX, crate::commands::export::Format::Csv, &mut sink, 0)
-            .await?;
+    let n = crate::commands::export::export(&store, everything, crate::commands::export::Format::Csv, &mut sink, 0)
+        .await?
+        .records;
     let secs = t.elapsed().as_secs_f64();
     println!("feed export (CSV):    {n} records in {secs:.2} s = {:.0} lines/s", n as f64 / secs.max(1e-9));
     Ok(())

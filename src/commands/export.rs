@@ -31,6 +31,16 @@ pub struct ExportArgs {
     /// Only records whose event time is before this (epoch ms or RFC 3339, e.g. 2026-11-25T18:00:00+08:00).
     #[arg(long)]
     pub until: Option<String>,
+    /// Only records after this seq: the `read up to seq` of the previous export (or a feed
+    /// cursor), for exporting what is new since. Event time is not a safe key for that: a
+    /// callback re-delivered days later keeps its event time and lands in a range already
+    /// exported.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(i64).range(0..))]
+    pub after: i64,
+    /// The link printed with that seq (`read up to seq N, link HASH`): refused if the record at
+    /// --after carries another one (another database, or an older copy of this one).
+    #[arg(long)]
+    pub after_hash: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "ndjson")]
     pub format: Format,
@@ -59,17 +69,25 @@ const CSV_HEADER: [&str; 14] = [
     "outcome_detail",
 ];
 
-/// Streams every matching record to `out`; returns how many were written.
+/// What an export wrote, and where it stopped reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exported {
+    /// Records written.
+    pub records: u64,
+    /// The journal seq it read up to (matching or not): the `--after` of the next export.
+    pub read_up_to: i64,
+}
+
+/// Streams every matching record after seq `after` to `out`.
 pub async fn export(
     store: &Store,
-    since: i64,
-    until: i64,
+    (after, since, until): (i64, i64, i64),
     format: Format,
     out: &mut dyn Write,
     progress_every: u64,
-) -> anyhow::Result<u64> {
+) -> anyhow::Result<Exported> {
     let started = Instant::now();
-    let mut after = 0i64;
+    let mut after = after;
     let mut written = 0u64;
     if format == Format::Csv {
         let mut w = csv_writer();
@@ -112,7 +130,7 @@ pub async fn export(
         }
     }
     out.flush()?;
-    Ok(written)
+    Ok(Exported { records: written, read_up_to: after })
 }
 
 fn csv_writer() -> csv::Writer<Vec<u8>> {
@@ -166,6 +184,18 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let (since, until) =
         parse_flag_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open_read_only(&args.database_url).await?;
+    if let Some(expected) = args.after_hash.as_deref().map(str::to_ascii_lowercase) {
+        let found = store.link_at(args.after).await?;
+        if found.as_deref() != Some(expected.as_str()) {
+            anyhow::bail!(
+                "the record at seq {} carries the link {}, not --after-hash {expected}: this is another database, or \
+                 an older copy of the one the previous export read, so the records after it here are not the ones \
+                 that followed. Nothing was written. Export from --after 0, or from the last seq both agree on",
+                args.after,
+                found.as_deref().unwrap_or("(no record)")
+            );
+        }
+    }
     let started = Instant::now();
     let mut out: Box<dyn Write> = match &args.output {
         Some(path) => Box::new(std::io::BufWriter::new(
@@ -173,16 +203,17 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         )),
         None => Box::new(std::io::BufWriter::new(std::io::stdout().lock())),
     };
-    let n = export(
-        &store,
-        since.unwrap_or(i64::MIN),
-        until.unwrap_or(i64::MAX),
-        args.format,
-        &mut out,
-        args.progress_every,
-    )
-    .await?;
+    let range = (args.after, since.unwrap_or(i64::MIN), until.unwrap_or(i64::MAX));
+    let exported = export(&store, range, args.format, &mut out, args.progress_every).await?;
     let secs = started.elapsed().as_secs_f64();
-    eprintln!("exported {n} records in {secs:.2} s ({:.0} records/s)", n as f64 / secs.max(1e-9));
+    let n = exported.records;
+    let link = store.link_at(exported.read_up_to).await?.unwrap_or_default();
+    eprintln!(
+        "exported {n} records in {secs:.2} s ({:.0} records/s); read up to seq {}, link {link}: the next export \
+         of what is new goes on with --after {} --after-hash {link}",
+        n as f64 / secs.max(1e-9),
+        exported.read_up_to,
+        exported.read_up_to,
+    );
     Ok(())
 }

@@ -278,6 +278,8 @@ impl Drop for Queued<'_> {
 #[serde(deny_unknown_fields)]
 struct FeedQuery {
     after: Option<i64>,
+    /// The `X-Last-Hash` that came with `after`: checked against the record at `after`.
+    after_hash: Option<String>,
     limit: Option<i64>,
     wait: Option<String>,
     since: Option<String>,
@@ -331,6 +333,25 @@ async fn get_feed(
             ),
         ));
     }
+    // A cursor from another database, or from a newer state of this one than the file now
+    // holds, looks like any other once the journal has grown past it: only the link can tell.
+    if let Some(expected) = q.after_hash.as_deref().map(str::to_ascii_lowercase) {
+        let found = state.store.link_at(after).await?;
+        if found.as_deref() != Some(expected.as_str()) {
+            return Err(ApiError::Conflict {
+                code: "cursor_mismatch",
+                detail: format!(
+                    "the record at seq {after} carries the link {}, not the `after_hash` {expected} your cursor \
+                     was read with: this is another database, or an older copy of the one you read (restored from \
+                     a backup, replaced), so the records after seq {after} here are not the ones that followed \
+                     your cursor. Find the last seq both agree on (its link is X-Last-Hash of a page that ended \
+                     there, or GET /v1/audit/head on the old file), drop what you stored past it, and read on \
+                     from there; or start again from after=0",
+                    found.as_deref().unwrap_or("(no record)")
+                ),
+            });
+        }
+    }
     // Where the reader stands: past every record this request has looked at, matching or not.
     let mut resume_after = page.resume_after(after);
     if page.count == 0 && !wait.is_zero() {
@@ -365,6 +386,8 @@ async fn get_feed(
         }
     }
     let last = resume_after;
+    // Stored records never change, so reading the link apart from the page is safe.
+    let last_hash = state.store.link_at(last).await?.unwrap_or_default();
     let mut out = page.ndjson;
     if !out.is_empty() {
         out.push('\n');
@@ -373,6 +396,7 @@ async fn get_feed(
         [
             (header::CONTENT_TYPE, "application/x-ndjson"),
             (header::HeaderName::from_static("x-last-seq"), &last.to_string()),
+            (header::HeaderName::from_static("x-last-hash"), &last_hash),
         ],
         Body::from(out),
     )

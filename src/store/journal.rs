@@ -400,6 +400,21 @@ impl Store {
         })
     }
 
+    /// The chain link of the record at `seq` (the chain's start, [`chain::GENESIS`], at 0);
+    /// `None` when no record has that seq. A feed reader keeps it with its cursor: the same
+    /// seq with another link means another database, or an older copy of this one.
+    pub async fn link_at(&self, seq: i64) -> Result<Option<String>, StoreError> {
+        if seq == 0 {
+            return Ok(Some(chain::GENESIS.to_string()));
+        }
+        Ok(sqlx::query_scalar(
+            "SELECT chain_hash FROM callbacks WHERE seq = ?1 UNION ALL SELECT chain_hash FROM calls WHERE seq = ?1 LIMIT 1",
+        )
+        .bind(seq)
+        .fetch_optional(self.read_pool())
+        .await?)
+    }
+
     /// The current chain head.
     pub async fn chain_head(&self) -> Result<ChainHead, StoreError> {
         let mut conn = self.read_pool().acquire().await?;

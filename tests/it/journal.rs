@@ -160,6 +160,49 @@ async fn a_cursor_beyond_the_journal_is_refused() {
     app.stop().await;
 }
 
+/// `X-Last-Hash` travels with the cursor; sent back as `after_hash`, it tells this journal from
+/// another one that has grown past the same seq (a replaced database, an older copy restored).
+#[tokio::test]
+async fn a_cursor_with_its_hash_is_refused_by_another_journal_of_the_same_length() {
+    async fn page(app: &TestApp, query: &str) -> (u16, Option<String>, Option<String>, String) {
+        let r = app.client.get(app.url(&format!("/v1/feed?{query}"))).send().await.unwrap();
+        let header = |name: &str| r.headers().get(name).map(|v| v.to_str().unwrap().to_string());
+        let (status, last, hash) = (r.status().as_u16(), header("x-last-seq"), header("x-last-hash"));
+        (status, last, hash, r.text().await.unwrap())
+    }
+    let read = TestApp::spawn(&[]).await;
+    let other = TestApp::spawn(&[]).await;
+    for (app, prefix) in [(&read, "630"), (&other, "631")] {
+        let (_, last, hash, _) = page(app, "after=0").await;
+        assert_eq!((last.as_deref(), hash.as_deref()), (Some("0"), Some(&"0".repeat(64)[..])), "the chain's start");
+        for i in 0..5 {
+            let body =
+                roster_body(&format!("{prefix}{i}"), "alice", &format!("u{i}"), "add", 1_700_000_000_000 + i, SECRET);
+            assert_eq!(app.post_callback(body).await.status(), 200);
+        }
+    }
+    let (status, last, hash, _) = page(&read, "after=0&limit=3").await;
+    assert_eq!((status, last.as_deref()), (200, Some("3")));
+    let hash = hash.expect("X-Last-Hash");
+    let (_, record3) = read.get_json("/v1/callbacks/3").await;
+    assert_eq!(record3["chain_hash"], hash.as_str(), "the link of the record at X-Last-Seq");
+
+    // The journal it came from goes on from it (the hash in either case).
+    let (status, last, _, body) = page(&read, &format!("after=3&after_hash={}", hash.to_uppercase())).await;
+    assert_eq!((status, last.as_deref(), body.lines().count()), (200, Some("5"), 2), "{body}");
+
+    // Another journal of the same length answers the same seq with another link.
+    let (status, _, _, body) = page(&other, &format!("after=3&after_hash={hash}")).await;
+    assert_eq!(status, 409, "{body}");
+    let error: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(error["code"], "cursor_mismatch");
+    assert!(error["detail"].as_str().unwrap().contains("another database, or an older copy"), "{error}");
+    // Without the hash, it cannot tell.
+    assert_eq!(page(&other, "after=3").await.0, 200);
+    read.stop().await;
+    other.stop().await;
+}
+
 #[tokio::test]
 async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_and_csv() {
     let app = TestApp::spawn(&[]).await;
@@ -212,6 +255,40 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     assert_eq!(rejected_row[column("upstream_status")], "404");
     assert_eq!(rejected_row[column("upstream_error")], rejected["upstream_error"].as_str().unwrap());
     assert_eq!(rejected_row[column("outcome_detail")], rejected["outcome_detail"].as_str().unwrap());
+
+    // Incremental: the closing line names where the export read up to and its link; --after
+    // goes on from there, and --after-hash refuses a seq whose link is another.
+    let run = |extra: &[&str]| {
+        let out =
+            std::process::Command::new(bin()).args(["export", "--database-url", &db_url]).args(extra).output().unwrap();
+        (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8_lossy(&out.stderr).to_string())
+    };
+    let head = seqs.len() as i64;
+    let (ok, _, stderr) = run(&[]);
+    assert!(ok && stderr.contains(&format!("read up to seq {head}, link ")), "{stderr}");
+    let middle = head / 2;
+    let (_, _, stderr) = run(&["--until", "0"]);
+    assert!(stderr.contains("exported 0 records") && stderr.contains(&format!("read up to seq {head}")), "{stderr}");
+    let link = |seq: i64| feed_link(&db_url, seq);
+    let (ok, stdout, stderr) = run(&["--after", &middle.to_string(), "--after-hash", &link(middle)]);
+    assert!(ok, "{stderr}");
+    let rest: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(rest, feed[middle as usize..], "the records after --after");
+    let (ok, stdout, stderr) = run(&["--after", &middle.to_string(), "--after-hash", &link(middle - 1)]);
+    assert!(!ok && stdout.is_empty(), "{stdout}");
+    assert!(stderr.contains(&format!("the record at seq {middle} carries the link")), "{stderr}");
+}
+
+/// The chain link of the record at `seq`, read from the file.
+fn feed_link(db_url: &str, seq: i64) -> String {
+    let out = std::process::Command::new("sqlite3")
+        .arg(db_url.trim_start_matches("sqlite://"))
+        .arg(format!(
+            "SELECT chain_hash FROM callbacks WHERE seq = {seq} UNION ALL SELECT chain_hash FROM calls WHERE seq = {seq}"
+        ))
+        .output()
+        .expect("sqlite3 is installed");
+    String::from_utf8(out.stdout).unwrap().trim().to_string()
 }
 
 /// Runs `sqlite3` on the file: the tests' stand-in for someone with write access to it.
