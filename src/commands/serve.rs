@@ -311,6 +311,9 @@ async fn check_credentials(base: &str, client: &EasemobClient) {
     }
 }
 
+/// Signals this close together are one stop, sent twice (see `run`).
+const SAME_STOP: Duration = Duration::from_secs(1);
+
 /// `friendhook serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let service = build(&args, clock::system()).await?;
@@ -329,9 +332,18 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         app::shutdown_signal().await;
         let _ = signalled.set(Instant::now());
         state.begin_stop();
-        // A second signal means "now": the operator has seen the first one being honoured.
-        tokio::spawn(async {
-            app::shutdown_signal().await;
+        // A second signal means "now": the operator has seen the first one being honoured. One
+        // that follows within a second is the same stop sent twice, not an operator insisting:
+        // `timeout`, and systemd's default KillMode, signal the service and its process group.
+        let first = Instant::now();
+        tokio::spawn(async move {
+            loop {
+                app::shutdown_signal().await;
+                if first.elapsed() >= SAME_STOP {
+                    break;
+                }
+                tracing::info!("a second signal within a second of the first: taken as the same stop");
+            }
             tracing::warn!("second signal: exiting at once, without waiting for in-flight requests");
             std::process::exit(130);
         });
