@@ -237,6 +237,11 @@ pub struct Report {
     /// (so a report can be tied to the chain head published at the time; `friendhook audit
     /// verify` checks the chain up to it).
     pub as_of_chain_hash: Option<String>,
+    /// The `--match-skew` the verdicts were judged with (ms): the same `as_of` with another
+    /// skew or window is another report.
+    pub match_skew_ms: i64,
+    /// The `--match-window` the verdicts were judged with (ms).
+    pub match_window_ms: i64,
 }
 
 /// The next page's cursor: the last item's key, and the point the report is judged on.
@@ -391,7 +396,16 @@ pub fn page(computed: &Computed, q: &ReportQuery) -> Report {
             }
         })
         .collect();
-    Report { summary, items, next_cursor, as_of: as_of.token(), as_of_chain_hash: as_of_chain_hash.clone() }
+    let (match_skew_ms, match_window_ms) = basis.skew_and_window;
+    Report {
+        summary,
+        items,
+        next_cursor,
+        as_of: as_of.token(),
+        as_of_chain_hash: as_of_chain_hash.clone(),
+        match_skew_ms,
+        match_window_ms,
+    }
 }
 
 /// The summary [`build`] gives for calls requested (and orphans timestamped) in `[since, until)`,

@@ -287,7 +287,19 @@ pub fn render_table(r: &Value) -> String {
     let _ = writeln!(out, "match latency  p50 {}  p95 {}  p99 {}  max {}", f("p50"), f("p95"), f("p99"), f("max"));
     if let Some(as_of) = r["as_of"].as_str() {
         let chain = r["as_of_chain_hash"].as_str().unwrap_or("-");
-        let _ = writeln!(out, "as of {as_of} (chain {chain}; --as-of {as_of} gives this report again)");
+        // The matching is part of the report: the same point judged with another window is
+        // another report (`demo` judges with a 1 s window, for one).
+        let duration = |key: &str| {
+            r[key].as_u64().map(|ms| {
+                format!(
+                    " --{} {}",
+                    key.trim_end_matches("_ms").replace('_', "-"),
+                    humantime::format_duration(std::time::Duration::from_millis(ms))
+                )
+            })
+        };
+        let matching: String = ["match_skew_ms", "match_window_ms"].into_iter().filter_map(duration).collect();
+        let _ = writeln!(out, "as of {as_of} (chain {chain}; --as-of {as_of}{matching} gives this report again)");
     }
     let items = r["items"].as_array().cloned().unwrap_or_default();
     if items.is_empty() {
