@@ -53,9 +53,11 @@ pub enum Command {
     Sandbox(crate::sandbox::SandboxArgs),
     /// Reconcile calls against callbacks and print what needs attention.
     Reconcile(crate::commands::reconcile::ReconcileArgs),
-    /// Verify the tamper-evident hash chain.
+    /// Verify the tamper-evident hash chain (verify), or empty the lookup by user for the
+    /// service to rebuild (rebuild-user-index).
     Audit(crate::commands::audit::AuditArgs),
-    /// Inspect and re-verify callbacks held in quarantine (--on-bad-signature quarantine).
+    /// Callbacks held in quarantine (--on-bad-signature quarantine): list them, re-verify and
+    /// promote them with the right secret, purge those that never will.
     Quarantine(crate::commands::quarantine::QuarantineArgs),
     /// Export the feed (calls and callbacks) as NDJSON or CSV.
     Export(crate::commands::export::ExportArgs),

@@ -347,7 +347,8 @@ impl Metrics {
         );
         registry.register(
             "readyz_write_probes",
-            "Write probes /readyz committed (at most one a second however often it is called; not counted in \
+            "Write probes committed: /readyz's (at most one a second however often it is called) and the one at \
+             start-up (not counted in \
              commit_writes and commit_seconds)",
             writer.probe_commits.clone(),
         );

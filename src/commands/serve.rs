@@ -225,6 +225,13 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let store = match Store::open(store_options(args, metrics.writer()), clock.clone()).await {
         Ok(store) => store,
         Err(err) if err.names_the_database() => return Err(err.into()),
+        Err(err) if err.is_read_only() => {
+            return Err(anyhow::Error::new(err).context(format!(
+                "could not open the database {} for writing: make the file, its -wal and -shm files and their \
+                 directory writable by this user (SQLite creates files beside the database)",
+                args.db.database_url
+            )));
+        }
         Err(err) => {
             return Err(
                 anyhow::Error::new(err).context(format!("could not open the database {}", args.db.database_url))
@@ -321,6 +328,25 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
         "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");
     let Service { listener, router, limits, state, sandbox } = service;
+    // SQLite opens a file it may not write read-only without a word, and a disk can be full:
+    // say so at start-up, not at the first callback. Not a refusal (a write lock held a while
+    // by `quarantine reverify` fails the probe too), and in the background, so a busy lock does
+    // not hold the start.
+    tokio::spawn({
+        let store = state.store.clone();
+        let database = args.db.database_url.clone();
+        async move {
+            if let Err(err) = store.probe_write().await {
+                let advice = if err.is_read_only() {
+                    "make the file, its -wal and -shm files and their directory writable by this user"
+                } else {
+                    "check the disk's free space and whether another process holds the database's write lock"
+                };
+                tracing::error!(database, error = %err,
+                    "the database cannot be written: every callback is answered 503 storage_unavailable until it can; {advice}");
+            }
+        }
+    });
     if let (Some(base), Some(client)) = (args.easemob.easemob_base_url.clone(), state.easemob.clone()) {
         // Beside the service, not before it: callbacks are received whatever Easemob answers.
         tokio::spawn(async move { check_credentials(&base, &client).await });

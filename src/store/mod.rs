@@ -211,6 +211,20 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 }
 
 impl StoreError {
+    /// Whether SQLite refused to write because the file, its `-wal`/`-shm` files or their
+    /// directory are read-only (permissions, a read-only mount, `chattr +i`).
+    pub fn is_read_only(&self) -> bool {
+        // SQLITE_READONLY and its extended codes (1544: the directory, 264: the file moved, ...).
+        let code_is_read_only = |e: &sqlx::Error| matches!(e, sqlx::Error::Database(db) if db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| c & 0xff == 8));
+        match self {
+            StoreError::Sqlx(e) => code_is_read_only(e),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => code_is_read_only(e),
+            // The writer's failures reach here as text (they are shared by every job of a batch).
+            StoreError::Write(text) => text.contains("readonly database"),
+            _ => false,
+        }
+    }
+
     /// Whether the message already names the database (so a caller should not prefix it with
     /// the URL again).
     pub fn names_the_database(&self) -> bool {
