@@ -242,7 +242,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     match store.missing_guards().await {
         Ok(missing) if !missing.is_empty() => tracing::error!(
             triggers = %missing.join(", "),
-            "the database's append-only triggers were dropped outside friendhook, so stored records can be deleted \
+            "the database's append-only triggers were dropped or redefined outside friendhook, so stored records can be deleted \
              or rewritten without an error; run `friendhook audit verify` on this file and find out who changed it"
         ),
         Ok(_) => {}

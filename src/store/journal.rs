@@ -27,6 +27,35 @@ pub const APPEND_ONLY_TRIGGERS: [&str; 7] = [
     "calls_outcome_once",
 ];
 
+/// The migrations, in order: the append-only triggers are checked against the definitions
+/// they hold (a test keeps this list in step with the directory).
+const MIGRATIONS: [&str; 8] = [
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_callback_users.sql"),
+    include_str!("../../migrations/0003_writer_probe_ballast.sql"),
+    include_str!("../../migrations/0004_roster_reconcile_index.sql"),
+    include_str!("../../migrations/0005_callback_users_lower_case.sql"),
+    include_str!("../../migrations/0006_calls_by_completion.sql"),
+    include_str!("../../migrations/0007_call_outcome_detail.sql"),
+    include_str!("../../migrations/0008_call_head_at_intent.sql"),
+];
+
+/// The trigger `name` as the last migration that creates it defines it, as SQLite keeps it
+/// (from `CREATE` to `END`, without the semicolon).
+fn migrated_trigger(name: &str) -> Option<String> {
+    let start = format!("CREATE TRIGGER {name} ");
+    MIGRATIONS.iter().rev().find_map(|text| {
+        let from = text.find(&start)?;
+        let len = text[from..].find("END;")? + "END".len();
+        Some(text[from..from + len].to_string())
+    })
+}
+
+/// SQL with each run of whitespace made one space, for comparing definitions.
+fn squeeze(sql: &str) -> String {
+    sql.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
 /// One normalised feed record.
 ///
 /// Every key is always present (`null` when it does not apply), so consumers see one schema.
@@ -549,13 +578,23 @@ impl Store {
         Ok(named.into_iter().filter_map(|(what, seq)| seq.filter(|seq| *seq > head).map(|seq| (what, seq))).collect())
     }
 
-    /// The append-only triggers of the migrations that are missing from the database (dropped
-    /// outside friendhook: then rows can be deleted or rewritten without an error).
-    pub async fn missing_guards(&self) -> Result<Vec<&'static str>, StoreError> {
-        let present: Vec<String> = sqlx::query_scalar("SELECT name FROM sqlite_master WHERE type = 'trigger'")
-            .fetch_all(self.read_pool())
-            .await?;
-        Ok(APPEND_ONLY_TRIGGERS.iter().copied().filter(|t| !present.iter().any(|p| p == t)).collect())
+    /// The append-only triggers of the migrations that are missing from the database, or
+    /// defined otherwise than the migrations define them (`calls_no_delete`, `calls_immutable
+    /// (altered)`): dropped or redefined outside friendhook (a trigger recreated with `WHEN 0`
+    /// keeps its name and guards nothing), rows can be deleted or rewritten without an error.
+    pub async fn missing_guards(&self) -> Result<Vec<String>, StoreError> {
+        let present: Vec<(String, Option<String>)> =
+            sqlx::query_as("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
+                .fetch_all(self.read_pool())
+                .await?;
+        Ok(APPEND_ONLY_TRIGGERS
+            .iter()
+            .filter_map(|name| match present.iter().find(|(p, _)| p == name) {
+                None => Some((*name).to_string()),
+                Some((_, sql)) => (sql.as_deref().map(squeeze) != migrated_trigger(name).map(|sql| squeeze(&sql)))
+                    .then(|| format!("{name} (altered)")),
+            })
+            .collect())
     }
 
     /// Calls requested in [since, until), and calls requested before `since` that were still
@@ -837,6 +876,25 @@ fn callback_row((seq, operation, from, to, timestamp_ms, received_at_ms): Roster
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every migration is in `MIGRATIONS`, in order: a trigger redefined by a migration left out
+    /// would be reported as altered on every database.
+    #[test]
+    fn the_migration_list_is_the_directory() {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations");
+        let mut files: Vec<_> = std::fs::read_dir(dir).expect("migrations").map(|e| e.expect("entry").path()).collect();
+        files.sort();
+        let texts: Vec<String> = files.iter().map(|f| std::fs::read_to_string(f).expect("read")).collect();
+        assert_eq!(texts, MIGRATIONS.map(str::to_string).to_vec());
+        for name in APPEND_ONLY_TRIGGERS {
+            let sql = migrated_trigger(name).unwrap_or_else(|| panic!("{name} is defined by a migration"));
+            assert!(sql.starts_with(&format!("CREATE TRIGGER {name} ")) && sql.ends_with("END"), "{sql}");
+        }
+        assert!(
+            migrated_trigger("calls_immutable").is_some_and(|sql| sql.contains("head_seq_at_intent")),
+            "the latest"
+        );
+    }
 
     /// Rows are mapped into the vector in order, after what it already holds; anything but one
     /// JSON array of rows is an error, not a partial read taken for the whole.

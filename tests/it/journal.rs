@@ -470,10 +470,20 @@ async fn audit_verify_lists_calls_without_outcome_and_fails_without_its_guards()
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("note: 1 call(s) were closed as `unknown` by a restart (ids 2)"), "{out}");
 
+    // Redefined under its own name to guard nothing: as good as dropped.
+    sqlite(
+        &db,
+        "DROP TRIGGER calls_immutable; CREATE TRIGGER calls_immutable BEFORE UPDATE OF owner ON calls WHEN 0 \
+         BEGIN SELECT 1; END;",
+    );
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("append-only trigger(s) calls_immutable (altered) were dropped or redefined"), "{out}");
+
     sqlite(&db, "DROP TRIGGER calls_no_delete;");
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("append-only trigger(s) calls_no_delete were dropped"), "{out}");
+    assert!(out.contains("append-only trigger(s) calls_no_delete, calls_immutable (altered) were dropped"), "{out}");
 }
 
 /// A long walk reports its progress (on stderr, in `audit verify`), every so many records.
