@@ -81,6 +81,10 @@ pub struct AppState {
     /// Throttles the log line of callbacks that failed verification (anyone who can reach the
     /// endpoint can send them; `/metrics` counts every one).
     pub bad_signatures: LogThrottle,
+    /// Throttles the log line of callbacks refused as unreadable (not JSON, too large, wrong
+    /// content type): Easemob drops such an event after its retry, so each run of them is worth
+    /// a line, but not one per request.
+    pub unreadable_callbacks: LogThrottle,
     /// The Easemob client for the trigger API (the sandbox's, in sandbox mode).
     pub easemob: Option<crate::easemob::EasemobClient>,
     /// The trailing window's reconciliation for `/metrics` (`None`: turned off).

@@ -45,7 +45,11 @@ async fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {err:#}");
+            match cli.log_format {
+                LogFormat::Text => eprintln!("error: {err:#}"),
+                // A log collector reads every line as JSON, the one that says why it stopped too.
+                LogFormat::Json => tracing::error!(error = %format!("{err:#}"), "friendhook stopped with an error"),
+            }
             std::process::ExitCode::FAILURE
         }
     }

@@ -222,8 +222,8 @@ pub async fn verify_reporting(
     let missing = store.missing_guards().await?;
     if !missing.is_empty() {
         return Ok(Verdict::Broken(format!(
-            "the chain is intact, but the append-only trigger(s) {} were dropped or redefined outside friendhook: \
-             meanwhile, records could have been deleted or rewritten without an error (the chain shows what is \
+            "the chain is intact, but the append-only trigger(s) {} were dropped, redefined or added outside friendhook: \
+             meanwhile, records could have been deleted, rewritten or kept out without an error (the chain shows what is \
              left, not what was removed from its end; --expect-head with a head published earlier does)",
             missing.join(", ")
         )));

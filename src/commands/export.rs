@@ -39,7 +39,7 @@ pub struct ExportArgs {
     pub after: i64,
     /// The link printed with that seq (`read up to seq N, link HASH`): refused if the record at
     /// --after carries another one (another database, or an older copy of this one).
-    #[arg(long)]
+    #[arg(long, value_parser = parse_link)]
     pub after_hash: Option<String>,
     /// Output format.
     #[arg(long, value_enum, default_value = "ndjson")]
@@ -179,14 +179,34 @@ fn write_csv_row(w: &mut csv::Writer<Vec<u8>>, r: &FeedRecord, numbers: &mut Csv
     ])
 }
 
+/// `--after-hash`: a chain link, 64 hex digits (either case), as the last export printed it.
+fn parse_link(text: &str) -> Result<String, String> {
+    let link = text.to_ascii_lowercase();
+    if crate::store::chain::is_link(&link) {
+        Ok(link)
+    } else {
+        Err("expected the 64 hex digits an export printed after `link` (or a feed's X-Last-Hash)".into())
+    }
+}
+
 /// Runs the command.
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let (since, until) =
         parse_flag_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open_read_only(&args.database_url).await?;
-    if let Some(expected) = args.after_hash.as_deref().map(str::to_ascii_lowercase) {
+    // As the feed refuses it: a seq past the head would skip whatever is stored up to it.
+    let head = store.chain_head().await?.seq;
+    if args.after > head {
+        anyhow::bail!(
+            "--after {} is beyond this journal's last seq ({head}): a seq from another database, or from this one \
+             before it was restored from an older copy, would skip everything stored up to it. Nothing was written. \
+             Export from --after 0, or from a seq an export of this database printed",
+            args.after
+        );
+    }
+    if let Some(expected) = args.after_hash.as_deref() {
         let found = store.link_at(args.after).await?;
-        if found.as_deref() != Some(expected.as_str()) {
+        if found.as_deref() != Some(expected) {
             anyhow::bail!(
                 "the record at seq {} carries the link {}, not --after-hash {expected}: this is another database, or \
                  an older copy of the one the previous export read, so the records after it here are not the ones \

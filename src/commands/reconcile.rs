@@ -258,12 +258,34 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
     }
     let mut report = merged.ok_or_else(|| anyhow::anyhow!("no report"))?;
     report["next_cursor"] = Value::Null;
+    // A service judges with its own matching; the flags only apply to a database read here.
+    if args.url.is_some() {
+        let given = [
+            ("match_skew_ms", "--match-skew", args.match_skew),
+            ("match_window_ms", "--match-window", args.match_window),
+        ];
+        for (key, flag, value) in given {
+            let served = report[key].as_i64();
+            if served.is_some_and(|ms| ms != value.as_millis() as i64) {
+                eprintln!(
+                    "note: the service judged with its own {flag} {} ({flag} {} here applies with --database-url only)",
+                    compact_duration(served.unwrap_or_default()),
+                    compact_duration(value.as_millis() as i64)
+                );
+            }
+        }
+    }
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
         print!("{}", render_table(&report));
     }
     Ok(())
+}
+
+/// `ms` as one duration argument (`1s500ms`, not humantime's `1s 500ms`, which a shell splits).
+fn compact_duration(ms: i64) -> String {
+    humantime::format_duration(std::time::Duration::from_millis(ms.max(0) as u64)).to_string().replace(' ', "")
 }
 
 /// Renders a reconciliation document (as served by GET /v1/reconciliation) as a text table.
@@ -290,16 +312,15 @@ pub fn render_table(r: &Value) -> String {
         // The matching is part of the report: the same point judged with another window is
         // another report (`demo` judges with a 1 s window, for one).
         let duration = |key: &str| {
-            r[key].as_u64().map(|ms| {
-                format!(
-                    " --{} {}",
-                    key.trim_end_matches("_ms").replace('_', "-"),
-                    humantime::format_duration(std::time::Duration::from_millis(ms))
-                )
-            })
+            r[key]
+                .as_i64()
+                .map(|ms| format!(" --{} {}", key.trim_end_matches("_ms").replace('_', "-"), compact_duration(ms)))
         };
         let matching: String = ["match_skew_ms", "match_window_ms"].into_iter().filter_map(duration).collect();
-        let _ = writeln!(out, "as of {as_of} (chain {chain}; --as-of {as_of}{matching} gives this report again)");
+        let _ = writeln!(
+            out,
+            "as of {as_of} (chain {chain}; --as-of {as_of}{matching} with the same filters gives this report again)"
+        );
     }
     let items = r["items"].as_array().cloned().unwrap_or_default();
     if items.is_empty() {

@@ -242,7 +242,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     match store.missing_guards().await {
         Ok(missing) if !missing.is_empty() => tracing::error!(
             triggers = %missing.join(", "),
-            "the database's append-only triggers were dropped or redefined outside friendhook, so stored records can be deleted \
+            "the database's append-only triggers were dropped, redefined or added outside friendhook, so stored records can be deleted \
              or rewritten without an error; run `friendhook audit verify` on this file and find out who changed it"
         ),
         Ok(_) => {}
@@ -279,6 +279,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         overloads: LogThrottle::new(10_000),
         commit_timeouts: LogThrottle::new(10_000),
         bad_signatures: LogThrottle::new(10_000),
+        unreadable_callbacks: LogThrottle::new(10_000),
         trailing,
         write_probe: Default::default(),
         // Half the request deadline: a report that starts later would risk running into it.

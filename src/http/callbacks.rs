@@ -125,6 +125,16 @@ async fn receive_callback(
     body: Body,
 ) -> Result<Response, ApiError> {
     let received = receive(&state, peer, &headers, body).await;
+    if let Err(
+        err @ (ApiError::BadRequest { .. } | ApiError::PayloadTooLarge { .. } | ApiError::UnsupportedMediaType(_)),
+    ) = &received
+        && let Some(since_last_line) = state.unreadable_callbacks.hit(state.clock.now_ms())
+    {
+        // Easemob re-sends once, then drops the event: a sender posting what cannot be read
+        // (a proxy rewriting bodies, a callback rule pointed at the wrong endpoint) loses events.
+        tracing::warn!(%peer, status = err.status().as_u16(), code = err.code(), detail = %err, since_last_line,
+            "callback refused as unreadable; nothing was stored (if Easemob sent it, the event is lost after its one retry)");
+    }
     state.metrics.callback(match &received {
         Ok(Received::Stored(ack)) if ack.duplicate => CallbackResult::Duplicate,
         Ok(Received::Stored(_)) => CallbackResult::Stored,

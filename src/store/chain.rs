@@ -10,6 +10,11 @@
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
+/// Whether `text` has the form of a chain link: 64 lower-case hex digits.
+pub fn is_link(text: &str) -> bool {
+    text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
 /// The `prev_hash` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 

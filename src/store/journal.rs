@@ -578,23 +578,30 @@ impl Store {
         Ok(named.into_iter().filter_map(|(what, seq)| seq.filter(|seq| *seq > head).map(|seq| (what, seq))).collect())
     }
 
-    /// The append-only triggers of the migrations that are missing from the database, or
-    /// defined otherwise than the migrations define them (`calls_no_delete`, `calls_immutable
-    /// (altered)`): dropped or redefined outside friendhook (a trigger recreated with `WHEN 0`
-    /// keeps its name and guards nothing), rows can be deleted or rewritten without an error.
+    /// The append-only triggers of the migrations that are missing from the database, then the
+    /// triggers defined otherwise than the migrations define them or not by them at all
+    /// (`calls_no_delete`, `calls_immutable (altered)`, `zz (not friendhook's)`): dropped,
+    /// redefined or added outside friendhook (a guard recreated with `WHEN 0` keeps its name and
+    /// guards nothing), rows can be deleted, rewritten or kept out without an error.
     pub async fn missing_guards(&self) -> Result<Vec<String>, StoreError> {
         let present: Vec<(String, Option<String>)> =
             sqlx::query_as("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
                 .fetch_all(self.read_pool())
                 .await?;
-        Ok(APPEND_ONLY_TRIGGERS
-            .iter()
-            .filter_map(|name| match present.iter().find(|(p, _)| p == name) {
-                None => Some((*name).to_string()),
-                Some((_, sql)) => (sql.as_deref().map(squeeze) != migrated_trigger(name).map(|sql| squeeze(&sql)))
-                    .then(|| format!("{name} (altered)")),
-            })
-            .collect())
+        let missing = APPEND_ONLY_TRIGGERS.iter().filter(|name| !present.iter().any(|(p, _)| p == *name));
+        let mut problems: Vec<String> = missing.map(|name| (*name).to_string()).collect();
+        // Every trigger there is, not only the guards: one added by hand (`BEFORE INSERT ... RAISE
+        // (IGNORE)`) can make callbacks vanish as surely as a dropped guard lets them be deleted.
+        for (name, sql) in &present {
+            match migrated_trigger(name) {
+                None => problems.push(format!("{name} (not friendhook's)")),
+                Some(migrated) if sql.as_deref().map(squeeze) != Some(squeeze(&migrated)) => {
+                    problems.push(format!("{name} (altered)"));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(problems)
     }
 
     /// Calls requested in [since, until), and calls requested before `since` that were still

@@ -557,6 +557,10 @@ impl Writer {
     pub async fn run(mut self, mut rx: mpsc::Receiver<Job>) {
         let mut batch = Vec::with_capacity(self.limits.max_batch);
         let mut stats = BatchStats::default();
+        // A backlog of the lookup by user (emptied by `audit rebuild-user-index`, or left by a
+        // crash) is caught up while nothing is queued: one step at a time, so a request that
+        // arrives meanwhile waits for one step at most.
+        while self.head.seq > self.users_indexed_upto && rx.is_empty() && self.index_users_step().await {}
         while rx.recv_many(&mut batch, self.limits.max_batch).await > 0 {
             let started = std::time::Instant::now();
             let jobs = batch.len();

@@ -1015,3 +1015,33 @@ async fn a_run_of_bad_signatures_is_logged_once_not_once_each() {
     assert!((1..=2).contains(&lines.len()), "{lines:#?}");
     assert!(lines[0].contains("since_last_line=1"), "{}", lines[0]);
 }
+
+/// A callback refused as unreadable is an event Easemob drops after its retry: the log says so,
+/// once for a run of them rather than once each.
+#[tokio::test]
+async fn unreadable_callbacks_are_logged_once_for_a_run() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_url = format!("sqlite://{}", dir.path().join("unreadable.db").display());
+    let mut service = ServeProcess::start(&db_url, &[], &[]).await;
+    let http = bounded_client();
+    for i in 0..20 {
+        let (content_type, want) = if i % 2 == 0 { ("application/json", 400) } else { ("text/plain", 415) };
+        let r = http
+            .post(format!("{}/callbacks/easemob", service.base))
+            .header("content-type", content_type)
+            .body(format!("{{\"callId\": {i}"))
+            .send()
+            .await
+            .expect("callback");
+        assert_eq!(r.status(), want);
+    }
+    service.signal("TERM");
+    let status = service.wait_exit(Duration::from_secs(20)).await;
+    let log = service.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    let lines: Vec<&str> = log.lines().filter(|l| l.contains("callback refused as unreadable")).collect();
+    // Two if the run happened to straddle a 10 s boundary on a slow machine; never twenty.
+    assert!((1..=2).contains(&lines.len()), "{lines:#?}");
+    assert!(lines[0].contains("status=400") && lines[0].contains("code=\"invalid_json\""), "{}", lines[0]);
+    assert!(lines[0].contains("since_last_line=1"), "{}", lines[0]);
+}

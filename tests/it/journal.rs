@@ -199,6 +199,10 @@ async fn a_cursor_with_its_hash_is_refused_by_another_journal_of_the_same_length
     assert!(error["detail"].as_str().unwrap().contains("another database, or an older copy"), "{error}");
     // Without the hash, it cannot tell.
     assert_eq!(page(&other, "after=3").await.0, 200);
+    // Something that is not a link at all is a malformed query, not another database.
+    let (status, _, _, body) = page(&read, "after=3&after_hash=abc").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("invalid_query") && body.contains("64 hex digits"), "{body}");
     read.stop().await;
     other.stop().await;
 }
@@ -264,17 +268,21 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
         (out.status.success(), String::from_utf8(out.stdout).unwrap(), String::from_utf8_lossy(&out.stderr).to_string())
     };
     let head = seqs.len() as i64;
+    let link = |seq: i64| feed_link(&db_url, seq);
     let (ok, _, stderr) = run(&[]);
-    assert!(ok && stderr.contains(&format!("read up to seq {head}, link ")), "{stderr}");
+    assert!(ok && stderr.contains(&format!("read up to seq {head}, link {}", link(head))), "{stderr}");
+    let (ok, _, stderr) = run(&["--after", &(head + 1).to_string()]);
+    assert!(!ok && stderr.contains("beyond this journal's last seq"), "{stderr}");
     let middle = head / 2;
     let (_, _, stderr) = run(&["--until", "0"]);
     assert!(stderr.contains("exported 0 records") && stderr.contains(&format!("read up to seq {head}")), "{stderr}");
-    let link = |seq: i64| feed_link(&db_url, seq);
     let (ok, stdout, stderr) = run(&["--after", &middle.to_string(), "--after-hash", &link(middle)]);
     assert!(ok, "{stderr}");
     let rest: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(rest, feed[middle as usize..], "the records after --after");
-    let (ok, stdout, stderr) = run(&["--after", &middle.to_string(), "--after-hash", &link(middle - 1)]);
+    // (How many callbacks the sandbox sends varies, so `middle` may be 1: no record's link is
+    // all `a`s.)
+    let (ok, stdout, stderr) = run(&["--after", &middle.to_string(), "--after-hash", &"a".repeat(64)]);
     assert!(!ok && stdout.is_empty(), "{stdout}");
     assert!(stderr.contains(&format!("the record at seq {middle} carries the link")), "{stderr}");
 }
@@ -288,7 +296,9 @@ fn feed_link(db_url: &str, seq: i64) -> String {
         ))
         .output()
         .expect("sqlite3 is installed");
-    String::from_utf8(out.stdout).unwrap().trim().to_string()
+    let link = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert_eq!(link.len(), 64, "seq {seq} has a link: {}", String::from_utf8_lossy(&out.stderr));
+    link
 }
 
 /// Runs `sqlite3` on the file: the tests' stand-in for someone with write access to it.
@@ -478,7 +488,17 @@ async fn audit_verify_lists_calls_without_outcome_and_fails_without_its_guards()
     );
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("append-only trigger(s) calls_immutable (altered) were dropped or redefined"), "{out}");
+    assert!(out.contains("append-only trigger(s) calls_immutable (altered) were dropped, redefined or added"), "{out}");
+
+    // One added by hand that keeps a user's callbacks out.
+    sqlite(
+        &db,
+        "CREATE TRIGGER zz_filter BEFORE INSERT ON callbacks WHEN NEW.to_user = 'u3' BEGIN SELECT RAISE(IGNORE); END;",
+    );
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("calls_immutable (altered), zz_filter (not friendhook's)"), "{out}");
+    sqlite(&db, "DROP TRIGGER zz_filter;");
 
     sqlite(&db, "DROP TRIGGER calls_no_delete;");
     let (code, out, _) = audit_verify(&db_url, &[]);
