@@ -199,7 +199,15 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     if secrets.is_empty() {
         if sandbox_mode && args.signature_scheme == Scheme::Easemob {
             secrets.push(generated_secret());
-            tracing::info!("no --callback-secret given: generated one for the built-in sandbox (not shown)");
+            if args.callback_secret.is_empty() {
+                tracing::info!("no --callback-secret given: generated one for the built-in sandbox (not shown)");
+            } else {
+                // Given, but empty (`FRIENDHOOK_CALLBACK_SECRET=` from an unset variable, say):
+                // fine for the sandbox, which signs with whatever this is, but worth a word.
+                tracing::warn!(
+                    "--callback-secret (or FRIENDHOOK_CALLBACK_SECRET) is set but empty: generated one for                     the built-in sandbox (not shown); with real Easemob an empty secret is refused"
+                );
+            }
         } else {
             bail!(
                 "no callback secret: pass --callback-secret (or FRIENDHOOK_CALLBACK_SECRET) with the secret of your \

@@ -497,25 +497,36 @@ impl EasemobClient {
                 reason,
             };
             // A give-up after an attempt that may have acted says so, and what to check.
-            let may_have_acted = uncertain.as_ref().map_or(String::new(), |earlier| {
-                format!(
+            // A changing call none of whose attempts can have acted (refused 429s, connections
+            // never made) says that too: it is safe to send again.
+            let may_have_acted = match &uncertain {
+                Some(earlier) => format!(
                     "; an attempt answered {earlier} may have been carried out: check the result in Easemob before \
                      trying again"
-                )
-            });
-            if attempts >= config.max_attempts {
-                return Err(failed(format!(
-                    "gave up after {attempts} attempt(s) (max_attempts); last: {reason}{may_have_acted}"
-                )));
-            }
+                ),
+                None if call.method != Method::GET => {
+                    "; no attempt can have been carried out: safe to send again".into()
+                }
+                None => String::new(),
+            };
             // Easemob documents no Retry-After, but a gateway in front of it may send one.
             let delay = self.next_backoff(retries).max(retry_after.unwrap_or_default());
             let elapsed = first_attempt_at.elapsed();
-            if elapsed + delay > config.max_retry_time {
-                return Err(failed(format!(
+            let give_up = if attempts >= config.max_attempts {
+                Some(format!("gave up after {attempts} attempt(s) (max_attempts); last: {reason}{may_have_acted}"))
+            } else if elapsed + delay > config.max_retry_time {
+                Some(format!(
                     "gave up after {attempts} attempt(s): a retry in {delay:?} would pass max_retry_time ({:?}, {elapsed:?} used); last: {reason}{may_have_acted}",
                     config.max_retry_time
-                )));
+                ))
+            } else {
+                None
+            };
+            if let Some(reason) = give_up {
+                // The retries were logged one by one; so is their end.
+                tracing::warn!(method = %call.method, path = call.url.path(), attempts, reason = %reason,
+                    "Easemob call failed for good");
+                return Err(failed(reason));
             }
             tracing::warn!(
                 method = %call.method,

@@ -142,6 +142,22 @@ async fn a_stop_during_a_batch_sends_none_of_the_calls_still_waiting_and_records
     app.stop().await;
 }
 
+/// Refused 429s never acted: the detail says the call is safe to send again.
+#[tokio::test]
+async fn a_call_given_up_after_429_answers_says_it_is_safe_to_send_again() {
+    let app = TestApp::spawn(&["--easemob-max-attempts", "2"]).await;
+    app.register(&["alice", "bob"]).await;
+    app.sandbox().inject_faults(crate::client_support::contacts_fault(429, 2));
+
+    let (status, call) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+
+    assert_eq!((status, call["outcome"].as_str()), (201, Some("failed")), "{call}");
+    let detail = call["outcome_detail"].as_str().expect("a failure says why");
+    assert!(detail.contains("gave up after 2 attempt(s)"), "{detail}");
+    assert!(detail.contains("no attempt can have been carried out: safe to send again"), "{detail}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_call_given_up_after_5xx_answers_says_easemob_may_have_acted() {
     let app = TestApp::spawn(&["--easemob-max-attempts", "2"]).await;
