@@ -414,30 +414,3 @@ async fn json_logs_are_one_object_per_line() {
     assert!(rest.iter().any(|line| line["message"] == "stopped"), "{rest:#?}");
     assert!(child.wait().await.expect("wait").success());
 }
-
-/// `timeout`, and systemd's default KillMode, send a stop to the service and to its process
-/// group: the same stop twice, a moment apart. Only a signal a second or more after the first
-/// means "exit now".
-#[tokio::test]
-async fn a_second_signal_right_after_the_first_is_the_same_stop() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let db_url = format!("sqlite://{}", dir.path().join("twice.db").display());
-    let mut service = crate::process::ServeProcess::start(&db_url, &["--shutdown-grace", "20s"], &[]).await;
-    // A request in flight (its body half sent) keeps the stop waiting, so the second signal
-    // finds the service still there.
-    let addr = service.base.trim_start_matches("http://").to_string();
-    let mut held = tokio::net::TcpStream::connect(&addr).await.expect("connect");
-    let head = format!(
-        "POST /callbacks/easemob HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"callId\":"
-    );
-    tokio::io::AsyncWriteExt::write_all(&mut held, head.as_bytes()).await.expect("send half a request");
-    service.signal("TERM");
-    service.wait_for_log("received SIGTERM", std::time::Duration::from_secs(20)).await;
-    service.signal("INT");
-    service.wait_for_log("taken as the same stop", std::time::Duration::from_secs(20)).await;
-    drop(held);
-    let status = service.wait_exit(std::time::Duration::from_secs(30)).await;
-    let log = service.log();
-    assert_eq!(status.code(), Some(0), "a stop, not an exit at once (130):\n{log}");
-    assert!(!log.contains("exiting at once"), "{log}");
-}
