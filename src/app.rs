@@ -528,24 +528,46 @@ pub async fn serve(
     Ok(())
 }
 
-/// Resolves on SIGINT (Ctrl-C) or SIGTERM.
-pub async fn shutdown_signal() {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// SIGINT (Ctrl-C) and SIGTERM, listened for from the moment this is made.
+///
+/// Made before the service says it listens: until a process listens for a signal, the signal's
+/// default action applies, and SIGTERM's is to end the process on the spot, without a word and
+/// without the stop's drain. A supervisor (or a test) that stops the service as soon as it read
+/// "listening" would otherwise kill it.
+pub struct StopSignals {
     #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Starts listening for both signals.
+    pub fn listen() -> anyhow::Result<Self> {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{SignalKind, signal};
+            let what = "listening for SIGINT and SIGTERM (needed for a clean stop)";
+            Ok(Self {
+                interrupt: anyhow::Context::context(signal(SignalKind::interrupt()), what)?,
+                terminate: anyhow::Context::context(signal(SignalKind::terminate()), what)?,
+            })
         }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => tracing::info!("received SIGINT"),
-        () = term => tracing::info!("received SIGTERM"),
+        #[cfg(not(unix))]
+        Ok(Self {})
+    }
+
+    /// Resolves at the next SIGINT or SIGTERM, logging which.
+    pub async fn recv(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => tracing::info!("received SIGINT"),
+            _ = self.terminate.recv() => tracing::info!("received SIGTERM"),
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("received Ctrl-C");
+        }
     }
 }

@@ -202,8 +202,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     print!("{}", crate::commands::reconcile::render_table(&attention));
 
     if args.keep_running {
+        // Listened for before the line is printed, so a Ctrl-C right after it is a clean stop.
+        let mut signals = crate::app::StopSignals::listen()?;
         println!("\nstill serving on {base} (Ctrl-C to stop); try: curl '{base}/v1/reconciliation?status=missing'");
-        crate::app::shutdown_signal().await;
+        signals.recv().await;
     } else {
         println!(
             "\nexplore the stored data afterwards (the same match window, so the same report):\n  \

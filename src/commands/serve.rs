@@ -334,6 +334,8 @@ const SAME_STOP: Duration = Duration::from_secs(1);
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let service = build(&args, clock::system()).await?;
     let addr = service.listener.local_addr()?;
+    // Before the line that says the service listens: see `StopSignals`.
+    let mut signals = app::StopSignals::listen()?;
     tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
         "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");
     let Service { listener, router, limits, state, sandbox } = service;
@@ -364,7 +366,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // stalled on either port cannot hold the exit much past --shutdown-grace.
     let signalled = std::sync::OnceLock::<Instant>::new();
     let shutdown = async {
-        app::shutdown_signal().await;
+        signals.recv().await;
         let _ = signalled.set(Instant::now());
         state.begin_stop();
         // A second signal means "now": the operator has seen the first one being honoured. One
@@ -373,7 +375,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let first = Instant::now();
         tokio::spawn(async move {
             loop {
-                app::shutdown_signal().await;
+                signals.recv().await;
                 if first.elapsed() >= SAME_STOP {
                     break;
                 }

@@ -96,6 +96,7 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
     let listener =
         TcpListener::bind(args.listen).await.with_context(|| format!("binding the sandbox to {}", args.listen))?;
     let handle = spawn(listener, config.clone(), crate::clock::system()).await?;
+    let mut signals = crate::app::StopSignals::listen()?;
     tracing::info!(
         base_url = %handle.base_url(),
         org = %config.org,
@@ -112,39 +113,11 @@ pub async fn run(args: SandboxArgs) -> anyhow::Result<()> {
         seed = config.seed,
         "Easemob sandbox serving"
     );
-    shutdown_signal().await;
+    signals.recv().await;
     tracing::info!("Easemob sandbox shutting down");
     // A client stalled mid-request must not hold the exit: the same grace `serve` gives by default.
     handle.shutdown_within(std::time::Duration::from_secs(10)).await;
     Ok(())
-}
-
-/// Resolves on Ctrl-C, or SIGTERM on Unix.
-async fn shutdown_signal() {
-    let ctrl_c = async {
-        if let Err(error) = tokio::signal::ctrl_c().await {
-            tracing::error!(%error, "cannot listen for Ctrl-C");
-            std::future::pending::<()>().await;
-        }
-    };
-    #[cfg(unix)]
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::error!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    #[cfg(not(unix))]
-    let terminate = std::future::pending::<()>();
-    tokio::select! {
-        () = ctrl_c => {}
-        () = terminate => {}
-    }
 }
 
 /// Starts a sandbox on `listener` (bind `127.0.0.1:0` in tests) with the given clock, which
