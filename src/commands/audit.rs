@@ -84,7 +84,7 @@ pub fn parse_published_head(text: &str) -> Result<PublishedHead, String> {
     let (seq, hash) = text.split_once(':').ok_or_else(|| advice.to_string())?;
     let seq: i64 = seq.parse().ok().filter(|seq| *seq >= 0).ok_or_else(|| format!("SEQ `{seq}`: {advice}"))?;
     let hash = hash.to_ascii_lowercase();
-    if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+    if !chain::is_link(&hash) {
         return Err(format!("HASH `{hash}`: {advice}"));
     }
     Ok(PublishedHead { seq, hash })
