@@ -4,6 +4,7 @@
 //! - [`config`]: command line and environment (clap); secrets redacted.
 //! - [`app`]: application state, router assembly, the HTTP server and its shutdown.
 //! - [`connection`]: per-connection timeouts (headers vs. idle keep-alive).
+//! - [`console`]: a command's progress and summary lines on stderr, text or JSON as the logs.
 //! - [`http`]: the resources' routes; handlers translate HTTP to store and domain calls.
 //! - [`error`]: the one API error type, rendered as `{"code": "...", "detail": "..."}`.
 //! - [`signature`]: pure signature verification (Easemob md5, standard-webhooks HMAC).
@@ -25,6 +26,7 @@ pub mod clock;
 pub mod commands;
 pub mod config;
 pub mod connection;
+pub mod console;
 pub mod easemob;
 pub mod error;
 pub mod http;

@@ -23,6 +23,7 @@ async fn main() -> std::process::ExitCode {
         // Fields beside the message rather than under "fields": what log collectors index.
         LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).with_span_list(true).init(),
     }
+    friendhook::console::set_format(cli.log_format);
     if let Some(warning) = not_understood {
         tracing::warn!("{warning}");
     }

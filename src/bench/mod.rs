@@ -561,7 +561,7 @@ async fn bench_trigger(a: TriggerArgs) -> anyhow::Result<()> {
             .json()
             .await?;
         succeeded += resp["results"].as_array().map_or(0, |r| r.iter().filter(|c| c["outcome"] == "succeeded").count());
-        eprintln!("  batch {} done ({succeeded} succeeded so far)", k + 1);
+        crate::console::note(format_args!("  batch {} done ({succeeded} succeeded so far)", k + 1));
     }
     let elapsed = started.elapsed();
     let after: serde_json::Value = http.get(format!("{sandbox}/_sandbox/stats")).send().await?.json().await?;
@@ -611,7 +611,7 @@ async fn seeded_store(a: &SeedArgs) -> anyhow::Result<Store> {
     store
         .seed_bulk(SeedSpec { calls: a.calls, callbacks: a.callbacks, start_ms: start, step_ms: step }, |n| {
             if last_print.elapsed() > Duration::from_secs(2) {
-                eprintln!("  ... {n} rows");
+                crate::console::note(format_args!("  ... {n} rows"));
                 last_print = Instant::now();
             }
         })

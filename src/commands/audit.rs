@@ -268,14 +268,14 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     let checked = async {
         let store = Store::open_read_only(&database_url).await?;
         // On stderr, so that stdout holds the verdict alone.
-        let mut report = |n| eprintln!("audit verify: {n} records checked");
+        let mut report = |n| crate::console::note(format_args!("audit verify: {n} records checked"));
         verify_reporting(&store, expect_head.as_ref(), PAGE, (PROGRESS_EVERY, &mut report)).await
     };
     let verdict = match checked.await {
         Ok(verdict) => verdict,
         Err(e) => {
             // Not 1: a script must be able to tell "tampered" from "could not look".
-            eprintln!("error: the chain could not be checked: {e:#}");
+            crate::console::error(format_args!("the chain could not be checked: {e:#}"));
             return Ok(2);
         }
     };

@@ -173,14 +173,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             *outcomes.entry(key).or_default() += 1;
         }
         done += chunk.len();
-        eprintln!("  triggered {done}/{} friend additions", pairs.len());
+        crate::console::note(format_args!("  triggered {done}/{} friend additions", pairs.len()));
     }
     println!("\ncalls made to Easemob (POST /v1/friends/batch):");
     for (k, n) in &outcomes {
         println!("  {n:>5}  {k}");
     }
 
-    eprintln!("  waiting for the callbacks ...");
+    crate::console::note("  waiting for the callbacks ...");
     let _ = tokio::time::timeout(Duration::from_secs(60), sandbox.wait_callbacks_settled()).await;
     // Let the 1 s match window close, so calls whose callback was dropped show as missing.
     tokio::time::sleep(Duration::from_millis(1200)).await;

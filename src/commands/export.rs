@@ -123,7 +123,7 @@ pub async fn export(
         written += page.count as u64;
         if progress_every > 0 && before / progress_every != written / progress_every {
             let secs = started.elapsed().as_secs_f64();
-            eprintln!("exported {written} records ({:.0}/s)", written as f64 / secs.max(1e-9));
+            crate::console::note(format_args!("exported {written} records ({:.0}/s)", written as f64 / secs.max(1e-9)));
         }
         if complete {
             break;
@@ -228,12 +228,17 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let secs = started.elapsed().as_secs_f64();
     let n = exported.records;
     let link = store.link_at(exported.read_up_to).await?.unwrap_or_default();
-    eprintln!(
-        "exported {n} records in {secs:.2} s ({:.0} records/s); read up to seq {}, link {link}: the next export \
-         of what is new goes on with --after {} --after-hash {link}",
-        n as f64 / secs.max(1e-9),
-        exported.read_up_to,
-        exported.read_up_to,
-    );
+    let rate = n as f64 / secs.max(1e-9);
+    let upto = exported.read_up_to;
+    if crate::console::is_json() {
+        // The cursor as fields of their own: a script keeps them for the next run.
+        tracing::info!(target: "friendhook::console", records = n, seconds = secs, read_up_to = upto, link = %link,
+            "exported {n} records; the next export of what is new goes on with --after {upto} --after-hash {link}");
+    } else {
+        eprintln!(
+            "exported {n} records in {secs:.2} s ({rate:.0} records/s); read up to seq {upto}, link {link}: the next \
+             export of what is new goes on with --after {upto} --after-hash {link}"
+        );
+    }
     Ok(())
 }

@@ -220,10 +220,10 @@ async fn fetch_page(
         match wait {
             Some(secs) if busy && retries < BUSY_RETRIES => {
                 retries += 1;
-                eprintln!(
+                crate::console::note(format_args!(
                     "the service is computing another reconciliation report; asking again in {secs} s \
                      ({retries}/{BUSY_RETRIES})"
-                );
+                ));
                 tokio::time::sleep(std::time::Duration::from_secs(secs)).await;
             }
             _ if status == reqwest::StatusCode::UNAUTHORIZED => anyhow::bail!(
@@ -267,11 +267,11 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
         for (key, flag, value) in given {
             let served = report[key].as_i64();
             if served.is_some_and(|ms| ms != value.as_millis() as i64) {
-                eprintln!(
+                crate::console::note(format_args!(
                     "note: the service judged with its own {flag} {} ({flag} {} here applies with --database-url only)",
                     compact_duration(served.unwrap_or_default()),
                     compact_duration(value.as_millis() as i64)
-                );
+                ));
             }
         }
     }

@@ -285,6 +285,30 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     let (ok, stdout, stderr) = run(&["--after", &middle.to_string(), "--after-hash", &"a".repeat(64)]);
     assert!(!ok && stdout.is_empty(), "{stdout}");
     assert!(stderr.contains(&format!("the record at seq {middle} carries the link")), "{stderr}");
+
+    // Under --log-format json, stderr is JSON lines only, progress included, and the closing
+    // line gives the cursor as fields.
+    let out = std::process::Command::new(bin())
+        .args(["--log-format", "json", "export", "--database-url", &db_url, "--progress-every", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<Value> = String::from_utf8(out.stderr)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    assert!(
+        lines.iter().any(|l| l["message"].as_str().is_some_and(|m| m.starts_with("exported ") && m.ends_with("/s)"))),
+        "{lines:#?}"
+    );
+    let closing = lines.last().expect("a closing line");
+    assert_eq!(
+        (closing["read_up_to"].as_i64(), closing["link"].as_str()),
+        (Some(head), Some(link(head).as_str())),
+        "{closing}"
+    );
+    assert_eq!(closing["records"].as_i64(), Some(head), "{closing}");
 }
 
 /// The chain link of the record at `seq`, read from the file.
