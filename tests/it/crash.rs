@@ -215,6 +215,73 @@ async fn sigint_lets_in_flight_requests_finish_and_store_then_exits_zero() {
     in_flight_requests_complete_and_are_stored_after("INT").await;
 }
 
+/// A callback provably inside the service (100 Continue given), half its body sent, and the
+/// service's stop begun by SIGTERM: the held request keeps the stop open.
+/// Also gives the database's URL, and its directory to keep while it is read.
+async fn stop_held_open_by_a_callback(name: &str) -> (ServeProcess, TcpStream, String, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_url = format!("sqlite://{}", dir.path().join(format!("{name}.db")).display());
+    let service = ServeProcess::start(&db_url, &["--shutdown-grace", "10s", "--request-timeout", "60s"], &[]).await;
+    let addr = service.base.trim_start_matches("http://").to_string();
+    let body = roster_body(name, "alice", "bob", "add", TS, SECRET);
+    let mut stream = start_in_flight(&addr, "/callbacks/easemob", body.len()).await;
+    stream.write_all(&body.as_bytes()[..body.len() / 2]).await.expect("first half");
+    (service, stream, body, db_url, dir)
+}
+
+/// `timeout`, and systemd's default KillMode, signal the service and its process group: the
+/// same stop arrives twice within moments, and must not cut what the first one lets finish.
+#[tokio::test]
+async fn a_second_signal_right_after_the_first_is_the_same_stop() {
+    // Arrange
+    let (mut service, mut held, body, db_url, _dir) = stop_held_open_by_a_callback("second-signal-same-stop").await;
+
+    // Act: TERM then INT from one shell, microseconds apart (two signals of one kind could
+    // merge into one while pending; two kinds cannot), as a process group's stop arrives; the
+    // body is finished only once the service has taken the second signal.
+    let both = std::process::Command::new("sh")
+        .args(["-c", "kill -s TERM \"$0\" && kill -s INT \"$0\"", &service.pid.to_string()])
+        .status()
+        .expect("run sh");
+    assert!(both.success());
+    service.wait_for_log("taken as the same stop", WITHIN).await;
+    held.write_all(&body.as_bytes()[body.len() / 2..]).await.expect("second half");
+    let (code, answer) = finish_response(&mut held).await;
+    let status = service.wait_exit(WITHIN).await;
+
+    // Assert
+    let log = service.log();
+    assert_eq!(code, 200, "the held callback is answered, not cut: {answer}\n{log}");
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert!(!log.contains("exiting at once"), "{log}");
+    let seq = answer["seq"].as_i64().expect("seq");
+    assert_eq!(stored_callbacks(&db_url).await.get(&call_id("second-signal-same-stop")), Some(&seq));
+}
+
+/// A second signal well after the first is an operator insisting: exit at once, status 130,
+/// without waiting for the request the stop was holding open.
+#[tokio::test]
+async fn a_later_second_signal_exits_at_once() {
+    // Arrange
+    let (mut service, mut held, _body, _db_url, _dir) = stop_held_open_by_a_callback("second-signal-later").await;
+
+    // Act: the service notes the first signal's time before it logs "no longer accepting", so a
+    // second sent more than a second after that line is more than a second after the first.
+    service.signal("TERM");
+    service.wait_for_log("no longer accepting", WITHIN).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    service.signal("TERM");
+    let status = service.wait_exit(WITHIN).await;
+
+    // Assert
+    let log = service.log();
+    assert_eq!(status.code(), Some(130), "{log}");
+    assert!(log.contains("second signal: exiting at once"), "{log}");
+    let mut rest = Vec::new();
+    let read = tokio::time::timeout(WITHIN, held.read_to_end(&mut rest)).await.expect("the connection closes");
+    assert!(read.is_err() || rest.is_empty(), "no answer to the request cut: {:?}", String::from_utf8_lossy(&rest));
+}
+
 #[tokio::test]
 async fn a_request_that_never_finishes_does_not_hold_the_exit_beyond_the_grace() {
     // Arrange: a callback whose body never comes, with a request timeout far beyond the grace.
