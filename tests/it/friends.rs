@@ -316,9 +316,10 @@ async fn a_replay_is_answered_while_no_app_token_can_be_had() {
 /// (sent again, each would be a re-add), so the answer says so and the calls are all recorded.
 #[tokio::test]
 async fn a_batch_past_the_trigger_timeout_says_its_calls_go_on_and_they_do() {
-    // 100 calls at the client's 100/s are spaced ~10 ms apart: about a second, far past 200 ms,
-    // whatever the machine (the pacer's spacing is a floor, not an estimate).
-    let app = TestApp::spawn(&["--trigger-timeout", "200ms"]).await;
+    // 100 calls at the client's 20/s are spaced 50 ms apart: five seconds, far past the 1 s
+    // deadline whatever the machine (the pacer's spacing is a floor, not an estimate), while the
+    // second before it leaves ample time to read the batch and fetch the first app token.
+    let app = TestApp::spawn(&["--trigger-timeout", "1s", "--easemob-rate-limit", "20"]).await;
     let friends: Vec<String> = (0..100).map(|i| format!("friend_{i}")).collect();
     let mut names = vec!["alice"];
     names.extend(friends.iter().map(String::as_str));
@@ -358,7 +359,8 @@ async fn a_trigger_past_its_deadline_before_anything_started_is_told_to_retry() 
         }
     });
     let mut args = real_easemob_args(&base);
-    args.extend(["--trigger-timeout", "200ms", "--easemob-max-attempts", "1"]);
+    // Long enough for the last request's refusal to come before it on a loaded machine.
+    args.extend(["--trigger-timeout", "1s", "--easemob-max-attempts", "1"]);
     let app = TestApp::spawn(&args).await;
     for (path, body) in [
         ("/v1/friends", json!({"owner": "alice", "friend": "bob"})),

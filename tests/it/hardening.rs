@@ -436,9 +436,12 @@ async fn a_kept_alive_connection_outlives_the_header_timeout_while_idle_but_not_
     let trickle_closed = wait_closed(reader, CLOSED_WITHIN).await;
 
     let (mut idle_reader, mut idle_writer) = TcpStream::connect(short_idle.addr).await.expect("connect").into_split();
+    // Timed from before the request: the service's idle clock starts later (at its answer), so
+    // however late this test runs, what it measures is never shorter than the idle it saw.
+    let idle_started = Instant::now();
     idle_writer.write_all(get).await.expect("write");
     let idle_first = read_response(&mut idle_reader).await.0;
-    let idle_closed = wait_closed(idle_reader, CLOSED_WITHIN).await;
+    let idle_closed = wait_closed(idle_reader, CLOSED_WITHIN).await.map(|_| idle_started.elapsed());
 
     // Assert
     assert_eq!(first, 200);
@@ -454,7 +457,9 @@ async fn a_kept_alive_connection_outlives_the_header_timeout_while_idle_but_not_
 #[tokio::test]
 async fn a_body_trickler_gets_a_json_408_from_the_request_timeout() {
     // Arrange
-    let app = TestApp::spawn(&["--request-timeout", "1s", "--sqlite-busy-timeout", "500ms"]).await;
+    // A deadline long enough for the callback sent beside it to commit on a loaded machine; the
+    // trickled body would take about a minute.
+    let app = TestApp::spawn(&["--request-timeout", "3s", "--sqlite-busy-timeout", "1s"]).await;
     let body = roster_body("trickled", "alice", "bob", "add", TS, SECRET);
     let head = format!(
         "POST /callbacks/easemob HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",

@@ -37,6 +37,8 @@ pub struct ServeProcess {
     /// `http://127.0.0.1:PORT` of the built-in sandbox.
     pub sandbox: String,
     log: Arc<Mutex<String>>,
+    /// The tasks copying stdout and stderr into `log`; they end when the child's pipes close.
+    drains: Vec<tokio::task::JoinHandle<()>>,
 }
 
 /// Removes ANSI colour sequences (`ESC [ ... letter`), so log lines can be matched as plain text.
@@ -57,7 +59,7 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
-fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>) {
+fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>) -> tokio::task::JoinHandle<()> {
     tokio::spawn(async move {
         let mut lines = BufReader::new(pipe).lines();
         while let Ok(Some(line)) = lines.next_line().await {
@@ -65,7 +67,7 @@ fn drain(pipe: impl AsyncRead + Unpin + Send + 'static, log: Arc<Mutex<String>>)
             log.push_str(&strip_ansi(&line));
             log.push('\n');
         }
-    });
+    })
 }
 
 /// The value after `key=` on the first log line containing `marker`, up to whitespace.
@@ -96,10 +98,12 @@ impl ServeProcess {
         let mut child = cmd.spawn().expect("start the friendhook binary");
         let pid = child.id().expect("child pid");
         let log = Arc::new(Mutex::new(String::new()));
-        drain(child.stdout.take().expect("stdout"), log.clone());
-        drain(child.stderr.take().expect("stderr"), log.clone());
+        let drains = vec![
+            drain(child.stdout.take().expect("stdout"), log.clone()),
+            drain(child.stderr.take().expect("stderr"), log.clone()),
+        ];
 
-        let mut process = ServeProcess { child, pid, base: String::new(), sandbox: String::new(), log };
+        let mut process = ServeProcess { child, pid, base: String::new(), sandbox: String::new(), log, drains };
         process.wait_for_log("friendhook is listening", START_WITHIN).await;
         let log = process.log();
         let receiver = field_after(&log, "friendhook is listening", "callbacks go to POST http://")
@@ -128,8 +132,11 @@ impl ServeProcess {
                 return;
             }
             if let Ok(Some(status)) = self.child.try_wait() {
-                // Give the drain tasks a moment to copy the last lines before reporting.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Its last lines may still be in the pipes: read them to the end, then look again.
+                self.join_drains(within).await;
+                if self.log().contains(needle) {
+                    return;
+                }
                 panic!("friendhook exited ({status}) before logging {needle:?}:\n{}", self.log());
             }
             assert!(Instant::now() < deadline, "no {needle:?} in the log within {within:?}:\n{}", self.log());
@@ -144,6 +151,13 @@ impl ServeProcess {
         assert!(status.success(), "kill -s {name} {} failed", self.pid);
     }
 
+    /// Waits for the drain tasks to reach the end of both pipes (the child has exited).
+    async fn join_drains(&mut self, within: Duration) {
+        for drain in std::mem::take(&mut self.drains) {
+            let _ = tokio::time::timeout(within, drain).await;
+        }
+    }
+
     /// SIGKILL, without waiting.
     pub fn kill_now(&mut self) {
         self.child.start_kill().expect("SIGKILL the child");
@@ -153,8 +167,8 @@ impl ServeProcess {
     pub async fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         match tokio::time::timeout(within, self.child.wait()).await {
             Ok(status) => {
-                // Let the drain tasks reach the end of both pipes.
-                tokio::time::sleep(Duration::from_millis(100)).await;
+                // Everything it printed, to the end of both pipes.
+                self.join_drains(within).await;
                 status.expect("wait for the child")
             }
             Err(_) => panic!("friendhook did not exit within {within:?}:\n{}", self.log()),

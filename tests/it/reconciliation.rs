@@ -286,8 +286,10 @@ async fn a_time_window_reconciles_only_what_happened_in_it() {
 
 #[tokio::test]
 async fn a_report_that_cannot_start_in_time_is_answered_503_busy() {
-    // A request deadline of 400 ms: a report waits at most half of it for its turn.
-    let app = TestApp::spawn(&["--request-timeout", "400ms", "--sqlite-busy-timeout", "200ms"]).await;
+    // A report waits at most half the request deadline for its turn: 2 s here, a bound only the
+    // held slot can reach, while the rest (a commit, /metrics' own report) has 4 s on a loaded
+    // machine.
+    let app = TestApp::spawn(&["--request-timeout", "4s", "--sqlite-busy-timeout", "1s"]).await;
     let slot = app.reports.enter().await.expect("the only slot is free");
 
     let resp = app.client.get(format!("{}/v1/reconciliation", app.base)).send().await.unwrap();
@@ -386,8 +388,9 @@ async fn reconcile_cli_refuses_a_url_that_answers_something_else() {
 #[tokio::test]
 async fn reconcile_cli_asks_again_while_the_service_is_busy_with_another_report() {
     use tokio::io::AsyncBufReadExt;
-    // A report waits 200 ms for its turn here, then the CLI is told to come back (Retry-After).
-    let app = TestApp::spawn(&["--request-timeout", "400ms", "--sqlite-busy-timeout", "200ms"]).await;
+    // A report waits 2 s for its turn here (half the request deadline), then the CLI is told to
+    // come back (Retry-After).
+    let app = TestApp::spawn(&["--request-timeout", "4s", "--sqlite-busy-timeout", "1s"]).await;
     let body = roster_body("920001", "carol", "dave", "add", 1_700_000_000_000, SECRET);
     assert_eq!(app.post_callback(body).await.status(), 200);
     let slot = app.reports.enter().await.expect("the only slot is free");
