@@ -390,6 +390,13 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     if let Some(sandbox) = sandbox {
         sandbox.shutdown_within(deadline.saturating_duration_since(Instant::now())).await;
     }
+    if let Some(n) = state.easemob.as_ref().map(EasemobClient::not_sent_at_stop).filter(|n| *n > 0) {
+        tracing::warn!(
+            calls = n,
+            "calls still waiting for their turn at the stop were not sent to Easemob: each is \
+            recorded `failed` with 0 attempts and is safe to send again (GET /v1/calls?outcome=failed lists them)"
+        );
+    }
     let store = state.store.clone();
     drop(state);
     // What is left of the grace, and at least long enough for the writer's last batch.

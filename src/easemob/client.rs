@@ -117,6 +117,8 @@ struct Inner {
     pacer: RequestPacer,
     /// Set by [`EasemobClient::stop_sending`].
     stopped: tokio::sync::watch::Sender<bool>,
+    /// Calls that ended [`ApiFailure::NotSent`] because of it.
+    not_sent: std::sync::atomic::AtomicU64,
     jitter: Mutex<StdRng>,
 }
 
@@ -201,6 +203,7 @@ impl EasemobClient {
                 tokens: TokenCache::new(clock),
                 pacer: RequestPacer::new(rate),
                 stopped: tokio::sync::watch::Sender::new(false),
+                not_sent: std::sync::atomic::AtomicU64::new(0),
                 jitter: Mutex::new(jitter),
                 config,
             }),
@@ -612,6 +615,7 @@ impl EasemobClient {
                 tokio::select! {
                     biased;
                     () = self.stopped() => {
+                        self.inner.not_sent.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                         return Err(ApiFailure::NotSent {
                             reason: "not sent: the service was stopping before the call's turn came; nothing reached \
                                      Easemob, so it is safe to send again"
@@ -642,6 +646,11 @@ impl EasemobClient {
     /// with their retries. For a service that is stopping.
     pub fn stop_sending(&self) {
         self.inner.stopped.send_replace(true);
+    }
+
+    /// Calls left unsent by [`EasemobClient::stop_sending`] so far.
+    pub fn not_sent_at_stop(&self) -> u64 {
+        self.inner.not_sent.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Whether [`EasemobClient::stop_sending`] was called.

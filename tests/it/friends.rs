@@ -138,6 +138,8 @@ async fn a_stop_during_a_batch_sends_none_of_the_calls_still_waiting_and_records
     let succeeded = results.iter().filter(|r| r["outcome"] == "succeeded").count();
     assert_eq!(not_sent.len() + succeeded, 20, "each pair either went through or was not sent: {answer}");
     assert!(not_sent.len() >= 15, "the waiting calls were not sent: {answer}");
+    // What `serve` logs at the end of the stop.
+    assert_eq!(app.easemob.as_ref().expect("client").not_sent_at_stop(), not_sent.len() as u64);
     assert!(app.sandbox().stats().requests - sent_before_stop <= 5, "nothing more went to Easemob");
     app.stop().await;
 }

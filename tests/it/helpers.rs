@@ -23,6 +23,8 @@ pub struct TestApp {
     pub sandbox: Option<friendhook::sandbox::SandboxHandle>,
     /// The service's queue of `/v1/reconciliation` reports (a test can take the only slot).
     pub reports: std::sync::Arc<friendhook::http::journal::ReportGate>,
+    /// The service's Easemob client.
+    pub easemob: Option<friendhook::easemob::EasemobClient>,
     shutdown: Option<oneshot::Sender<()>>,
     join: Option<tokio::task::JoinHandle<()>>,
     _dir: Option<tempfile::TempDir>,
@@ -86,6 +88,7 @@ impl TestApp {
         let mut service = service;
         let sandbox = service.sandbox.take();
         let reports = service.state.reports.clone();
+        let easemob = service.state.easemob.clone();
         let (tx, rx) = oneshot::channel::<()>();
         let join = tokio::spawn(async move {
             let friendhook::commands::serve::Service { listener, router, limits, state, .. } = service;
@@ -115,6 +118,7 @@ impl TestApp {
                 .expect("http client"),
             sandbox,
             reports,
+            easemob,
             shutdown: Some(tx),
             join: Some(join),
             _dir: None,
