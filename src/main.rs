@@ -31,7 +31,10 @@ async fn main() -> std::process::ExitCode {
         Command::Serve(args) => friendhook::commands::serve::run(*args).await,
         Command::Demo(args) => friendhook::commands::demo::run(args).await,
         Command::Sandbox(args) => friendhook::sandbox::run(args).await,
-        Command::Reconcile(args) => friendhook::commands::reconcile::run(args).await,
+        Command::Reconcile(args) => match friendhook::commands::reconcile::run(args).await {
+            Ok(code) => return std::process::ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Command::Export(args) => friendhook::commands::export::run(args).await,
         Command::Quarantine(args) => match friendhook::commands::quarantine::run(args).await {
             Ok(code) => return std::process::ExitCode::from(code),

@@ -25,10 +25,11 @@ pub struct ExportArgs {
     /// The database to read (opened read-only).
     #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
     pub database_url: String,
-    /// Only records whose event time is at or after this (epoch ms or RFC 3339, e.g. 2026-11-25T18:00:00+08:00).
+    /// Only records whose event time is at or after this (epoch ms, RFC 3339 such as
+    /// 2026-11-25T18:00:00+08:00, or a duration back from now such as 1h).
     #[arg(long)]
     pub since: Option<String>,
-    /// Only records whose event time is before this (epoch ms or RFC 3339, e.g. 2026-11-25T18:00:00+08:00).
+    /// Only records whose event time is before this (the same forms).
     #[arg(long)]
     pub until: Option<String>,
     /// Only records after this seq: the `read up to seq` of the previous export (or a feed
@@ -191,8 +192,10 @@ fn parse_link(text: &str) -> Result<String, String> {
 
 /// Runs the command.
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
-    let (since, until) =
-        parse_flag_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let now_ms = crate::clock::system().now_ms();
+    let resolve = |value: &Option<String>| value.as_deref().map(|v| crate::http::query::resolve_flag_time(v, now_ms));
+    let (since, until) = parse_flag_range(resolve(&args.since).as_deref(), resolve(&args.until).as_deref())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open_read_only(&args.database_url).await?;
     // As the feed refuses it: a seq past the head would skip whatever is stored up to it.
     let head = store.chain_head().await?.seq;

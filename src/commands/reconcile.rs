@@ -29,10 +29,12 @@ pub struct ReconcileArgs {
     #[arg(long, env = "FRIENDHOOK_API_TOKEN", value_delimiter = ',', hide_env_values = true,
           value_parser = crate::config::parse_secret_item)]
     pub api_token: Vec<crate::secret::Secret>,
-    /// Calls requested (and orphans timestamped) at or after this: epoch ms or RFC 3339.
+    /// Calls requested (and orphans timestamped) at or after this: epoch ms, RFC 3339, or a
+    /// duration back from now (`1h`: an hour ago; printed as the time it stands for, so that the
+    /// report can be asked for again).
     #[arg(long)]
     pub since: Option<String>,
-    /// ... and before this.
+    /// ... and before this (the same forms).
     #[arg(long)]
     pub until: Option<String>,
     /// Only this status. Default: missing, unexpected and orphan in the table; every status with
@@ -52,13 +54,27 @@ pub struct ReconcileArgs {
     /// Print JSON (the same document as GET /v1/reconciliation, all pages merged).
     #[arg(long)]
     pub json: bool,
-    /// Matching skew (direct database mode).
-    #[arg(long, env = "FRIENDHOOK_MATCH_SKEW", default_value = "5s", value_parser = parse_duration)]
-    pub match_skew: std::time::Duration,
-    /// Matching window (direct database mode).
-    #[arg(long, env = "FRIENDHOOK_MATCH_WINDOW", default_value = "5m", value_parser = parse_duration)]
-    pub match_window: std::time::Duration,
+    /// Exit with status 3 when the report counts any of these statuses (comma-separated), after
+    /// printing it: for a cron job or a CI step to alert on. Without it the exit is 0 whatever
+    /// the report holds (1 when no report could be made).
+    #[arg(long, value_delimiter = ',',
+          value_parser = clap::builder::PossibleValuesParser::new(crate::report::STATUSES))]
+    pub fail_on: Vec<String>,
+    /// Matching skew, with --database-url [default: 5s; with --url the service's own applies].
+    #[arg(long, env = "FRIENDHOOK_MATCH_SKEW", value_parser = parse_duration)]
+    pub match_skew: Option<std::time::Duration>,
+    /// Matching window, with --database-url [default: 5m; with --url the service's own applies].
+    #[arg(long, env = "FRIENDHOOK_MATCH_WINDOW", value_parser = parse_duration)]
+    pub match_window: Option<std::time::Duration>,
 }
+
+/// The exit status of a report that counts a status named by `--fail-on`.
+pub const EXIT_ATTENTION: u8 = 3;
+
+/// `--match-skew` when not given (as `serve`'s default).
+const DEFAULT_SKEW: std::time::Duration = std::time::Duration::from_secs(5);
+/// `--match-window` when not given (as `serve`'s default).
+const DEFAULT_WINDOW: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// Where the report comes from: a running service, or the database file.
 enum Source {
@@ -96,8 +112,8 @@ impl Source {
                     Some(computed) => computed,
                     None => {
                         let params = MatchParams {
-                            skew_ms: args.match_skew.as_millis() as i64,
-                            window_ms: args.match_window.as_millis() as i64,
+                            skew_ms: args.match_skew.unwrap_or(DEFAULT_SKEW).as_millis() as i64,
+                            window_ms: args.match_window.unwrap_or(DEFAULT_WINDOW).as_millis() as i64,
                             now_ms: clock::SystemClock.now_ms(),
                         };
                         let as_of = match as_of {
@@ -234,8 +250,23 @@ async fn fetch_page(
     }
 }
 
-/// Runs the command.
-pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
+/// Runs the command; the exit status is 0, or [`EXIT_ATTENTION`] as `--fail-on` asks.
+pub async fn run(mut args: ReconcileArgs) -> anyhow::Result<u8> {
+    // Durations back from now become the times they stand for, once, before any report is
+    // asked for: every status's report then has the same window, and it can be given again.
+    let now_ms = clock::SystemClock.now_ms();
+    for (flag, value) in [("--since", &mut args.since), ("--until", &mut args.until)] {
+        if let Some(given) = value.as_mut() {
+            let resolved = crate::http::query::resolve_flag_time(given, now_ms);
+            if resolved != *given {
+                crate::console::note(format_args!(
+                    "{flag} {given}: {flag} {resolved} ({})",
+                    fmt_time(resolved.parse().unwrap_or_default())
+                ));
+                *given = resolved;
+            }
+        }
+    }
     let statuses: Vec<Option<&str>> = match args.status.as_deref() {
         Some(s) => vec![Some(s)],
         None if args.json => vec![None],
@@ -258,13 +289,15 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
     }
     let mut report = merged.ok_or_else(|| anyhow::anyhow!("no report"))?;
     report["next_cursor"] = Value::Null;
-    // A service judges with its own matching; the flags only apply to a database read here.
+    // A service judges with its own matching; the flags only apply to a database read here. Said
+    // only of a flag given (or set in the environment): a cron job's mail is not for noise.
     if args.url.is_some() {
         let given = [
             ("match_skew_ms", "--match-skew", args.match_skew),
             ("match_window_ms", "--match-window", args.match_window),
         ];
         for (key, flag, value) in given {
+            let Some(value) = value else { continue };
             let served = report[key].as_i64();
             if served.is_some_and(|ms| ms != value.as_millis() as i64) {
                 crate::console::note(format_args!(
@@ -280,7 +313,21 @@ pub async fn run(args: ReconcileArgs) -> anyhow::Result<()> {
     } else {
         print!("{}", render_table(&report));
     }
-    Ok(())
+    let counted: Vec<String> = args
+        .fail_on
+        .iter()
+        .filter_map(|status| {
+            report["summary"][status.as_str()].as_i64().filter(|n| *n > 0).map(|n| format!("{status} {n}"))
+        })
+        .collect();
+    if counted.is_empty() {
+        return Ok(0);
+    }
+    crate::console::note(format_args!(
+        "--fail-on: the report counts {}; exit status {EXIT_ATTENTION}",
+        counted.join(", ")
+    ));
+    Ok(EXIT_ATTENTION)
 }
 
 /// `ms` as one duration argument (`1s500ms`, not humantime's `1s 500ms`, which a shell splits).

@@ -21,11 +21,13 @@ pub fn parse_time(name: &'static str, value: &str) -> Result<i64, ApiError> {
         let in_url = !name.starts_with("--");
         let hint =
             if in_url && value.contains(' ') { "; a `+` in a URL reads as a space: write it as %2B" } else { "" };
+        // A flag also takes a duration back from now (see `resolve_flag_time`).
+        let or_ago = if in_url { "" } else { ", or a duration back from now such as 1h" };
         ApiError::bad_request(
             "invalid_query",
             format!(
                 "`{name}` must be epoch milliseconds or RFC 3339 (e.g. 2026-11-25T10:00:00Z or \
-                 2026-11-25T18:00:00+08:00), got `{value}`{hint}"
+                 2026-11-25T18:00:00+08:00){or_ago}, got `{value}`{hint}"
             ),
         )
     })
@@ -40,6 +42,19 @@ pub fn parse_opt_time(name: &'static str, value: Option<&str>) -> Result<Option<
 /// can fall in is a mistake, most likely the two swapped, not a question with an empty answer).
 pub fn parse_range(since: Option<&str>, until: Option<&str>) -> Result<(Option<i64>, Option<i64>), ApiError> {
     parse_range_named(("since", "until"), since, until)
+}
+
+/// A command-line time that is a duration (`90m`, `1h`, `2days`) read as that long before
+/// `now_ms`, as epoch ms; any other value as it is (epoch ms, RFC 3339), for [`parse_flag_range`]
+/// or a service to read. A cron job can then ask for "the last hour" without date arithmetic.
+pub fn resolve_flag_time(value: &str, now_ms: i64) -> String {
+    if value.parse::<i64>().is_ok() {
+        return value.to_string();
+    }
+    match humantime::parse_duration(value) {
+        Ok(ago) => now_ms.saturating_sub(i64::try_from(ago.as_millis()).unwrap_or(i64::MAX)).to_string(),
+        Err(_) => value.to_string(),
+    }
 }
 
 /// [`parse_range`] for the command line, whose errors name the flags (`--since`).
@@ -105,6 +120,16 @@ pub fn parse_cursor(cursor: Option<&str>) -> Result<Option<i64>, ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_flag_time_given_as_a_duration_is_that_long_before_now() {
+        let now = 1_700_000_000_000;
+        assert_eq!(resolve_flag_time("1h", now), (now - 3_600_000).to_string());
+        assert_eq!(resolve_flag_time("1h30m", now), (now - 5_400_000).to_string());
+        for kept in ["1700000000123", "0", "2026-11-25T10:00:00Z", "soon"] {
+            assert_eq!(resolve_flag_time(kept, now), kept, "{kept}");
+        }
+    }
 
     #[test]
     fn time_accepts_epoch_ms_and_rfc3339() {

@@ -237,6 +237,32 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["summary"]["missing"], 1);
+    // For a cron job: exit 3 when the report counts a status named by --fail-on, 0 otherwise;
+    // "the last hour" as a duration, printed as the time it stood for.
+    let reconcile = |extra: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+            .args(["reconcile", "--database-url", &db, "--match-window", "0s"])
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).to_string(),
+            String::from_utf8_lossy(&out.stderr).to_string(),
+        )
+    };
+    let (code, stdout, stderr) = reconcile(&["--fail-on", "missing,unexpected"]);
+    assert_eq!(code, Some(3), "{stderr}");
+    assert!(stdout.contains("missing 1"), "the report is printed all the same: {stdout}");
+    assert!(stderr.contains("--fail-on: the report counts missing 1; exit status 3"), "{stderr}");
+    let (code, _, stderr) = reconcile(&["--fail-on", "orphan,unexpected"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stdout, stderr) = reconcile(&["--since", "1h", "--json"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stderr.starts_with("--since 1h: --since 1"), "{stderr}");
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["summary"]["missing"], 1, "a call of a minute ago");
+    let (_, stdout, _) = reconcile(&["--since", "0s", "--json"]);
+    assert_eq!(serde_json::from_str::<Value>(&stdout).unwrap()["summary"]["missing"], 0, "nothing since now");
     // A mistyped status is an error, not an empty list that reads as "nothing missing".
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
         .args(["reconcile", "--database-url", &db, "--status", "mising"])
@@ -252,6 +278,7 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("`--since` must be epoch milliseconds or RFC 3339"), "{stderr}");
+    assert!(stderr.contains("or a duration back from now such as 1h"), "{stderr}");
 }
 
 #[tokio::test]
