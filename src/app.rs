@@ -528,7 +528,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// SIGINT (Ctrl-C) and SIGTERM, listened for from the moment this is made.
+/// SIGINT (Ctrl-C), SIGTERM and SIGHUP, listened for from the moment this is made. SIGHUP (the
+/// terminal that started the service closed; some supervisors' stop) is a stop like the others:
+/// its default action ends the process at once, without the drain.
 ///
 /// Made before the service says it listens: until a process listens for a signal, the signal's
 /// default action applies, and SIGTERM's is to end the process on the spot, without a word and
@@ -539,6 +541,8 @@ pub struct StopSignals {
     interrupt: tokio::signal::unix::Signal,
     #[cfg(unix)]
     terminate: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    hangup: tokio::signal::unix::Signal,
 }
 
 impl StopSignals {
@@ -547,22 +551,24 @@ impl StopSignals {
         #[cfg(unix)]
         {
             use tokio::signal::unix::{SignalKind, signal};
-            let what = "listening for SIGINT and SIGTERM (needed for a clean stop)";
+            let what = "listening for SIGINT, SIGTERM and SIGHUP (needed for a clean stop)";
             Ok(Self {
                 interrupt: anyhow::Context::context(signal(SignalKind::interrupt()), what)?,
                 terminate: anyhow::Context::context(signal(SignalKind::terminate()), what)?,
+                hangup: anyhow::Context::context(signal(SignalKind::hangup()), what)?,
             })
         }
         #[cfg(not(unix))]
         Ok(Self {})
     }
 
-    /// Resolves at the next SIGINT or SIGTERM, logging which.
+    /// Resolves at the next SIGINT, SIGTERM or SIGHUP, logging which.
     pub async fn recv(&mut self) {
         #[cfg(unix)]
         tokio::select! {
             _ = self.interrupt.recv() => tracing::info!("received SIGINT"),
             _ = self.terminate.recv() => tracing::info!("received SIGTERM"),
+            _ = self.hangup.recv() => tracing::info!("received SIGHUP"),
         }
         #[cfg(not(unix))]
         {

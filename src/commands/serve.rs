@@ -205,7 +205,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
                 // Given, but empty (`FRIENDHOOK_CALLBACK_SECRET=` from an unset variable, say):
                 // fine for the sandbox, which signs with whatever this is, but worth a word.
                 tracing::warn!(
-                    "--callback-secret (or FRIENDHOOK_CALLBACK_SECRET) is set but empty: generated one for                     the built-in sandbox (not shown); with real Easemob an empty secret is refused"
+                    "--callback-secret (or FRIENDHOOK_CALLBACK_SECRET) is set but empty: generated one for the built-in sandbox (not shown); with real Easemob an empty secret is refused"
                 );
             }
         } else {

@@ -225,10 +225,12 @@ fn refuse_while_stopping(client: &EasemobClient) -> Result<(), ApiError> {
 /// is answered before anything is recorded: recorded, it would hold its Idempotency-Key to a
 /// failure that never reached Easemob.
 async fn ensure_token(client: &EasemobClient) -> Result<(), ApiError> {
-    client
-        .ensure_token()
-        .await
-        .map_err(|failure| token_unavailable(&failure, format!("{failure}; nothing was recorded or sent to Easemob")))
+    client.ensure_token().await.map_err(|failure| {
+        // The failure says "nothing was sent" itself when no attempt was made (here, always).
+        let text = failure.to_string();
+        let said = text.strip_suffix("; nothing was sent").unwrap_or(&text);
+        token_unavailable(&failure, format!("{said}; nothing was recorded or sent to Easemob"))
+    })
 }
 
 /// Records the intent, calls Easemob, records (and counts) the outcome. Runs detached from the

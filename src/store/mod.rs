@@ -67,7 +67,7 @@ pub enum StoreError {
     },
     /// Another `friendhook serve` holds this database.
     #[error(
-        "{database} is in use by another friendhook service ({lock} is locked); stop it first, or give \
+        "{database} is in use by another friendhook service ({lock} is locked{holder}); stop it first, or give \
          this command a database of its own. Nothing was changed"
     )]
     InUse {
@@ -75,6 +75,8 @@ pub enum StoreError {
         database: String,
         /// The lock file.
         lock: String,
+        /// `, by process N` when the lock file names its holder.
+        holder: String,
     },
     /// The service was pointed at an in-memory database.
     #[error(
@@ -614,7 +616,13 @@ fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<s
     {
         return Err(StoreError::InMemory { database: database_url.to_string() });
     }
-    let mut lock_path = path.as_os_str().to_os_string();
+    // The lock of the file, not of the name it was given by: a symbolic link to the database (or
+    // to its directory) must find the same lock.
+    let real = std::fs::canonicalize(path).ok().or_else(|| {
+        let parent = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+        Some(std::fs::canonicalize(parent).ok()?.join(path.file_name()?))
+    });
+    let mut lock_path = real.as_deref().unwrap_or(path).as_os_str().to_os_string();
     lock_path.push(".lock");
     let lock_path = std::path::PathBuf::from(lock_path);
     let file = std::fs::OpenOptions::new()
@@ -624,9 +632,21 @@ fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<s
         .open(&lock_path)
         .map_err(|e| StoreError::Write(format!("could not create the lock file {}: {e}", lock_path.display())))?;
     match file.try_lock() {
-        Ok(()) => Ok(file),
+        Ok(()) => {
+            // Who holds it, for the refusal a second service gets (best effort: the lock is what
+            // counts).
+            let _ = file
+                .set_len(0)
+                .and_then(|()| std::io::Write::write_all(&mut &file, std::process::id().to_string().as_bytes()));
+            Ok(file)
+        }
         Err(std::fs::TryLockError::WouldBlock) => {
-            Err(StoreError::InUse { database: database_url.to_string(), lock: lock_path.display().to_string() })
+            let holder = std::fs::read_to_string(&lock_path)
+                .ok()
+                .and_then(|pid| pid.trim().parse::<u32>().ok())
+                .map(|pid| format!(", by process {pid}"))
+                .unwrap_or_default();
+            Err(StoreError::InUse { database: database_url.to_string(), lock: lock_path.display().to_string(), holder })
         }
         Err(std::fs::TryLockError::Error(e)) => {
             Err(StoreError::Write(format!("could not lock {}: {e}", lock_path.display())))
@@ -754,6 +774,8 @@ impl Store {
             failure_log: crate::metrics::LogThrottle::new(10_000),
             users_failure_log: crate::metrics::LogThrottle::new(10_000),
             failed_since_commit: 0,
+            write_failed_at_ms: None,
+            database_file: Some(writer::DatabaseFile::note(write_options.get_filename())),
             _instance_lock: instance_lock,
         };
         let recovered_calls = if opts.recover_interrupted_calls { writer.close_interrupted_calls().await? } else { 0 };

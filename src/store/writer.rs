@@ -265,9 +265,73 @@ pub(super) struct Writer {
     pub users_failure_log: LogThrottle,
     /// Batches failed since the last commit (a recovery is logged once).
     pub failed_since_commit: u64,
+    /// When a batch holding the service's own writes (not only `/readyz` probes) last failed.
+    pub write_failed_at_ms: Option<i64>,
+    /// The database file as opened, checked after every commit (see [`DatabaseFile`]).
+    pub database_file: Option<DatabaseFile>,
     /// The service's claim on the database file (see `StoreOptions::instance_lock`), released
     /// when the writer ends.
     pub _instance_lock: Option<std::fs::File>,
+}
+
+/// The database file the writer opened, as the file system knew it then (device and inode).
+///
+/// A file removed (or replaced by another) while the service runs stays open: SQLite goes on
+/// committing into it, and every such commit is lost when the service stops, with nothing said.
+/// Checked after each commit, before its requests are answered (a `stat`, about a microsecond a
+/// batch), so no 200 is given for a write into a file nobody will find again.
+#[derive(Debug)]
+pub struct DatabaseFile {
+    path: std::path::PathBuf,
+    identity: Option<(u64, u64)>,
+}
+
+impl DatabaseFile {
+    /// Notes the file at `path` as it is now.
+    pub fn note(path: &std::path::Path) -> Self {
+        Self { path: path.to_path_buf(), identity: Self::identity_of(path) }
+    }
+
+    #[cfg(unix)]
+    fn identity_of(path: &std::path::Path) -> Option<(u64, u64)> {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).ok().map(|m| (m.dev(), m.ino()))
+    }
+
+    #[cfg(not(unix))]
+    fn identity_of(_: &std::path::Path) -> Option<(u64, u64)> {
+        None
+    }
+
+    /// `Err` when the path no longer leads to the file noted (removed, renamed, replaced).
+    pub fn check(&self) -> Result<(), StoreError> {
+        let Some(noted) = self.identity else { return Ok(()) };
+        if Self::identity_of(&self.path) == Some(noted) {
+            return Ok(());
+        }
+        Err(StoreError::Write(format!(
+            "the database file {} was removed or replaced while the service ran: writes still go to the file \
+             it opened, which is lost when the service stops, so none is acknowledged. If it was removed by \
+             mistake, copy it back while the service still runs (`ls -l /proc/{}/fd` shows it as deleted; \
+             copy the -wal file too), then restart the service",
+            self.path.display(),
+            std::process::id()
+        )))
+    }
+}
+
+/// How long after a failed batch of the service's own writes a commit of `/readyz` probes alone
+/// still does not count as a recovery.
+const PROBE_TRUSTED_AFTER_MS: i64 = 10_000;
+
+/// Whether a commit of `writes` of the service's own writes (0: only `/readyz` probes) ends a
+/// fault: a real write always does; probes alone only once no real write has failed for
+/// [`PROBE_TRUSTED_AFTER_MS`]. The probe row is rewritten in place, so on a nearly full disk it
+/// can commit while new callbacks cannot: trusted at once, `/readyz` said ready (and the log "writes
+/// commit again") while every callback got 503. Trusted later, a service whose traffic stopped
+/// (taken out of a load balancer by its `/readyz`) still becomes ready again without a write.
+fn probe_commit_clears(writes: usize, write_failed_at_ms: Option<i64>, now_ms: i64) -> bool {
+    writes > 0 || write_failed_at_ms.is_none_or(|failed| now_ms - failed >= PROBE_TRUSTED_AFTER_MS)
 }
 
 /// Under steady load, the writer adds `callback_users` entries once this many sequence numbers
@@ -625,6 +689,11 @@ impl Writer {
     /// failing afterwards. So the service recovers by itself once the fault is gone.
     async fn reopen(&mut self) {
         use sqlx::ConnectOptions;
+        // Not onto whatever now has the path: SQLite would create an empty database there.
+        if let Some(Err(gone)) = self.database_file.as_ref().map(DatabaseFile::check) {
+            tracing::debug!(error = %gone, "not reopening the write connection");
+            return;
+        }
         match self.connect.connect().await {
             Ok(fresh) => {
                 let old = std::mem::replace(&mut self.conn, fresh);
@@ -671,7 +740,12 @@ impl Writer {
         let now = self.clock.now_ms();
         let mut head = self.head.clone();
         let started = std::time::Instant::now();
-        match self.write(batch, &mut head, now).await {
+        let written = self.write(batch, &mut head, now).await;
+        let written = match (written, self.database_file.as_ref().map(DatabaseFile::check)) {
+            (Ok(_), Some(Err(gone))) => Err(gone),
+            (written, _) => written,
+        };
+        match written {
             Ok(answers) => {
                 self.head = head;
                 // `/readyz`'s probes are not the service's writes: a readiness probe every second
@@ -698,7 +772,11 @@ impl Writer {
             self.metrics.commit_writes.observe(writes as f64);
             self.metrics.commit_seconds.observe(took.as_secs_f64());
         }
+        if !probe_commit_clears(writes, self.write_failed_at_ms, self.clock.now_ms()) {
+            return;
+        }
         self.health.set(None);
+        self.write_failed_at_ms = None;
         if self.failed_since_commit > 0 {
             tracing::info!(failed_batches = self.failed_since_commit, "writes commit again after a fault");
             self.failed_since_commit = 0;
@@ -709,6 +787,9 @@ impl Writer {
     /// and prepares the next batch to start clean. Logged at most every ten seconds: during a
     /// fault (disk full, read-only file) every batch fails the same way.
     fn batch_failed(&mut self, err: &StoreError, jobs: Vec<Job>) {
+        if jobs.iter().any(|job| !matches!(job, Job::Probe(_))) {
+            self.write_failed_at_ms = Some(self.clock.now_ms());
+        }
         self.metrics.failed_commits.inc();
         self.failed_since_commit += 1;
         if let Some(batches) = self.failure_log.hit(self.clock.now_ms()) {
@@ -733,6 +814,9 @@ impl Writer {
             let n = jobs.len().min(FAST_ROWS);
             let started = std::time::Instant::now();
             let Some(acks) = self.write_fast_chunk(&jobs[..n]).await? else { return Ok(()) };
+            if let Some(file) = &self.database_file {
+                file.check()?;
+            }
             self.record_commit(n, started.elapsed());
             let _ = self.committed.send(self.head.seq);
             for (job, ack) in jobs.drain(..n).zip(acks) {
@@ -1113,6 +1197,21 @@ impl Answer {
 }
 
 #[cfg(test)]
+mod probe_tests {
+    use super::*;
+
+    #[test]
+    fn probes_alone_end_a_fault_only_once_real_writes_have_not_failed_for_a_while() {
+        let now = 1_000_000;
+        assert!(probe_commit_clears(0, None, now), "no fault of real writes: a probe is a recovery");
+        assert!(probe_commit_clears(3, Some(now), now), "a real write is always a recovery");
+        assert!(!probe_commit_clears(0, Some(now - 1), now), "callbacks just failed: the probe's word is not enough");
+        assert!(!probe_commit_clears(0, Some(now - PROBE_TRUSTED_AFTER_MS + 1), now));
+        assert!(probe_commit_clears(0, Some(now - PROBE_TRUSTED_AFTER_MS), now));
+    }
+}
+
+#[cfg(test)]
 mod tests {
     use super::*;
 
@@ -1164,6 +1263,8 @@ mod tests {
             failure_log: LogThrottle::new(10_000),
             users_failure_log: LogThrottle::new(10_000),
             failed_since_commit: 0,
+            write_failed_at_ms: None,
+            database_file: None,
             _instance_lock: None,
         }
     }

@@ -10,7 +10,8 @@ use crate::helpers::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_database_locked_by_another_process_gets_503_and_recovers_when_released() {
-    let app = TestApp::spawn(&["--sqlite-busy-timeout", "200ms"]).await;
+    let clock = friendhook::clock::ManualClock::new(1_800_000_000_000);
+    let app = TestApp::spawn_with_clock(&["--sqlite-busy-timeout", "200ms"], clock.clone()).await;
     let first = roster_body("300001", "alice", "bob", "add", 1_700_000_000_000, SECRET);
     assert_eq!(app.post_callback(first).await.status(), 200);
 
@@ -30,6 +31,11 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
 
     // The fault goes away; nothing needs restarting.
     lock.release().await;
+    // Right after callbacks failed, a commit of /readyz's probe alone is not taken as a recovery
+    // (on a nearly full disk the probe can commit while callbacks cannot); ten seconds on, it is.
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    clock.advance_ms(10_000);
     let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, 200, "{body}");
     // Easemob's retry of the refused callback now succeeds and is a new event, not a duplicate.
@@ -253,7 +259,10 @@ async fn stored_call_ids(app: &TestApp) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_disk_gets_503_and_the_service_recovers_when_space_is_freed() {
     let Some(disk) = SmallDisk::mount("3m") else { return };
-    let app = TestApp::spawn_on(&disk.path().join("full.db"), &["--sqlite-busy-timeout", "200ms"]).await;
+    let clock = friendhook::clock::ManualClock::new(1_800_000_000_000);
+    let app =
+        TestApp::spawn_on_with_clock(&disk.path().join("full.db"), &["--sqlite-busy-timeout", "200ms"], clock.clone())
+            .await;
     let warm = roster_body("400000", "alice", "bob", "add", 1_700_000_000_000, SECRET);
     assert_eq!(app.post_callback(warm).await.status(), 200);
     // Leave only a little room, then write until the disk refuses.
@@ -281,6 +290,11 @@ async fn a_full_disk_gets_503_and_the_service_recovers_when_space_is_freed() {
     assert_eq!(status, 503, "readyz reports the full disk: {ready}");
 
     std::fs::remove_file(&filler).unwrap();
+    // Right after callbacks failed, a commit of /readyz's probe alone is not taken as a recovery
+    // (on a nearly full disk the probe can commit while callbacks cannot); ten seconds on, it is.
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    clock.advance_ms(10_000);
     let (status, ready) = app.get_json("/readyz").await;
     assert_eq!(status, 200, "recovered without a restart: {ready}");
     let r = app.post_callback(refused).await;
@@ -312,7 +326,8 @@ fn set_immutable(path: &std::path::Path, on: bool) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_only_database_file_gets_503_and_the_service_recovers_when_writable_again() {
-    let app = TestApp::spawn(&["--sqlite-busy-timeout", "200ms"]).await;
+    let clock = friendhook::clock::ManualClock::new(1_800_000_000_000);
+    let app = TestApp::spawn_with_clock(&["--sqlite-busy-timeout", "200ms"], clock.clone()).await;
     let first = roster_body("500001", "alice", "bob", "add", 1_700_000_000_000, SECRET);
     assert_eq!(app.post_callback(first).await.status(), 200);
     let wal = app.db_path.with_extension("db-wal");
@@ -335,6 +350,11 @@ async fn a_read_only_database_file_gets_503_and_the_service_recovers_when_writab
     assert_eq!(refused, 503, "never 200 for something not committed");
     assert_eq!(ready_status, 503, "readyz reports the read-only database: {ready}");
 
+    // Right after callbacks failed, a commit of /readyz's probe alone is not taken as a recovery
+    // (on a nearly full disk the probe can commit while callbacks cannot); ten seconds on, it is.
+    let (status, body) = app.get_json("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    clock.advance_ms(10_000);
     let (status, ready) = app.get_json("/readyz").await;
     assert_eq!(status, 200, "recovered without a restart: {ready}");
     let r = app.post_callback(second).await;
@@ -627,5 +647,28 @@ async fn a_slow_body_is_named_as_the_cause_and_a_401_does_not_wait_for_a_locked_
     let (status, err) = first.await.unwrap();
     assert_eq!((status, err["code"].as_str()), (503, Some("storage_unavailable")), "{err}");
     lock.release().await;
+    app.stop().await;
+}
+
+/// A database file removed while the service runs stays open, and SQLite goes on committing into
+/// it: lost at the stop. No callback is acknowledged once the path no longer leads to the file
+/// opened, and `/readyz` says why.
+#[tokio::test]
+async fn a_database_file_removed_under_the_service_gets_no_more_200s() {
+    let app = TestApp::spawn(&[]).await;
+    let before = app.post_callback(roster_body("330001", "alice", "bob", "add", 1_700_000_000_000, SECRET)).await;
+    assert_eq!(before.status(), 200);
+
+    std::fs::remove_file(&app.db_path).expect("remove the database file");
+    let after = app.post_callback(roster_body("330002", "alice", "carol", "add", 1_700_000_000_001, SECRET)).await;
+    let status = after.status();
+    let err: Value = after.json().await.unwrap();
+    let (ready, readyz) = app.get_json("/readyz").await;
+
+    assert_eq!((status.as_u16(), err["code"].as_str()), (503, Some("storage_unavailable")), "{err}");
+    assert_eq!(ready, 503, "{readyz}");
+    let why = readyz["database"]["write"].as_str().unwrap_or_default();
+    assert!(why.contains("was removed or replaced while the service ran") && why.contains("/proc/"), "{readyz}");
+    assert!(!app.db_path.exists(), "nothing was created in its place");
     app.stop().await;
 }

@@ -76,7 +76,8 @@ impl TestApp {
         app
     }
 
-    async fn spawn_on_with_clock(
+    /// Starts a service on the given database file with the given clock.
+    pub async fn spawn_on_with_clock(
         db_path: &std::path::Path,
         extra: &[&str],
         clock: friendhook::clock::SharedClock,

@@ -99,6 +99,15 @@ async fn a_second_service_on_the_same_database_is_refused_until_the_first_stops(
 
     let err = refusal(&db, &[]).await;
     assert!(err.contains("in use by another friendhook service"), "{err}");
+    assert!(err.contains(&format!("by process {}", std::process::id())), "the holder is named: {err}");
+    // The same file by another name: a symbolic link to it, or to its directory.
+    let link = dir.path().join("link.db");
+    std::os::unix::fs::symlink(&db, &link).unwrap();
+    assert!(refusal(&link, &[]).await.contains("in use by another friendhook service"), "through a link to the file");
+    let linked_dir = dir.path().join("linked-dir");
+    std::os::unix::fs::symlink(dir.path(), &linked_dir).unwrap();
+    let err = refusal(&linked_dir.join("shared.db"), &[]).await;
+    assert!(err.contains("in use by another friendhook service"), "through a link to its directory: {err}");
 
     first.stop().await;
     let second = TestApp::spawn_on(&db, &[]).await;
