@@ -460,7 +460,12 @@ async fn trigger(
         if record.outcome == Outcome::InFlight {
             return Err(ApiError::Conflict {
                 code: "idempotency_in_flight",
-                detail: format!("call {} with this Idempotency-Key is still running; retry shortly", record.id),
+                detail: format!(
+                    "call {id} with this Idempotency-Key is still running (with its retries, up to \
+                     --easemob-max-retry-time plus --easemob-request-timeout); GET /v1/calls/{id} shows its \
+                     outcome once recorded, and sending this again then answers with the record",
+                    id = record.id
+                ),
             });
         }
     }
