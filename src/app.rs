@@ -546,7 +546,7 @@ pub struct StopSignals {
 }
 
 impl StopSignals {
-    /// Starts listening for both signals.
+    /// Starts listening for the three signals.
     pub fn listen() -> anyhow::Result<Self> {
         #[cfg(unix)]
         {
