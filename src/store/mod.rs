@@ -736,6 +736,11 @@ impl Store {
         let write_options = connect_options(&opts.database_url)?
             .synchronous(sync)
             .pragma("cache_size", "-2000")
+            // The WAL is reused from its start after each checkpoint, not shrunk: one that grew
+            // while checkpoints could not finish (a reader holding a snapshot, a full disk) would
+            // keep its size for good. SQLite truncates it to this at the next reset; normal use
+            // (checkpoints every ~4 MB) never reaches it.
+            .pragma("journal_size_limit", "67108864")
             // Room for the fast path's statement per row count (up to 64) besides the others.
             .statement_cache_capacity(128)
             .busy_timeout(opts.busy_timeout);
