@@ -83,10 +83,7 @@ pub fn parse_published_head(text: &str) -> Result<PublishedHead, String> {
     let advice = "expected SEQ:HASH as GET /v1/audit/head shows it, e.g. 560:1fb4361f... (64 hex digits)";
     let (seq, hash) = text.split_once(':').ok_or_else(|| advice.to_string())?;
     let seq: i64 = seq.parse().ok().filter(|seq| *seq >= 0).ok_or_else(|| format!("SEQ `{seq}`: {advice}"))?;
-    let hash = hash.to_ascii_lowercase();
-    if !chain::is_link(&hash) {
-        return Err(format!("HASH `{hash}`: {advice}"));
-    }
+    let hash = chain::parse_link(hash).ok_or_else(|| format!("HASH `{}`: {advice}", hash.to_ascii_lowercase()))?;
     Ok(PublishedHead { seq, hash })
 }
 

@@ -182,12 +182,8 @@ fn write_csv_row(w: &mut csv::Writer<Vec<u8>>, r: &FeedRecord, numbers: &mut Csv
 
 /// `--after-hash`: a chain link, 64 hex digits (either case), as the last export printed it.
 fn parse_link(text: &str) -> Result<String, String> {
-    let link = text.to_ascii_lowercase();
-    if crate::store::chain::is_link(&link) {
-        Ok(link)
-    } else {
-        Err("expected the 64 hex digits an export printed after `link` (or a feed's X-Last-Hash)".into())
-    }
+    crate::store::chain::parse_link(text)
+        .ok_or_else(|| "expected the 64 hex digits an export printed after `link` (or a feed's X-Last-Hash)".into())
 }
 
 /// Runs the command.

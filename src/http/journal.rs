@@ -335,13 +335,13 @@ async fn get_feed(
     }
     // A cursor from another database, or from a newer state of this one than the file now
     // holds, looks like any other once the journal has grown past it: only the link can tell.
-    if let Some(expected) = q.after_hash.as_deref().map(str::to_ascii_lowercase) {
-        if !crate::store::chain::is_link(&expected) {
+    if let Some(given) = q.after_hash.as_deref() {
+        let Some(expected) = crate::store::chain::parse_link(given) else {
             return Err(ApiError::bad_request(
                 "invalid_query",
                 "`after_hash` must be the 64 hex digits of the X-Last-Hash that came with `after`",
             ));
-        }
+        };
         let found = state.store.link_at(after).await?;
         if found.as_deref() != Some(expected.as_str()) {
             return Err(ApiError::Conflict {

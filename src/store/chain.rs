@@ -15,6 +15,13 @@ pub fn is_link(text: &str) -> bool {
     text.len() == 64 && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
+/// A link given by a person or a program (an `--after-hash`, a feed's `after_hash`, a published
+/// head), in either case, as the lower-case link it names; `None` if it is not one.
+pub fn parse_link(text: &str) -> Option<String> {
+    let link = text.to_ascii_lowercase();
+    is_link(&link).then_some(link)
+}
+
 /// The `prev_hash` of the first record.
 pub const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
 
@@ -155,6 +162,16 @@ impl CallContent<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_link_is_read_in_either_case_and_given_back_lower_case() {
+        let upper = "AB".repeat(32);
+        assert_eq!(parse_link(&upper), Some("ab".repeat(32)));
+        assert_eq!(parse_link(GENESIS).as_deref(), Some(GENESIS));
+        for not_one in ["", &"a".repeat(63), &"g".repeat(64), &format!("{} ", "a".repeat(64))] {
+            assert_eq!(parse_link(not_one), None, "{not_one:?}");
+        }
+    }
 
     #[test]
     fn link_depends_on_previous_link_and_content() {

@@ -787,12 +787,13 @@ impl Writer {
     /// and prepares the next batch to start clean. Logged at most every ten seconds: during a
     /// fault (disk full, read-only file) every batch fails the same way.
     fn batch_failed(&mut self, err: &StoreError, jobs: Vec<Job>) {
+        let now_ms = self.clock.now_ms();
         if jobs.iter().any(|job| !matches!(job, Job::Probe(_))) {
-            self.write_failed_at_ms = Some(self.clock.now_ms());
+            self.write_failed_at_ms = Some(now_ms);
         }
         self.metrics.failed_commits.inc();
         self.failed_since_commit += 1;
-        if let Some(batches) = self.failure_log.hit(self.clock.now_ms()) {
+        if let Some(batches) = self.failure_log.hit(now_ms) {
             tracing::error!(error = %err, jobs = jobs.len(), failed_batches_since_last_line = batches,
                 "write batch failed; its requests were answered 503 (see /readyz)");
         }
