@@ -15,7 +15,7 @@ use crate::signature::Scheme;
 /// friendhook: trigger Easemob friend additions, receive and verify their callbacks, store them
 /// durably, and reconcile one against the other.
 #[derive(Debug, Parser)]
-#[command(name = "friendhook", version, about, long_about = None, propagate_version = true)]
+#[command(name = "friendhook", version = crate::VERSION, about, long_about = None, propagate_version = true)]
 pub struct Cli {
     /// What to do.
     #[command(subcommand)]
@@ -245,6 +245,13 @@ pub struct EasemobArgs {
     /// and use it (org demo-org, app demo-app, client id sandbox-client-id).
     #[arg(long, env = "EASEMOB_BASE_URL")]
     pub easemob_base_url: Option<String>,
+
+    /// Refuse to start without --easemob-base-url instead of running the built-in sandbox: for
+    /// deployments, where a missing environment file would otherwise start a service that looks
+    /// healthy and sends nothing to Easemob. true/false, yes/no, on/off or 1/0.
+    #[arg(long, env = "FRIENDHOOK_REQUIRE_EASEMOB", value_parser = clap::builder::BoolishValueParser::new(),
+          num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub require_easemob: bool,
 
     /// Easemob org name (the part of the App Key before `#`).
     #[arg(long, env = "EASEMOB_ORG")]

@@ -38,3 +38,11 @@ pub mod sandbox;
 pub mod secret;
 pub mod signature;
 pub mod store;
+
+/// The commit this binary was built from (short hash; "unknown" outside a git checkout, or what
+/// `FRIENDHOOK_COMMIT` said at build time).
+pub const COMMIT: &str = env!("FRIENDHOOK_COMMIT");
+
+/// `--version`'s text: the package version and the commit, which tells two builds of one version
+/// apart.
+pub const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (", env!("FRIENDHOOK_COMMIT"), ")");

@@ -18,6 +18,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Metric, Registry};
 
 use crate::model::Outcome;
@@ -265,6 +266,11 @@ impl Metrics {
     /// Registers every metric; `writer` is the store's handle, so its batches show up here.
     pub fn new(writer: WriterMetrics) -> Self {
         let mut registry = Registry::with_prefix("friendhook");
+        registry.register(
+            "build",
+            "The running binary: package version and the commit it was built from",
+            Info::new(vec![("version", env!("CARGO_PKG_VERSION")), ("commit", crate::COMMIT)]),
+        );
         let received = Family::<Labels, Counter>::default();
         // Every result is created up front, so each series exists from the first scrape at 0
         // (a rate over a series that appears only with its first 503 misses that first burst).

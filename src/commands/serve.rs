@@ -195,6 +195,21 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         );
     }
     let sandbox_mode = args.easemob.easemob_base_url.is_none();
+    if sandbox_mode && args.easemob.require_easemob {
+        bail!(
+            "--require-easemob (FRIENDHOOK_REQUIRE_EASEMOB) is set but no --easemob-base-url (EASEMOB_BASE_URL) is \
+             given, so friendhook would send friend additions to its built-in sandbox instead of Easemob. Give \
+             EASEMOB_BASE_URL, EASEMOB_ORG, EASEMOB_APP, EASEMOB_CLIENT_ID and EASEMOB_CLIENT_SECRET (was the \
+             environment file loaded?), or unset --require-easemob to run the sandbox"
+        );
+    }
+    if sandbox_mode && !args.listen.ip().is_loopback() {
+        // A deployment whose environment file went missing starts here, and looks healthy.
+        tracing::warn!(listen = %args.listen,
+            "sandbox mode on an address other hosts can reach: friend additions go to the built-in sandbox, \
+             not to Easemob. If this is a deployment, give EASEMOB_BASE_URL and the credentials; \
+             FRIENDHOOK_REQUIRE_EASEMOB=true makes a start without them fail instead");
+    }
     let mut secrets = crate::config::callback_secrets(&args.callback_secret);
     if secrets.is_empty() {
         if sandbox_mode && args.signature_scheme == Scheme::Easemob {
@@ -337,6 +352,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     // Before the line that says the service listens: see `StopSignals`.
     let mut signals = app::StopSignals::listen()?;
     tracing::info!(%addr, database = %args.db.database_url, scheme = args.signature_scheme.as_str(),
+        version = env!("CARGO_PKG_VERSION"), commit = crate::COMMIT,
         "friendhook is listening; callbacks go to POST http://{addr}/callbacks/easemob");
     let Service { listener, router, limits, state, sandbox } = service;
     // SQLite opens a file it may not write read-only without a word, and a disk can be full:

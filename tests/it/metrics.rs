@@ -67,6 +67,11 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     let file = std::fs::metadata(&app.db_path).unwrap().len() as f64;
     assert_eq!(m["friendhook_database_bytes{file=\"database\"}"], file, "nothing writes to the file between");
     assert!(m["friendhook_database_bytes{file=\"wal\"}"] > 0.0, "the WAL holds the commits since the last checkpoint");
+    // Which build answers: the version and the commit (the same text `--version` shows).
+    let build =
+        format!("friendhook_build_info{{version=\"{}\",commit=\"{}\"}}", env!("CARGO_PKG_VERSION"), friendhook::COMMIT);
+    assert_eq!(m.get(&build), Some(&1.0), "{text}");
+    assert_ne!(friendhook::COMMIT, "", "build.rs sets it, \"unknown\" outside git");
     app.stop().await;
 }
 

@@ -26,6 +26,45 @@ async fn easemob_credentials_without_a_base_url_are_refused_instead_of_ignored()
     assert!(!db.exists(), "nothing was created");
 }
 
+/// `--require-easemob` (for deployments): without the Easemob settings the service does not start
+/// on its sandbox, and says which variables to give. With them, the flag changes nothing.
+#[tokio::test]
+async fn require_easemob_refuses_sandbox_mode() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("require.db");
+    for flag in [&["--require-easemob"][..], &["--require-easemob", "yes"]] {
+        let err = refusal(&db, flag).await;
+        assert!(
+            err.contains("--require-easemob (FRIENDHOOK_REQUIRE_EASEMOB) is set but no --easemob-base-url"),
+            "{err}"
+        );
+        assert!(err.contains("was the environment file loaded?"), "{err}");
+    }
+    assert!(!db.exists(), "refused before the database is opened");
+    let parse = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+        Ok(friendhook::config::Command::Serve(args)) => Ok(args.easemob.require_easemob),
+        Ok(_) => unreachable!("serve"),
+        Err(e) => Err(e.to_string()),
+    };
+    assert_eq!(parse(&["friendhook", "serve"]), Ok(false), "off unless asked for");
+    assert_eq!(parse(&["friendhook", "serve", "--require-easemob", "off"]), Ok(false));
+    let err = parse(&["friendhook", "serve", "--require-easemob", "maybe"]).expect_err("not a yes or no");
+    assert!(err.contains("invalid value 'maybe'"), "{err}");
+    // The way a deployment sets it: in the environment.
+    let out = std::process::Command::new(crate::process::BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--sandbox-listen", "127.0.0.1:0"])
+        .arg("--database-url")
+        .arg(format!("sqlite://{}", db.display()))
+        .env("FRIENDHOOK_REQUIRE_EASEMOB", "true")
+        .env_remove("EASEMOB_BASE_URL")
+        .output()
+        .expect("run friendhook");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is set but no --easemob-base-url"), "{stderr}");
+    assert!(!db.exists(), "refused before the database is opened");
+}
+
 /// A URL of another database (PostgreSQL is planned, not here yet) is refused by name, by the
 /// service and by a command that reads, instead of being taken for a file name.
 #[tokio::test]
@@ -359,6 +398,8 @@ async fn serve_checks_the_easemob_credentials_at_start_up() {
         let mut args = crate::helpers::real_easemob_args(&base);
         let at = args.iter().position(|a| *a == "--easemob-client-secret").expect("flag") + 1;
         args[at] = secret;
+        // With the Easemob settings given, the deployment switch changes nothing.
+        args.push("--require-easemob");
         let mut service = crate::process::ServeProcess::start(&db_url, &args, &[]).await;
         service.wait_for_log(expected, std::time::Duration::from_secs(20)).await;
         assert!(service.log().contains("app_key=\"demo-org#demo-app\""), "{}", service.log());
