@@ -117,6 +117,10 @@ pub struct WriterMetrics {
     pub failed_commits: Counter,
     /// `/readyz` write probes committed (kept out of `commit_writes` and `commit_seconds`).
     pub probe_commits: Counter,
+    /// WAL frames the writer's last checkpoint could not copy into the database file.
+    pub checkpoint_lag_frames: Gauge,
+    /// Checkpoints of the writer's that failed.
+    pub checkpoint_failures: Counter,
 }
 
 impl Default for WriterMetrics {
@@ -129,6 +133,8 @@ impl Default for WriterMetrics {
             commit_seconds: Histogram::new(exponential_buckets(0.000_1, 2.0, 16)),
             failed_commits: Counter::default(),
             probe_commits: Counter::default(),
+            checkpoint_lag_frames: Gauge::default(),
+            checkpoint_failures: Counter::default(),
         }
     }
 }
@@ -357,6 +363,17 @@ impl Metrics {
              start-up (not counted in \
              commit_writes and commit_seconds)",
             writer.probe_commits.clone(),
+        );
+        registry.register(
+            "checkpoint_lag_frames",
+            "WAL frames (pages) the writer's last checkpoint could not copy into the database file (checked every \
+             10 s while it writes); one that keeps growing means a reader holds an old snapshot",
+            writer.checkpoint_lag_frames.clone(),
+        );
+        registry.register(
+            "checkpoint_failures",
+            "Checkpoints of the WAL that failed (a full disk, an I/O error)",
+            writer.checkpoint_failures.clone(),
         );
         Self {
             registry,

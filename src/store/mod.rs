@@ -6,6 +6,7 @@
 //! separate pool (WAL lets them run while the writer commits).
 
 pub mod chain;
+mod checkpoint;
 pub mod journal;
 pub mod quarantine;
 mod reads;
@@ -782,6 +783,7 @@ impl Store {
             write_failed_at_ms: None,
             database_file: Some(writer::DatabaseFile::note(write_options.get_filename())),
             _instance_lock: instance_lock,
+            checkpoints: Default::default(),
         };
         let recovered_calls = if opts.recover_interrupted_calls { writer.close_interrupted_calls().await? } else { 0 };
         if recovered_calls > 0 {

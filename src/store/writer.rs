@@ -31,6 +31,7 @@ use sqlx::{Connection, SqliteConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{self, CallContent, CallbackContent};
+use super::checkpoint::CheckpointWatch;
 use super::{CallRecord, NewCall, StoreError};
 use crate::callback::ParsedCallback;
 use crate::clock::SharedClock;
@@ -272,6 +273,8 @@ pub(super) struct Writer {
     /// The service's claim on the database file (see `StoreOptions::instance_lock`), released
     /// when the writer ends.
     pub _instance_lock: Option<std::fs::File>,
+    /// Whether checkpoints keep up (see [`CheckpointWatch`]).
+    pub checkpoints: CheckpointWatch,
 }
 
 /// The database file the writer opened, as the file system knew it then (device and inode).
@@ -630,6 +633,11 @@ impl Writer {
             let jobs = batch.len();
             self.commit_batch(&mut batch).await;
             stats.record(jobs, started.elapsed());
+            // Not on a connection a failed batch left for replacing: its error would be the
+            // batch's, not the checkpoint's.
+            if !self.reopen_pending && self.failed_since_commit == 0 {
+                self.checkpoints.maybe_check(&mut self.conn, &self.metrics, self.clock.now_ms()).await;
+            }
             let chunk_started = std::time::Instant::now();
             if self.maybe_index_users(rx.is_empty()).await {
                 stats.record_user_chunk(chunk_started.elapsed());
@@ -1267,6 +1275,7 @@ mod tests {
             write_failed_at_ms: None,
             database_file: None,
             _instance_lock: None,
+            checkpoints: CheckpointWatch::default(),
         }
     }
 
@@ -1299,6 +1308,63 @@ mod tests {
         assert_eq!(recorded.seq, Some(2), "the next seq after the other writer's event");
         let verdict = crate::commands::audit::verify(&store).await.expect("verify");
         assert!(matches!(verdict, crate::commands::audit::Verdict::Intact { records: 2, .. }), "{verdict:?}");
+        writer.conn.close().await.expect("close");
+        store.close().await;
+    }
+
+    /// Stores callbacks `from..from + 50` in one batch through `writer`.
+    async fn store_fifty(writer: &mut Writer, from: u64) {
+        let (mut batch, answers): (Vec<Job>, Vec<_>) = (from..from + 50)
+            .map(|n| {
+                let (tx, rx) = oneshot::channel();
+                (Job::Callback(Box::new(new_callback(n)), tx), rx)
+            })
+            .unzip();
+        writer.commit_batch(&mut batch).await;
+        for answer in answers {
+            answer.await.expect("answered").expect("stored");
+        }
+    }
+
+    /// A reader that keeps a snapshot open stops checkpoints short of the frames written after
+    /// it began: the writer's check exports the lag and flags it, and once the reader ends the
+    /// next check copies everything and clears it. Real SQLite file, real second connection.
+    #[tokio::test]
+    async fn a_reader_holding_a_snapshot_shows_as_checkpoint_lag_until_it_ends() {
+        use sqlx::{ConnectOptions, Connection};
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, url) = crate::store::open_test_store(&dir).await;
+        let mut writer = second_writer(&url).await;
+        let clock = crate::clock::ManualClock::new(1_700_000_000_000);
+        writer.clock = clock.clone();
+        writer.checkpoints.warn_frames = 10;
+        store_fifty(&mut writer, 1).await;
+        writer.checkpoints.maybe_check(&mut writer.conn, &writer.metrics, writer.clock.now_ms()).await;
+        assert_eq!(writer.metrics.checkpoint_lag_frames.get(), 0, "nobody reads: everything is copied");
+
+        let mut reader = super::super::connect_options(&url).expect("options").connect().await.expect("reader");
+        let mut snapshot = reader.begin().await.expect("begin");
+        let seen: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM callbacks").fetch_one(&mut *snapshot).await.expect("read");
+        assert_eq!(seen, 50);
+        for round in 0..4 {
+            store_fifty(&mut writer, 100 + round * 50).await;
+        }
+        writer.checkpoints.maybe_check(&mut writer.conn, &writer.metrics, writer.clock.now_ms()).await;
+        assert_eq!(writer.metrics.checkpoint_lag_frames.get(), 0, "checked less than 10 s ago: not run again");
+        clock.advance_ms(super::super::checkpoint::CHECK_EVERY_MS);
+        writer.checkpoints.maybe_check(&mut writer.conn, &writer.metrics, writer.clock.now_ms()).await;
+        let lag = writer.metrics.checkpoint_lag_frames.get();
+        assert!(lag >= 10, "four commits after the reader's snapshot stay in the WAL: {lag}");
+        assert!(writer.checkpoints.behind());
+        assert_eq!(writer.metrics.checkpoint_failures.get(), 0, "held back is not failed");
+
+        snapshot.rollback().await.expect("end the read");
+        clock.advance_ms(super::super::checkpoint::CHECK_EVERY_MS);
+        writer.checkpoints.maybe_check(&mut writer.conn, &writer.metrics, writer.clock.now_ms()).await;
+        assert_eq!(writer.metrics.checkpoint_lag_frames.get(), 0, "the reader is gone: everything is copied");
+        assert!(!writer.checkpoints.behind());
+        reader.close().await.expect("close");
         writer.conn.close().await.expect("close");
         store.close().await;
     }
