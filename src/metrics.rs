@@ -151,6 +151,7 @@ pub struct Metrics {
     chain_head_seq: Gauge,
     quarantine_held: Gauge<f64, AtomicU64>,
     database_bytes: Family<Labels, Gauge>,
+    disk_free_bytes: Gauge,
     reports: [Counter; ReportAnswer::ALL.len()],
     feed_long_polls: Gauge,
     writer: WriterMetrics,
@@ -258,6 +259,8 @@ pub struct ScrapeValues {
     /// Bytes of the database file and of its write-ahead log; `None` (the file cannot be found):
     /// left as last scraped, or absent if never read.
     pub file_sizes: Option<(u64, u64)>,
+    /// Bytes left for the service on the database's file system; `None`: left as last scraped.
+    pub disk_free_bytes: Option<u64>,
     /// The trailing window's reconciliation, when the service computes it.
     pub reconciliation: Option<ReconciliationFigures>,
 }
@@ -332,6 +335,12 @@ impl Metrics {
             "Size of the SQLite database file (file=\"database\") and of its write-ahead log (file=\"wal\")",
             Family::<Labels, Gauge>::default(),
         );
+        let disk_free_bytes = registered(
+            &mut registry,
+            "disk_free_bytes",
+            "Bytes the service may still write on the database's file system; at 0 every callback gets 503",
+            Gauge::default(),
+        );
         let report_requests = Family::<Labels, Counter>::default();
         let reports = ReportAnswer::ALL.map(|a| report_requests.get_or_create_owned(&[("answer", a.as_str())]));
         registry.register(
@@ -385,6 +394,7 @@ impl Metrics {
             chain_head_seq,
             quarantine_held,
             database_bytes,
+            disk_free_bytes,
             reports,
             feed_long_polls,
             writer,
@@ -452,6 +462,9 @@ impl Metrics {
         if let Some((database, wal)) = now.file_sizes {
             self.database_bytes.get_or_create(&[("file", "database")]).set(database as i64);
             self.database_bytes.get_or_create(&[("file", "wal")]).set(wal as i64);
+        }
+        if let Some(free) = now.disk_free_bytes {
+            self.disk_free_bytes.set(i64::try_from(free).unwrap_or(i64::MAX));
         }
         if let (Some(m), Some(f)) = (&self.reconciliation, &now.reconciliation) {
             m.set(f);
@@ -556,6 +569,7 @@ mod tests {
             head_seq: 42,
             quarantine_held: Some(7),
             file_sizes: Some((4096, 0)),
+            disk_free_bytes: Some(1 << 40),
             reconciliation: None,
         });
         for r in CallbackResult::ALL {
@@ -570,6 +584,7 @@ mod tests {
         assert!(text.contains("friendhook_chain_head_seq 42\n"), "{text}");
         assert!(text.contains("friendhook_quarantine_held 7.0\n"), "{text}");
         assert!(text.contains("friendhook_database_bytes{file=\"database\"} 4096\n"), "{text}");
+        assert!(text.contains("friendhook_disk_free_bytes 1099511627776\n"), "{text}");
         assert!(text.contains("friendhook_database_bytes{file=\"wal\"} 0\n"), "{text}");
         let unreadable = metrics.render(ScrapeValues { quarantine_held: None, ..ScrapeValues::default() });
         assert!(unreadable.contains("friendhook_quarantine_held NaN\n"), "{unreadable}");

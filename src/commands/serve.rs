@@ -255,6 +255,13 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
                 args.db.database_url
             )));
         }
+        Err(err) if crate::store::disk_free_bytes(&args.db.database_url) == Some(0) => {
+            return Err(anyhow::Error::new(err).context(format!(
+                "could not open the database {}: the file system holding it is full (SQLite needs room for its -wal \
+                 and -shm files); free some space and start again",
+                args.db.database_url
+            )));
+        }
         Err(err) => {
             return Err(
                 anyhow::Error::new(err).context(format!("could not open the database {}", args.db.database_url))
@@ -342,6 +349,10 @@ async fn check_credentials(base: &str, client: &EasemobClient) {
     }
 }
 
+/// Free space under which start-up warns: the WAL's 64 MiB and some 200,000 small callbacks
+/// (about 1 KB each with their indexes).
+const LOW_DISK_BYTES: u64 = 256 << 20;
+
 /// Signals this close together are one stop, sent twice (see `run`).
 const SAME_STOP: Duration = Duration::from_secs(1);
 
@@ -363,6 +374,22 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
         let store = state.store.clone();
         let database = args.db.database_url.clone();
         async move {
+            // The probe below commits on a full disk (a checkpointed WAL is rewritten in place),
+            // so the free space is looked at on its own.
+            match store.disk_free_bytes() {
+                Some(0) => tracing::error!(
+                    database,
+                    "the database's file system is full: callbacks are answered 503 storage_unavailable as soon as a \
+                     commit needs a new page; free some space"
+                ),
+                Some(free) if free < LOW_DISK_BYTES => tracing::warn!(
+                    database,
+                    free_bytes = free,
+                    "the database's file system has little space left: once it is full every callback is answered 503 \
+                     (friendhook_disk_free_bytes shows it)"
+                ),
+                _ => {}
+            }
             if let Err(err) = store.probe_write().await {
                 let advice = if err.is_read_only() {
                     "make the file, its -wal and -shm files and their directory writable by this user"

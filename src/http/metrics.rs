@@ -30,6 +30,7 @@ async fn get_metrics(State(state): State<SharedState>) -> Response {
         // while the database is failing (that is when it matters), so an error is exported as NaN.
         quarantine_held: state.store.count_quarantine_held().await.ok(),
         file_sizes: state.store.file_sizes(),
+        disk_free_bytes: state.store.disk_free_bytes(),
         reconciliation: match &state.trailing {
             Some(trailing) => Some(trailing.figures(&state.store, state.match_params()).await),
             None => None,

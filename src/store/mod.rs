@@ -656,6 +656,27 @@ fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<s
 }
 
 /// Whether the file at `path` starts with SQLite's header (`Err` if it cannot be read).
+/// [`Store::disk_free_bytes`] for a database not opened (yet): a start that fails on a full disk
+/// says so.
+pub fn disk_free_bytes(database_url: &str) -> Option<u64> {
+    let path = SqliteConnectOptions::from_str(database_url).ok()?.get_filename().to_path_buf();
+    free_bytes_at(&path)
+}
+
+/// Free bytes for this user on the file system of `path` (or of its directory, before the file
+/// exists).
+#[cfg(unix)]
+fn free_bytes_at(path: &std::path::Path) -> Option<u64> {
+    let on = if path.exists() { path } else { path.parent().filter(|p| !p.as_os_str().is_empty())? };
+    let fs = rustix::fs::statvfs(on).ok()?;
+    Some(fs.f_bavail.saturating_mul(fs.f_frsize))
+}
+
+#[cfg(not(unix))]
+fn free_bytes_at(_: &std::path::Path) -> Option<u64> {
+    None
+}
+
 fn has_sqlite_header(path: &std::path::Path) -> std::io::Result<bool> {
     let mut magic = [0u8; 16];
     let mut file = std::fs::File::open(path)?;
@@ -896,6 +917,14 @@ impl Store {
         let mut wal = path.into_os_string();
         wal.push("-wal");
         Some((database, std::fs::metadata(wal).map_or(0, |m| m.len())))
+    }
+
+    /// Bytes this process may still write on the database's file system (`statvfs`'s
+    /// `f_bavail`: what is left after the root-reserved share); `None` if it cannot be read. The
+    /// write probe cannot say it: a checkpointed WAL is rewritten in place, so a probe commits on
+    /// a full disk, and the first callback that needs a new page gets 503.
+    pub fn disk_free_bytes(&self) -> Option<u64> {
+        disk_free_bytes(&self.database_url)
     }
 
     /// Writes waiting for the writer now, and the queue's size (the 503 threshold).

@@ -67,6 +67,8 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     let file = std::fs::metadata(&app.db_path).unwrap().len() as f64;
     assert_eq!(m["friendhook_database_bytes{file=\"database\"}"], file, "nothing writes to the file between");
     assert!(m["friendhook_database_bytes{file=\"wal\"}"] > 0.0, "the WAL holds the commits since the last checkpoint");
+    let free = m["friendhook_disk_free_bytes"];
+    assert!(free > 0.0, "the test's temporary directory has room: {free}");
     // Which build answers: the version and the commit (the same text `--version` shows).
     let build =
         format!("friendhook_build_info{{version=\"{}\",commit=\"{}\"}}", env!("CARGO_PKG_VERSION"), friendhook::COMMIT);
