@@ -53,6 +53,14 @@ async fn readyz(State(state): State<SharedState>) -> Response {
         Ok(()) => state.store.writer_health().last_error(),
         Err(e) => Some(e),
     };
+    // The probe commits on a full disk (SQLite rewrites a checkpointed WAL in place), while the
+    // next callback that needs a new page does not.
+    let write = write.or_else(|| {
+        (state.store.disk_free_bytes() == Some(0)).then(|| {
+            "the database's file system is full: callbacks get 503 as soon as a commit needs a new page; free some space"
+                .to_owned()
+        })
+    });
     let ready = read.is_none() && write.is_none();
     // Held requests are not a readiness problem, but they are events not stored yet: showing them
     // here is how a wrong secret gets noticed. The count walks the partial index of held rows

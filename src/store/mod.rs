@@ -669,7 +669,9 @@ pub fn disk_free_bytes(database_url: &str) -> Option<u64> {
 fn free_bytes_at(path: &std::path::Path) -> Option<u64> {
     let on = if path.exists() { path } else { path.parent().filter(|p| !p.as_os_str().is_empty())? };
     let fs = rustix::fs::statvfs(on).ok()?;
-    Some(fs.f_bavail.saturating_mul(fs.f_frsize))
+    // Root may also write into the share the file system keeps back for it.
+    let blocks = if rustix::process::geteuid().is_root() { fs.f_bfree } else { fs.f_bavail };
+    Some(blocks.saturating_mul(fs.f_frsize))
 }
 
 #[cfg(not(unix))]
@@ -920,7 +922,8 @@ impl Store {
     }
 
     /// Bytes this process may still write on the database's file system (`statvfs`'s
-    /// `f_bavail`: what is left after the root-reserved share); `None` if it cannot be read. The
+    /// `f_bavail`, what is left after the share kept back for root; `f_bfree` for root itself);
+    /// `None` if it cannot be read. The
     /// write probe cannot say it: a checkpointed WAL is rewritten in place, so a probe commits on
     /// a full disk, and the first callback that needs a new page gets 503.
     pub fn disk_free_bytes(&self) -> Option<u64> {
