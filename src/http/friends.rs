@@ -520,12 +520,31 @@ async fn add_friends_batch(
     // either direction, is one call: friendship is two-way, so a second add of it would be a
     // re-add, which Easemob answers without an event (it would only read `missing`), and run at
     // the same time the two would race for the one event. Each position gets that call's result.
+    // Every bad pair is named (up to a point), so a client fixes them in one round.
+    let mut bad = Vec::new();
+    let mut valid = Vec::with_capacity(body.pairs.len());
+    for (i, Object(p)) in body.pairs.iter().enumerate() {
+        match validate_pair(p.owner.as_deref(), p.friend.as_deref()) {
+            Ok(pair) => valid.push(pair),
+            Err(why) => bad.push(format!("pairs[{i}]: {why}")),
+        }
+    }
+    if !bad.is_empty() {
+        let named = bad.len().min(BAD_PAIRS_NAMED);
+        let more = bad.len() - named;
+        let mut detail = bad[..named].join("; ");
+        if more > 0 {
+            detail.push_str(&format!("; and {more} more"));
+        }
+        return Err(ApiError::bad_request(
+            "invalid_request",
+            format!("{} of {} pairs are invalid, so none was sent: {detail}", bad.len(), body.pairs.len()),
+        ));
+    }
     let mut calls = Vec::with_capacity(body.pairs.len());
     let mut first_of: HashMap<String, usize> = HashMap::new();
     let mut position_of = Vec::with_capacity(body.pairs.len());
-    for (i, Object(p)) in body.pairs.iter().enumerate() {
-        let (owner, friend) = validate_pair(p.owner.as_deref(), p.friend.as_deref())
-            .map_err(|d| ApiError::bad_request("invalid_request", format!("pairs[{i}]: {d}")))?;
+    for (owner, friend) in valid {
         let next = calls.len();
         let call = *first_of.entry(pair_key(&owner, &friend)).or_insert(next);
         if call == next {
@@ -562,6 +581,9 @@ async fn add_friends_batch(
     answer["results"] = Value::Array(position_of.iter().map(|&call| results[call].clone()).collect());
     Ok(Json(answer).into_response())
 }
+
+/// Bad pairs a 400 to a batch names; past this, it says how many more.
+const BAD_PAIRS_NAMED: usize = 20;
 
 /// The answer to a batch, one result per pair in request order: the call, or for a pair whose
 /// call could not be carried through, `error` with whether it was `sent` (then `call_id` is its

@@ -276,6 +276,25 @@ async fn a_batch_runs_every_pair_and_answers_in_request_order() {
 
     let (status, _) = app.post_json("/v1/friends/batch", json!({"pairs": [{"owner": "a", "friend": "a"}]})).await;
     assert_eq!(status, 400);
+
+    // Every bad pair is named in one answer (the first 20, then a count), and nothing is sent.
+    let calls_before = app.sandbox().stats();
+    let mut pairs = vec![
+        json!({"owner": "user_0", "friend": "user_1"}),
+        json!({"owner": "a", "friend": "a"}),
+        json!({"owner": "user_2"}),
+        json!({"owner": "bad name", "friend": "user_3"}),
+    ];
+    pairs.extend((0..25).map(|_| json!({"friend": "user_4"})));
+    let (status, err) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
+    assert_eq!((status, err["code"].as_str()), (400, Some("invalid_request")), "{err}");
+    let detail = err["detail"].as_str().unwrap();
+    assert!(detail.starts_with("28 of 29 pairs are invalid, so none was sent: pairs[1]: "), "{detail}");
+    assert!(detail.contains("pairs[2]: `friend` is required"), "{detail}");
+    assert!(detail.contains("pairs[3]: `owner`"), "{detail}");
+    assert!(detail.contains("pairs[20]: `owner` is required") && !detail.contains("pairs[21]"), "{detail}");
+    assert!(detail.ends_with("; and 8 more"), "{detail}");
+    assert_eq!(app.sandbox().stats().requests, calls_before.requests, "nothing went to the sandbox");
     app.stop().await;
 }
 
