@@ -332,18 +332,20 @@ async fn request_deadline(
         Ok(response) => response,
         // A trigger or a re-send that ran out of time after handing its work to tasks of their
         // own: "retry it" would send the calls a second time.
-        Err(_) if !started.give_up() => error_response(
-            StatusCode::GATEWAY_TIMEOUT,
-            "still_running",
-            &format!(
+        Err(_) if !started.give_up() => {
+            let detail = format!(
                 "not finished within {} (--trigger-timeout); what it started goes on: do not send it again (a \
                  second add of a pair is a re-add, which Easemob answers without an event; a request with the same \
-                 Idempotency-Key is safe). GET /v1/calls shows each call once recorded, with its outcome once known \
-                 (a pair not listed there was not sent); GET /v1/easemob/exception-cache shows each bucket's \
-                 re-sends. Raise --trigger-timeout for larger batches",
+                 Idempotency-Key is safe). GET /v1/calls/{{id}} shows each call of `call_ids`, with its outcome once \
+                 known (a pair of a batch not among them was not recorded by then: GET /v1/calls?owner=... finds it \
+                 if it was later); GET /v1/easemob/exception-cache shows each bucket's re-sends. Raise \
+                 --trigger-timeout for larger batches",
                 humantime::format_duration(limit)
-            ),
-        ),
+            );
+            // The calls recorded by then (none for an exception-cache re-send): what to follow.
+            let body = serde_json::json!({"code": "still_running", "detail": detail, "call_ids": started.calls()});
+            (StatusCode::GATEWAY_TIMEOUT, axum::Json(body)).into_response()
+        }
         Err(_) => {
             if is_callback {
                 state.metrics.callback(crate::metrics::CallbackResult::TimedOut);
@@ -406,7 +408,14 @@ async fn read_body_first(request: Request, limit: Duration) -> Result<Request, R
 /// exchange, so a call still waiting for its token when the deadline passes is not sent after
 /// the client was told to retry it.
 #[derive(Clone, Debug, Default)]
-pub struct WorkStarted(Arc<std::sync::atomic::AtomicU8>);
+pub struct WorkStarted(Arc<StartedWork>);
+
+#[derive(Debug, Default)]
+struct StartedWork {
+    state: std::sync::atomic::AtomicU8,
+    /// The calls recorded for the request so far, for the 504's `call_ids`.
+    calls: std::sync::Mutex<Vec<i64>>,
+}
 
 const NOTHING_YET: u8 = 0;
 const STARTED: u8 = 1;
@@ -419,7 +428,7 @@ impl WorkStarted {
     pub fn start(started: Option<&WorkStarted>) -> Result<(), crate::error::ApiError> {
         use std::sync::atomic::Ordering::{AcqRel, Acquire};
         let may_start = started.is_none_or(|s| {
-            matches!(s.0.compare_exchange(NOTHING_YET, STARTED, AcqRel, Acquire), Ok(_) | Err(STARTED))
+            matches!(s.0.state.compare_exchange(NOTHING_YET, STARTED, AcqRel, Acquire), Ok(_) | Err(STARTED))
         });
         if may_start {
             return Ok(());
@@ -434,7 +443,21 @@ impl WorkStarted {
     /// At the deadline: true when nothing had started (and now never will).
     fn give_up(&self) -> bool {
         use std::sync::atomic::Ordering::{AcqRel, Acquire};
-        self.0.compare_exchange(NOTHING_YET, ANSWERED_AS_NOT_STARTED, AcqRel, Acquire).is_ok()
+        self.0.state.compare_exchange(NOTHING_YET, ANSWERED_AS_NOT_STARTED, AcqRel, Acquire).is_ok()
+    }
+
+    /// Notes a call recorded for the request (its intent committed), so that a 504 can list it.
+    pub fn note_call(started: Option<&WorkStarted>, id: i64) {
+        if let Some(mut calls) = started.and_then(|s| s.0.calls.lock().ok()) {
+            calls.push(id);
+        }
+    }
+
+    /// The calls noted so far, in id order.
+    fn calls(&self) -> Vec<i64> {
+        let mut ids = self.0.calls.lock().map(|c| c.clone()).unwrap_or_default();
+        ids.sort_unstable();
+        ids
     }
 }
 

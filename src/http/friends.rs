@@ -254,7 +254,7 @@ async fn execute(
     ensure_token(&client).await?;
     WorkStarted::start(started.as_ref())?;
     let intent = state.store.queue_call_intent(call).map_err(ApiError::from)?;
-    carry_out(state, client, intent).await
+    carry_out(state, client, intent, started).await
 }
 
 /// [`execute`] from a queued intent on: waits for it to be recorded, then calls Easemob and
@@ -263,11 +263,13 @@ async fn carry_out(
     state: SharedState,
     client: EasemobClient,
     intent: impl Future<Output = Result<IntentResult, StoreError>>,
+    started: Option<WorkStarted>,
 ) -> Result<(CallRecord, bool), CallFailure> {
     let record = match intent.await.map_err(ApiError::from)? {
         IntentResult::Existing(existing) => return Ok((existing, true)),
         IntentResult::Created(record) => record,
     };
+    WorkStarted::note_call(started.as_ref(), record.id);
     let id = record.id;
     let (answer, answered) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
@@ -568,7 +570,8 @@ async fn add_friends_batch(
         .map(|c| {
             let intent = state.store.queue_call_intent(c).map_err(ApiError::from);
             let (state, client) = (state.clone(), client.clone());
-            tokio::spawn(async move { carry_out(state, client, intent?).await })
+            let started = started.as_ref().map(|Extension(started)| started.clone());
+            tokio::spawn(async move { carry_out(state, client, intent?, started).await })
         })
         .collect();
     let mut done = Vec::with_capacity(tasks.len());

@@ -350,6 +350,8 @@ async fn a_batch_past_the_trigger_timeout_says_its_calls_go_on_and_they_do() {
     assert_eq!(status, 504, "{body}");
     assert_eq!(body["code"], "still_running");
     assert!(body["detail"].as_str().unwrap().contains("do not send it again"), "{body}");
+    // The calls to follow: the batch's intents were recorded together, right after it started.
+    let call_ids: Vec<i64> = body["call_ids"].as_array().unwrap().iter().map(|id| id.as_i64().unwrap()).collect();
 
     let mut polls = 0;
     let outcomes = loop {
@@ -359,6 +361,10 @@ async fn a_batch_past_the_trigger_timeout_says_its_calls_go_on_and_they_do() {
         let outcomes: Vec<String> =
             calls["items"].as_array().unwrap().iter().map(|c| c["outcome"].as_str().unwrap().to_string()).collect();
         if outcomes.len() == 100 && outcomes.iter().all(|o| o != "in_flight") {
+            let mut ids: Vec<i64> =
+                calls["items"].as_array().unwrap().iter().map(|c| c["id"].as_i64().unwrap()).collect();
+            ids.sort_unstable();
+            assert_eq!(call_ids, ids, "the 504 listed the batch's calls");
             break outcomes;
         }
         tokio::time::sleep(std::time::Duration::from_millis(10)).await;
