@@ -4,7 +4,8 @@
 //!   should apply it.
 //! - The commit the binary was built from (`FRIENDHOOK_COMMIT`, shown by `--version`, the start-up
 //!   log and `friendhook_build_info`): the version number alone does not tell two builds apart.
-//!   "unknown" outside a git checkout (a source tarball, a vendored copy).
+//!   `-dirty` after it when built from changed files; "unknown" outside a git checkout of this
+//!   crate (a source tarball, a vendored copy).
 
 use std::process::Command;
 
@@ -15,21 +16,30 @@ fn main() {
     println!("cargo:rustc-env=FRIENDHOOK_COMMIT={}", commit.as_deref().unwrap_or("unknown"));
 }
 
-/// The short hash of HEAD, and the files whose change means a new HEAD (watched, so a commit
-/// without a source change still gives the next build its hash).
+/// The short hash of HEAD, with `-dirty` when the work tree differs from it; and the files
+/// whose change means a new answer (watched, so a commit without a source change still gives the
+/// next build its hash, and an edit its `-dirty`). `None` when the crate is not the top of a git
+/// work tree: a copy vendored inside another repository must not take that one's hash.
 fn git_commit() -> Option<String> {
     let git = |args: &[&str]| -> Option<String> {
         let out = Command::new("git").args(args).output().ok()?;
         out.status.success().then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
-    let commit = git(&["rev-parse", "--short=12", "HEAD"])?;
+    let manifest_dir = std::path::PathBuf::from(std::env::var_os("CARGO_MANIFEST_DIR")?);
+    let top = std::path::PathBuf::from(git(&["rev-parse", "--show-toplevel"])?);
+    if top.canonicalize().ok()? != manifest_dir.canonicalize().ok()? {
+        return None;
+    }
+    // `--exclude=*`: the hash alone, whatever tags there are.
+    let commit = git(&["describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"])?;
     // Watched only when they exist: cargo reruns a build script on every build for a path that
     // does not.
-    for path in [git(&["rev-parse", "--git-path", "HEAD"]), git(&["rev-parse", "--git-path", "packed-refs"])]
+    let refs = [git(&["rev-parse", "--git-path", "HEAD"]), git(&["rev-parse", "--git-path", "packed-refs"])]
         .into_iter()
         .flatten()
-        .chain(git(&["symbolic-ref", "-q", "HEAD"]).and_then(|r| git(&["rev-parse", "--git-path", &r])))
-    {
+        .chain(git(&["symbolic-ref", "-q", "HEAD"]).and_then(|r| git(&["rev-parse", "--git-path", &r])));
+    let sources = ["src", "Cargo.toml", "Cargo.lock", "build.rs"].map(String::from);
+    for path in refs.chain(sources) {
         if std::path::Path::new(&path).exists() {
             println!("cargo:rerun-if-changed={path}");
         }

@@ -337,8 +337,8 @@ async fn request_deadline(
                 "not finished within {} (--trigger-timeout); what it started goes on: do not send it again (a \
                  second add of a pair is a re-add, which Easemob answers without an event; a request with the same \
                  Idempotency-Key is safe). GET /v1/calls/{{id}} shows each call of `call_ids`, with its outcome once \
-                 known (a pair of a batch not among them was not recorded by then: GET /v1/calls?owner=... finds it \
-                 if it was later); GET /v1/easemob/exception-cache shows each bucket's re-sends. Raise \
+                 known (a pair of a batch not among them had no call yet then and may have been recorded a moment \
+                 later: GET /v1/calls?owner=... finds it); GET /v1/easemob/exception-cache shows each bucket's re-sends. Raise \
                  --trigger-timeout for larger batches",
                 humantime::format_duration(limit)
             );

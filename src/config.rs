@@ -186,7 +186,8 @@ pub struct ServeArgs {
     /// Deadline of the endpoints that wait on Easemob: the triggers (POST /v1/friends,
     /// /v1/friends/batch, DELETE) and /v1/easemob/exception-cache. A batch of 1,000 at 100/s takes
     /// 10 s, plus retries. Past it, a request that had started its calls answers 504
-    /// `still_running` (they go on, see GET /v1/calls: do not send it again); one that had started
+    /// `still_running` with the `call_ids` recorded by then (they go on, see GET /v1/calls/{id}: do
+    /// not send it again); one that had started
     /// nothing, 408 (nothing of it is sent later: retry it).
     #[arg(long, env = "FRIENDHOOK_TRIGGER_TIMEOUT", default_value = "5m", value_parser = parse_nonzero_duration)]
     pub trigger_timeout: Duration,

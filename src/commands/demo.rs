@@ -44,6 +44,10 @@ pub struct DemoArgs {
     /// Where the service listens (with --keep-running you may want a fixed port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
+    /// Where the sandbox playing Easemob listens (with --keep-running, a fixed port lets another
+    /// client call it too).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub sandbox_listen: String,
 }
 
 /// The demo service's match window: short, so that calls whose callback the sandbox dropped show
@@ -62,9 +66,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             args.database.display()
         ),
     }
-    std::net::TcpListener::bind(&args.listen).with_context(|| {
+    // Both bound and let go at once: a port in use is refused before anything is deleted. Both
+    // held together, so the same fixed port given twice is refused too.
+    let _service_port = std::net::TcpListener::bind(&args.listen).with_context(|| {
         format!("cannot listen on {} (--listen); is something else using it? Nothing was changed", args.listen)
     })?;
+    let _sandbox_port = std::net::TcpListener::bind(&args.sandbox_listen).with_context(|| {
+        format!(
+            "cannot listen on {} (--sandbox-listen); is something else using it? Nothing was changed",
+            args.sandbox_listen
+        )
+    })?;
+    drop((_service_port, _sandbox_port));
     for suffix in ["", "-wal", "-shm"] {
         let mut p = args.database.clone().into_os_string();
         p.push(suffix);
@@ -79,7 +92,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         "--listen",
         &args.listen,
         "--sandbox-listen",
-        "127.0.0.1:0",
+        &args.sandbox_listen,
         "--database-url",
         &db_url,
         "--callback-secret",

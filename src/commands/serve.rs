@@ -255,7 +255,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
                 args.db.database_url
             )));
         }
-        Err(err) if crate::store::disk_free_bytes(&args.db.database_url) == Some(0) => {
+        Err(err) if crate::store::is_full(crate::store::disk_free_bytes(&args.db.database_url)) => {
             return Err(anyhow::Error::new(err).context(format!(
                 "could not open the database {}: the file system holding it is full (SQLite needs room for its -wal \
                  and -shm files); free some space and start again",
@@ -377,8 +377,9 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             // The probe below commits on a full disk (a checkpointed WAL is rewritten in place),
             // so the free space is looked at on its own.
             match store.disk_free_bytes() {
-                Some(0) => tracing::error!(
+                free if crate::store::is_full(free) => tracing::error!(
                     database,
+                    free_bytes = free,
                     "the database's file system is full: callbacks are answered 503 storage_unavailable as soon as a \
                      commit needs a new page; free some space"
                 ),

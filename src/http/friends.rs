@@ -540,7 +540,12 @@ async fn add_friends_batch(
         }
         return Err(ApiError::bad_request(
             "invalid_request",
-            format!("{} of {} pairs are invalid, so none was sent: {detail}", bad.len(), body.pairs.len()),
+            format!(
+                "{} of {} pairs {} invalid, so none was sent: {detail}",
+                bad.len(),
+                body.pairs.len(),
+                if bad.len() == 1 { "is" } else { "are" }
+            ),
         ));
     }
     let mut calls = Vec::with_capacity(body.pairs.len());

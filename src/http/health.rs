@@ -56,7 +56,7 @@ async fn readyz(State(state): State<SharedState>) -> Response {
     // The probe commits on a full disk (SQLite rewrites a checkpointed WAL in place), while the
     // next callback that needs a new page does not.
     let write = write.or_else(|| {
-        (state.store.disk_free_bytes() == Some(0)).then(|| {
+        crate::store::is_full(state.store.disk_free_bytes()).then(|| {
             "the database's file system is full: callbacks get 503 as soon as a commit needs a new page; free some space"
                 .to_owned()
         })

@@ -57,7 +57,9 @@ enum Change {
 
 impl CheckpointWatch {
     fn due(&self, now_ms: i64) -> bool {
-        self.checked_at_ms.is_none_or(|at| now_ms - at >= CHECK_EVERY_MS)
+        // A clock set back counts as due: waiting for it to pass `at` again could stop checks for
+        // as long as it was set back.
+        self.checked_at_ms.is_none_or(|at| !(0..CHECK_EVERY_MS).contains(&(now_ms - at)))
     }
 
     fn observe(&mut self, lag: i64, now_ms: i64) -> Option<Change> {
@@ -65,7 +67,7 @@ impl CheckpointWatch {
             return self.lagging_since_log_ms.take().map(|_| Change::CaughtUp);
         }
         match self.lagging_since_log_ms {
-            Some(logged) if now_ms - logged < LAG_REPEAT_MS => None,
+            Some(logged) if (0..LAG_REPEAT_MS).contains(&(now_ms - logged)) => None,
             _ => {
                 self.lagging_since_log_ms = Some(now_ms);
                 Some(Change::Behind)
@@ -87,11 +89,16 @@ impl CheckpointWatch {
             return;
         }
         self.checked_at_ms = Some(now_ms);
-        // One row: (1 if it could not finish for a lock, frames in the WAL, frames copied); -1s
-        // outside WAL mode, which friendhook always sets.
+        // One row: (1 if it could not run, frames in the WAL, frames copied). SQLite answers
+        // (1, -1, -1), not an error, when another connection's checkpoint is running (a `sqlite3`
+        // shell's, say), and -1s outside WAL mode, which friendhook always sets: no figure then,
+        // and this one is tried again at the next check.
         let result: Result<(i64, i64, i64), sqlx::Error> =
             sqlx::query_as("PRAGMA wal_checkpoint(PASSIVE)").fetch_one(&mut *conn).await;
         match result {
+            Ok((_, frames, copied)) if frames < 0 || copied < 0 => {
+                tracing::debug!("checkpoint skipped: another connection's was running");
+            }
             Ok((_, frames, copied)) => {
                 let lag = (frames - copied).max(0);
                 metrics.checkpoint_lag_frames.set(lag);
@@ -110,9 +117,6 @@ impl CheckpointWatch {
                     None => {}
                 }
             }
-            // Another connection's checkpoint was running (a `sqlite3` shell's, say): not a
-            // failure, and this one is tried again at the next check.
-            Err(err) if is_busy(&err) => tracing::debug!(error = %err, "checkpoint skipped: another one was running"),
             Err(err) => {
                 metrics.checkpoint_failures.inc();
                 if let Some(failures) = self.failures.hit(now_ms) {
@@ -122,14 +126,6 @@ impl CheckpointWatch {
             }
         }
     }
-}
-
-/// SQLITE_BUSY, any extended form of it.
-fn is_busy(err: &sqlx::Error) -> bool {
-    err.as_database_error()
-        .and_then(|e| e.code())
-        .and_then(|code| code.parse::<i32>().ok())
-        .is_some_and(|code| code & 0xff == 5)
 }
 
 #[cfg(test)]
@@ -146,5 +142,17 @@ mod tests {
         assert_eq!(watch.observe(5_000, 10_000 + LAG_REPEAT_MS), Some(Change::Behind), "said again with its figure");
         assert_eq!(watch.observe(0, 10_000 + LAG_REPEAT_MS + 10_000), Some(Change::CaughtUp));
         assert_eq!(watch.observe(0, 10_000 + LAG_REPEAT_MS + 20_000), None, "said once");
+    }
+
+    #[test]
+    fn a_clock_set_back_neither_stalls_checks_nor_the_repeated_warning() {
+        let mut watch = CheckpointWatch { warn_frames: 100, ..CheckpointWatch::default() };
+        watch.checked_at_ms = Some(1_000_000);
+        assert!(!watch.due(1_000_000 + CHECK_EVERY_MS - 1));
+        assert!(watch.due(1_000_000 + CHECK_EVERY_MS));
+        assert!(watch.due(1_000), "set back by about 17 minutes: checked now, not in 17 minutes");
+        assert_eq!(watch.observe(500, 1_000_000), Some(Change::Behind));
+        assert_eq!(watch.observe(500, 1_000), Some(Change::Behind), "set back: the figure is said again");
+        assert_eq!(watch.observe(500, 2_000), None);
     }
 }

@@ -655,7 +655,17 @@ fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<s
     }
 }
 
-/// Whether the file at `path` starts with SQLite's header (`Err` if it cannot be read).
+/// Free space under which a file system counts as full: less than SQLite needs for a commit that
+/// grows the file by a page or two (with its WAL frames and the `-shm` index), so every callback
+/// would be answered 503. Not 0: some file systems never report exactly 0 (ext4 keeps a few blocks
+/// back for its journal even from what `f_bavail` shows).
+pub const FULL_BELOW_BYTES: u64 = 64 << 10;
+
+/// Whether `free` bytes (from [`disk_free_bytes`]) is a full file system for SQLite.
+pub fn is_full(free: Option<u64>) -> bool {
+    free.is_some_and(|free| free < FULL_BELOW_BYTES)
+}
+
 /// [`Store::disk_free_bytes`] for a database not opened (yet): a start that fails on a full disk
 /// says so.
 pub fn disk_free_bytes(database_url: &str) -> Option<u64> {
@@ -664,14 +674,18 @@ pub fn disk_free_bytes(database_url: &str) -> Option<u64> {
 }
 
 /// Free bytes for this user on the file system of `path` (or of its directory, before the file
-/// exists).
+/// exists; the working directory for a bare file name).
 #[cfg(unix)]
 fn free_bytes_at(path: &std::path::Path) -> Option<u64> {
-    let on = if path.exists() { path } else { path.parent().filter(|p| !p.as_os_str().is_empty())? };
+    let on = if path.exists() {
+        path
+    } else {
+        path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."))
+    };
     let fs = rustix::fs::statvfs(on).ok()?;
-    // Root may also write into the share the file system keeps back for it.
-    let blocks = if rustix::process::geteuid().is_root() { fs.f_bfree } else { fs.f_bavail };
-    Some(blocks.saturating_mul(fs.f_frsize))
+    // `f_bavail` for every user, root too: it is what `df` shows as available, and root gets the
+    // reserved share only with CAP_SYS_RESOURCE, which a service in a container usually lacks.
+    Some(fs.f_bavail.saturating_mul(fs.f_frsize))
 }
 
 #[cfg(not(unix))]
@@ -679,6 +693,7 @@ fn free_bytes_at(_: &std::path::Path) -> Option<u64> {
     None
 }
 
+/// Whether the file at `path` starts with SQLite's header (`Err` if it cannot be read).
 fn has_sqlite_header(path: &std::path::Path) -> std::io::Result<bool> {
     let mut magic = [0u8; 16];
     let mut file = std::fs::File::open(path)?;
@@ -922,9 +937,8 @@ impl Store {
     }
 
     /// Bytes this process may still write on the database's file system (`statvfs`'s
-    /// `f_bavail`, what is left after the share kept back for root; `f_bfree` for root itself);
-    /// `None` if it cannot be read. The
-    /// write probe cannot say it: a checkpointed WAL is rewritten in place, so a probe commits on
+    /// `f_bavail`, what `df` shows as available); `None` if it cannot be read. The write probe
+    /// cannot say it: a checkpointed WAL is rewritten in place, so a probe commits on
     /// a full disk, and the first callback that needs a new page gets 503.
     pub fn disk_free_bytes(&self) -> Option<u64> {
         disk_free_bytes(&self.database_url)
@@ -1122,6 +1136,27 @@ pub(crate) fn test_roster_add(msg: &str, from: &str, to: &str, timestamp_ms: i64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_file_system_is_full_below_what_a_commit_needs_and_unknown_is_not_full() {
+        assert!(is_full(Some(0)));
+        assert!(is_full(Some(FULL_BELOW_BYTES - 1)));
+        assert!(!is_full(Some(FULL_BELOW_BYTES)));
+        assert!(!is_full(None), "a figure that cannot be read is no reason to refuse");
+    }
+
+    /// A bare file name (`sqlite://friendhook.db`, the default) is in the working directory: its
+    /// free space is read there before the file exists, not given up on.
+    #[cfg(unix)]
+    #[test]
+    fn free_space_is_read_beside_a_file_not_created_yet() {
+        assert!(disk_free_bytes("sqlite://not-created-yet-by-any-test.db").is_some());
+        let dir = tempfile::tempdir().expect("tempdir");
+        let url = format!("sqlite://{}", dir.path().join("later.db").display());
+        assert!(disk_free_bytes(&url).is_some());
+        let missing = format!("sqlite://{}", dir.path().join("no-such-dir").join("x.db").display());
+        assert_eq!(disk_free_bytes(&missing), None);
+    }
 
     /// A read-only command cannot upgrade a database; it says so, and what to run, instead of
     /// failing later on a missing index. No command opens a database a newer release migrated.

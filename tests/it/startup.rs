@@ -287,6 +287,16 @@ async fn the_demo_never_deletes_a_file_that_is_not_its_own_or_a_database_in_use(
     assert!(String::from_utf8_lossy(&out.stderr).contains("is not a friendhook database"), "{out:?}");
     assert!(!dir.path().join("other.db.lock").exists(), "no lock file beside a foreign database");
 
+    // A sandbox port in use: refused before anything is deleted or created.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken_at = taken.local_addr().unwrap().to_string();
+    let out = demo(dir.path(), &["--sandbox-listen", &taken_at], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains(&format!("cannot listen on {taken_at} (--sandbox-listen)")), "{stderr}");
+    assert!(!dir.path().join("friendhook-demo.db").exists(), "nothing created");
+    drop(taken);
+
     let db = dir.path().join("live.db");
     let service = TestApp::spawn_on(&db, &[]).await;
     assert_eq!(service.post_callback(roster_body("500001", "alice", "bob", "add", 1, SECRET)).await.status(), 200);
