@@ -122,7 +122,15 @@ pub(super) struct Object<T>(pub T);
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Object<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         match Value::deserialize(deserializer)? {
-            object @ Value::Object(_) => serde_json::from_value(object).map(Object).map_err(D::Error::custom),
+            // Read with its path kept (`pairs[3]: friend: invalid type ...`): going through a
+            // `Value` loses the one axum would have given.
+            object @ Value::Object(_) => serde_path_to_error::deserialize(object).map(Object).map_err(|e| {
+                let path = e.path().to_string();
+                match e.into_inner() {
+                    inner if path == "." => D::Error::custom(inner),
+                    inner => D::Error::custom(format!("{path}: {inner}")),
+                }
+            }),
             other => {
                 Err(D::Error::custom(format!("expected a JSON object with named fields, found {}", json_kind(&other))))
             }

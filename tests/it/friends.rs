@@ -303,6 +303,15 @@ async fn a_batch_runs_every_pair_and_answers_in_request_order() {
         err["detail"].as_str().unwrap().starts_with("1 of 2 pairs is invalid, so none was sent: pairs[1]: "),
         "{err}"
     );
+    // A body that does not parse is refused whole too, its detail naming where.
+    for (pairs, place) in [
+        (json!([{"owner": "user_0", "friend": "user_1"}, 5]), "pairs[1]: expected a JSON object with named fields"),
+        (json!([{"owner": "user_0", "friend": 7}]), "pairs[0]: friend: invalid type: integer `7`, expected a string"),
+    ] {
+        let (status, err) = app.post_json("/v1/friends/batch", json!({"pairs": pairs})).await;
+        assert_eq!((status, err["code"].as_str()), (400, Some("invalid_json")), "{err}");
+        assert!(err["detail"].as_str().unwrap().contains(place), "{place}: {err}");
+    }
     assert_eq!(app.sandbox().stats().requests, calls_before.requests, "nothing went to the sandbox");
     app.stop().await;
 }
