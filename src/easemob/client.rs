@@ -641,6 +641,11 @@ impl EasemobClient {
         self.token().await.map(drop).map_err(|failure| token_failure(failure, 0, None, (None, None, None)))
     }
 
+    /// The app token's state, for `/readyz` (nothing is asked of Easemob).
+    pub async fn token_health(&self) -> crate::easemob::TokenHealth {
+        self.inner.tokens.health().await
+    }
+
     /// Sends no call that has not been sent yet: each one waiting for its turn (behind a batch,
     /// say) or starting from now on ends as [`ApiFailure::NotSent`]. Calls already sent finish,
     /// with their retries. For a service that is stopping.

@@ -31,4 +31,5 @@ pub use body::{ApiSuccess, Entity, Envelope, ErrorBody, NewUser};
 pub use client::{CacheBucket, EasemobClient, MAX_USERS_PER_REGISTER};
 pub use config::ClientConfig;
 pub use error::{ApiFailure, ClientError};
+pub use token::TokenHealth;
 pub use username::{MAX_USERNAME_BYTES, validate_username};

@@ -222,6 +222,39 @@ impl TokenCache {
     }
 }
 
+/// What the cache holds, for `/readyz`: read without asking Easemob anything.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TokenHealth {
+    /// No token asked for yet.
+    NotFetched,
+    /// A token that can be used now; `expires_in_ms` is `None` for one that does not expire.
+    /// `refresh_failing`: the last refresh failed (the token is used until it expires).
+    Valid { expires_in_ms: Option<i64>, refresh_failing: Option<String> },
+    /// No usable token, and the last fetch failed: triggers are answered 503
+    /// `easemob_token_unavailable` until one succeeds.
+    Failing { reason: String },
+    /// The token expired or was refused (401), and none has been asked for since: the next
+    /// trigger fetches one.
+    Dropped,
+}
+
+impl TokenCache {
+    /// What the cache holds now.
+    pub(crate) async fn health(&self) -> TokenHealth {
+        let now_ms = self.clock.now_ms();
+        let state = self.state.lock().await;
+        let failure = state.failure.as_ref().map(|(failure, _)| failure.reason.clone());
+        match (state.token.as_ref().filter(|token| freshness(token, now_ms) != Freshness::Expired), failure) {
+            (Some(token), refresh_failing) => {
+                TokenHealth::Valid { expires_in_ms: token.expires_at_ms.map(|at| at - now_ms), refresh_failing }
+            }
+            (None, Some(reason)) => TokenHealth::Failing { reason },
+            (None, None) if state.last_generation == 0 => TokenHealth::NotFetched,
+            (None, None) => TokenHealth::Dropped,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,6 +309,40 @@ mod tests {
         let refreshed = cache.get(|| granted("two", 100)).await.expect("token");
         assert_eq!(refreshed.value.expose(), "two");
         assert!(refreshed.generation > first.generation);
+    }
+
+    #[tokio::test]
+    async fn health_tells_a_working_token_from_a_failing_fetch_without_fetching() {
+        let clock = ManualClock::new(START_MS);
+        let cache = TokenCache::new(clock.clone());
+        assert_eq!(cache.health().await, TokenHealth::NotFetched);
+        cache.get(refused).await.expect_err("refused");
+        let failing = TokenHealth::Failing { reason: "token endpoint answered 503".into() };
+        assert_eq!(cache.health().await, failing);
+        clock.advance_ms(FAILURE_COOLDOWN_MS * 10);
+        assert_eq!(cache.health().await, failing, "still failing until a fetch succeeds, cooldown or not");
+
+        let first = cache.get(|| granted("one", 100)).await.expect("token");
+        assert_eq!(cache.health().await, TokenHealth::Valid { expires_in_ms: Some(100_000), refresh_failing: None });
+        // Past half-life the refresh fails: the old token is still used, and the failure shown.
+        clock.advance_ms(60_000);
+        cache.get(refused).await.expect("the stale token");
+        assert_eq!(
+            cache.health().await,
+            TokenHealth::Valid {
+                expires_in_ms: Some(40_000),
+                refresh_failing: Some("token endpoint answered 503".into())
+            }
+        );
+        clock.advance_ms(40_000);
+        assert_eq!(cache.health().await, failing, "expired, with the refresh still failing");
+
+        cache.get(|| granted("two", 0)).await.expect("token");
+        assert_eq!(cache.health().await, TokenHealth::Valid { expires_in_ms: None, refresh_failing: None });
+        let current = cache.cached().await.expect("cached");
+        assert!(current.generation > first.generation);
+        cache.invalidate(current.generation).await;
+        assert_eq!(cache.health().await, TokenHealth::Dropped, "refused with 401: the next call fetches");
     }
 
     #[tokio::test]

@@ -6,10 +6,11 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::app::SharedState;
 use crate::clock::Reused;
+use crate::easemob::TokenHealth;
 use crate::metrics::CallbackResult;
 
 /// Routes of this module.
@@ -66,8 +67,15 @@ async fn readyz(State(state): State<SharedState>) -> Response {
     // here is how a wrong secret gets noticed. The count walks the partial index of held rows
     // (bounded by --quarantine-cap); null if it could not be read.
     let held = state.store.count_quarantine_held().await.ok();
+    // Shown, but no part of readiness: callbacks are received whatever Easemob thinks of the
+    // credentials, and a service taken out of its load balancer would lose them.
+    let easemob = match &state.easemob {
+        Some(client) => easemob_health(client.token_health().await),
+        None => Value::Null,
+    };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
+        "easemob": easemob,
         "database": { "read": read.as_deref().unwrap_or("ok"), "write": write.as_deref().unwrap_or("ok") },
         "quarantine": {
             "held": held,
@@ -76,4 +84,24 @@ async fn readyz(State(state): State<SharedState>) -> Response {
     });
     let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
     (status, Json(body)).into_response()
+}
+
+/// The app token's state as `/readyz` shows it.
+fn easemob_health(health: TokenHealth) -> Value {
+    match health {
+        TokenHealth::NotFetched => json!({"app_token": "not_fetched",
+            "detail": "no app token asked for yet: the first trigger fetches one"}),
+        TokenHealth::Valid { expires_in_ms, refresh_failing: None } => {
+            json!({"app_token": "valid", "expires_in_s": expires_in_ms.map(|ms| ms / 1000)})
+        }
+        TokenHealth::Valid { expires_in_ms, refresh_failing: Some(reason) } => json!({
+            "app_token": "valid",
+            "expires_in_s": expires_in_ms.map(|ms| ms / 1000),
+            "detail": format!("refreshing it failed ({reason}); it is used until it expires"),
+        }),
+        TokenHealth::Failing { reason } => json!({"app_token": "failing",
+            "detail": format!("{reason}; triggers are answered 503 easemob_token_unavailable until a fetch succeeds")}),
+        TokenHealth::Dropped => json!({"app_token": "dropped",
+            "detail": "the last token expired or was refused (401): the next trigger fetches one"}),
+    }
 }

@@ -489,6 +489,11 @@ async fn a_call_that_cannot_get_an_app_token_is_answered_without_being_recorded(
     assert!(err["detail"].as_str().unwrap().contains("--easemob-client-secret"), "{err}");
     let (_, calls) = app.get_json("/v1/calls").await;
     assert_eq!(calls["items"].as_array().map(Vec::len), Some(0), "{calls}");
+    // /readyz shows it, and stays ready: callbacks are still received.
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")), "{ready}");
+    assert_eq!(ready["easemob"]["app_token"], "failing", "{ready}");
+    assert!(ready["easemob"]["detail"].as_str().unwrap().contains("--easemob-client-secret"), "{ready}");
     let db_path = app.db_path.clone();
     let dir = app.stop().await;
 
@@ -498,6 +503,9 @@ async fn a_call_that_cannot_get_an_app_token_is_answered_without_being_recorded(
     assert_eq!(made.status(), 201);
     let call: Value = made.json().await.unwrap();
     assert_eq!(call["outcome"], "succeeded", "{call}");
+    let (_, ready) = app.get_json("/readyz").await;
+    assert_eq!(ready["easemob"]["app_token"], "valid", "{ready}");
+    assert!(ready["easemob"]["expires_in_s"].as_i64().is_some_and(|s| s > 0), "{ready}");
     app.stop().await;
     drop(dir);
     sandbox.shutdown().await;
