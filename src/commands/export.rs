@@ -26,7 +26,8 @@ pub struct ExportArgs {
     #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
     pub database_url: String,
     /// Only records whose event time is at or after this (epoch ms, RFC 3339 such as
-    /// 2026-11-25T18:00:00+08:00, or a duration back from now such as 1h).
+    /// 2026-11-25T18:00:00+08:00, or a duration back from now such as 1h, noted on stderr as
+    /// the time it stands for).
     #[arg(long)]
     pub since: Option<String>,
     /// Only records whose event time is before this (the same forms).
@@ -187,11 +188,12 @@ fn parse_link(text: &str) -> Result<String, String> {
 }
 
 /// Runs the command.
-pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
+pub async fn run(mut args: ExportArgs) -> anyhow::Result<()> {
+    // Noted on stderr: an export of "the last day" says which day it holds.
     let now_ms = crate::clock::system().now_ms();
-    let resolve = |value: &Option<String>| value.as_deref().map(|v| crate::http::query::resolve_flag_time(v, now_ms));
-    let (since, until) = parse_flag_range(resolve(&args.since).as_deref(), resolve(&args.until).as_deref())
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    super::resolve_relative_times(now_ms, [("--since", &mut args.since), ("--until", &mut args.until)]);
+    let (since, until) =
+        parse_flag_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
     let store = Store::open_read_only(&args.database_url).await?;
     // As the feed refuses it: a seq past the head would skip whatever is stored up to it.
     let head = store.chain_head().await?.seq;

@@ -19,6 +19,24 @@ pub fn one_line(s: &str) -> String {
     s.chars().map(|c| if hidden(c) { '?' } else { c }).collect()
 }
 
+/// `--since` and `--until` given as a duration back from now (`1h`) become the times they stand
+/// for, once, and each is noted on stderr (`--since 1h: --since 1764... (2026-...)`), so that the
+/// same range can be asked for again and a report or an export says which one it covers.
+pub fn resolve_relative_times(now_ms: i64, flags: [(&str, &mut Option<String>); 2]) {
+    for (flag, value) in flags {
+        if let Some(given) = value.as_mut() {
+            let resolved = crate::http::query::resolve_flag_time(given, now_ms);
+            if resolved != *given {
+                crate::console::note(format_args!(
+                    "{flag} {given}: {flag} {resolved} ({})",
+                    fmt_time(resolved.parse().unwrap_or_default())
+                ));
+                *given = resolved;
+            }
+        }
+    }
+}
+
 /// Epoch ms as RFC 3339 with milliseconds; the number itself when out of RFC 3339's range.
 pub fn fmt_time(ms: i64) -> String {
     // humantime formats 1970..=9999 and reports anything later as a formatting error.

@@ -255,18 +255,7 @@ pub async fn run(mut args: ReconcileArgs) -> anyhow::Result<u8> {
     // Durations back from now become the times they stand for, once, before any report is
     // asked for: every status's report then has the same window, and it can be given again.
     let now_ms = clock::SystemClock.now_ms();
-    for (flag, value) in [("--since", &mut args.since), ("--until", &mut args.until)] {
-        if let Some(given) = value.as_mut() {
-            let resolved = crate::http::query::resolve_flag_time(given, now_ms);
-            if resolved != *given {
-                crate::console::note(format_args!(
-                    "{flag} {given}: {flag} {resolved} ({})",
-                    fmt_time(resolved.parse().unwrap_or_default())
-                ));
-                *given = resolved;
-            }
-        }
-    }
+    super::resolve_relative_times(now_ms, [("--since", &mut args.since), ("--until", &mut args.until)]);
     let statuses: Vec<Option<&str>> = match args.status.as_deref() {
         Some(s) => vec![Some(s)],
         None if args.json => vec![None],

@@ -276,6 +276,11 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     let middle = head / 2;
     let (_, _, stderr) = run(&["--until", "0"]);
     assert!(stderr.contains("exported 0 records") && stderr.contains(&format!("read up to seq {head}")), "{stderr}");
+    // A duration back from now is noted as the time it stood for; every record here is recent.
+    let (ok, stdout, stderr) = run(&["--since", "1h", "--until", "0s"]);
+    assert!(ok && stderr.starts_with("--since 1h: --since 1"), "{stderr}");
+    assert!(stderr.contains("--until 0s: --until 1"), "{stderr}");
+    assert_eq!(stdout.lines().count(), feed.len(), "the last hour holds every record: {stderr}");
     let (ok, stdout, stderr) = run(&["--after", &middle.to_string(), "--after-hash", &link(middle)]);
     assert!(ok, "{stderr}");
     let rest: Vec<Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
