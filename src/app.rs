@@ -184,6 +184,7 @@ impl Default for ServerLimits {
 
 /// The full router with its middleware; `api_tokens` guard the `/v1/...` endpoints (none: open).
 pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>) -> Router {
+    let metrics_state = state.clone();
     Router::new()
         .merge(crate::http::health::router())
         .merge(crate::http::metrics::router())
@@ -215,6 +216,25 @@ pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>
         // The handlers log what failed and why themselves (internal errors with their cause, 503s
         // throttled with a count), so the per-response line is only wanted when debugging.
         .layer(TraceLayer::new_for_http().on_failure(DefaultOnFailure::new().level(tracing::Level::DEBUG)))
+        // Outermost, so that the time counted includes the wait for a slot and every answer is
+        // counted, the deadline's 504s and the token check's 401s too.
+        .layer(axum::middleware::from_fn_with_state(metrics_state, count_api_requests))
+}
+
+/// Counts each `/v1` request by route, method and status, with its time
+/// (`friendhook_api_requests_total`, `friendhook_api_request_seconds`). Router-level layers run
+/// after routing, so the matched route's template is known here.
+async fn count_api_requests(State(state): State<SharedState>, request: Request, next: Next) -> Response {
+    if !request.uri().path().starts_with("/v1/") {
+        return next.run(request).await;
+    }
+    let route = request.extensions().get::<axum::extract::MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
+    let method = request.method().clone();
+    // A duration for a histogram, not a decision: the monotonic clock, not the injected one.
+    let started = std::time::Instant::now();
+    let response = next.run(request).await;
+    state.metrics.api_request(&route, &method, response.status().as_u16(), started.elapsed().as_secs_f64());
+    response
 }
 
 /// The callback endpoint's path.

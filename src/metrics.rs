@@ -154,8 +154,38 @@ pub struct Metrics {
     disk_free_bytes: Gauge,
     reports: [Counter; ReportAnswer::ALL.len()],
     feed_long_polls: Gauge,
+    api_requests: Family<ApiLabels, Counter>,
+    api_seconds: Family<RouteLabel, Histogram, fn() -> Histogram>,
     writer: WriterMetrics,
     reconciliation: Option<ReconciliationMetrics>,
+}
+
+/// `friendhook_api_requests_total`'s labels: route (axum's template, `/v1/calls/{id}`), method
+/// and status code. Each takes few values: unknown methods are `other`, unknown paths
+/// `unmatched`, so a scanner cannot grow the series.
+type ApiLabels = [(&'static str, String); 3];
+type RouteLabel = [(&'static str, String); 1];
+
+/// A method as a label value: the ones the API takes and the usual others; anything else is
+/// one value.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::DELETE => "DELETE",
+        Method::PUT => "PUT",
+        Method::PATCH => "PATCH",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        _ => "other",
+    }
+}
+
+fn api_seconds_histogram() -> Histogram {
+    // 1 ms to about 33 s: a read answers in milliseconds, a trigger waits for Easemob and a
+    // batch for the rate limiter (longer ones land in +Inf, counted all the same).
+    Histogram::new(exponential_buckets(0.001, 2.0, 16))
 }
 
 /// A float gauge: NaN says "could not be computed" where 0 would be a claim.
@@ -338,7 +368,8 @@ impl Metrics {
         let disk_free_bytes = registered(
             &mut registry,
             "disk_free_bytes",
-            "Bytes the service may still write on the database's file system; at 0 every callback gets 503",
+            "Bytes the service may still write on the database's file system (what df shows as available); under \
+             64 KiB every callback that needs a new page gets 503",
             Gauge::default(),
         );
         let report_requests = Family::<Labels, Counter>::default();
@@ -354,6 +385,20 @@ impl Metrics {
             "feed_long_polls",
             "GET /v1/feed requests waiting for records (wait=...) right now",
             Gauge::default(),
+        );
+        let api_requests = registered(
+            &mut registry,
+            "api_requests",
+            "Requests to the /v1 API by route, method and status code (the callback endpoint has \
+             callbacks_received; probes and /metrics are not counted)",
+            Family::<ApiLabels, Counter>::default(),
+        );
+        let api_seconds = registered(
+            &mut registry,
+            "api_request_seconds",
+            "Time to answer a /v1 API request, by route (a trigger's includes Easemob's answers and the rate \
+             limiter's waits; a feed long-poll's its wait)",
+            Family::<RouteLabel, Histogram, fn() -> Histogram>::new_with_constructor(api_seconds_histogram),
         );
         registry.register("commit_writes", "Writes per commit (group commit)", writer.commit_writes.clone());
         registry.register(
@@ -397,6 +442,8 @@ impl Metrics {
             disk_free_bytes,
             reports,
             feed_long_polls,
+            api_requests,
+            api_seconds,
             writer,
             reconciliation: None,
         }
@@ -425,6 +472,18 @@ impl Metrics {
         }
         self.feed_long_polls.inc();
         Waiting(self.feed_long_polls.clone())
+    }
+
+    /// Counts one answered /v1 request; `route` is the matched route's template.
+    pub fn api_request(&self, route: &str, method: &axum::http::Method, status: u16, seconds: f64) {
+        self.api_requests
+            .get_or_create(&[
+                ("route", route.to_owned()),
+                ("method", method_label(method).to_owned()),
+                ("code", status.to_string()),
+            ])
+            .inc();
+        self.api_seconds.get_or_create(&[("route", route.to_owned())]).observe(seconds);
     }
 
     /// Counts one callback delivery.

@@ -25,6 +25,8 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     let forged = roster_body("900000000000000002", "carol", "erin", "add", 1_700_000_000_000, "wrong-secret");
     assert_eq!(app.post_callback(forged).await.status(), 401);
     assert_eq!(app.post_callback("{not json").await.status(), 400);
+    assert_eq!(app.get_json("/v1/calls/99").await.0, 404);
+    assert_eq!(app.get_json("/v1/no-such-endpoint").await.0, 404);
 
     // Act
     let response = app.client.get(app.url("/metrics")).send().await.unwrap();
@@ -74,6 +76,18 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
         format!("friendhook_build_info{{version=\"{}\",commit=\"{}\"}}", env!("CARGO_PKG_VERSION"), friendhook::COMMIT);
     assert_eq!(m.get(&build), Some(&1.0), "{text}");
     assert_ne!(friendhook::COMMIT, "", "build.rs sets it, \"unknown\" outside git");
+    // The /v1 API by route template, method and code; callbacks, probes and /metrics not.
+    let api = |route: &str, method: &str, code: u16| {
+        m.get(&format!("friendhook_api_requests_total{{route=\"{route}\",method=\"{method}\",code=\"{code}\"}}"))
+            .copied()
+    };
+    assert_eq!(api("/v1/friends", "POST", 201), Some(2.0), "{text}");
+    assert_eq!(api("/v1/calls/{id}", "GET", 404), Some(1.0), "{text}");
+    assert_eq!(api("unmatched", "GET", 404), Some(1.0), "{text}");
+    assert_eq!(m.get("friendhook_api_request_seconds_count{route=\"/v1/friends\"}"), Some(&2.0), "{text}");
+    assert!(m.get("friendhook_api_request_seconds_sum{route=\"/v1/friends\"}").is_some_and(|s| *s > 0.0), "{text}");
+    let api_series = m.keys().filter(|k| k.starts_with("friendhook_api_requests_total")).count();
+    assert_eq!(api_series, 3, "nothing but those three: {text}");
     app.stop().await;
 }
 
