@@ -367,6 +367,13 @@ pub fn log_filter(rust_log: Option<&str>) -> (tracing_subscriber::EnvFilter, Opt
     match rust_log.map(str::trim).filter(|s| !s.is_empty()) {
         None => (info(), None),
         Some(text) => match tracing_subscriber::EnvFilter::try_new(text) {
+            // A command's own lines (progress, summaries, the export's cursor) are its output,
+            // not log lines: printed whatever RUST_LOG says in text, so kept at info in JSON too,
+            // unless RUST_LOG names their target itself.
+            Ok(filter) if !text.contains(crate::console::TARGET) => {
+                let console = format!("{}=info", crate::console::TARGET).parse().expect("a valid directive");
+                (filter.add_directive(console), None)
+            }
             Ok(filter) => (filter, None),
             Err(e) => (
                 info(),
@@ -449,5 +456,10 @@ mod tests {
         assert_eq!((filter.to_string().contains("friendhook::store=debug"), warning), (true, None));
         assert_eq!(log_filter(None).1, None);
         assert_eq!(log_filter(Some(" ")).0.to_string(), "info");
+        // RUST_LOG=warn quiets logs, not a command's own lines (text prints them regardless).
+        let quiet = log_filter(Some("warn")).0.to_string();
+        assert!(quiet.contains("friendhook::console=info") && quiet.contains("warn"), "{quiet}");
+        let own = log_filter(Some("warn,friendhook::console=off")).0.to_string();
+        assert!(own.contains("friendhook::console=off") && !own.contains("console=info"), "as given: {own}");
     }
 }

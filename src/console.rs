@@ -10,6 +10,10 @@ use crate::config::LogFormat;
 
 static FORMAT: OnceLock<LogFormat> = OnceLock::new();
 
+/// The target of these lines under `--log-format json` (kept at info whatever RUST_LOG says; see
+/// `config::log_filter`).
+pub const TARGET: &str = "friendhook::console";
+
 /// Set once by the binary, with the logs' format; unset (a library user, a test) means text.
 pub fn set_format(format: LogFormat) {
     let _ = FORMAT.set(format);

@@ -231,13 +231,14 @@ pub async fn run(mut args: ExportArgs) -> anyhow::Result<()> {
     let link = store.link_at(exported.read_up_to).await?.unwrap_or_default();
     let rate = n as f64 / secs.max(1e-9);
     let upto = exported.read_up_to;
+    let records = if n == 1 { "record" } else { "records" };
     if crate::console::is_json() {
         // The cursor as fields of their own: a script keeps them for the next run.
         tracing::info!(target: "friendhook::console", records = n, seconds = secs, read_up_to = upto, link = %link,
-            "exported {n} records; the next export of what is new goes on with --after {upto} --after-hash {link}");
+            "exported {n} {records}; the next export of what is new goes on with --after {upto} --after-hash {link}");
     } else {
         eprintln!(
-            "exported {n} records in {secs:.2} s ({rate:.0} records/s); read up to seq {upto}, link {link}: the next \
+            "exported {n} {records} in {secs:.2} s ({rate:.0} records/s); read up to seq {upto}, link {link}: the next \
              export of what is new goes on with --after {upto} --after-hash {link}"
         );
     }
