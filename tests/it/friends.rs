@@ -355,10 +355,11 @@ async fn a_replay_is_answered_while_no_app_token_can_be_had() {
 /// (sent again, each would be a re-add), so the answer says so and the calls are all recorded.
 #[tokio::test]
 async fn a_batch_past_the_trigger_timeout_says_its_calls_go_on_and_they_do() {
-    // 100 calls at the client's 20/s are spaced 50 ms apart: five seconds, far past the 1 s
+    // 100 calls at the client's 20/s are spaced 50 ms apart: five seconds, far past the 2 s
     // deadline whatever the machine (the pacer's spacing is a floor, not an estimate), while the
-    // second before it leaves ample time to read the batch and fetch the first app token.
-    let app = TestApp::spawn(&["--trigger-timeout", "1s", "--easemob-rate-limit", "20"]).await;
+    // two seconds before it leave ample time to read the batch, fetch the first app token and
+    // commit the first intents (the 504 lists them).
+    let app = TestApp::spawn(&["--trigger-timeout", "2s", "--easemob-rate-limit", "20"]).await;
     let friends: Vec<String> = (0..100).map(|i| format!("friend_{i}")).collect();
     let mut names = vec!["alice"];
     names.extend(friends.iter().map(String::as_str));
