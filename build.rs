@@ -33,8 +33,10 @@ fn git_commit() -> Option<String> {
     // `--exclude=*`: the hash alone, whatever tags there are.
     let commit = git(&["describe", "--always", "--dirty", "--abbrev=12", "--exclude=*"])?;
     // Watched only when they exist: cargo reruns a build script on every build for a path that
-    // does not.
-    let refs = [git(&["rev-parse", "--git-path", "HEAD"]), git(&["rev-parse", "--git-path", "packed-refs"])]
+    // does not. `logs/HEAD` too: in a fresh clone the branch lives in `packed-refs`, and the first
+    // commit writes a loose ref nobody watched yet, but every commit appends to the HEAD log.
+    let refs = ["HEAD", "packed-refs", "logs/HEAD"]
+        .map(|name| git(&["rev-parse", "--git-path", name]))
         .into_iter()
         .flatten()
         .chain(git(&["symbolic-ref", "-q", "HEAD"]).and_then(|r| git(&["rev-parse", "--git-path", &r])));
