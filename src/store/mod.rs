@@ -669,8 +669,12 @@ pub fn is_full(free: Option<u64>) -> bool {
 /// [`Store::disk_free_bytes`] for a database not opened (yet): a start that fails on a full disk
 /// says so.
 pub fn disk_free_bytes(database_url: &str) -> Option<u64> {
-    let path = SqliteConnectOptions::from_str(database_url).ok()?.get_filename().to_path_buf();
-    free_bytes_at(&path)
+    free_bytes_at(&database_path(database_url)?)
+}
+
+/// The file a `sqlite:` URL names; `None` if it is not one.
+fn database_path(database_url: &str) -> Option<std::path::PathBuf> {
+    Some(SqliteConnectOptions::from_str(database_url).ok()?.get_filename().to_path_buf())
 }
 
 /// Free bytes for this user on the file system of `path` (or of its directory, before the file
@@ -683,9 +687,32 @@ fn free_bytes_at(path: &std::path::Path) -> Option<u64> {
         path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."))
     };
     let fs = rustix::fs::statvfs(on).ok()?;
-    // `f_bavail` for every user, root too: it is what `df` shows as available, and root gets the
-    // reserved share only with CAP_SYS_RESOURCE, which a service in a container usually lacks.
-    Some(fs.f_bavail.saturating_mul(fs.f_frsize))
+    // What the kernel lets this process have: the share reserved for root (ext4's 5 %) is open to
+    // a process with CAP_SYS_RESOURCE, not to root as such (a service in a container usually
+    // lacks it), so `df`'s "available" for everyone else.
+    let blocks = if may_use_reserved_blocks() { fs.f_bfree } else { fs.f_bavail };
+    Some(blocks.saturating_mul(fs.f_frsize))
+}
+
+/// Whether this process holds CAP_SYS_RESOURCE, read once: a service does not change its
+/// capabilities while it runs.
+#[cfg(unix)]
+fn may_use_reserved_blocks() -> bool {
+    static HELD: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *HELD.get_or_init(|| {
+        std::fs::read_to_string("/proc/self/status").is_ok_and(|status| holds_cap_sys_resource(&status))
+    })
+}
+
+/// Whether a `/proc/<pid>/status` text's effective capability set (`CapEff`, hex) has
+/// CAP_SYS_RESOURCE (bit 24).
+fn holds_cap_sys_resource(status: &str) -> bool {
+    const CAP_SYS_RESOURCE: u32 = 24;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("CapEff:"))
+        .and_then(|hex| u64::from_str_radix(hex.trim(), 16).ok())
+        .is_some_and(|caps| caps & (1 << CAP_SYS_RESOURCE) != 0)
 }
 
 #[cfg(not(unix))]
@@ -929,7 +956,7 @@ impl Store {
     /// after a clean stop); `None` if the file cannot be found. For `/metrics`: the WAL grows
     /// between checkpoints and should drop back; the file grows with history.
     pub fn file_sizes(&self) -> Option<(u64, u64)> {
-        let path = SqliteConnectOptions::from_str(&self.database_url).ok()?.get_filename().to_path_buf();
+        let path = database_path(&self.database_url)?;
         let database = std::fs::metadata(&path).ok()?.len();
         let mut wal = path.into_os_string();
         wal.push("-wal");
@@ -937,7 +964,8 @@ impl Store {
     }
 
     /// Bytes this process may still write on the database's file system (`statvfs`'s
-    /// `f_bavail`, what `df` shows as available); `None` if it cannot be read. The write probe
+    /// `f_bavail`, what `df` shows as available, or `f_bfree` with CAP_SYS_RESOURCE, which may
+    /// write into root's reserved share); `None` if it cannot be read. The write probe
     /// cannot say it: a checkpointed WAL is rewritten in place, so a probe commits on
     /// a full disk, and the first callback that needs a new page gets 503.
     pub fn disk_free_bytes(&self) -> Option<u64> {
@@ -1141,6 +1169,12 @@ mod tests {
     fn a_file_system_is_full_below_what_a_commit_needs_and_unknown_is_not_full() {
         assert!(is_full(Some(0)));
         assert!(is_full(Some(FULL_BELOW_BYTES - 1)));
+        // CAP_SYS_RESOURCE is bit 24 of CapEff: a root container's usual set lacks it
+        // (00000000a80425fb), a full set has it.
+        assert!(!holds_cap_sys_resource("Name:\tfriendhook\nCapEff:\t00000000a80425fb\n"));
+        assert!(holds_cap_sys_resource("CapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n"));
+        assert!(holds_cap_sys_resource("CapEff:\t0000000001000000\n"));
+        assert!(!holds_cap_sys_resource("CapPrm:\t000001ffffffffff\n"), "no CapEff line: not held");
         assert!(!is_full(Some(FULL_BELOW_BYTES)));
         assert!(!is_full(None), "a figure that cannot be read is no reason to refuse");
     }
