@@ -63,7 +63,10 @@ impl CheckpointWatch {
     }
 
     fn observe(&mut self, lag: i64, now_ms: i64) -> Option<Change> {
-        if lag < self.warn_frames {
+        // Caught up only under half the threshold: a lag that hovers around it (a reader that
+        // comes and goes) would otherwise log a WARN and an INFO at every check.
+        let threshold = if self.lagging_since_log_ms.is_some() { self.warn_frames / 2 } else { self.warn_frames };
+        if lag < threshold {
             return self.lagging_since_log_ms.take().map(|_| Change::CaughtUp);
         }
         match self.lagging_since_log_ms {
@@ -140,6 +143,8 @@ mod tests {
         assert_eq!(watch.observe(100, 10_000), Some(Change::Behind));
         assert_eq!(watch.observe(5_000, 20_000), None, "said once");
         assert_eq!(watch.observe(5_000, 10_000 + LAG_REPEAT_MS), Some(Change::Behind), "said again with its figure");
+        assert_eq!(watch.observe(99, 10_000 + LAG_REPEAT_MS + 5_000), None, "just under the threshold: still behind");
+        assert_eq!(watch.observe(50, 10_000 + LAG_REPEAT_MS + 7_000), None, "half of it: still behind");
         assert_eq!(watch.observe(0, 10_000 + LAG_REPEAT_MS + 10_000), Some(Change::CaughtUp));
         assert_eq!(watch.observe(0, 10_000 + LAG_REPEAT_MS + 20_000), None, "said once");
     }
