@@ -68,16 +68,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     }
     // Both bound and let go at once: a port in use is refused before anything is deleted. Both
     // held together, so the same fixed port given twice is refused too.
-    let _service_port = std::net::TcpListener::bind(&args.listen).with_context(|| {
+    let service_port = std::net::TcpListener::bind(&args.listen).with_context(|| {
         format!("cannot listen on {} (--listen); is something else using it? Nothing was changed", args.listen)
     })?;
-    let _sandbox_port = std::net::TcpListener::bind(&args.sandbox_listen).with_context(|| {
+    let sandbox_port = std::net::TcpListener::bind(&args.sandbox_listen).with_context(|| {
         format!(
             "cannot listen on {} (--sandbox-listen); is something else using it? Nothing was changed",
             args.sandbox_listen
         )
     })?;
-    drop((_service_port, _sandbox_port));
+    drop((service_port, sandbox_port));
     for suffix in ["", "-wal", "-shm"] {
         let mut p = args.database.clone().into_os_string();
         p.push(suffix);
