@@ -132,6 +132,26 @@ impl AppState {
         }
     }
 
+    /// At the end of a stop: what the throttled WARN lines counted after their last line (a burst
+    /// that ends with the process would otherwise never be told in the log; `/metrics` has it
+    /// only while the process runs).
+    pub fn log_unreported_at_stop(&self) {
+        let overloaded = self.overloads.take_unreported();
+        let commit_timeouts = self.commit_timeouts.take_unreported();
+        let failed_verification = self.bad_signatures.take_unreported();
+        let unreadable = self.unreadable_callbacks.take_unreported();
+        if overloaded + commit_timeouts + failed_verification + unreadable > 0 {
+            tracing::warn!(
+                answered_503_queue_full = overloaded,
+                answered_503_commit_timeout = commit_timeouts,
+                failed_verification,
+                refused_unreadable = unreadable,
+                "callbacks refused since the last line of their kind, not logged before the stop (each kind is \
+                 logged at most every 10 s)"
+            );
+        }
+    }
+
     /// How reconciliation judges calls as of now (`--match-skew`, `--match-window`).
     pub fn match_params(&self) -> crate::reconcile::MatchParams {
         crate::reconcile::MatchParams {
@@ -225,16 +245,49 @@ pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>
 /// (`friendhook_api_requests_total`, `friendhook_api_request_seconds`). Router-level layers run
 /// after routing, so the matched route's template is known here.
 async fn count_api_requests(State(state): State<SharedState>, request: Request, next: Next) -> Response {
-    if !request.uri().path().starts_with("/v1/") {
+    let path = request.uri().path();
+    if path != "/v1" && !path.starts_with("/v1/") {
         return next.run(request).await;
     }
     let route = request.extensions().get::<axum::extract::MatchedPath>().map_or("unmatched", |p| p.as_str()).to_owned();
-    let method = request.method().clone();
-    // A duration for a histogram, not a decision: the monotonic clock, not the injected one.
-    let started = std::time::Instant::now();
+    let mut counted = ApiRequestCount {
+        state,
+        route: Some(route),
+        method: request.method().clone(),
+        // A duration for a histogram, not a decision: the monotonic clock, not the injected one.
+        started: std::time::Instant::now(),
+    };
     let response = next.run(request).await;
-    state.metrics.api_request(&route, &method, response.status().as_u16(), started.elapsed().as_secs_f64());
+    counted.finish(response.status().as_u16());
     response
+}
+
+/// One /v1 request being answered. Counted when the answer is ready, or, if the client goes
+/// away first (hyper drops the handler's future), on drop with nginx's 499, so a client that
+/// gives up on a slow trigger still shows in the rate and the histogram.
+struct ApiRequestCount {
+    state: SharedState,
+    /// Taken when counted, so it is counted once.
+    route: Option<String>,
+    method: axum::http::Method,
+    started: std::time::Instant,
+}
+
+/// The status code recorded for a request whose client closed the connection before the answer.
+const CLIENT_CLOSED_REQUEST: u16 = 499;
+
+impl ApiRequestCount {
+    fn finish(&mut self, status: u16) {
+        if let Some(route) = self.route.take() {
+            self.state.metrics.api_request(route, &self.method, status, self.started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+impl Drop for ApiRequestCount {
+    fn drop(&mut self) {
+        self.finish(CLIENT_CLOSED_REQUEST);
+    }
 }
 
 /// The callback endpoint's path.
@@ -341,6 +394,7 @@ async fn request_deadline(
     let path = request.uri().path();
     let is_callback = path == CALLBACK_PATH;
     let is_feed = path == "/v1/feed";
+    let is_resend = path.starts_with("/v1/easemob/");
     let limit = if waits_on_easemob(path) {
         limits.trigger_timeout
     } else if is_feed {
@@ -352,20 +406,9 @@ async fn request_deadline(
         Ok(response) => response,
         // A trigger or a re-send that ran out of time after handing its work to tasks of their
         // own: "retry it" would send the calls a second time.
-        Err(_) if !started.give_up() => {
-            let detail = format!(
-                "not finished within {} (--trigger-timeout); what it started goes on: do not send it again (a \
-                 second add of a pair is a re-add, which Easemob answers without an event; a request with the same \
-                 Idempotency-Key is safe). GET /v1/calls/{{id}} shows each call of `call_ids`, with its outcome once \
-                 known (a pair of a batch not among them had no call yet then and may have been recorded a moment \
-                 later: GET /v1/calls?owner=... finds it); GET /v1/easemob/exception-cache shows each bucket's re-sends. Raise \
-                 --trigger-timeout for larger batches",
-                humantime::format_duration(limit)
-            );
-            // The calls recorded by then (none for an exception-cache re-send): what to follow.
-            let body = serde_json::json!({"code": "still_running", "detail": detail, "call_ids": started.calls()});
-            (StatusCode::GATEWAY_TIMEOUT, axum::Json(body)).into_response()
-        }
+        // A trigger or a re-send that ran out of time after handing its work to tasks of their
+        // own: "retry it" would send the calls a second time.
+        Err(_) if !started.give_up() => still_running(limit, is_resend, &started),
         Err(_) => {
             if is_callback {
                 state.metrics.callback(crate::metrics::CallbackResult::TimedOut);
@@ -380,6 +423,30 @@ async fn request_deadline(
             )
         }
     }
+}
+
+/// The 504 of a request that waits on Easemob and ran out of `limit` after starting work that
+/// goes on: what to follow instead of sending it again.
+fn still_running(limit: Duration, is_resend: bool, started: &WorkStarted) -> Response {
+    let limit = humantime::format_duration(limit);
+    let body = if is_resend {
+        // A re-send of the exception cache records no calls of friendhook's: its buckets are what to follow.
+        let detail = format!(
+            "not finished within {limit} (--trigger-timeout); the re-sends it started go on: do not send it again. \
+             GET /v1/easemob/exception-cache shows each bucket's re-sends. Raise --trigger-timeout for larger caches"
+        );
+        serde_json::json!({"code": "still_running", "detail": detail})
+    } else {
+        let detail = format!(
+            "not finished within {limit} (--trigger-timeout); what it started goes on: do not send it again (a \
+             second add of a pair is a re-add, which Easemob answers without an event; a request with the same \
+             Idempotency-Key is safe). GET /v1/calls/{{id}} shows each call of `call_ids`, with its outcome once \
+             known (a pair of a batch not among them had no call yet then and may have been recorded a moment \
+             later: GET /v1/calls?owner=... finds it). Raise --trigger-timeout for larger batches"
+        );
+        serde_json::json!({"code": "still_running", "detail": detail, "call_ids": started.calls()})
+    };
+    (StatusCode::GATEWAY_TIMEOUT, axum::Json(body)).into_response()
 }
 
 /// The endpoints that wait on Easemob, under `--trigger-timeout` rather than `--request-timeout`.

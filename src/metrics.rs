@@ -389,8 +389,9 @@ impl Metrics {
         let api_requests = registered(
             &mut registry,
             "api_requests",
-            "Requests to the /v1 API by route, method and status code (the callback endpoint has \
-             callbacks_received; probes and /metrics are not counted)",
+            "Requests to the /v1 API by route, method and status code (499: the client closed the \
+             connection before the answer; the callback endpoint has callbacks_received; probes and \
+             /metrics are not counted)",
             Family::<ApiLabels, Counter>::default(),
         );
         let api_seconds = registered(
@@ -426,7 +427,8 @@ impl Metrics {
         );
         registry.register(
             "checkpoint_failures",
-            "Checkpoints of the WAL that failed (a full disk, an I/O error)",
+            "Checkpoints of the WAL that failed (a full disk, an I/O error), tried after a commit that succeeded; \
+             a failing commit is counted in commit_failures",
             writer.checkpoint_failures.clone(),
         );
         Self {
@@ -475,15 +477,15 @@ impl Metrics {
     }
 
     /// Counts one answered /v1 request; `route` is the matched route's template.
-    pub fn api_request(&self, route: &str, method: &axum::http::Method, status: u16, seconds: f64) {
+    pub fn api_request(&self, route: String, method: &axum::http::Method, status: u16, seconds: f64) {
+        self.api_seconds.get_or_create(&[("route", route.clone())]).observe(seconds);
         self.api_requests
             .get_or_create(&[
-                ("route", route.to_owned()),
+                ("route", route),
                 ("method", method_label(method).to_owned()),
                 ("code", status.to_string()),
             ])
             .inc();
-        self.api_seconds.get_or_create(&[("route", route.to_owned())]).observe(seconds);
     }
 
     /// Counts one callback delivery.
@@ -593,6 +595,11 @@ impl LogThrottle {
         s.last_reported_ms = Some(now_ms);
         Some(std::mem::take(&mut s.unreported))
     }
+
+    /// Occurrences counted since the last report, and not reported: for a last line at a stop.
+    pub fn take_unreported(&self) -> u64 {
+        std::mem::take(&mut self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner).unreported)
+    }
 }
 
 #[cfg(test)]
@@ -609,6 +616,11 @@ mod tests {
         assert_eq!(throttle.hit(10_999), None, "one millisecond short of the interval");
         assert_eq!(throttle.hit(11_000), Some(501), "499 + 1 held back + this one");
         assert_eq!(throttle.hit(60_000), Some(1));
+        assert_eq!(throttle.take_unreported(), 0, "the last one was reported");
+        assert_eq!(throttle.hit(60_001), None);
+        assert_eq!(throttle.hit(60_002), None);
+        assert_eq!(throttle.take_unreported(), 2, "held back since the last line");
+        assert_eq!(throttle.take_unreported(), 0, "taken once");
     }
 
     #[test]

@@ -441,6 +441,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             recorded `failed` with 0 attempts and is safe to send again (GET /v1/calls?outcome=failed lists them)"
         );
     }
+    state.log_unreported_at_stop();
     let store = state.store.clone();
     drop(state);
     // What is left of the grace, and at least long enough for the writer's last batch.

@@ -645,6 +645,12 @@ impl Writer {
         }
         // A stopped service leaves every entry in place.
         while self.head.seq > self.users_indexed_upto && self.index_users_step().await {}
+        let failed_batches = self.failure_log.take_unreported();
+        let failed_user_steps = self.users_failure_log.take_unreported();
+        if failed_batches + failed_user_steps > 0 {
+            tracing::error!(failed_batches, failed_user_steps,
+                "write failures since the last line of their kind, not logged before the stop (logged at most every 10 s)");
+        }
         // Closing (rather than dropping) the connection runs SQLite's final checkpoint before the
         // process exits, so a stopped service leaves a clean database file.
         if let Err(err) = self.conn.close().await {

@@ -224,6 +224,17 @@ impl TestApp {
         friendhook::metrics::parse_samples(&r.text().await.expect("metrics text"))
     }
 
+    /// Starts `GET /v1/feed?after=0&wait=60s` on an empty feed and returns once the service is
+    /// holding it (its long-poll gauge at 1).
+    pub async fn waiting_long_poll(&self) -> tokio::task::JoinHandle<reqwest::Result<reqwest::Response>> {
+        let (client, url) = (self.client.clone(), self.url("/v1/feed?after=0&wait=60s"));
+        let waiter = tokio::spawn(async move { client.get(url).send().await });
+        while self.metrics().await.get("friendhook_feed_long_polls").copied() != Some(1.0) {
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+        waiter
+    }
+
     pub async fn get_json(&self, path: &str) -> (u16, Value) {
         let r = self.client.get(self.url(path)).send().await.expect("request");
         let status = r.status().as_u16();

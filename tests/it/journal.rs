@@ -79,12 +79,7 @@ async fn feed_long_poll_returns_as_soon_as_something_is_stored() {
 #[tokio::test]
 async fn a_stop_answers_a_waiting_long_poll_with_the_empty_page() {
     let mut app = TestApp::spawn(&[]).await;
-    let client = app.client.clone();
-    let url = app.url("/v1/feed?after=0&wait=60s");
-    let waiter = tokio::spawn(async move { client.get(url).send().await });
-    while app.metrics().await.get("friendhook_feed_long_polls").copied() != Some(1.0) {
-        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-    }
+    let waiter = app.waiting_long_poll().await;
 
     app.begin_stop();
 

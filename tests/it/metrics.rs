@@ -165,3 +165,30 @@ async fn readiness_probes_stay_out_of_the_group_commit_figures() {
     assert_eq!((m["friendhook_commit_writes_count"], m["friendhook_commit_writes_sum"]), (1.0, 1.0));
     app.stop().await;
 }
+
+/// A client that gives up before its answer (here a feed long-poll, as a trigger waiting on
+/// Easemob would be) is counted once, as 499, with the time it waited.
+#[tokio::test]
+async fn a_v1_request_whose_client_goes_away_is_counted_as_499() {
+    let app = TestApp::spawn(&[]).await;
+    let waiter = app.waiting_long_poll().await;
+
+    // The client closes its connection: the service drops the handler it was running.
+    waiter.abort();
+    let closed = "friendhook_api_requests_total{route=\"/v1/feed\",method=\"GET\",code=\"499\"}";
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let m = loop {
+        let m = app.metrics().await;
+        if m.contains_key(closed) || std::time::Instant::now() > deadline {
+            break m;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    };
+
+    assert_eq!(m.get(closed), Some(&1.0), "{m:?}");
+    assert_eq!(m["friendhook_feed_long_polls"], 0.0, "the wait ended with the connection");
+    assert_eq!(m.get("friendhook_api_request_seconds_count{route=\"/v1/feed\"}"), Some(&1.0));
+    let answered = m.keys().filter(|k| k.starts_with("friendhook_api_requests_total{route=\"/v1/feed\"")).count();
+    assert_eq!(answered, 1, "counted once, not also as 200: {m:?}");
+    app.stop().await;
+}
