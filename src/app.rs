@@ -262,9 +262,10 @@ async fn count_api_requests(State(state): State<SharedState>, request: Request, 
     response
 }
 
-/// One /v1 request being answered. Counted when the answer is ready, or, if the client goes
-/// away first (hyper drops the handler's future), on drop with nginx's 499, so a client that
-/// gives up on a slow trigger still shows in the rate and the histogram.
+/// One /v1 request being answered. Counted when the answer is ready, or, if the connection
+/// closes first (hyper drops the handler's future: the client gave up, or a stop cut the
+/// connection off after its grace), on drop with nginx's 499, so a client that gives up on a
+/// slow trigger still shows in the rate and the histogram.
 struct ApiRequestCount {
     state: SharedState,
     /// Taken when counted, so it is counted once.
@@ -273,7 +274,7 @@ struct ApiRequestCount {
     started: std::time::Instant,
 }
 
-/// The status code recorded for a request whose client closed the connection before the answer.
+/// The status code recorded for a request whose connection closed before the answer.
 const CLIENT_CLOSED_REQUEST: u16 = 499;
 
 impl ApiRequestCount {
@@ -404,8 +405,6 @@ async fn request_deadline(
     };
     match tokio::time::timeout(limit, next.run(request)).await {
         Ok(response) => response,
-        // A trigger or a re-send that ran out of time after handing its work to tasks of their
-        // own: "retry it" would send the calls a second time.
         // A trigger or a re-send that ran out of time after handing its work to tasks of their
         // own: "retry it" would send the calls a second time.
         Err(_) if !started.give_up() => still_running(limit, is_resend, &started),

@@ -389,8 +389,8 @@ impl Metrics {
         let api_requests = registered(
             &mut registry,
             "api_requests",
-            "Requests to the /v1 API by route, method and status code (499: the client closed the \
-             connection before the answer; the callback endpoint has callbacks_received; probes and \
+            "Requests to the /v1 API by route, method and status code (499: the connection closed \
+             before the answer, the client gone or cut off by a stop; the callback endpoint has callbacks_received; probes and \
              /metrics are not counted)",
             Family::<ApiLabels, Counter>::default(),
         );
