@@ -648,8 +648,11 @@ impl Writer {
         let failed_batches = self.failure_log.take_unreported();
         let failed_user_steps = self.users_failure_log.take_unreported();
         if failed_batches + failed_user_steps > 0 {
-            tracing::error!(failed_batches, failed_user_steps,
-                "write failures since the last line of their kind, not logged before the stop (logged at most every 10 s)");
+            tracing::error!(
+                failed_batches,
+                failed_user_steps,
+                "write failures since the last line of their kind, not logged before the stop (logged at most every 10 s)"
+            );
         }
         // Closing (rather than dropping) the connection runs SQLite's final checkpoint before the
         // process exits, so a stopped service leaves a clean database file.
