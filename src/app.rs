@@ -395,7 +395,7 @@ async fn request_deadline(
     let path = request.uri().path();
     let is_callback = path == CALLBACK_PATH;
     let is_feed = path == "/v1/feed";
-    let is_resend = path.starts_with("/v1/easemob/");
+    let is_resend = resends_exception_cache(path);
     let limit = if waits_on_easemob(path) {
         limits.trigger_timeout
     } else if is_feed {
@@ -450,7 +450,12 @@ fn still_running(limit: Duration, is_resend: bool, started: &WorkStarted) -> Res
 
 /// The endpoints that wait on Easemob, under `--trigger-timeout` rather than `--request-timeout`.
 fn waits_on_easemob(path: &str) -> bool {
-    path.starts_with("/v1/friends") || path.starts_with("/v1/easemob/")
+    path.starts_with("/v1/friends") || resends_exception_cache(path)
+}
+
+/// The exception-cache endpoints: they re-send Easemob's buckets and record no calls.
+fn resends_exception_cache(path: &str) -> bool {
+    path.starts_with("/v1/easemob/")
 }
 
 /// Reads the body of an endpoint that waits on Easemob before its handler runs, under the
