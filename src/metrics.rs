@@ -21,7 +21,7 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::{Metric, Registry};
 
-use crate::model::Outcome;
+use crate::model::{CallOp, Outcome};
 use crate::reconcile::Summary;
 
 /// How a callback delivery was answered: the `result` label of
@@ -103,6 +103,8 @@ impl ReportAnswer {
 }
 
 type Labels = [(&'static str, &'static str); 1];
+/// `friendhook_calls_total`'s labels: op and outcome.
+type CallLabels = [(&'static str, &'static str); 2];
 
 /// What the writer records about each commit (a batch of writes is one commit; a batch of more
 /// than 64 callbacks is several). Cloning shares the underlying metrics; a default value is
@@ -144,8 +146,8 @@ impl Default for WriterMetrics {
 pub struct Metrics {
     registry: Registry,
     callbacks: [Counter; CallbackResult::ALL.len()],
-    calls: Family<Labels, Counter>,
-    easemob_attempts: Counter,
+    calls: Family<CallLabels, Counter>,
+    easemob_attempts: Family<Labels, Counter>,
     write_queue_depth: Gauge,
     write_queue_capacity: Gauge,
     chain_head_seq: Gauge,
@@ -323,18 +325,22 @@ impl Metrics {
         let calls = registered(
             &mut registry,
             "calls",
-            "Friend additions and removals sent to Easemob, by recorded outcome (unknown: interrupted by a stop)",
-            Family::<Labels, Counter>::default(),
+            "Friend additions (op=add) and removals (op=remove) sent to Easemob, by recorded outcome \
+             (unknown: interrupted by a stop)",
+            Family::<CallLabels, Counter>::default(),
         );
-        for outcome in [Outcome::Succeeded, Outcome::Rejected, Outcome::Failed, Outcome::Unknown] {
-            calls.get_or_create_owned(&[("outcome", outcome.as_str())]);
-        }
         let easemob_attempts = registered(
             &mut registry,
             "easemob_attempts",
-            "HTTP attempts those calls took, retries included",
-            Counter::default(),
+            "HTTP attempts those calls took, retries included, by op",
+            Family::<Labels, Counter>::default(),
         );
+        for op in [CallOp::Add, CallOp::Remove] {
+            for outcome in [Outcome::Succeeded, Outcome::Rejected, Outcome::Failed, Outcome::Unknown] {
+                calls.get_or_create_owned(&[("op", op.as_str()), ("outcome", outcome.as_str())]);
+            }
+            easemob_attempts.get_or_create_owned(&[("op", op.as_str())]);
+        }
         let write_queue_depth = registered(
             &mut registry,
             "write_queue_depth",
@@ -499,9 +505,9 @@ impl Metrics {
     }
 
     /// Counts one recorded call outcome and the HTTP attempts it took.
-    pub fn call(&self, outcome: Outcome, attempts: u64) {
-        self.calls.get_or_create(&[("outcome", outcome.as_str())]).inc();
-        self.easemob_attempts.inc_by(attempts);
+    pub fn call(&self, op: CallOp, outcome: Outcome, attempts: u64) {
+        self.calls.get_or_create(&[("op", op.as_str()), ("outcome", outcome.as_str())]).inc();
+        self.easemob_attempts.get_or_create(&[("op", op.as_str())]).inc_by(attempts);
     }
 
     /// Counts one `GET /v1/reconciliation` by how it was answered.
@@ -510,8 +516,8 @@ impl Metrics {
     }
 
     /// Counts calls closed as `unknown` at start-up (interrupted by a previous stop).
-    pub fn calls_interrupted(&self, n: u64) {
-        self.calls.get_or_create(&[("outcome", Outcome::Unknown.as_str())]).inc_by(n);
+    pub fn calls_interrupted(&self, op: CallOp, n: u64) {
+        self.calls.get_or_create(&[("op", op.as_str()), ("outcome", Outcome::Unknown.as_str())]).inc_by(n);
     }
 
     /// The OpenMetrics text of every metric, with the values only a scrape can know.
@@ -647,8 +653,13 @@ mod tests {
             let line = format!("friendhook_callbacks_received_total{{result=\"{}\"}} 0\n", r.as_str());
             assert!(text.contains(&line), "missing {line:?} in\n{text}");
         }
-        for o in ["succeeded", "rejected", "failed", "unknown"] {
-            assert!(text.contains(&format!("friendhook_calls_total{{outcome=\"{o}\"}} 0\n")), "{o}");
+        for op in ["add", "remove"] {
+            for o in ["succeeded", "rejected", "failed", "unknown"] {
+                let line = format!("friendhook_calls_total{{op=\"{op}\",outcome=\"{o}\"}} 0\n");
+                assert!(text.contains(&line), "missing {line:?} in\n{text}");
+            }
+            let line = format!("friendhook_easemob_attempts_total{{op=\"{op}\"}} 0\n");
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
         }
         assert!(text.contains("friendhook_write_queue_depth 3\n"), "{text}");
         assert!(text.contains("friendhook_write_queue_capacity 8192\n"), "{text}");
@@ -668,17 +679,23 @@ mod tests {
         metrics.callback(CallbackResult::Stored);
         metrics.callback(CallbackResult::Stored);
         metrics.callback(CallbackResult::Overloaded);
-        metrics.call(Outcome::Succeeded, 3);
-        metrics.calls_interrupted(2);
+        metrics.call(CallOp::Add, Outcome::Succeeded, 3);
+        metrics.call(CallOp::Remove, Outcome::Rejected, 1);
+        metrics.calls_interrupted(CallOp::Add, 2);
+        metrics.calls_interrupted(CallOp::Remove, 1);
         metrics.writer().commit_writes.observe(5.0);
         let text = metrics.render(ScrapeValues::default());
         assert_eq!(metrics.callbacks(CallbackResult::Stored), 2);
         assert!(text.contains("friendhook_callbacks_received_total{result=\"stored\"} 2\n"), "{text}");
         assert!(text.contains("friendhook_callbacks_received_total{result=\"overloaded\"} 1\n"), "{text}");
         assert!(text.contains("friendhook_callbacks_received_total{result=\"duplicate\"} 0\n"), "{text}");
-        assert!(text.contains("friendhook_calls_total{outcome=\"succeeded\"} 1\n"), "{text}");
-        assert!(text.contains("friendhook_calls_total{outcome=\"unknown\"} 2\n"), "{text}");
-        assert!(text.contains("friendhook_easemob_attempts_total 3\n"), "{text}");
+        assert!(text.contains("friendhook_calls_total{op=\"add\",outcome=\"succeeded\"} 1\n"), "{text}");
+        assert!(text.contains("friendhook_calls_total{op=\"remove\",outcome=\"rejected\"} 1\n"), "{text}");
+        assert!(text.contains("friendhook_calls_total{op=\"add\",outcome=\"unknown\"} 2\n"), "{text}");
+        assert!(text.contains("friendhook_calls_total{op=\"remove\",outcome=\"unknown\"} 1\n"), "{text}");
+        assert!(text.contains("friendhook_calls_total{op=\"remove\",outcome=\"succeeded\"} 0\n"), "{text}");
+        assert!(text.contains("friendhook_easemob_attempts_total{op=\"add\"} 3\n"), "{text}");
+        assert!(text.contains("friendhook_easemob_attempts_total{op=\"remove\"} 1\n"), "{text}");
         assert!(text.contains("friendhook_commit_writes_count 1\n"), "{text}");
         assert!(text.contains("friendhook_commit_writes_sum 5.0\n"), "{text}");
         let samples = parse_samples(&text);

@@ -298,7 +298,9 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         }
     };
     let easemob = Some(easemob);
-    metrics.calls_interrupted(store.recovered_calls);
+    for (op, n) in store.recovered_calls.by_op() {
+        metrics.calls_interrupted(op, n);
+    }
     let state = Arc::new(AppState {
         store,
         verifier,

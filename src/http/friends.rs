@@ -357,7 +357,11 @@ async fn record_outcome(
             Ok(record) => {
                 // As stored: an outcome recorded before (by an earlier attempt of this loop whose
                 // answer was lost) is the one that counts.
-                state.metrics.call(record.outcome, u64::try_from(record.attempts.unwrap_or(attempts)).unwrap_or(0));
+                state.metrics.call(
+                    record.op,
+                    record.outcome,
+                    u64::try_from(record.attempts.unwrap_or(attempts)).unwrap_or(0),
+                );
                 if failed > 1 {
                     tracing::info!(call_id = id, attempts = failed, "call outcome recorded after retrying");
                 }

@@ -417,7 +417,31 @@ pub struct Store {
     /// be retried) lets go instead of holding up the stop.
     closing: Arc<watch::Sender<bool>>,
     /// Calls closed as `unknown` at start-up.
-    pub recovered_calls: u64,
+    pub recovered_calls: RecoveredCalls,
+}
+
+/// Calls closed as `unknown` at start-up (cut off by a previous stop), by what they asked.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RecoveredCalls {
+    pub add: u64,
+    pub remove: u64,
+}
+
+impl RecoveredCalls {
+    pub fn total(self) -> u64 {
+        self.add + self.remove
+    }
+
+    pub fn by_op(self) -> [(CallOp, u64); 2] {
+        [(CallOp::Add, self.add), (CallOp::Remove, self.remove)]
+    }
+
+    fn count(&mut self, op: CallOp) {
+        match op {
+            CallOp::Add => self.add += 1,
+            CallOp::Remove => self.remove += 1,
+        }
+    }
 }
 
 impl std::fmt::Debug for Store {
@@ -850,10 +874,16 @@ impl Store {
             _instance_lock: instance_lock,
             checkpoints: Default::default(),
         };
-        let recovered_calls = if opts.recover_interrupted_calls { writer.close_interrupted_calls().await? } else { 0 };
-        if recovered_calls > 0 {
+        let recovered_calls = if opts.recover_interrupted_calls {
+            writer.close_interrupted_calls().await?
+        } else {
+            RecoveredCalls::default()
+        };
+        if recovered_calls.total() > 0 {
             tracing::warn!(
-                calls = recovered_calls,
+                calls = recovered_calls.total(),
+                add = recovered_calls.add,
+                remove = recovered_calls.remove,
                 "closed calls interrupted by a previous stop as outcome=unknown (Easemob may or may not have acted; see GET /v1/calls?outcome=unknown and the reconciliation)"
             );
         }
@@ -926,7 +956,7 @@ impl Store {
             database_url: database_url.to_string(),
             writer_task: Arc::new(std::sync::Mutex::new(None)),
             closing: Arc::new(watch::Sender::new(false)),
-            recovered_calls: 0,
+            recovered_calls: RecoveredCalls::default(),
         })
     }
 

@@ -32,7 +32,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{self, CallContent, CallbackContent};
 use super::checkpoint::CheckpointWatch;
-use super::{CallRecord, NewCall, StoreError};
+use super::{CallRecord, NewCall, RecoveredCalls, StoreError};
 use crate::callback::ParsedCallback;
 use crate::clock::SharedClock;
 use crate::metrics::{LogThrottle, WriterMetrics};
@@ -584,14 +584,15 @@ pub fn pair_key(a: &str, b: &str) -> String {
 
 impl Writer {
     /// Closes calls that were cut off between intent and outcome (crash, kill) as `unknown`.
-    pub async fn close_interrupted_calls(&mut self) -> Result<u64, StoreError> {
+    pub async fn close_interrupted_calls(&mut self) -> Result<RecoveredCalls, StoreError> {
         let rows = sqlx::query(
             "SELECT id, op, owner, friend, idempotency_key, requested_at_ms FROM calls WHERE outcome IS NULL ORDER BY id",
         )
         .fetch_all(&mut self.conn)
         .await?;
+        let mut recovered = RecoveredCalls::default();
         if rows.is_empty() {
-            return Ok(0);
+            return Ok(recovered);
         }
         let now = self.clock.now_ms();
         let mut head = self.head.clone();
@@ -599,6 +600,7 @@ impl Writer {
         refresh_head(&mut tx, &mut self.data_version, &mut head).await?;
         for row in &rows {
             let call = CallRecord::intent_from_row(row)?;
+            recovered.count(call.op);
             let outcome = CallOutcome {
                 call,
                 outcome: Outcome::Unknown,
@@ -617,7 +619,7 @@ impl Writer {
         tx.commit().await?;
         self.head = head;
         let _ = self.committed.send(self.head.seq);
-        Ok(rows.len() as u64)
+        Ok(recovered)
     }
 
     /// Runs until every sender is gone, then returns (after committing what was queued).

@@ -409,7 +409,7 @@ async fn an_outcome_the_database_refused_is_recorded_once_the_fault_is_gone() {
     assert_eq!(call["upstream_status"], 200, "{call}");
     assert_eq!(call["attempts"], 1, "Easemob was called once: {call}");
     let m = app.metrics().await;
-    assert_eq!(m["friendhook_calls_total{outcome=\"succeeded\"}"], 1.0);
+    assert_eq!(m["friendhook_calls_total{op=\"add\",outcome=\"succeeded\"}"], 1.0);
     assert!(m["friendhook_commit_failures_total"] >= 3.0, "the request waited through three attempts");
     app.stop().await;
     sandbox.shutdown().await;

@@ -123,7 +123,7 @@ async fn a_stop_during_a_batch_sends_none_of_the_calls_still_waiting_and_records
     let request = app.client.post(app.url("/v1/friends/batch")).json(&json!({ "pairs": pairs }));
     let batch = tokio::spawn(async move { request.send().await });
     // One call a second: once the first has been answered, the other nineteen wait their turns.
-    while app.metrics().await.get("friendhook_calls_total{outcome=\"succeeded\"}").copied() != Some(1.0) {
+    while app.metrics().await.get("friendhook_calls_total{op=\"add\",outcome=\"succeeded\"}").copied() != Some(1.0) {
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
     let sent_before_stop = app.sandbox().stats().requests;
@@ -504,7 +504,7 @@ async fn a_call_cut_off_between_intent_and_outcome_shows_as_unknown_after_restar
     assert!(call["attempts"].is_null(), "how many attempts were made was lost with the process: {call}");
     let detail = call["outcome_detail"].as_str().expect("says what to check");
     assert!(detail.contains("may or may not have acted"), "{detail}");
-    assert_eq!(app.metrics().await["friendhook_calls_total{outcome=\"unknown\"}"], 1.0);
+    assert_eq!(app.metrics().await["friendhook_calls_total{op=\"add\",outcome=\"unknown\"}"], 1.0);
     app.stop().await;
 }
 

@@ -7,17 +7,19 @@ use crate::helpers::*;
 
 #[tokio::test]
 async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome() {
-    // Arrange: two calls through the sandbox (one succeeds and sends its callback, one is refused
-    // with 404), then four deliveries of our own, one of each kind.
+    // Arrange: three calls through the sandbox (an addition and a removal succeed and send their
+    // callbacks, one addition is refused with 404), then four deliveries of our own, one of each kind.
     let app = TestApp::spawn(&[]).await;
     app.register(&["alice", "bob"]).await;
     let (_, added) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
     assert_eq!(added["outcome"], "succeeded", "{added}");
     let (_, refused) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "nobody"})).await;
     assert_eq!(refused["outcome"], "rejected", "{refused}");
+    let removed = app.client.delete(app.url("/v1/friends/alice/bob")).send().await.unwrap();
+    assert_eq!(removed.status(), 201);
     app.settle().await;
     let from_sandbox = app.sandbox().stats().callbacks_sent;
-    assert!(from_sandbox >= 1, "the successful addition sent its callback");
+    assert!(from_sandbox >= 2, "the successful addition and removal sent their callbacks");
 
     let body = roster_body("900000000000000001", "carol", "dave", "add", 1_700_000_000_000, SECRET);
     assert_eq!(app.post_callback(body.clone()).await.status(), 200);
@@ -45,20 +47,24 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     for none in ["quarantined", "forbidden", "overloaded", "unavailable"] {
         assert_eq!(received(none), 0.0, "{none}");
     }
-    assert_eq!(m["friendhook_calls_total{outcome=\"succeeded\"}"], 1.0);
-    assert_eq!(m["friendhook_calls_total{outcome=\"rejected\"}"], 1.0);
-    assert_eq!(m["friendhook_calls_total{outcome=\"unknown\"}"], 0.0);
-    assert_eq!(m["friendhook_easemob_attempts_total"], 2.0, "one attempt each: nothing was retried");
+    let calls = |op: &str, outcome: &str| m[&format!("friendhook_calls_total{{op=\"{op}\",outcome=\"{outcome}\"}}")];
+    assert_eq!(calls("add", "succeeded"), 1.0);
+    assert_eq!(calls("add", "rejected"), 1.0);
+    assert_eq!(calls("add", "unknown"), 0.0);
+    assert_eq!(calls("remove", "succeeded"), 1.0);
+    assert_eq!(calls("remove", "rejected"), 0.0);
+    assert_eq!(m["friendhook_easemob_attempts_total{op=\"add\"}"], 2.0, "one attempt each: nothing was retried");
+    assert_eq!(m["friendhook_easemob_attempts_total{op=\"remove\"}"], 1.0);
 
     let (_, head) = app.get_json("/v1/audit/head").await;
     assert_eq!(m["friendhook_chain_head_seq"], head["seq"].as_f64().unwrap(), "{head}");
     assert_eq!(m["friendhook_write_queue_depth"], 0.0, "nothing is waiting once every answer is in");
     assert_eq!(m["friendhook_write_queue_capacity"], 8192.0, "the --write-queue default");
-    // Every answered write went through a commit, recorded before its answer: the two calls'
+    // Every answered write went through a commit, recorded before its answer: the three calls'
     // intents and outcomes, the stored and duplicate deliveries, the sandbox's callbacks, and the
     // rejection log entry.
     let writes = m["friendhook_commit_writes_sum"];
-    assert!(writes >= 4.0 + 2.0 + from_sandbox as f64 + 1.0, "writes {writes}");
+    assert!(writes >= 6.0 + 2.0 + from_sandbox as f64 + 1.0, "writes {writes}");
     assert!(m["friendhook_commit_writes_count"] >= 1.0);
     assert_eq!(
         m["friendhook_commit_seconds_count"], m["friendhook_commit_writes_count"],
@@ -84,10 +90,11 @@ async fn metrics_count_each_callback_by_its_answer_and_each_call_by_its_outcome(
     assert_eq!(api("/v1/friends", "POST", 201), Some(2.0), "{text}");
     assert_eq!(api("/v1/calls/{id}", "GET", 404), Some(1.0), "{text}");
     assert_eq!(api("unmatched", "GET", 404), Some(1.0), "{text}");
+    assert_eq!(api("/v1/friends/{owner}/{friend}", "DELETE", 201), Some(1.0), "{text}");
     assert_eq!(m.get("friendhook_api_request_seconds_count{route=\"/v1/friends\"}"), Some(&2.0), "{text}");
     assert!(m.get("friendhook_api_request_seconds_sum{route=\"/v1/friends\"}").is_some_and(|s| *s > 0.0), "{text}");
     let api_series = m.keys().filter(|k| k.starts_with("friendhook_api_requests_total")).count();
-    assert_eq!(api_series, 3, "nothing but those three: {text}");
+    assert_eq!(api_series, 4, "nothing but those four: {text}");
     app.stop().await;
 }
 
