@@ -105,6 +105,20 @@ impl Sandbox {
         serde_json::from_value(body["data"].clone()).expect("data is a list of usernames")
     }
 
+    /// Registers `owner` and `n` friends (`friend0`...), lets `owner` add each in turn, and waits
+    /// for the callbacks.
+    async fn owner_adds_friends(&self, n: usize) {
+        let token = self.token().await;
+        let names: Vec<String> = (0..n).map(|i| format!("friend{i}")).collect();
+        let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
+        all.push("owner");
+        self.register(&token, &all).await;
+        for name in &names {
+            self.add_friend(&token, "owner", name).await;
+        }
+        self.settle().await;
+    }
+
     /// Registers alice and bob, lets alice add bob, and waits for the callbacks; the token.
     async fn alice_adds_bob(&self) -> String {
         let token = self.token().await;
@@ -921,16 +935,7 @@ async fn delayed_callbacks_are_all_delivered() {
     let receiver = spawn_receiver(StatusCode::OK).await;
     let sandbox =
         spawn_sandbox_for(&receiver, SandboxConfig { delay_ms: 40, seed: 3, ..SandboxConfig::default() }).await;
-    let token = sandbox.token().await;
-    let names: Vec<String> = (0..8).map(|i| format!("friend{i}")).collect();
-    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
-    all.push("owner");
-    sandbox.register(&token, &all).await;
-
-    for name in &names {
-        sandbox.add_friend(&token, "owner", name).await;
-    }
-    sandbox.settle().await;
+    sandbox.owner_adds_friends(8).await;
 
     assert_eq!(receiver.bodies().len(), 8);
     assert!(sandbox.handle.callbacks().iter().all(|r| r.fate == "delivered"));
@@ -942,15 +947,7 @@ async fn fates_for_seed(seed: u64) -> Vec<(String, u32)> {
     let receiver = spawn_receiver(StatusCode::OK).await;
     let config = SandboxConfig { drop_rate: 0.4, duplicate_rate: 0.4, delay_ms: 5, seed, ..SandboxConfig::default() };
     let sandbox = spawn_sandbox_for(&receiver, config).await;
-    let token = sandbox.token().await;
-    let names: Vec<String> = (0..20).map(|i| format!("friend{i}")).collect();
-    let mut all: Vec<&str> = names.iter().map(String::as_str).collect();
-    all.push("owner");
-    sandbox.register(&token, &all).await;
-    for name in &names {
-        sandbox.add_friend(&token, "owner", name).await;
-    }
-    sandbox.settle().await;
+    sandbox.owner_adds_friends(20).await;
     sandbox.handle.callbacks().into_iter().map(|r| (r.fate, r.attempts)).collect()
 }
 
