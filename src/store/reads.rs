@@ -417,6 +417,17 @@ mod tests {
         check_user_filters(&reader, &stored, "seq 1..=17 indexed").await;
         crate::store::writer::index_users(&mut conn, 17, 70_010).await.expect("index into bucket 1");
         check_user_filters(&reader, &stored, "seq 1..=70,010 indexed").await;
+
+        // Emptied again under a writer that read the progress (70,010) before: its next step
+        // starts from the stored progress instead, as long as it asked for.
+        sqlx::query("DELETE FROM callback_users").execute(&mut conn).await.expect("wipe");
+        sqlx::query("UPDATE callback_users_progress SET upto_seq = 0").execute(&mut conn).await.expect("reset");
+        let reached = crate::store::writer::index_users(&mut conn, 70_010, 70_020).await.expect("stale step");
+        assert_eq!(reached, 10, "the step went back to the stored progress");
+        check_user_filters(&reader, &stored, "emptied, then a stale writer's step").await;
+        let reached = crate::store::writer::index_users(&mut conn, reached, 70_020).await.expect("the rest");
+        assert_eq!(reached, 70_020);
+        check_user_filters(&reader, &stored, "emptied, then indexed again").await;
         conn.close().await.expect("close");
     }
 

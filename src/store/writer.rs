@@ -357,14 +357,25 @@ SELECT 1, seq >> 16, lower(to_user), seq FROM callbacks WHERE seq > ?1 AND seq <
 ORDER BY 1, 2, 3, 4";
 
 /// Adds the `callback_users` entries of callbacks with `after < seq <= upto` and records the
-/// progress, in one transaction. Idempotent (`OR IGNORE`), so a writer in another process that
-/// indexed some of the same range does no harm; progress only moves forward.
-pub(super) async fn index_users(conn: &mut SqliteConnection, after: i64, upto: i64) -> Result<(), StoreError> {
+/// progress, in one transaction; returns the progress reached. Idempotent (`OR IGNORE`), so a
+/// writer in another process that indexed some of the same range does no harm; progress only
+/// moves forward.
+///
+/// `after` is the caller's idea of the progress, read when it opened. If the stored progress is
+/// lower, the index was emptied since (`audit rebuild-user-index` while a `quarantine` command's
+/// writer was open: only the service holds the instance lock), and the step starts there
+/// instead, as long as the caller asked for: recording `upto` over an emptied index would make
+/// queries by user skip every callback below `after`.
+pub(super) async fn index_users(conn: &mut SqliteConnection, after: i64, upto: i64) -> Result<i64, StoreError> {
     let mut tx = conn.begin_with(BEGIN_WRITE).await?;
+    let stored: i64 = sqlx::query_scalar("SELECT coalesce((SELECT upto_seq FROM callback_users_progress), 0)")
+        .fetch_one(&mut *tx)
+        .await?;
+    let (after, upto) = if stored < after { (stored, stored + (upto - after)) } else { (after, upto) };
     sqlx::query(INDEX_USERS).bind(after).bind(upto).execute(&mut *tx).await?;
     sqlx::query("UPDATE callback_users_progress SET upto_seq = max(upto_seq, ?1)").bind(upto).execute(&mut *tx).await?;
     tx.commit().await?;
-    Ok(())
+    Ok(upto)
 }
 
 /// What the `/readyz` write probe rewrites on each run: more than one callback needs (its row and
@@ -684,8 +695,8 @@ impl Writer {
         self.users_indexed_at = std::time::Instant::now();
         let upto = self.head.seq.min(self.users_indexed_upto + USER_INDEX_MOST);
         match index_users(&mut self.conn, self.users_indexed_upto, upto).await {
-            Ok(()) => {
-                self.users_indexed_upto = upto;
+            Ok(reached) => {
+                self.users_indexed_upto = reached;
                 true
             }
             Err(err) => {
