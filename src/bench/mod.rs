@@ -593,8 +593,11 @@ async fn seeded_store(a: &SeedArgs) -> anyhow::Result<Store> {
     let url = format!("sqlite://{}", a.database.display());
     if a.database.exists() {
         // A file seeded by an older friendhook gets this one's schema first (what `serve` would
-        // do at start-up), so the queries timed are the ones this binary runs.
-        Store::open(StoreOptions::new(url.clone()), crate::clock::system()).await?.close().await;
+        // do at start-up), so the queries timed are the ones this binary runs. Under the service's
+        // instance lock: opening closes calls left without an outcome as `unknown`, which, beside
+        // a service running on this file, would be its calls still in flight.
+        let opts = StoreOptions { instance_lock: true, ..StoreOptions::new(url.clone()) };
+        Store::open(opts, crate::clock::system()).await?.close().await;
         let store = Store::open_read_only(&url).await?;
         let n = store.count_callbacks().await?;
         println!("reusing {} ({n} callbacks)", a.database.display());

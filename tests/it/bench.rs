@@ -117,3 +117,18 @@ async fn bench_reconcile_seeds_times_the_queries_and_finds_the_lean_summary_equa
     assert!(busy_calls > 10_000, "the busy-hour window spans most of this small seed: {out}");
     assert!(out.lines().any(|l| l.starts_with("peak RSS of this process:")), "{out}");
 }
+
+#[tokio::test]
+async fn bench_refuses_a_database_a_running_service_holds() {
+    // Opening a reused file closes calls left without an outcome as `unknown`: beside a running
+    // service those would be its calls still in flight, so the bench takes the service's lock.
+    let app = crate::helpers::TestApp::spawn(&[]).await;
+    let db = app.db_path.to_str().expect("utf-8 path").to_owned();
+    let run =
+        tokio::process::Command::new(BIN).args(["bench", "reconcile", "--database", &db]).kill_on_drop(true).output();
+    let out = tokio::time::timeout(Duration::from_secs(120), run).await.expect("bench finished").expect("bench ran");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("is in use by another friendhook service"), "{stderr}");
+    app.stop().await;
+}
