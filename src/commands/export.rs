@@ -54,6 +54,9 @@ pub struct ExportArgs {
     pub progress_every: u64,
 }
 
+/// Records read per page of an export (the feed's largest `limit`).
+const EXPORT_PAGE: u64 = 10_000;
+
 const CSV_HEADER: [&str; 14] = [
     "seq",
     "kind",
@@ -96,8 +99,10 @@ pub async fn export(
         w.write_record(CSV_HEADER)?;
         out.write_all(&csv_into_bytes(w)?)?;
     }
+    // Pages of 10,000, fewer when progress is asked for more often: it is reported between pages.
+    let page_limit = if progress_every > 0 { progress_every.min(EXPORT_PAGE) } else { EXPORT_PAGE };
     loop {
-        let page = store.feed_page(after, 10_000, since, until).await?;
+        let page = store.feed_page(after, page_limit as i64, since, until).await?;
         after = page.resume_after(after);
         let complete = page.complete;
         if page.count == 0 {
