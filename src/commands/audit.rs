@@ -167,14 +167,17 @@ pub async fn verify_reporting(
                 )));
             }
             if r.recomputed != r.chain_hash {
-                return Ok(Verdict::Broken(format!("{what}: content does not match its chain link (record edited)")));
+                return Ok(Verdict::Broken(format!(
+                    "{what}: content does not match its chain link (record edited, or added outside friendhook)"
+                )));
             }
             if let Some(head) = published.filter(|head| head.seq == r.seq)
                 && head.hash != r.chain_hash
             {
                 return Ok(Verdict::Broken(format!(
                     "{what} carries the link {}, not the published {}: the history up to it was rewritten \
-                         (consistently) after the head was published",
+                         (consistently) after the head was published, or the head was published by another \
+                         database (or copied wrong)",
                     r.chain_hash, head.hash
                 )));
             }
@@ -192,7 +195,7 @@ pub async fn verify_reporting(
     if let Some(head) = published.filter(|head| head.seq > head_seq) {
         return Ok(Verdict::Broken(format!(
             "the chain is internally consistent but ends at seq {head_seq}, before the published head {}:{}: \
-             records were removed from the end",
+             records were removed from the end, or the head was published by another database (or copied wrong)",
             head.seq, head.hash
         )));
     }
@@ -249,6 +252,11 @@ const AFTER_BROKEN: &str = "What next: keep this file as it is (copy it aside be
     published earlier (GET /v1/audit/head) to learn whether history before it was rewritten: without one, the \
     chain shows that each record follows from the one before it, not that nobody rewrote them all consistently.";
 
+/// What to do after a BROKEN verdict of a check given a published head.
+const AFTER_BROKEN_WITH_HEAD: &str = "What next: keep this file as it is (copy it aside before anything else writes \
+    to it), and find out what changed: compare it with a backup. Where the verdict names the published head, first \
+    make sure that head is this database's and copied whole (as its GET /v1/audit/head gave it).";
+
 /// Runs the command; returns the process exit code: 0 intact, 1 broken, 2 not checked.
 pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     let (database_url, expect_head) = match args.command {
@@ -296,7 +304,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         }
         Verdict::Broken(msg) => {
             println!("BROKEN: {msg}");
-            println!("{AFTER_BROKEN}");
+            println!("{}", if expect_head.is_some() { AFTER_BROKEN_WITH_HEAD } else { AFTER_BROKEN });
             Ok(1)
         }
     }

@@ -357,6 +357,14 @@ pub fn render_table(r: &Value) -> String {
             out,
             "as of {as_of} (chain {chain}; --as-of {as_of}{matching} with the same filters gives this report again)"
         );
+        // The link is read as stored, not recomputed: a report of an edited file carries the
+        // same one. What backs a citation is the chain recomputed up to it.
+        if let (Some(seq), true) = (as_of.split('.').next(), chain != "-") {
+            let _ = writeln!(
+                out,
+                "history check: friendhook audit verify --expect-head {seq}:{chain} (run on the database file:                  recomputes the chain up to this link)"
+            );
+        }
     }
     let items = r["items"].as_array().cloned().unwrap_or_default();
     if items.is_empty() {

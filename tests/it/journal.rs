@@ -711,7 +711,9 @@ async fn audit_verify_checks_a_head_published_earlier_and_exits_2_when_it_cannot
     let other = format!("3:{}", "0".repeat(64));
     let (code, out) = verify(&["--expect-head", &other]);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("not the published"), "{out}");
+    assert!(out.contains("not the published") && out.contains("published by another database"), "{out}");
+    assert!(out.contains("make sure that head is this database's"), "given a head, not told to give one: {out}");
+    assert!(!out.contains("run this check with --expect-head"), "{out}");
 
     let (code, out) = verify(&["--expect-head", &format!("9:{}", "0".repeat(64))]);
     assert_eq!(code, Some(1), "{out}");

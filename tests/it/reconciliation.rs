@@ -226,6 +226,17 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("missing 1"), "{text}");
     assert!(text.contains("as of ") && text.contains("--as-of "), "a report says how to get it again: {text}");
+    // ... and how to check the history it was computed over: the command it prints passes.
+    let check = text.lines().find_map(|l| l.strip_prefix("history check: friendhook ")).expect("a history check line");
+    let args: Vec<&str> = check.split(" (").next().unwrap().split(' ').collect();
+    assert_eq!(args[..3], ["audit", "verify", "--expect-head"], "{check}");
+    let verify = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(&args)
+        .args(["--database-url", &db])
+        .output()
+        .await
+        .unwrap();
+    assert!(verify.status.success(), "{check}: {}", String::from_utf8_lossy(&verify.stdout));
     assert_eq!(report_requests(&app, "computed").await, 1.0, "three statuses, one report: computed once");
     assert_eq!(report_requests(&app, "reused").await, 2.0);
     assert!(text.contains("alice") && text.contains("bob"), "{text}");
