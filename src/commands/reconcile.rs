@@ -362,7 +362,8 @@ pub fn render_table(r: &Value) -> String {
         if let (Some(seq), true) = (as_of.split('.').next(), chain != "-") {
             let _ = writeln!(
                 out,
-                "history check: friendhook audit verify --expect-head {seq}:{chain} (run on the database file:                  recomputes the chain up to this link)"
+                "history check: friendhook audit verify --expect-head {seq}:{chain} (run on the database file: \
+                 recomputes the chain up to this link)"
             );
         }
     }

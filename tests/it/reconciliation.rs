@@ -230,6 +230,7 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     let check = text.lines().find_map(|l| l.strip_prefix("history check: friendhook ")).expect("a history check line");
     let args: Vec<&str> = check.split(" (").next().unwrap().split(' ').collect();
     assert_eq!(args[..3], ["audit", "verify", "--expect-head"], "{check}");
+    assert!(check.ends_with("(run on the database file: recomputes the chain up to this link)"), "{check}");
     let verify = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
         .args(&args)
         .args(["--database-url", &db])
