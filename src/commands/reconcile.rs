@@ -41,7 +41,9 @@ pub struct ReconcileArgs {
     /// --json.
     #[arg(long, value_parser = clap::builder::PossibleValuesParser::new(crate::report::STATUSES))]
     pub status: Option<String>,
-    /// Only calls of this owner (orphans: either side).
+    /// Only calls of this owner (orphans: either side). A call is filtered as it was recorded: a
+    /// pair sent both ways in one batch is one call, in the direction given first, so to ask
+    /// about two users give them both ways (--owner A --friend B, then --owner B --friend A).
     #[arg(long)]
     pub owner: Option<String>,
     /// Only calls with this friend (orphans: either side).
