@@ -43,3 +43,12 @@ pub fn error(line: impl Display) {
         eprintln!("error: {line}");
     }
 }
+
+/// Something the person should look into, while the command goes on: `warning: ...` in text.
+pub fn warn(line: impl Display) {
+    if is_json() {
+        tracing::warn!(target: "friendhook::console", "{line}");
+    } else {
+        eprintln!("warning: {line}");
+    }
+}

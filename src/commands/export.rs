@@ -103,6 +103,9 @@ pub async fn export(
     let page_limit = if progress_every > 0 { progress_every.min(EXPORT_PAGE) } else { EXPORT_PAGE };
     loop {
         let page = store.feed_page(after, page_limit as i64, since, until).await?;
+        if let Some(note) = page.missing_note(after) {
+            crate::console::warn(note);
+        }
         after = page.resume_after(after);
         let complete = page.complete;
         if page.count == 0 {

@@ -322,6 +322,9 @@ async fn get_feed(
     let mut committed = state.store.committed();
     committed.borrow_and_update();
     let mut page = state.store.feed_page(after, limit, since, until).await?;
+    if let Some(note) = page.missing_note(after) {
+        tracing::warn!(after, "{note}");
+    }
     if after > page.head_seq {
         return Err(ApiError::bad_request(
             "cursor_ahead",
@@ -385,6 +388,9 @@ async fn get_feed(
             }
             // Only what was committed since the last read is read again.
             page = state.store.feed_page(resume_after, limit, since, until).await?;
+            if let Some(note) = page.missing_note(resume_after) {
+                tracing::warn!(after = resume_after, "{note}");
+            }
             resume_after = page.resume_after(resume_after);
             if page.count > 0 {
                 break;

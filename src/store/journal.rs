@@ -185,9 +185,26 @@ pub struct FeedPage {
     /// Whether the page holds every matching record up to `head_seq` (it was not cut at the
     /// limit).
     pub complete: bool,
+    /// Seqs between `after` and the page's last record that no record has, in a page not
+    /// filtered by event time. Seqs are handed out without gaps and records are never deleted
+    /// through friendhook, so anything but 0 means records were removed from the file behind its
+    /// back (`audit verify` names the first).
+    pub missing: i64,
 }
 
 impl FeedPage {
+    /// What a reader is told of [`FeedPage::missing`]; `None` when nothing is missing.
+    pub fn missing_note(&self, after: i64) -> Option<String> {
+        let last = self.last_seq.filter(|_| self.missing > 0)?;
+        Some(format!(
+            "the journal lacks {} record(s) between seq {} and {last}: records were removed from the database \
+             outside friendhook (seqs are handed out without gaps, and friendhook deletes none); the feed goes on \
+             without them. Keep the file as it is and run `friendhook audit verify` on it, which names the first",
+            self.missing,
+            after + 1
+        ))
+    }
+
     /// The seq to read the next page after: the page's last record if it was cut at the limit,
     /// else the head it was read at (or `after`, if that is further), since nothing up to the
     /// head is left to match. With a time filter that matches little, this is what keeps a
@@ -420,12 +437,19 @@ impl Store {
             .fetch_one(self.read_pool())
             .await?;
         let count: i64 = row.try_get(0)?;
+        let last_seq: Option<i64> = row.try_get(1)?;
+        let unfiltered = since_ms == i64::MIN && until_ms == i64::MAX;
+        let missing = match last_seq {
+            Some(last) if unfiltered => (last.saturating_sub(after) - count).max(0),
+            _ => 0,
+        };
         Ok(FeedPage {
             count,
-            last_seq: row.try_get(1)?,
+            last_seq,
             ndjson: row.try_get::<Option<String>, _>(2)?.unwrap_or_default(),
             head_seq: row.try_get(3)?,
             complete: count < limit,
+            missing,
         })
     }
 

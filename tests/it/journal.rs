@@ -377,6 +377,40 @@ async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     assert!(out.contains("seq 3"), "names the first bad record: {out}");
 }
 
+/// Seqs have no gaps, so a record removed behind friendhook's back shows in the first page that
+/// spans it: the export goes on, and says so.
+#[tokio::test]
+async fn an_export_over_a_record_removed_from_the_file_warns_of_the_gap() {
+    let app = TestApp::spawn(&[]).await;
+    app.store_adds_from_alice("9", 5).await;
+    let db_path = app.db_path.clone();
+    let db_url = app.db_url.clone();
+    let _dir = app.stop().await;
+    let export = |extra: &[&str]| {
+        let out =
+            std::process::Command::new(bin()).args(["export", "--database-url", &db_url]).args(extra).output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        (String::from_utf8(out.stdout).unwrap(), String::from_utf8(out.stderr).unwrap())
+    };
+    let (_, stderr) = export(&[]);
+    assert!(!stderr.contains("warning"), "an intact journal: {stderr}");
+
+    sqlite(&db_path, "DROP TRIGGER callbacks_no_delete; DELETE FROM callbacks WHERE seq = 3;");
+    let (stdout, stderr) = export(&[]);
+    assert_eq!(stdout.lines().count(), 4, "{stdout}");
+    assert!(
+        stderr.contains("warning: the journal lacks 1 record(s) between seq 1 and 5: records were removed"),
+        "{stderr}"
+    );
+    // Pages of two (the progress setting bounds them): only the page that spans the gap says so.
+    let (_, stderr) = export(&["--progress-every", "2"]);
+    assert_eq!(stderr.matches("warning:").count(), 1, "{stderr}");
+    assert!(stderr.contains("lacks 1 record(s) between seq 3 and 5"), "{stderr}");
+    // Filtered by event time, a page skips seqs by design: nothing to say.
+    let (_, stderr) = export(&["--since", "2000-01-01T00:00:00Z"]);
+    assert!(!stderr.contains("warning"), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_calls_outcome_detail_is_written_once_and_chained() {
     let app = TestApp::spawn(&[]).await;
