@@ -390,10 +390,11 @@ pub fn render_table(r: &Value) -> String {
                 str_of(&item["friend"]),
                 item["requested_at"].as_i64().unwrap_or(0),
                 format!(
-                    "{} {}{}",
+                    "{} {}{}{}",
                     str_of(&item["op"]),
                     str_of(&item["outcome"]),
-                    if item["late"] == true { " (late)" } else { "" }
+                    if item["late"] == true { " (late)" } else { "" },
+                    callbacks_of(item)
                 ),
             )
         } else {
@@ -420,9 +421,37 @@ pub fn render_table(r: &Value) -> String {
     out
 }
 
+/// The callbacks a call item was matched with, for its detail: `, callback seq 12` (and how many
+/// more came for the pair), so that the table answers "which event" without `--json`.
+fn callbacks_of(item: &Value) -> String {
+    let Some(seq) = item["matched"]["seq"].as_i64() else { return String::new() };
+    match item["extras"].as_array().map_or(0, Vec::len) {
+        0 => format!(", callback seq {seq}"),
+        more => format!(", callback seq {seq} (+{more} more)"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_matched_call_names_its_callback() {
+        let report = serde_json::json!({
+            "summary": {"matched": 2, "match_latency_ms": {}},
+            "items": [
+                {"status": "matched", "kind": "call", "id": 4, "op": "add", "outcome": "succeeded", "owner": "u00",
+                 "friend": "u01", "requested_at": 1_700_000_000_000_i64, "late": false,
+                 "matched": {"seq": 12}, "extras": []},
+                {"status": "matched", "kind": "call", "id": 5, "op": "add", "outcome": "succeeded", "owner": "u02",
+                 "friend": "u03", "requested_at": 1_700_000_000_000_i64, "late": true,
+                 "matched": {"seq": 30}, "extras": [{"seq": 31}]},
+            ],
+        });
+        let table = render_table(&report);
+        assert!(table.contains("add succeeded, callback seq 12\n"), "{table}");
+        assert!(table.contains("add succeeded (late), callback seq 30 (+1 more)\n"), "{table}");
+    }
 
     #[test]
     fn the_table_shows_each_item_on_one_line_whatever_its_names_hold() {
