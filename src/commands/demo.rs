@@ -212,7 +212,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         items.retain(|i| matches!(i["status"].as_str(), Some("missing" | "unexpected" | "orphan")));
     }
     println!("\nreconciliation (GET /v1/reconciliation; items needing attention):");
-    print!("{}", crate::commands::reconcile::render_table(&attention));
+    print!("{}", crate::commands::reconcile::render_table(&attention, Some(&db_url)));
 
     if args.keep_running {
         // Listened for before the line is printed, so a Ctrl-C right after it is a clean stop.

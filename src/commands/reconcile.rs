@@ -302,7 +302,7 @@ pub async fn run(mut args: ReconcileArgs) -> anyhow::Result<u8> {
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render_table(&report));
+        print!("{}", render_table(&report, args.url.is_none().then_some(args.database_url.as_str())));
     }
     let counted: Vec<String> = args
         .fail_on
@@ -326,8 +326,9 @@ fn compact_duration(ms: i64) -> String {
     humantime::format_duration(std::time::Duration::from_millis(ms.max(0) as u64)).to_string().replace(' ', "")
 }
 
-/// Renders a reconciliation document (as served by GET /v1/reconciliation) as a text table.
-pub fn render_table(r: &Value) -> String {
+/// Renders a reconciliation document (as served by GET /v1/reconciliation) as a text table;
+/// `database_url`, when the report was read from a file, goes into the history check's command.
+pub fn render_table(r: &Value, database_url: Option<&str>) -> String {
     use std::fmt::Write;
     let s = &r["summary"];
     let n = |k: &str| s[k].as_i64().unwrap_or(0);
@@ -362,11 +363,12 @@ pub fn render_table(r: &Value) -> String {
         // The link is read as stored, not recomputed: a report of an edited file carries the
         // same one. What backs a citation is the chain recomputed up to it.
         if let (Some(seq), true) = (as_of.split('.').next(), chain != "-") {
-            let _ = writeln!(
-                out,
-                "history check: friendhook audit verify --expect-head {seq}:{chain} (run on the database file: \
-                 recomputes the chain up to this link)"
-            );
+            let (database, on) = match database_url {
+                Some(url) => (format!(" --database-url {url}"), "recomputes the chain up to this link"),
+                None => (String::new(), "run on the service's database file: recomputes the chain up to this link"),
+            };
+            let _ =
+                writeln!(out, "history check: friendhook audit verify{database} --expect-head {seq}:{chain} ({on})");
         }
     }
     let items = r["items"].as_array().cloned().unwrap_or_default();
@@ -448,7 +450,7 @@ mod tests {
                  "matched": {"seq": 30}, "extras": [{"seq": 31}]},
             ],
         });
-        let table = render_table(&report);
+        let table = render_table(&report, None);
         assert!(table.contains("add succeeded, callback seq 12\n"), "{table}");
         assert!(table.contains("add succeeded (late), callback seq 30 (+1 more)\n"), "{table}");
     }
@@ -462,7 +464,7 @@ mod tests {
                 "from_user": "x\u{1b}[31mRED\u{1b}[0m\rmissing call 99 fake", "to_user": "a\nb\u{202e}c", "operation": "add",
             }],
         });
-        let table = render_table(&report);
+        let table = render_table(&report, None);
         assert!(!table.contains('\u{1b}') && !table.contains('\r'), "{table:?}");
         let rows: Vec<&str> = table.lines().filter(|l| l.starts_with("orphan ")).collect();
         assert_eq!(rows.len(), 1, "{table}");

@@ -230,7 +230,10 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     let check = text.lines().find_map(|l| l.strip_prefix("history check: friendhook ")).expect("a history check line");
     let args: Vec<&str> = check.split(" (").next().unwrap().split(' ').collect();
     assert_eq!(args[..3], ["audit", "verify", "--expect-head"], "{check}");
-    assert!(check.ends_with("(run on the database file: recomputes the chain up to this link)"), "{check}");
+    assert!(
+        check.ends_with("(run on the service's database file: recomputes the chain up to this link)"),
+        "read through --url, the file is not named: {check}"
+    );
     let verify = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
         .args(&args)
         .args(["--database-url", &db])
@@ -249,6 +252,18 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(doc["summary"]["missing"], 1);
+    // Read from the file, the history check names it: the command runs as printed.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--database-url", &db])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let check = text.lines().find_map(|l| l.strip_prefix("history check: friendhook ")).expect("a history check line");
+    let (command, why) = check.split_once(" (").unwrap();
+    assert_eq!(why, "recomputes the chain up to this link)", "{check}");
+    let verify =
+        std::process::Command::new(env!("CARGO_BIN_EXE_friendhook")).args(command.split(' ')).output().unwrap();
+    assert!(verify.status.success(), "{check}: {}", String::from_utf8_lossy(&verify.stdout));
     // For a cron job: exit 3 when the report counts a status named by --fail-on, 0 otherwise;
     // "the last hour" as a duration, printed as the time it stood for.
     let reconcile = |extra: &[&str]| {
