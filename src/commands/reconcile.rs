@@ -362,7 +362,8 @@ pub fn render_table(r: &Value, database_url: Option<&str>) -> String {
         );
         // The link is read as stored, not recomputed: a report of an edited file carries the
         // same one. What backs a citation is the chain recomputed up to it.
-        if let (Some(seq), true) = (as_of.split('.').next(), chain != "-") {
+        if let Some(at) = crate::report::AsOf::parse(as_of).filter(|_| chain != "-") {
+            let seq = at.point.seq;
             let (database, on) = match database_url {
                 Some(url) => (format!(" --database-url {url}"), "recomputes the chain up to this link"),
                 None => (String::new(), "run on the service's database file: recomputes the chain up to this link"),
