@@ -292,6 +292,21 @@ const FEED_RECHECK: Duration = Duration::from_secs(1);
 /// Longest long-poll a client may ask for.
 pub const MAX_WAIT: Duration = Duration::from_secs(60);
 
+/// One page of the feed, with a WARN when it spans seqs no record has (see
+/// [`crate::store::FeedPage::missing`]): the first read and each read of a long-poll alike.
+async fn read_feed_page(
+    state: &SharedState,
+    after: i64,
+    limit: i64,
+    (since, until): (i64, i64),
+) -> Result<crate::store::FeedPage, ApiError> {
+    let page = state.store.feed_page(after, limit, since, until).await?;
+    if let Some(note) = page.missing_note(after) {
+        tracing::warn!(after, "{note}");
+    }
+    Ok(page)
+}
+
 async fn get_feed(
     State(state): State<SharedState>,
     query: Result<Query<FeedQuery>, axum::extract::rejection::QueryRejection>,
@@ -321,10 +336,7 @@ async fn get_feed(
     // missed; what is committed already is marked seen, since the read below covers it.
     let mut committed = state.store.committed();
     committed.borrow_and_update();
-    let mut page = state.store.feed_page(after, limit, since, until).await?;
-    if let Some(note) = page.missing_note(after) {
-        tracing::warn!(after, "{note}");
-    }
+    let mut page = read_feed_page(&state, after, limit, (since, until)).await?;
     if after > page.head_seq {
         return Err(ApiError::bad_request(
             "cursor_ahead",
@@ -387,10 +399,7 @@ async fn get_feed(
                 Err(_) => {}
             }
             // Only what was committed since the last read is read again.
-            page = state.store.feed_page(resume_after, limit, since, until).await?;
-            if let Some(note) = page.missing_note(resume_after) {
-                tracing::warn!(after = resume_after, "{note}");
-            }
+            page = read_feed_page(&state, resume_after, limit, (since, until)).await?;
             resume_after = page.resume_after(resume_after);
             if page.count > 0 {
                 break;
