@@ -6,13 +6,18 @@ use std::time::Duration;
 
 use crate::process::BIN;
 
-/// Runs `friendhook bench ARGS` in a scratch directory and returns its stdout; panics with both
-/// streams if it fails.
-async fn bench(args: &[&str]) -> String {
+/// Runs `friendhook bench ARGS` in a scratch directory, within two minutes.
+async fn bench_output(args: &[&str]) -> std::process::Output {
     let dir = tempfile::tempdir().expect("tempdir");
     let run =
         tokio::process::Command::new(BIN).arg("bench").args(args).current_dir(dir.path()).kill_on_drop(true).output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run).await.expect("bench finished").expect("bench ran");
+    tokio::time::timeout(Duration::from_secs(120), run).await.expect("bench finished").expect("bench ran")
+}
+
+/// Runs `friendhook bench ARGS` in a scratch directory and returns its stdout; panics with both
+/// streams if it fails.
+async fn bench(args: &[&str]) -> String {
+    let out = bench_output(args).await;
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "bench {args:?} failed ({}):\n{stdout}\n{stderr}", out.status);
     stdout.into_owned()
@@ -124,9 +129,7 @@ async fn bench_refuses_a_database_a_running_service_holds() {
     // service those would be its calls still in flight, so the bench takes the service's lock.
     let app = crate::helpers::TestApp::spawn(&[]).await;
     let db = app.db_path.to_str().expect("utf-8 path").to_owned();
-    let run =
-        tokio::process::Command::new(BIN).args(["bench", "reconcile", "--database", &db]).kill_on_drop(true).output();
-    let out = tokio::time::timeout(Duration::from_secs(120), run).await.expect("bench finished").expect("bench ran");
+    let out = bench_output(&["reconcile", "--database", &db]).await;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("is in use by another friendhook service"), "{stderr}");
