@@ -312,6 +312,18 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     assert_eq!(closing["records"].as_i64(), Some(head), "{closing}");
 }
 
+/// A service's database after it stored `count` additions from alice (msg ids from `prefix`) and
+/// stopped: its path, its URL, and the directory that keeps it.
+async fn stopped_with_adds_from_alice(
+    prefix: &str,
+    count: i64,
+) -> (std::path::PathBuf, String, Option<tempfile::TempDir>) {
+    let app = TestApp::spawn(&[]).await;
+    app.store_adds_from_alice(prefix, count).await;
+    let (db_path, db_url) = (app.db_path.clone(), app.db_url.clone());
+    (db_path, db_url, app.stop().await)
+}
+
 /// The chain link of the record at `seq`, read from the file.
 fn feed_link(db_url: &str, seq: i64) -> String {
     let out = std::process::Command::new("sqlite3")
@@ -381,11 +393,7 @@ async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
 /// spans it: the export goes on, and says so.
 #[tokio::test]
 async fn an_export_over_a_record_removed_from_the_file_warns_of_the_gap() {
-    let app = TestApp::spawn(&[]).await;
-    app.store_adds_from_alice("9", 5).await;
-    let db_path = app.db_path.clone();
-    let db_url = app.db_url.clone();
-    let _dir = app.stop().await;
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("9", 5).await;
     let export = |extra: &[&str]| {
         let out =
             std::process::Command::new(bin()).args(["export", "--database-url", &db_url]).args(extra).output().unwrap();
@@ -490,11 +498,7 @@ async fn time_bounds_take_any_offset_and_a_swapped_range_is_refused() {
 /// never cut between two records of one seq. Walked in pages of 2 here (5,000 in the command).
 #[tokio::test]
 async fn a_record_forged_with_the_seq_that_ends_a_page_is_found() {
-    let app = TestApp::spawn(&[]).await;
-    app.store_adds_from_alice("76", 4).await;
-    let db_path = app.db_path.clone();
-    let db_url = app.db_url.clone();
-    let _dir = app.stop().await;
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("76", 4).await;
     // A plain INSERT: no trigger stands in its way.
     sqlite(
         &db_path,
@@ -629,11 +633,7 @@ async fn audit_verify_finds_a_lookup_by_user_that_disagrees_with_the_events() {
 
 #[tokio::test]
 async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
-    let app = TestApp::spawn(&[]).await;
-    app.store_adds_from_alice("7", 4).await;
-    let db_path = app.db_path.clone();
-    let db_url = app.db_url.clone();
-    let _dir = app.stop().await;
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("7", 4).await;
     let sql = |statements: &str| sqlite(&db_path, statements);
     sql(
         "DROP TRIGGER callbacks_immutable; UPDATE callbacks SET raw_body = replace(raw_body, 'u1', 'zz') WHERE seq = 2;",
@@ -654,11 +654,7 @@ async fn audit_verify_detects_an_edited_raw_body_and_a_deleted_record() {
 /// their seqs gives it away, and the verdict says so instead of blaming the lookup by user.
 #[tokio::test]
 async fn audit_verify_notices_records_removed_from_the_end() {
-    let app = TestApp::spawn(&[]).await;
-    app.store_adds_from_alice("74", 4).await;
-    let db_path = app.db_path.clone();
-    let db_url = app.db_url.clone();
-    let _dir = app.stop().await;
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("74", 4).await;
     // The stop brought the lookup by user up to the head: it refers to seq 4.
     assert_eq!(sqlite_out(&db_path, "SELECT upto_seq FROM callback_users_progress"), "4");
     let schema = sqlite_out(&db_path, "SELECT sql || ';' FROM sqlite_master WHERE name = 'callbacks_no_delete'");
@@ -673,11 +669,7 @@ async fn audit_verify_notices_records_removed_from_the_end() {
 
 #[tokio::test]
 async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable() {
-    let app = TestApp::spawn(&[]).await;
-    app.store_adds_from_alice("75", 3).await;
-    let db_path = app.db_path.clone();
-    let db_url = app.db_url.clone();
-    let _dir = app.stop().await;
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("75", 3).await;
     let sql = |statements: &str| sqlite(&db_path, statements);
     let verify = || {
         let (code, out, _) = audit_verify(&db_url, &[]);
