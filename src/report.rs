@@ -37,6 +37,9 @@ pub struct ReportQuery {
     pub owner: Option<String>,
     /// Only calls with this friend (orphans: either side equals it).
     pub friend: Option<String>,
+    /// Only the call with this id (and no orphans): its verdict. [`narrow_to_call`] sets the range
+    /// to the call's own time when none is given.
+    pub call_id: Option<i64>,
     /// Page size.
     pub limit: usize,
     /// Resume after this item (the key [`decode_cursor`] reads from a `next_cursor`).
@@ -259,6 +262,20 @@ pub fn decode_cursor(s: &str) -> Option<(ItemKey, AsOf)> {
     it.next().is_none().then_some(((a, b, c), as_of))
 }
 
+/// For a report on one call (`q.call_id`) with no range given: the range of that call's own
+/// request time, so that only what competes with it is read and judged (a report with no range
+/// reads the whole history); the call is judged beside everything that competes for its
+/// callbacks, as in any report over a range. `Ok(false)` when there is no such call.
+pub async fn narrow_to_call(store: &Store, q: &mut ReportQuery) -> Result<bool, StoreError> {
+    let Some(id) = q.call_id else { return Ok(true) };
+    let Some(call) = store.get_call(id).await? else { return Ok(false) };
+    if q.since_ms.is_none() && q.until_ms.is_none() {
+        q.since_ms = Some(call.requested_at_ms);
+        q.until_ms = Some(call.requested_at_ms.saturating_add(1));
+    }
+    Ok(true)
+}
+
 /// Builds a report, as of `q.as_of` (or of now: the journal as it stands, `params.now_ms`).
 pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Result<Report, StoreError> {
     let as_of = AsOf::given_or_now(q.as_of, store, params.now_ms).await?;
@@ -332,10 +349,15 @@ pub fn page(computed: &Computed, q: &ReportQuery) -> Report {
     let (owner, friend) =
         (q.owner.as_deref().map(str::to_ascii_lowercase), q.friend.as_deref().map(str::to_ascii_lowercase));
     let (owner, friend) = (owner.as_deref(), friend.as_deref());
-    let call_involves = |c: &CallRow| owner.is_none_or(|x| x == c.owner) && friend.is_none_or(|x| x == c.friend);
+    let call_involves = |c: &CallRow| {
+        q.call_id.is_none_or(|id| id == c.id)
+            && owner.is_none_or(|x| x == c.owner)
+            && friend.is_none_or(|x| x == c.friend)
+    };
+    // An orphan is no call's: a question about one call lists none.
     let cb_involves = |cb: &CallbackRow| {
         let side = |x: &str| x == cb.from_user || x == cb.to_user;
-        owner.is_none_or(side) && friend.is_none_or(side)
+        q.call_id.is_none() && owner.is_none_or(side) && friend.is_none_or(side)
     };
 
     // Keep only what lies inside the requested range; context rows were there to compete fairly.

@@ -49,6 +49,11 @@ pub struct ReconcileArgs {
     /// Only calls with this friend (orphans: either side).
     #[arg(long)]
     pub friend: Option<String>,
+    /// Only this call (the `id` POST /v1/friends answered): its verdict whatever it is, and the
+    /// callback it was matched with. Without --since/--until it is judged over the call's own
+    /// time, beside everything that competes for its callbacks, instead of over all history.
+    #[arg(long)]
+    pub call_id: Option<i64>,
     /// Judge as of this point: the `as_of` an earlier report printed (or had in its JSON), to get
     /// that report again. Default: now.
     #[arg(long)]
@@ -100,16 +105,24 @@ impl Source {
             Source::Database(store, computed) => {
                 let (since_ms, until_ms) = parse_flag_range(args.since.as_deref(), args.until.as_deref())
                     .map_err(|e| anyhow::anyhow!("{e}"))?;
-                let query = ReportQuery {
+                let mut query = ReportQuery {
                     since_ms,
                     until_ms,
                     status: status.map(str::to_string),
                     owner: args.owner.clone(),
                     friend: args.friend.clone(),
+                    call_id: args.call_id,
                     limit: usize::MAX / 2,
                     after: None,
                     as_of: None,
                 };
+                if !report::narrow_to_call(store, &mut query).await? {
+                    anyhow::bail!(
+                        "no call with id {} in {}; `friendhook export` lists the calls recorded",
+                        args.call_id.unwrap_or_default(),
+                        args.database_url
+                    );
+                }
                 let computed = match computed {
                     Some(computed) => computed,
                     None => {
@@ -165,6 +178,9 @@ async fn fetch_all_pages(
         }
         if let Some(s) = status {
             q.push(("status", s.to_string()));
+        }
+        if let Some(id) = args.call_id {
+            q.push(("call_id", id.to_string()));
         }
         match (&cursor, as_of) {
             (Some(c), _) => q.push(("cursor", c.clone())),
@@ -260,7 +276,8 @@ pub async fn run(mut args: ReconcileArgs) -> anyhow::Result<u8> {
     super::resolve_relative_times(now_ms, [("--since", &mut args.since), ("--until", &mut args.until)]);
     let statuses: Vec<Option<&str>> = match args.status.as_deref() {
         Some(s) => vec![Some(s)],
-        None if args.json => vec![None],
+        // One call's verdict is asked for whatever it is.
+        None if args.json || args.call_id.is_some() => vec![None],
         None => vec![Some("missing"), Some("unexpected"), Some("orphan")],
     };
     let mut merged: Option<Value> = None;

@@ -37,6 +37,7 @@ struct ReconciliationQuery {
     status: Option<String>,
     owner: Option<String>,
     friend: Option<String>,
+    call_id: Option<i64>,
     limit: Option<i64>,
     cursor: Option<String>,
     as_of: Option<String>,
@@ -97,16 +98,21 @@ async fn get_reconciliation(
         })?;
     }
     let (since_ms, until_ms) = parse_range(q.since.as_deref(), q.until.as_deref())?;
-    let rq = ReportQuery {
+    let mut rq = ReportQuery {
         since_ms,
         until_ms,
         status: q.status,
         owner: q.owner,
         friend: q.friend,
+        call_id: q.call_id,
         limit,
         after: cursor.map(|(key, _)| key),
         as_of,
     };
+    if !report::narrow_to_call(&state.store, &mut rq).await? {
+        let id = rq.call_id.unwrap_or_default();
+        return Err(ApiError::NotFound(format!("no call with id {id}; `GET /v1/calls` lists the calls recorded")));
+    }
     let slot = state.reports.enter().await.inspect_err(|_| state.metrics.report(ReportAnswer::Busy))?;
     let params = state.match_params();
     // A report of now is judged as of when it starts, not when it queued.

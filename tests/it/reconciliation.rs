@@ -200,6 +200,61 @@ async fn an_add_told_to_both_users_belongs_to_the_retry_not_to_the_refused_attem
     app.stop().await;
 }
 
+/// "What happened to call N?": its verdict whatever it is, nothing else; from the API and from
+/// the CLI, through the service and from the file.
+#[tokio::test]
+async fn a_report_on_one_call_gives_its_verdict_alone() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob", "carol"]).await;
+    let (_, to_bob) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
+    let (_, to_carol) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "carol"})).await;
+    app.settle().await;
+    let t = to_carol["requested_at"].as_i64().unwrap();
+    // A friendship made outside friendhook at the same time: an orphan of any report of the time.
+    let body = roster_body("900003", "carol", "dave", "add", t, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+
+    let id = to_bob["id"].as_i64().unwrap();
+    let (summary, items) = all_report_items(&app, &format!("call_id={id}")).await;
+    assert_eq!(items.len(), 1, "{items:?}");
+    assert_eq!((items[0]["id"].as_i64(), &items[0]["status"]), (Some(id), &json!("matched")), "{items:?}");
+    assert_eq!(items[0]["matched"]["to_user"], "bob", "{items:?}");
+    assert_eq!((summary["matched"].as_u64(), summary["orphan"].as_u64()), (Some(1), Some(0)), "{summary}");
+    let (status, err) = app.get_json("/v1/reconciliation?call_id=999").await;
+    assert_eq!((status, &err["code"]), (404, &json!("not_found")), "{err}");
+    assert!(err["detail"].as_str().unwrap().contains("no call with id 999"), "{err}");
+
+    // The table lists the call though `matched` is not among the statuses it lists by default.
+    let id = id.to_string();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--url", &app.base, "--call-id", &id])
+        .output()
+        .await
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<&str> = text.lines().filter(|l| l.starts_with("matched ") && l.contains(" call ")).collect();
+    assert_eq!(rows.len(), 1, "{text}");
+    assert!(rows[0].contains("alice") && rows[0].contains("bob") && !text.contains("dave"), "{text}");
+    let db = app.db_url.clone();
+    let _dir = app.stop().await;
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--database-url", &db, "--json", "--call-id", &id])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["items"].as_array().map(Vec::len), Some(1), "{doc}");
+    assert_eq!((&doc["items"][0]["status"], doc["summary"]["matched"].as_u64()), (&json!("matched"), Some(1)), "{doc}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+        .args(["reconcile", "--database-url", &db, "--call-id", "999"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no call with id 999 in "), "{stderr}");
+}
+
 #[tokio::test]
 async fn a_call_without_its_callback_is_pending_while_the_window_is_open() {
     let app = TestApp::spawn(&["--sandbox-drop-rate", "1"]).await;
