@@ -22,7 +22,7 @@ use crate::clock::Reused;
 use crate::metrics::ReconciliationFigures;
 use crate::model::Outcome;
 use crate::reconcile::{self, CallRow, CallStatus, CallbackRow, MatchParams, Summary};
-use crate::store::{JournalPoint, PointFacts, Store, StoreError};
+use crate::store::{JournalPoint, OutcomeDetails, PointFacts, Store, StoreError};
 
 /// What to report on.
 #[derive(Debug, Clone, Default)]
@@ -204,6 +204,10 @@ pub enum ReportItem {
         completed_at: Option<i64>,
         /// Outcome.
         outcome: Outcome,
+        /// Easemob's status and error type and friendhook's reason, as the outcome recorded them
+        /// (filled in for a page by [`attach_outcome_details`]; all `null` while in flight).
+        #[serde(flatten)]
+        details: OutcomeDetails,
         /// Reconciliation status.
         status: CallStatus,
         /// Callback arrived after the window closed.
@@ -280,7 +284,32 @@ pub async fn narrow_to_call(store: &Store, q: &mut ReportQuery) -> Result<bool, 
 pub async fn build(store: &Store, q: &ReportQuery, params: MatchParams) -> Result<Report, StoreError> {
     let as_of = AsOf::given_or_now(q.as_of, store, params.now_ms).await?;
     let computed = compute(store, ReportBasis::new(as_of, q, params)).await?;
-    Ok(page(&computed, q))
+    let mut report = page(&computed, q);
+    attach_outcome_details(store, &mut report, as_of.point).await?;
+    Ok(report)
+}
+
+/// Fills in each call item's [`OutcomeDetails`], as recorded by `at` (the report's point): read
+/// for the page's calls only, so that a report over a million calls does not hold them all.
+pub async fn attach_outcome_details(store: &Store, report: &mut Report, at: JournalPoint) -> Result<(), StoreError> {
+    let ids: Vec<i64> = report
+        .items
+        .iter()
+        .filter_map(|item| match item {
+            ReportItem::Call { id, .. } => Some(*id),
+            ReportItem::Callback { .. } => None,
+        })
+        .collect();
+    if ids.is_empty() {
+        return Ok(());
+    }
+    let mut found = store.call_outcome_details(&ids, at).await?;
+    for item in &mut report.items {
+        if let ReportItem::Call { id, details, .. } = item {
+            *details = found.remove(id).unwrap_or_default();
+        }
+    }
+    Ok(())
 }
 
 /// Everything that decides a report's verdicts: what it is judged on, its range, and how calls
@@ -523,6 +552,7 @@ fn call_item(
         requested_at: call.requested_at_ms,
         completed_at: call.completed_at_ms,
         outcome: call.outcome,
+        details: OutcomeDetails::default(),
         status: v.status,
         late: v.late,
         latency_ms: v.latency_ms,
@@ -610,9 +640,18 @@ mod tests {
         assert_eq!(json(&again), json(&before), "the same point, the same report");
         assert_eq!((again.summary.pending, again.items.len()), (1, 1), "{:?}", again.summary);
         assert!(matches!(again.items[0], ReportItem::Call { outcome: Outcome::InFlight, .. }));
+        // Easemob's answer came with the outcome, after the point: not shown as of it.
+        let ReportItem::Call { details, .. } = &again.items[0] else { panic!("a call") };
+        assert_eq!(details, &OutcomeDetails::default());
 
         let now = build(&store, &q, params).await.expect("report");
         assert_eq!((now.summary.matched, now.summary.pending, now.summary.orphan), (1, 1, 1), "{:?}", now.summary);
+        let Some(ReportItem::Call { details, .. }) =
+            now.items.iter().find(|i| matches!(i, ReportItem::Call { id, .. } if *id == call.id))
+        else {
+            panic!("the call is reported")
+        };
+        assert_eq!(details.upstream_status, Some(200), "{details:?}");
         assert_ne!(now.as_of, before.as_of);
         store.close().await;
     }

@@ -139,7 +139,9 @@ impl Source {
                         computed.insert(Box::new(report::compute(store, basis).await?))
                     }
                 };
-                Ok(serde_json::to_value(report::page(computed, &query))?)
+                let mut page = report::page(computed, &query);
+                report::attach_outcome_details(store, &mut page, computed.basis.as_of.point).await?;
+                Ok(serde_json::to_value(page)?)
             }
         }
     }
@@ -410,9 +412,10 @@ pub fn render_table(r: &Value, database_url: Option<&str>) -> String {
                 str_of(&item["friend"]),
                 item["requested_at"].as_i64().unwrap_or(0),
                 format!(
-                    "{} {}{}{}",
+                    "{} {}{}{}{}",
                     str_of(&item["op"]),
                     str_of(&item["outcome"]),
+                    upstream_of(item),
                     if item["late"] == true { " (late)" } else { "" },
                     callbacks_of(item)
                 ),
@@ -441,6 +444,20 @@ pub fn render_table(r: &Value, database_url: Option<&str>) -> String {
     out
 }
 
+/// What Easemob answered a call that did not succeed, for its detail: ` (Easemob 403
+/// exceed_limit)`; nothing for a success, or for a call Easemob never answered (its
+/// `outcome_detail`, in `--json`, says why).
+fn upstream_of(item: &Value) -> String {
+    if item["outcome"] == "succeeded" {
+        return String::new();
+    }
+    let Some(status) = item["upstream_status"].as_i64() else { return String::new() };
+    match item["upstream_error"].as_str() {
+        Some(error) => format!(" (Easemob {status} {})", one_line(error)),
+        None => format!(" (Easemob {status})"),
+    }
+}
+
 /// The callbacks a call item was matched with, for its detail: `, callback seq 12` (and how many
 /// more came for the pair), so that the table answers "which event" without `--json`.
 fn callbacks_of(item: &Value) -> String {
@@ -456,7 +473,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_matched_call_names_its_callback() {
+    fn a_call_item_names_its_callback_and_what_easemob_answered_a_failure() {
         let report = serde_json::json!({
             "summary": {"matched": 2, "match_latency_ms": {}},
             "items": [
@@ -464,13 +481,21 @@ mod tests {
                  "friend": "u01", "requested_at": 1_700_000_000_000_i64, "late": false,
                  "matched": {"seq": 12}, "extras": []},
                 {"status": "matched", "kind": "call", "id": 5, "op": "add", "outcome": "succeeded", "owner": "u02",
-                 "friend": "u03", "requested_at": 1_700_000_000_000_i64, "late": true,
+                 "friend": "u03", "requested_at": 1_700_000_000_000_i64, "late": true, "upstream_status": 200,
                  "matched": {"seq": 30}, "extras": [{"seq": 31}]},
+                {"status": "unexpected", "kind": "call", "id": 6, "op": "add", "outcome": "rejected", "owner": "u04",
+                 "friend": "u05", "requested_at": 1_700_000_000_000_i64, "late": false, "upstream_status": 403,
+                 "upstream_error": "exceed_limit", "matched": {"seq": 40}, "extras": []},
+                {"status": "not_expected", "kind": "call", "id": 7, "op": "remove", "outcome": "failed", "owner": "u06",
+                 "friend": "u07", "requested_at": 1_700_000_000_000_i64, "late": false, "upstream_status": null,
+                 "matched": null, "extras": []},
             ],
         });
         let table = render_table(&report, None);
         assert!(table.contains("add succeeded, callback seq 12\n"), "{table}");
         assert!(table.contains("add succeeded (late), callback seq 30 (+1 more)\n"), "{table}");
+        assert!(table.contains("add rejected (Easemob 403 exceed_limit), callback seq 40\n"), "{table}");
+        assert!(table.contains("remove failed\n"), "Easemob never answered: {table}");
     }
 
     #[test]

@@ -119,9 +119,11 @@ async fn get_reconciliation(
     let as_of = report::AsOf::given_or_now(rq.as_of, &state.store, params.now_ms).await?;
     let (computed, answer) = slot.reconciliation(&state.store, ReportBasis::new(as_of, &rq, params)).await?;
     state.metrics.report(answer);
-    let report = report::page(&computed, &rq);
-    // Let the slot go before the answer is written out.
+    let mut report = report::page(&computed, &rq);
+    let point = computed.basis.as_of.point;
+    // Let the slot go before the answer is completed and written out.
     drop((computed, slot));
+    report::attach_outcome_details(&state.store, &mut report, point).await?;
     Ok(Json(report).into_response())
 }
 

@@ -320,6 +320,17 @@ fn call_chain_record(r: &sqlx::sqlite::SqliteRow) -> Result<ChainRecord, sqlx::E
     })
 }
 
+/// What a call's outcome recorded besides the outcome itself ([`Store::call_outcome_details`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct OutcomeDetails {
+    /// Easemob's HTTP status, when it answered.
+    pub upstream_status: Option<i64>,
+    /// Easemob's error type (`exceed_limit`, ...).
+    pub upstream_error: Option<String>,
+    /// Why the call ended so, in friendhook's words, when it did not succeed.
+    pub outcome_detail: Option<String>,
+}
+
 /// A point in the journal: everything a reconciliation may see.
 ///
 /// A report reads calls and callbacks one after the other (and page by page, and its pages are
@@ -688,6 +699,35 @@ impl Store {
             }
         })
         .await
+    }
+
+    /// Easemob's status and error type and friendhook's reason, by call id, for the calls `ids`
+    /// whose outcome was recorded by `at` (a report's page shows them beside each verdict; a
+    /// call with a later outcome was in flight as of `at` and has none). Read for one page of a
+    /// report, not kept with it: a report over a million calls would hold them all.
+    pub async fn call_outcome_details(
+        &self,
+        ids: &[i64],
+        at: JournalPoint,
+    ) -> Result<HashMap<i64, OutcomeDetails>, StoreError> {
+        type Row = (i64, Option<i64>, Option<String>, Option<String>);
+        let mut details = HashMap::with_capacity(ids.len());
+        // In slices, so that one statement's list stays bounded whatever the page holds.
+        for slice in ids.chunks(10_000) {
+            let list = format!("[{}]", slice.iter().map(i64::to_string).collect::<Vec<_>>().join(","));
+            let rows: Vec<Row> = sqlx::query_as(
+                "SELECT id, upstream_status, upstream_error, outcome_detail FROM calls
+                 WHERE id IN (SELECT value FROM json_each(?1)) AND seq <= ?2",
+            )
+            .bind(list)
+            .bind(at.seq)
+            .fetch_all(self.read_pool())
+            .await?;
+            details.extend(rows.into_iter().map(|(id, upstream_status, upstream_error, outcome_detail)| {
+                (id, OutcomeDetails { upstream_status, upstream_error, outcome_detail })
+            }));
+        }
+        Ok(details)
     }
 
     /// Roster add/remove callbacks whose event time is in [since, until), stored by `at`, for

@@ -162,6 +162,12 @@ async fn a_callback_no_call_explains_is_an_orphan_and_one_for_a_failed_call_is_u
     let (summary, items) = all_report_items(&app, "").await;
     assert_eq!(summary["unexpected"], 1, "{summary}");
     assert_eq!(summary["orphan"], 1, "{summary}");
+    // Why the call failed is in the report, as the call record has it.
+    let unexpected = items.iter().find(|i| i["status"] == "unexpected").unwrap();
+    for key in ["upstream_status", "upstream_error", "outcome_detail"] {
+        assert!(!rejected[key].is_null(), "{key}: {rejected}");
+        assert_eq!(unexpected[key], rejected[key], "{key}: {unexpected}");
+    }
     let orphan = items.iter().find(|i| i["status"] == "orphan").unwrap();
     assert_eq!(orphan["from_user"], "carol");
     assert_eq!(orphan["kind"], "callback");
