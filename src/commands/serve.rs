@@ -335,19 +335,28 @@ const CREDENTIALS_CHECK: Duration = Duration::from_secs(5);
 
 /// Asks Easemob for an app token at start-up, so that wrong credentials or a wrong host show in
 /// the log now rather than as 503s on the first trigger. Only logged: Easemob may be briefly
-/// unreachable.
+/// unreachable. A slow answer is warned of after [`CREDENTIALS_CHECK`] and still waited for: the
+/// fetch goes on (dropped, it would be cancelled, and the first trigger would start another).
 async fn check_credentials(base: &str, client: &EasemobClient) {
     let app_key = client.app_key();
-    match tokio::time::timeout(CREDENTIALS_CHECK, client.ensure_token()).await {
-        Ok(Ok(())) => tracing::info!(easemob = base, app_key, "Easemob gave an app token: the credentials work"),
-        Ok(Err(failure)) => tracing::warn!(easemob = base, app_key, error = %failure,
+    let fetch = client.ensure_token();
+    tokio::pin!(fetch);
+    let answer = match tokio::time::timeout(CREDENTIALS_CHECK, &mut fetch).await {
+        Ok(answer) => answer,
+        Err(_) => {
+            tracing::warn!(
+                easemob = base,
+                app_key,
+                "Easemob's token endpoint did not answer within 5 s; triggers wait for it (check \
+                 --easemob-base-url and the network)"
+            );
+            fetch.await
+        }
+    };
+    match answer {
+        Ok(()) => tracing::info!(easemob = base, app_key, "Easemob gave an app token: the credentials work"),
+        Err(failure) => tracing::warn!(easemob = base, app_key, error = %failure,
             "Easemob gave no app token; triggers are answered 503 easemob_token_unavailable until it does"),
-        Err(_) => tracing::warn!(
-            easemob = base,
-            app_key,
-            "Easemob's token endpoint did not answer within 5 s; triggers wait for it (check --easemob-base-url \
-             and the network)"
-        ),
     }
 }
 

@@ -164,6 +164,10 @@ impl TokenCache {
         };
 
         let fetched = fetch().await;
+        // A fetch can take its whole retry budget (tens of seconds against a hanging endpoint):
+        // its failure cools down from when it ended, or the callers queued behind it would find
+        // the cooldown over and each run a fetch of its own, one after the other.
+        let done_ms = self.clock.now_ms();
         let mut state = self.state.lock().await;
         match fetched {
             Ok(fetched) => {
@@ -181,8 +185,10 @@ impl TokenCache {
                 Ok(token)
             }
             Err(failure) => {
-                state.failure = Some((failure.clone(), now_ms + FAILURE_COOLDOWN_MS));
-                match usable_while_refreshing {
+                state.failure = Some((failure.clone(), done_ms + FAILURE_COOLDOWN_MS));
+                // The stale token may have expired while the fetch ran: sent, it would only be
+                // answered 401 and the call recorded as rejected for a token endpoint's outage.
+                match usable_while_refreshing.filter(|stale| freshness(stale, done_ms) != Freshness::Expired) {
                     Some(stale) => {
                         tracing::warn!(
                             reason = %failure.reason,
@@ -376,6 +382,27 @@ mod tests {
         clock.advance_ms(FAILURE_COOLDOWN_MS);
         let token = cache.get(|| granted("one", 100)).await.expect("token");
         assert_eq!(token.value.expose(), "one");
+    }
+
+    /// A fetch that fails after a long wait (a hanging token endpoint, retried) cools down from
+    /// when it failed: the callers queued behind it get its failure instead of each asking
+    /// again; and a stale token that expired meanwhile is not handed out.
+    #[tokio::test]
+    async fn a_slow_failed_fetch_cools_down_from_when_it_ended() {
+        let clock = ManualClock::new(START_MS);
+        let cache = TokenCache::new(clock.clone());
+        cache.get(|| granted("one", 100)).await.expect("token");
+        clock.advance_ms(95_000);
+        let slow_refusal = || async {
+            clock.advance_ms(FAILURE_COOLDOWN_MS + 1_000);
+            refused().await
+        };
+        let failure = cache.get(slow_refusal).await.expect_err("the token expired while its refresh ran");
+        assert_eq!(failure.status, Some(503));
+        let again = cache.get(|| async { panic!("the cooldown runs from the failure") }).await;
+        assert_eq!(again.expect_err("still cooling down").status, Some(503));
+        clock.advance_ms(FAILURE_COOLDOWN_MS);
+        assert_eq!(cache.get(|| granted("two", 100)).await.expect("token").value.expose(), "two");
     }
 
     #[tokio::test]
