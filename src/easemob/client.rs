@@ -37,7 +37,7 @@ use tokio::time::Instant;
 use super::backoff::backoff_delay;
 use super::body::{ApiSuccess, Envelope, ErrorBody, NewUser, body_to_value};
 use super::config::ClientConfig;
-use super::error::{ApiFailure, ClientError, TIMED_OUT, TOKEN_REASON_PREFIX};
+use super::error::{ApiFailure, ClientError, NoAnswer, TIMED_OUT, TOKEN_REASON_PREFIX};
 use super::pacer::RequestPacer;
 use super::token::{AppToken, FetchedToken, TokenCache, TokenFailure};
 use super::username::validate_username;
@@ -152,6 +152,8 @@ enum Answer {
     NotReceived {
         reason: String,
         sent: bool,
+        /// How it ended, for the call's `upstream_error`.
+        how: NoAnswer,
     },
 }
 
@@ -252,6 +254,7 @@ impl EasemobClient {
                 ),
                 body: Some(success.body),
                 attempts: success.attempts,
+                no_answer: None,
             }),
         }
     }
@@ -302,6 +305,7 @@ impl EasemobClient {
             body: None,
             attempts: 0,
             reason: "internal: batch registration sent no chunk".into(),
+            no_answer: None,
         })
     }
 
@@ -338,6 +342,7 @@ impl EasemobClient {
                 ),
                 body: Some(success.body),
                 attempts: success.attempts,
+                no_answer: None,
             }),
         }
     }
@@ -394,29 +399,29 @@ impl EasemobClient {
             attempts += 1;
             let first_attempt_at = *first_attempt_at.get_or_insert_with(Instant::now);
 
-            let (status, body, transport_reason, retry_after, cut_short, sent) = match self.attempt(&call, &token).await
-            {
-                Answer::Received { status, body, retry_after, cut_short } => {
-                    tracing::debug!(
-                        method = %call.method,
-                        path = call.url.path(),
-                        attempt = attempts,
-                        status,
-                        "Easemob answered"
-                    );
-                    (Some(status), body, None, retry_after, cut_short, true)
-                }
-                Answer::NotReceived { reason, sent } => {
-                    tracing::debug!(
-                        method = %call.method,
-                        path = call.url.path(),
-                        attempt = attempts,
-                        reason = %reason,
-                        "no answer from Easemob"
-                    );
-                    (None, Value::Null, Some(reason), None, false, sent)
-                }
-            };
+            let (status, body, transport_reason, retry_after, cut_short, sent, no_answer) =
+                match self.attempt(&call, &token).await {
+                    Answer::Received { status, body, retry_after, cut_short } => {
+                        tracing::debug!(
+                            method = %call.method,
+                            path = call.url.path(),
+                            attempt = attempts,
+                            status,
+                            "Easemob answered"
+                        );
+                        (Some(status), body, None, retry_after, cut_short, true, None)
+                    }
+                    Answer::NotReceived { reason, sent, how } => {
+                        tracing::debug!(
+                            method = %call.method,
+                            path = call.url.path(),
+                            attempt = attempts,
+                            reason = %reason,
+                            "no answer from Easemob"
+                        );
+                        (None, Value::Null, Some(reason), None, false, sent, Some(how))
+                    }
+                };
             let error = ErrorBody::from_value(&body);
             let body = (!body.is_null()).then_some(body);
             last = (status, error.clone(), body.clone());
@@ -476,6 +481,7 @@ impl EasemobClient {
                                 error,
                                 body,
                                 attempts,
+                                no_answer: None,
                                 reason: format!(
                                     "attempt {attempts} was answered {answer}, but an earlier attempt ({earlier}) may \
                                      have been carried out: check the result in Easemob before trying again"
@@ -498,14 +504,15 @@ impl EasemobClient {
                 body: body.clone(),
                 attempts,
                 reason,
+                no_answer,
             };
             // A give-up after an attempt that may have acted says so, and what to check.
             // A changing call none of whose attempts can have acted (refused 429s, connections
             // never made) says that too: it is safe to send again.
             let may_have_acted = match &uncertain {
                 Some(earlier) => format!(
-                    "; an attempt answered {earlier} may have been carried out: check the result in Easemob before \
-                     trying again"
+                    "; an attempt ({earlier}) may have been carried out: check the result in Easemob before trying \
+                     again"
                 ),
                 None if call.method != Method::GET => {
                     "; no attempt can have been carried out: safe to send again".into()
@@ -564,6 +571,7 @@ impl EasemobClient {
                 return Answer::NotReceived {
                     reason: self.describe_transport_error(&error),
                     sent: !error.is_connect(),
+                    how: no_answer(&error),
                 };
             }
         };
@@ -587,6 +595,7 @@ impl EasemobClient {
             (_, Some(error)) => Answer::NotReceived {
                 reason: format!("answer {status} cut short: {}", self.describe_transport_error(&error)),
                 sent: true,
+                how: no_answer(&error),
             },
         }
     }
@@ -824,6 +833,11 @@ impl EasemobClient {
     }
 }
 
+/// How a request that got no (whole) answer ended.
+fn no_answer(error: &reqwest::Error) -> NoAnswer {
+    if error.is_timeout() { NoAnswer::TimedOut } else { NoAnswer::Transport }
+}
+
 /// Checks usernames bound for a URL path: a name like `..` or `a/b` would address another
 /// resource, so it is answered like Easemob would (400 `illegal_argument`) without sending
 /// anything.
@@ -949,8 +963,8 @@ fn add_attempts(failure: ApiFailure, earlier: u32, users_before: usize) -> ApiFa
         ApiFailure::Rejected { status, error, body, attempts } => {
             ApiFailure::Rejected { status, error, body, attempts: attempts + earlier }
         }
-        ApiFailure::Failed { status, error, body, attempts, reason } => {
-            ApiFailure::Failed { status, error, body, attempts: attempts + earlier, reason: said(reason) }
+        ApiFailure::Failed { status, error, body, attempts, reason, no_answer } => {
+            ApiFailure::Failed { status, error, body, attempts: attempts + earlier, reason: said(reason), no_answer }
         }
         ApiFailure::NotSent { reason } => ApiFailure::NotSent { reason: said(reason) },
         ApiFailure::NoToken { status, error, body, attempts, token_status, may_have_acted, reason } => {
@@ -983,8 +997,8 @@ fn token_failure(failure: TokenFailure, attempts: u32, uncertain: Option<&str>, 
     let (status, error, body) = last;
     let fate = match (uncertain, status) {
         (Some(earlier), _) => format!(
-            "; an earlier attempt answered {earlier} may have been carried out: check the result in Easemob before \
-             trying again"
+            "; an earlier attempt ({earlier}) may have been carried out: check the result in Easemob before trying \
+             again"
         ),
         (None, Some(401)) => {
             "; Easemob had refused the call's token (HTTP 401), so the call was not carried out".into()
@@ -1075,7 +1089,7 @@ mod tests {
         let port = std::net::TcpListener::bind("127.0.0.1:0").expect("bind").local_addr().expect("addr").port();
         let base = format!("http://127.0.0.1:{port}");
         match client(&base).attempt(&post(&base), &token).await {
-            Answer::NotReceived { sent, reason } => assert!(!sent, "refused: {reason}"),
+            Answer::NotReceived { sent, reason, .. } => assert!(!sent, "refused: {reason}"),
             Answer::Received { status, .. } => panic!("answered {status}"),
         }
         // A server that reads the request and hangs up without answering.
@@ -1087,7 +1101,7 @@ mod tests {
             let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut buf).await;
         });
         match client(&base).attempt(&post(&base), &token).await {
-            Answer::NotReceived { sent, reason } => assert!(sent, "hung up: {reason}"),
+            Answer::NotReceived { sent, reason, .. } => assert!(sent, "hung up: {reason}"),
             Answer::Received { status, .. } => panic!("answered {status}"),
         }
     }

@@ -45,6 +45,9 @@ pub enum ApiFailure {
         attempts: u32,
         /// What went wrong and, where there is something to do, what to do.
         reason: String,
+        /// When the last attempt got no answer at all: how it ended ([`NoAnswer`]). Its own,
+        /// not read from `reason`, which also tells of earlier attempts.
+        no_answer: Option<NoAnswer>,
     },
     /// No app token could be had for an attempt: before the first one (the token endpoint refused
     /// the credentials or did not answer), or after Easemob refused the call's token with 401 and
@@ -139,10 +142,10 @@ impl ApiFailure {
             }
             // The call was answered without an error body, or not sent at all for want of a token.
             ApiFailure::NoToken { .. } | ApiFailure::NotSent { .. } => None,
-            // An answer without an error body (an HTML 502 page, an empty 503) has no error type.
-            ApiFailure::Failed { status: Some(_), .. } => None,
-            ApiFailure::Failed { reason, .. } if reason.contains(TIMED_OUT) => Some("timeout"),
-            ApiFailure::Failed { .. } => Some("transport"),
+            ApiFailure::Failed { no_answer: Some(NoAnswer::TimedOut), .. } => Some("timeout"),
+            ApiFailure::Failed { no_answer: Some(NoAnswer::Transport), .. } => Some("transport"),
+            // Answered (an HTML 502 page, an empty 503), or Easemob's answer was not usable.
+            ApiFailure::Failed { no_answer: None, .. } => None,
         }
     }
 
@@ -172,6 +175,15 @@ impl ApiFailure {
 /// of time, which is how [`ApiFailure::upstream_error`] tells a timeout from other transport
 /// trouble.
 pub(crate) const TIMED_OUT: &str = "timed out";
+
+/// How an attempt that got no answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// The connect or request timeout passed.
+    TimedOut,
+    /// The connection could not be made or broke.
+    Transport,
+}
 
 fn describe(error: Option<&ErrorBody>, body: Option<&Value>) -> String {
     match (error, body) {
@@ -206,8 +218,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn failed(reason: &str, error: Option<ErrorBody>) -> ApiFailure {
-        ApiFailure::Failed { status: None, error, body: None, attempts: 3, reason: reason.into() }
+    fn failed(reason: &str, error: Option<ErrorBody>, no_answer: Option<NoAnswer>) -> ApiFailure {
+        ApiFailure::Failed { status: None, error, body: None, attempts: 3, reason: reason.into(), no_answer }
     }
 
     #[test]
@@ -219,9 +231,20 @@ mod tests {
             duration: None,
             error_description: None,
         };
-        assert_eq!(failed("x", Some(body.clone())).upstream_error(), Some("reach_limit"));
-        assert_eq!(failed("request timed out after 15s", None).upstream_error(), Some("timeout"));
-        assert_eq!(failed("connection refused", None).upstream_error(), Some("transport"));
+        assert_eq!(failed("x", Some(body.clone()), None).upstream_error(), Some("reach_limit"));
+        assert_eq!(
+            failed("request timed out after 15s", None, Some(NoAnswer::TimedOut)).upstream_error(),
+            Some("timeout")
+        );
+        assert_eq!(failed("connection refused", None, Some(NoAnswer::Transport)).upstream_error(), Some("transport"));
+        // The last attempt decides, not an earlier one the reason also tells of.
+        let refused_after_a_timeout = failed(
+            "gave up after 2 attempt(s); last: could not connect: connection refused; an attempt (request timed \
+             out) may have been carried out: check the result in Easemob before trying again",
+            None,
+            Some(NoAnswer::Transport),
+        );
+        assert_eq!(refused_after_a_timeout.upstream_error(), Some("transport"));
         let rejected = ApiFailure::Rejected { status: 404, error: None, body: Some(json!("not found")), attempts: 1 };
         assert_eq!(rejected.upstream_error(), None);
         assert_eq!(rejected.upstream_status(), Some(404));
@@ -234,6 +257,7 @@ mod tests {
             body: Some(json!("<html>")),
             attempts: 5,
             reason: "x".into(),
+            no_answer: None,
         };
         assert_eq!(html_502.upstream_error(), None);
         assert_eq!(html_502.upstream_status(), Some(502));

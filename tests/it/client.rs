@@ -256,6 +256,77 @@ async fn a_silent_server_times_out() {
     assert!(failure.detail().contains("request timed out"), "{failure}");
 }
 
+/// A call whose first attempt timed out and whose retry found nobody listening is labelled by
+/// its last attempt (`transport`), not by the earlier timeout its detail also tells of.
+#[tokio::test]
+async fn a_failure_is_labelled_by_its_last_attempt_not_an_earlier_timeout() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    // Answers the token request; holds the add without answering and stops listening, so that
+    // the retry's connection is refused.
+    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let address = listener.local_addr().expect("addr");
+    let (add_seen, mut stop_listening) = tokio::sync::mpsc::channel::<()>(1);
+    let _server = tokio::spawn(async move {
+        loop {
+            let socket = tokio::select! {
+                accepted = listener.accept() => match accepted { Ok((socket, _)) => socket, Err(_) => return },
+                _ = stop_listening.recv() => return,
+            };
+            let add_seen = add_seen.clone();
+            tokio::spawn(async move {
+                let mut socket = BufReader::new(socket);
+                loop {
+                    let (mut request_line, mut length) = (String::new(), 0);
+                    loop {
+                        let mut line = String::new();
+                        if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                            length = v.trim().parse().unwrap_or(0);
+                        }
+                        if line == "\r\n" {
+                            break;
+                        }
+                        if request_line.is_empty() {
+                            request_line = line;
+                        }
+                    }
+                    socket.read_exact(&mut vec![0; length]).await.expect("request body");
+                    if !request_line.contains("/token") {
+                        let _ = add_seen.send(()).await;
+                        // Held open, unanswered, until the client gives up on it.
+                        let _ = socket.read_line(&mut String::new()).await;
+                        return;
+                    }
+                    let token = r#"{"access_token":"t","expires_in":3600}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{token}",
+                        token.len()
+                    );
+                    socket.get_mut().write_all(answer.as_bytes()).await.expect("write");
+                }
+            });
+        }
+    });
+    let mut config = ClientConfig::new(format!("http://{address}"), "demo-org", "demo-app", "id", Secret::new("s"));
+    // The listener is gone within a moment of the add arriving, long before this passes.
+    config.request_timeout = Duration::from_secs(1);
+    config.max_attempts = 2;
+    config.base_backoff = Duration::from_millis(1);
+    config.max_backoff = Duration::from_millis(5);
+    let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
+
+    let failure = client.add_friend("alice", "bob").await.expect_err("no answer");
+
+    assert_eq!((failure.upstream_status(), failure.upstream_error()), (None, Some("transport")), "{failure:?}");
+    let detail = failure.detail();
+    assert!(detail.contains("last: could not connect"), "{detail}");
+    assert!(detail.contains("an attempt (request timed out"), "the timeout may have acted: {detail}");
+    assert!(detail.contains("may have been carried out: check the result in Easemob"), "{detail}");
+}
+
 /// An add answered 200 whose body is cut off was done: it is not sent again (a second add could
 /// be refused 403 exceed_limit and the success recorded as a failure). A read cut off the same
 /// way is asked again.
@@ -450,7 +521,7 @@ async fn a_call_that_loses_its_token_after_a_5xx_says_the_5xx_may_have_acted() {
     assert!(failure.is_token_failure(), "{failure:?}");
     assert!(failure.may_have_acted(), "{failure:?}");
     assert_eq!(failure.attempts(), 2);
-    assert!(failure.detail().contains("an earlier attempt answered HTTP 503"), "{}", failure.detail());
+    assert!(failure.detail().contains("an earlier attempt (HTTP 503"), "{}", failure.detail());
     assert!(failure.detail().contains("may have been carried out"), "{}", failure.detail());
 }
 
