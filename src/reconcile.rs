@@ -285,6 +285,13 @@ pub fn reconcile(calls: &[CallRow], callbacks: &[CallbackRow], params: &MatchPar
     Reconciliation { calls: reports, orphans: out.orphans }
 }
 
+/// The latest event time a callback can have and still be `call`'s (its window's end: `window_ms`
+/// after it completed, or after now while it is in flight), for a reader that must know how far
+/// past a range to read.
+pub fn window_end(call: &CallRow, params: &MatchParams) -> i64 {
+    Span::of(call, params).close
+}
+
 /// Counts and latency percentiles of a reconciliation.
 ///
 /// Percentiles use the nearest-rank method (`sorted[ceil(q * n) - 1]`) over every call that has

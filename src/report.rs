@@ -266,18 +266,32 @@ pub fn decode_cursor(s: &str) -> Option<(ItemKey, AsOf)> {
     it.next().is_none().then_some(((a, b, c), as_of))
 }
 
+/// Whether a report on one call (`q.call_id`) can be made ([`narrow_to_call`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OneCall {
+    /// No call asked about, or the call is there to judge.
+    Judged,
+    /// No call has that id.
+    NotRecorded,
+    /// The call was recorded after the report's `as_of`: that report cannot hold it.
+    AfterAsOf,
+}
+
 /// For a report on one call (`q.call_id`) with no range given: the range of that call's own
 /// request time, so that only what competes with it is read and judged (a report with no range
 /// reads the whole history); the call is judged beside everything that competes for its
-/// callbacks, as in any report over a range. `Ok(false)` when there is no such call.
-pub async fn narrow_to_call(store: &Store, q: &mut ReportQuery) -> Result<bool, StoreError> {
-    let Some(id) = q.call_id else { return Ok(true) };
-    let Some(call) = store.get_call(id).await? else { return Ok(false) };
+/// callbacks, as in any report over a range.
+pub async fn narrow_to_call(store: &Store, q: &mut ReportQuery) -> Result<OneCall, StoreError> {
+    let Some(id) = q.call_id else { return Ok(OneCall::Judged) };
+    let Some(call) = store.get_call(id).await? else { return Ok(OneCall::NotRecorded) };
+    if q.as_of.is_some_and(|as_of| id > as_of.point.last_call_id) {
+        return Ok(OneCall::AfterAsOf);
+    }
     if q.since_ms.is_none() && q.until_ms.is_none() {
         q.since_ms = Some(call.requested_at_ms);
         q.until_ms = Some(call.requested_at_ms.saturating_add(1));
     }
-    Ok(true)
+    Ok(OneCall::Judged)
 }
 
 /// Builds a report, as of `q.as_of` (or of now: the journal as it stands, `params.now_ms`).
@@ -357,11 +371,12 @@ pub async fn compute(store: &Store, basis: ReportBasis) -> Result<Computed, Stor
     let margin = window_ms.saturating_add(skew_ms);
     let (since, until) = basis.range;
     let (lo, hi) = (since.saturating_sub(margin), until.saturating_add(margin));
-    let (calls, callbacks, as_of_chain_hash) = tokio::try_join!(
+    let (mut calls, mut callbacks, as_of_chain_hash) = tokio::try_join!(
         store.calls_for_reconcile(lo, hi, as_of.point),
         store.roster_callbacks_for_reconcile(lo, hi, as_of.point),
         store.chain_hash_at(as_of.point.seq),
     )?;
+    read_past_the_range(store, (since, until), hi, as_of.point, &params, &mut calls, &mut callbacks).await?;
     let result = reconcile::reconcile(&calls, &callbacks, &params);
     Ok(Computed { basis, calls, callbacks, result, as_of_chain_hash })
 }
@@ -478,9 +493,11 @@ pub async fn summary(store: &Store, since: i64, until: i64, params: MatchParams)
     // Hashes of the called pairs: a collision only keeps a callback that did not need keeping,
     // which the matcher then treats like any other.
     let called: HashSet<u64> = calls.iter().map(|c| pair_hash(&c.owner, &c.friend)).collect();
-    let (callbacks, in_range_total) = store
+    let (mut callbacks, in_range_total) = store
         .roster_callbacks_kept(lo, hi, at, (since, until), |cb| called.contains(&pair_hash(&cb.from_user, &cb.to_user)))
         .await?;
+    let mut calls = calls;
+    read_past_the_range(store, (since, until), hi, at, &params, &mut calls, &mut callbacks).await?;
     let result = reconcile::reconcile(&calls, &callbacks, &params);
     let in_range = |ts: i64| ts >= since && ts < until;
     let loaded_in_range = callbacks.iter().filter(|cb| in_range(cb.timestamp_ms)).count() as u64;
@@ -494,6 +511,49 @@ pub async fn summary(store: &Store, since: i64, until: i64, params: MatchParams)
     let orphans = in_range_total.saturating_sub(loaded_in_range) + loaded_orphans_in_range;
     let verdicts = calls.iter().zip(&result.calls).filter(|(c, _)| in_range(c.requested_at_ms)).map(|(_, v)| v);
     Ok(reconcile::summarize_parts(verdicts, orphans))
+}
+
+/// Adds what lies past `hi` (the end of what was read) that a call requested in `range` can
+/// still match. A call's window ends `window` after it completed, or after now while in flight,
+/// and a call can complete long after its request: paced behind a batch, held back by 429s, or
+/// cut off by a stop and closed `unknown` at the next start. Read only for the pairs of such
+/// calls (a callback is only ever a call of its own pair's): their callbacks up to the last
+/// window's end, and the calls of those pairs requested after `hi` that compete for them (the
+/// nearest call takes a callback, so a later call keeps its own).
+async fn read_past_the_range(
+    store: &Store,
+    (since, until): (i64, i64),
+    hi: i64,
+    at: JournalPoint,
+    params: &MatchParams,
+    calls: &mut Vec<CallRow>,
+    callbacks: &mut Vec<CallbackRow>,
+) -> Result<(), StoreError> {
+    let mut reach = i64::MIN;
+    let mut pairs = HashSet::new();
+    for call in calls.iter().filter(|c| c.requested_at_ms >= since && c.requested_at_ms < until) {
+        let end = reconcile::window_end(call, params);
+        if end >= hi {
+            reach = reach.max(end);
+            pairs.insert(pair_hash(&call.owner, &call.friend));
+        }
+    }
+    if pairs.is_empty() {
+        return Ok(());
+    }
+    let of_pairs = |a: &str, b: &str| pairs.contains(&pair_hash(a, b));
+    let (more, _) = store
+        .roster_callbacks_kept(hi, reach.saturating_add(1), at, (0, 0), |cb| of_pairs(&cb.from_user, &cb.to_user))
+        .await?;
+    let later = store.calls_for_reconcile(hi, reach.saturating_add(params.skew_ms).saturating_add(1), at).await?;
+    // Calls requested before `hi` were read with the range (those still running at its start too).
+    calls.extend(later.into_iter().filter(|c| c.requested_at_ms >= hi && of_pairs(&c.owner, &c.friend)));
+    if !more.is_empty() {
+        callbacks.extend(more);
+        // Kept ascending by seq, as read, for the report's lookups by seq.
+        callbacks.sort_unstable_by_key(|c| c.seq);
+    }
+    Ok(())
 }
 
 /// A hash of an unordered user pair.
@@ -705,6 +765,69 @@ mod tests {
         let all = build(&store, &ReportQuery { limit: 10, ..ReportQuery::default() }, params).await.expect("report");
         let s = all.summary;
         assert_eq!((s.matched, s.missing, s.orphan), (3, 1, 0), "all but alice's call matched: {s:?}");
+        store.close().await;
+    }
+
+    /// The other edge: a window that holds a call's request but ends long before the call's own
+    /// window (paced, held back, or closed at a restart, it completed late). Its callbacks past
+    /// the window are still its, and a later call of its pair keeps the one that is its own.
+    /// Before, such a call read `missing` in any report ending soon after its request, and in
+    /// every report on it alone.
+    #[tokio::test]
+    async fn a_window_reads_the_callbacks_of_its_calls_that_completed_long_after_it() {
+        use crate::store::{IntentResult, test_intent as intent, test_succeeded as succeeded};
+        const T0: i64 = 1_700_000_000_000;
+        const MINUTE: i64 = 60_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = crate::clock::ManualClock::new(T0);
+        let (store, _) = crate::store::open_test_store_with(&dir, clock.clone()).await;
+        let new_call = |owner: &'static str, friend: &'static str| {
+            let store = &store;
+            async move {
+                match store.insert_call_intent(intent(owner, friend)).await.expect("intent") {
+                    IntentResult::Created(call) => call,
+                    other => panic!("a new call, not {other:?}"),
+                }
+            }
+        };
+        let mut calls = Vec::new();
+        for (owner, friend) in [("alice", "bob"), ("carol", "dave"), ("erin", "frank"), ("gus", "hal")] {
+            calls.push(new_call(owner, friend).await);
+        }
+        let callback = |msg: &str, from: &str, to: &str, ts: i64| test_roster_add(msg, from, to, ts, ts + 100);
+        // As in the test above: alice -> bob got no callback; carol -> dave ran ten minutes;
+        // erin -> frank still runs; gus -> hal acted after 30 minutes and was recorded after two
+        // hours, and another gus -> hal, an hour in, got its own callback at once.
+        store.mark_call_outcome(succeeded(calls[0].clone())).await.expect("outcome");
+        clock.advance_ms(10 * MINUTE);
+        store.mark_call_outcome(succeeded(calls[1].clone())).await.expect("outcome");
+        store.insert_callback(callback("1", "carol", "dave", T0 + 10 * MINUTE)).await.expect("insert");
+        store.insert_callback(callback("2", "erin", "frank", T0 + 10 * MINUTE)).await.expect("insert");
+        clock.advance_ms(20 * MINUTE);
+        let gus_first = store.insert_callback(callback("3", "gus", "hal", T0 + 30 * MINUTE)).await.expect("insert");
+        clock.advance_ms(30 * MINUTE);
+        let again = new_call("gus", "hal").await;
+        store.mark_call_outcome(succeeded(again)).await.expect("outcome");
+        store.insert_callback(callback("4", "gus", "hal", T0 + 60 * MINUTE)).await.expect("insert");
+        clock.advance_ms(60 * MINUTE);
+        store.mark_call_outcome(succeeded(calls[3].clone())).await.expect("outcome");
+        let params = MatchParams { skew_ms: 5_000, window_ms: MINUTE, now_ms: T0 + 122 * MINUTE };
+
+        let q = ReportQuery { since_ms: Some(T0), until_ms: Some(T0 + MINUTE), limit: 10, ..ReportQuery::default() };
+        let report = build(&store, &q, params).await.expect("report");
+        let s = report.summary;
+        assert_eq!((s.matched, s.missing, s.orphan), (3, 1, 0), "all but alice's call matched: {s:?}");
+        assert_eq!(summary(&store, T0, T0 + MINUTE, params).await.expect("summary"), report.summary);
+        let gus = report.items.iter().find(|i| matches!(i, ReportItem::Call { id, .. } if *id == calls[3].id));
+        let Some(ReportItem::Call { matched: Some(matched), extras, .. }) = gus else { panic!("{gus:?}") };
+        assert_eq!(matched.seq, gus_first.seq, "its own callback");
+        assert!(extras.is_empty(), "the later call's callback stays the later call's: {extras:?}");
+
+        // On one call alone, as `call_id` asks.
+        let mut one = ReportQuery { call_id: Some(calls[1].id), limit: 10, ..ReportQuery::default() };
+        assert_eq!(narrow_to_call(&store, &mut one).await.expect("narrow"), OneCall::Judged);
+        let report = build(&store, &one, params).await.expect("report");
+        assert_eq!((report.summary.matched, report.items.len()), (1, 1), "{:?}", report.summary);
         store.close().await;
     }
 

@@ -116,12 +116,21 @@ impl Source {
                     after: None,
                     as_of: None,
                 };
-                if !report::narrow_to_call(store, &mut query).await? {
-                    anyhow::bail!(
-                        "no call with id {} in {}; `friendhook export` lists the calls recorded",
-                        args.call_id.unwrap_or_default(),
+                if let Some(token) = as_of {
+                    query.as_of = Some(as_of_in(store, token).await?);
+                }
+                let id = args.call_id.unwrap_or_default();
+                match report::narrow_to_call(store, &mut query).await? {
+                    report::OneCall::Judged => {}
+                    report::OneCall::NotRecorded => anyhow::bail!(
+                        "no call with id {id} in {}; `friendhook export` lists the calls recorded",
                         args.database_url
-                    );
+                    ),
+                    report::OneCall::AfterAsOf => {
+                        anyhow::bail!(
+                            "call {id} was recorded after --as-of, so that report cannot hold it; ask without --as-of"
+                        )
+                    }
                 }
                 let computed = match computed {
                     Some(computed) => computed,

@@ -109,9 +109,20 @@ async fn get_reconciliation(
         after: cursor.map(|(key, _)| key),
         as_of,
     };
-    if !report::narrow_to_call(&state.store, &mut rq).await? {
-        let id = rq.call_id.unwrap_or_default();
-        return Err(ApiError::NotFound(format!("no call with id {id}; `GET /v1/calls` lists the calls recorded")));
+    let id = rq.call_id.unwrap_or_default();
+    match report::narrow_to_call(&state.store, &mut rq).await? {
+        report::OneCall::Judged => {}
+        report::OneCall::NotRecorded => {
+            return Err(ApiError::NotFound(format!("no call with id {id}; `GET /v1/calls` lists the calls recorded")));
+        }
+        report::OneCall::AfterAsOf => {
+            return Err(ApiError::bad_request(
+                "invalid_query",
+                format!(
+                    "call {id} was recorded after this `as_of`, so that report cannot hold it; ask without `as_of`"
+                ),
+            ));
+        }
     }
     let slot = state.reports.enter().await.inspect_err(|_| state.metrics.report(ReportAnswer::Busy))?;
     let params = state.match_params();

@@ -212,6 +212,7 @@ async fn an_add_told_to_both_users_belongs_to_the_retry_not_to_the_refused_attem
 async fn a_report_on_one_call_gives_its_verdict_alone() {
     let app = TestApp::spawn(&[]).await;
     app.register(&["alice", "bob", "carol"]).await;
+    let (_, before) = app.get_json("/v1/reconciliation").await;
     let (_, to_bob) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "bob"})).await;
     let (_, to_carol) = app.post_json("/v1/friends", json!({"owner": "alice", "friend": "carol"})).await;
     app.settle().await;
@@ -226,6 +227,11 @@ async fn a_report_on_one_call_gives_its_verdict_alone() {
     assert_eq!((items[0]["id"].as_i64(), &items[0]["status"]), (Some(id), &json!("matched")), "{items:?}");
     assert_eq!(items[0]["matched"]["to_user"], "bob", "{items:?}");
     assert_eq!((summary["matched"].as_u64(), summary["orphan"].as_u64()), (Some(1), Some(0)), "{summary}");
+    // A report as of before the call was recorded cannot hold it: said, not an empty report.
+    let as_of = before["as_of"].as_str().unwrap();
+    let (status, err) = app.get_json(&format!("/v1/reconciliation?call_id={id}&as_of={as_of}")).await;
+    assert_eq!((status, &err["code"]), (400, &json!("invalid_query")), "{err}");
+    assert!(err["detail"].as_str().unwrap().contains("was recorded after this `as_of`"), "{err}");
     let (status, err) = app.get_json("/v1/reconciliation?call_id=999").await;
     assert_eq!((status, &err["code"]), (404, &json!("not_found")), "{err}");
     assert!(err["detail"].as_str().unwrap().contains("no call with id 999"), "{err}");
