@@ -18,6 +18,7 @@ use axum::routing::{delete, get, post};
 use axum::{Extension, Json};
 use serde::de::{DeserializeOwned, Error as _};
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Value, json};
 
 use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_range};
@@ -121,31 +122,38 @@ pub(super) struct Object<T>(pub T);
 
 impl<'de, T: DeserializeOwned> Deserialize<'de> for Object<T> {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        match Value::deserialize(deserializer)? {
-            // Read with its path kept (`pairs[3]: friend: invalid type ...`): going through a
-            // `Value` loses the one axum would have given.
-            object @ Value::Object(_) => serde_path_to_error::deserialize(object).map(Object).map_err(|e| {
-                let path = e.path().to_string();
-                match e.into_inner() {
-                    inner if path == "." => D::Error::custom(inner),
-                    inner => D::Error::custom(format!("{path}: {inner}")),
-                }
-            }),
-            other => {
-                Err(D::Error::custom(format!("expected a JSON object with named fields, found {}", json_kind(&other))))
-            }
+        // Kept as its text and read into `T` from it: through a `Value` a repeated key would
+        // silently keep its last value (`{"owner":"alice","owner":"bob"}` adding bob's friend),
+        // where `T`'s derived reader refuses it ("duplicate field").
+        let raw = Box::<RawValue>::deserialize(deserializer)?;
+        let text = raw.get();
+        if !text.starts_with('{') {
+            return Err(D::Error::custom(format!(
+                "expected a JSON object with named fields, found {}",
+                json_kind(text)
+            )));
         }
+        // Read with its path kept (`pairs[3]: friend: invalid type ...`).
+        let mut reader = serde_json::Deserializer::from_str(text);
+        serde_path_to_error::deserialize(&mut reader).map(Object).map_err(|e| {
+            let path = e.path().to_string();
+            match e.into_inner() {
+                inner if path == "." => D::Error::custom(inner),
+                inner => D::Error::custom(format!("{path}: {inner}")),
+            }
+        })
     }
 }
 
-fn json_kind(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
+/// What kind of JSON value `text` (one whole value, as serde_json hands it over) is.
+fn json_kind(text: &str) -> &'static str {
+    match text.as_bytes().first() {
+        Some(b'n') => "null",
+        Some(b't' | b'f') => "a boolean",
+        Some(b'"') => "a string",
+        Some(b'[') => "an array",
+        Some(b'{') => "an object",
+        _ => "a number",
     }
 }
 

@@ -316,6 +316,34 @@ async fn a_batch_runs_every_pair_and_answers_in_request_order() {
     app.stop().await;
 }
 
+/// A key given twice is refused, not read as its last value: `{"owner":"alice","owner":"bob"}`
+/// would otherwise add bob's friend.
+#[tokio::test]
+async fn a_body_that_names_a_field_twice_is_refused_and_nothing_is_sent() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob", "carol"]).await;
+    let before = app.sandbox().stats().requests;
+    for (path, body, place) in [
+        ("/v1/friends", r#"{"owner":"alice","owner":"bob","friend":"carol"}"#, "duplicate field `owner`"),
+        (
+            "/v1/friends/batch",
+            r#"{"pairs":[{"owner":"alice","friend":"zed","friend":"bob"}]}"#,
+            "pairs[0]: duplicate field `friend`",
+        ),
+        ("/v1/friends/batch", r#"{"pairs":[],"pairs":[{"owner":"alice","friend":"bob"}]}"#, "duplicate field `pairs`"),
+        ("/v1/easemob/exception-cache/resend", r#"{"all":false,"all":true}"#, "duplicate field `all`"),
+    ] {
+        let resp =
+            app.client.post(app.url(path)).header("content-type", "application/json").body(body).send().await.unwrap();
+        let status = resp.status().as_u16();
+        let err: Value = resp.json().await.unwrap();
+        assert_eq!((status, err["code"].as_str()), (400, Some("invalid_json")), "{body}: {err}");
+        assert!(err["detail"].as_str().unwrap().contains(place), "{body}: {err}");
+    }
+    assert_eq!(app.sandbox().stats().requests, before, "nothing went to the sandbox");
+    app.stop().await;
+}
+
 /// A replay is answered from its record even while no app token can be had: "nothing was
 /// recorded or sent" would be false for it.
 #[tokio::test]
