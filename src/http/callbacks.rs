@@ -390,6 +390,10 @@ async fn bad_signature(
     Err(ApiError::Unauthorized)
 }
 
+/// The roster operations Easemob documents (`payload.operation` of a roster callback).
+const ROSTER_OPERATIONS: [&str; 8] =
+    ["add", "remove", "accept", "remote_accept", "decline", "remote_decline", "ban", "allow"];
+
 #[derive(Debug, Deserialize)]
 // A misspelt parameter is refused: ignored, it would silently answer without its filter.
 #[serde(deny_unknown_fields)]
@@ -422,7 +426,23 @@ async fn list_callbacks(
         after_seq: parse_cursor(q.cursor.as_deref())?,
         limit,
     };
+    let operation = filter.operation.clone();
     let items = state.store.list_callbacks(&filter).await?;
+    // A misspelt operation (`ADD`, `bogus`) would read as "no such events": an empty page for an
+    // operation neither Easemob documents nor any stored callback has is refused instead. One
+    // that some callback has is served, documented or not (Easemob may add operations).
+    if let Some(op) = operation.filter(|op| items.is_empty() && !ROSTER_OPERATIONS.contains(&op.as_str()))
+        && !state.store.any_callback_with_operation(&op).await?
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "no callback has `operation` `{op}`, and Easemob documents no such operation; roster operations \
+                 are {} (lower-case)",
+                ROSTER_OPERATIONS.join(", ")
+            ),
+        ));
+    }
     let next_cursor = (items.len() as i64 == limit).then(|| items.last().map(|i| i.seq.to_string())).flatten();
     Ok(Json(json!({"items": items, "next_cursor": next_cursor})).into_response())
 }

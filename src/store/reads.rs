@@ -157,6 +157,15 @@ pub struct RejectionStats {
 }
 
 impl Store {
+    /// Whether any stored callback has this `payload.operation` (through `callbacks_by_operation`).
+    pub async fn any_callback_with_operation(&self, operation: &str) -> Result<bool, StoreError> {
+        Ok(sqlx::query_scalar::<_, i64>("SELECT 1 FROM callbacks WHERE operation = ?1 LIMIT 1")
+            .bind(operation)
+            .fetch_optional(self.read_pool())
+            .await?
+            .is_some())
+    }
+
     /// `GET /v1/callbacks`: a page in sequence order.
     pub async fn list_callbacks(&self, f: &CallbackFilter) -> Result<Vec<CallbackItem>, StoreError> {
         let rows = list_callbacks_query(f).build().fetch_all(self.read_pool()).await?;

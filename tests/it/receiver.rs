@@ -265,6 +265,28 @@ async fn listing_pages_with_a_cursor_in_sequence_order() {
     app.stop().await;
 }
 
+/// A misspelt operation filter is an error, not an empty page that reads as "no such events";
+/// one that stored callbacks have is served, documented or not.
+#[tokio::test]
+async fn an_operation_filter_nothing_has_and_easemob_does_not_document_is_refused() {
+    let app = TestApp::spawn(&[]).await;
+    app.store_adds_from_alice("20", 1).await;
+    for op in ["ADD", "bogus"] {
+        let (status, err) = app.get_json(&format!("/v1/callbacks?operation={op}")).await;
+        assert_eq!((status, &err["code"]), (400, &json!("invalid_query")), "{op}: {err}");
+        assert!(err["detail"].as_str().unwrap().contains("roster operations are add, remove,"), "{op}: {err}");
+    }
+    let (status, none) = app.get_json("/v1/callbacks?operation=remove").await;
+    assert_eq!((status, none["items"].as_array().map(Vec::len)), (200, Some(0)), "documented, none yet: {none}");
+    let body = roster_body("20990", "alice", "bob", "renamed", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(body).await.status(), 200);
+    let (status, found) = app.get_json("/v1/callbacks?operation=renamed").await;
+    assert_eq!((status, found["items"].as_array().map(Vec::len)), (200, Some(1)), "{found}");
+    let (status, _) = app.get_json("/v1/callbacks?operation=renamed&from=carol").await;
+    assert_eq!(status, 200, "an operation some callback has is a filter like any other");
+    app.stop().await;
+}
+
 /// Signs like a relay speaking Standard Webhooks would (HMAC-SHA256 over `id.timestamp.body`).
 fn standard_webhooks_request(app: &TestApp, body: &str, key: &[u8], msg_id: &str, ts: i64) -> reqwest::RequestBuilder {
     let sig = friendhook::signature::standard_webhooks::sign(msg_id, ts, body.as_bytes(), key);
