@@ -4,6 +4,7 @@
 //! as JSON (a log collector, `jq`) never meets a line it cannot parse.
 
 use std::fmt::Display;
+use std::io::Write;
 use std::sync::OnceLock;
 
 use crate::config::LogFormat;
@@ -30,7 +31,7 @@ pub fn note(line: impl Display) {
     if is_json() {
         tracing::info!(target: "friendhook::console", "{line}");
     } else {
-        eprintln!("{line}");
+        to_stderr(format_args!("{line}\n"));
     }
 }
 
@@ -40,7 +41,7 @@ pub fn error(line: impl Display) {
     if is_json() {
         tracing::error!(target: "friendhook::console", "{line}");
     } else {
-        eprintln!("error: {line}");
+        to_stderr(format_args!("error: {line}\n"));
     }
 }
 
@@ -49,6 +50,33 @@ pub fn warn(line: impl Display) {
     if is_json() {
         tracing::warn!(target: "friendhook::console", "{line}");
     } else {
-        eprintln!("warning: {line}");
+        to_stderr(format_args!("warning: {line}\n"));
     }
+}
+
+/// Writes to stderr. `eprintln!` panics when stderr is a pipe whose reader went away
+/// (`friendhook export ... 2>&1 | head -1`); a line nobody reads is simply dropped.
+pub fn to_stderr(text: std::fmt::Arguments<'_>) {
+    let _ = std::io::stderr().lock().write_fmt(text);
+}
+
+/// Writes a command's output to stdout, as `print!` does but without its panic when the reader
+/// went away (`friendhook reconcile | head -3`): the command finishes its work (a `quarantine
+/// reverify` its promotions) and what nobody reads is dropped. Used through [`out!`](crate::out)
+/// and [`outln!`](crate::outln).
+pub fn to_stdout(text: std::fmt::Arguments<'_>) {
+    let _ = std::io::stdout().lock().write_fmt(text);
+}
+
+/// `print!` to stdout through [`to_stdout`].
+#[macro_export]
+macro_rules! out {
+    ($($arg:tt)*) => { $crate::console::to_stdout(format_args!($($arg)*)) };
+}
+
+/// `println!` to stdout through [`to_stdout`].
+#[macro_export]
+macro_rules! outln {
+    () => { $crate::console::to_stdout(format_args!("\n")) };
+    ($($arg:tt)*) => { $crate::console::to_stdout(format_args!("{}\n", format_args!($($arg)*))) };
 }

@@ -50,7 +50,7 @@ async fn main() -> std::process::ExitCode {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(err) => {
             match cli.log_format {
-                LogFormat::Text => eprintln!("error: {err:#}"),
+                LogFormat::Text => friendhook::console::to_stderr(format_args!("error: {err:#}\n")),
                 // A log collector reads every line as JSON, the one that says why it stopped too.
                 LogFormat::Json => tracing::error!(error = %format!("{err:#}"), "friendhook stopped with an error"),
             }

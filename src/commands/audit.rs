@@ -263,7 +263,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         AuditCommand::Verify { database_url, expect_head } => (database_url, expect_head),
         AuditCommand::RebuildUserIndex { database_url } => {
             let removed = Store::reset_user_index(&database_url).await?;
-            println!(
+            crate::outln!(
                 "emptied the lookup by user ({removed} entries); the service rebuilds it from the events in the \
                  background at its next start, and `audit verify` then compares it again"
             );
@@ -287,24 +287,25 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     match verdict {
         Verdict::Intact { records, head_seq, head_hash, in_flight, closed_unknown } => {
             match &expect_head {
-                Some(head) => println!(
+                Some(head) => crate::outln!(
                     "intact: {records} records, head seq {head_seq} hash {head_hash}; passes through the published \
                      head {}:{}",
-                    head.seq, head.hash
+                    head.seq,
+                    head.hash
                 ),
-                None => println!("intact: {records} records, head seq {head_seq} hash {head_hash}"),
+                None => crate::outln!("intact: {records} records, head seq {head_seq} hash {head_hash}"),
             }
             if let Some(note) = in_flight_note(&in_flight) {
-                println!("{note}");
+                crate::outln!("{note}");
             }
             if let Some(note) = closed_unknown_note(&closed_unknown) {
-                println!("{note}");
+                crate::outln!("{note}");
             }
             Ok(0)
         }
         Verdict::Broken(msg) => {
-            println!("BROKEN: {msg}");
-            println!("{}", if expect_head.is_some() { AFTER_BROKEN_WITH_HEAD } else { AFTER_BROKEN });
+            crate::outln!("BROKEN: {msg}");
+            crate::outln!("{}", if expect_head.is_some() { AFTER_BROKEN_WITH_HEAD } else { AFTER_BROKEN });
             Ok(1)
         }
     }

@@ -126,7 +126,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let server = tokio::spawn(crate::app::serve(listener, router, limits, async move {
         let _ = stop_rx.await;
     }));
-    println!(
+    crate::outln!(
         "friendhook demo: service on {base}, sandbox (playing Easemob) on {}, database {}",
         sandbox.base_url(),
         args.database.display()
@@ -151,7 +151,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
             .collect();
         client.register_users(&users).await.map_err(|e| anyhow::anyhow!("registering users: {e}"))?;
     }
-    println!("registered {} users (friend limit {} per user)", names.len(), args.friend_limit);
+    crate::outln!("registered {} users (friend limit {} per user)", names.len(), args.friend_limit);
 
     // Pairs: mostly real users (some will hit the friend limit), a few unknown ones.
     let mut rng = rand::rngs::StdRng::seed_from_u64(args.seed);
@@ -188,9 +188,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
         done += chunk.len();
         crate::console::note(format_args!("  triggered {done}/{} friend additions", pairs.len()));
     }
-    println!("\ncalls made to Easemob (POST /v1/friends/batch):");
+    crate::outln!("\ncalls made to Easemob (POST /v1/friends/batch):");
     for (k, n) in &outcomes {
-        println!("  {n:>5}  {k}");
+        crate::outln!("  {n:>5}  {k}");
     }
 
     crate::console::note("  waiting for the callbacks ...");
@@ -198,7 +198,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     // Let the 1 s match window close, so calls whose callback was dropped show as missing.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let stats = sandbox.stats();
-    println!(
+    crate::outln!(
         "\ncallbacks: the sandbox sent {}, dropped {} on purpose; friendhook stored {}",
         stats.callbacks_sent,
         stats.callbacks_dropped,
@@ -211,16 +211,18 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     if let Some(items) = attention["items"].as_array_mut() {
         items.retain(|i| matches!(i["status"].as_str(), Some("missing" | "unexpected" | "orphan")));
     }
-    println!("\nreconciliation (GET /v1/reconciliation; items needing attention):");
-    print!("{}", crate::commands::reconcile::render_table(&attention, Some(&db_url)));
+    crate::outln!("\nreconciliation (GET /v1/reconciliation; items needing attention):");
+    crate::out!("{}", crate::commands::reconcile::render_table(&attention, Some(&db_url)));
 
     if args.keep_running {
         // Listened for before the line is printed, so a Ctrl-C right after it is a clean stop.
         let mut signals = crate::app::StopSignals::listen()?;
-        println!("\nstill serving on {base} (Ctrl-C to stop); try: curl '{base}/v1/reconciliation?status=missing'");
+        crate::outln!(
+            "\nstill serving on {base} (Ctrl-C to stop); try: curl '{base}/v1/reconciliation?status=missing'"
+        );
         signals.recv().await;
     } else {
-        println!(
+        crate::outln!(
             "\nexplore the stored data afterwards (the same match window, so the same report):\n  \
              friendhook reconcile --database-url {db_url} --match-window {DEMO_MATCH_WINDOW}\n  \
              friendhook audit verify --database-url {db_url}"

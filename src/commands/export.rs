@@ -245,10 +245,10 @@ pub async fn run(mut args: ExportArgs) -> anyhow::Result<()> {
         tracing::info!(target: "friendhook::console", records = n, seconds = secs, read_up_to = upto, link = %link,
             "exported {n} {records}; the next export of what is new goes on with --after {upto} --after-hash {link}");
     } else {
-        eprintln!(
+        crate::console::to_stderr(format_args!(
             "exported {n} {records} in {secs:.2} s ({rate:.0} records/s); read up to seq {upto}, link {link}: the next \
-             export of what is new goes on with --after {upto} --after-hash {link}"
-        );
+             export of what is new goes on with --after {upto} --after-hash {link}\n"
+        ));
     }
     Ok(())
 }

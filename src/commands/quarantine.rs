@@ -165,12 +165,13 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     let held = reader.count_quarantine_held().await?;
     reader.close().await;
     let verb = if args.dry_run { "would delete" } else { "deleted" };
-    println!(
+    crate::outln!(
         "{verb} {} held request(s), {} bytes of bodies; {held} held now. Promoted requests are kept.",
-        purged.requests, purged.body_bytes
+        purged.requests,
+        purged.body_bytes
     );
     if !args.dry_run && purged.requests > 0 {
-        println!("SQLite reuses the freed space for new rows; the file itself keeps its size.");
+        crate::outln!("SQLite reuses the freed space for new rows; the file itself keeps its size.");
     }
     Ok(())
 }
@@ -245,10 +246,10 @@ async fn list(args: ListArgs) -> anyhow::Result<()> {
     }
     let held = items.iter().filter(|i| !i.promoted).count();
     if args.json {
-        println!("{}", serde_json::json!({"held": held, "items": items}));
+        crate::outln!("{}", serde_json::json!({"held": held, "items": items}));
     } else {
-        print!("{}", render_table(&items));
-        println!("{}", next_step(held, &args.database_url));
+        crate::out!("{}", render_table(&items));
+        crate::outln!("{}", next_step(held, &args.database_url));
     }
     Ok(())
 }
@@ -456,7 +457,7 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
                 // still the one that came.
                 if chain::sha256_hex(&req.raw_body) != req.body_sha256 {
                     summary.altered += 1;
-                    println!(
+                    crate::outln!(
                         "#{}: the body does not match its digest from arrival (edited?); left in quarantine",
                         req.id
                     );
@@ -467,7 +468,7 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
                     Err(Refusal::BadSignature(_)) => summary.still_held += 1,
                     Err(Refusal::Unparseable(e)) => {
                         summary.unreadable += 1;
-                        println!(
+                        crate::outln!(
                             "#{}: verifies, but the body is not a readable callback ({e}); left in quarantine",
                             req.id
                         );
@@ -489,7 +490,10 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
                     if !duplicate.is_empty() {
                         summary.duplicates += 1;
                     }
-                    println!("#{id}: verifies (callId {}); would be promoted{duplicate}", one_line(&cb.event.call_id));
+                    crate::outln!(
+                        "#{id}: verifies (callId {}); would be promoted{duplicate}",
+                        one_line(&cb.event.call_id)
+                    );
                 }
                 continue;
             };
@@ -508,7 +512,7 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
                 let promoted = match result {
                     Ok(promoted) => promoted,
                     Err(e) => {
-                        println!("#{id}: could not be promoted: {e}");
+                        crate::outln!("#{id}: could not be promoted: {e}");
                         first_error.get_or_insert(e);
                         continue;
                     }
@@ -518,9 +522,12 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
                         summary.promoted += 1;
                         if ack.duplicate {
                             summary.duplicates += 1;
-                            println!("#{id}: promoted; event seq {} was already stored (one more delivery)", ack.seq);
+                            crate::outln!(
+                                "#{id}: promoted; event seq {} was already stored (one more delivery)",
+                                ack.seq
+                            );
                         } else {
-                            println!("#{id}: promoted as event seq {}", ack.seq);
+                            crate::outln!("#{id}: promoted as event seq {}", ack.seq);
                         }
                     }
                     PromotionResult::AlreadyPromoted => summary.taken_by_another_run += 1,
@@ -543,7 +550,7 @@ async fn reverify(args: ReverifyArgs) -> anyhow::Result<u8> {
              are skipped, events are deduplicated)"
         )
     })?;
-    print!("{}", summary.render(args.dry_run));
+    crate::out!("{}", summary.render(args.dry_run));
     Ok(if summary.held() > 0 { STILL_HELD_EXIT } else { 0 })
 }
 

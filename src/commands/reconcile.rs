@@ -328,9 +328,9 @@ pub async fn run(mut args: ReconcileArgs) -> anyhow::Result<u8> {
         }
     }
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&report)?);
     } else {
-        print!("{}", render_table(&report, args.url.is_none().then_some(args.database_url.as_str())));
+        crate::out!("{}", render_table(&report, args.url.is_none().then_some(args.database_url.as_str())));
     }
     let counted: Vec<String> = args
         .fail_on
