@@ -212,8 +212,16 @@ pub fn router(state: SharedState, limits: &ServerLimits, api_tokens: Vec<Secret>
         .merge(crate::http::journal::router())
         .merge(crate::http::friends::router())
         .merge(crate::http::exception_cache::router())
-        .fallback(|| async {
-            error_response(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the README's HTTP API")
+        .fallback(|uri: axum::http::Uri| async move {
+            // A callback rule set up with a trailing slash would fail every delivery (and Easemob
+            // bans a rule after 90 failures in 30 s): the answer names the path meant.
+            let detail = match uri.path().strip_suffix('/').filter(|p| !p.is_empty()) {
+                Some(meant) => format!(
+                    "no such endpoint; paths take no trailing slash: did you mean `{meant}`? (see the README's HTTP API)"
+                ),
+                None => "no such endpoint; see the README's HTTP API".to_owned(),
+            };
+            error_response(StatusCode::NOT_FOUND, "not_found", &detail)
         })
         // A known path with another method (axum adds the `Allow` header).
         .method_not_allowed_fallback(|| async {
@@ -347,10 +355,10 @@ async fn require_api_token(State(tokens): State<Arc<Vec<Secret>>>, request: Requ
     if tokens.is_empty() || OPEN_PATHS.contains(&request.uri().path()) {
         return next.run(request).await;
     }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
+    // Read as bytes: a token with bytes outside visible ASCII is a wrong token, not a missing one.
+    let authorization = request.headers().get(header::AUTHORIZATION).map(|v| String::from_utf8_lossy(v.as_bytes()));
+    let presented = authorization
+        .as_deref()
         .and_then(|v| v.split_once(' '))
         .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
         .map(|(_, token)| token.trim());

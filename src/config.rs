@@ -192,7 +192,7 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_TRIGGER_TIMEOUT", default_value = "5m", value_parser = parse_nonzero_duration)]
     pub trigger_timeout: Duration,
 
-    /// On SIGTERM/SIGINT: how long in-flight requests may take to finish before exit. At the signal,
+    /// On SIGTERM, SIGINT or SIGHUP: how long in-flight requests may take to finish before exit. At the signal,
     /// Easemob calls not sent yet (a batch's waiting pairs) are recorded as not sent, and feed
     /// long-polls are answered; calls still retrying when the grace ends are closed as `unknown`
     /// at the next start. A second signal exits at once (status 130).

@@ -27,6 +27,10 @@ async fn with_an_api_token_the_v1_endpoints_need_it_and_callbacks_probes_and_met
     assert_eq!((status, body["code"].as_str()), (401, Some("api_token_invalid")), "a prefix is not the token: {body}");
     let basic = app.client.get(&calls).header("authorization", "Basic dG9rLW9sZC01S3E=").send().await.unwrap();
     assert_eq!(status_and_code(basic).await.1["code"], "api_token_required");
+    // A token with bytes outside ASCII is a wrong token, not a missing one.
+    let utf8 = reqwest::header::HeaderValue::from_bytes("Bearer 好".as_bytes()).unwrap();
+    let wrong = app.client.get(&calls).header("authorization", utf8).send().await.unwrap();
+    assert_eq!(status_and_code(wrong).await.1["code"], "api_token_invalid");
 
     // A trigger without the token sends nothing to Easemob.
     let before = app.sandbox().stats().requests;

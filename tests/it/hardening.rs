@@ -970,6 +970,11 @@ async fn malformed_api_requests_get_json_errors_with_the_right_status() {
     assert_eq!(calls["items"], json!([]), "no refused request made a call: {calls}");
     let (_, err) = app.post_json("/v1/friends", json!(["alice", "bob"])).await;
     assert!(err["detail"].as_str().unwrap_or("").contains("expected a JSON object"), "says what it wants: {err}");
+    // A callback URL set up with a trailing slash: the answer names the path meant.
+    let resp = app.client.post(app.url("/callbacks/easemob/")).body("{}").send().await.unwrap();
+    assert_eq!(resp.status(), 404);
+    let err: Value = resp.json().await.unwrap();
+    assert!(err["detail"].as_str().unwrap_or("").contains("did you mean `/callbacks/easemob`?"), "{err}");
     let (_, err) = app.get_json("/v1/feed?cursor=20").await;
     assert!(err["detail"].as_str().unwrap_or("").contains("`after`"), "names what the feed takes: {err}");
     // Over the body limit: sent raw, the body from its own task, so that the server answering
