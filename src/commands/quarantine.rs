@@ -142,6 +142,7 @@ pub async fn run(args: QuarantineArgs) -> anyhow::Result<u8> {
 async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     let now_ms = crate::clock::system().now_ms();
     let older_than_ms = args.older_than.map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX));
+    let ids_given = args.ids.iter().collect::<std::collections::HashSet<_>>().len();
     let filter = PurgeFilter {
         // `0s`: everything received up to now (received_at_ms < now + 1).
         received_before_ms: older_than_ms.map(|ms| now_ms.saturating_sub(ms).saturating_add(1)),
@@ -172,6 +173,14 @@ async fn purge(args: PurgeArgs) -> anyhow::Result<()> {
     );
     if !args.dry_run && purged.requests > 0 {
         crate::outln!("SQLite reuses the freed space for new rows; the file itself keeps its size.");
+    }
+    // An id that matched nothing is worth saying: a mistyped id reads as done otherwise.
+    if ids_given > 0 && (purged.requests as usize) < ids_given {
+        crate::console::warn(format_args!(
+            "{} of the {ids_given} --id given matched no held request (not in the quarantine, already promoted or \
+             purged, or left out by the other filters); `friendhook quarantine list` shows the held ones",
+            ids_given - purged.requests as usize
+        ));
     }
     Ok(())
 }

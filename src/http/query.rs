@@ -92,9 +92,18 @@ pub fn parse_limit(limit: Option<i64>) -> Result<i64, ApiError> {
     }
 }
 
-/// A query string axum could not deserialize, as a JSON 400.
+/// A query string axum could not deserialize, as a JSON 400 that names the parameter in its own
+/// words (`` `limit`: invalid digit found in string ``) rather than axum's framing of it.
 pub fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
-    ApiError::bad_request("invalid_query", e.body_text())
+    let text = e.body_text();
+    let text = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
+    let detail = match text.split_once(": ") {
+        Some((name, problem)) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+            format!("`{name}`: {problem} (see the README's HTTP API for what it takes)")
+        }
+        _ => format!("{text} (see the README's HTTP API)"),
+    };
+    ApiError::bad_request("invalid_query", detail)
 }
 
 /// A path segment axum could not decode (not UTF-8 once percent-decoded), as a JSON 400 rather

@@ -250,6 +250,9 @@ impl StoreError {
         match self {
             StoreError::QueueFull => StoreError::QueueFull,
             StoreError::WriterGone => StoreError::WriterGone,
+            // Kept as it is: wrapped again, its text would read "database write failed: database
+            // write failed: ..." in the answers and in /readyz.
+            StoreError::Write(text) => StoreError::Write(text.clone()),
             other => StoreError::Write(other.to_string()),
         }
     }
@@ -1194,6 +1197,13 @@ pub(crate) fn test_roster_add(msg: &str, from: &str, to: &str, timestamp_ms: i64
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_error_handed_to_each_job_of_a_failed_batch_says_what_failed_once() {
+        let failed = StoreError::Write("the database file was removed".into());
+        assert_eq!(failed.clone_for_ack().to_string(), "database write failed: the database file was removed");
+        assert!(matches!(StoreError::QueueFull.clone_for_ack(), StoreError::QueueFull));
+    }
 
     #[test]
     fn a_file_system_is_full_below_what_a_commit_needs_and_unknown_is_not_full() {

@@ -970,6 +970,10 @@ async fn malformed_api_requests_get_json_errors_with_the_right_status() {
     assert_eq!(calls["items"], json!([]), "no refused request made a call: {calls}");
     let (_, err) = app.post_json("/v1/friends", json!(["alice", "bob"])).await;
     assert!(err["detail"].as_str().unwrap_or("").contains("expected a JSON object"), "says what it wants: {err}");
+    // A parameter of the wrong type is named in the answer's own words.
+    let (status, err) = app.get_json("/v1/calls?limit=abc").await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["detail"].as_str().unwrap_or("").starts_with("`limit`: invalid digit found in string"), "{err}");
     // A callback URL set up with a trailing slash: the answer names the path meant.
     let resp = app.client.post(app.url("/callbacks/easemob/")).body("{}").send().await.unwrap();
     assert_eq!(resp.status(), 404);

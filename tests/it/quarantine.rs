@@ -409,6 +409,15 @@ async fn purge_deletes_held_requests_that_will_never_verify_and_frees_the_cap() 
         "{}",
         out.stdout
     );
+    assert!(out.stderr.is_empty(), "every id given was held: {}", out.stderr);
+    let ids = ["--id", &first, "--id", "999999", "--dry-run"];
+    let out = friendhook(&[&["quarantine", "purge", "--database-url", &app.db_url][..], &ids[..]].concat()).await;
+    assert!(out.stdout.contains("would delete 1 held request(s)"), "{}", out.stdout);
+    assert!(
+        out.stderr.contains("1 of the 2 --id given matched no held request"),
+        "a mistyped id is said: {}",
+        out.stderr
+    );
     let args = ["quarantine", "purge", "--database-url", &app.db_url, "--older-than", "0s"];
     let out = friendhook(&[&args[..], &["--reason", "missing_header"]].concat()).await;
     assert!(out.stdout.contains("deleted 0 held request(s)"), "no such reason held: {}", out.stdout);
