@@ -22,7 +22,7 @@ pub struct ReconcileArgs {
     pub database_url: String,
     /// Ask a running service instead (e.g. http://127.0.0.1:8080). The service computes one
     /// report at a time; while it is busy with another, this waits and asks again.
-    #[arg(long)]
+    #[arg(long, value_parser = parse_service_url)]
     pub url: Option<String>,
     /// The service's API token, sent with --url as `Authorization: Bearer`; with several
     /// (comma-separated, as `serve` takes them during a rotation) the first is sent.
@@ -73,6 +73,19 @@ pub struct ReconcileArgs {
     /// Matching window, with --database-url [default: 5m; with --url the service's own applies].
     #[arg(long, env = "FRIENDHOOK_MATCH_WINDOW", value_parser = parse_duration)]
     pub match_window: Option<std::time::Duration>,
+}
+
+/// `--url`: an http(s) URL with a host, so that a typo is named as one rather than reported as a
+/// service that cannot be reached.
+fn parse_service_url(text: &str) -> Result<String, String> {
+    match reqwest::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(text.to_owned()),
+        Ok(url) => Err(format!(
+            "`{}` is not an http(s) URL; give the service's base URL, e.g. http://127.0.0.1:8080",
+            url.scheme()
+        )),
+        Err(e) => Err(format!("{e}; give the service's base URL, e.g. http://127.0.0.1:8080")),
+    }
 }
 
 /// The exit status of a report that counts a status named by `--fail-on`.
@@ -505,6 +518,15 @@ mod tests {
         assert!(table.contains("add succeeded (late), callback seq 30 (+1 more)\n"), "{table}");
         assert!(table.contains("add rejected (Easemob 403 exceed_limit), callback seq 40\n"), "{table}");
         assert!(table.contains("remove failed\n"), "Easemob never answered: {table}");
+    }
+
+    #[test]
+    fn a_service_url_must_be_an_http_url_with_a_host() {
+        assert!(parse_service_url("http://127.0.0.1:8080").is_ok());
+        assert!(parse_service_url("https://friendhook.internal/").is_ok());
+        let err = parse_service_url("not-a-url").expect_err("no scheme");
+        assert!(err.contains("relative URL without a base") && err.contains("e.g. http://127.0.0.1:8080"), "{err}");
+        assert!(parse_service_url("ftp://host").expect_err("scheme").contains("`ftp` is not an http(s) URL"));
     }
 
     #[test]
