@@ -716,19 +716,15 @@ mod tests {
         store.close().await;
     }
 
-    /// A paced batch records its intents at once and completes its last calls long after: a
-    /// window that begins after such a call was requested, while it still ran, must see it, or
-    /// its callback inside the window reads `orphan`. Each way the store finds such calls is
-    /// used: completed soon after the window's start, running longer than ten minutes, running
-    /// still.
-    #[tokio::test]
-    async fn a_window_sees_the_calls_requested_before_it_that_still_ran_inside_it() {
+    /// Four calls requested at `T0` as one paced batch: alice -> bob completed at once and no
+    /// callback came; carol -> dave waited ten minutes for its turn; erin -> frank is still
+    /// running; gus -> hal acted at Easemob after 30 minutes, its outcome not recorded yet. Each
+    /// of the last three got its callback when Easemob acted. Returns the calls and the seq of
+    /// gus -> hal's callback; the clock is left at `T0` + 30 minutes.
+    async fn paced_batch(store: &Store, clock: &crate::clock::ManualClock) -> (Vec<crate::store::CallRecord>, i64) {
         use crate::store::{IntentResult, test_intent as intent, test_succeeded as succeeded};
-        const T0: i64 = 1_700_000_000_000;
         const MINUTE: i64 = 60_000;
-        let dir = tempfile::tempdir().expect("tempdir");
-        let clock = crate::clock::ManualClock::new(T0);
-        let (store, _) = crate::store::open_test_store_with(&dir, clock.clone()).await;
+        let t0 = crate::clock::Clock::now_ms(clock);
         let mut calls = Vec::new();
         for (owner, friend) in [("alice", "bob"), ("carol", "dave"), ("erin", "frank"), ("gus", "hal")] {
             let IntentResult::Created(call) = store.insert_call_intent(intent(owner, friend)).await.expect("intent")
@@ -738,17 +734,30 @@ mod tests {
             calls.push(call);
         }
         let callback = |msg: &str, from: &str, to: &str, ts: i64| test_roster_add(msg, from, to, ts, ts + 100);
-        // alice -> bob ran at once (no callback came); carol -> dave waited ten minutes for its
-        // turn; erin -> frank is still running; gus -> hal acted at Easemob after 30 minutes,
-        // but its outcome was recorded only after two hours. Each of the last three got its
-        // callback when Easemob acted.
         store.mark_call_outcome(succeeded(calls[0].clone())).await.expect("outcome");
         clock.advance_ms(10 * MINUTE);
         store.mark_call_outcome(succeeded(calls[1].clone())).await.expect("outcome");
-        store.insert_callback(callback("1", "carol", "dave", T0 + 10 * MINUTE)).await.expect("insert");
-        store.insert_callback(callback("2", "erin", "frank", T0 + 10 * MINUTE)).await.expect("insert");
+        store.insert_callback(callback("1", "carol", "dave", t0 + 10 * MINUTE)).await.expect("insert");
+        store.insert_callback(callback("2", "erin", "frank", t0 + 10 * MINUTE)).await.expect("insert");
         clock.advance_ms(20 * MINUTE);
-        store.insert_callback(callback("3", "gus", "hal", T0 + 30 * MINUTE)).await.expect("insert");
+        let gus = store.insert_callback(callback("3", "gus", "hal", t0 + 30 * MINUTE)).await.expect("insert");
+        (calls, gus.seq)
+    }
+
+    /// A paced batch records its intents at once and completes its last calls long after: a
+    /// window that begins after such a call was requested, while it still ran, must see it, or
+    /// its callback inside the window reads `orphan`. Each way the store finds such calls is
+    /// used: completed soon after the window's start, running longer than ten minutes, running
+    /// still.
+    #[tokio::test]
+    async fn a_window_sees_the_calls_requested_before_it_that_still_ran_inside_it() {
+        use crate::store::test_succeeded as succeeded;
+        const T0: i64 = 1_700_000_000_000;
+        const MINUTE: i64 = 60_000;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let clock = crate::clock::ManualClock::new(T0);
+        let (store, _) = crate::store::open_test_store_with(&dir, clock.clone()).await;
+        let (calls, _) = paced_batch(&store, &clock).await;
         clock.advance_ms(90 * MINUTE);
         store.mark_call_outcome(succeeded(calls[3].clone())).await.expect("outcome");
         let params = MatchParams { skew_ms: 5_000, window_ms: MINUTE, now_ms: T0 + 122 * MINUTE };
@@ -781,34 +790,15 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let clock = crate::clock::ManualClock::new(T0);
         let (store, _) = crate::store::open_test_store_with(&dir, clock.clone()).await;
-        let new_call = |owner: &'static str, friend: &'static str| {
-            let store = &store;
-            async move {
-                match store.insert_call_intent(intent(owner, friend)).await.expect("intent") {
-                    IntentResult::Created(call) => call,
-                    other => panic!("a new call, not {other:?}"),
-                }
-            }
-        };
-        let mut calls = Vec::new();
-        for (owner, friend) in [("alice", "bob"), ("carol", "dave"), ("erin", "frank"), ("gus", "hal")] {
-            calls.push(new_call(owner, friend).await);
-        }
-        let callback = |msg: &str, from: &str, to: &str, ts: i64| test_roster_add(msg, from, to, ts, ts + 100);
-        // As in the test above: alice -> bob got no callback; carol -> dave ran ten minutes;
-        // erin -> frank still runs; gus -> hal acted after 30 minutes and was recorded after two
-        // hours, and another gus -> hal, an hour in, got its own callback at once.
-        store.mark_call_outcome(succeeded(calls[0].clone())).await.expect("outcome");
-        clock.advance_ms(10 * MINUTE);
-        store.mark_call_outcome(succeeded(calls[1].clone())).await.expect("outcome");
-        store.insert_callback(callback("1", "carol", "dave", T0 + 10 * MINUTE)).await.expect("insert");
-        store.insert_callback(callback("2", "erin", "frank", T0 + 10 * MINUTE)).await.expect("insert");
-        clock.advance_ms(20 * MINUTE);
-        let gus_first = store.insert_callback(callback("3", "gus", "hal", T0 + 30 * MINUTE)).await.expect("insert");
+        // As in the test above, and another gus -> hal, an hour in, got its own callback at once.
+        let (calls, gus_first) = paced_batch(&store, &clock).await;
         clock.advance_ms(30 * MINUTE);
-        let again = new_call("gus", "hal").await;
+        let IntentResult::Created(again) = store.insert_call_intent(intent("gus", "hal")).await.expect("intent") else {
+            panic!("a new call")
+        };
         store.mark_call_outcome(succeeded(again)).await.expect("outcome");
-        store.insert_callback(callback("4", "gus", "hal", T0 + 60 * MINUTE)).await.expect("insert");
+        let later = test_roster_add("4", "gus", "hal", T0 + 60 * MINUTE, T0 + 60 * MINUTE + 100);
+        store.insert_callback(later).await.expect("insert");
         clock.advance_ms(60 * MINUTE);
         store.mark_call_outcome(succeeded(calls[3].clone())).await.expect("outcome");
         let params = MatchParams { skew_ms: 5_000, window_ms: MINUTE, now_ms: T0 + 122 * MINUTE };
@@ -820,7 +810,7 @@ mod tests {
         assert_eq!(summary(&store, T0, T0 + MINUTE, params).await.expect("summary"), report.summary);
         let gus = report.items.iter().find(|i| matches!(i, ReportItem::Call { id, .. } if *id == calls[3].id));
         let Some(ReportItem::Call { matched: Some(matched), extras, .. }) = gus else { panic!("{gus:?}") };
-        assert_eq!(matched.seq, gus_first.seq, "its own callback");
+        assert_eq!(matched.seq, gus_first, "its own callback");
         assert!(extras.is_empty(), "the later call's callback stays the later call's: {extras:?}");
 
         // On one call alone, as `call_id` asks.

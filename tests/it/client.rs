@@ -256,11 +256,44 @@ async fn a_silent_server_times_out() {
     assert!(failure.detail().contains("request timed out"), "{failure}");
 }
 
+/// Reads one request from a fake Easemob's connection (its head, then its body): its request
+/// line, or `None` once the client has closed the connection.
+async fn read_request(socket: &mut tokio::io::BufReader<tokio::net::TcpStream>) -> Option<String> {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt};
+    let (mut request_line, mut length) = (String::new(), 0);
+    loop {
+        let mut line = String::new();
+        if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
+            return None;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            length = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            break;
+        }
+        if request_line.is_empty() {
+            request_line = line.trim_end().to_owned();
+        }
+    }
+    socket.read_exact(&mut vec![0; length]).await.expect("request body");
+    Some(request_line)
+}
+
+/// A fake Easemob's answer to a token request: a token for an hour.
+async fn answer_token(socket: &mut tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let token = r#"{"access_token":"t","expires_in":3600}"#;
+    let answer =
+        format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{token}", token.len());
+    socket.write_all(answer.as_bytes()).await.expect("write");
+}
+
 /// A call whose first attempt timed out and whose retry found nobody listening is labelled by
 /// its last attempt (`transport`), not by the earlier timeout its detail also tells of.
 #[tokio::test]
 async fn a_failure_is_labelled_by_its_last_attempt_not_an_earlier_timeout() {
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncBufReadExt, BufReader};
 
     // Answers the token request; holds the add without answering and stops listening, so that
     // the retry's connection is refused.
@@ -276,36 +309,14 @@ async fn a_failure_is_labelled_by_its_last_attempt_not_an_earlier_timeout() {
             let add_seen = add_seen.clone();
             tokio::spawn(async move {
                 let mut socket = BufReader::new(socket);
-                loop {
-                    let (mut request_line, mut length) = (String::new(), 0);
-                    loop {
-                        let mut line = String::new();
-                        if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        if request_line.is_empty() {
-                            request_line = line;
-                        }
-                    }
-                    socket.read_exact(&mut vec![0; length]).await.expect("request body");
+                while let Some(request_line) = read_request(&mut socket).await {
                     if !request_line.contains("/token") {
                         let _ = add_seen.send(()).await;
                         // Held open, unanswered, until the client gives up on it.
                         let _ = socket.read_line(&mut String::new()).await;
                         return;
                     }
-                    let token = r#"{"access_token":"t","expires_in":3600}"#;
-                    let answer = format!(
-                        "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{token}",
-                        token.len()
-                    );
-                    socket.get_mut().write_all(answer.as_bytes()).await.expect("write");
+                    answer_token(socket.get_mut()).await;
                 }
             });
         }
@@ -333,7 +344,7 @@ async fn a_failure_is_labelled_by_its_last_attempt_not_an_earlier_timeout() {
 #[tokio::test]
 async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() {
     use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+    use tokio::io::{AsyncWriteExt, BufReader};
 
     // A server that answers the token request whole and every other request with a 200 whose
     // body stops 80 bytes short of its Content-Length, then closes the connection.
@@ -346,33 +357,10 @@ async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() 
             let seen = seen.clone();
             tokio::spawn(async move {
                 let mut socket = BufReader::new(socket);
-                loop {
-                    let mut head = String::new();
-                    let mut length = 0;
-                    loop {
-                        let mut line = String::new();
-                        if socket.read_line(&mut line).await.unwrap_or(0) == 0 {
-                            return;
-                        }
-                        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        if line == "\r\n" {
-                            break;
-                        }
-                        head.push_str(&line);
-                    }
-                    let mut body = vec![0; length];
-                    socket.read_exact(&mut body).await.expect("request body");
-                    let request_line = head.lines().next().unwrap_or_default().to_string();
+                while let Some(request_line) = read_request(&mut socket).await {
                     seen.lock().unwrap().push(request_line.clone());
                     if request_line.contains("/token") {
-                        let token = r#"{"access_token":"t","expires_in":3600}"#;
-                        let answer = format!(
-                            "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{token}",
-                            token.len()
-                        );
-                        socket.get_mut().write_all(answer.as_bytes()).await.expect("write");
+                        answer_token(socket.get_mut()).await;
                         continue;
                     }
                     let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"action\":\"post\"";
