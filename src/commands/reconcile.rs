@@ -153,8 +153,9 @@ impl Source {
                             window_ms: args.match_window.unwrap_or(DEFAULT_WINDOW).as_millis() as i64,
                             now_ms: clock::SystemClock.now_ms(),
                         };
-                        let as_of = match as_of {
-                            Some(token) => as_of_in(store, token).await?,
+                        // `--as-of` (or the first status's point) was read and checked above.
+                        let as_of = match query.as_of {
+                            Some(as_of) => as_of,
                             None => report::AsOf::now(store, params.now_ms).await?,
                         };
                         let basis = report::ReportBasis::new(as_of, &query, params);
