@@ -333,6 +333,63 @@ pub struct EasemobArgs {
     pub sandbox_seed: u64,
 }
 
+impl Cli {
+    /// The command line and environment, parsed; on an error, clap's message and exit. A value
+    /// clap refuses is named by its flag only, so when it came from the environment the message
+    /// also names the variable it was read from (a deployment sets `FRIENDHOOK_LISTEN`, and would
+    /// look for a `--listen` nobody typed).
+    pub fn parse_or_exit() -> Cli {
+        Cli::try_parse().unwrap_or_else(|err| {
+            let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+            name_env_origin(err, &argv, |name| std::env::var_os(name).is_some()).exit()
+        })
+    }
+}
+
+/// `err` with a tip naming the environment variable its refused value came from, when it did:
+/// the refused flag is not on `argv` and its variable is set (`is_set`).
+pub fn name_env_origin(
+    mut err: clap::Error,
+    argv: &[std::ffi::OsString],
+    is_set: impl Fn(&str) -> bool,
+) -> clap::Error {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if !matches!(err.kind(), ErrorKind::InvalidValue | ErrorKind::ValueValidation) {
+        return err;
+    }
+    // "--listen <ADDR>"
+    let Some(ContextValue::String(arg)) = err.get(ContextKind::InvalidArg) else { return err };
+    let Some(long) = arg.split_whitespace().next().and_then(|flag| flag.strip_prefix("--")) else { return err };
+    let on_command_line = argv.iter().filter_map(|a| a.to_str()).any(|a| {
+        a.strip_prefix("--")
+            .and_then(|a| a.strip_prefix(long))
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('='))
+    });
+    if on_command_line {
+        return err;
+    }
+    // The same long flag has the same variable in every subcommand that takes it.
+    fn env_of(cmd: &clap::Command, long: &str) -> Option<String> {
+        cmd.get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env())
+            .and_then(|e| e.to_str())
+            .map(str::to_owned)
+            .or_else(|| cmd.get_subcommands().find_map(|sub| env_of(sub, long)))
+    }
+    if let Some(var) = env_of(&Cli::command(), long).filter(|var| is_set(var)) {
+        let tip = format!("the value was read from the environment variable {var} (no --{long} was given)");
+        let mut tips = match err.get(ContextKind::Suggested) {
+            Some(ContextValue::StyledStrs(tips)) => tips.clone(),
+            _ => Vec::new(),
+        };
+        tips.push(tip.into());
+        err.insert(ContextKind::Suggested, ContextValue::StyledStrs(tips));
+    }
+    err
+}
+
 /// A listen address: an IP address and a port. A bare port, the most common slip, is answered
 /// with an example.
 pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
@@ -461,5 +518,38 @@ mod tests {
         assert!(quiet.contains("friendhook::console=info") && quiet.contains("warn"), "{quiet}");
         let own = log_filter(Some("warn,friendhook::console=off")).0.to_string();
         assert!(own.contains("friendhook::console=off") && !own.contains("console=info"), "as given: {own}");
+    }
+
+    #[test]
+    fn a_refused_value_from_the_environment_names_its_variable() {
+        let refused = |argv: &[&str]| Cli::try_parse_from(argv).expect_err("refused");
+        let argv = |args: &[&str]| args.iter().map(std::ffi::OsString::from).collect::<Vec<_>>();
+        let listen_set = |var: &str| var == "FRIENDHOOK_LISTEN";
+        // What clap sees is the same whether the value was typed or read from the variable; the
+        // command line tells them apart.
+        let err = refused(&["friendhook", "serve", "--listen", "8080"]);
+        let text = name_env_origin(err, &argv(&["friendhook", "serve"]), listen_set).to_string();
+        assert!(text.contains("invalid value '8080' for '--listen"), "{text}");
+        assert!(
+            text.contains("read from the environment variable FRIENDHOOK_LISTEN (no --listen was given)"),
+            "{text}"
+        );
+        for typed in [&["friendhook", "serve", "--listen", "8080"][..], &["friendhook", "serve", "--listen=8080"]] {
+            let err = refused(typed);
+            let text = name_env_origin(err, &argv(typed), listen_set).to_string();
+            assert!(!text.contains("FRIENDHOOK_LISTEN"), "typed, so not from the environment: {text}");
+        }
+        // A variable that is not set is not named; nor one of another flag.
+        let err = refused(&["friendhook", "serve", "--listen", "8080"]);
+        assert!(!name_env_origin(err, &argv(&["friendhook", "serve"]), |_| false).to_string().contains("FRIENDHOOK_"));
+        // A flag whose name begins another's is not taken for it.
+        let err = refused(&["friendhook", "serve", "--listen", "8080"]);
+        let text = name_env_origin(err, &argv(&["friendhook", "serve", "--listen-x"]), listen_set).to_string();
+        assert!(text.contains("FRIENDHOOK_LISTEN"), "{text}");
+        // A global flag, in a subcommand.
+        let err = refused(&["friendhook", "reconcile", "--log-format", "yaml"]);
+        let text =
+            name_env_origin(err, &argv(&["friendhook", "reconcile"]), |v| v == "FRIENDHOOK_LOG_FORMAT").to_string();
+        assert!(text.contains("FRIENDHOOK_LOG_FORMAT"), "{text}");
     }
 }

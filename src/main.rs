@@ -2,7 +2,6 @@
 
 use std::io::IsTerminal;
 
-use clap::Parser;
 use friendhook::config::{Cli, Command, LogFormat};
 
 /// jemalloc rather than the platform's malloc: after a large reconciliation report, glibc kept the
@@ -15,7 +14,7 @@ static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let cli = Cli::parse_or_exit();
     let (filter, not_understood) = friendhook::config::log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let logs = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match cli.log_format {

@@ -102,10 +102,12 @@ async fn resend(
     let Object(request) = json_body(body)?;
     // Both given, or neither.
     if request.all != request.dates.is_empty() {
-        return Err(ApiError::bad_request(
-            "invalid_request",
-            "give either `dates` (keys from GET /v1/easemob/exception-cache) or `\"all\": true`",
-        ));
+        let detail = if request.all {
+            "give `dates` or `\"all\": true`, not both (`all` re-sends every bucket Easemob lists)"
+        } else {
+            "give one of `dates` (keys from GET /v1/easemob/exception-cache) or `\"all\": true`"
+        };
+        return Err(ApiError::bad_request("invalid_request", detail));
     }
     // Checked whole: each request counts against the bucket's few re-sends, and Easemob takes
     // any text, so a URL nothing can receive at would spend one for nothing.
@@ -140,6 +142,11 @@ async fn resend(
     Ok(Json(json!({"results": results})).into_response())
 }
 
+/// Whether `date` has the shape of an exception-cache bucket key (`yyyyMMddHHmm`).
+fn is_bucket_key(date: &str) -> bool {
+    date.len() == 12 && date.bytes().all(|b| b.is_ascii_digit())
+}
+
 /// Asks Easemob to re-send each wanted bucket in turn; one result per date.
 async fn resend_each(
     client: EasemobClient,
@@ -150,13 +157,14 @@ async fn resend_each(
     let mut results = Vec::with_capacity(wanted.len());
     for date in wanted {
         let Some(bucket) = kept.iter().find(|b| b.date == date) else {
-            results.push(Resent {
-                date,
-                size: None,
-                retry: None,
-                resent: false,
-                reason: Some("not in Easemob's exception cache (empty, expired after 3 days, or never there)".into()),
-            });
+            let reason = if is_bucket_key(&date) {
+                "not in Easemob's exception cache (empty, expired after 3 days, or never there)".to_owned()
+            } else {
+                "not a bucket key: Easemob keys its 10-minute buckets by their start as yyyyMMddHHmm \
+                 (e.g. 202109091440); list them with GET /v1/easemob/exception-cache"
+                    .to_owned()
+            };
+            results.push(Resent { date, size: None, retry: None, resent: false, reason: Some(reason) });
             continue;
         };
         let mut result =

@@ -79,10 +79,14 @@ async fn callbacks_that_found_friendhook_unreachable_are_re_sent_from_the_except
     assert_eq!(report["summary"]["matched"], 2, "{report}");
 
     // The bucket is empty now: asking again names it as gone, and nothing is stored twice.
-    let (status, again) = app.post_json("/v1/easemob/exception-cache/resend", json!({"dates": [date]})).await;
+    // A date not shaped like a bucket key is named as such.
+    let (status, again) =
+        app.post_json("/v1/easemob/exception-cache/resend", json!({"dates": [date, "2026-11-27 10:10"]})).await;
     assert_eq!(status, 200);
     assert_eq!(again["results"][0]["resent"], false, "{again}");
     assert!(again["results"][0]["reason"].as_str().unwrap().contains("not in Easemob's exception cache"), "{again}");
+    assert_eq!(again["results"][1]["resent"], false, "{again}");
+    assert!(again["results"][1]["reason"].as_str().unwrap().contains("not a bucket key"), "{again}");
     let (_, cache) = app.get_json("/v1/easemob/exception-cache").await;
     assert_eq!(cache, json!({"buckets": [], "callbacks": 0}));
 
@@ -112,6 +116,9 @@ async fn without_the_add_on_the_answer_says_so_and_a_request_must_name_what_to_r
         let (status, err): (u16, Value) = app.post_json("/v1/easemob/exception-cache/resend", bad.clone()).await;
         assert_eq!((status, err["code"].as_str()), (400, Some("invalid_request")), "{bad}: {err}");
     }
+    let (_, err): (u16, Value) =
+        app.post_json("/v1/easemob/exception-cache/resend", json!({"all": true, "dates": ["202611271010"]})).await;
+    assert!(err["detail"].as_str().unwrap().contains("not both"), "{err}");
     let (status, err) = app.post_json("/v1/easemob/exception-cache/resend", json!({"all": true})).await;
     assert_eq!((status, err["code"].as_str()), (502, Some("exception_cache_not_enabled")), "{err}");
 

@@ -474,3 +474,21 @@ async fn json_logs_are_one_object_per_line() {
     assert!(rest.iter().any(|line| line["message"] == "stopped"), "{rest:#?}");
     assert!(child.wait().await.expect("wait").success());
 }
+
+/// A deployment configures through the environment: a value clap refuses there is named by its
+/// variable too, not only by a flag nobody typed.
+#[test]
+fn a_refused_setting_from_the_environment_names_its_variable() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = std::process::Command::new(crate::process::BIN)
+        .arg("serve")
+        .current_dir(dir.path())
+        .env("FRIENDHOOK_LISTEN", "8080")
+        .output()
+        .expect("run friendhook");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("`8080` is not an address to listen on"), "{stderr}");
+    assert!(stderr.contains("read from the environment variable FRIENDHOOK_LISTEN"), "{stderr}");
+    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "refused before anything was created");
+}
