@@ -114,6 +114,14 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub db: DatabaseArgs,
 
+    /// Start on a database whose journal lost records from its end (the file still refers to
+    /// seqs past its last record), which is otherwise refused: new records would take those seqs
+    /// and erase the trace. Keep a copy of the file first; `friendhook audit verify` on the copy
+    /// names what is missing. true/false, yes/no, on/off or 1/0.
+    #[arg(long, env = "FRIENDHOOK_ACCEPT_JOURNAL_CUT", value_parser = clap::builder::BoolishValueParser::new(),
+          num_args = 0..=1, default_value = "false", default_missing_value = "true")]
+    pub accept_journal_cut: bool,
+
     /// Callback secret(s), comma-separated; any of them may verify a callback (several are active
     /// during a rotation). Easemob scheme: the rule's secret from the Easemob console.
     /// standard-webhooks: `whsec_<base64>`. Unset in sandbox mode (Easemob scheme): one is

@@ -48,6 +48,7 @@ pub fn store_options(args: &ServeArgs, metrics: WriterMetrics) -> StoreOptions {
         recover_interrupted_calls: true,
         instance_lock: true,
         metrics,
+        accept_journal_cut: args.accept_journal_cut,
     }
 }
 

@@ -396,6 +396,40 @@ pub struct PointFacts {
     pub last_call_head_seq: Option<i64>,
 }
 
+/// The highest seq the file refers to beyond `head` (the last stored record's), with what refers
+/// to it, from the references that can be read without a table scan: the lookup by user's
+/// progress and its newest bucket, promoted quarantined callbacks, and the journal head the
+/// newest call saw at its intent (a call's intent sees a head no lower than any earlier call's).
+/// Read when a writer opens the file, so that records removed from the journal's end are not
+/// silently replaced by new ones with their seqs; `audit verify` reads every reference
+/// ([`Store::references_past_head`]).
+pub(super) async fn references_past_head_at_start(
+    conn: &mut sqlx::SqliteConnection,
+    head: i64,
+) -> Result<Option<(&'static str, i64)>, StoreError> {
+    type Seqs = (Option<i64>, Option<i64>, Option<i64>, Option<i64>);
+    let (progress, entries, promoted, intent): Seqs = sqlx::query_as(
+        "SELECT (SELECT upto_seq FROM callback_users_progress),
+                (SELECT max(seq) FROM callback_users
+                  WHERE (role, bucket) IN (SELECT 0, max(bucket) FROM callback_users WHERE role = 0
+                                           UNION ALL SELECT 1, max(bucket) FROM callback_users WHERE role = 1)),
+                (SELECT max(promoted_seq) FROM quarantine WHERE promoted_as_new = 1),
+                (SELECT head_seq_at_intent FROM calls ORDER BY id DESC LIMIT 1)",
+    )
+    .fetch_one(&mut *conn)
+    .await?;
+    let named = [
+        ("the lookup by user's progress (callback_users_progress.upto_seq)", progress),
+        ("an entry of the lookup by user (callback_users.seq)", entries),
+        ("a callback promoted from quarantine (quarantine.promoted_seq)", promoted),
+        ("the journal head the last call saw when it was requested (calls.head_seq_at_intent)", intent),
+    ];
+    Ok(named
+        .into_iter()
+        .filter_map(|(what, seq)| seq.filter(|seq| *seq > head).map(|seq| (what, seq)))
+        .max_by_key(|(_, seq)| *seq))
+}
+
 impl Store {
     /// What the journal says about `point`, for checking that a given `as_of` is one a report
     /// could have had.

@@ -79,6 +79,25 @@ pub enum StoreError {
         /// `, by process N` when the lock file names its holder.
         holder: String,
     },
+    /// The journal is shorter than the file's own references to it: records were removed from
+    /// its end. Appending would hand their seqs to new records and erase the trace.
+    #[error(
+        "the journal ends at seq {head}, but the file still refers to seq {seq} ({what}): records \
+         were removed from the end of the journal, or the file was replaced by an older copy of itself. Appending \
+         now would give those seqs to new records and erase this trace, so nothing was changed. Keep a copy of the \
+         file as it is and check it with `friendhook audit verify --database-url {database}`; to go on writing to \
+         this file anyway, start the service once with --accept-journal-cut (FRIENDHOOK_ACCEPT_JOURNAL_CUT=true)"
+    )]
+    JournalCut {
+        /// The database URL as given.
+        database: String,
+        /// The last stored record's seq.
+        head: i64,
+        /// The highest seq referred to.
+        seq: i64,
+        /// What refers to it.
+        what: &'static str,
+    },
     /// The service was pointed at an in-memory database.
     #[error(
         "{database} is an in-memory database: each connection would see its own, so callbacks \
@@ -387,6 +406,9 @@ pub struct StoreOptions {
     pub instance_lock: bool,
     /// Where the writer records its batches (the service registers these for `/metrics`).
     pub metrics: WriterMetrics,
+    /// Open a file whose journal lost records from its end (see [`StoreError::JournalCut`]),
+    /// with an ERROR in the log, instead of refusing it.
+    pub accept_journal_cut: bool,
 }
 
 impl StoreOptions {
@@ -402,6 +424,7 @@ impl StoreOptions {
             busy_timeout: Duration::from_secs(5),
             instance_lock: false,
             metrics: WriterMetrics::default(),
+            accept_journal_cut: false,
         }
     }
 }
@@ -849,6 +872,20 @@ impl Store {
             .connect_with(connect_options(&opts.database_url)?.read_only(false))
             .await?;
         let head = reads::load_head(&mut conn).await?;
+        // Before anything is appended (closing interrupted calls appends their outcomes).
+        if let Some((what, seq)) = journal::references_past_head_at_start(&mut conn, head.seq).await? {
+            if !opts.accept_journal_cut {
+                return Err(StoreError::JournalCut { database: opts.database_url.clone(), head: head.seq, seq, what });
+            }
+            tracing::error!(
+                "the journal ends at seq {}, but the file still refers to seq {seq} ({what}): records were removed \
+                 from its end, or the file was replaced by an older copy of itself. Going on as --accept-journal-cut \
+                 asks: seqs {} to {seq} will be given to new records (if `friendhook audit verify` then finds the \
+                 lookup by user disagreeing with the events, rebuild it as it says)",
+                head.seq,
+                head.seq + 1
+            );
+        }
         let users_indexed_upto: i64 = sqlx::query_scalar("SELECT upto_seq FROM callback_users_progress")
             .fetch_optional(&mut conn)
             .await?

@@ -665,6 +665,33 @@ async fn audit_verify_notices_records_removed_from_the_end() {
     assert!(out.contains("ends at seq 3") && out.contains("refers to seq 4"), "{out}");
     assert!(out.contains("removed from the end"), "{out}");
     assert!(!out.contains("rebuild-user-index"), "the lookup is not to blame: {out}");
+
+    // A service started on it would give seq 4 to its next record, and the trace would be gone:
+    // it is refused, before anything is written, unless the operator says to go on.
+    let refused = friendhook::commands::serve::build(&serve_args(&db_url, &[]), friendhook::clock::system()).await;
+    let err = format!("{:#}", refused.err().expect("refused"));
+    assert!(err.contains("the journal ends at seq 3, but the file still refers to seq 4"), "{err}");
+    assert!(err.contains("--accept-journal-cut"), "{err}");
+    assert_eq!(sqlite_out(&db_path, "SELECT max(seq) FROM callbacks"), "3", "nothing was written");
+    let app = TestApp::spawn_on(&db_path, &["--accept-journal-cut"]).await;
+    assert_eq!(
+        app.post_callback(roster_body("749", "alice", "u9", "add", 1_700_000_000_009, SECRET)).await.status(),
+        200
+    );
+    app.stop().await;
+    assert_eq!(sqlite_out(&db_path, "SELECT to_user FROM callbacks WHERE seq = 4"), "u9", "seq 4 went to the new one");
+    // The lookup by user still has the removed record's entries; the remedy verify names clears it.
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("rebuild-user-index"), "{out}");
+    let rebuilt = std::process::Command::new(bin())
+        .args(["audit", "rebuild-user-index", "--database-url", &db_url])
+        .output()
+        .unwrap();
+    assert!(rebuilt.status.success(), "{rebuilt:?}");
+    TestApp::spawn_on(&db_path, &[]).await.stop().await;
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
 }
 
 #[tokio::test]
