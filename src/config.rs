@@ -89,7 +89,8 @@ pub enum OnBadSignature {
 #[derive(Debug, Clone, Args)]
 pub struct DatabaseArgs {
     /// SQLite database URL; the file is created if missing and migrations are applied at start.
-    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db",
+          value_parser = crate::config::parse_setting)]
     pub database_url: String,
 
     /// SQLite `synchronous` mode for the write connection (WAL journal either way). `full`: every
@@ -128,7 +129,7 @@ pub struct ServeArgs {
     /// generated at start. Spaces around each item are ignored. Prefer the environment variable:
     /// flags show in the process list.
     #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', hide_env_values = true,
-          value_parser = parse_secret_item)]
+          value_parser = SECRET_ITEM)]
     pub callback_secret: Vec<Secret>,
 
     /// API token(s), comma-separated: when set, the `/v1/...` API (trigger, calls, callbacks,
@@ -138,7 +139,7 @@ pub struct ServeArgs {
     /// (checked by its signature instead), /healthz, /readyz and /metrics answer without a token.
     /// Spaces around each item are ignored.
     #[arg(long, env = "FRIENDHOOK_API_TOKEN", value_delimiter = ',', hide_env_values = true,
-          value_parser = parse_secret_item)]
+          value_parser = SECRET_ITEM)]
     pub api_token: Vec<Secret>,
 
     /// Signature scheme checked on POST /callbacks/easemob.
@@ -252,7 +253,7 @@ pub struct ServeArgs {
 pub struct EasemobArgs {
     /// Easemob REST base URL (e.g. `https://a1.easemob.com`). Unset: start the built-in sandbox
     /// and use it (org demo-org, app demo-app, client id sandbox-client-id).
-    #[arg(long, env = "EASEMOB_BASE_URL")]
+    #[arg(long, env = "EASEMOB_BASE_URL", value_parser = parse_setting)]
     pub easemob_base_url: Option<String>,
 
     /// Refuse to start without --easemob-base-url instead of running the built-in sandbox: for
@@ -263,19 +264,19 @@ pub struct EasemobArgs {
     pub require_easemob: bool,
 
     /// Easemob org name (the part of the App Key before `#`).
-    #[arg(long, env = "EASEMOB_ORG")]
+    #[arg(long, env = "EASEMOB_ORG", value_parser = parse_setting)]
     pub easemob_org: Option<String>,
 
     /// Easemob app name (the part of the App Key after `#`).
-    #[arg(long, env = "EASEMOB_APP")]
+    #[arg(long, env = "EASEMOB_APP", value_parser = parse_setting)]
     pub easemob_app: Option<String>,
 
     /// Client ID from the Easemob console.
-    #[arg(long, env = "EASEMOB_CLIENT_ID")]
+    #[arg(long, env = "EASEMOB_CLIENT_ID", value_parser = parse_setting)]
     pub easemob_client_id: Option<String>,
 
     /// Client secret from the Easemob console (never logged).
-    #[arg(long, env = "EASEMOB_CLIENT_SECRET", hide_env_values = true)]
+    #[arg(long, env = "EASEMOB_CLIENT_SECRET", hide_env_values = true, value_parser = SECRET)]
     pub easemob_client_secret: Option<Secret>,
 
     /// Client-side rate limit for Easemob calls, requests per second per App Key (Easemob's limit
@@ -413,8 +414,77 @@ pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
 /// (`a, b` must mean `a` and `b`: a secret that silently kept its leading space would fail every
 /// callback signed with it). Empty items are left for `serve` to judge: an empty callback secret
 /// is skipped (an empty `FRIENDHOOK_CALLBACK_SECRET=` means "none"), an empty API token refused.
-pub fn parse_secret_item(item: &str) -> Result<Secret, String> {
-    Ok(Secret::new(item.trim()))
+/// One that begins or ends with a quote is refused (`KEY="a,b"` splits into `"a` and `b"`).
+pub const SECRET_ITEM: SecretParser = SecretParser { item: true };
+
+/// A secret setting: [`parse_setting`] for a [`Secret`], whose refusal does not show the value
+/// (clap's own message for a refused value quotes it).
+pub const SECRET: SecretParser = SecretParser { item: false };
+
+/// Parses secrets; see [`SECRET`] and [`SECRET_ITEM`].
+#[derive(Debug, Clone, Copy)]
+pub struct SecretParser {
+    item: bool,
+}
+
+impl clap::builder::TypedValueParser for SecretParser {
+    type Value = Secret;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<Secret, clap::Error> {
+        let name = arg.map_or_else(String::new, |arg| {
+            let long = arg.get_long().map(|l| format!("--{l}")).unwrap_or_default();
+            match arg.get_env().and_then(|e| e.to_str()) {
+                Some(env) => format!("{long} ({env})"),
+                None => long,
+            }
+        });
+        let refuse = |why: &str| {
+            clap::Error::raw(clap::error::ErrorKind::ValueValidation, format!("{name}: {why}\n")).with_cmd(cmd)
+        };
+        let text = value.to_str().ok_or_else(|| refuse("the value (not shown) is not UTF-8"))?.trim();
+        let quoted = if self.item {
+            [text.chars().next(), text.chars().last()].iter().any(|c| matches!(c, Some('"' | '\'')))
+        } else {
+            is_quoted(text)
+        };
+        if quoted {
+            let what = if self.item {
+                "an item (not shown) begins or ends with a quote"
+            } else {
+                "the value (not shown) is wrapped in quotes"
+            };
+            return Err(refuse(&format!("{what}, which would be taken as part of it: {QUOTES_HINT}")));
+        }
+        Ok(Secret::new(text))
+    }
+}
+
+/// A text setting without the spaces around it, refused when it is wrapped in quotes.
+///
+/// Settings come from environment files as often as from a shell, and some of those keep what a
+/// shell would have removed: `docker run --env-file` takes `KEY="value"` with its quotes, and a
+/// line edited by hand keeps a trailing space. A database URL with a trailing space names another
+/// file (a second database, beside the first, that the one-service lock does not cover); an org
+/// or a secret with quotes makes every call or callback fail. Empty values are left to the command
+/// that uses them (for some, empty means unset).
+pub fn parse_setting(value: &str) -> Result<String, String> {
+    let value = value.trim();
+    if is_quoted(value) {
+        return Err(format!("{value} is wrapped in quotes, which would be taken as part of the value: {QUOTES_HINT}"));
+    }
+    Ok(value.to_owned())
+}
+
+const QUOTES_HINT: &str = "remove them (an environment file read by `docker run --env-file` keeps quotes as written)";
+
+fn is_quoted(value: &str) -> bool {
+    value.len() >= 2
+        && ((value.starts_with('"') && value.ends_with('"')) || (value.starts_with('\'') && value.ends_with('\'')))
 }
 
 /// The callback secrets of a `--callback-secret` list, empty items dropped (`a,` is `a`; an empty
@@ -526,6 +596,44 @@ mod tests {
         assert!(quiet.contains("friendhook::console=info") && quiet.contains("warn"), "{quiet}");
         let own = log_filter(Some("warn,friendhook::console=off")).0.to_string();
         assert!(own.contains("friendhook::console=off") && !own.contains("console=info"), "as given: {own}");
+    }
+
+    #[test]
+    fn text_settings_lose_the_spaces_around_them_and_quotes_are_refused() {
+        let serve = |argv: &[&str]| match Cli::try_parse_from(argv).map(|c| c.command) {
+            Ok(Command::Serve(args)) => Ok(args),
+            Ok(_) => unreachable!("serve"),
+            Err(e) => Err(e.to_string()),
+        };
+        let args = serve(&[
+            "friendhook",
+            "serve",
+            "--database-url",
+            "sqlite://fh.db  ",
+            "--easemob-org",
+            " acme ",
+            "--easemob-client-secret",
+            "s3cret ",
+        ])
+        .expect("parsed");
+        assert_eq!(args.db.database_url, "sqlite://fh.db");
+        assert_eq!(args.easemob.easemob_org.as_deref(), Some("acme"));
+        assert_eq!(args.easemob.easemob_client_secret.as_ref().map(Secret::expose), Some("s3cret"));
+        let err = serve(&["friendhook", "serve", "--easemob-org", "\"acme\""]).expect_err("quoted");
+        assert!(err.contains("\"acme\" is wrapped in quotes") && err.contains("docker run --env-file"), "{err}");
+        let err = serve(&["friendhook", "serve", "--easemob-client-secret", "'s3cret'"]).expect_err("quoted");
+        assert!(
+            err.contains("--easemob-client-secret (EASEMOB_CLIENT_SECRET): the value (not shown) is wrapped in quotes"),
+            "{err}"
+        );
+        assert!(!err.contains("s3cret"), "{err}");
+        // A quoted list splits into items that each keep one quote.
+        let err = serve(&["friendhook", "serve", "--callback-secret", "\"abc,def\""]).expect_err("quoted");
+        assert!(err.contains("begins or ends with a quote") && !err.contains("abc"), "{err}");
+        // Empty stays empty, for the command to judge; a quote inside a value is the value's.
+        assert_eq!(parse_setting(" "), Ok(String::new()));
+        assert_eq!(parse_setting("a\"b"), Ok("a\"b".to_owned()));
+        assert_eq!(parse_setting("\""), Ok("\"".to_owned()));
     }
 
     #[test]

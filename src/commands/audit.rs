@@ -27,7 +27,8 @@ pub enum AuditCommand {
     /// for a million events and a million calls on a 2-core machine.
     Verify {
         /// The database to check (opened read-only).
-        #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+        #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db",
+          value_parser = crate::config::parse_setting)]
         database_url: String,
         /// A head published earlier, `SEQ:HASH` (from GET /v1/audit/head): the chain must pass
         /// through it, i.e. the record at SEQ must still carry HASH. Detects history rewritten
@@ -42,7 +43,8 @@ pub enum AuditCommand {
     /// must be stopped (refused otherwise); the events are not touched.
     RebuildUserIndex {
         /// The database whose lookup to rebuild.
-        #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+        #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db",
+          value_parser = crate::config::parse_setting)]
         database_url: String,
     },
 }

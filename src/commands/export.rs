@@ -23,7 +23,8 @@ pub enum Format {
 #[derive(Debug, Args)]
 pub struct ExportArgs {
     /// The database to read (opened read-only).
-    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db",
+          value_parser = crate::config::parse_setting)]
     pub database_url: String,
     /// Only records whose event time is at or after this (epoch ms, RFC 3339 such as
     /// 2026-11-25T18:00:00+08:00, or a duration back from now such as 1h, noted on stderr as

@@ -58,7 +58,8 @@ pub enum QuarantineCommand {
 #[derive(Debug, Args)]
 pub struct ListArgs {
     /// The database to inspect (opened read-only).
-    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db",
+          value_parser = crate::config::parse_setting)]
     pub database_url: String,
 
     /// Print JSON (`{"held": N, "items": [...]}`) instead of a table.
@@ -74,7 +75,8 @@ pub struct ListArgs {
 #[derive(Debug, Args)]
 pub struct ReverifyArgs {
     /// The database holding the quarantine; it must exist. May be in use by a running service.
-    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db",
+          value_parser = crate::config::parse_setting)]
     pub database_url: String,
 
     /// Secret(s) to try, comma-separated; any of them may verify a request. Easemob scheme: the
@@ -83,7 +85,7 @@ pub struct ReverifyArgs {
     /// service's value works here unchanged. Prefer the environment variable, which keeps the
     /// secret out of shell history and `ps`.
     #[arg(long, env = "FRIENDHOOK_CALLBACK_SECRET", value_delimiter = ',', required = true, hide_env_values = true,
-          value_parser = crate::config::parse_secret_item)]
+          value_parser = crate::config::SECRET_ITEM)]
     pub callback_secret: Vec<Secret>,
 
     /// Signature scheme to check the held requests under.
@@ -105,7 +107,8 @@ pub struct ReverifyArgs {
 #[command(group(clap::ArgGroup::new("which").required(true).multiple(true).args(["older_than", "ids"])))]
 pub struct PurgeArgs {
     /// The database holding the quarantine; it must exist. May be in use by a running service.
-    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db",
+          value_parser = crate::config::parse_setting)]
     pub database_url: String,
 
     /// Only requests that arrived longer ago than this (e.g. `30d`); `0s` for every held request.

@@ -18,7 +18,8 @@ use serde_json::Value;
 #[derive(Debug, Args)]
 pub struct ReconcileArgs {
     /// The database to read (opened read-only). Ignored with --url.
-    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db")]
+    #[arg(long, env = "FRIENDHOOK_DATABASE_URL", default_value = "sqlite://friendhook.db",
+          value_parser = crate::config::parse_setting)]
     pub database_url: String,
     /// Ask a running service instead (e.g. http://127.0.0.1:8080). The service computes one
     /// report at a time; while it is busy with another, this waits and asks again.
@@ -27,7 +28,7 @@ pub struct ReconcileArgs {
     /// The service's API token, sent with --url as `Authorization: Bearer`; with several
     /// (comma-separated, as `serve` takes them during a rotation) the first is sent.
     #[arg(long, env = "FRIENDHOOK_API_TOKEN", value_delimiter = ',', hide_env_values = true,
-          value_parser = crate::config::parse_secret_item)]
+          value_parser = crate::config::SECRET_ITEM)]
     pub api_token: Vec<crate::secret::Secret>,
     /// Calls requested (and orphans timestamped) at or after this: epoch ms, RFC 3339, or a
     /// duration back from now (`1h`: an hour ago; printed as the time it stands for, so that the

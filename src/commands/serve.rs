@@ -77,18 +77,26 @@ fn client_config(
 
 fn real_client(args: &ServeArgs, base: &str, clock: SharedClock) -> anyhow::Result<EasemobClient> {
     let e = &args.easemob;
-    let missing =
-        |what: &str, flag: &str| anyhow::anyhow!("--easemob-base-url is set, so {what} is required: pass {flag}");
-    let org = e.easemob_org.clone().ok_or_else(|| missing("the org", "--easemob-org (EASEMOB_ORG)"))?;
-    let app = e.easemob_app.clone().ok_or_else(|| missing("the app", "--easemob-app (EASEMOB_APP)"))?;
-    let id = e
-        .easemob_client_id
-        .clone()
-        .ok_or_else(|| missing("the client id", "--easemob-client-id (EASEMOB_CLIENT_ID)"))?;
-    let secret = e
-        .easemob_client_secret
-        .clone()
-        .ok_or_else(|| missing("the client secret", "--easemob-client-secret (EASEMOB_CLIENT_SECRET)"))?;
+    // Unset or empty alike: an empty variable is what an environment file with `EASEMOB_ORG=` gives.
+    let required = |value: Option<&str>, what: &str, flag: &str| match value {
+        Some(v) if !v.is_empty() => Ok(()),
+        Some(_) => Err(anyhow::anyhow!("{flag} is empty; --easemob-base-url is set, so {what} is required")),
+        None => Err(anyhow::anyhow!("--easemob-base-url is set, so {what} is required: pass {flag}")),
+    };
+    required(e.easemob_org.as_deref(), "the org", "--easemob-org (EASEMOB_ORG)")?;
+    required(e.easemob_app.as_deref(), "the app", "--easemob-app (EASEMOB_APP)")?;
+    required(e.easemob_client_id.as_deref(), "the client id", "--easemob-client-id (EASEMOB_CLIENT_ID)")?;
+    required(
+        e.easemob_client_secret.as_ref().map(Secret::expose),
+        "the client secret",
+        "--easemob-client-secret (EASEMOB_CLIENT_SECRET)",
+    )?;
+    let (org, app, id, secret) = (
+        e.easemob_org.clone().unwrap_or_default(),
+        e.easemob_app.clone().unwrap_or_default(),
+        e.easemob_client_id.clone().unwrap_or_default(),
+        e.easemob_client_secret.clone().unwrap_or_else(|| Secret::new("")),
+    );
     let cfg = client_config(args, base.to_string(), org, app, id, secret);
     EasemobClient::new(cfg, clock).context("could not build the Easemob client")
 }

@@ -111,7 +111,7 @@ pub enum StoreError {
     /// `--database-url` names no file (empty, or `sqlite://` alone): SQLite would open a private
     /// temporary database per connection, so acknowledged callbacks would be invisible and lost.
     #[error(
-        "--database-url `{database}` names no database file; give one, e.g. sqlite://friendhook.db. Nothing was \
+        "--database-url (FRIENDHOOK_DATABASE_URL) `{database}` names no database file; give one, e.g. sqlite://friendhook.db. Nothing was \
          changed"
     )]
     NoFileName {

@@ -23,6 +23,14 @@ async fn easemob_credentials_without_a_base_url_are_refused_instead_of_ignored()
     assert!(!err.contains("s3cret"), "{err}");
     let err = refusal(&db, &["--easemob-base-url", " "]).await;
     assert!(err.contains("--easemob-base-url (EASEMOB_BASE_URL) is empty"), "{err}");
+    // Empty is not given: `EASEMOB_CLIENT_ID=` in an environment file would send an empty id.
+    let real = ["--easemob-base-url", "http://127.0.0.1:9", "--easemob-org", "acme", "--easemob-app", "chat"];
+    let err =
+        refusal(&db, &[&real[..], &["--easemob-client-id", "", "--easemob-client-secret", "s3cret"]].concat()).await;
+    assert!(err.contains("--easemob-client-id (EASEMOB_CLIENT_ID) is empty"), "{err}");
+    let err =
+        refusal(&db, &[&real[..], &["--easemob-client-id", "YXA6id", "--easemob-client-secret", " "]].concat()).await;
+    assert!(err.contains("--easemob-client-secret (EASEMOB_CLIENT_SECRET) is empty"), "{err}");
     assert!(!db.exists(), "nothing was created");
 }
 
