@@ -567,8 +567,9 @@ struct Deadlines {
     state: SharedState,
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves; then stops accepting, lets in-flight
-/// requests finish for up to `limits.shutdown_grace`, and returns.
+/// Serves `router` on `listener` until `shutdown` resolves, then until `drain` does (the stop has
+/// begun: the router refuses new work, callbacks are still received); then stops accepting, lets
+/// in-flight requests finish for up to what is left of `limits.shutdown_grace`, and returns.
 ///
 /// hyper's connection builder is used directly (rather than `axum::serve`) for the per-connection
 /// timeouts of [`crate::connection`]: clients that trickle their headers (slow loris) are cut off
@@ -578,6 +579,7 @@ pub async fn serve(
     router: Router,
     limits: ServerLimits,
     shutdown: impl Future<Output = ()> + Send,
+    drain: impl Future<Output = ()> + Send,
 ) -> std::io::Result<()> {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut connections = tokio::task::JoinSet::new();
@@ -586,8 +588,15 @@ pub async fn serve(
     // by the connection clock below, which tells the two apart.
     http.header_read_timeout(None).keep_alive(true);
     tokio::pin!(shutdown);
+    tokio::pin!(drain);
+    let mut stop_began: Option<tokio::time::Instant> = None;
     loop {
         let (stream, peer) = tokio::select! {
+            () = &mut shutdown, if stop_began.is_none() => {
+                stop_began = Some(tokio::time::Instant::now());
+                continue;
+            }
+            () = &mut drain, if stop_began.is_some() => break,
             accepted = listener.accept() => match accepted {
                 Ok(pair) => pair,
                 Err(err) => {
@@ -597,7 +606,6 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = &mut shutdown => break,
         };
         let _ = stream.set_nodelay(true);
         let router = router.clone();
@@ -634,9 +642,10 @@ pub async fn serve(
     }
     drop(listener);
     tracing::info!("shutting down: no longer accepting; waiting for in-flight requests");
+    let grace_left = limits.shutdown_grace.saturating_sub(stop_began.map_or(Duration::ZERO, |at| at.elapsed()));
     tokio::select! {
         () = graceful.shutdown() => tracing::info!("all connections closed"),
-        () = tokio::time::sleep(limits.shutdown_grace) => {
+        () = tokio::time::sleep(grace_left) => {
             tracing::warn!(grace = ?limits.shutdown_grace, "in-flight requests did not finish within the shutdown grace; exiting anyway");
         }
     }

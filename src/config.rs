@@ -208,6 +208,13 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_SHUTDOWN_GRACE", default_value = "10s", value_parser = parse_duration)]
     pub shutdown_grace: Duration,
 
+    /// On a stop, callbacks are still received (triggers are refused) until the calls made to
+    /// Easemob have ended and this long has passed since the last one, for at most half of
+    /// --shutdown-grace: Easemob sends a call's callback after answering it, and one that finds
+    /// the port closed is retried once, then dropped. 0s: close the listener at once.
+    #[arg(long, env = "FRIENDHOOK_CALLBACK_LINGER", default_value = "3s", value_parser = parse_duration)]
+    pub callback_linger: Duration,
+
     /// What to do with a callback that fails verification: `reject` (401) or `quarantine`
     /// (keep it aside, answer 200; see `friendhook quarantine`).
     #[arg(long, env = "FRIENDHOOK_ON_BAD_SIGNATURE", value_enum, default_value = "reject")]

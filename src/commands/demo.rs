@@ -123,9 +123,16 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let addr = listener.local_addr()?;
     let base = format!("http://{addr}");
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(crate::app::serve(listener, router, limits, async move {
-        let _ = stop_rx.await;
-    }));
+    // The demo stops once it has read the report: no callbacks to wait for by then.
+    let server = tokio::spawn(crate::app::serve(
+        listener,
+        router,
+        limits,
+        async move {
+            let _ = stop_rx.await;
+        },
+        std::future::ready(()),
+    ));
     crate::outln!(
         "friendhook demo: service on {base}, sandbox (playing Easemob) on {}, database {}",
         sandbox.base_url(),

@@ -376,6 +376,32 @@ const LOW_DISK_BYTES: u64 = 256 << 20;
 /// Signals this close together are one stop, sent twice (see `run`).
 const SAME_STOP: Duration = Duration::from_secs(1);
 
+/// What a stopping service waits for before it closes its listener: the callbacks of the calls
+/// it made to Easemob until `linger` after the last one ended (see
+/// [`EasemobClient::callbacks_settled`]), for at most half the grace, so that the requests still
+/// running get the other half. Nothing to wait for when no call was made lately, or with no
+/// Easemob client.
+pub async fn callbacks_to_come(state: &AppState, linger: Duration, grace: Duration) {
+    let Some(client) = state.easemob.as_ref() else { return };
+    let settled = client.callbacks_settled(linger);
+    tokio::pin!(settled);
+    // Said only when there is something to wait for.
+    if futures_util::FutureExt::now_or_never(settled.as_mut()).is_some() {
+        return;
+    }
+    tracing::info!(
+        "stopping: still receiving callbacks, until {} after the last call made to Easemob ends (at most {})",
+        humantime::format_duration(linger),
+        humantime::format_duration(grace / 2)
+    );
+    if tokio::time::timeout(grace / 2, settled).await.is_err() {
+        tracing::warn!(
+            "stopping: calls to Easemob still running after half the shutdown grace; callbacks that come after \
+             the listener closes are retried once by Easemob, then dropped (see the exception cache)"
+        );
+    }
+}
+
 /// `friendhook serve`.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let service = build(&args, clock::system()).await?;
@@ -449,7 +475,8 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
-    app::serve(listener, router, limits, shutdown).await?;
+    let drain = callbacks_to_come(&state, args.callback_linger, limits.shutdown_grace);
+    app::serve(listener, router, limits, shutdown, drain).await?;
     let deadline = *signalled.get_or_init(Instant::now) + limits.shutdown_grace;
     if let Some(sandbox) = sandbox {
         sandbox.shutdown_within(deadline.saturating_duration_since(Instant::now())).await;

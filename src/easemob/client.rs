@@ -119,6 +119,8 @@ struct Inner {
     stopped: tokio::sync::watch::Sender<bool>,
     /// Calls that ended [`ApiFailure::NotSent`] because of it.
     not_sent: std::sync::atomic::AtomicU64,
+    /// The calls after which Easemob sends callbacks, for [`EasemobClient::callbacks_settled`].
+    callback_calls: tokio::sync::watch::Sender<CallbackCalls>,
     jitter: Mutex<StdRng>,
 }
 
@@ -169,6 +171,13 @@ enum TokenTry {
     Final(TokenFailure),
 }
 
+/// The calls after which Easemob sends callbacks: how many are running, when the last one ended.
+#[derive(Debug, Clone, Copy, Default)]
+struct CallbackCalls {
+    running: u32,
+    last_answered: Option<Instant>,
+}
+
 impl EasemobClient {
     /// Builds a client; nothing is sent until the first call (the token is fetched lazily).
     pub fn new(config: ClientConfig, clock: SharedClock) -> Result<Self, ClientError> {
@@ -206,6 +215,7 @@ impl EasemobClient {
                 pacer: RequestPacer::new(rate),
                 stopped: tokio::sync::watch::Sender::new(false),
                 not_sent: std::sync::atomic::AtomicU64::new(0),
+                callback_calls: tokio::sync::watch::Sender::new(CallbackCalls::default()),
                 jitter: Mutex::new(jitter),
                 config,
             }),
@@ -223,7 +233,7 @@ impl EasemobClient {
     pub async fn add_friend(&self, owner: &str, friend: &str) -> Result<ApiSuccess, ApiFailure> {
         check_usernames(&[owner, friend]).map_err(|f| *f)?;
         let url = self.app_path(&["users", owner, "contacts", "users", friend]);
-        self.send(Method::POST, url, None).await
+        self.followed_by_callbacks(self.send(Method::POST, url, None)).await
     }
 
     /// Ends the friendship in both directions:
@@ -231,7 +241,7 @@ impl EasemobClient {
     pub async fn delete_friend(&self, owner: &str, friend: &str) -> Result<ApiSuccess, ApiFailure> {
         check_usernames(&[owner, friend]).map_err(|f| *f)?;
         let url = self.app_path(&["users", owner, "contacts", "users", friend]);
-        self.send(Method::DELETE, url, None).await
+        self.followed_by_callbacks(self.send(Method::DELETE, url, None)).await
     }
 
     /// The usernames `owner` is friends with: `GET /{org}/{app}/users/{owner}/contacts/users`
@@ -365,7 +375,7 @@ impl EasemobClient {
         if let Some(target) = target_url {
             body["targetUrl"] = serde_json::json!(target);
         }
-        let success = self.send(Method::POST, url, Some(json_bytes(&body))).await?;
+        let success = self.followed_by_callbacks(self.send(Method::POST, url, Some(json_bytes(&body)))).await?;
         Ok(success.cut_short || success.envelope.data.as_ref().and_then(Value::as_str) == Some("success"))
     }
 
@@ -670,6 +680,60 @@ impl EasemobClient {
     /// Whether [`EasemobClient::stop_sending`] was called.
     pub fn is_stopping(&self) -> bool {
         *self.inner.stopped.borrow()
+    }
+
+    /// Runs `call`, one after which Easemob sends callbacks (an add, a removal, a re-send of the
+    /// exception cache), counted for [`EasemobClient::callbacks_settled`].
+    async fn followed_by_callbacks<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, ApiFailure>>,
+    ) -> Result<T, ApiFailure> {
+        /// Counts the call out however it ends (a request dropped mid-call included).
+        struct Ended<'a> {
+            calls: &'a tokio::sync::watch::Sender<CallbackCalls>,
+            sent: bool,
+        }
+        impl Drop for Ended<'_> {
+            fn drop(&mut self) {
+                self.calls.send_modify(|calls| {
+                    calls.running -= 1;
+                    if self.sent {
+                        calls.last_answered = Some(Instant::now());
+                    }
+                });
+            }
+        }
+        self.inner.callback_calls.send_modify(|calls| calls.running += 1);
+        let mut ended = Ended { calls: &self.inner.callback_calls, sent: true };
+        let result = call.await;
+        // Left unsent by a stop: no callback will follow.
+        ended.sent = !matches!(result, Err(ApiFailure::NotSent { .. }));
+        result
+    }
+
+    /// Resolves once no call after which Easemob sends callbacks is running and the last one
+    /// ended at least `linger` ago (at once if there was none). A stopping service keeps
+    /// receiving callbacks until then: Easemob sends a call's callback after answering it, and
+    /// one that finds the port closed is retried once and then dropped (and failing deliveries
+    /// get the callback rule banned).
+    pub async fn callbacks_settled(&self, linger: Duration) {
+        let mut calls = self.inner.callback_calls.subscribe();
+        loop {
+            let now = *calls.borrow_and_update();
+            if now.running > 0 {
+                // The sender lives as long as the client.
+                let _ = calls.changed().await;
+                continue;
+            }
+            let since = now.last_answered.map_or(linger, |at| at.elapsed());
+            if since >= linger {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep(linger - since) => {}
+                _ = calls.changed() => {}
+            }
+        }
     }
 
     async fn stopped(&self) {

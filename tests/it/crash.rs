@@ -205,6 +205,42 @@ async fn in_flight_requests_complete_and_are_stored_after(signal: &str) {
     assert_audit_verifies(&db_url).await;
 }
 
+/// Easemob sends a call's callback after answering the call: a service stopped right after a
+/// friend addition still receives its callback (and stores it) before closing its listener.
+#[tokio::test]
+async fn a_stop_right_after_a_call_still_receives_its_callback() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_url = format!("sqlite://{}", dir.path().join("linger.db").display());
+    // The sandbox sends each callback up to 1 s after the call; the stop waits 4 s after it.
+    let extra =
+        ["--sandbox-delay-ms", "1000", "--sandbox-seed", "7", "--callback-linger", "4s", "--shutdown-grace", "20s"];
+    let mut service = ServeProcess::start(&db_url, &extra, &[]).await;
+    register_users(&service, &["alice".into(), "bob".into()]).await;
+    let http = bounded_client();
+    let call: Value = http
+        .post(format!("{}/v1/friends", service.base))
+        .json(&serde_json::json!({"owner": "alice", "friend": "bob"}))
+        .send()
+        .await
+        .expect("trigger")
+        .json()
+        .await
+        .expect("json");
+    assert_eq!(call["outcome"], "succeeded", "{call}");
+
+    service.signal("TERM");
+    let status = service.wait_exit(WITHIN).await;
+    let log = service.log();
+    assert_eq!(status.code(), Some(0), "{log}");
+    assert_eq!(
+        stored_callbacks(&db_url).await.len(),
+        1,
+        "the call's callback came during the stop and was stored:\n{log}"
+    );
+    assert!(log.contains("stopping: still receiving callbacks"), "{log}");
+    assert_audit_verifies(&db_url).await;
+}
+
 #[tokio::test]
 async fn sigterm_lets_in_flight_requests_finish_and_store_then_exits_zero() {
     in_flight_requests_complete_and_are_stored_after("TERM").await;

@@ -45,6 +45,10 @@ pub fn serve_args(db_url: &str, extra: &[&str]) -> ServeArgs {
     if !extra.contains(&"--callback-secret") {
         argv.extend_from_slice(&["--callback-secret", SECRET]);
     }
+    // A stop waits for no callbacks, unless the test is about that wait.
+    if !extra.contains(&"--callback-linger") {
+        argv.extend_from_slice(&["--callback-linger", "0s"]);
+    }
     argv.extend_from_slice(extra);
     match Cli::try_parse_from(argv).expect("valid test arguments").command {
         Command::Serve(args) => *args,
@@ -94,10 +98,17 @@ impl TestApp {
         let join = tokio::spawn(async move {
             let friendhook::commands::serve::Service { listener, router, limits, state, .. } = service;
             // As `serve` does on a signal: the stop's first step, before the listener closes.
-            friendhook::app::serve(listener, router, limits, async {
-                let _ = rx.await;
-                state.begin_stop();
-            })
+            let (linger, grace) = (args.callback_linger, limits.shutdown_grace);
+            friendhook::app::serve(
+                listener,
+                router,
+                limits,
+                async {
+                    let _ = rx.await;
+                    state.begin_stop();
+                },
+                friendhook::commands::serve::callbacks_to_come(&state, linger, grace),
+            )
             .await
             .expect("serve");
             let store = state.store.clone();

@@ -86,6 +86,10 @@ impl ServeProcess {
         if !extra.contains(&"--callback-secret") {
             cmd.args(["--callback-secret", SECRET]);
         }
+        // A stop waits for no callbacks, unless the test is about that wait.
+        if !extra.contains(&"--callback-linger") {
+            cmd.args(["--callback-linger", "0s"]);
+        }
         cmd.args(extra)
             .env("NO_COLOR", "1")
             .env("RUST_LOG", "info")
