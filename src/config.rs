@@ -406,6 +406,37 @@ pub fn name_env_origin(
     err
 }
 
+/// The variables among `names` that look like friendhook's (`FRIENDHOOK_*`, `EASEMOB_*`) but that
+/// no option reads, each with the one it most likely misspells: a typo in an environment file
+/// otherwise leaves the setting at its default without a word (`FRIENDHOOK_API_TOKN` leaves /v1
+/// open).
+pub fn unknown_env_vars(names: impl Iterator<Item = std::ffi::OsString>) -> Vec<(String, Option<String>)> {
+    use clap::CommandFactory;
+    fn collect(cmd: &clap::Command, into: &mut Vec<String>) {
+        into.extend(cmd.get_arguments().filter_map(|a| a.get_env()?.to_str().map(str::to_owned)));
+        for sub in cmd.get_subcommands() {
+            collect(sub, into);
+        }
+    }
+    let mut known = Vec::new();
+    collect(&Cli::command(), &mut known);
+    let mut unknown: Vec<(String, Option<String>)> = names
+        .filter_map(|name| name.into_string().ok())
+        .filter(|name| (name.starts_with("FRIENDHOOK_") || name.starts_with("EASEMOB_")) && !known.contains(name))
+        .map(|name| {
+            let meant = known
+                .iter()
+                .map(|k| (strsim::levenshtein(&name, k), k))
+                .filter(|(distance, _)| *distance <= 3)
+                .min()
+                .map(|(_, k)| k.clone());
+            (name, meant)
+        })
+        .collect();
+    unknown.sort();
+    unknown
+}
+
 /// A listen address: an IP address and a port. A bare port, the most common slip, is answered
 /// with an example.
 pub fn parse_listen(value: &str) -> Result<SocketAddr, String> {
@@ -641,6 +672,21 @@ mod tests {
         assert_eq!(parse_setting(" "), Ok(String::new()));
         assert_eq!(parse_setting("a\"b"), Ok("a\"b".to_owned()));
         assert_eq!(parse_setting("\""), Ok("\"".to_owned()));
+    }
+
+    #[test]
+    fn a_misspelt_variable_is_named_with_the_one_meant() {
+        let names =
+            ["FRIENDHOOK_LISTN", "FRIENDHOOK_LISTEN", "EASEMOB_CLIENT_SECRT", "FRIENDHOOK_WHATEVER_ELSE", "PATH"];
+        let unknown = unknown_env_vars(names.iter().map(std::ffi::OsString::from));
+        assert_eq!(
+            unknown,
+            vec![
+                ("EASEMOB_CLIENT_SECRT".to_owned(), Some("EASEMOB_CLIENT_SECRET".to_owned())),
+                ("FRIENDHOOK_LISTN".to_owned(), Some("FRIENDHOOK_LISTEN".to_owned())),
+                ("FRIENDHOOK_WHATEVER_ELSE".to_owned(), None),
+            ]
+        );
     }
 
     #[test]

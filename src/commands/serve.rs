@@ -219,6 +219,19 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
              not to Easemob. If this is a deployment, give EASEMOB_BASE_URL and the credentials; \
              FRIENDHOOK_REQUIRE_EASEMOB=true makes a start without them fail instead");
     }
+    if args.api_token.is_empty() && !args.listen.ip().is_loopback() {
+        tracing::warn!(listen = %args.listen,
+            "no --api-token (FRIENDHOOK_API_TOKEN): the /v1 API (triggers, history, reconciliation) is open to \
+             whoever reaches this address; set tokens, or listen on 127.0.0.1 behind a proxy that checks them");
+    }
+    for (unknown, meant) in crate::config::unknown_env_vars(std::env::vars_os().map(|(name, _)| name)) {
+        match meant {
+            Some(meant) => {
+                tracing::warn!("{unknown} is set, but friendhook reads no such variable: did you mean {meant}?")
+            }
+            None => tracing::warn!("{unknown} is set, but friendhook reads no such variable"),
+        }
+    }
     let mut secrets = crate::config::callback_secrets(&args.callback_secret);
     if secrets.is_empty() {
         if sandbox_mode && args.signature_scheme == Scheme::Easemob {
