@@ -4,7 +4,7 @@
 
 use clap::{Args, Subcommand};
 
-use crate::store::{Store, chain};
+use crate::store::{Store, StoreError, chain};
 
 /// `friendhook audit ...`.
 #[derive(Debug, Args)]
@@ -280,6 +280,14 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     };
     let verdict = match checked.await {
         Ok(verdict) => verdict,
+        // A file SQLite cannot read as a database fails the check: its bytes were changed
+        // outside SQLite, which is what a check of the history is there to catch.
+        Err(e) if e.chain().any(|c| c.downcast_ref::<StoreError>().is_some_and(StoreError::is_damaged)) => {
+            Verdict::Broken(format!(
+                "the file is damaged ({e:#}): bytes of it were changed outside SQLite (edited, cut short, or \
+                 written over by a disk or file-system fault), so its records cannot all be read"
+            ))
+        }
         Err(e) => {
             // Not 1: a script must be able to tell "tampered" from "could not look".
             crate::console::error(format_args!("the chain could not be checked: {e:#}"));

@@ -247,6 +247,17 @@ impl StoreError {
         }
     }
 
+    /// Whether SQLite found the file damaged: `database disk image is malformed` (SQLITE_CORRUPT)
+    /// or `file is not a database` (SQLITE_NOTADB), extended codes included.
+    pub fn is_damaged(&self) -> bool {
+        let damaged = |e: &sqlx::Error| matches!(e, sqlx::Error::Database(db) if db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 11 | 26)));
+        match self {
+            StoreError::Sqlx(e) => damaged(e),
+            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => damaged(e),
+            _ => false,
+        }
+    }
+
     /// Whether the message already names the database (so a caller should not prefix it with
     /// the URL again).
     pub fn names_the_database(&self) -> bool {

@@ -694,6 +694,23 @@ async fn audit_verify_notices_records_removed_from_the_end() {
     assert_eq!(code, Some(0), "{out}");
 }
 
+/// A file SQLite cannot read (bytes edited, cut short) fails the check, exit 1 with what to do,
+/// rather than exit 2 as if it could not be looked at.
+#[tokio::test]
+async fn audit_verify_calls_a_damaged_file_broken() {
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("77", 3).await;
+    let mut bytes = std::fs::read(&db_path).unwrap();
+    // Every page's header but the first's (which names the schema): a B-tree page type SQLite
+    // does not know.
+    for header in (4096..bytes.len()).step_by(4096) {
+        bytes[header] = 0xff;
+    }
+    std::fs::write(&db_path, bytes).unwrap();
+    let (code, out, err) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("BROKEN: the file is damaged") && out.contains("What next"), "{out}");
+}
+
 #[tokio::test]
 async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable() {
     let (db_path, db_url, _dir) = stopped_with_adds_from_alice("75", 3).await;
