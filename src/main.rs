@@ -34,7 +34,10 @@ async fn main() -> std::process::ExitCode {
             Ok(code) => return std::process::ExitCode::from(code),
             Err(e) => Err(e),
         },
-        Command::Export(args) => friendhook::commands::export::run(args).await,
+        Command::Export(args) => match friendhook::commands::export::run(args).await {
+            Ok(code) => return std::process::ExitCode::from(code),
+            Err(e) => Err(e),
+        },
         Command::Quarantine(args) => match friendhook::commands::quarantine::run(args).await {
             Ok(code) => return std::process::ExitCode::from(code),
             Err(e) => Err(e),

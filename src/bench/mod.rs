@@ -729,19 +729,17 @@ fn reset_peak_rss() -> Option<u64> {
 }
 
 async fn bench_feed(a: SeedArgs) -> anyhow::Result<()> {
+    use crate::commands::export::{Format, Layout};
     let store = seeded_store(&a).await?;
     let t = Instant::now();
     let mut sink = std::io::sink();
     let everything = (0, i64::MIN, i64::MAX);
-    let n = crate::commands::export::export(&store, everything, crate::commands::export::Format::Ndjson, &mut sink, 0)
-        .await?
-        .records;
+    let n =
+        crate::commands::export::export(&store, everything, Layout::quiet(Format::Ndjson), &mut sink).await?.records;
     let secs = t.elapsed().as_secs_f64();
     println!("feed export (NDJSON): {n} records in {secs:.2} s = {:.0} lines/s", n as f64 / secs.max(1e-9));
     let t = Instant::now();
-    let n = crate::commands::export::export(&store, everything, crate::commands::export::Format::Csv, &mut sink, 0)
-        .await?
-        .records;
+    let n = crate::commands::export::export(&store, everything, Layout::quiet(Format::Csv), &mut sink).await?.records;
     let secs = t.elapsed().as_secs_f64();
     println!("feed export (CSV):    {n} records in {secs:.2} s = {:.0} lines/s", n as f64 / secs.max(1e-9));
     Ok(())

@@ -9,6 +9,7 @@ mod bench;
 mod client;
 mod client_support;
 mod crash;
+mod export;
 mod faults;
 mod friends;
 mod hardening;
