@@ -358,6 +358,11 @@ fn sqlite_out(db_path: &std::path::Path, sql: &str) -> String {
     String::from_utf8_lossy(&out.stdout).trim().to_string()
 }
 
+/// `friendhook audit rebuild-user-index --database-url db_url`, run to its end.
+fn rebuild_user_index(db_url: &str) -> std::process::Output {
+    std::process::Command::new(bin()).args(["audit", "rebuild-user-index", "--database-url", db_url]).output().unwrap()
+}
+
 /// `friendhook audit verify --database-url db_url extra...`: exit code, stdout, stderr.
 fn audit_verify(db_url: &str, extra: &[&str]) -> (Option<i32>, String, String) {
     let out = std::process::Command::new(bin())
@@ -613,12 +618,7 @@ async fn audit_verify_finds_a_lookup_by_user_that_disagrees_with_the_events() {
     // The remedy it names works: refused while a service holds the database, then the lookup is
     // emptied and the service rebuilds it at its next start.
     assert!(out.contains("friendhook audit rebuild-user-index"), "{out}");
-    let rebuild = || {
-        std::process::Command::new(bin())
-            .args(["audit", "rebuild-user-index", "--database-url", &db_url])
-            .output()
-            .unwrap()
-    };
+    let rebuild = || rebuild_user_index(&db_url);
     let running = TestApp::spawn_on(&db_path, &[]).await;
     let refused = rebuild();
     assert_eq!(refused.status.code(), Some(1), "{refused:?}");
@@ -689,10 +689,7 @@ async fn audit_verify_notices_records_removed_from_the_end() {
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("rebuild-user-index"), "{out}");
-    let rebuilt = std::process::Command::new(bin())
-        .args(["audit", "rebuild-user-index", "--database-url", &db_url])
-        .output()
-        .unwrap();
+    let rebuilt = rebuild_user_index(&db_url);
     assert!(rebuilt.status.success(), "{rebuilt:?}");
     TestApp::spawn_on(&db_path, &[]).await.stop().await;
     let (code, out, _) = audit_verify(&db_url, &[]);
