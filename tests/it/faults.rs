@@ -238,10 +238,24 @@ impl SmallDisk {
         self.dir.path()
     }
 
-    fn available_bytes(&self) -> u64 {
-        let out =
-            std::process::Command::new("df").args(["--output=avail", "-B1"]).arg(self.dir.path()).output().unwrap();
-        String::from_utf8_lossy(&out.stdout).lines().nth(1).unwrap().trim().parse().unwrap()
+    /// Fills the disk with `file` until it refuses, then gives back `margin` bytes. Measuring the
+    /// free space first and writing that much less is a race: the service's own writes (its WAL
+    /// grows after a commit) can take the margin in between, and the filler then fails instead.
+    fn fill_leaving(&self, file: &std::path::Path, margin: u64) {
+        use std::io::Write;
+        let mut f = std::fs::File::create(file).unwrap();
+        let chunk = vec![0u8; 16 * 1024];
+        loop {
+            match f.write(&chunk) {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                Err(e) => panic!("filling the small disk: {e}"),
+            }
+        }
+        let written = f.metadata().unwrap().len();
+        assert!(written > margin, "the small disk had less than {margin} bytes free before filling");
+        f.set_len(written - margin).unwrap();
     }
 }
 
@@ -267,8 +281,7 @@ async fn a_full_disk_gets_503_and_the_service_recovers_when_space_is_freed() {
     assert_eq!(app.post_callback(warm).await.status(), 200);
     // Leave only a little room, then write until the disk refuses.
     let filler = disk.path().join("filler");
-    let room = disk.available_bytes().saturating_sub(96 * 1024);
-    std::fs::write(&filler, vec![0u8; room as usize]).unwrap();
+    disk.fill_leaving(&filler, 96 * 1024);
     let mut acked = vec![format!("{APPKEY}_400000")];
     let mut refused = None;
     for n in 1..5000 {
