@@ -621,6 +621,17 @@ impl Store {
         Ok(sqlx::query_as(USER_INDEX_MISMATCHES).fetch_one(self.read_pool()).await?)
     }
 
+    /// What SQLite's integrity check (PRAGMA integrity_check) finds wrong with the file, at most
+    /// `max` problems; none when it answers `ok`. Beyond the pages' structure it compares every
+    /// index with its table (row for row, a partial index with its condition) and checks the
+    /// NOT NULL and CHECK constraints, which nothing else reads back. One read transaction over
+    /// the whole file: on a live database the WAL cannot be reset meanwhile, only grow.
+    pub async fn integrity_problems(&self, max: u32) -> Result<Vec<String>, StoreError> {
+        let found: Vec<String> =
+            sqlx::query_scalar(&format!("PRAGMA integrity_check({max})")).fetch_all(self.read_pool()).await?;
+        Ok(if found.len() == 1 && found[0] == "ok" { Vec::new() } else { found })
+    }
+
     /// Seqs the file still refers to beyond the last stored record, each as what refers to it:
     /// the lookup by user's progress, its entries, quarantined callbacks promoted into the
     /// journal, and the journal head each call saw at its intent. A chain that is consistent

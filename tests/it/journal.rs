@@ -1,5 +1,6 @@
 //! The feed, the audit chain and `friendhook audit verify`.
 
+use friendhook::commands::audit::{FileCheck, Progress};
 use serde_json::Value;
 
 use crate::helpers::*;
@@ -588,10 +589,17 @@ async fn audit_verify_reports_its_progress_through_a_long_chain() {
     let _dir = app.stop().await;
     let store = friendhook::store::Store::open_read_only(&db_url).await.unwrap();
     let mut seen = Vec::new();
-    let verdict =
-        friendhook::commands::audit::verify_reporting(&store, None, 2, (2, &mut |n| seen.push(n))).await.unwrap();
+    let verdict = friendhook::commands::audit::verify_reporting(
+        &store,
+        None,
+        2,
+        (2, &mut |p| seen.push(p)),
+        FileCheck::Integrity,
+    )
+    .await
+    .unwrap();
     assert!(matches!(verdict, friendhook::commands::audit::Verdict::Intact { records: 5, .. }), "{verdict:?}");
-    assert_eq!(seen, [2, 4]);
+    assert_eq!(seen, [Progress::Records(2), Progress::Records(4), Progress::IntegrityCheck]);
     store.close().await;
 }
 
@@ -711,6 +719,42 @@ async fn audit_verify_calls_a_damaged_file_broken() {
     let (code, out, err) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(1), "{out}{err}");
     assert!(out.contains("BROKEN: the file is damaged") && out.contains("What next"), "{out}");
+}
+
+/// An index rewritten through the file's schema (its definition put back as it was, its content
+/// without a row) hides that row from every query through it while each record and its link
+/// are intact: SQLite's integrity check, which `audit verify` runs after its walk, finds it.
+#[tokio::test]
+async fn audit_verify_finds_an_index_forged_to_hide_a_row() {
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("78", 5).await;
+    let call_id = sqlite_out(&db_path, "SELECT call_id FROM callbacks WHERE seq = 3");
+    let through_index =
+        format!("SELECT count(*) FROM callbacks INDEXED BY callbacks_by_call_id WHERE call_id = '{call_id}'");
+    assert_eq!(sqlite_out(&db_path, &through_index), "1");
+    sqlite(
+        &db_path,
+        "DROP INDEX callbacks_by_call_id;
+         CREATE INDEX callbacks_by_call_id ON callbacks (call_id) WHERE seq <> 3;
+         PRAGMA writable_schema = ON;
+         UPDATE sqlite_master SET sql = 'CREATE INDEX callbacks_by_call_id ON callbacks (call_id)'
+           WHERE name = 'callbacks_by_call_id';",
+    );
+    assert_eq!(sqlite_out(&db_path, &through_index), "0", "the forged index hides the callback");
+
+    let (code, out, err) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(out.contains("BROKEN: the chain is intact, but SQLite's integrity check"), "{out}");
+    assert!(out.contains("callbacks_by_call_id") && out.contains("REINDEX"), "{out}");
+    assert!(err.contains("now SQLite's integrity check of the file"), "{err}");
+    // What skipping it leaves out, as its --help says.
+    let (code, out, _) = audit_verify(&db_url, &["--skip-integrity-check"]);
+    assert_eq!(code, Some(0), "{out}");
+
+    // The remedy the verdict names.
+    sqlite(&db_path, "REINDEX");
+    assert_eq!(sqlite_out(&db_path, &through_index), "1");
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
 }
 
 #[tokio::test]
