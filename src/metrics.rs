@@ -154,6 +154,7 @@ pub struct Metrics {
     quarantine_held: Gauge<f64, AtomicU64>,
     database_bytes: Family<Labels, Gauge>,
     disk_free_bytes: Gauge,
+    easemob_app_token: Family<Labels, Gauge>,
     reports: [Counter; ReportAnswer::ALL.len()],
     feed_long_polls: Gauge,
     api_requests: Family<ApiLabels, Counter>,
@@ -293,6 +294,8 @@ pub struct ScrapeValues {
     pub file_sizes: Option<(u64, u64)>,
     /// Bytes left for the service on the database's file system; `None`: left as last scraped.
     pub disk_free_bytes: Option<u64>,
+    /// The Easemob app token's [`crate::easemob::TokenHealth::state`]; `None` without a client.
+    pub app_token_state: Option<&'static str>,
     /// The trailing window's reconciliation, when the service computes it.
     pub reconciliation: Option<ReconciliationFigures>,
 }
@@ -378,6 +381,15 @@ impl Metrics {
              64 KiB every callback that needs a new page gets 503",
             Gauge::default(),
         );
+        let easemob_app_token = registered(
+            &mut registry,
+            "easemob_app_token",
+            "The Easemob app token's state, 1 for the current one (not_fetched: no trigger yet; valid; \
+             refresh_failing: valid, but refreshing it failed, and triggers fail once it expires; failing: none, \
+             the last fetch failed, triggers get 503 easemob_token_unavailable; dropped: expired or refused, the \
+             next trigger fetches one). /readyz says why",
+            Family::<Labels, Gauge>::default(),
+        );
         let report_requests = Family::<Labels, Counter>::default();
         let reports = ReportAnswer::ALL.map(|a| report_requests.get_or_create_owned(&[("answer", a.as_str())]));
         registry.register(
@@ -448,6 +460,7 @@ impl Metrics {
             quarantine_held,
             database_bytes,
             disk_free_bytes,
+            easemob_app_token,
             reports,
             feed_long_polls,
             api_requests,
@@ -532,6 +545,11 @@ impl Metrics {
         }
         if let Some(free) = now.disk_free_bytes {
             self.disk_free_bytes.set(i64::try_from(free).unwrap_or(i64::MAX));
+        }
+        if let Some(current) = now.app_token_state {
+            for state in crate::easemob::TokenHealth::STATES {
+                self.easemob_app_token.get_or_create(&[("state", state)]).set(i64::from(state == current));
+            }
         }
         if let (Some(m), Some(f)) = (&self.reconciliation, &now.reconciliation) {
             m.set(f);
@@ -647,6 +665,7 @@ mod tests {
             quarantine_held: Some(7),
             file_sizes: Some((4096, 0)),
             disk_free_bytes: Some(1 << 40),
+            app_token_state: Some("failing"),
             reconciliation: None,
         });
         for r in CallbackResult::ALL {
@@ -668,6 +687,10 @@ mod tests {
         assert!(text.contains("friendhook_database_bytes{file=\"database\"} 4096\n"), "{text}");
         assert!(text.contains("friendhook_disk_free_bytes 1099511627776\n"), "{text}");
         assert!(text.contains("friendhook_database_bytes{file=\"wal\"} 0\n"), "{text}");
+        for state in crate::easemob::TokenHealth::STATES {
+            let line = format!("friendhook_easemob_app_token{{state=\"{state}\"}} {}\n", i32::from(state == "failing"));
+            assert!(text.contains(&line), "missing {line:?} in\n{text}");
+        }
         let unreadable = metrics.render(ScrapeValues { quarantine_held: None, ..ScrapeValues::default() });
         assert!(unreadable.contains("friendhook_quarantine_held NaN\n"), "{unreadable}");
         assert!(text.ends_with("# EOF\n"), "OpenMetrics text ends with # EOF");

@@ -244,6 +244,24 @@ pub enum TokenHealth {
     Dropped,
 }
 
+impl TokenHealth {
+    /// Every [`TokenHealth::state`], for a metric that exports each of them.
+    pub const STATES: [&'static str; 5] = ["not_fetched", "valid", "refresh_failing", "failing", "dropped"];
+
+    /// Its name as the `friendhook_easemob_app_token` metric labels it: a valid token whose
+    /// refresh failed is `refresh_failing` (it works until it expires, which is when triggers
+    /// start failing, so that is the state to alert on early).
+    pub fn state(&self) -> &'static str {
+        match self {
+            TokenHealth::NotFetched => "not_fetched",
+            TokenHealth::Valid { refresh_failing: None, .. } => "valid",
+            TokenHealth::Valid { refresh_failing: Some(_), .. } => "refresh_failing",
+            TokenHealth::Failing { .. } => "failing",
+            TokenHealth::Dropped => "dropped",
+        }
+    }
+}
+
 impl TokenCache {
     /// What the cache holds now.
     pub(crate) async fn health(&self) -> TokenHealth {

@@ -31,6 +31,10 @@ async fn get_metrics(State(state): State<SharedState>) -> Response {
         quarantine_held: state.store.count_quarantine_held().await.ok(),
         file_sizes: state.store.file_sizes(),
         disk_free_bytes: state.store.disk_free_bytes(),
+        app_token_state: match &state.easemob {
+            Some(client) => Some(client.token_health().await.state()),
+            None => None,
+        },
         reconciliation: match &state.trailing {
             Some(trailing) => Some(trailing.figures(&state.store, state.match_params()).await),
             None => None,

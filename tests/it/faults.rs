@@ -507,6 +507,10 @@ async fn a_call_that_cannot_get_an_app_token_is_answered_without_being_recorded(
     assert_eq!((status, ready["status"].as_str()), (200, Some("ready")), "{ready}");
     assert_eq!(ready["easemob"]["app_token"], "failing", "{ready}");
     assert!(ready["easemob"]["detail"].as_str().unwrap().contains("--easemob-client-secret"), "{ready}");
+    // And /metrics, for an alert.
+    let m = app.metrics().await;
+    assert_eq!(m["friendhook_easemob_app_token{state=\"failing\"}"], 1.0, "{m:?}");
+    assert_eq!(m["friendhook_easemob_app_token{state=\"valid\"}"], 0.0, "{m:?}");
     let db_path = app.db_path.clone();
     let dir = app.stop().await;
 
@@ -519,6 +523,9 @@ async fn a_call_that_cannot_get_an_app_token_is_answered_without_being_recorded(
     let (_, ready) = app.get_json("/readyz").await;
     assert_eq!(ready["easemob"]["app_token"], "valid", "{ready}");
     assert!(ready["easemob"]["expires_in_s"].as_i64().is_some_and(|s| s > 0), "{ready}");
+    let m = app.metrics().await;
+    assert_eq!(m["friendhook_easemob_app_token{state=\"valid\"}"], 1.0, "{m:?}");
+    assert_eq!(m["friendhook_easemob_app_token{state=\"failing\"}"], 0.0, "{m:?}");
     app.stop().await;
     drop(dir);
     sandbox.shutdown().await;
