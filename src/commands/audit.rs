@@ -261,6 +261,24 @@ pub async fn verify_reporting(
             missing.join(", ")
         )));
     }
+    let (unlike, first) = store.promotions_unlike_their_event(IN_FLIGHT_SHOWN).await?;
+    if unlike > 0 {
+        let shown: Vec<String> = first
+            .iter()
+            .map(|(id, seq)| match seq {
+                Some(seq) => format!("quarantine id {id} (seq {seq})"),
+                None => format!("quarantine id {id} (no seq)"),
+            })
+            .collect();
+        return Ok(Verdict::Broken(format!(
+            "the chain is intact, but {unlike} promotion(s) from quarantine disagree with the event they name \
+             ({}{}): no callback at that seq, or one with another body or arrival time than the held request. \
+             Reconciliation measures a promoted event's lateness to its promotion, so such a row changes which \
+             calls a report calls late: the quarantine table was edited outside friendhook",
+            shown.join(", "),
+            if unlike > first.len() as i64 { ", ..." } else { "" }
+        )));
+    }
     if file_check == FileCheck::Integrity {
         progress(Progress::IntegrityCheck);
         let problems = store.integrity_problems(INTEGRITY_PROBLEMS_SHOWN).await?;

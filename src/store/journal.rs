@@ -16,8 +16,9 @@ use crate::model::{CallOp, Outcome};
 use crate::reconcile::{CallRow, CallbackRow};
 
 /// The triggers the migrations create to keep calls and callbacks append-only (a record written
-/// once, an outcome and a chain link set once, nothing deleted).
-pub const APPEND_ONLY_TRIGGERS: [&str; 7] = [
+/// once, an outcome and a chain link set once, nothing deleted), and promotions from quarantine
+/// (written once, never removed).
+pub const APPEND_ONLY_TRIGGERS: [&str; 9] = [
     "callbacks_no_delete",
     "callbacks_immutable",
     "callbacks_chain_once",
@@ -25,11 +26,13 @@ pub const APPEND_ONLY_TRIGGERS: [&str; 7] = [
     "calls_no_delete",
     "calls_immutable",
     "calls_outcome_once",
+    "quarantine_promotion_once",
+    "quarantine_promoted_no_delete",
 ];
 
 /// The migrations, in order: the append-only triggers are checked against the definitions
 /// they hold (a test keeps this list in step with the directory).
-const MIGRATIONS: [&str; 8] = [
+const MIGRATIONS: [&str; 9] = [
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_callback_users.sql"),
     include_str!("../../migrations/0003_writer_probe_ballast.sql"),
@@ -38,6 +41,7 @@ const MIGRATIONS: [&str; 8] = [
     include_str!("../../migrations/0006_calls_by_completion.sql"),
     include_str!("../../migrations/0007_call_outcome_detail.sql"),
     include_str!("../../migrations/0008_call_head_at_intent.sql"),
+    include_str!("../../migrations/0009_quarantine_promotions_kept.sql"),
 ];
 
 /// The trigger `name` as the last migration that creates it defines it, as SQLite keeps it
@@ -619,6 +623,30 @@ impl Store {
     /// `audit verify` compares it with them instead.
     pub async fn user_index_mismatches(&self) -> Result<(i64, i64), StoreError> {
         Ok(sqlx::query_as(USER_INDEX_MISMATCHES).fetch_one(self.read_pool()).await?)
+    }
+
+    /// Promotions from quarantine that disagree with the event they name, as (quarantine id,
+    /// promoted seq), at most `limit`, and how many there are: no callback at `promoted_seq`, or,
+    /// for a promotion that stored its event (`promoted_as_new`), one with another body or
+    /// arrival time than the held request's. The promotion is not chained, but reconciliation
+    /// measures such an event's lateness to it: a row forged to name an event that was never held
+    /// would move a call from late to on time. Reads every promoted row (verify reads everything).
+    pub async fn promotions_unlike_their_event(
+        &self,
+        limit: i64,
+    ) -> Result<(i64, Vec<(i64, Option<i64>)>), StoreError> {
+        const UNLIKE: &str = "FROM quarantine q
+            WHERE q.promoted_at_ms IS NOT NULL AND NOT EXISTS (
+                SELECT 1 FROM callbacks c WHERE c.seq = q.promoted_seq
+                  AND (q.promoted_as_new IS NOT 1
+                       OR (c.body_sha256 = q.body_sha256 AND c.received_at_ms = q.received_at_ms)))";
+        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) {UNLIKE}")).fetch_one(self.read_pool()).await?;
+        let first: Vec<(i64, Option<i64>)> =
+            sqlx::query_as(&format!("SELECT q.id, q.promoted_seq {UNLIKE} ORDER BY q.id LIMIT ?1"))
+                .bind(limit)
+                .fetch_all(self.read_pool())
+                .await?;
+        Ok((count, first))
     }
 
     /// What SQLite's integrity check (PRAGMA integrity_check) finds wrong with the file, at most

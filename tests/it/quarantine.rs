@@ -461,3 +461,48 @@ async fn promoting_another_delivery_of_a_stored_event_leaves_its_reconciliation_
     assert_eq!(same["items"], before["items"], "the report as of before the promotion");
     app.stop().await;
 }
+
+/// A promotion is not chained, but reconciliation measures the promoted event's lateness to it:
+/// the database keeps it as it was written (a held row can still be purged), and `audit verify`
+/// compares it with the event it names.
+#[tokio::test]
+async fn a_promotion_is_kept_as_written_and_verify_compares_it_with_its_event() {
+    let app = TestApp::spawn(&["--on-bad-signature", "quarantine"]).await;
+    let valid = roster_body("3601", "alice", "carol", "add", 1_700_000_000_000, SECRET);
+    assert_eq!(app.post_callback(valid).await.status(), 200);
+    let held = roster_body("3602", "alice", "bob", "add", 1_700_000_000_001, ROTATED);
+    assert_eq!(app.post_callback(held).await.status(), 200);
+    let (db_path, db_url) = (app.db_path.clone(), app.db_url.clone());
+    let _dir = app.stop().await;
+    let out = reverify(&db_url, ROTATED, &[]).await;
+    assert!(out.contains("promoted 1 "), "{out}");
+    assert_eq!(audit_verify(&db_url).await.code, 0);
+
+    let sqlite = |sql: &str| {
+        let out = std::process::Command::new("sqlite3").arg(&db_path).arg(sql).output().expect("sqlite3 is installed");
+        (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, err) = sqlite("DELETE FROM quarantine WHERE promoted_at_ms IS NOT NULL");
+    assert!(!ok && err.contains("a promotion from quarantine is kept"), "{err}");
+    let (ok, err) = sqlite("UPDATE quarantine SET promoted_at_ms = promoted_at_ms - 3600000");
+    assert!(!ok && err.contains("a promotion from quarantine is recorded once"), "{err}");
+    let (ok, err) = sqlite("UPDATE quarantine SET promoted_seq = 1");
+    assert!(!ok && err.contains("a promotion from quarantine is recorded once"), "{err}");
+
+    // Without its guard, the promotion is pointed at the event that arrived correctly signed
+    // (it was never held); with the guard put back word for word, only the comparison is left.
+    let migration = include_str!("../../migrations/0009_quarantine_promotions_kept.sql");
+    let (ok, err) = sqlite(&format!(
+        "DROP TRIGGER quarantine_promotion_once; DROP TRIGGER quarantine_promoted_no_delete;
+         UPDATE quarantine SET promoted_seq = 1; {migration}"
+    ));
+    assert!(ok, "{err}");
+    let out = audit_verify(&db_url).await;
+    assert_eq!(out.code, 1, "{}{}", out.stdout, out.stderr);
+    assert!(
+        out.stdout
+            .contains("1 promotion(s) from quarantine disagree with the event they name (quarantine id 1 (seq 1))"),
+        "{}",
+        out.stdout
+    );
+}
