@@ -294,6 +294,17 @@ fn callback_chain_record(r: &sqlx::sqlite::SqliteRow) -> Result<ChainRecord, sql
     })
 }
 
+/// Column `column` of `r`, refused when NULL (sqlx reads an SQLite NULL as 0 or "" otherwise).
+fn not_null<'r, T>(r: &'r sqlx::sqlite::SqliteRow, column: &str) -> Result<T, sqlx::Error>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    r.try_get::<Option<T>, _>(column)?.ok_or_else(|| sqlx::Error::ColumnDecode {
+        index: column.to_owned(),
+        source: "NULL where friendhook always writes a value".into(),
+    })
+}
+
 fn call_chain_record(r: &sqlx::sqlite::SqliteRow) -> Result<ChainRecord, sqlx::Error> {
     let prev: String = r.try_get::<Option<String>, _>("prev_hash")?.unwrap_or_default();
     let content = CallContent {
@@ -304,11 +315,14 @@ fn call_chain_record(r: &sqlx::sqlite::SqliteRow) -> Result<ChainRecord, sqlx::E
         friend: r.try_get("friend")?,
         idempotency_key: r.try_get("idempotency_key")?,
         requested_at_ms: r.try_get("requested_at_ms")?,
-        completed_at_ms: r.try_get::<Option<i64>, _>("completed_at_ms")?.unwrap_or_default(),
-        outcome: r.try_get::<Option<&str>, _>("outcome")?.unwrap_or_default(),
+        // A chained call always has these (friendhook writes them with its link): a NULL is an
+        // edit, and is named as one rather than hashed like the 0 or "" it would be read as
+        // (`attempts` NULL and 0 would otherwise carry the same link).
+        completed_at_ms: not_null(r, "completed_at_ms")?,
+        outcome: not_null(r, "outcome")?,
         upstream_status: r.try_get("upstream_status")?,
         upstream_error: r.try_get("upstream_error")?,
-        attempts: r.try_get::<Option<i64>, _>("attempts")?.unwrap_or_default(),
+        attempts: not_null(r, "attempts")?,
         response_body: r.try_get("response_body")?,
         outcome_detail: r.try_get("outcome_detail")?,
     };

@@ -453,6 +453,28 @@ async fn a_calls_outcome_detail_is_written_once_and_chained() {
     assert!(out.contains(&format!("seq {seq}")), "names the edited call: {out}");
 }
 
+/// A call closed as `unknown` by a restart made no attempt: its `attempts` is 0, and NULL in
+/// its place was read as 0 and carried the same link. It is named as an edit now.
+#[tokio::test]
+async fn a_chained_calls_attempts_edited_to_null_is_found() {
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("76", 1).await;
+    // An intent without an outcome, as a crash leaves it: the next start closes it as `unknown`.
+    sqlite(
+        &db_path,
+        "INSERT INTO calls (op, owner, friend, pair_key, requested_at_ms) VALUES ('add', 'alice', 'bob', 'alice|bob', 1)",
+    );
+    TestApp::spawn_on(&db_path, &[]).await.stop().await;
+    let (seq, attempts) =
+        (sqlite_out(&db_path, "SELECT seq FROM calls"), sqlite_out(&db_path, "SELECT attempts FROM calls"));
+    assert_eq!(attempts, "0", "closed without an attempt");
+    assert_eq!(audit_verify(&db_url, &[]).0, Some(0));
+
+    sqlite(&db_path, "DROP TRIGGER calls_outcome_once; UPDATE calls SET attempts = NULL;");
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains(&format!("seq {seq} (call id 1): cannot be read as stored")), "{out}");
+}
+
 #[tokio::test]
 async fn a_database_of_schema_6_is_upgraded_with_its_chain_intact_and_records_details_afterwards() {
     let dir = tempfile::tempdir().unwrap();
