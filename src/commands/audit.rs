@@ -45,6 +45,13 @@ pub enum AuditCommand {
         /// record and its link are intact.
         #[arg(long)]
         skip_integrity_check: bool,
+        /// Print the verdict as one JSON object on stdout, for a script or a monitoring job:
+        /// `{"verdict": "intact", "records", "head": {"seq", "hash"}, "expect_head",
+        /// "in_flight": {"count", "ids"}, "closed_unknown": {"count", "ids"}, "integrity_check"}`,
+        /// `{"verdict": "broken", "problem", "next"}`, or `{"verdict": "not_checked", "error"}`.
+        /// The exit status is the same (0, 1, 2); progress stays on stderr.
+        #[arg(long)]
+        json: bool,
     },
     /// Empty the lookup by user (`from`/`to` queries), which is derived from the events and not
     /// chained, so that the service rebuilds it from them, in the background, at its next start.
@@ -324,9 +331,10 @@ const AFTER_BROKEN_WITH_HEAD: &str = "What next: keep this file as it is (copy i
 
 /// Runs the command; returns the process exit code: 0 intact, 1 broken, 2 not checked.
 pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
-    let (database_url, expect_head, file_check) = match args.command {
-        AuditCommand::Verify { database_url, expect_head, skip_integrity_check } => {
-            (database_url, expect_head, if skip_integrity_check { FileCheck::Skip } else { FileCheck::Integrity })
+    let (database_url, expect_head, file_check, json) = match args.command {
+        AuditCommand::Verify { database_url, expect_head, skip_integrity_check, json } => {
+            let file_check = if skip_integrity_check { FileCheck::Skip } else { FileCheck::Integrity };
+            (database_url, expect_head, file_check, json)
         }
         AuditCommand::RebuildUserIndex { database_url } => {
             let removed = Store::reset_user_index(&database_url).await?;
@@ -362,9 +370,16 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         Err(e) => {
             // Not 1: a script must be able to tell "tampered" from "could not look".
             crate::console::error(format_args!("the chain could not be checked: {e:#}"));
+            if json {
+                crate::outln!("{}", serde_json::json!({"verdict": "not_checked", "error": format!("{e:#}")}));
+            }
             return Ok(2);
         }
     };
+    if json {
+        crate::outln!("{}", verdict_json(&verdict, expect_head.as_ref(), file_check));
+        return Ok(if matches!(verdict, Verdict::Intact { .. }) { 0 } else { 1 });
+    }
     match verdict {
         Verdict::Intact { records, head_seq, head_hash, in_flight, closed_unknown } => {
             match &expect_head {
@@ -389,6 +404,27 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
             crate::outln!("{}", if expect_head.is_some() { AFTER_BROKEN_WITH_HEAD } else { AFTER_BROKEN });
             Ok(1)
         }
+    }
+}
+
+/// The verdict as `audit verify --json` prints it.
+fn verdict_json(verdict: &Verdict, expect_head: Option<&PublishedHead>, file_check: FileCheck) -> serde_json::Value {
+    let listed = |(count, ids): &(i64, Vec<i64>)| serde_json::json!({"count": count, "ids": ids});
+    match verdict {
+        Verdict::Intact { records, head_seq, head_hash, in_flight, closed_unknown } => serde_json::json!({
+            "verdict": "intact",
+            "records": records,
+            "head": {"seq": head_seq, "hash": head_hash},
+            "expect_head": expect_head.map(|head| format!("{}:{}", head.seq, head.hash)),
+            "in_flight": listed(in_flight),
+            "closed_unknown": listed(closed_unknown),
+            "integrity_check": file_check == FileCheck::Integrity,
+        }),
+        Verdict::Broken(problem) => serde_json::json!({
+            "verdict": "broken",
+            "problem": problem,
+            "next": if expect_head.is_some() { AFTER_BROKEN_WITH_HEAD } else { AFTER_BROKEN },
+        }),
     }
 }
 

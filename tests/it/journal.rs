@@ -389,6 +389,13 @@ async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("intact: 5 records"));
+    let (code, out, _) = audit_verify(&db_url, &["--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let intact: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(intact["verdict"], "intact", "{intact}");
+    assert_eq!((intact["records"].as_i64(), &intact["head"]), (Some(5), &head), "{intact}");
+    assert_eq!(intact["in_flight"], serde_json::json!({"count": 0, "ids": []}), "{intact}");
+    assert_eq!(intact["integrity_check"], true, "{intact}");
 
     // An attacker with file access: drop the append-only trigger and rewrite a stored event.
     sqlite(&db_path, "DROP TRIGGER callbacks_immutable; UPDATE callbacks SET to_user = 'mallory' WHERE seq = 3;");
@@ -396,6 +403,18 @@ async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(1));
     assert!(out.contains("seq 3"), "names the first bad record: {out}");
+    let (code, out, _) = audit_verify(&db_url, &["--json"]);
+    assert_eq!(code, Some(1), "{out}");
+    let broken: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(broken["verdict"], "broken", "{broken}");
+    assert!(broken["problem"].as_str().unwrap().starts_with("seq 3 "), "{broken}");
+    assert!(broken["next"].as_str().unwrap().starts_with("What next"), "{broken}");
+
+    let (code, out, err) = audit_verify("sqlite:///nonexistent/dir/x.db", &["--json"]);
+    assert_eq!(code, Some(2), "{out}{err}");
+    let not_checked: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(not_checked["verdict"], "not_checked", "{not_checked}");
+    assert!(err.contains("could not be checked"), "{err}");
 }
 
 /// Seqs have no gaps, so a record removed behind friendhook's back shows in the first page that
