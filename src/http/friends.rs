@@ -77,6 +77,9 @@ pub struct CallView {
     pub idempotency_key: Option<String>,
     /// Journal position of the outcome.
     pub seq: Option<i64>,
+    /// The chain link of the record at `seq` (what `audit verify` recomputes, and what
+    /// `--expect-head SEQ:HASH` takes): a citation of this outcome.
+    pub chain_hash: Option<String>,
 }
 
 impl From<CallRecord> for CallView {
@@ -96,6 +99,7 @@ impl From<CallRecord> for CallView {
             response: c.response_body.as_deref().and_then(|b| serde_json::from_str(b).ok()),
             idempotency_key: c.idempotency_key,
             seq: c.seq,
+            chain_hash: c.chain_hash,
         }
     }
 }

@@ -333,6 +333,8 @@ pub struct CallRecord {
     pub outcome_detail: Option<String>,
     /// Journal position once the outcome is recorded.
     pub seq: Option<i64>,
+    /// The chain link of the record at `seq`, once the outcome is recorded.
+    pub chain_hash: Option<String>,
 }
 
 impl Default for CallRecord {
@@ -352,12 +354,13 @@ impl Default for CallRecord {
             response_body: None,
             outcome_detail: None,
             seq: None,
+            chain_hash: None,
         }
     }
 }
 
 pub(crate) const SELECT_CALL: &str = "SELECT id, op, owner, friend, idempotency_key, requested_at_ms, completed_at_ms, \
-     outcome, upstream_status, upstream_error, attempts, response_body, outcome_detail, seq FROM calls";
+     outcome, upstream_status, upstream_error, attempts, response_body, outcome_detail, seq, chain_hash FROM calls";
 
 impl CallRecord {
     pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
@@ -371,6 +374,7 @@ impl CallRecord {
             response_body: row.try_get("response_body")?,
             outcome_detail: row.try_get("outcome_detail")?,
             seq: row.try_get("seq")?,
+            chain_hash: row.try_get("chain_hash")?,
             ..Self::intent_from_row(row)?
         })
     }

@@ -1143,6 +1143,7 @@ async fn record_outcome(
             None => Err(StoreError::Write(format!("call {} has no recorded intent", c.id))),
         };
     }
+    let record_hash = hash.clone();
     *head = ChainHead { seq, hash };
     Ok(CallRecord {
         completed_at_ms: Some(now),
@@ -1153,6 +1154,7 @@ async fn record_outcome(
         response_body: o.response_body.clone(),
         outcome_detail: o.outcome_detail.clone(),
         seq: Some(seq),
+        chain_hash: Some(record_hash),
         ..c.clone()
     })
 }

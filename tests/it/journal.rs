@@ -457,9 +457,15 @@ async fn a_calls_outcome_detail_is_written_once_and_chained() {
     assert_eq!((status, call["outcome"].as_str()), (201, Some("rejected")), "{call}");
     assert!(call["outcome_detail"].is_string(), "{call}");
     let seq = call["seq"].as_i64().unwrap();
+    // The answer and the record carry the outcome's chain link, to cite it.
+    let link = call["chain_hash"].as_str().expect("a chained outcome has its link").to_string();
+    let (_, read) = app.get_json(&format!("/v1/calls/{}", call["id"])).await;
+    assert_eq!(read["chain_hash"], link.as_str(), "{read}");
     let db_path = app.db_path.clone();
     let db_url = app.db_url.clone();
     let _dir = app.stop().await;
+    assert_eq!(feed_link(&db_url, seq), link);
+    assert_eq!(audit_verify(&db_url, &["--expect-head", &format!("{seq}:{link}")]).0, Some(0));
     assert_eq!(audit_verify(&db_url, &[]).0, Some(0), "a record with a detail verifies");
 
     let edit = format!("UPDATE calls SET outcome_detail = 'all fine' WHERE seq = {seq};");
