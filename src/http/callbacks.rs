@@ -144,7 +144,9 @@ async fn receive_callback(
     {
         // Easemob re-sends once, then drops the event: a sender posting what cannot be read
         // (a proxy rewriting bodies, a callback rule pointed at the wrong endpoint) loses events.
-        tracing::warn!(%peer, status = err.status().as_u16(), code = err.code(), detail = %err, since_last_line,
+        // `source`, as the 401 and 403 lines have it: behind a trusted proxy, the sender it names.
+        let source = source::resolve(&state.settings.trusted_proxies, peer, &headers);
+        tracing::warn!(%source, status = err.status().as_u16(), code = err.code(), detail = %err, since_last_line,
             "callback refused as unreadable; nothing was stored (if Easemob sent it, the event is lost after its one retry)");
     }
     state.metrics.callback(match &received {

@@ -1058,4 +1058,6 @@ async fn unreadable_callbacks_are_logged_once_for_a_run() {
     assert!((1..=2).contains(&lines.len()), "{lines:#?}");
     assert!(lines[0].contains("status=400") && lines[0].contains("code=\"invalid_json\""), "{}", lines[0]);
     assert!(lines[0].contains("since_last_line=1"), "{}", lines[0]);
+    // Named `source`, as the lines of refused signatures and sources name the sender.
+    assert!(lines[0].contains("source=127.0.0.1:"), "{}", lines[0]);
 }
