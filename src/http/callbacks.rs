@@ -71,6 +71,15 @@ fn unavailable(err: &StoreError) -> ApiError {
             detail: "the service is shutting down; retry shortly".into(),
             retry_after_secs: 1,
         },
+        // Its own text names files and a process id, which are not for the sender.
+        StoreError::FileGone(_) => ApiError::Unavailable {
+            code: "storage_unavailable",
+            detail: "the service's database file was removed or replaced while it ran: nothing was stored, and \
+                     nothing will be until an operator puts the file back and restarts the service (GET /readyz \
+                     says how)"
+                .into(),
+            retry_after_secs: 30,
+        },
         _ => ApiError::Unavailable {
             code: "storage_unavailable",
             detail: "the database cannot commit right now; nothing was stored, retry shortly".into(),

@@ -46,6 +46,11 @@ pub enum StoreError {
     /// A write batch failed; nothing in it was committed.
     #[error("database write failed: {0}")]
     Write(String),
+    /// The database file was removed or replaced under the running service: writes would go to
+    /// a file that is lost when it stops, so none is made. Unlike [`StoreError::Write`], this
+    /// does not pass by waiting: an operator has to put the file back and restart the service.
+    #[error("database write failed: {0}")]
+    FileGone(String),
     /// A database error. Its text includes sqlx's (which includes SQLite's), so it is not also
     /// returned as the `source`: `error: {err:#}` would print each cause two or three times.
     #[error("database error: {0}")]
@@ -283,6 +288,7 @@ impl StoreError {
             // Kept as it is: wrapped again, its text would read "database write failed: database
             // write failed: ..." in the answers and in /readyz.
             StoreError::Write(text) => StoreError::Write(text.clone()),
+            StoreError::FileGone(text) => StoreError::FileGone(text.clone()),
             other => StoreError::Write(other.to_string()),
         }
     }

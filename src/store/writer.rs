@@ -312,7 +312,7 @@ impl DatabaseFile {
         if Self::identity_of(&self.path) == Some(noted) {
             return Ok(());
         }
-        Err(StoreError::Write(format!(
+        Err(StoreError::FileGone(format!(
             "the database file {} was removed or replaced while the service ran: writes still go to the file \
              it opened, which is lost when the service stops, so none is acknowledged. If it was removed by \
              mistake, copy it back while the service still runs (`ls -l /proc/{}/fd` shows it as deleted; \

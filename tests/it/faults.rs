@@ -690,10 +690,15 @@ async fn a_database_file_removed_under_the_service_gets_no_more_200s() {
     std::fs::remove_file(&app.db_path).expect("remove the database file");
     let after = app.post_callback(roster_body("330002", "alice", "carol", "add", 1_700_000_000_001, SECRET)).await;
     let status = after.status();
+    let retry_after = after.headers().get("retry-after").map(|v| v.to_str().unwrap().to_owned());
     let err: Value = after.json().await.unwrap();
     let (ready, readyz) = app.get_json("/readyz").await;
 
     assert_eq!((status.as_u16(), err["code"].as_str()), (503, Some("storage_unavailable")), "{err}");
+    // Not "retry shortly": it does not pass by waiting.
+    let detail = err["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("until an operator puts the file back and restarts the service"), "{err}");
+    assert_eq!(retry_after.as_deref(), Some("30"));
     assert_eq!(ready, 503, "{readyz}");
     let why = readyz["database"]["write"].as_str().unwrap_or_default();
     assert!(why.contains("was removed or replaced while the service ran") && why.contains("/proc/"), "{readyz}");
