@@ -20,9 +20,10 @@ pub enum AuditCommand {
     /// Recompute the SHA-256 chain over every stored callback and call outcome, and compare the
     /// lookup by user (derived from the events, not chained) with them. Exit 0 when intact, 1 at
     /// the first record that does not match (printed, with what to do next), when the append-only
-    /// triggers were dropped, when the lookup disagrees with the events or when SQLite's
-    /// integrity check finds the file at fault (an index that disagrees with its table), 2 when the check could
-    /// not be made (no database, unreadable file, a malformed --expect-head). Calls still without
+    /// triggers were dropped, when a promotion from quarantine or the lookup disagrees with the
+    /// events, or when SQLite's integrity check finds the file at fault (an index that disagrees
+    /// with its table); 2 when the check could not be made (no database, unreadable file, a
+    /// malformed --expect-head). Calls still without
     /// an outcome, which the chain does not cover yet, and calls closed as `unknown` by a restart,
     /// whose request it cannot vouch for, are listed after an intact verdict. It takes about a minute
     /// for a million events and a million calls on a 2-core machine, SQLite's integrity check of
