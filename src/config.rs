@@ -502,6 +502,16 @@ impl clap::builder::TypedValueParser for SecretParser {
     }
 }
 
+/// `text` if it is an http(s) URL with a host; otherwise what is wrong with it, for a value
+/// parser to follow with an example of what it expects.
+pub fn http_url(text: &str) -> Result<String, String> {
+    match reqwest::Url::parse(text) {
+        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(text.to_owned()),
+        Ok(url) => Err(format!("`{}` is not an http(s) URL", url.scheme())),
+        Err(e) => Err(format!("`{text}`: {e}")),
+    }
+}
+
 /// A text setting without the spaces around it, refused when it is wrapped in quotes.
 ///
 /// Settings come from environment files as often as from a shell, and some of those keep what a

@@ -79,14 +79,7 @@ pub struct ReconcileArgs {
 /// `--url`: an http(s) URL with a host, so that a typo is named as one rather than reported as a
 /// service that cannot be reached.
 fn parse_service_url(text: &str) -> Result<String, String> {
-    match reqwest::Url::parse(text) {
-        Ok(url) if matches!(url.scheme(), "http" | "https") && url.host().is_some() => Ok(text.to_owned()),
-        Ok(url) => Err(format!(
-            "`{}` is not an http(s) URL; give the service's base URL, e.g. http://127.0.0.1:8080",
-            url.scheme()
-        )),
-        Err(e) => Err(format!("{e}; give the service's base URL, e.g. http://127.0.0.1:8080")),
-    }
+    crate::config::http_url(text).map_err(|e| format!("{e}; give the service's base URL, e.g. http://127.0.0.1:8080"))
 }
 
 /// The exit status of a report that counts a status named by `--fail-on`.

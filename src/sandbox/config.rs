@@ -134,8 +134,9 @@ pub struct SandboxArgs {
     )]
     pub client_secret: Secret,
 
-    /// URL that roster callbacks are POSTed to; without it no callbacks are generated.
-    #[arg(long, env = "FRIENDHOOK_SANDBOX_CALLBACK_URL")]
+    /// URL that roster callbacks are POSTed to (http or https); without it no callbacks are
+    /// generated.
+    #[arg(long, env = "FRIENDHOOK_SANDBOX_CALLBACK_URL", value_parser = parse_callback_url)]
     pub callback_url: Option<String>,
 
     /// Secret for the callback signature md5(callId + secret + timestamp); unset signs with "".
@@ -227,6 +228,13 @@ pub(crate) fn parse_probability(text: &str) -> Result<f64, String> {
     if (0.0..=1.0).contains(&value) { Ok(value) } else { Err(format!("must be between 0 and 1, got {value}")) }
 }
 
+/// `--callback-url`: checked at start, since a URL the sandbox cannot post to fails every
+/// callback later, one log line each, while the friend additions themselves succeed.
+fn parse_callback_url(text: &str) -> Result<String, String> {
+    crate::config::http_url(text)
+        .map_err(|e| format!("{e}; give the receiver's callback URL, e.g. http://127.0.0.1:8080/callbacks/easemob"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -255,6 +263,22 @@ mod tests {
         assert_eq!(from_flags.seed, default.seed);
         assert!(from_flags.callback_url.is_none());
         assert!(from_flags.validate().is_ok());
+    }
+
+    #[test]
+    fn a_callback_url_the_sandbox_cannot_post_to_is_refused_at_start() {
+        for bad in ["not a url", "ftp://127.0.0.1/cb", "127.0.0.1:8080/callbacks/easemob", "http://"] {
+            let err = Cli::try_parse_from(["sandbox", "--callback-url", bad]).err().map(|e| e.to_string());
+            assert!(
+                err.as_deref().is_some_and(|e| e.contains("e.g. http://127.0.0.1:8080/callbacks/easemob")),
+                "{bad}: {err:?}"
+            );
+        }
+        let good = Cli::try_parse_from(["sandbox", "--callback-url", "https://hooks.example.com/callbacks/easemob"]);
+        assert_eq!(
+            good.ok().and_then(|c| c.args.callback_url).as_deref(),
+            Some("https://hooks.example.com/callbacks/easemob")
+        );
     }
 
     #[test]
