@@ -238,29 +238,32 @@ impl From<sqlx::migrate::MigrateError> for StoreError {
 }
 
 impl StoreError {
+    /// SQLite's primary result code (the extended code's low byte) of the database error this
+    /// carries, if it carries one.
+    fn sqlite_primary_code(&self) -> Option<i32> {
+        let (StoreError::Sqlx(sqlx::Error::Database(db))
+        | StoreError::Migrate(sqlx::migrate::MigrateError::Execute(sqlx::Error::Database(db)))) = self
+        else {
+            return None;
+        };
+        db.code().and_then(|c| c.parse::<i32>().ok()).map(|c| c & 0xff)
+    }
+
     /// Whether SQLite refused to write because the file, its `-wal`/`-shm` files or their
     /// directory are read-only (permissions, a read-only mount, `chattr +i`).
     pub fn is_read_only(&self) -> bool {
-        // SQLITE_READONLY and its extended codes (1544: the directory, 264: the file moved, ...).
-        let code_is_read_only = |e: &sqlx::Error| matches!(e, sqlx::Error::Database(db) if db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| c & 0xff == 8));
         match self {
-            StoreError::Sqlx(e) => code_is_read_only(e),
-            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => code_is_read_only(e),
             // The writer's failures reach here as text (they are shared by every job of a batch).
             StoreError::Write(text) => text.contains("readonly database"),
-            _ => false,
+            // SQLITE_READONLY and its extended codes (1544: the directory, 264: the file moved, ...).
+            _ => self.sqlite_primary_code() == Some(8),
         }
     }
 
     /// Whether SQLite found the file damaged: `database disk image is malformed` (SQLITE_CORRUPT)
     /// or `file is not a database` (SQLITE_NOTADB), extended codes included.
     pub fn is_damaged(&self) -> bool {
-        let damaged = |e: &sqlx::Error| matches!(e, sqlx::Error::Database(db) if db.code().and_then(|c| c.parse::<i32>().ok()).is_some_and(|c| matches!(c & 0xff, 11 | 26)));
-        match self {
-            StoreError::Sqlx(e) => damaged(e),
-            StoreError::Migrate(sqlx::migrate::MigrateError::Execute(e)) => damaged(e),
-            _ => false,
-        }
+        matches!(self.sqlite_primary_code(), Some(11 | 26))
     }
 
     /// Whether the message already names the database (so a caller should not prefix it with
