@@ -270,21 +270,19 @@ pub async fn verify_reporting(
         )));
     }
     let (unlike, first) = store.promotions_unlike_their_event(IN_FLIGHT_SHOWN).await?;
-    if unlike > 0 {
-        let shown: Vec<String> = first
-            .iter()
-            .map(|(id, seq)| match seq {
-                Some(seq) => format!("quarantine id {id} (seq {seq})"),
-                None => format!("quarantine id {id} (no seq)"),
-            })
-            .collect();
+    let named: Vec<String> = first
+        .iter()
+        .map(|(id, seq)| match seq {
+            Some(seq) => format!("quarantine id {id} (seq {seq})"),
+            None => format!("quarantine id {id} (no seq)"),
+        })
+        .collect();
+    if let Some(shown) = shown_ids(unlike, &named) {
         return Ok(Verdict::Broken(format!(
             "the chain is intact, but {unlike} promotion(s) from quarantine disagree with the event they name \
-             ({}{}): no callback at that seq, or one with another body or arrival time than the held request. \
+             ({shown}): no callback at that seq, or one with another body or arrival time than the held request. \
              Reconciliation measures a promoted event's lateness to its promotion, so such a row changes which \
-             calls a report calls late: the quarantine table was edited outside friendhook",
-            shown.join(", "),
-            if unlike > first.len() as i64 { ", ..." } else { "" }
+             calls a report calls late: the quarantine table was edited outside friendhook"
         )));
     }
     if file_check == FileCheck::Integrity {
@@ -430,11 +428,11 @@ fn verdict_json(verdict: &Verdict, expect_head: Option<&PublishedHead>, file_che
 }
 
 /// `ids`, the first of `count`, as a list for a note; `None` when there are none.
-fn shown_ids(count: i64, ids: &[i64]) -> Option<String> {
+fn shown_ids<T: std::fmt::Display>(count: i64, ids: &[T]) -> Option<String> {
     if count == 0 {
         return None;
     }
-    let mut shown = ids.iter().map(i64::to_string).collect::<Vec<_>>().join(", ");
+    let mut shown = ids.iter().map(T::to_string).collect::<Vec<_>>().join(", ");
     if count > ids.len() as i64 {
         shown.push_str(", ...");
     }
