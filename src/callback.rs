@@ -237,7 +237,20 @@ fn nesting_exceeds(json: &[u8], limit: usize) -> bool {
 /// A field that must be present (JSON `null` counts as absent) and a string.
 fn required_string(raw: Option<&RawValue>, field: &'static str) -> Result<String, ParseError> {
     let raw = raw.ok_or(ParseError::MissingField(field))?;
-    serde_json::from_str(raw.get()).map_err(|_| invalid(field, "must be a string"))
+    serde_json::from_str(raw.get()).map_err(|e| {
+        if !raw.get().starts_with('"') {
+            return invalid(field, "must be a string");
+        }
+        // A string in valid JSON that still cannot be read: its escapes name half of a UTF-16
+        // surrogate pair (`\ud800` alone), which is no character. Saying "not a string" of a
+        // value in quotes would send the sender looking in the wrong place. (serde_json's own
+        // words vary with where the half stands, "unexpected end of hex escape" among them.)
+        tracing::debug!(field, error = %e, "a quoted field that is not text");
+        invalid(
+            field,
+            "must be text, and this string is not: a `\\uD800`-`\\uDFFF` escape must be one of a high-low pair",
+        )
+    })
 }
 
 /// An optional string field: absent, `null` or any other type all read as `None`.
@@ -522,6 +535,26 @@ mod tests {
             let body = format!(r#"{{"callId":{call_id},"timestamp":1,"security":"s"}}"#);
             assert_eq!(invalid_field(parse_str(&body)), Some("callId"), "{call_id}");
         }
+        let number = parse_str(r#"{"callId":123,"timestamp":1,"security":"s"}"#).expect_err("a number");
+        assert_eq!(number.to_string(), "invalid field `callId`: must be a string");
+    }
+
+    /// A quoted callId whose escapes are half a surrogate pair is a string that is not text: the
+    /// detail says that, not "must be a string".
+    #[test]
+    fn a_call_id_with_a_lone_surrogate_is_told_apart_from_one_that_is_not_a_string() {
+        for call_id in [r#""\ud800""#, r#""a\udc00b""#, r#""\ud800\u0041""#] {
+            let body = format!(r#"{{"callId":{call_id},"timestamp":1,"security":"s"}}"#);
+            let err = parse_str(&body).expect_err(call_id);
+            let text = err.to_string();
+            assert_eq!(
+                text,
+                r"invalid field `callId`: must be text, and this string is not: a `\uD800`-`\uDFFF` escape must be one of a high-low pair"
+            );
+        }
+        // A whole pair is a character (U+1F600), and a fine callId.
+        let pair = parse_str(r#"{"callId":"\ud83d\ude00","timestamp":1,"security":"s"}"#).expect("a pair");
+        assert_eq!(pair.call_id, "\u{1F600}");
     }
 
     #[test]
