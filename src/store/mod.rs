@@ -681,6 +681,20 @@ fn spawn_writer(writer: Writer, rx: mpsc::Receiver<Job>) -> Result<tokio::sync::
     Ok(done_rx)
 }
 
+/// How many names the file at `path` has besides this one (hard links; 0 when it cannot be read).
+fn other_names(path: &std::path::Path) -> u64 {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::metadata(path).map_or(0, |meta| meta.nlink().saturating_sub(1))
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = path;
+        0
+    }
+}
+
 /// Takes `<database file>.lock` for this process (released when the file is closed, so also
 /// when the process dies), or says who holds it.
 fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<std::fs::File, StoreError> {
@@ -888,6 +902,18 @@ impl Store {
         let instance_lock =
             if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
         let mut conn = write_options.connect().await?;
+        let other_names = other_names(write_options.get_filename());
+        if opts.instance_lock && other_names > 0 {
+            tracing::warn!(
+                database = %opts.database_url,
+                path = %write_options.get_filename().display(),
+                other_names,
+                "the database file has other names (hard links): SQLite keeps its WAL beside the name a program \
+                 opened, so one that opens the file by another name works on another WAL and can corrupt it, and \
+                 this service's lock (beside this name) does not stop a second service started by another name. \
+                 Keep one name: remove the other links (`find / -xdev -samefile PATH` lists them) while no program has the file open"
+            );
+        }
         refuse_newer_schema(&mut conn, &opts.database_url).await?;
         MIGRATOR.run(&mut conn).await?;
         let read = SqlitePoolOptions::new()
@@ -1306,6 +1332,22 @@ mod tests {
             store.close().await;
             assert!(!wal.exists(), "round {round}: a connection is still open after close");
         }
+    }
+
+    /// The start-up warning about hard links counts the file's other names.
+    #[cfg(unix)]
+    #[test]
+    fn a_file_s_other_names_are_counted() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.db");
+        std::fs::write(&file, b"x").expect("write");
+        assert_eq!(other_names(&file), 0);
+        std::fs::hard_link(&file, dir.path().join("b.db")).expect("link");
+        std::fs::hard_link(&file, dir.path().join("c.db")).expect("link");
+        assert_eq!(other_names(&file), 2);
+        std::os::unix::fs::symlink(&file, dir.path().join("d.db")).expect("symlink");
+        assert_eq!(other_names(&dir.path().join("d.db")), 2, "a symbolic link is not another name of the file");
+        assert_eq!(other_names(&dir.path().join("missing.db")), 0);
     }
 
     /// A bare file name (`sqlite://friendhook.db`, the default) is in the working directory: its

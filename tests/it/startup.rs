@@ -179,6 +179,37 @@ async fn a_stopped_service_has_closed_its_database_file() {
     }
 }
 
+/// A database file with a second name (a hard link) starts, with a warning that says why it is a
+/// hazard and how to find the other names: SQLite keeps the WAL beside the name opened, and the
+/// instance lock beside this name does not stop a service started by the other.
+#[tokio::test]
+async fn a_database_file_with_a_hard_link_is_served_with_a_warning() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("friendhook.db");
+    TestApp::spawn_on(&db, &[]).await.stop().await;
+    let warning = "the database file has other names (hard links)";
+
+    let db_url = format!("sqlite://{}", db.display());
+    let mut alone = crate::process::ServeProcess::start(&db_url, &[], &[]).await;
+    alone.signal("TERM");
+    assert_eq!(alone.wait_exit(std::time::Duration::from_secs(20)).await.code(), Some(0), "{}", alone.log());
+    assert!(!alone.log().contains(warning), "one name, no warning: {}", alone.log());
+
+    std::fs::hard_link(&db, dir.path().join("copy.db")).unwrap();
+    let mut linked = crate::process::ServeProcess::start(&db_url, &[], &[]).await;
+    linked.signal("TERM");
+    assert_eq!(linked.wait_exit(std::time::Duration::from_secs(20)).await.code(), Some(0), "{}", linked.log());
+    let log = linked.log();
+    let line = log.lines().find(|l| l.contains(warning)).unwrap_or_else(|| panic!("warned: {log}"));
+    assert!(
+        line.contains("WARN")
+            && line.contains("other_names=1")
+            && line.contains("find / -xdev -samefile PATH")
+            && line.contains(&format!("path={}", db.display())),
+        "{line}"
+    );
+}
+
 #[tokio::test]
 async fn a_sandbox_port_in_use_is_found_before_the_database_is_opened() {
     let dir = tempfile::tempdir().unwrap();
