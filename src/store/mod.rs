@@ -1319,7 +1319,7 @@ mod tests {
     /// When `close` returns, the file is clean: the writer's connection closed last, and its
     /// close checkpointed and removed the `-wal` file. A writer that closes while a read
     /// connection is still open (they used to close in either order) leaves the WAL behind: on
-    /// the multi-threaded runtime that happened within a hundred rounds in every run tried. The
+    /// the multi-threaded runtime that happened within a hundred rounds in seven runs of eight. The
     /// integration test `startup::a_stopped_service_has_closed_its_database_file` covers the read
     /// connection sqlx itself left open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
