@@ -20,7 +20,8 @@ pub enum AuditCommand {
     /// Recompute the SHA-256 chain over every stored callback and call outcome, and compare the
     /// lookup by user (derived from the events, not chained) with them. Exit 0 when intact, 1 at
     /// the first record that does not match (printed, with what to do next), when the append-only
-    /// triggers were dropped, when a promotion from quarantine or the lookup disagrees with the
+    /// triggers were dropped, when the indexes differ from friendhook's (with the SQL that puts
+    /// them back), when a promotion from quarantine or the lookup disagrees with the
     /// events, or when SQLite's integrity check finds the file at fault (an index that disagrees
     /// with its table); 2 when the check could not be made (no database, unreadable file, a
     /// malformed --expect-head). Calls still without
@@ -267,6 +268,19 @@ pub async fn verify_reporting(
              meanwhile, records could have been deleted, rewritten or kept out without an error (the chain shows what is \
              left, not what was removed from its end; --expect-head with a head published earlier does)",
             missing.join(", ")
+        )));
+    }
+    let indexes = store.indexes_unlike_migrations().await?;
+    if !indexes.is_empty() {
+        let (names, remedy): (Vec<String>, Vec<String>) = indexes.into_iter().unzip();
+        return Ok(Verdict::Broken(format!(
+            "the chain is intact, but the index(es) {} differ from friendhook's (its schema was edited outside \
+             friendhook): a missing one makes the reconciliation fail naming it, or a query slow; an altered or added \
+             one can make queries miss rows, or refuse events as duplicates (503s, which Easemob drops after its \
+             retry). With the service stopped and a copy of the file kept, run `sqlite3 FILE \"{}\"`; then run this \
+             check again",
+            names.join(", "),
+            remedy.join(" ")
         )));
     }
     let (unlike, first) = store.promotions_unlike_their_event(IN_FLIGHT_SHOWN).await?;

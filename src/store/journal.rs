@@ -55,6 +55,31 @@ fn migrated_trigger(name: &str) -> Option<String> {
     })
 }
 
+/// Every index the migrations leave, by name, with its definition as SQLite keeps it (from
+/// `CREATE INDEX` to the statement's end, without the semicolon); one a later migration drops is
+/// not among them. Comments are cut first: a migration explains an index in `--` lines, which are
+/// not part of it.
+fn migrated_indexes() -> Vec<(String, String)> {
+    let mut indexes: Vec<(String, String)> = Vec::new();
+    for text in MIGRATIONS {
+        let code: String =
+            text.lines().map(|line| line.split("--").next().unwrap_or("")).collect::<Vec<_>>().join("\n");
+        // Trigger bodies hold semicolons too; the pieces they leave start with neither keyword.
+        for statement in code.split(';').map(str::trim) {
+            let words: Vec<&str> = statement.split_whitespace().take(3).collect();
+            match words.as_slice() {
+                ["CREATE", "INDEX", name] => {
+                    indexes.retain(|(n, _)| n != name);
+                    indexes.push(((*name).to_string(), statement.to_string()));
+                }
+                ["DROP", "INDEX", name] => indexes.retain(|(n, _)| n != name),
+                _ => {}
+            }
+        }
+    }
+    indexes
+}
+
 /// SQL with each run of whitespace made one space, for comparing definitions.
 fn squeeze(sql: &str) -> String {
     sql.split_whitespace().collect::<Vec<_>>().join(" ")
@@ -726,6 +751,36 @@ impl Store {
         Ok(problems)
     }
 
+    /// The indexes that differ from the ones the migrations leave: missing (`calls_by_owner
+    /// (missing)`), defined otherwise (`(altered)`) or added outside friendhook (`(not
+    /// friendhook's)`), each with the SQL that puts friendhook's back.
+    /// SQLite's own indexes of UNIQUE columns are part of their tables and not listed.
+    pub async fn indexes_unlike_migrations(&self) -> Result<Vec<(String, String)>, StoreError> {
+        let present: Vec<(String, String)> = sqlx::query_as(
+            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
+        )
+        .fetch_all(self.read_pool())
+        .await?;
+        let migrated = migrated_indexes();
+        let mut problems = Vec::new();
+        for (name, sql) in &migrated {
+            // On one line, to be pasted into a shell (no index of ours has a literal with a run of
+            // spaces in it).
+            let sql = squeeze(sql);
+            match present.iter().find(|(p, _)| p == name) {
+                None => problems.push((format!("{name} (missing)"), format!("{sql};"))),
+                Some((_, have)) if squeeze(have) != sql => {
+                    problems.push((format!("{name} (altered)"), format!("DROP INDEX {name}; {sql};")));
+                }
+                Some(_) => {}
+            }
+        }
+        for (name, _) in present.iter().filter(|(p, _)| !migrated.iter().any(|(m, _)| m == p)) {
+            problems.push((format!("{name} (not friendhook's)"), format!("DROP INDEX {name};")));
+        }
+        Ok(problems)
+    }
+
     /// Calls requested in [since, until), and calls requested before `since` that were still
     /// running at `since` (completed at or after it, or not completed), for reconciliation, as
     /// they were at `at`: a later call is left out, a later outcome is not known yet (the call
@@ -1052,6 +1107,45 @@ mod tests {
             migrated_trigger("calls_immutable").is_some_and(|sql| sql.contains("head_seq_at_intent")),
             "the latest"
         );
+    }
+
+    /// The migrations' indexes are read from their statements, not their comments, with the
+    /// ones a later migration drops left out; a new database has exactly them, and an index
+    /// dropped, redefined or added by hand is named with the SQL that undoes it.
+    #[tokio::test]
+    async fn indexes_are_compared_with_the_migrations() {
+        let migrated = migrated_indexes();
+        let names: Vec<&str> = migrated.iter().map(|(n, _)| n.as_str()).collect();
+        assert!(names.contains(&"callbacks_roster_by_id") && names.contains(&"quarantine_promoted"), "{names:?}");
+        assert!(!names.contains(&"callbacks_by_from"), "dropped by migration 0002: {names:?}");
+        assert!(
+            migrated
+                .iter()
+                .all(|(n, sql)| squeeze(sql).starts_with(&format!("CREATE INDEX {n} ON ")) && !sql.contains("--"))
+        );
+
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, url) = crate::store::open_test_store(&dir).await;
+        assert_eq!(store.indexes_unlike_migrations().await.expect("read"), Vec::<(String, String)>::new());
+        let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.expect("connect");
+        sqlx::raw_sql(
+            "DROP INDEX calls_by_owner; DROP INDEX calls_in_flight; CREATE INDEX calls_in_flight ON calls (id); \
+             CREATE UNIQUE INDEX one_event_per_sender ON callbacks (from_user);",
+        )
+        .execute(&mut conn)
+        .await
+        .expect("edit");
+        let problems = store.indexes_unlike_migrations().await.expect("read");
+        let named: Vec<&str> = problems.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            named,
+            ["calls_in_flight (altered)", "calls_by_owner (missing)", "one_event_per_sender (not friendhook's)"]
+        );
+        let remedy: Vec<&str> = problems.iter().map(|(_, sql)| sql.as_str()).collect();
+        sqlx::raw_sql(&remedy.join(" ")).execute(&mut conn).await.expect("the remedy runs");
+        assert_eq!(store.indexes_unlike_migrations().await.expect("read"), Vec::<(String, String)>::new());
+        sqlx::Connection::close(conn).await.expect("close");
+        store.close().await;
     }
 
     /// Rows are mapped into the vector in order, after what it already holds; anything but one

@@ -804,6 +804,35 @@ async fn audit_verify_finds_an_index_forged_to_hide_a_row() {
     assert_eq!(code, Some(0), "{out}");
 }
 
+/// An index dropped, redefined or added by hand changes no record, so the chain is intact; but
+/// a missing one fails the reconciliation, and an added unique one refuses events. `audit
+/// verify` names each and gives the SQL that puts friendhook's back, which works.
+#[tokio::test]
+async fn audit_verify_names_indexes_unlike_friendhooks_and_how_to_put_them_back() {
+    let (db_path, db_url, _dir) = stopped_with_adds_from_alice("79", 3).await;
+    sqlite(
+        &db_path,
+        "DROP INDEX callbacks_roster_by_id; DROP INDEX calls_by_pair; CREATE INDEX calls_by_pair ON calls (pair_key); \
+         CREATE UNIQUE INDEX one_event_per_pair ON callbacks (from_user, to_user, operation);",
+    );
+    let (code, out, err) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(1), "{out}{err}");
+    assert!(
+        out.contains(
+            "BROKEN: the chain is intact, but the index(es) calls_by_pair (altered), callbacks_roster_by_id (missing), \
+             one_event_per_pair (not friendhook's) differ from friendhook's"
+        ),
+        "{out}"
+    );
+    let remedy = out.split("sqlite3 FILE \"").nth(1).and_then(|rest| rest.split('"').next()).expect("the SQL to run");
+    assert!(!remedy.contains('\n'), "one line, to paste: {remedy}");
+    sqlite(&db_path, remedy);
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "after the remedy: {out}");
+    let (_, json, _) = audit_verify(&db_url, &["--json"]);
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&json).expect("json")["verdict"], "intact", "{json}");
+}
+
 #[tokio::test]
 async fn audit_verify_names_rows_slipped_in_below_the_chain_or_made_unreadable() {
     let (db_path, db_url, _dir) = stopped_with_adds_from_alice("75", 3).await;
