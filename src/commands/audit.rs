@@ -275,9 +275,9 @@ pub async fn verify_reporting(
         let (names, remedy): (Vec<String>, Vec<String>) = indexes.into_iter().unzip();
         return Ok(Verdict::Broken(format!(
             "the chain is intact, but the index(es) {} differ from friendhook's (its schema was edited outside \
-             friendhook): a missing one makes the reconciliation fail naming it, or a query slow; an altered or added \
-             one can make queries miss rows, or refuse events as duplicates (503s, which Easemob drops after its \
-             retry). With the service stopped and a copy of the file kept, run `sqlite3 FILE \"{}\"`; then run this \
+             friendhook): a missing one makes the reconciliation fail naming it, or a query slow; an altered one can \
+             make queries miss rows, and a unique one added refuses events as duplicates (503s, which Easemob drops \
+             after its retry). With the service stopped and a copy of the file kept, run `sqlite3 FILE \"{}\"`; then run this \
              check again",
             names.join(", "),
             remedy.join(" ")

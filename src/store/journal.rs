@@ -752,9 +752,10 @@ impl Store {
     }
 
     /// The indexes that differ from the ones the migrations leave: missing (`calls_by_owner
-    /// (missing)`), defined otherwise (`(altered)`) or added outside friendhook (`(not
-    /// friendhook's)`), each with the SQL that puts friendhook's back.
-    /// SQLite's own indexes of UNIQUE columns are part of their tables and not listed.
+    /// (missing)`), defined otherwise (`(altered)`) or unique ones added outside friendhook
+    /// (`(not friendhook's)`), each with the SQL that puts friendhook's back. An index someone
+    /// added for their own queries, not unique, changes no answer and refuses nothing: it is
+    /// theirs to keep. SQLite's own indexes of UNIQUE columns are part of their tables.
     pub async fn indexes_unlike_migrations(&self) -> Result<Vec<(String, String)>, StoreError> {
         let present: Vec<(String, String)> = sqlx::query_as(
             "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
@@ -775,8 +776,13 @@ impl Store {
                 Some(_) => {}
             }
         }
-        for (name, _) in present.iter().filter(|(p, _)| !migrated.iter().any(|(m, _)| m == p)) {
-            problems.push((format!("{name} (not friendhook's)"), format!("DROP INDEX {name};")));
+        let added = present.iter().filter(|(p, _)| !migrated.iter().any(|(m, _)| m == p));
+        for (name, _) in added.filter(|(_, sql)| squeeze(sql).to_ascii_uppercase().starts_with("CREATE UNIQUE ")) {
+            // A name of other characters than SQL's plain ones is bracketed, which SQLite takes and
+            // a shell leaves alone inside the double quotes the verdict puts the SQL in.
+            let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+            let quoted = if plain { name.clone() } else { format!("[{name}]") };
+            problems.push((format!("{name} (not friendhook's)"), format!("DROP INDEX {quoted};")));
         }
         Ok(problems)
     }
@@ -1130,7 +1136,9 @@ mod tests {
         let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.expect("connect");
         sqlx::raw_sql(
             "DROP INDEX calls_by_owner; DROP INDEX calls_in_flight; CREATE INDEX calls_in_flight ON calls (id); \
-             CREATE UNIQUE INDEX one_event_per_sender ON callbacks (from_user);",
+             CREATE UNIQUE INDEX one_event_per_sender ON callbacks (from_user); \
+             CREATE INDEX \"for the data team\" ON calls (outcome_detail); \
+             create unique index [odd name] ON calls (idempotency_key, owner);",
         )
         .execute(&mut conn)
         .await
@@ -1139,7 +1147,13 @@ mod tests {
         let named: Vec<&str> = problems.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             named,
-            ["calls_in_flight (altered)", "calls_by_owner (missing)", "one_event_per_sender (not friendhook's)"]
+            [
+                "calls_in_flight (altered)",
+                "calls_by_owner (missing)",
+                "odd name (not friendhook's)",
+                "one_event_per_sender (not friendhook's)"
+            ],
+            "an index added for other queries, not unique, is left alone"
         );
         let remedy: Vec<&str> = problems.iter().map(|(_, sql)| sql.as_str()).collect();
         sqlx::raw_sql(&remedy.join(" ")).execute(&mut conn).await.expect("the remedy runs");
