@@ -902,11 +902,13 @@ impl Store {
         let instance_lock =
             if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
         let mut conn = write_options.connect().await?;
-        let other_names = other_names(write_options.get_filename());
-        if opts.instance_lock && other_names > 0 {
+        // Only for the opens that take the lock this warns about (the service's).
+        let path = write_options.get_filename();
+        let other_names = if opts.instance_lock { other_names(path) } else { 0 };
+        if other_names > 0 {
             tracing::warn!(
                 database = %opts.database_url,
-                path = %write_options.get_filename().display(),
+                path = %path.display(),
                 other_names,
                 "the database file has other names (hard links): SQLite keeps its WAL beside the name a program \
                  opened, so one that opens the file by another name works on another WAL and can corrupt it, and \
