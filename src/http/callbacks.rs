@@ -80,6 +80,14 @@ fn unavailable(err: &StoreError) -> ApiError {
                 .into(),
             retry_after_secs: 30,
         },
+        // Waiting does not mend it; the log line above has the index's name and the cure.
+        StoreError::IndexMissing { .. } => ApiError::Unavailable {
+            code: "index_missing",
+            detail: "the database lacks an index this request reads through (dropped or renamed outside friendhook); \
+                     the service log names it, and `friendhook audit verify` prints the SQL that puts it back"
+                .into(),
+            retry_after_secs: 0,
+        },
         _ => ApiError::Unavailable {
             code: "storage_unavailable",
             detail: "the database cannot commit right now; nothing was stored, retry shortly".into(),

@@ -208,6 +208,17 @@ pub enum StoreError {
         /// The database URL as given.
         database: String,
     },
+    /// A query names an index the file does not have: it was dropped or renamed outside friendhook
+    /// (the migrations create every index, and nothing of friendhook's drops one it reads through).
+    #[error(
+        "the database has no index `{name}`, which friendhook reads through: it was dropped or renamed outside \
+         friendhook. `friendhook audit verify --database-url <the same URL>` names every index unlike friendhook's \
+         and prints the one-line SQL that puts each back (run it with the service stopped)"
+    )]
+    IndexMissing {
+        /// The index SQLite could not find.
+        name: String,
+    },
     /// A read-only command found a database whose schema is older than this binary's: it cannot
     /// upgrade it (read-only), and queries would fail on what is missing.
     #[error(
@@ -227,6 +238,14 @@ pub enum StoreError {
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
+        // Reads name their index (`INDEXED BY`) so that SQLite cannot pick a slow plan; on a file
+        // whose index was dropped or renamed by hand they fail with SQLite's bare "no such index",
+        // which says nothing of the cause or the cure.
+        if let sqlx::Error::Database(db) = &e
+            && let Some(name) = db.message().strip_prefix("no such index: ")
+        {
+            return StoreError::IndexMissing { name: name.to_owned() };
+        }
         StoreError::Sqlx(e)
     }
 }

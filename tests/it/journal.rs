@@ -826,6 +826,22 @@ async fn audit_verify_names_indexes_unlike_friendhooks_and_how_to_put_them_back(
     );
     let remedy = out.split("sqlite3 FILE \"").nth(1).and_then(|rest| rest.split('"').next()).expect("the SQL to run");
     assert!(!remedy.contains('\n'), "one line, to paste: {remedy}");
+
+    // Meanwhile the reports that read through the missing index say which it is and where the
+    // cure is, instead of SQLite's bare "no such index".
+    let reconcile = std::process::Command::new(bin()).args(["reconcile", "--database-url", &db_url]).output().unwrap();
+    let said = String::from_utf8_lossy(&reconcile.stderr);
+    assert_eq!(reconcile.status.code(), Some(1), "{said}");
+    assert!(
+        said.contains("no index `callbacks_roster_by_id`") && said.contains("friendhook audit verify --database-url"),
+        "{said}"
+    );
+    let app = TestApp::spawn_on(&db_path, &[]).await;
+    let (status, body) = app.get_json("/v1/reconciliation").await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("index_missing")), "{body}");
+    assert!(body["detail"].as_str().is_some_and(|d| d.contains("friendhook audit verify")), "{body}");
+    let _dir = app.stop().await;
+
     sqlite(&db_path, remedy);
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(0), "after the remedy: {out}");
