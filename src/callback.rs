@@ -139,6 +139,14 @@ struct Payload<'a> {
 pub fn parse(body: &[u8]) -> Result<ParsedCallback, ParseError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| ParseError::NotJson(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
+    if text.starts_with('\u{feff}') {
+        // serde would say "expected value at line 1 column 1" of a character no editor shows.
+        return Err(ParseError::NotJson(
+            "the body starts with a byte-order mark (bytes EF BB BF), which JSON does not allow; whatever adds it \
+             (a relay, a script writing the body) must send the JSON as it is"
+                .into(),
+        ));
+    }
     if nesting_exceeds(text.as_bytes(), MAX_NESTING) {
         return Err(ParseError::NotJson(format!("nested deeper than {MAX_NESTING} levels")));
     }

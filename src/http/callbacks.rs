@@ -131,6 +131,23 @@ pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> 
     }
 }
 
+/// A compressed body would otherwise be refused as "invalid UTF-8", which names the symptom, not
+/// the cause. Decompressing is not offered: Easemob sends plain JSON, and the stored body is the
+/// bytes as they came.
+fn check_content_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+        return Ok(());
+    };
+    let text = value.to_str().unwrap_or("(not text)");
+    if text.trim().eq_ignore_ascii_case("identity") {
+        return Ok(());
+    }
+    Err(ApiError::UnsupportedMediaType(format!(
+        "Content-Encoding `{text}` is not accepted: send the callback's JSON uncompressed, without a Content-Encoding \
+         header (is a proxy between Easemob and friendhook compressing request bodies?)"
+    )))
+}
+
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_TYPE) else {
         // Easemob always sends application/json; a missing header is tolerated, a wrong one is not.
@@ -214,6 +231,7 @@ async fn receive(state: &SharedState, peer: SocketAddr, headers: &HeaderMap, bod
         return Err(ApiError::Forbidden);
     }
     check_content_type(headers)?;
+    check_content_encoding(headers)?;
     let body = read_body(headers, body, state.settings.max_body_bytes).await?;
     // Counted from the request's start, like the request deadline it must come before; how long
     // the body took is kept to tell a slow sender from a slow database if it passes.

@@ -1061,3 +1061,40 @@ async fn unreadable_callbacks_are_logged_once_for_a_run() {
     // Named `source`, as the lines of refused signatures and sources name the sender.
     assert!(lines[0].contains("source=127.0.0.1:"), "{}", lines[0]);
 }
+
+#[tokio::test]
+async fn a_compressed_or_bom_prefixed_callback_is_refused_naming_the_cause() {
+    let app = TestApp::spawn(&[]).await;
+    let post = |body: Vec<u8>, encoding: &'static str| {
+        let request = app.client.post(app.url("/callbacks/easemob")).header("content-type", "application/json");
+        let request = if encoding.is_empty() { request } else { request.header("content-encoding", encoding) };
+        request.body(body).send()
+    };
+    let body = |msg: &str| roster_body(msg, "alice", "bob", "add", TS, SECRET).into_bytes();
+
+    // The header decides, whatever the bytes: a proxy compressing bodies sends the header too.
+    for encoding in ["gzip", "br", "deflate"] {
+        let answer = post(body("h-gzip"), encoding).await.unwrap();
+        assert_eq!(answer.status(), 415, "{encoding}");
+        let err: Value = answer.json().await.unwrap();
+        assert_eq!(err["code"], "unsupported_media_type", "{err}");
+        let detail = err["detail"].as_str().unwrap();
+        assert!(
+            detail.contains(&format!("Content-Encoding `{encoding}`")) && detail.contains("uncompressed"),
+            "{detail}"
+        );
+    }
+    let mut bom = b"\xef\xbb\xbf".to_vec();
+    bom.extend(body("h-bom-detail"));
+    let answer = post(bom, "").await.unwrap();
+    assert_eq!(answer.status(), 400);
+    let err: Value = answer.json().await.unwrap();
+    assert!(err["detail"].as_str().unwrap().contains("byte-order mark (bytes EF BB BF)"), "{err}");
+    let (_, list) = app.get_json("/v1/callbacks").await;
+    assert_eq!(list["items"], json!([]), "nothing refused was stored");
+
+    // `identity` is no encoding at all.
+    let answer = post(body("h-identity"), "identity").await.unwrap();
+    assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+    let _dir = app.stop().await;
+}
