@@ -141,6 +141,17 @@ async fn start_sandbox(
     Ok((client, sandbox))
 }
 
+/// The address the sandbox's callbacks come from: it posts to the receiver's own address, so the
+/// kernel picks that address as the source, or loopback for a listener on every address.
+fn sandbox_callback_source(receiver: std::net::SocketAddr) -> std::net::IpAddr {
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+    match receiver.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => IpAddr::V4(Ipv4Addr::LOCALHOST),
+        IpAddr::V6(ip) if ip.is_unspecified() => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        ip => ip,
+    }
+}
+
 /// What plays Easemob, ready before the database is opened.
 enum Upstream {
     /// Real Easemob, through this client.
@@ -290,15 +301,30 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
             );
         }
     };
-    // Not a refusal: callbacks would be lost while the service stays down. Loud, though.
-    match store.missing_guards().await {
-        Ok(missing) if !missing.is_empty() => tracing::error!(
-            triggers = %missing.join(", "),
-            "the database's append-only triggers were dropped, redefined or added outside friendhook, so stored records can be deleted \
-             or rewritten without an error; run `friendhook audit verify` on this file and find out who changed it"
-        ),
-        Ok(_) => {}
-        Err(err) => tracing::warn!(error = %err, "could not check the database's append-only triggers"),
+    // Not a refusal: callbacks would be lost while the service stays down. Loud, though. One read
+    // of the schema for both checks.
+    match store.schema_unlike_migrations().await {
+        Ok((guards, indexes)) => {
+            if !guards.is_empty() {
+                tracing::error!(
+                    triggers = %guards.join(", "),
+                    "the database's append-only triggers were dropped, redefined or added outside friendhook, so stored records can be deleted \
+                     or rewritten without an error; run `friendhook audit verify` on this file and find out who changed it"
+                );
+            }
+            // A missing index fails reconciliation, a unique one added by hand refuses events
+            // (503s that Easemob drops after its retry).
+            if !indexes.is_empty() {
+                tracing::error!(
+                    indexes = %indexes.iter().map(|(name, _)| name.as_str()).collect::<Vec<_>>().join(", "),
+                    "the database's indexes differ from friendhook's (changed outside friendhook); `friendhook audit verify` \
+                     prints the one-line SQL that puts them back, to run with the service stopped"
+                );
+            }
+        }
+        Err(err) => {
+            tracing::warn!(error = %err, "could not compare the database's triggers and indexes with friendhook's")
+        }
     }
     let settings = Settings {
         max_body_bytes: args.max_body_bytes,
@@ -313,6 +339,16 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let (easemob, sandbox) = match upstream {
         Upstream::Real(client) => (client, None),
         Upstream::Sandbox(sandbox_listener) => {
+            let sandbox_source = sandbox_callback_source(receiver_addr);
+            if !settings.allow_from.is_empty() && !settings.allow_from.iter().any(|net| net.contains(&sandbox_source)) {
+                tracing::warn!(
+                    allow_from = %settings.allow_from.iter().map(ToString::to_string).collect::<Vec<_>>().join(","),
+                    sandbox_source = %sandbox_source,
+                    "the sandbox posts its callbacks from {sandbox_source}, which --allow-from does not cover: each will \
+                     be answered 403 and every call will end up `missing`; add {sandbox_source} to --allow-from, or \
+                     leave it unset while the sandbox plays Easemob"
+                );
+            }
             let (client, sandbox) =
                 start_sandbox(args, sandbox_listener, receiver_addr, verifier_first_secret.clone(), clock.clone())
                     .await?;

@@ -85,6 +85,58 @@ fn squeeze(sql: &str) -> String {
     sql.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// [`Store::missing_guards`] of the schema's `objects` ([`Store::schema_objects`]).
+fn guards_unlike_migrations(objects: &[(String, String, Option<String>)]) -> Vec<String> {
+    let present: Vec<(&str, Option<&str>)> =
+        objects.iter().filter(|(kind, ..)| kind == "trigger").map(|(_, n, sql)| (n.as_str(), sql.as_deref())).collect();
+    let missing = APPEND_ONLY_TRIGGERS.iter().filter(|name| !present.iter().any(|(p, _)| p == *name));
+    let mut problems: Vec<String> = missing.map(|name| (*name).to_string()).collect();
+    // Every trigger there is, not only the guards: one added by hand (`BEFORE INSERT ... RAISE
+    // (IGNORE)`) can make callbacks vanish as surely as a dropped guard lets them be deleted.
+    for (name, sql) in &present {
+        match migrated_trigger(name) {
+            None => problems.push(format!("{name} (not friendhook's)")),
+            Some(migrated) if sql.map(squeeze) != Some(squeeze(&migrated)) => {
+                problems.push(format!("{name} (altered)"));
+            }
+            Some(_) => {}
+        }
+    }
+    problems
+}
+
+/// [`Store::indexes_unlike_migrations`] of the schema's `objects` ([`Store::schema_objects`]).
+fn indexes_unlike_migrations(objects: &[(String, String, Option<String>)]) -> Vec<(String, String)> {
+    let present: Vec<(&str, &str)> = objects
+        .iter()
+        .filter(|(kind, ..)| kind == "index")
+        .filter_map(|(_, n, sql)| Some((n.as_str(), sql.as_deref()?)))
+        .collect();
+    let migrated = migrated_indexes();
+    let mut problems = Vec::new();
+    for (name, sql) in &migrated {
+        // On one line, to be pasted into a shell (no index of ours has a literal with a run of
+        // spaces in it).
+        let sql = squeeze(sql);
+        match present.iter().find(|(p, _)| p == name) {
+            None => problems.push((format!("{name} (missing)"), format!("{sql};"))),
+            Some((_, have)) if squeeze(have) != sql => {
+                problems.push((format!("{name} (altered)"), format!("DROP INDEX {name}; {sql};")));
+            }
+            Some(_) => {}
+        }
+    }
+    let added = present.iter().filter(|(p, _)| !migrated.iter().any(|(m, _)| m == p));
+    for (name, _) in added.filter(|(_, sql)| squeeze(sql).to_ascii_uppercase().starts_with("CREATE UNIQUE ")) {
+        // A name of other characters than SQL's plain ones is bracketed, which SQLite takes and
+        // a shell leaves alone inside the double quotes the verdict puts the SQL in.
+        let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+        let quoted = if plain { (*name).to_string() } else { format!("[{name}]") };
+        problems.push((format!("{name} (not friendhook's)"), format!("DROP INDEX {quoted};")));
+    }
+    problems
+}
+
 /// One normalised feed record.
 ///
 /// Every key is always present (`null` when it does not apply), so consumers see one schema.
@@ -219,6 +271,18 @@ pub struct FeedPage {
     /// through friendhook, so anything but 0 means records were removed from the file behind its
     /// back (`audit verify` names the first).
     pub missing: i64,
+}
+
+/// What a reader is told when its cursor's seq has no record although the journal goes on past
+/// it: the record was removed behind friendhook's back, which is not the "another database" a
+/// link that differs means.
+pub fn removed_cursor_note(seq: i64, head: i64) -> String {
+    format!(
+        "there is no record at seq {seq}, although this journal goes on to seq {head}: it was removed from the \
+         database outside friendhook (seqs are handed out without gaps, and friendhook deletes none), so nothing can \
+         vouch that the records after it are the ones that followed it. Keep the file as it is and run `friendhook \
+         audit verify` on it, which names what was removed"
+    )
 }
 
 impl FeedPage {
@@ -731,24 +795,7 @@ impl Store {
     /// redefined or added outside friendhook (a guard recreated with `WHEN 0` keeps its name and
     /// guards nothing), rows can be deleted, rewritten or kept out without an error.
     pub async fn missing_guards(&self) -> Result<Vec<String>, StoreError> {
-        let present: Vec<(String, Option<String>)> =
-            sqlx::query_as("SELECT name, sql FROM sqlite_master WHERE type = 'trigger'")
-                .fetch_all(self.read_pool())
-                .await?;
-        let missing = APPEND_ONLY_TRIGGERS.iter().filter(|name| !present.iter().any(|(p, _)| p == *name));
-        let mut problems: Vec<String> = missing.map(|name| (*name).to_string()).collect();
-        // Every trigger there is, not only the guards: one added by hand (`BEFORE INSERT ... RAISE
-        // (IGNORE)`) can make callbacks vanish as surely as a dropped guard lets them be deleted.
-        for (name, sql) in &present {
-            match migrated_trigger(name) {
-                None => problems.push(format!("{name} (not friendhook's)")),
-                Some(migrated) if sql.as_deref().map(squeeze) != Some(squeeze(&migrated)) => {
-                    problems.push(format!("{name} (altered)"));
-                }
-                Some(_) => {}
-            }
-        }
-        Ok(problems)
+        Ok(guards_unlike_migrations(&self.schema_objects().await?))
     }
 
     /// The indexes that differ from the ones the migrations leave: missing (`calls_by_owner
@@ -757,34 +804,25 @@ impl Store {
     /// added for their own queries, not unique, changes no answer and refuses nothing: it is
     /// theirs to keep. SQLite's own indexes of UNIQUE columns are part of their tables.
     pub async fn indexes_unlike_migrations(&self) -> Result<Vec<(String, String)>, StoreError> {
-        let present: Vec<(String, String)> = sqlx::query_as(
-            "SELECT name, sql FROM sqlite_master WHERE type = 'index' AND sql IS NOT NULL ORDER BY name",
+        Ok(indexes_unlike_migrations(&self.schema_objects().await?))
+    }
+
+    /// [`Store::missing_guards`] and [`Store::indexes_unlike_migrations`] from one read of the
+    /// schema, for the start-up check.
+    pub async fn schema_unlike_migrations(&self) -> Result<(Vec<String>, Vec<(String, String)>), StoreError> {
+        let objects = self.schema_objects().await?;
+        Ok((guards_unlike_migrations(&objects), indexes_unlike_migrations(&objects)))
+    }
+
+    /// The triggers and the indexes defined by SQL (not SQLite's own of UNIQUE columns): type,
+    /// name and definition, by name.
+    async fn schema_objects(&self) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
+        Ok(sqlx::query_as(
+            "SELECT type, name, sql FROM sqlite_master WHERE type = 'trigger' OR (type = 'index' AND sql IS NOT NULL)
+             ORDER BY name",
         )
         .fetch_all(self.read_pool())
-        .await?;
-        let migrated = migrated_indexes();
-        let mut problems = Vec::new();
-        for (name, sql) in &migrated {
-            // On one line, to be pasted into a shell (no index of ours has a literal with a run of
-            // spaces in it).
-            let sql = squeeze(sql);
-            match present.iter().find(|(p, _)| p == name) {
-                None => problems.push((format!("{name} (missing)"), format!("{sql};"))),
-                Some((_, have)) if squeeze(have) != sql => {
-                    problems.push((format!("{name} (altered)"), format!("DROP INDEX {name}; {sql};")));
-                }
-                Some(_) => {}
-            }
-        }
-        let added = present.iter().filter(|(p, _)| !migrated.iter().any(|(m, _)| m == p));
-        for (name, _) in added.filter(|(_, sql)| squeeze(sql).to_ascii_uppercase().starts_with("CREATE UNIQUE ")) {
-            // A name of other characters than SQL's plain ones is bracketed, which SQLite takes and
-            // a shell leaves alone inside the double quotes the verdict puts the SQL in.
-            let plain = name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
-            let quoted = if plain { name.clone() } else { format!("[{name}]") };
-            problems.push((format!("{name} (not friendhook's)"), format!("DROP INDEX {quoted};")));
-        }
-        Ok(problems)
+        .await?)
     }
 
     /// Calls requested in [since, until), and calls requested before `since` that were still

@@ -356,13 +356,27 @@ async fn the_demo_never_deletes_a_file_that_is_not_its_own_or_a_database_in_use(
 
     let db = dir.path().join("live.db");
     let service = TestApp::spawn_on(&db, &[]).await;
-    assert_eq!(service.post_callback(roster_body("500001", "alice", "bob", "add", 1, SECRET)).await.status(), 200);
+    // An event of a real app (the tests' usual appkey is the sandbox's own).
+    let real = roster_body("500001", "alice", "bob", "add", 1, SECRET).replace(APPKEY, "acme#prod");
+    let mut real: serde_json::Value = serde_json::from_str(&real).unwrap();
+    real["security"] = friendhook::signature::easemob::sign("acme#prod_500001", SECRET, "1").into();
+    assert_eq!(service.post_callback(real.to_string()).await.status(), 200);
     let out = demo(dir.path(), &["--database", "live.db"], &[]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("in use by another friendhook service"), "{out:?}");
     let (_, list) = service.get_json("/v1/callbacks").await;
     assert_eq!(list["items"].as_array().map(Vec::len), Some(1), "the service's data is still there: {list}");
     service.stop().await;
+
+    // Stopped, it is still no demo's: it holds another app's events.
+    let out = demo(dir.path(), &["--database", "live.db"], &[]);
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("holds callbacks of the Easemob app `acme#prod`, not only the demo's (`demo-org#demo-app`)"),
+        "{stderr}"
+    );
+    assert_eq!(crate::journal::sqlite_out(&db, "SELECT count(*) FROM callbacks"), "1", "nothing deleted");
 }
 
 #[tokio::test]
@@ -548,4 +562,47 @@ fn a_refused_setting_from_the_environment_names_its_variable() {
     assert!(stderr.contains("`8080` is not an address to listen on"), "{stderr}");
     assert!(stderr.contains("read from the environment variable FRIENDHOOK_LISTEN"), "{stderr}");
     assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0, "refused before anything was created");
+}
+
+#[tokio::test]
+async fn sandbox_callbacks_outside_allow_from_are_warned_about_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("allow.db").display());
+    let warning = "the sandbox posts its callbacks from 127.0.0.1, which --allow-from does not cover";
+    let run = |allow: &'static str| {
+        let db_url = db_url.clone();
+        async move {
+            let mut service = crate::process::ServeProcess::start(&db_url, &["--allow-from", allow], &[]).await;
+            service.signal("TERM");
+            assert_eq!(
+                service.wait_exit(std::time::Duration::from_secs(20)).await.code(),
+                Some(0),
+                "{}",
+                service.log()
+            );
+            service.log()
+        }
+    };
+    let log = run("10.0.0.0/8").await;
+    let line = log.lines().find(|l| l.contains(warning)).unwrap_or_else(|| panic!("warned: {log}"));
+    assert!(line.contains("WARN") && line.contains("add 127.0.0.1 to --allow-from"), "{line}");
+    let log = run("10.0.0.0/8,127.0.0.0/8").await;
+    assert!(!log.contains("--allow-from does not cover"), "covered, no warning: {log}");
+}
+
+#[tokio::test]
+async fn a_database_whose_indexes_were_changed_by_hand_is_served_with_an_error_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("indexes.db");
+    TestApp::spawn_on(&db, &[]).await.stop().await;
+    crate::journal::sqlite(&db, "DROP INDEX calls_by_owner;");
+    let mut service = crate::process::ServeProcess::start(&format!("sqlite://{}", db.display()), &[], &[]).await;
+    service.signal("TERM");
+    assert_eq!(service.wait_exit(std::time::Duration::from_secs(20)).await.code(), Some(0), "{}", service.log());
+    let log = service.log();
+    let line = log.lines().find(|l| l.contains("indexes differ from friendhook's")).unwrap_or_else(|| panic!("{log}"));
+    assert!(
+        line.contains("ERROR") && line.contains("calls_by_owner (missing)") && line.contains("audit verify"),
+        "{line}"
+    );
 }
