@@ -38,8 +38,10 @@ pub enum AuditCommand {
         /// through it, i.e. the record at SEQ must still carry HASH. Detects history rewritten
         /// since it was published and records removed from the end; records stored since are
         /// fine.
-        #[arg(long, value_parser = parse_published_head)]
-        expect_head: Option<PublishedHead>,
+        // Parsed by the command, not by clap, so that a malformed one under --json still gets
+        // the `not_checked` object a monitoring job reads.
+        #[arg(long, value_name = "SEQ:HASH")]
+        expect_head: Option<String>,
         /// Skip SQLite's integrity check of the file (PRAGMA integrity_check), which otherwise
         /// runs after the chain's walk and adds about a fifth to its time. It is what finds an
         /// index that disagrees with its table: one rewritten through the file's schema so that a
@@ -49,7 +51,8 @@ pub enum AuditCommand {
         skip_integrity_check: bool,
         /// Print the verdict as one JSON object on stdout, for a script or a monitoring job:
         /// `{"verdict": "intact", "records", "head": {"seq", "hash"}, "expect_head",
-        /// "in_flight": {"count", "ids"}, "closed_unknown": {"count", "ids"}, "integrity_check"}`,
+        /// "in_flight": {"count", "ids"}, "closed_unknown": {"count", "ids"}, "integrity_check": "passed"
+        /// or "skipped"}`,
         /// `{"verdict": "broken", "problem", "next"}`, or `{"verdict": "not_checked", "error"}`.
         /// The exit status is the same (0, 1, 2); progress stays on stderr.
         #[arg(long)]
@@ -331,14 +334,14 @@ pub async fn verify_reporting(
     Ok(Verdict::Intact { records, head_seq, head_hash: prev, in_flight, closed_unknown })
 }
 
-/// What to do after a BROKEN verdict.
-const AFTER_BROKEN: &str = "What next: keep this file as it is (copy it aside before anything else writes to it), \
+/// What to do after a BROKEN verdict (printed after "What next: ").
+const AFTER_BROKEN: &str = "keep this file as it is (copy it aside before anything else writes to it), \
     and find out what changed: compare it with a backup, or run this check with --expect-head and a head \
     published earlier (GET /v1/audit/head) to learn whether history before it was rewritten: without one, the \
     chain shows that each record follows from the one before it, not that nobody rewrote them all consistently.";
 
 /// What to do after a BROKEN verdict of a check given a published head.
-const AFTER_BROKEN_WITH_HEAD: &str = "What next: keep this file as it is (copy it aside before anything else writes \
+const AFTER_BROKEN_WITH_HEAD: &str = "keep this file as it is (copy it aside before anything else writes \
     to it), and find out what changed: compare it with a backup. Where the verdict names the published head, first \
     make sure that head is this database's and copied whole (as its GET /v1/audit/head gave it).";
 
@@ -347,6 +350,10 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
     let (database_url, expect_head, file_check, json) = match args.command {
         AuditCommand::Verify { database_url, expect_head, skip_integrity_check, json } => {
             let file_check = if skip_integrity_check { FileCheck::Skip } else { FileCheck::Integrity };
+            let expect_head = match expect_head.as_deref().map(parse_published_head).transpose() {
+                Ok(head) => head,
+                Err(e) => return Ok(not_checked(&format!("--expect-head: {e}"), json)),
+            };
             (database_url, expect_head, file_check, json)
         }
         AuditCommand::RebuildUserIndex { database_url } => {
@@ -380,14 +387,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
                  written over by a disk or file-system fault), so its records cannot all be read"
             ))
         }
-        Err(e) => {
-            // Not 1: a script must be able to tell "tampered" from "could not look".
-            crate::console::error(format_args!("the chain could not be checked: {e:#}"));
-            if json {
-                crate::outln!("{}", serde_json::json!({"verdict": "not_checked", "error": format!("{e:#}")}));
-            }
-            return Ok(2);
-        }
+        Err(e) => return Ok(not_checked(&format!("{e:#}"), json)),
     };
     if json {
         crate::outln!("{}", verdict_json(&verdict, expect_head.as_ref(), file_check));
@@ -414,10 +414,20 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         }
         Verdict::Broken(msg) => {
             crate::outln!("BROKEN: {msg}");
-            crate::outln!("{}", if expect_head.is_some() { AFTER_BROKEN_WITH_HEAD } else { AFTER_BROKEN });
+            crate::outln!("What next: {}", if expect_head.is_some() { AFTER_BROKEN_WITH_HEAD } else { AFTER_BROKEN });
             Ok(1)
         }
     }
+}
+
+/// Says the check could not be made (on stdout too, as JSON, under --json); the exit status 2.
+/// Not 1: a script must be able to tell "tampered" from "could not look".
+fn not_checked(error: &str, json: bool) -> u8 {
+    crate::console::error(format_args!("the chain could not be checked: {error}"));
+    if json {
+        crate::outln!("{}", serde_json::json!({"verdict": "not_checked", "error": error}));
+    }
+    2
 }
 
 /// The verdict as `audit verify --json` prints it.
@@ -431,7 +441,8 @@ fn verdict_json(verdict: &Verdict, expect_head: Option<&PublishedHead>, file_che
             "expect_head": expect_head.map(|head| format!("{}:{}", head.seq, head.hash)),
             "in_flight": listed(in_flight),
             "closed_unknown": listed(closed_unknown),
-            "integrity_check": file_check == FileCheck::Integrity,
+            // Not a boolean: `false` would read as "failed" (a failed check is a broken verdict).
+            "integrity_check": if file_check == FileCheck::Integrity { "passed" } else { "skipped" },
         }),
         Verdict::Broken(problem) => serde_json::json!({
             "verdict": "broken",

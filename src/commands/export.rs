@@ -442,15 +442,17 @@ fn is_broken_pipe(err: &anyhow::Error) -> bool {
 /// Runs the command; the exit status (0, or 130/143 when a signal ended an export to a file).
 pub async fn run(mut args: ExportArgs) -> anyhow::Result<u8> {
     if args.no_header && args.format != Format::Csv {
-        anyhow::bail!(
+        return Err(super::UsageError(
             "--no-header leaves out the CSV header row, and NDJSON has none: add --format csv, or drop --no-header"
-        );
+                .into(),
+        )
+        .into());
     }
     // Noted on stderr: an export of "the last day" says which day it holds.
     let now_ms = crate::clock::system().now_ms();
     super::resolve_relative_times(now_ms, [("--since", &mut args.since), ("--until", &mut args.until)]);
     let (since, until) =
-        parse_flag_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| anyhow::anyhow!("{e}"))?;
+        parse_flag_range(args.since.as_deref(), args.until.as_deref()).map_err(|e| super::UsageError(e.to_string()))?;
     let store = Store::open_read_only(&args.database_url).await?;
     // As the feed refuses it: a seq past the head would skip whatever is stored up to it.
     let head = store.chain_head().await?.seq;
@@ -462,18 +464,23 @@ pub async fn run(mut args: ExportArgs) -> anyhow::Result<u8> {
             args.after
         );
     }
-    if let Some(expected) = args.after_hash.as_deref() {
-        let found = store.link_at(args.after).await?;
-        if found.as_deref() != Some(expected) {
-            anyhow::bail!(
-                "the record at seq {} carries the link {}, not --after-hash {expected}: this is another database, or \
-                 an older copy of the one the previous export read, so the records after it here are not the ones \
-                 that followed. Nothing was written. Export from --after 0, or from the last seq both agree on",
-                args.after,
-                found.as_deref().unwrap_or("(no record)")
-            );
+    let found = store.link_at(args.after).await?;
+    match (found, args.after_hash.as_deref()) {
+        (None, Some(_)) => {
+            anyhow::bail!("{}. Nothing was written", crate::store::journal::removed_cursor_note(args.after, head))
         }
+        // Without a link to compare, the export goes on: the pages after the cursor are what this
+        // file holds. Said all the same, as a gap inside the export would be.
+        (None, None) => crate::console::warn(crate::store::journal::removed_cursor_note(args.after, head)),
+        (Some(found), Some(expected)) if found != expected => anyhow::bail!(
+            "the record at seq {} carries the link {found}, not --after-hash {expected}: this is another database, \
+             or an older copy of the one the previous export read, so the records after it here are not the ones \
+             that followed. Nothing was written. Export from --after 0, or from the last seq both agree on",
+            args.after,
+        ),
+        (Some(_), _) => {}
     }
+    let filtered = since.is_some() || until.is_some();
     let started = Instant::now();
     let range = (args.after, since.unwrap_or(i64::MIN), until.unwrap_or(i64::MAX));
     let layout = Layout { format: args.format, header: !args.no_header, progress_every: args.progress_every };
@@ -522,14 +529,25 @@ pub async fn run(mut args: ExportArgs) -> anyhow::Result<u8> {
     let rate = n as f64 / secs.max(1e-9);
     let upto = exported.read_up_to;
     let records = if n == 1 { "record" } else { "records" };
+    // With a range, the cursor is past the records this run left out as well: handed on as "what
+    // is new" to an export without the range, it would skip them for good.
+    let next = if filtered {
+        format!(
+            "the next export of what is new in the same --since/--until range goes on with --after {upto} \
+             --after-hash {link} (records outside the range are behind that cursor too: an export without the range \
+             starts again from --after {})",
+            args.after
+        )
+    } else {
+        format!("the next export of what is new goes on with --after {upto} --after-hash {link}")
+    };
     if crate::console::is_json() {
         // The cursor as fields of their own: a script keeps them for the next run.
         tracing::info!(target: "friendhook::console", records = n, seconds = secs, read_up_to = upto, link = %link,
-            "exported {n} {records}; the next export of what is new goes on with --after {upto} --after-hash {link}");
+            range_filtered = filtered, "exported {n} {records}; {next}");
     } else {
         crate::console::to_stderr(format_args!(
-            "exported {n} {records} in {secs:.2} s ({rate:.0} records/s); read up to seq {upto}, link {link}: the next \
-             export of what is new goes on with --after {upto} --after-hash {link}\n"
+            "exported {n} {records} in {secs:.2} s ({rate:.0} records/s); read up to seq {upto}, link {link}: {next}\n"
         ));
     }
     Ok(0)

@@ -340,14 +340,28 @@ async fn get_feed(
     }
     let limit = q.limit.unwrap_or(1000);
     if !(1..=10_000).contains(&limit) {
-        return Err(ApiError::bad_request("invalid_query", "`limit` must be between 1 and 10000"));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`limit` must be between 1 and 10000, got {limit}"),
+        ));
     }
     let wait = match q.wait.as_deref() {
         None => Duration::ZERO,
         Some(w) => crate::config::parse_duration(w)
-            .map_err(|e| ApiError::bad_request("invalid_query", format!("`wait`: {e}")))?
-            .min(MAX_WAIT),
+            .map_err(|e| ApiError::bad_request("invalid_query", format!("`wait`: {e}")))?,
     };
+    // Refused rather than cut short, as `limit` is: a reader that set its own HTTP timeout to a
+    // longer wait would otherwise get an empty page early and not know why.
+    if wait > MAX_WAIT {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!(
+                "`wait` is at most 60s, got {w}: ask again when a page comes back empty (each answer carries the cursor \
+                 to ask with)",
+                w = q.wait.as_deref().unwrap_or_default()
+            ),
+        ));
+    }
     let (since, until) = parse_range(q.since.as_deref(), q.until.as_deref())?;
     let (since, until) = (since.unwrap_or(i64::MIN), until.unwrap_or(i64::MAX));
 
@@ -377,17 +391,22 @@ async fn get_feed(
             ));
         };
         let found = state.store.link_at(after).await?;
-        if found.as_deref() != Some(expected.as_str()) {
+        let Some(found) = found else {
+            return Err(ApiError::Conflict {
+                code: "cursor_mismatch",
+                detail: crate::store::journal::removed_cursor_note(after, page.head_seq),
+            });
+        };
+        if found != expected {
             return Err(ApiError::Conflict {
                 code: "cursor_mismatch",
                 detail: format!(
-                    "the record at seq {after} carries the link {}, not the `after_hash` {expected} your cursor \
+                    "the record at seq {after} carries the link {found}, not the `after_hash` {expected} your cursor \
                      was read with: this is another database, or an older copy of the one you read (restored from \
                      a backup, replaced), so the records after seq {after} here are not the ones that followed \
                      your cursor. Find the last seq both agree on (its link is X-Last-Hash of a page that ended \
                      there, or GET /v1/audit/head on the old file), drop what you stored past it, and read on \
-                     from there; or start again from after=0",
-                    found.as_deref().unwrap_or("(no record)")
+                     from there; or start again from after=0"
                 ),
             });
         }

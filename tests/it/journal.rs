@@ -195,6 +195,12 @@ async fn a_cursor_with_its_hash_is_refused_by_another_journal_of_the_same_length
     assert!(error["detail"].as_str().unwrap().contains("another database, or an older copy"), "{error}");
     // Without the hash, it cannot tell.
     assert_eq!(page(&other, "after=3").await.0, 200);
+    // A wait longer than the most there is is refused, as a `limit` too large is.
+    let (status, _, _, body) = page(&read, "after=5&wait=61s").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("`wait` is at most 60s, got 61s"), "{body}");
+    let (status, _, _, body) = page(&read, "after=0&limit=10001").await;
+    assert!(status == 400 && body.contains("got 10001"), "{body}");
     // Something that is not a link at all is a malformed query, not another database.
     let (status, _, _, body) = page(&read, "after=3&after_hash=abc").await;
     assert_eq!(status, 400, "{body}");
@@ -272,6 +278,15 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     let middle = head / 2;
     let (_, _, stderr) = run(&["--until", "0"]);
     assert!(stderr.contains("exported 0 records") && stderr.contains(&format!("read up to seq {head}")), "{stderr}");
+    // That cursor is past the records the range left out: it is offered for the same range only,
+    // with where an export without the range starts again.
+    assert!(
+        stderr.contains(&format!("what is new in the same --since/--until range goes on with --after {head}"))
+            && stderr.contains("an export without the range starts again from --after 0"),
+        "{stderr}"
+    );
+    let (_, _, stderr) = run(&[]);
+    assert!(!stderr.contains("range"), "no range, no caveat: {stderr}");
     // A duration back from now is noted as the time it stood for; every record here is recent.
     let (ok, stdout, stderr) = run(&["--since", "1h", "--until", "0s"]);
     assert!(ok && stderr.starts_with("--since 1h: --since 1"), "{stderr}");
@@ -353,7 +368,7 @@ pub fn sqlite(db_path: &std::path::Path, sql: &str) {
 }
 
 /// What sqlite3 prints for `sql` on the file.
-fn sqlite_out(db_path: &std::path::Path, sql: &str) -> String {
+pub fn sqlite_out(db_path: &std::path::Path, sql: &str) -> String {
     let out = std::process::Command::new("sqlite3").arg(db_path).arg(sql).output().expect("sqlite3 is installed");
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8_lossy(&out.stdout).trim().to_string()
@@ -395,7 +410,10 @@ async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     assert_eq!(intact["verdict"], "intact", "{intact}");
     assert_eq!((intact["records"].as_i64(), &intact["head"]), (Some(5), &head), "{intact}");
     assert_eq!(intact["in_flight"], serde_json::json!({"count": 0, "ids": []}), "{intact}");
-    assert_eq!(intact["integrity_check"], true, "{intact}");
+    assert_eq!(intact["integrity_check"], "passed", "{intact}");
+    let (_, out, _) = audit_verify(&db_url, &["--json", "--skip-integrity-check"]);
+    let skipped: Value = serde_json::from_str(&out).expect("one JSON object");
+    assert_eq!(skipped["integrity_check"], "skipped", "not `false`, which reads as failed: {skipped}");
 
     // An attacker with file access: drop the append-only trigger and rewrite a stored event.
     sqlite(&db_path, "DROP TRIGGER callbacks_immutable; UPDATE callbacks SET to_user = 'mallory' WHERE seq = 3;");
@@ -408,7 +426,7 @@ async fn audit_verify_passes_on_an_intact_database_and_fails_after_an_edit() {
     let broken: Value = serde_json::from_str(&out).expect("one JSON object");
     assert_eq!(broken["verdict"], "broken", "{broken}");
     assert!(broken["problem"].as_str().unwrap().starts_with("seq 3 "), "{broken}");
-    assert!(broken["next"].as_str().unwrap().starts_with("What next"), "{broken}");
+    assert!(broken["next"].as_str().unwrap().starts_with("keep this file as it is"), "no label in a field: {broken}");
 
     let (code, out, err) = audit_verify("sqlite:///nonexistent/dir/x.db", &["--json"]);
     assert_eq!(code, Some(2), "{out}{err}");
@@ -447,6 +465,29 @@ async fn an_export_over_a_record_removed_from_the_file_warns_of_the_gap() {
     // Filtered by event time, a page skips seqs by design: nothing to say.
     let (_, stderr) = export(&["--since", "2000-01-01T00:00:00Z"]);
     assert!(!stderr.contains("warning"), "{stderr}");
+
+    // A cursor on the removed record: no link to compare, so the export goes on, and says why
+    // nothing vouches for what follows; with the link it had, refused as removed, not as
+    // "another database".
+    let removed = "there is no record at seq 3, although this journal goes on to seq 5: it was removed";
+    let (stdout, stderr) = export(&["--after", "3"]);
+    assert_eq!(stdout.lines().count(), 2, "{stdout}");
+    assert!(stderr.contains(&format!("warning: {removed}")) && stderr.contains("audit verify"), "{stderr}");
+    let out = std::process::Command::new(bin())
+        .args(["export", "--database-url", &db_url, "--after", "3", "--after-hash", &"b".repeat(64)])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && out.stdout.is_empty(), "{stderr}");
+    assert!(stderr.contains(removed) && stderr.contains("Nothing was written"), "{stderr}");
+    let app = TestApp::spawn_on(&db_path, &[]).await;
+    let answer =
+        app.client.get(app.url(&format!("/v1/feed?after=3&after_hash={}", "b".repeat(64)))).send().await.unwrap();
+    assert_eq!(answer.status(), 409);
+    let error: Value = answer.json().await.unwrap();
+    assert_eq!(error["code"], "cursor_mismatch");
+    assert!(error["detail"].as_str().unwrap().contains(removed), "{error}");
+    let _dir = app.stop().await;
 }
 
 #[tokio::test]
@@ -929,6 +970,13 @@ async fn audit_verify_checks_a_head_published_earlier_and_exits_2_when_it_cannot
 
     let (code, out) = verify(&["--expect-head", &format!("{published}junk")]);
     assert_eq!(code, Some(2), "a malformed head is a usage error: {out}");
+    assert!(out.contains("--expect-head: HASH") && out.contains("64 hex digits"), "{out}");
+    // Under --json too, with the object a monitoring job reads on stdout.
+    let (code, stdout, _) = audit_verify(&db_url, &["--json", "--expect-head", "5:abc"]);
+    assert_eq!(code, Some(2), "{stdout}");
+    let not_checked: Value = serde_json::from_str(&stdout).expect("one JSON object");
+    assert_eq!(not_checked["verdict"], "not_checked", "{not_checked}");
+    assert!(not_checked["error"].as_str().unwrap().contains("--expect-head"), "{not_checked}");
 
     let (code, _, err) = audit_verify("sqlite:///nonexistent/friendhook.db", &[]);
     assert_eq!(code, Some(2), "{err}");
