@@ -56,7 +56,7 @@ async fn main() -> std::process::ExitCode {
                 // A log collector reads every line as JSON, the one that says why it stopped too.
                 LogFormat::Json => tracing::error!(error = %format!("{err:#}"), "friendhook stopped with an error"),
             }
-            std::process::ExitCode::FAILURE
+            std::process::ExitCode::from(friendhook::commands::exit_status_of(&err))
         }
     }
 }

@@ -19,8 +19,8 @@ use crate::store::Replaceable;
 #[derive(Debug, Args)]
 pub struct DemoArgs {
     /// Database for the demo, deleted and created afresh on every run. Refused (nothing deleted)
-    /// if it is not a friendhook database or a service holds it; give the demo a file of its
-    /// own, not a service's database. The demo ignores the FRIENDHOOK_* variables of `serve`.
+    /// if it is not a friendhook database, a service holds it, or it holds callbacks of another
+    /// Easemob app than the sandbox's; give the demo a file of its own, not a service's database. The demo ignores the FRIENDHOOK_* variables of `serve`.
     #[arg(long, default_value = "friendhook-demo.db")]
     pub database: std::path::PathBuf,
     /// Friend additions to trigger.
@@ -59,7 +59,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<()> {
     let db_url = format!("sqlite://{}", args.database.display());
     // Everything that can refuse runs before the old demo database is deleted.
     match crate::store::check_replaceable(&db_url).await? {
-        Replaceable::Nothing | Replaceable::FriendhookDatabase => {}
+        Replaceable::Nothing => {}
+        // Every event the demo stores comes from its sandbox: one from another app means a
+        // service's database (a copy of production, say) was given by mistake, and it is not
+        // the demo's to delete.
+        Replaceable::FriendhookDatabase => {
+            let sandbox = crate::sandbox::SandboxConfig::default();
+            let demo_appkey = format!("{}#{}", sandbox.org, sandbox.app);
+            if let Some(appkey) = crate::store::other_apps_event(&db_url, &demo_appkey).await? {
+                bail!(
+                    "{} holds callbacks of the Easemob app `{appkey}`, not only the demo's (`{demo_appkey}`): it is a \
+                     service's database, which the demo would delete. Give the demo a file of its own with \
+                     --database (its default is friendhook-demo.db). Nothing was changed",
+                    args.database.display()
+                );
+            }
+        }
         Replaceable::Foreign => bail!(
             "{} exists and is not a friendhook database; the demo recreates its database on every run, so give \
              it a file of its own with --database. Nothing was changed",

@@ -7,6 +7,18 @@ pub mod quarantine;
 pub mod reconcile;
 pub mod serve;
 
+/// A value on the command line that the command itself found wrong (clap accepted its form): the
+/// process exits 2, as for clap's own usage errors, so that a script can tell "called wrongly"
+/// from "could not do it" (1).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+/// The exit status for `err`: 2 for a [`UsageError`], 1 for anything else.
+pub fn exit_status_of(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<UsageError>().is_some() { 2 } else { 1 }
+}
+
 /// Text from a stored record (a user name, a callId: what a sender chose) on one terminal line:
 /// control characters (ESC, CR, newline, ...) and the invisible direction and width marks shown
 /// as `?`, so they can neither move the cursor, recolour the output, reorder it nor fake a line

@@ -310,9 +310,9 @@ pub fn next_step(held: usize, database_url: &str) -> String {
     format!(
         "{held} request(s) held: they failed signature verification and are NOT stored as events.\n\
          Usually the callback secret is wrong (e.g. after a rotation). Once you know the right one, run\n  \
-         friendhook quarantine reverify --database-url {database_url} --callback-secret <secret>\n\
-         (or set FRIENDHOOK_CALLBACK_SECRET; add --signature-scheme standard-webhooks if that is your scheme,\n\
-         --dry-run to try a secret without writing),\n\
+         FRIENDHOOK_CALLBACK_SECRET='<secret>' friendhook quarantine reverify --database-url {database_url}\n\
+         (in the variable, not as --callback-secret, which `ps` shows; add --signature-scheme standard-webhooks\n\
+         if that is your scheme, --dry-run to try a secret without writing),\n\
          and fix the service's --callback-secret too, or new callbacks keep landing here."
     )
 }

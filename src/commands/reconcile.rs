@@ -64,7 +64,7 @@ pub struct ReconcileArgs {
     pub json: bool,
     /// Exit with status 3 when the report counts any of these statuses (comma-separated), after
     /// printing it: for a cron job or a CI step to alert on. Without it the exit is 0 whatever
-    /// the report holds (1 when no report could be made).
+    /// the report holds (1 when no report could be made, 2 when the command line is wrong).
     #[arg(long, value_delimiter = ',',
           value_parser = clap::builder::PossibleValuesParser::new(crate::report::STATUSES))]
     pub fail_on: Vec<String>,
@@ -111,7 +111,7 @@ impl Source {
             Source::Service(base) => fetch_all_pages(base, args, status, as_of).await,
             Source::Database(store, computed) => {
                 let (since_ms, until_ms) = parse_flag_range(args.since.as_deref(), args.until.as_deref())
-                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                    .map_err(|e| super::UsageError(e.to_string()))?;
                 let mut query = ReportQuery {
                     since_ms,
                     until_ms,
@@ -220,7 +220,7 @@ async fn fetch_all_pages(
 /// The point `token` names, if this database has reached it.
 async fn as_of_in(store: &Store, token: &str) -> anyhow::Result<report::AsOf> {
     let as_of = report::AsOf::parse(token).ok_or_else(|| {
-        anyhow::anyhow!("--as-of `{token}` is not an `as_of` of a report (<seq>.<last call id>.<epoch ms>)")
+        super::UsageError(format!("--as-of `{token}` is not an `as_of` of a report (<seq>.<last call id>.<epoch ms>)"))
     })?;
     let facts = store.point_facts(as_of.point).await?;
     as_of
@@ -282,6 +282,10 @@ async fn fetch_page(
             _ if status == reqwest::StatusCode::UNAUTHORIZED => anyhow::bail!(
                 "the service answered {status}: {body}; give its API token with --api-token (or FRIENDHOOK_API_TOKEN)"
             ),
+            // The service checks the flags this command passes on as the query: its 400 is theirs.
+            _ if status == reqwest::StatusCode::BAD_REQUEST => {
+                return Err(super::UsageError(format!("the service answered {status}: {body}")).into());
+            }
             _ => anyhow::bail!("the service answered {status}: {body}"),
         }
     }
@@ -413,50 +417,50 @@ pub fn render_table(r: &Value, database_url: Option<&str>) -> String {
         let _ = writeln!(out, "\nnothing to list");
         return out;
     }
-    let _ = writeln!(
-        out,
-        "\n{:<12} {:<8} {:>8}  {:<16} {:<16} {:<24} detail",
-        "STATUS", "KIND", "ID/SEQ", "OWNER/FROM", "FRIEND/TO", "TIME (UTC)"
-    );
     // Names and operations come from callbacks, whose signature does not cover them: one line each.
     let str_of = |v: &Value| one_line(&v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
-    for item in &items {
-        let call = item["kind"] == "call";
-        let (id, a, b, t, detail) = if call {
-            (
-                str_of(&item["id"]),
-                str_of(&item["owner"]),
-                str_of(&item["friend"]),
-                item["requested_at"].as_i64().unwrap_or(0),
-                format!(
-                    "{} {}{}{}{}",
-                    str_of(&item["op"]),
-                    str_of(&item["outcome"]),
-                    upstream_of(item),
-                    if item["late"] == true { " (late)" } else { "" },
-                    callbacks_of(item)
-                ),
-            )
-        } else {
-            (
-                str_of(&item["seq"]),
-                str_of(&item["from_user"]),
-                str_of(&item["to_user"]),
-                item["timestamp"].as_i64().unwrap_or(0),
-                str_of(&item["operation"]),
-            )
-        };
-        let _ = writeln!(
-            out,
-            "{:<12} {:<8} {:>8}  {:<16} {:<16} {:<24} {}",
-            str_of(&item["status"]),
-            str_of(&item["kind"]),
-            id,
-            a,
-            b,
-            fmt_time(t),
-            detail
-        );
+    let rows: Vec<[String; 7]> = items
+        .iter()
+        .map(|item| {
+            let (id, a, b, t, detail) = if item["kind"] == "call" {
+                (
+                    str_of(&item["id"]),
+                    str_of(&item["owner"]),
+                    str_of(&item["friend"]),
+                    item["requested_at"].as_i64().unwrap_or(0),
+                    format!(
+                        "{} {}{}{}{}",
+                        str_of(&item["op"]),
+                        str_of(&item["outcome"]),
+                        upstream_of(item),
+                        if item["late"] == true { " (late)" } else { "" },
+                        callbacks_of(item)
+                    ),
+                )
+            } else {
+                (
+                    str_of(&item["seq"]),
+                    str_of(&item["from_user"]),
+                    str_of(&item["to_user"]),
+                    item["timestamp"].as_i64().unwrap_or(0),
+                    str_of(&item["operation"]),
+                )
+            };
+            [str_of(&item["status"]), str_of(&item["kind"]), id, a, b, fmt_time(t), detail]
+        })
+        .collect();
+    // Columns as wide as what they hold (Easemob user names run to 64 characters), so that a long
+    // name does not push the rest of its line out of step with the others.
+    let header = ["STATUS", "KIND", "ID/SEQ", "OWNER/FROM", "FRIEND/TO", "TIME (UTC)", "detail"];
+    let minimum = [12, 8, 8, 16, 16, 24, 0];
+    let width = |column: usize| {
+        rows.iter().map(|row| row[column].chars().count()).chain([minimum[column], header[column].len()]).max()
+    };
+    let [w0, w1, w2, w3, w4, w5] = [0, 1, 2, 3, 4, 5].map(|c| width(c).unwrap_or(0));
+    out.push('\n');
+    for row in std::iter::once(header.map(str::to_string)).chain(rows) {
+        let [status, kind, id, a, b, time, detail] = row;
+        let _ = writeln!(out, "{status:<w0$} {kind:<w1$} {id:>w2$}  {a:<w3$} {b:<w4$} {time:<w5$} {detail}");
     }
     out
 }

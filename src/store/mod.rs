@@ -894,6 +894,20 @@ pub async fn check_replaceable(database_url: &str) -> Result<Replaceable, StoreE
     Ok(Replaceable::FriendhookDatabase)
 }
 
+/// The `appkey` of a stored callback that is not `appkey` (one sent by another Easemob app than
+/// the sandbox's: real events), if the database at `database_url` holds one. For a command that is
+/// about to delete a database it made itself.
+pub async fn other_apps_event(database_url: &str, appkey: &str) -> Result<Option<String>, StoreError> {
+    let options = sqlite_options(database_url)?;
+    let mut conn = options.read_only(true).create_if_missing(false).connect().await?;
+    let found = sqlx::query_scalar("SELECT coalesce(appkey, '(none)') FROM callbacks WHERE appkey IS NOT ?1 LIMIT 1")
+        .bind(appkey)
+        .fetch_optional(&mut conn)
+        .await;
+    let _ = conn.close().await;
+    Ok(found?)
+}
+
 impl Store {
     /// Opens (creating if missing) the database, applies migrations, closes calls interrupted by
     /// a previous crash as `unknown` (unless `recover_interrupted_calls` is off), and starts the

@@ -83,6 +83,10 @@ pub struct CallbackItem {
     pub body_sha256: String,
     /// Hash-chain link.
     pub chain_hash: Option<String>,
+    /// When `quarantine reverify` promoted it from the quarantine (epoch ms); `null` for an event
+    /// stored as it arrived. A promoted event's `secret_index` counts among the secrets given to
+    /// `reverify`, not the service's.
+    pub promoted_at: Option<i64>,
 }
 
 /// One callback with its raw body and delivery times.
@@ -107,7 +111,9 @@ pub struct Delivery {
 }
 
 const CALLBACK_COLUMNS: &str = "seq, call_id, msg_id, event_type, chat_type, operation, from_user, to_user, appkey, \
-     timestamp_ms, received_at_ms, deliveries, scheme, secret_index, body_sha256, chain_hash";
+     timestamp_ms, received_at_ms, deliveries, scheme, secret_index, body_sha256, chain_hash, \
+     (SELECT q.promoted_at_ms FROM quarantine AS q WHERE q.promoted_seq = callbacks.seq AND q.promoted_as_new = 1) \
+     AS promoted_at_ms";
 
 fn callback_item(row: &sqlx::sqlite::SqliteRow) -> Result<CallbackItem, sqlx::Error> {
     Ok(CallbackItem {
@@ -127,6 +133,7 @@ fn callback_item(row: &sqlx::sqlite::SqliteRow) -> Result<CallbackItem, sqlx::Er
         secret_index: row.try_get("secret_index")?,
         body_sha256: row.try_get("body_sha256")?,
         chain_hash: row.try_get("chain_hash")?,
+        promoted_at: row.try_get("promoted_at_ms")?,
     })
 }
 

@@ -183,7 +183,7 @@ async fn no_header_leaves_the_csv_header_out_for_appending() {
     assert_eq!(first + &rest, whole);
 
     let (code, stdout, stderr) = export(&db_url, &["--no-header"]);
-    assert_eq!((code, stdout.as_str()), (Some(1), ""), "{stderr}");
+    assert_eq!((code, stdout.as_str()), (Some(2), ""), "a usage error, as clap's own: {stderr}");
     assert!(
         stderr.contains("--no-header leaves out the CSV header row") && stderr.contains("--format csv"),
         "{stderr}"

@@ -372,6 +372,16 @@ async fn a_callback_promoted_after_its_call_was_declared_missing_reads_late() {
     let promoted_at = matched["promoted_at"].as_i64().expect("says when it was promoted");
     assert!(promoted_at >= matched["received_at"].as_i64().unwrap(), "{after}");
     assert_eq!(item["latency_ms"].as_i64(), Some(promoted_at - t), "measured to the promotion: {after}");
+    // The event's own record says so too, in the list and alone (what a secret's rotation checks).
+    let seq = matched["seq"].as_i64().unwrap();
+    let (_, one) = app.get_json(&format!("/v1/callbacks/{seq}")).await;
+    assert_eq!(one["promoted_at"].as_i64(), Some(promoted_at), "{one}");
+    let (_, list) = app.get_json("/v1/callbacks").await;
+    assert_eq!(list["items"][0]["promoted_at"].as_i64(), Some(promoted_at), "{list}");
+    let arrived = app.post_callback(roster_body("3302", "alice", "bob", "remove", t + 1, SECRET)).await;
+    assert_eq!(arrived.status(), 200);
+    let (_, list) = app.get_json("/v1/callbacks").await;
+    assert!(list["items"][1]["seq"].is_i64() && list["items"][1]["promoted_at"].is_null(), "stored as it came: {list}");
     app.stop().await;
 }
 

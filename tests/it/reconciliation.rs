@@ -371,6 +371,7 @@ async fn reconcile_cli_prints_the_table_and_json_from_the_database() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "a usage error too, though clap took its form: {stderr}");
     assert!(stderr.contains("`--since` must be epoch milliseconds or RFC 3339"), "{stderr}");
     assert!(stderr.contains("or a duration back from now such as 1h"), "{stderr}");
 }
