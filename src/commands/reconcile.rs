@@ -544,4 +544,31 @@ mod tests {
         assert!(rows[0].contains("x?[31mRED?[0m?missing call 99 fake") && rows[0].contains("a?b?c"), "{table}");
         assert!(rows[0].contains("2023-11-14T22:13:20.000Z"), "{table}");
     }
+
+    #[test]
+    fn a_long_user_name_widens_its_column_instead_of_pushing_its_line_out_of_step() {
+        let long = "a-user-name-of-forty-characters-0123456";
+        let item = |id: i64, owner: &str| {
+            serde_json::json!({"status": "missing", "kind": "call", "id": id, "op": "add", "outcome": "succeeded",
+                "owner": owner, "friend": "bob", "requested_at": 1_700_000_000_000_i64, "matched": null, "extras": []})
+        };
+        let report = serde_json::json!({"summary": {"missing": 2, "match_latency_ms": {}},
+            "items": [item(1, "al"), item(22, long)]});
+        let table = render_table(&report, None);
+        let lines: Vec<&str> = table.lines().filter(|l| l.starts_with("STATUS") || l.starts_with("missing ")).collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        // Every column starts where the header's does, on every line.
+        for column in ["FRIEND/TO", "TIME (UTC)", "detail"] {
+            let at = lines[0].find(column).expect("header");
+            let value = match column {
+                "FRIEND/TO" => "bob",
+                "TIME (UTC)" => "2023-11-14T22:13:20.000Z",
+                _ => "add succeeded",
+            };
+            for line in &lines[1..] {
+                assert_eq!(line.find(value), Some(at), "{column}:\n{table}");
+            }
+        }
+        assert!(lines[2].contains(long), "{table}");
+    }
 }
