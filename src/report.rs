@@ -252,18 +252,32 @@ pub struct Report {
 }
 
 /// The next page's cursor: the last item's key, and the point the report is judged on.
-fn encode_cursor(k: ItemKey, as_of: AsOf) -> String {
-    format!("{}.{}.{}.{}", k.0, k.1, k.2, as_of.token())
+fn encode_cursor(k: ItemKey, as_of: AsOf, filters: &str) -> String {
+    format!("{}.{}.{}.{}.{filters}", k.0, k.1, k.2, as_of.token())
 }
 
-/// Parses a cursor produced by a previous page.
-pub fn decode_cursor(s: &str) -> Option<(ItemKey, AsOf)> {
+/// What a page's filters are, in a cursor: the next page must be asked with the same ones, or it
+/// would go on from a place in another list and skip what the new filters add before it. Eight
+/// hex digits of a digest: a cursor stays short, and a mix-up of filters is what it catches.
+pub fn filters_tag(q: &ReportQuery) -> String {
+    let text = format!("{:?}|{:?}|{:?}|{:?}|{:?}|{:?}", q.since_ms, q.until_ms, q.status, q.owner, q.friend, q.call_id);
+    crate::store::chain::sha256_hex(text.as_bytes())[..8].to_string()
+}
+
+/// Parses a cursor produced by a previous page: its item, its report's point, and the tag of the
+/// filters it was read with ([`filters_tag`]; `None` for a cursor from a release before it).
+pub fn decode_cursor(s: &str) -> Option<(ItemKey, AsOf, Option<String>)> {
     let mut it = s.split('.');
     let a = it.next()?.parse().ok()?;
     let b = it.next()?.parse().ok()?;
     let c = it.next()?.parse().ok()?;
     let as_of = AsOf::from_parts(&mut it)?;
-    it.next().is_none().then_some(((a, b, c), as_of))
+    let tag = match it.next() {
+        None => None,
+        Some(tag) if tag.len() == 8 && tag.bytes().all(|b| b.is_ascii_hexdigit()) => Some(tag.to_ascii_lowercase()),
+        Some(_) => return None,
+    };
+    it.next().is_none().then_some(((a, b, c), as_of, tag))
 }
 
 /// Whether a report on one call (`q.call_id`) can be made ([`narrow_to_call`]).
@@ -450,7 +464,7 @@ pub fn page(computed: &Computed, q: &ReportQuery) -> Report {
         sel.truncate(limit);
     }
     sel.sort_unstable();
-    let next_cursor = more.then(|| encode_cursor(sel[limit - 1].0, as_of));
+    let next_cursor = more.then(|| encode_cursor(sel[limit - 1].0, as_of, &filters_tag(q)));
     let items = sel
         .iter()
         .map(|&(_, pos)| {
@@ -855,7 +869,14 @@ mod tests {
     #[test]
     fn cursor_round_trips() {
         let as_of = AsOf { point: JournalPoint { seq: 7, last_call_id: 3 }, now_ms: 1_700_000_000_000 };
-        assert_eq!(decode_cursor(&encode_cursor((-5, 1, 42), as_of)), Some(((-5, 1, 42), as_of)));
+        let tag = filters_tag(&ReportQuery { status: Some("missing".into()), ..ReportQuery::default() });
+        assert_eq!(
+            decode_cursor(&encode_cursor((-5, 1, 42), as_of, &tag)),
+            Some(((-5, 1, 42), as_of, Some(tag.clone())))
+        );
+        assert_ne!(tag, filters_tag(&ReportQuery::default()), "the filters are in it");
+        assert_eq!(decode_cursor("-5.1.42.7.3.1700000000000"), Some(((-5, 1, 42), as_of, None)), "an older cursor");
+        assert_eq!(decode_cursor("-5.1.42.7.3.1700000000000.xyz"), None, "not a tag");
         assert_eq!(AsOf::parse(&as_of.token()), Some(as_of));
         assert_eq!(decode_cursor("1.2.3"), None, "a cursor names its point");
         assert_eq!(decode_cursor("a.b.c.7.3.0"), None);

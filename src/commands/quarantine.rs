@@ -222,6 +222,9 @@ pub struct ListItem {
     pub promoted_seq: Option<i64>,
     /// When it was promoted, RFC 3339.
     pub promoted_at: Option<String>,
+    /// When it was promoted, epoch ms (as `received_at_ms` beside `received_at`; the API and
+    /// `reconcile --json` give `promoted_at` in these).
+    pub promoted_at_ms: Option<i64>,
 }
 
 impl ListItem {
@@ -242,6 +245,7 @@ impl ListItem {
             promoted: !r.is_held(),
             promoted_seq: r.promoted_seq,
             promoted_at: r.promoted_at_ms.map(fmt_time),
+            promoted_at_ms: r.promoted_at_ms,
         }
     }
 }

@@ -452,12 +452,13 @@ async fn list_callbacks(
     let Query(q) = query.map_err(bad_query)?;
     let (since_ms, until_ms) = parse_range(q.since.as_deref(), q.until.as_deref())?;
     let limit = parse_limit(q.limit)?;
+    let non_empty = crate::http::query::non_empty;
     let filter = CallbackFilter {
-        call_id: q.call_id,
-        operation: q.operation,
+        call_id: non_empty("call_id", q.call_id)?,
+        operation: non_empty("operation", q.operation)?,
         // Stored lower-cased, like every user ID (see `callback::parse`).
-        from_user: q.from.map(|s| s.to_ascii_lowercase()),
-        to_user: q.to.map(|s| s.to_ascii_lowercase()),
+        from_user: non_empty("from", q.from)?.map(|s| s.to_ascii_lowercase()),
+        to_user: non_empty("to", q.to)?.map(|s| s.to_ascii_lowercase()),
         since_ms,
         until_ms,
         after_seq: parse_cursor(q.cursor.as_deref())?,

@@ -659,6 +659,7 @@ fn batch_answer(done: Vec<((String, String), Result<CallRecord, CallFailure>)>) 
 struct CallsQuery {
     owner: Option<String>,
     friend: Option<String>,
+    op: Option<String>,
     outcome: Option<String>,
     since: Option<String>,
     until: Option<String>,
@@ -683,11 +684,20 @@ async fn list_calls(
             })
         })
         .transpose()?;
+    let op = q
+        .op
+        .as_deref()
+        .map(|o| {
+            CallOp::parse(o)
+                .ok_or_else(|| ApiError::bad_request("invalid_query", format!("`op` must be add or remove, got `{o}`")))
+        })
+        .transpose()?;
     let (since_ms, until_ms) = parse_range(q.since.as_deref(), q.until.as_deref())?;
     let limit = parse_limit(q.limit)?;
     let filter = CallFilter {
-        owner: q.owner.map(|s| s.to_ascii_lowercase()),
-        friend: q.friend.map(|s| s.to_ascii_lowercase()),
+        owner: crate::http::query::non_empty("owner", q.owner)?.map(|s| s.to_ascii_lowercase()),
+        friend: crate::http::query::non_empty("friend", q.friend)?.map(|s| s.to_ascii_lowercase()),
+        op,
         outcome,
         since_ms,
         until_ms,

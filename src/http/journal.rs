@@ -79,15 +79,15 @@ async fn get_reconciliation(
             })
         })
         .transpose()?;
-    if let (Some((_, from_cursor)), Some(named)) = (cursor, named)
-        && from_cursor != named
+    if let (Some((_, from_cursor, _)), Some(named)) = (&cursor, named)
+        && *from_cursor != named
     {
         return Err(ApiError::bad_request(
             "invalid_query",
             "`as_of` differs from the one in `cursor`; a cursor continues its own report, so pass one or the other",
         ));
     }
-    let as_of = cursor.map(|(_, a)| a).or(named);
+    let as_of = cursor.as_ref().map(|(_, a, _)| *a).or(named);
     if let Some(as_of) = as_of {
         let facts = state.store.point_facts(as_of.point).await?;
         as_of.check(&facts, state.clock.now_ms()).map_err(|problem| {
@@ -102,13 +102,14 @@ async fn get_reconciliation(
         since_ms,
         until_ms,
         status: q.status,
-        owner: q.owner,
-        friend: q.friend,
+        owner: crate::http::query::non_empty("owner", q.owner)?,
+        friend: crate::http::query::non_empty("friend", q.friend)?,
         call_id: q.call_id,
         limit,
-        after: cursor.map(|(key, _)| key),
+        after: cursor.as_ref().map(|(key, ..)| *key),
         as_of,
     };
+    let cursor_filters = cursor.and_then(|(.., tag)| tag);
     let id = rq.call_id.unwrap_or_default();
     match report::narrow_to_call(&state.store, &mut rq).await? {
         report::OneCall::Judged => {}
@@ -123,6 +124,16 @@ async fn get_reconciliation(
                 ),
             ));
         }
+    }
+    // Compared with the filters as the report applies them (a call's own range included).
+    if let Some(tag) = cursor_filters
+        && tag != report::filters_tag(&rq)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            "`cursor` continues a report with other filters (since, until, status, owner, friend or call_id); ask \
+             with the filters of its first page, or leave `cursor` out to start from the first page of these",
+        ));
     }
     let slot = state.reports.enter().await.inspect_err(|_| state.metrics.report(ReportAnswer::Busy))?;
     let params = state.match_params();

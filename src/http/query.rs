@@ -33,6 +33,19 @@ pub fn parse_time(name: &'static str, value: &str) -> Result<i64, ApiError> {
     })
 }
 
+/// A text filter as given, refused when empty (`?owner=`): it would match nothing and answer an
+/// empty page, which reads as "none there" rather than "the value was lost" (an unset shell
+/// variable, say).
+pub fn non_empty(name: &'static str, value: Option<String>) -> Result<Option<String>, ApiError> {
+    match value {
+        Some(v) if v.is_empty() => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("`{name}` is empty: give a value, or leave `{name}` out to filter nothing by it"),
+        )),
+        other => Ok(other),
+    }
+}
+
 /// Optional time bound.
 pub fn parse_opt_time(name: &'static str, value: Option<&str>) -> Result<Option<i64>, ApiError> {
     value.map(|v| parse_time(name, v)).transpose()

@@ -113,6 +113,15 @@ pub enum StoreError {
         /// The database URL as given.
         database: String,
     },
+    /// A command that reads was pointed at an in-memory database: a new, empty one of its own.
+    #[error(
+        "{database} is an in-memory database, new and empty for this command alone: there is nothing in it to \
+         read. Give the service's database file, e.g. sqlite://friendhook.db"
+    )]
+    InMemoryRead {
+        /// The database URL as given.
+        database: String,
+    },
     /// `--database-url` names no file (empty, or `sqlite://` alone): SQLite would open a private
     /// temporary database per connection, so acknowledged callbacks would be invisible and lost.
     #[error(
@@ -294,6 +303,7 @@ impl StoreError {
                 | StoreError::SchemaBehind { .. }
                 | StoreError::InUse { .. }
                 | StoreError::InMemory { .. }
+                | StoreError::InMemoryRead { .. }
                 | StoreError::NotSqliteUrl { .. }
                 | StoreError::NoDatabase { .. }
                 | StoreError::IsDirectory { .. }
@@ -714,14 +724,18 @@ fn other_names(path: &std::path::Path) -> u64 {
     }
 }
 
+/// Whether the URL names an in-memory database rather than a file.
+fn is_in_memory(database_url: &str, path: &std::path::Path) -> bool {
+    database_url.contains(":memory:")
+        || database_url.contains("mode=memory")
+        || path == std::path::Path::new(":memory:")
+}
+
 /// Takes `<database file>.lock` for this process (released when the file is closed, so also
 /// when the process dies), or says who holds it.
 fn lock_instance(database_url: &str, options: &SqliteConnectOptions) -> Result<std::fs::File, StoreError> {
     let path = options.get_filename();
-    if database_url.contains(":memory:")
-        || database_url.contains("mode=memory")
-        || path == std::path::Path::new(":memory:")
-    {
+    if is_in_memory(database_url, path) {
         return Err(StoreError::InMemory { database: database_url.to_string() });
     }
     // The lock of the file, not of the name it was given by: a symbolic link to the database (or
@@ -1058,6 +1072,9 @@ impl Store {
             // The commands that read (audit, reconcile, export) run whole-table statements by
             // design; sqlx's warning on every one over a second would read as a problem.
             .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1));
+        if is_in_memory(database_url, opts.get_filename()) {
+            return Err(StoreError::InMemoryRead { database: database_url.to_string() });
+        }
         if !opts.get_filename().exists() {
             return Err(StoreError::NoDatabase { database: database_url.to_string() });
         }

@@ -144,6 +144,8 @@ pub struct CallFilter {
     pub owner: Option<String>,
     /// Exact friend.
     pub friend: Option<String>,
+    /// add / remove.
+    pub op: Option<crate::model::CallOp>,
     /// Outcome (`in_flight` = none yet).
     pub outcome: Option<Outcome>,
     /// requested_at lower bound (inclusive).
@@ -250,6 +252,9 @@ impl Store {
         }
         if let Some(v) = &f.friend {
             q.push(" AND friend = ").push_bind(v.clone());
+        }
+        if let Some(op) = f.op {
+            q.push(" AND op = ").push_bind(op.as_str());
         }
         match f.outcome {
             Some(Outcome::InFlight) => {

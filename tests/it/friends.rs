@@ -62,6 +62,29 @@ async fn easemob_errors_are_recorded_as_rejected_calls() {
     assert_eq!(rejected["items"].as_array().unwrap().len(), 2);
     let (_, alices) = app.get_json("/v1/calls?owner=alice&friend=bob").await;
     assert_eq!(alices["items"].as_array().unwrap().len(), 1);
+
+    // By operation: three adds so far, then a remove.
+    let r = app.client.delete(app.url("/v1/friends/alice/bob")).send().await.unwrap();
+    assert_eq!(r.status(), 201);
+    let ops = |page: &serde_json::Value| -> Vec<String> {
+        page["items"].as_array().unwrap().iter().map(|c| c["op"].as_str().unwrap().to_string()).collect()
+    };
+    let (_, adds) = app.get_json("/v1/calls?op=add").await;
+    assert_eq!(ops(&adds), ["add", "add", "add"], "{adds}");
+    let (_, removes) = app.get_json("/v1/calls?op=remove&owner=alice").await;
+    assert_eq!(ops(&removes), ["remove"], "{removes}");
+    // A value that cannot match, or none at all, is refused rather than answered with nothing.
+    for (query, said) in [
+        ("/v1/calls?op=delete", "`op` must be add or remove, got `delete`"),
+        ("/v1/calls?owner=", "`owner` is empty"),
+        ("/v1/callbacks?from=", "`from` is empty"),
+        ("/v1/callbacks?operation=", "`operation` is empty"),
+        ("/v1/reconciliation?friend=", "`friend` is empty"),
+    ] {
+        let (status, error) = app.get_json(query).await;
+        assert_eq!((status, error["code"].as_str()), (400, Some("invalid_query")), "{query}: {error}");
+        assert!(error["detail"].as_str().unwrap().contains(said), "{query}: {error}");
+    }
     app.stop().await;
 }
 

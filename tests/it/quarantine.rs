@@ -376,6 +376,11 @@ async fn a_callback_promoted_after_its_call_was_declared_missing_reads_late() {
     let seq = matched["seq"].as_i64().unwrap();
     let (_, one) = app.get_json(&format!("/v1/callbacks/{seq}")).await;
     assert_eq!(one["promoted_at"].as_i64(), Some(promoted_at), "{one}");
+    // `quarantine list --json` gives it as epoch ms too, beside its RFC 3339 text.
+    let listed = list_json(&app.db_url, true).await;
+    let row = &listed["items"][0];
+    assert_eq!(row["promoted_at_ms"].as_i64(), Some(promoted_at), "{listed}");
+    assert!(row["promoted_at"].is_string(), "{listed}");
     let (_, list) = app.get_json("/v1/callbacks").await;
     assert_eq!(list["items"][0]["promoted_at"].as_i64(), Some(promoted_at), "{list}");
     let arrived = app.post_callback(roster_body("3302", "alice", "bob", "remove", t + 1, SECRET)).await;

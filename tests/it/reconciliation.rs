@@ -629,6 +629,15 @@ async fn the_pages_of_a_report_and_its_as_of_stay_put_while_more_is_stored() {
     let c = first["next_cursor"].as_str().unwrap();
     let (status, err) = app.get_json(&format!("/v1/reconciliation?cursor={c}&as_of=0.0.0")).await;
     assert_eq!(status, 400, "{err}");
+    // A cursor asked with other filters than its first page's would go on from a place in
+    // another list: refused, whichever filter changed.
+    for other in ["status=orphan", "owner=alice", &format!("since={}", t - 1)] {
+        let (status, err) = app.get_json(&format!("/v1/reconciliation?limit=1&cursor={c}&{other}")).await;
+        assert_eq!((status, err["code"].as_str()), (400, Some("invalid_query")), "{other}: {err}");
+        assert!(err["detail"].as_str().unwrap().contains("continues a report with other filters"), "{err}");
+    }
+    let (status, _) = app.get_json(&format!("/v1/reconciliation?limit=1&cursor={c}")).await;
+    assert_eq!(status, 200, "with its own filters it goes on");
 
     // `friendhook reconcile --as-of` gives the same report, from the service or the database.
     let source_args = [["--url", app.base.as_str()], ["--database-url", app.db_url.as_str()]];

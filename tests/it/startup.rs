@@ -135,6 +135,14 @@ async fn an_in_memory_database_is_refused() {
         let args = serve_args(url, &[]);
         let err = friendhook::commands::serve::build(&args, friendhook::clock::system()).await.err().expect(url);
         assert!(format!("{err:#}").contains("in-memory database"), "{url}: {err:#}");
+        // The commands that read say so too, rather than "no such database file".
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_friendhook"))
+            .args(["audit", "verify", "--database-url", url])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{stderr}");
+        assert!(stderr.contains("is an in-memory database, new and empty for this command alone"), "{url}: {stderr}");
     }
 }
 
