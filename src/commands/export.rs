@@ -532,10 +532,17 @@ pub async fn run(mut args: ExportArgs) -> anyhow::Result<u8> {
     // With a range, the cursor is past the records this run left out as well: handed on as "what
     // is new" to an export without the range, it would skip them for good.
     let next = if filtered {
+        // The range as resolved: `--until 1h` typed again an hour later is another range, and the
+        // records between the two would be behind the cursor.
+        let range: Vec<String> = [("--since", &args.since), ("--until", &args.until)]
+            .into_iter()
+            .filter_map(|(flag, value)| value.as_ref().map(|v| format!("{flag} {v}")))
+            .collect();
         format!(
-            "the next export of what is new in the same --since/--until range goes on with --after {upto} \
-             --after-hash {link} (records outside the range are behind that cursor too: an export without the range \
-             starts again from --after {})",
+            "the next export of what is new in the same range goes on with {} --after {upto} --after-hash {link} \
+             (records outside the range are behind that cursor too: an export without the range starts again from \
+             --after {})",
+            range.join(" "),
             args.after
         )
     } else {

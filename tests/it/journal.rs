@@ -281,7 +281,7 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     // That cursor is past the records the range left out: it is offered for the same range only,
     // with where an export without the range starts again.
     assert!(
-        stderr.contains(&format!("what is new in the same --since/--until range goes on with --after {head}"))
+        stderr.contains(&format!("what is new in the same range goes on with --until 0 --after {head}"))
             && stderr.contains("an export without the range starts again from --after 0"),
         "{stderr}"
     );
@@ -291,6 +291,11 @@ async fn calls_and_callbacks_share_the_feed_in_seq_order_and_export_as_ndjson_an
     let (ok, stdout, stderr) = run(&["--since", "1h", "--until", "0s"]);
     assert!(ok && stderr.starts_with("--since 1h: --since 1"), "{stderr}");
     assert!(stderr.contains("--until 0s: --until 1"), "{stderr}");
+    // The cursor's range as resolved, not `1h` (which an hour later is another range).
+    assert!(
+        stderr.contains("in the same range goes on with --since 1") && !stderr.contains("with --since 1h"),
+        "{stderr}"
+    );
     assert_eq!(stdout.lines().count(), feed.len(), "the last hour holds every record: {stderr}");
     let (ok, stdout, stderr) = run(&["--after", &middle.to_string(), "--after-hash", &link(middle)]);
     assert!(ok, "{stderr}");
