@@ -20,7 +20,8 @@ use crate::store::Replaceable;
 pub struct DemoArgs {
     /// Database for the demo, deleted and created afresh on every run. Refused (nothing deleted)
     /// if it is not a friendhook database, a service holds it, or it holds callbacks of another
-    /// Easemob app than the sandbox's; give the demo a file of its own, not a service's database. The demo ignores the FRIENDHOOK_* variables of `serve`.
+    /// Easemob app than the sandbox's; give the demo a file of its own, not a service's
+    /// database. The demo ignores the FRIENDHOOK_* variables of `serve`.
     #[arg(long, default_value = "friendhook-demo.db")]
     pub database: std::path::PathBuf,
     /// Friend additions to trigger.
