@@ -683,6 +683,9 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("Easemob console") && text.contains("--callback-secret"), "{text}");
-        assert!(next_step(2, "sqlite://x.db").contains("friendhook quarantine reverify --database-url sqlite://x.db"));
+        // The secret in the variable, as the README has it: a flag shows in `ps`.
+        assert!(next_step(2, "sqlite://x.db").contains(
+            "FRIENDHOOK_CALLBACK_SECRET='<secret>' friendhook quarantine reverify --database-url sqlite://x.db"
+        ));
     }
 }
