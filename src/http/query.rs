@@ -112,6 +112,16 @@ pub fn bad_query(e: axum::extract::rejection::QueryRejection) -> ApiError {
     let text = text.strip_prefix("Failed to deserialize query string: ").unwrap_or(&text);
     let detail = match text.split_once(": ") {
         Some((name, problem)) if !name.is_empty() && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') => {
+            // Rust's own words for a number it cannot read, said as what the parameter takes.
+            let problem = match problem {
+                "invalid digit found in string" | "cannot parse integer from empty string" => {
+                    "must be a whole number (digits only)"
+                }
+                "number too large to fit in target type" | "number too small to fit in target type" => {
+                    "is out of range for a whole number"
+                }
+                other => other,
+            };
             format!("`{name}`: {problem} (see the README's HTTP API for what it takes)")
         }
         _ => format!("{text} (see the README's HTTP API)"),

@@ -973,7 +973,10 @@ async fn malformed_api_requests_get_json_errors_with_the_right_status() {
     // A parameter of the wrong type is named in the answer's own words.
     let (status, err) = app.get_json("/v1/calls?limit=abc").await;
     assert_eq!(status, 400, "{err}");
-    assert!(err["detail"].as_str().unwrap_or("").starts_with("`limit`: invalid digit found in string"), "{err}");
+    assert!(err["detail"].as_str().unwrap_or("").starts_with("`limit`: must be a whole number (digits only)"), "{err}");
+    let (status, err) = app.get_json("/v1/calls?limit=99999999999999999999").await;
+    assert_eq!(status, 400, "{err}");
+    assert!(err["detail"].as_str().unwrap_or("").starts_with("`limit`: is out of range for a whole number"), "{err}");
     // A callback URL set up with a trailing slash: the answer names the path meant.
     let resp = app.client.post(app.url("/callbacks/easemob/")).body("{}").send().await.unwrap();
     assert_eq!(resp.status(), 404);
