@@ -264,7 +264,7 @@ pub async fn verify_reporting(
             first.as_deref().unwrap_or("unknown")
         )));
     }
-    let missing = store.missing_guards().await?;
+    let (missing, indexes) = store.schema_unlike_migrations().await?;
     if !missing.is_empty() {
         return Ok(Verdict::Broken(format!(
             "the chain is intact, but the append-only trigger(s) {} were dropped, redefined or added outside friendhook: \
@@ -273,7 +273,6 @@ pub async fn verify_reporting(
             missing.join(", ")
         )));
     }
-    let indexes = store.indexes_unlike_migrations().await?;
     if !indexes.is_empty() {
         let (names, remedy): (Vec<String>, Vec<String>) = indexes.into_iter().unzip();
         return Ok(Verdict::Broken(format!(

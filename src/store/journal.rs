@@ -85,7 +85,7 @@ fn squeeze(sql: &str) -> String {
     sql.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
-/// [`Store::missing_guards`] of the schema's `objects` ([`Store::schema_objects`]).
+/// The triggers of [`Store::schema_unlike_migrations`], from the schema's `objects` (type, name, SQL).
 fn guards_unlike_migrations(objects: &[(String, String, Option<String>)]) -> Vec<String> {
     let present: Vec<(&str, Option<&str>)> =
         objects.iter().filter(|(kind, ..)| kind == "trigger").map(|(_, n, sql)| (n.as_str(), sql.as_deref())).collect();
@@ -105,7 +105,7 @@ fn guards_unlike_migrations(objects: &[(String, String, Option<String>)]) -> Vec
     problems
 }
 
-/// [`Store::indexes_unlike_migrations`] of the schema's `objects` ([`Store::schema_objects`]).
+/// The indexes of [`Store::schema_unlike_migrations`], from the schema's `objects` (type, name, SQL).
 fn indexes_unlike_migrations(objects: &[(String, String, Option<String>)]) -> Vec<(String, String)> {
     let present: Vec<(&str, &str)> = objects
         .iter()
@@ -789,40 +789,28 @@ impl Store {
         Ok(named.into_iter().filter_map(|(what, seq)| seq.filter(|seq| *seq > head).map(|seq| (what, seq))).collect())
     }
 
-    /// The append-only triggers of the migrations that are missing from the database, then the
-    /// triggers defined otherwise than the migrations define them or not by them at all
-    /// (`calls_no_delete`, `calls_immutable (altered)`, `zz (not friendhook's)`): dropped,
-    /// redefined or added outside friendhook (a guard recreated with `WHEN 0` keeps its name and
-    /// guards nothing), rows can be deleted, rewritten or kept out without an error.
-    pub async fn missing_guards(&self) -> Result<Vec<String>, StoreError> {
-        Ok(guards_unlike_migrations(&self.schema_objects().await?))
-    }
-
-    /// The indexes that differ from the ones the migrations leave: missing (`calls_by_owner
-    /// (missing)`), defined otherwise (`(altered)`) or unique ones added outside friendhook
-    /// (`(not friendhook's)`), each with the SQL that puts friendhook's back. An index someone
-    /// added for their own queries, not unique, changes no answer and refuses nothing: it is
-    /// theirs to keep. SQLite's own indexes of UNIQUE columns are part of their tables.
-    pub async fn indexes_unlike_migrations(&self) -> Result<Vec<(String, String)>, StoreError> {
-        Ok(indexes_unlike_migrations(&self.schema_objects().await?))
-    }
-
-    /// [`Store::missing_guards`] and [`Store::indexes_unlike_migrations`] from one read of the
-    /// schema, for the start-up check.
+    /// What of the schema differs from what the migrations leave, from one read of it:
+    ///
+    /// - the append-only triggers of the migrations that are missing from the database, then the
+    ///   triggers defined otherwise than the migrations define them or not by them at all
+    ///   (`calls_no_delete`, `calls_immutable (altered)`, `zz (not friendhook's)`): dropped,
+    ///   redefined or added outside friendhook (a guard recreated with `WHEN 0` keeps its name and
+    ///   guards nothing), rows can be deleted, rewritten or kept out without an error;
+    /// - the indexes that differ from the ones the migrations leave: missing (`calls_by_owner
+    ///   (missing)`), defined otherwise (`(altered)`) or unique ones added outside friendhook
+    ///   (`(not friendhook's)`), each with the SQL that puts friendhook's back. An index someone
+    ///   added for their own queries, not unique, changes no answer and refuses nothing: it is
+    ///   theirs to keep. SQLite's own indexes of UNIQUE columns are part of their tables.
     pub async fn schema_unlike_migrations(&self) -> Result<(Vec<String>, Vec<(String, String)>), StoreError> {
-        let objects = self.schema_objects().await?;
-        Ok((guards_unlike_migrations(&objects), indexes_unlike_migrations(&objects)))
-    }
-
-    /// The triggers and the indexes defined by SQL (not SQLite's own of UNIQUE columns): type,
-    /// name and definition, by name.
-    async fn schema_objects(&self) -> Result<Vec<(String, String, Option<String>)>, StoreError> {
-        Ok(sqlx::query_as(
+        // Type, name and definition of the triggers and of the indexes defined by SQL (not
+        // SQLite's own of UNIQUE columns), by name.
+        let objects: Vec<(String, String, Option<String>)> = sqlx::query_as(
             "SELECT type, name, sql FROM sqlite_master WHERE type = 'trigger' OR (type = 'index' AND sql IS NOT NULL)
              ORDER BY name",
         )
         .fetch_all(self.read_pool())
-        .await?)
+        .await?;
+        Ok((guards_unlike_migrations(&objects), indexes_unlike_migrations(&objects)))
     }
 
     /// Calls requested in [since, until), and calls requested before `since` that were still
@@ -1170,7 +1158,7 @@ mod tests {
 
         let dir = tempfile::tempdir().expect("tempdir");
         let (store, url) = crate::store::open_test_store(&dir).await;
-        assert_eq!(store.indexes_unlike_migrations().await.expect("read"), Vec::<(String, String)>::new());
+        assert_eq!(store.schema_unlike_migrations().await.expect("read").1, Vec::<(String, String)>::new());
         let mut conn = <sqlx::SqliteConnection as sqlx::Connection>::connect(&url).await.expect("connect");
         sqlx::raw_sql(
             "DROP INDEX calls_by_owner; DROP INDEX calls_in_flight; CREATE INDEX calls_in_flight ON calls (id); \
@@ -1181,7 +1169,7 @@ mod tests {
         .execute(&mut conn)
         .await
         .expect("edit");
-        let problems = store.indexes_unlike_migrations().await.expect("read");
+        let problems = store.schema_unlike_migrations().await.expect("read").1;
         let named: Vec<&str> = problems.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             named,
@@ -1195,7 +1183,7 @@ mod tests {
         );
         let remedy: Vec<&str> = problems.iter().map(|(_, sql)| sql.as_str()).collect();
         sqlx::raw_sql(&remedy.join(" ")).execute(&mut conn).await.expect("the remedy runs");
-        assert_eq!(store.indexes_unlike_migrations().await.expect("read"), Vec::<(String, String)>::new());
+        assert_eq!(store.schema_unlike_migrations().await.expect("read").1, Vec::<(String, String)>::new());
         sqlx::Connection::close(conn).await.expect("close");
         store.close().await;
     }
