@@ -13,6 +13,7 @@ use crate::reconcile::MatchParams;
 use crate::report::{self, ReportQuery};
 use crate::store::Store;
 use serde_json::Value;
+use unicode_width::UnicodeWidthStr;
 
 /// `friendhook reconcile` options.
 #[derive(Debug, Args)]
@@ -453,16 +454,24 @@ pub fn render_table(r: &Value, database_url: Option<&str>) -> String {
     // name does not push the rest of its line out of step with the others.
     let header = ["STATUS", "KIND", "ID/SEQ", "OWNER/FROM", "FRIEND/TO", "TIME (UTC)", "detail"];
     let minimum = [12, 8, 8, 16, 16, 24, 0];
-    let width = |column: usize| {
-        rows.iter().map(|row| row[column].chars().count()).chain([minimum[column], header[column].len()]).max()
-    };
+    // Widths as a terminal shows them: a name from an unsigned `from` may hold CJK characters,
+    // two columns each, which a count of characters would take for one.
+    let width =
+        |column: usize| rows.iter().map(|row| row[column].width()).chain([minimum[column], header[column].len()]).max();
     let [w0, w1, w2, w3, w4, w5] = [0, 1, 2, 3, 4, 5].map(|c| width(c).unwrap_or(0));
     out.push('\n');
     for row in std::iter::once(header.map(str::to_string)).chain(rows) {
         let [status, kind, id, a, b, time, detail] = row;
-        let _ = writeln!(out, "{status:<w0$} {kind:<w1$} {id:>w2$}  {a:<w3$} {b:<w4$} {time:<w5$} {detail}");
+        let (status, kind, a, b, time) = (pad(&status, w0), pad(&kind, w1), pad(&a, w3), pad(&b, w4), pad(&time, w5));
+        let _ = writeln!(out, "{status} {kind} {id:>w2$}  {a} {b} {time} {detail}");
     }
     out
+}
+
+/// `text` followed by the spaces that make it `width` terminal columns wide (`format!`'s padding
+/// counts characters).
+fn pad(text: &str, width: usize) -> String {
+    format!("{text}{}", " ".repeat(width.saturating_sub(text.width())))
 }
 
 /// What Easemob answered a call that did not succeed, for its detail: ` (Easemob 403
@@ -570,5 +579,27 @@ mod tests {
             }
         }
         assert!(lines[2].contains(long), "{table}");
+    }
+
+    #[test]
+    fn a_name_of_wide_characters_is_padded_to_the_columns_it_takes() {
+        let orphan = |seq: i64, from: &str| {
+            serde_json::json!({"status": "orphan", "kind": "callback", "seq": seq, "timestamp": 1_700_000_000_000_i64,
+                "from_user": from, "to_user": "bob", "operation": "add"})
+        };
+        // 20 characters, 40 columns: wider than the column's 16 minimum either way.
+        let wide = "张三李四王五赵六钱七孙八周九吴十郑一冯二";
+        let report = serde_json::json!({"summary": {"orphan": 2, "match_latency_ms": {}},
+            "items": [orphan(1, "al"), orphan(2, wide)]});
+        let table = render_table(&report, None);
+        let lines: Vec<&str> = table.lines().filter(|l| l.starts_with("STATUS") || l.starts_with("orphan ")).collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        // Where a terminal shows "bob" on each line: the columns before it, in display width.
+        let column_of = |line: &str, value: &str| line.find(value).map(|at| line[..at].width());
+        let at = column_of(lines[0], "FRIEND/TO").expect("header");
+        for line in &lines[1..] {
+            assert_eq!(column_of(line, "bob"), Some(at), "\n{table}");
+        }
+        assert_eq!(at, "orphan       callback        2  ".width() + wide.width() + 1, "\n{table}");
     }
 }
