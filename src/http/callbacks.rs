@@ -49,8 +49,10 @@ impl From<StoreError> for ApiError {
             // The system clock: this conversion has no state to take one from, and only the
             // log's spacing depends on it.
             let now_ms = crate::clock::SystemClock.now_ms();
+            // Every route's store errors come through here: under the routes' common target, not
+            // this module's (a failed reconciliation is not a callback's).
             if let Some(n) = STORAGE_ERRORS.hit(now_ms) {
-                tracing::error!(error = %err, errors_since_last_line = n,
+                tracing::error!(target: "friendhook::http", error = %err, errors_since_last_line = n,
                     "a request failed on the database and was answered 503 (at most one line every 10 s)");
             }
         }

@@ -73,9 +73,23 @@ async fn readyz(State(state): State<SharedState>) -> Response {
         Some(client) => easemob_health(client.token_health().await),
         None => Value::Null,
     };
+    // Shown, not part of readiness either: receiving goes on without an index or a trigger, but
+    // a missing index fails reconciliation (503 index_missing), a unique one added by hand refuses
+    // events, and without the triggers records can be rewritten unnoticed until `audit verify`.
+    let schema = match state.store.schema_unlike_migrations().await {
+        Ok((guards, indexes)) if guards.is_empty() && indexes.is_empty() => json!("ok"),
+        Ok((guards, indexes)) => json!({
+            "triggers": guards,
+            "indexes": indexes.iter().map(|(name, _)| name).collect::<Vec<_>>(),
+            "detail": "changed outside friendhook: run `friendhook audit verify` on the database file, which names \
+                       each difference and prints the SQL that puts friendhook's back",
+        }),
+        Err(e) => json!({"detail": format!("could not read the schema: {e}")}),
+    };
     let body = json!({
         "status": if ready { "ready" } else { "not_ready" },
         "easemob": easemob,
+        "schema": schema,
         "database": { "read": read.as_deref().unwrap_or("ok"), "write": write.as_deref().unwrap_or("ok") },
         "quarantine": {
             "held": held,

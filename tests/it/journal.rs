@@ -886,9 +886,27 @@ async fn audit_verify_names_indexes_unlike_friendhooks_and_how_to_put_them_back(
     let (status, body) = app.get_json("/v1/reconciliation").await;
     assert_eq!((status, body["code"].as_str()), (503, Some("index_missing")), "{body}");
     assert!(body["detail"].as_str().is_some_and(|d| d.contains("friendhook audit verify")), "{body}");
+    // Still ready (callbacks are received), but a monitor polling /readyz sees what differs.
+    let (status, ready) = app.get_json("/readyz").await;
+    assert_eq!((status, ready["status"].as_str()), (200, Some("ready")), "{ready}");
+    assert_eq!(
+        ready["schema"]["indexes"],
+        serde_json::json!([
+            "calls_by_pair (altered)",
+            "callbacks_roster_by_id (missing)",
+            "one_event_per_pair (not friendhook's)"
+        ]),
+        "{ready}"
+    );
+    assert_eq!(ready["schema"]["triggers"], serde_json::json!([]), "{ready}");
+    assert!(ready["schema"]["detail"].as_str().is_some_and(|d| d.contains("friendhook audit verify")), "{ready}");
     let _dir = app.stop().await;
 
     sqlite(&db_path, remedy);
+    let app = TestApp::spawn_on(&db_path, &[]).await;
+    let (_, ready) = app.get_json("/readyz").await;
+    assert_eq!(ready["schema"], "ok", "after the remedy: {ready}");
+    let _dir = app.stop().await;
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(0), "after the remedy: {out}");
     let (_, json, _) = audit_verify(&db_url, &["--json"]);
