@@ -76,8 +76,9 @@ fn unavailable(err: &StoreError) -> ApiError {
         // Its own text names files and a process id, which are not for the sender.
         StoreError::FileGone(_) => ApiError::Unavailable {
             code: "storage_unavailable",
-            detail: "the service's database file was removed or replaced while it ran: nothing was stored, and \
-                     nothing will be until an operator puts the file back and restarts the service (GET /readyz \
+            detail: "the service's database file was removed or replaced while it ran: this callback is not \
+                     acknowledged (written, if at all, only into the removed file, kept if that file is put back), \
+                     and none will be until an operator puts the file back and restarts the service (GET /readyz \
                      says how)"
                 .into(),
             retry_after_secs: 30,

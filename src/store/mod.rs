@@ -51,6 +51,39 @@ pub enum StoreError {
     /// does not pass by waiting: an operator has to put the file back and restart the service.
     #[error("database write failed: {0}")]
     FileGone(String),
+    /// A WAL file without its database (missing or empty): the file was removed while a service
+    /// wrote to it, and the WAL holds its last writes. Opening would make a new, empty database
+    /// beside it, and the history would be gone without a word.
+    #[error(
+        "{wal} is there but {database} is {state}: the database file was removed (or lost) while a service wrote \
+         to it, and this WAL holds its last writes, not a database. Starting would make a new, empty database \
+         beside it. Put the database back (the copy a stopped service saved as {database}.rescued-*, or a \
+         backup) and start again; to start afresh on purpose, move {wal} and {database}-shm away first. \
+         Nothing was changed"
+    )]
+    LoneWal {
+        /// The database file's path.
+        database: String,
+        /// Its WAL's path.
+        wal: String,
+        /// `missing` or `empty`.
+        state: &'static str,
+    },
+    /// The database file is missing (or empty) and a copy a stopped service saved of it, when it
+    /// was removed under the service, lies beside it.
+    #[error(
+        "{database} is {state}, and {copy} is there: the copy a service saved when its database file was removed \
+         under it. To go on with that history, move {copy} to {database}; to start afresh on purpose, move the \
+         copy elsewhere first. Nothing was changed"
+    )]
+    Rescued {
+        /// The database file's path.
+        database: String,
+        /// The newest rescued copy's path.
+        copy: String,
+        /// `missing` or `empty`.
+        state: &'static str,
+    },
     /// A database error. Its text includes sqlx's (which includes SQLite's), so it is not also
     /// returned as the `source`: `error: {err:#}` would print each cause two or three times.
     #[error("database error: {0}")]
@@ -310,6 +343,8 @@ impl StoreError {
                 | StoreError::NoDirectory { .. }
                 | StoreError::NotSqlite { .. }
                 | StoreError::NoSchema { .. }
+                | StoreError::LoneWal { .. }
+                | StoreError::Rescued { .. }
         )
     }
 
@@ -643,6 +678,48 @@ async fn refuse_to_write(database_url: &str) -> Result<(), StoreError> {
     refuse_foreign(&options, database_url).await
 }
 
+/// Fails with [`StoreError::LoneWal`] when `path` is missing or empty while its `-wal` holds
+/// something; otherwise says whether the file is about to be created.
+fn refuse_lone_wal(path: &std::path::Path) -> Result<bool, StoreError> {
+    let len = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| m.len());
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    let wal = std::path::PathBuf::from(wal);
+    let database = len(path);
+    if database.is_some_and(|n| n > 0) {
+        return Ok(false);
+    }
+    let state = if database.is_none() { "missing" } else { "empty" };
+    if len(&wal).is_some_and(|n| n > 0) {
+        return Err(StoreError::LoneWal {
+            database: path.display().to_string(),
+            wal: wal.display().to_string(),
+            state,
+        });
+    }
+    // What a service saved when its file was removed under it: a restart, the usual first
+    // reaction, would otherwise begin an empty history beside it.
+    if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
+        let prefix = format!("{}.rescued-", name.to_string_lossy());
+        let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
+        let mut copies: Vec<String> = std::fs::read_dir(dir)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.file_name().to_string_lossy().into_owned()))
+            .filter(|n| n.starts_with(&prefix))
+            .collect();
+        copies.sort();
+        if let Some(last) = copies.last() {
+            return Err(StoreError::Rescued {
+                database: path.display().to_string(),
+                copy: dir.join(last).display().to_string(),
+                state,
+            });
+        }
+    }
+    Ok(database.is_none())
+}
+
 /// What an existing SQLite file holds, by table: the first (by name) that is not sqlx's
 /// bookkeeping, and whether friendhook's own are there.
 struct TablesIn {
@@ -948,6 +1025,8 @@ impl Store {
         refuse_to_write(&opts.database_url).await?;
         let instance_lock =
             if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
+        // After the lock: a service running on the file has it, and its WAL is no orphan.
+        let created = refuse_lone_wal(write_options.get_filename())?;
         let mut conn = write_options.connect().await?;
         // Only for the opens that take the lock this warns about (the service's).
         let path = write_options.get_filename();
@@ -963,12 +1042,23 @@ impl Store {
                  Keep one name: remove the other links (`find / -xdev -samefile PATH` lists them) while no program has the file open"
             );
         }
-        refuse_newer_schema(&mut conn, &opts.database_url).await?;
+        let version = refuse_newer_schema(&mut conn, &opts.database_url).await?;
         MIGRATOR.run(&mut conn).await?;
+        // Where a relative URL (the default's) put the file is the working directory's doing: said
+        // once, when it is made, so that a service started in the wrong directory is noticed.
+        let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+        if created {
+            tracing::info!(path = %shown.display(), schema = known_schema_version(), "created a new database");
+        } else if version < known_schema_version() {
+            tracing::info!(path = %shown.display(), from = version, to = known_schema_version(),
+                "upgraded the database's schema (an older friendhook cannot open it any more)");
+        }
+        // Never creating the file: a read connection opened after it was removed (the pool
+        // grows, or replaces one) would otherwise leave a new, empty database at its path.
         let read = SqlitePoolOptions::new()
             .max_connections(opts.read_connections.max(1))
             .min_connections(1)
-            .connect_with(connect_options(&opts.database_url)?.read_only(false))
+            .connect_with(connect_options(&opts.database_url)?.read_only(false).create_if_missing(false))
             .await?;
         let head = reads::load_head(&mut conn).await?;
         // Before anything is appended (closing interrupted calls appends their outcomes).
@@ -1374,6 +1464,34 @@ mod tests {
     /// the multi-threaded runtime that happened within a hundred rounds in seven runs of eight. The
     /// integration test `startup::a_stopped_service_has_closed_its_database_file` covers the read
     /// connection sqlx itself left open.
+    /// A WAL whose database file is gone (removed under a service that then crashed) is not
+    /// opened as if it were nothing: a new database beside it would hide the loss, and SQLite
+    /// would replay the WAL's pages into it.
+    #[tokio::test]
+    async fn a_wal_without_its_database_is_refused_and_left_as_it_is() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("test.db");
+        let wal = dir.path().join("test.db-wal");
+        let url = format!("sqlite://{}", db.display());
+        std::fs::write(&wal, b"frames of a removed database").unwrap();
+        let open = || Store::open(StoreOptions::new(url.clone()), crate::clock::system());
+        let err = open().await.expect_err("a lone WAL");
+        assert!(matches!(err, StoreError::LoneWal { state: "missing", .. }), "{err}");
+        assert!(err.to_string().contains(".rescued-*") && err.to_string().ends_with("Nothing was changed"), "{err}");
+        assert!(!db.exists() && std::fs::read(&wal).unwrap() == b"frames of a removed database");
+        std::fs::write(&db, b"").unwrap();
+        let err = open().await.expect_err("an empty file and a WAL");
+        assert!(matches!(err, StoreError::LoneWal { state: "empty", .. }), "{err}");
+        // Moved away, as the error says: a new database, unless a rescued copy is there.
+        std::fs::rename(&wal, dir.path().join("kept-wal")).unwrap();
+        std::fs::write(dir.path().join("test.db.rescued-1700000000000"), b"a copy").unwrap();
+        let err = open().await.expect_err("a rescued copy beside an empty file");
+        assert!(matches!(err, StoreError::Rescued { state: "empty", .. }), "{err}");
+        assert!(err.to_string().contains("test.db.rescued-1700000000000 is there"), "{err}");
+        std::fs::rename(dir.path().join("test.db.rescued-1700000000000"), dir.path().join("elsewhere")).unwrap();
+        open().await.expect("opens afresh").close().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_closed_store_leaves_no_connection_behind() {
         let dir = tempfile::tempdir().expect("tempdir");

@@ -287,12 +287,15 @@ pub(super) struct Writer {
 pub struct DatabaseFile {
     path: std::path::PathBuf,
     identity: Option<(u64, u64)>,
+    /// Its WAL's, which lives as long as the service's connections do.
+    wal_identity: Option<(u64, u64)>,
 }
 
 impl DatabaseFile {
-    /// Notes the file at `path` as it is now.
+    /// Notes the file at `path` and its WAL as they are now.
     pub fn note(path: &std::path::Path) -> Self {
-        Self { path: path.to_path_buf(), identity: Self::identity_of(path) }
+        let wal_identity = Self::identity_of(&wal_of(path));
+        Self { path: path.to_path_buf(), identity: Self::identity_of(path), wal_identity }
     }
 
     #[cfg(unix)]
@@ -316,10 +319,44 @@ impl DatabaseFile {
             "the database file {} was removed or replaced while the service ran: writes still go to the file \
              it opened, which is lost when the service stops, so none is acknowledged. If it was removed by \
              mistake, copy it back while the service still runs (`ls -l /proc/{}/fd` shows it as deleted; \
-             copy the -wal file too), then restart the service",
+             copy the -wal file too), then restart the service; a stop saves a copy as <file>.rescued-<ms> \
+             and logs how to put it back",
             self.path.display(),
             std::process::id()
         )))
+    }
+}
+
+/// `<path>-wal`.
+fn wal_of(path: &std::path::Path) -> std::path::PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    std::path::PathBuf::from(wal)
+}
+
+impl DatabaseFile {
+    /// Moves the WAL a stopped writer left beside its removed or replaced database file to
+    /// `<path>-wal.stale-<ms>`. SQLite could not checkpoint it (the file it belongs to is gone),
+    /// and left at its name it would be replayed into whatever file is opened there next: a new
+    /// database, or a backup put back, both of which it would corrupt. Only the WAL noted at the
+    /// start (one brought along with a replacement file is that file's), and kept, not deleted:
+    /// its pages are in the rescued copy if there is one, but it is the operator's evidence.
+    fn set_wal_aside(&self, rescued: bool, now_ms: i64) {
+        let wal = wal_of(&self.path);
+        if self.wal_identity.is_none() || Self::identity_of(&wal) != self.wal_identity {
+            return;
+        }
+        let mut aside = wal.as_os_str().to_owned();
+        aside.push(format!(".stale-{now_ms}"));
+        let aside = std::path::PathBuf::from(aside);
+        match std::fs::rename(&wal, &aside) {
+            Ok(()) => tracing::warn!(wal = %wal.display(), moved_to = %aside.display(), rescued,
+                "moved the WAL of the removed database file aside, so that it is not replayed into the file opened \
+                 at that path next"),
+            Err(err) => tracing::error!(wal = %wal.display(), error = %err,
+                "could not move the WAL of the removed database file aside: move it away by hand before the next \
+                 start, or SQLite replays it into the file opened at that path"),
+        }
     }
 }
 
@@ -667,12 +704,57 @@ impl Writer {
                 "write failures since the last line of their kind, not logged before the stop (logged at most every 10 s)"
             );
         }
+        // The file removed or replaced under the service: what it holds goes with the process.
+        let gone = self.database_file.as_ref().filter(|file| file.check().is_err()).map(|file| file.path.clone());
+        let rescued = match &gone {
+            Some(path) => self.rescue(path).await,
+            None => None,
+        };
         // Closing (rather than dropping) the connection runs SQLite's final checkpoint before the
         // process exits, so a stopped service leaves a clean database file.
         if let Err(err) = self.conn.close().await {
             tracing::warn!(error = %err, "closing the write connection failed");
         }
+        if let Some(file) = self.database_file.as_ref().filter(|_| gone.is_some()) {
+            file.set_wal_aside(rescued.is_some(), self.clock.now_ms());
+        }
         tracing::debug!("writer: channel closed, exited");
+    }
+
+    /// Copies the database the writer still has open, though its file was removed or replaced,
+    /// to `<path>.rescued-<ms>` beside it (`VACUUM INTO`: everything committed, the WAL's part
+    /// included); the copy's path, or `None` (logged) if it could not be made.
+    async fn rescue(&mut self, path: &std::path::Path) -> Option<std::path::PathBuf> {
+        let mut copy = path.as_os_str().to_owned();
+        copy.push(format!(".rescued-{}", self.clock.now_ms()));
+        let copy = std::path::PathBuf::from(copy);
+        let Some(target) = copy.to_str() else {
+            tracing::error!(path = %path.display(), "the database file was removed or replaced while the service ran, \
+                and its path is not UTF-8, so no copy could be saved: what it held since is lost with this stop");
+            return None;
+        };
+        match sqlx::query("VACUUM INTO ?1").bind(target).execute(&mut self.conn).await {
+            Ok(_) => {
+                tracing::error!(
+                    path = %path.display(),
+                    copy = %copy.display(),
+                    head_seq = self.head.seq,
+                    "the database file was removed or replaced while the service ran; what the service held (up to \
+                     head_seq) is saved in `copy`. To go on with it, with no service running: move the file now at \
+                     `path` (if any) away and move `copy` to `path`, then start the service"
+                );
+                Some(copy)
+            }
+            Err(err) => {
+                tracing::error!(
+                    path = %path.display(),
+                    error = %err,
+                    "the database file was removed or replaced while the service ran, and saving a copy of it failed: \
+                     what it held since is lost with this stop"
+                );
+                None
+            }
+        }
     }
 
     /// Adds pending `callback_users` entries when a chunk is full or when the writer is idle (at

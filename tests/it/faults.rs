@@ -703,5 +703,37 @@ async fn a_database_file_removed_under_the_service_gets_no_more_200s() {
     let why = readyz["database"]["write"].as_str().unwrap_or_default();
     assert!(why.contains("was removed or replaced while the service ran") && why.contains("/proc/"), "{readyz}");
     assert!(!app.db_path.exists(), "nothing was created in its place");
+    let db_path = app.db_path.clone();
+    let dir = app.stop().await;
+
+    // The stop saved what the service held (the refused callback had been written too: not
+    // acknowledged, it is Easemob's retry that counts), and moved its WAL out of the way.
+    let beside = |suffix: &str| -> Vec<std::path::PathBuf> {
+        let name = format!("{}{suffix}", db_path.file_name().unwrap().to_string_lossy());
+        let mut found: Vec<_> = std::fs::read_dir(db_path.parent().unwrap())
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with(&name))
+            .collect();
+        found.sort();
+        found
+    };
+    let rescued = beside(".rescued-");
+    assert_eq!(rescued.len(), 1, "{rescued:?}");
+    let held = std::process::Command::new("sqlite3")
+        .arg(&rescued[0])
+        .arg("SELECT group_concat(msg_id) FROM (SELECT msg_id FROM callbacks ORDER BY seq)")
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&held.stdout).trim(), "330001,330002");
+    assert!(!db_path.with_extension("db-wal").exists(), "the old WAL is not left where the next open replays it");
+    assert_eq!(beside("-wal.stale-").len(), 1);
+
+    // Put back as the log says, it is the service's database again, chain intact.
+    std::fs::rename(&rescued[0], &db_path).unwrap();
+    let app = TestApp::spawn_on(&db_path, &[]).await;
+    let (_, head) = app.get_json("/v1/audit/head").await;
+    assert_eq!(head["seq"], 2, "{head}");
     app.stop().await;
+    drop(dir);
 }
