@@ -444,6 +444,40 @@ impl EasemobClient {
             // this call gets one retry with it, and keeps its own renewal for later.
             let renewed_elsewhere = status == Some(401) && self.inner.tokens.renewed_since(token.generation).await;
             let reason = match status {
+                // Easemob answers a change with a JSON object. A success status with anything else
+                // (an HTML page, nothing) is some proxy or portal answering in its place, or a
+                // wrong base URL: not a success to record, and not one to send again either (it
+                // may have passed the request on). A body cut short is the exception above.
+                Some(status)
+                    if (200..300).contains(&status)
+                        && call.method != Method::GET
+                        && !cut_short
+                        && !body.as_ref().is_some_and(Value::is_object) =>
+                {
+                    let shown = match &body {
+                        None => "no body".to_owned(),
+                        Some(Value::String(text)) => format!("`{}`", text.chars().take(80).collect::<String>()),
+                        Some(other) => format!("`{}`", other.to_string().chars().take(80).collect::<String>()),
+                    };
+                    tracing::warn!(
+                        method = %call.method,
+                        path = call.url.path(),
+                        status,
+                        "a success status without Easemob's JSON: is --easemob-base-url Easemob's REST host?"
+                    );
+                    return Err(ApiFailure::Failed {
+                        status: Some(status),
+                        error: None,
+                        body,
+                        attempts,
+                        reason: format!(
+                            "answered HTTP {status} with {shown}, not Easemob's JSON: something other than Easemob \
+                             answered (check --easemob-base-url and any proxy on the way); Easemob may or may not \
+                             have acted, so check the pair's friend list before sending again"
+                        ),
+                        no_answer: None,
+                    });
+                }
                 Some(status) if (200..300).contains(&status) => {
                     let body = body.unwrap_or(Value::Null);
                     return Ok(ApiSuccess { status, envelope: Envelope::from_value(&body), body, attempts, cut_short });

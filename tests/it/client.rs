@@ -386,6 +386,56 @@ async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() 
     assert_eq!(sent("GET /demo-org/demo-app/users/alice "), failure.attempts() as usize);
 }
 
+/// A success status whose body is not Easemob's JSON (a proxy's page, nothing at all) is not a
+/// success: the call fails, saying what answered and what to check, and is not sent again.
+#[tokio::test]
+async fn an_add_answered_200_with_a_page_or_nothing_is_not_taken_for_a_success() {
+    use std::sync::{Arc, Mutex};
+    use tokio::io::{AsyncWriteExt, BufReader};
+
+    for (answer, shown) in [
+        (
+            "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 15\r\n\r\n<html>ok</html>",
+            "`<html>ok</html>`",
+        ),
+        ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", "no body"),
+    ] {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let address = listener.local_addr().expect("addr");
+        let requests = Arc::new(Mutex::new(Vec::<String>::new()));
+        let seen = requests.clone();
+        let _server = tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let seen = seen.clone();
+                tokio::spawn(async move {
+                    let mut socket = BufReader::new(socket);
+                    while let Some(request_line) = read_request(&mut socket).await {
+                        seen.lock().unwrap().push(request_line.clone());
+                        if request_line.contains("/token") {
+                            answer_token(socket.get_mut()).await;
+                            continue;
+                        }
+                        socket.get_mut().write_all(answer.as_bytes()).await.expect("write");
+                    }
+                });
+            }
+        });
+        let mut config = ClientConfig::new(format!("http://{address}"), "demo-org", "demo-app", "id", Secret::new("s"));
+        config.base_backoff = Duration::from_millis(1);
+        config.max_backoff = Duration::from_millis(5);
+        let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
+
+        let failure = client.add_friend("alice", "bob").await.expect_err("not Easemob's answer");
+        assert_eq!((failure.upstream_status(), failure.attempts()), (Some(200), 1), "{failure:?}");
+        assert!(failure.may_have_acted(), "{failure:?}");
+        let detail = failure.detail();
+        assert!(detail.contains(&format!("answered HTTP 200 with {shown}, not Easemob's JSON")), "{detail}");
+        assert!(detail.contains("check --easemob-base-url"), "{detail}");
+        let adds = requests.lock().unwrap().iter().filter(|r| r.contains("/contacts/users/bob")).count();
+        assert_eq!(adds, 1, "not sent again");
+    }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Token lifecycle
 
