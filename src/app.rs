@@ -81,6 +81,10 @@ pub struct AppState {
     /// Throttles the log line of callbacks that failed verification (anyone who can reach the
     /// endpoint can send them; `/metrics` counts every one).
     pub bad_signatures: LogThrottle,
+    /// Throttles the log line of callbacks that failed verification while the quarantine was
+    /// full: apart from the quarantined ones, so that the moment held requests turn into refused
+    /// ones (events Easemob drops after its retry) is always told, not folded into their count.
+    pub quarantine_full: LogThrottle,
     /// Throttles the log line of callbacks refused as unreadable (not JSON, too large, wrong
     /// content type): Easemob drops such an event after its retry, so each run of them is worth
     /// a line, but not one per request.
@@ -138,7 +142,7 @@ impl AppState {
     pub fn log_unreported_at_stop(&self) {
         let overloaded = self.overloads.take_unreported();
         let commit_timeouts = self.commit_timeouts.take_unreported();
-        let failed_verification = self.bad_signatures.take_unreported();
+        let failed_verification = self.bad_signatures.take_unreported() + self.quarantine_full.take_unreported();
         let unreadable = self.unreadable_callbacks.take_unreported();
         if overloaded + commit_timeouts + failed_verification + unreadable > 0 {
             tracing::warn!(
@@ -404,6 +408,7 @@ async fn request_deadline(
     let is_callback = path == CALLBACK_PATH;
     let is_feed = path == "/v1/feed";
     let is_resend = resends_exception_cache(path);
+    let is_batch = path == "/v1/friends/batch";
     let limit = if waits_on_easemob(path) {
         limits.trigger_timeout
     } else if is_feed {
@@ -415,7 +420,7 @@ async fn request_deadline(
         Ok(response) => response,
         // A trigger or a re-send that ran out of time after handing its work to tasks of their
         // own: "retry it" would send the calls a second time.
-        Err(_) if !started.give_up() => still_running(limit, is_resend, &started),
+        Err(_) if !started.give_up() => still_running(limit, is_resend, is_batch, &started),
         Err(_) => {
             if is_callback {
                 state.metrics.callback(crate::metrics::CallbackResult::TimedOut);
@@ -434,7 +439,7 @@ async fn request_deadline(
 
 /// The 504 of a request that waits on Easemob and ran out of `limit` after starting work that
 /// goes on: what to follow instead of sending it again.
-fn still_running(limit: Duration, is_resend: bool, started: &WorkStarted) -> Response {
+fn still_running(limit: Duration, is_resend: bool, is_batch: bool, started: &WorkStarted) -> Response {
     let limit = humantime::format_duration(limit);
     let body = if is_resend {
         // A re-send of the exception cache records no calls of friendhook's: its buckets are what to follow.
@@ -443,6 +448,14 @@ fn still_running(limit: Duration, is_resend: bool, started: &WorkStarted) -> Res
              GET /v1/easemob/exception-cache shows each bucket's re-sends. Raise --trigger-timeout for larger caches"
         );
         serde_json::json!({"code": "still_running", "detail": detail})
+    } else if !is_batch {
+        let detail = format!(
+            "not finished within {limit} (--trigger-timeout): the call goes on (waiting for its turn under the rate \
+             limit, or for Easemob): do not send it again (a second add of a pair is a re-add, which Easemob answers \
+             without an event; a request with the same Idempotency-Key is safe). GET /v1/calls/{{id}} shows it, \
+             its id in `call_ids`, with its outcome once known"
+        );
+        serde_json::json!({"code": "still_running", "detail": detail, "call_ids": started.calls()})
     } else {
         let detail = format!(
             "not finished within {limit} (--trigger-timeout); what it started goes on: do not send it again (a \
@@ -706,5 +719,32 @@ impl StopSignals {
             let _ = tokio::signal::ctrl_c().await;
             tracing::info!("received Ctrl-C");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The 504 of a trigger past its deadline speaks of what the request was: one call, or a
+    /// batch whose pairs may not all have a call yet.
+    #[tokio::test]
+    async fn a_trigger_past_its_deadline_is_told_what_goes_on() {
+        let started = WorkStarted::default();
+        WorkStarted::note_call(Some(&started), 7);
+        let started = &started;
+        let detail = |is_batch| async move {
+            let response = still_running(Duration::from_secs(2), false, is_batch, started);
+            assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+            let body = axum::body::to_bytes(response.into_body(), 1 << 16).await.expect("body");
+            let body: serde_json::Value = serde_json::from_slice(&body).expect("json");
+            assert_eq!(body["call_ids"], serde_json::json!([7]));
+            body["detail"].as_str().expect("detail").to_owned()
+        };
+        let single = detail(false).await;
+        assert!(single.contains("the call goes on") && single.contains("do not send it again"), "{single}");
+        assert!(!single.contains("batch"), "{single}");
+        let batch = detail(true).await;
+        assert!(batch.contains("Raise --trigger-timeout for larger batches"), "{batch}");
     }
 }

@@ -154,6 +154,11 @@ impl IntoResponse for ApiError {
         {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
         }
+        // The call the key names is still running: asked again in a moment, the key answers
+        // with its record once the outcome is in.
+        if let ApiError::Conflict { code: "idempotency_in_flight", .. } = &self {
+            response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(2));
+        }
         response
     }
 }
@@ -161,4 +166,18 @@ impl IntoResponse for ApiError {
 /// Renders a plain `{"code","detail"}` response; for middleware that has no `ApiError` at hand.
 pub fn error_response(status: StatusCode, code: &str, detail: &str) -> Response {
     (status, Json(ErrorBody { code, detail })).into_response()
+}
+
+#[cfg(test)]
+mod conflict_tests {
+    use super::*;
+
+    #[test]
+    fn a_key_still_running_says_when_to_ask_again() {
+        let in_flight = ApiError::Conflict { code: "idempotency_in_flight", detail: "running".into() }.into_response();
+        assert_eq!(in_flight.status(), StatusCode::CONFLICT);
+        assert_eq!(in_flight.headers().get(header::RETRY_AFTER).map(|v| v.to_str().unwrap()), Some("2"));
+        let other = ApiError::Conflict { code: "cursor_mismatch", detail: "another database".into() }.into_response();
+        assert!(other.headers().get(header::RETRY_AFTER).is_none(), "asking again does not mend it");
+    }
 }

@@ -269,6 +269,9 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
     let listener = TcpListener::bind(args.listen).await.with_context(|| {
         format!("could not listen on {} (is another friendhook running? try --listen)", args.listen)
     })?;
+    if args.easemob.easemob_base_url.is_some() {
+        warn_of_settings_real_mode_ignores(&args.easemob);
+    }
     let upstream = match &args.easemob.easemob_base_url {
         Some(base) => Upstream::Real(real_client(args, base.trim(), clock.clone())?),
         None => Upstream::Sandbox(TcpListener::bind(args.easemob.sandbox_listen).await.with_context(|| {
@@ -369,6 +372,7 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         overloads: LogThrottle::new(10_000),
         commit_timeouts: LogThrottle::new(10_000),
         bad_signatures: LogThrottle::new(10_000),
+        quarantine_full: LogThrottle::new(10_000),
         unreadable_callbacks: LogThrottle::new(10_000),
         trailing,
         write_probe: Default::default(),
@@ -546,6 +550,44 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The sandbox's settings that differ from their defaults, by flag: with a real Easemob they do
+/// nothing, which someone who set them (a test plan's environment file, say) should hear.
+pub fn sandbox_settings_set(e: &crate::config::EasemobArgs) -> Vec<&'static str> {
+    let default: std::net::SocketAddr = ([127, 0, 0, 1], 8081).into();
+    [
+        ("--sandbox-listen", e.sandbox_listen != default),
+        ("--sandbox-rate-limit", e.sandbox_rate_limit != 100),
+        ("--sandbox-friend-limit", e.sandbox_friend_limit != 100),
+        ("--sandbox-drop-rate", e.sandbox_drop_rate != 0.0),
+        ("--sandbox-duplicate-rate", e.sandbox_duplicate_rate != 0.0),
+        ("--sandbox-delay-ms", e.sandbox_delay_ms != 0),
+        ("--sandbox-callbacks-per-add", e.sandbox_callbacks_per_add != 1),
+        ("--sandbox-bad-signature-rate", e.sandbox_bad_signature_rate != 0.0),
+        ("--sandbox-seed", e.sandbox_seed != 0),
+    ]
+    .into_iter()
+    .filter_map(|(flag, set)| set.then_some(flag))
+    .collect()
+}
+
+fn warn_of_settings_real_mode_ignores(e: &crate::config::EasemobArgs) {
+    let ignored = sandbox_settings_set(e);
+    if !ignored.is_empty() {
+        tracing::warn!(
+            settings = %ignored.join(", "),
+            "sandbox settings given with --easemob-base-url do nothing: the built-in sandbox does not run against a \
+             real Easemob (unset them, or their FRIENDHOOK_SANDBOX_* variables)"
+        );
+    }
+    if e.easemob_rate_limit > 100 {
+        tracing::warn!(
+            rate_limit = e.easemob_rate_limit,
+            "--easemob-rate-limit is above Easemob's documented 100 calls/s per App Key for the contact APIs: right \
+             only if your plan's limit is higher; otherwise calls past it get 429 and are retried late"
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::time::Duration;
@@ -564,5 +606,20 @@ mod tests {
         let config = client_config(&args, "http://x".into(), "o".into(), "a".into(), "id".into(), Secret::new("s"));
         assert_eq!((config.max_retry_time, config.request_timeout), (Duration::from_secs(7), Duration::from_secs(2)));
         assert_eq!(config.connect_timeout, Duration::from_secs(2), "no longer than the whole exchange");
+    }
+
+    #[test]
+    fn the_sandbox_settings_given_are_the_ones_named() {
+        let parse = |argv: &[&str]| {
+            let Command::Serve(args) = Cli::try_parse_from(argv).expect("valid").command else {
+                panic!("not serve");
+            };
+            sandbox_settings_set(&args.easemob)
+        };
+        assert_eq!(parse(&["friendhook", "serve"]), Vec::<&str>::new(), "the defaults are not settings given");
+        assert_eq!(
+            parse(&["friendhook", "serve", "--sandbox-friend-limit", "3", "--sandbox-drop-rate", "0.5"]),
+            ["--sandbox-friend-limit", "--sandbox-drop-rate"]
+        );
     }
 }

@@ -55,7 +55,7 @@ pub enum ApiFailure {
     ///
     /// `status`, `error` and `body` are the call's own last answer, if it was sent at all; the
     /// token endpoint's answer is in `reason` (which says what to fix) and `token_status`.
-    #[error("Easemob call failed for want of an app token after {attempts} attempt(s): {reason}")]
+    #[error("{}", no_token_text(*.attempts, .reason))]
     NoToken {
         /// The call's last HTTP status, if an attempt was answered.
         status: Option<u16>,
@@ -80,6 +80,14 @@ pub enum ApiFailure {
         /// Why, and that it is safe to send again.
         reason: String,
     },
+}
+
+/// [`ApiFailure::NoToken`]'s text: "not sent" when it never was.
+fn no_token_text(attempts: u32, reason: &str) -> String {
+    match attempts {
+        0 => format!("Easemob call not sent, for want of an app token: {reason}"),
+        n => format!("Easemob call failed for want of an app token after {n} attempt(s): {reason}"),
+    }
 }
 
 /// How the `reason` of a failure for want of an app token starts.

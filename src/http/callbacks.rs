@@ -403,7 +403,8 @@ async fn bad_signature(
     // One line per failure would let anyone who reaches the endpoint flood the log: at most one
     // every 10 s, with how many failed since the last one (each is in /metrics and the rejection
     // log besides).
-    if let Some(since_last_line) = state.bad_signatures.hit(received_at_ms) {
+    let throttle = if quarantine { &state.quarantine_full } else { &state.bad_signatures };
+    if let Some(since_last_line) = throttle.hit(received_at_ms) {
         if quarantine {
             tracing::warn!(%source, reason = err.reason(), body_sha256, size = body.len(), since_last_line,
                 "callback failed verification and the quarantine is full (--quarantine-cap); answered 401 (see \

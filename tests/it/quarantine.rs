@@ -521,3 +521,39 @@ async fn a_promotion_is_kept_as_written_and_verify_compares_it_with_its_event() 
         out.stdout
     );
 }
+
+/// The moment the quarantine fills, and failed callbacks go from held (200) to refused (401,
+/// events Easemob drops after its retry), is told in the log at once, even right after a line
+/// about the quarantined ones (each kind has its own 10 s spacing).
+#[tokio::test]
+async fn the_log_says_when_the_quarantine_is_full_right_after_quarantining() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_url = format!("sqlite://{}", dir.path().join("full.db").display());
+    let mut service = crate::process::ServeProcess::start(
+        &db_url,
+        &["--on-bad-signature", "quarantine", "--quarantine-cap", "1"],
+        &[],
+    )
+    .await;
+    let http = crate::process::bounded_client();
+    let mut statuses = Vec::new();
+    for msg in ["full-1", "full-2"] {
+        let body = roster_body(msg, "alice", "bob", "add", 1_700_000_000_000, "not-the-secret");
+        let answer = http
+            .post(format!("{}/callbacks/easemob", service.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("answered");
+        statuses.push(answer.status().as_u16());
+    }
+    assert_eq!(statuses, [200, 401], "held, then refused");
+    service
+        .wait_for_log("the quarantine is full (--quarantine-cap); answered 401", std::time::Duration::from_secs(10))
+        .await;
+    service.signal("TERM");
+    service.wait_exit(std::time::Duration::from_secs(20)).await;
+    let log = service.log();
+    assert!(log.contains("QUARANTINED and answered 200"), "{log}");
+}
