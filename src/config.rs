@@ -146,8 +146,9 @@ pub struct ServeArgs {
     #[arg(long, env = "FRIENDHOOK_SIGNATURE_SCHEME", value_enum, default_value = "easemob")]
     pub signature_scheme: Scheme,
 
-    /// Largest accepted callback body; larger requests get 413 without the rest being read.
-    #[arg(long, env = "FRIENDHOOK_MAX_BODY_BYTES", default_value_t = 65536, value_parser = parse_count)]
+    /// Largest accepted callback body; larger requests get 413 without the rest being read (at
+    /// least 1024: a roster event runs to some 500 bytes).
+    #[arg(long, env = "FRIENDHOOK_MAX_BODY_BYTES", default_value_t = 65536, value_parser = parse_body_limit)]
     pub max_body_bytes: usize,
 
     /// standard-webhooks only: how far `webhook-timestamp` may be from now, either way.
@@ -609,6 +610,21 @@ pub fn parse_count(s: &str) -> Result<usize, String> {
         Ok(0) => Err("0 would refuse everything; give at least 1".to_string()),
         Ok(n) => Ok(n),
         Err(e) => Err(format!("`{s}` is not a whole number: {e}")),
+    }
+}
+
+/// Smallest `--max-body-bytes`: below it every real callback (a roster event is some 500 bytes,
+/// a message event more) would get 413, which Easemob drops after its retry.
+pub const MIN_BODY_LIMIT: usize = 1024;
+
+/// `--max-body-bytes`: a count of at least [`MIN_BODY_LIMIT`].
+pub fn parse_body_limit(s: &str) -> Result<usize, String> {
+    match parse_count(s)? {
+        n if n < MIN_BODY_LIMIT => Err(format!(
+            "{n} bytes would refuse every callback with 413 (a roster event alone is some 500 bytes); give at \
+             least {MIN_BODY_LIMIT}, or leave the default 65536"
+        )),
+        n => Ok(n),
     }
 }
 

@@ -338,6 +338,17 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         match_window_ms: args.match_window.as_millis() as i64,
         commit_timeout: app::commit_timeout(args.request_timeout),
     };
+    // `10.0.0.1/8` means 10.0.0.0/8 to ipnet, which may not be what was meant (the address alone?).
+    for (flag, nets) in [("--allow-from", &settings.allow_from), ("--trusted-proxy", &settings.trusted_proxies)] {
+        for net in nets.iter().filter(|net| net.trunc() != **net) {
+            tracing::warn!(
+                "{flag} {net} has host bits set, so it is taken as the whole network {}; write that, or the \
+                 address alone ({}), to say which you mean",
+                net.trunc(),
+                net.addr()
+            );
+        }
+    }
     let receiver_addr = listener.local_addr()?;
     let (easemob, sandbox) = match upstream {
         Upstream::Real(client) => (client, None),

@@ -678,6 +678,22 @@ async fn refuse_to_write(database_url: &str) -> Result<(), StoreError> {
     refuse_foreign(&options, database_url).await
 }
 
+/// Creates the empty file a new database starts as, readable by its owner only: it will hold
+/// every event, user ID and quarantined body, and SQLite gives its `-wal` and `-shm` the same
+/// mode (left to SQLite, all three would be 0644 under the usual umask).
+fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+    match options.open(path) {
+        Ok(_) => Ok(()),
+        // Made meanwhile by someone else: SQLite opens it as it is.
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
+        Err(e) => Err(StoreError::Write(format!("cannot create the database file {}: {e}", path.display()))),
+    }
+}
+
 /// Fails with [`StoreError::LoneWal`] when `path` is missing or empty while its `-wal` holds
 /// something; otherwise says whether the file is about to be created.
 fn refuse_lone_wal(path: &std::path::Path) -> Result<bool, StoreError> {
@@ -755,7 +771,12 @@ fn connect_options(url: &str) -> Result<SqliteConnectOptions, StoreError> {
         // 64 MiB of page cache per connection would be too much for 5 connections under the
         // 100 MB RSS target; 8 MiB keeps indexes hot enough.
         .pragma("cache_size", "-8192")
-        .log_statements(tracing::log::LevelFilter::Trace))
+        .log_statements(tracing::log::LevelFilter::Trace)
+        // sqlx's WARN on a statement over a second prints the whole statement (the writer's batch
+        // insert runs to some 900 characters) for what the service reports in its own words: a
+        // commit waiting on a lock is the writer's ERROR and /readyz, a full reconciliation takes
+        // its second by design.
+        .log_slow_statements(tracing::log::LevelFilter::Debug, Duration::from_secs(1)))
 }
 
 /// Runs the writer on a thread of its own, with a single-threaded runtime.
@@ -1027,6 +1048,9 @@ impl Store {
             if opts.instance_lock { Some(lock_instance(&opts.database_url, &write_options)?) } else { None };
         // After the lock: a service running on the file has it, and its WAL is no orphan.
         let created = refuse_lone_wal(write_options.get_filename())?;
+        if created {
+            create_private(write_options.get_filename())?;
+        }
         let mut conn = write_options.connect().await?;
         // Only for the opens that take the lock this warns about (the service's).
         let path = write_options.get_filename();
@@ -1464,6 +1488,23 @@ mod tests {
     /// the multi-threaded runtime that happened within a hundred rounds in seven runs of eight. The
     /// integration test `startup::a_stopped_service_has_closed_its_database_file` covers the read
     /// connection sqlx itself left open.
+    /// A new database file, and the WAL and shared memory SQLite makes beside it, are the
+    /// owner's alone; a file that was there keeps its mode.
+    #[cfg(unix)]
+    #[tokio::test]
+    async fn a_new_database_file_is_readable_by_its_owner_only() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (store, _) = open_test_store(&dir).await;
+        let mode = |name: &str| std::fs::metadata(dir.path().join(name)).unwrap().permissions().mode() & 0o777;
+        assert_eq!((mode("test.db"), mode("test.db-wal"), mode("test.db-shm")), (0o600, 0o600, 0o600));
+        store.close().await;
+        std::fs::set_permissions(dir.path().join("test.db"), std::fs::Permissions::from_mode(0o640)).unwrap();
+        let (store, _) = open_test_store(&dir).await;
+        assert_eq!(mode("test.db"), 0o640, "an existing file is left as it is");
+        store.close().await;
+    }
+
     /// A WAL whose database file is gone (removed under a service that then crashed) is not
     /// opened as if it were nothing: a new database beside it would hide the loss, and SQLite
     /// would replay the WAL's pages into it.

@@ -735,6 +735,12 @@ impl Writer {
         };
         match sqlx::query("VACUUM INTO ?1").bind(target).execute(&mut self.conn).await {
             Ok(_) => {
+                // Private, as friendhook makes a new database file (SQLite makes this one 0644).
+                #[cfg(unix)]
+                {
+                    use std::os::unix::fs::PermissionsExt;
+                    let _ = std::fs::set_permissions(&copy, std::fs::Permissions::from_mode(0o600));
+                }
                 tracing::error!(
                     path = %path.display(),
                     copy = %copy.display(),

@@ -272,7 +272,15 @@ fn zero_where_zero_breaks_the_service_is_refused_when_parsed() {
         let err = Cli::try_parse_from(["friendhook", "serve", flag, value]).expect_err(flag);
         assert!(err.to_string().contains(flag), "{flag}: {err}");
     }
-    assert!(Cli::try_parse_from(["friendhook", "serve", "--max-body-bytes", "1", "--trigger-timeout", "1ms"]).is_ok());
+    assert!(
+        Cli::try_parse_from(["friendhook", "serve", "--max-body-bytes", "1024", "--trigger-timeout", "1ms"]).is_ok()
+    );
+    // A limit no real callback fits under loses every one of them (413, dropped after a retry).
+    let err = Cli::try_parse_from(["friendhook", "serve", "--max-body-bytes", "10"]).expect_err("too small");
+    assert!(
+        err.to_string().contains("would refuse every callback with 413") && err.to_string().contains("1024"),
+        "{err}"
+    );
     // Negative caps were quietly turned into 0 (quarantine off) and 1.
     for (flag, value) in [("--quarantine-cap", "-1"), ("--rejection-log-cap", "-5"), ("--rejection-log-cap", "0")] {
         let err = Cli::try_parse_from(["friendhook", "serve", &format!("{flag}={value}")]).expect_err(flag);
