@@ -338,21 +338,21 @@ async fn a_failure_is_labelled_by_its_last_attempt_not_an_earlier_timeout() {
     assert!(detail.contains("may have been carried out: check the result in Easemob"), "{detail}");
 }
 
-/// An add answered 200 whose body is cut off was done: it is not sent again (a second add could
-/// be refused 403 exceed_limit and the success recorded as a failure). A read cut off the same
-/// way is asked again.
-#[tokio::test]
-async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() {
+/// A server that answers the token request whole and every other request with `answer` (closing
+/// the connection after it if `then_close`), and the client of an app on it; the request lines
+/// it was sent are in the list.
+async fn client_of_a_server_answering(
+    answer: &'static str,
+    then_close: bool,
+) -> (EasemobClient, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
     use std::sync::{Arc, Mutex};
     use tokio::io::{AsyncWriteExt, BufReader};
 
-    // A server that answers the token request whole and every other request with a 200 whose
-    // body stops 80 bytes short of its Content-Length, then closes the connection.
     let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
     let address = listener.local_addr().expect("addr");
     let requests = Arc::new(Mutex::new(Vec::<String>::new()));
     let seen = requests.clone();
-    let _server = tokio::spawn(async move {
+    tokio::spawn(async move {
         while let Ok((socket, _)) = listener.accept().await {
             let seen = seen.clone();
             tokio::spawn(async move {
@@ -363,9 +363,10 @@ async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() 
                         answer_token(socket.get_mut()).await;
                         continue;
                     }
-                    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"action\":\"post\"";
                     socket.get_mut().write_all(answer.as_bytes()).await.expect("write");
-                    return;
+                    if then_close {
+                        return;
+                    }
                 }
             });
         }
@@ -373,7 +374,17 @@ async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() 
     let mut config = ClientConfig::new(format!("http://{address}"), "demo-org", "demo-app", "id", Secret::new("s"));
     config.base_backoff = Duration::from_millis(1);
     config.max_backoff = Duration::from_millis(5);
-    let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
+    (EasemobClient::new(config, ManualClock::new(START_MS)).expect("client"), requests)
+}
+
+/// An add answered 200 whose body is cut off was done: it is not sent again (a second add could
+/// be refused 403 exceed_limit and the success recorded as a failure). A read cut off the same
+/// way is asked again.
+#[tokio::test]
+async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() {
+    // The body stops 80 bytes short of its Content-Length, then the connection closes.
+    let answer = "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 100\r\n\r\n{\"action\":\"post\"";
+    let (client, requests) = client_of_a_server_answering(answer, true).await;
     let sent = |what: &str| requests.lock().unwrap().iter().filter(|r| r.contains(what)).count();
 
     let added = client.add_friend("alice", "bob").await.expect("a 200 status is a success");
@@ -390,9 +401,6 @@ async fn an_add_answered_200_with_a_body_cut_short_is_done_and_not_sent_again() 
 /// success: the call fails, saying what answered and what to check, and is not sent again.
 #[tokio::test]
 async fn an_add_answered_200_with_a_page_or_nothing_is_not_taken_for_a_success() {
-    use std::sync::{Arc, Mutex};
-    use tokio::io::{AsyncWriteExt, BufReader};
-
     for (answer, shown) in [
         (
             "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: 15\r\n\r\n<html>ok</html>",
@@ -400,30 +408,7 @@ async fn an_add_answered_200_with_a_page_or_nothing_is_not_taken_for_a_success()
         ),
         ("HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n", "no body"),
     ] {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let address = listener.local_addr().expect("addr");
-        let requests = Arc::new(Mutex::new(Vec::<String>::new()));
-        let seen = requests.clone();
-        let _server = tokio::spawn(async move {
-            while let Ok((socket, _)) = listener.accept().await {
-                let seen = seen.clone();
-                tokio::spawn(async move {
-                    let mut socket = BufReader::new(socket);
-                    while let Some(request_line) = read_request(&mut socket).await {
-                        seen.lock().unwrap().push(request_line.clone());
-                        if request_line.contains("/token") {
-                            answer_token(socket.get_mut()).await;
-                            continue;
-                        }
-                        socket.get_mut().write_all(answer.as_bytes()).await.expect("write");
-                    }
-                });
-            }
-        });
-        let mut config = ClientConfig::new(format!("http://{address}"), "demo-org", "demo-app", "id", Secret::new("s"));
-        config.base_backoff = Duration::from_millis(1);
-        config.max_backoff = Duration::from_millis(5);
-        let client = EasemobClient::new(config, ManualClock::new(START_MS)).expect("client");
+        let (client, requests) = client_of_a_server_answering(answer, false).await;
 
         let failure = client.add_friend("alice", "bob").await.expect_err("not Easemob's answer");
         assert_eq!((failure.upstream_status(), failure.attempts()), (Some(200), 1), "{failure:?}");
