@@ -224,7 +224,23 @@ impl WriterHealth {
             *g = err;
         }
     }
+
+    /// Adds to the error shown that a probe commits again, once: the fault may be over (space
+    /// freed, a lock released), and `/readyz` says what it waits for rather than repeat a fault
+    /// that no longer holds.
+    fn note_recovering(&self) {
+        if let Ok(mut g) = self.last_error.lock()
+            && let Some(err) = g.as_mut()
+            && !err.ends_with(RECOVERING)
+        {
+            err.push_str(RECOVERING);
+        }
+    }
 }
+
+/// What [`WriterHealth::note_recovering`] adds.
+const RECOVERING: &str = " (recovering: a write probe commits again; ready once no callback has failed to commit for \
+                          10 s, or at once when one commits)";
 
 /// Limits the writer enforces.
 #[derive(Debug, Clone, Copy)]
@@ -891,6 +907,7 @@ impl Writer {
             self.metrics.commit_seconds.observe(took.as_secs_f64());
         }
         if !probe_commit_clears(writes, self.write_failed_at_ms, self.clock.now_ms()) {
+            self.health.note_recovering();
             return;
         }
         self.health.set(None);

@@ -33,8 +33,11 @@ async fn a_database_locked_by_another_process_gets_503_and_recovers_when_release
     lock.release().await;
     // Right after callbacks failed, a commit of /readyz's probe alone is not taken as a recovery
     // (on a nearly full disk the probe can commit while callbacks cannot); ten seconds on, it is.
+    // Meanwhile the detail says so, rather than repeat a fault that may be over.
     let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, 503, "{body}");
+    let write = body["database"]["write"].as_str().unwrap_or_default();
+    assert!(write.contains("database is locked") && write.ends_with("or at once when one commits)"), "{body}");
     clock.advance_ms(10_000);
     let (status, body) = app.get_json("/readyz").await;
     assert_eq!(status, 200, "{body}");
