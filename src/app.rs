@@ -499,7 +499,16 @@ async fn read_trigger_body_first(State(limit): State<Duration>, request: Request
 async fn read_body_first(request: Request, limit: Duration) -> Result<Request, Response> {
     let (parts, body) = request.into_parts();
     let max = crate::http::friends::BODY_LIMIT;
+    // Named here, where the bytes are: the JSON parser would call either "expected value at line
+    // 1 column 1".
+    crate::http::callbacks::refuse_content_encoding(&parts.headers, "send the JSON uncompressed")
+        .map_err(IntoResponse::into_response)?;
     match tokio::time::timeout(limit, crate::http::callbacks::read_body(&parts.headers, body, max)).await {
+        Ok(Ok(bytes)) if bytes.starts_with(b"\xEF\xBB\xBF") => Err(crate::error::ApiError::bad_request(
+            "invalid_json",
+            "the body starts with a byte-order mark (bytes EF BB BF), which JSON does not allow: send the JSON without it",
+        )
+        .into_response()),
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),
         Ok(Err(refused)) => Err(refused.into_response()),
         Err(_) => Err(error_response(

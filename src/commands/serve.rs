@@ -563,7 +563,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
 
 /// The sandbox's settings that differ from their defaults, by flag: with a real Easemob they do
 /// nothing, which someone who set them (a test plan's environment file, say) should hear.
-pub fn sandbox_settings_set(e: &crate::config::EasemobArgs) -> Vec<&'static str> {
+fn sandbox_settings_set(e: &crate::config::EasemobArgs) -> Vec<&'static str> {
     let default: std::net::SocketAddr = ([127, 0, 0, 1], 8081).into();
     [
         ("--sandbox-listen", e.sandbox_listen != default),

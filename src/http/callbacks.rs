@@ -138,6 +138,16 @@ pub(crate) async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> 
 /// the cause. Decompressing is not offered: Easemob sends plain JSON, and the stored body is the
 /// bytes as they came.
 fn check_content_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
+    refuse_content_encoding(
+        headers,
+        "send the callback's JSON uncompressed, without a Content-Encoding header (is a proxy between Easemob and \
+         friendhook compressing request bodies?)",
+    )
+}
+
+/// A 415 naming the request's Content-Encoding, unless there is none (or `identity`); `what_to_do`
+/// ends the detail.
+pub(crate) fn refuse_content_encoding(headers: &HeaderMap, what_to_do: &str) -> Result<(), ApiError> {
     let Some(value) = headers.get(header::CONTENT_ENCODING) else {
         return Ok(());
     };
@@ -145,10 +155,7 @@ fn check_content_encoding(headers: &HeaderMap) -> Result<(), ApiError> {
     if text.trim().eq_ignore_ascii_case("identity") {
         return Ok(());
     }
-    Err(ApiError::UnsupportedMediaType(format!(
-        "Content-Encoding `{text}` is not accepted: send the callback's JSON uncompressed, without a Content-Encoding \
-         header (is a proxy between Easemob and friendhook compressing request bodies?)"
-    )))
+    Err(ApiError::UnsupportedMediaType(format!("Content-Encoding `{text}` is not accepted: {what_to_do}")))
 }
 
 fn check_content_type(headers: &HeaderMap) -> Result<(), ApiError> {

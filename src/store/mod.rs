@@ -1071,7 +1071,8 @@ impl Store {
         // Where a relative URL (the default's) put the file is the working directory's doing: said
         // once, when it is made, so that a service started in the wrong directory is noticed.
         let shown = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-        if created {
+        // An empty file (version 0) is a new database too.
+        if created || version == 0 {
             tracing::info!(path = %shown.display(), schema = known_schema_version(), "created a new database");
         } else if version < known_schema_version() {
             tracing::info!(path = %shown.display(), from = version, to = known_schema_version(),
@@ -1482,12 +1483,6 @@ mod tests {
         assert!(!is_full(None), "a figure that cannot be read is no reason to refuse");
     }
 
-    /// When `close` returns, the file is clean: the writer's connection closed last, and its
-    /// close checkpointed and removed the `-wal` file. A writer that closes while a read
-    /// connection is still open (they used to close in either order) leaves the WAL behind: on
-    /// the multi-threaded runtime that happened within a hundred rounds in seven runs of eight. The
-    /// integration test `startup::a_stopped_service_has_closed_its_database_file` covers the read
-    /// connection sqlx itself left open.
     /// A new database file, and the WAL and shared memory SQLite makes beside it, are the
     /// owner's alone; a file that was there keeps its mode.
     #[cfg(unix)]
@@ -1533,6 +1528,12 @@ mod tests {
         open().await.expect("opens afresh").close().await;
     }
 
+    /// When `close` returns, the file is clean: the writer's connection closed last, and its
+    /// close checkpointed and removed the `-wal` file. A writer that closes while a read
+    /// connection is still open (they used to close in either order) leaves the WAL behind: on
+    /// the multi-threaded runtime that happened within a hundred rounds in seven runs of eight. The
+    /// integration test `startup::a_stopped_service_has_closed_its_database_file` covers the read
+    /// connection sqlx itself left open.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_closed_store_leaves_no_connection_behind() {
         let dir = tempfile::tempdir().expect("tempdir");

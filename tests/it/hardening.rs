@@ -1099,5 +1099,24 @@ async fn a_compressed_or_bom_prefixed_callback_is_refused_naming_the_cause() {
     // `identity` is no encoding at all.
     let answer = post(body("h-identity"), "identity").await.unwrap();
     assert_eq!(answer.status(), 200, "{}", answer.text().await.unwrap());
+
+    // The trigger API names them the same way, and nothing is started.
+    let trigger = |body: Vec<u8>, encoding: &'static str| {
+        let request = app.client.post(app.url("/v1/friends")).header("content-type", "application/json");
+        let request = if encoding.is_empty() { request } else { request.header("content-encoding", encoding) };
+        request.body(body).send()
+    };
+    let pair = br#"{"owner": "alice", "friend": "bob"}"#.to_vec();
+    let answer = trigger(pair.clone(), "gzip").await.unwrap();
+    assert_eq!(answer.status(), 415);
+    let err: Value = answer.json().await.unwrap();
+    assert!(err["detail"].as_str().unwrap().contains("Content-Encoding `gzip` is not accepted"), "{err}");
+    let answer = trigger([b"\xef\xbb\xbf".as_slice(), &pair].concat(), "").await.unwrap();
+    assert_eq!(answer.status(), 400);
+    let err: Value = answer.json().await.unwrap();
+    assert_eq!(err["code"], "invalid_json", "{err}");
+    assert!(err["detail"].as_str().unwrap().contains("byte-order mark (bytes EF BB BF)"), "{err}");
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"], json!([]), "no call was started");
     let _dir = app.stop().await;
 }
