@@ -622,3 +622,28 @@ async fn a_database_whose_indexes_were_changed_by_hand_is_served_with_an_error_l
         "{line}"
     );
 }
+
+/// A misspelt variable is named at start with the one meant; `FRIENDHOOK_COMMIT`, which
+/// `cargo run` (the README's quick start) hands the binary from the build script, is not one.
+#[tokio::test]
+async fn a_misspelt_variable_is_warned_of_and_the_builds_own_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let db_url = format!("sqlite://{}", dir.path().join("env.db").display());
+    let mut service = crate::process::ServeProcess::start(
+        &db_url,
+        &[],
+        &[("FRIENDHOOK_QUARANTINE_CAPP", "5"), ("FRIENDHOOK_COMMIT", "0123abc")],
+    )
+    .await;
+    service.signal("TERM");
+    assert_eq!(service.wait_exit(std::time::Duration::from_secs(20)).await.code(), Some(0), "{}", service.log());
+    let log = service.log();
+    assert!(
+        log.contains(
+            "FRIENDHOOK_QUARANTINE_CAPP is set, but friendhook reads no such variable: did you mean \
+             FRIENDHOOK_QUARANTINE_CAP?"
+        ),
+        "{log}"
+    );
+    assert!(!log.contains("FRIENDHOOK_COMMIT is set"), "{log}");
+}
