@@ -504,9 +504,9 @@ async fn read_body_first(request: Request, limit: Duration) -> Result<Request, R
     crate::http::callbacks::refuse_content_encoding(&parts.headers, "send the JSON uncompressed")
         .map_err(IntoResponse::into_response)?;
     match tokio::time::timeout(limit, crate::http::callbacks::read_body(&parts.headers, body, max)).await {
-        Ok(Ok(bytes)) if bytes.starts_with(b"\xEF\xBB\xBF") => Err(crate::error::ApiError::bad_request(
+        Ok(Ok(bytes)) if bytes.starts_with("\u{feff}".as_bytes()) => Err(crate::error::ApiError::bad_request(
             "invalid_json",
-            "the body starts with a byte-order mark (bytes EF BB BF), which JSON does not allow: send the JSON without it",
+            format!("{}: send the JSON without it", crate::callback::STARTS_WITH_BOM),
         )
         .into_response()),
         Ok(Ok(bytes)) => Ok(Request::from_parts(parts, axum::body::Body::from(bytes))),

@@ -133,6 +133,10 @@ struct Payload<'a> {
     operation: Option<&'a RawValue>,
 }
 
+/// What a body that starts with a UTF-8 byte-order mark is told (serde would say "expected
+/// value at line 1 column 1" of a character no editor shows); the trigger API says it too.
+pub const STARTS_WITH_BOM: &str = "the body starts with a byte-order mark (bytes EF BB BF), which JSON does not allow";
+
 /// Parses a callback body. `security` is read if it is a string and is `None` otherwise: whether
 /// a callback without one is acceptable is the verifier's decision (the easemob scheme refuses it
 /// as unauthenticated, a 401, not as unreadable), not the parser's.
@@ -140,12 +144,9 @@ pub fn parse(body: &[u8]) -> Result<ParsedCallback, ParseError> {
     let text = std::str::from_utf8(body)
         .map_err(|e| ParseError::NotJson(format!("invalid UTF-8 at byte {}", e.valid_up_to())))?;
     if text.starts_with('\u{feff}') {
-        // serde would say "expected value at line 1 column 1" of a character no editor shows.
-        return Err(ParseError::NotJson(
-            "the body starts with a byte-order mark (bytes EF BB BF), which JSON does not allow; whatever adds it \
-             (a relay, a script writing the body) must send the JSON as it is"
-                .into(),
-        ));
+        return Err(ParseError::NotJson(format!(
+            "{STARTS_WITH_BOM}; whatever adds it (a relay, a script writing the body) must send the JSON as it is"
+        )));
     }
     if nesting_exceeds(text.as_bytes(), MAX_NESTING) {
         return Err(ParseError::NotJson(format!("nested deeper than {MAX_NESTING} levels")));

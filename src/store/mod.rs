@@ -694,13 +694,22 @@ fn create_private(path: &std::path::Path) -> Result<(), StoreError> {
     }
 }
 
+/// `<path>-wal`: where SQLite keeps the write-ahead log of the database at `path`.
+fn wal_path(path: &std::path::Path) -> std::path::PathBuf {
+    let mut wal = path.as_os_str().to_owned();
+    wal.push("-wal");
+    std::path::PathBuf::from(wal)
+}
+
+/// What follows a database file's name in the copy a stopping writer saves of it when the file
+/// was removed under the service (`<file>.rescued-<ms>`), and a start looks for.
+const RESCUED_SUFFIX: &str = ".rescued-";
+
 /// Fails with [`StoreError::LoneWal`] when `path` is missing or empty while its `-wal` holds
 /// something; otherwise says whether the file is about to be created.
 fn refuse_lone_wal(path: &std::path::Path) -> Result<bool, StoreError> {
     let len = |p: &std::path::Path| std::fs::metadata(p).ok().map(|m| m.len());
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    let wal = std::path::PathBuf::from(wal);
+    let wal = wal_path(path);
     let database = len(path);
     if database.is_some_and(|n| n > 0) {
         return Ok(false);
@@ -716,7 +725,7 @@ fn refuse_lone_wal(path: &std::path::Path) -> Result<bool, StoreError> {
     // What a service saved when its file was removed under it: a restart, the usual first
     // reaction, would otherwise begin an empty history beside it.
     if let (Some(dir), Some(name)) = (path.parent(), path.file_name()) {
-        let prefix = format!("{}.rescued-", name.to_string_lossy());
+        let prefix = format!("{}{RESCUED_SUFFIX}", name.to_string_lossy());
         let dir = if dir.as_os_str().is_empty() { std::path::Path::new(".") } else { dir };
         let mut copies: Vec<String> = std::fs::read_dir(dir)
             .into_iter()
@@ -1245,9 +1254,7 @@ impl Store {
     pub fn file_sizes(&self) -> Option<(u64, u64)> {
         let path = database_path(&self.database_url)?;
         let database = std::fs::metadata(&path).ok()?.len();
-        let mut wal = path.into_os_string();
-        wal.push("-wal");
-        Some((database, std::fs::metadata(wal).map_or(0, |m| m.len())))
+        Some((database, std::fs::metadata(wal_path(&path)).map_or(0, |m| m.len())))
     }
 
     /// Bytes this process may still write on the database's file system (`statvfs`'s

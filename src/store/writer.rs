@@ -310,7 +310,7 @@ pub struct DatabaseFile {
 impl DatabaseFile {
     /// Notes the file at `path` and its WAL as they are now.
     pub fn note(path: &std::path::Path) -> Self {
-        let wal_identity = Self::identity_of(&wal_of(path));
+        let wal_identity = Self::identity_of(&super::wal_path(path));
         Self { path: path.to_path_buf(), identity: Self::identity_of(path), wal_identity }
     }
 
@@ -343,13 +343,6 @@ impl DatabaseFile {
     }
 }
 
-/// `<path>-wal`.
-fn wal_of(path: &std::path::Path) -> std::path::PathBuf {
-    let mut wal = path.as_os_str().to_owned();
-    wal.push("-wal");
-    std::path::PathBuf::from(wal)
-}
-
 impl DatabaseFile {
     /// Moves the WAL a stopped writer left beside its removed or replaced database file to
     /// `<path>-wal.stale-<ms>`. SQLite could not checkpoint it (the file it belongs to is gone),
@@ -358,7 +351,7 @@ impl DatabaseFile {
     /// start (one brought along with a replacement file is that file's), and kept, not deleted:
     /// its pages are in the rescued copy if there is one, but it is the operator's evidence.
     fn set_wal_aside(&self, rescued: bool, now_ms: i64) {
-        let wal = wal_of(&self.path);
+        let wal = super::wal_path(&self.path);
         if self.wal_identity.is_none() || Self::identity_of(&wal) != self.wal_identity {
             return;
         }
@@ -742,7 +735,7 @@ impl Writer {
     /// included); the copy's path, or `None` (logged) if it could not be made.
     async fn rescue(&mut self, path: &std::path::Path) -> Option<std::path::PathBuf> {
         let mut copy = path.as_os_str().to_owned();
-        copy.push(format!(".rescued-{}", self.clock.now_ms()));
+        copy.push(format!("{}{}", super::RESCUED_SUFFIX, self.clock.now_ms()));
         let copy = std::path::PathBuf::from(copy);
         let Some(target) = copy.to_str() else {
             tracing::error!(path = %path.display(), "the database file was removed or replaced while the service ran, \
