@@ -528,9 +528,10 @@ impl Metrics {
         self.reports[answer as usize].inc();
     }
 
-    /// Counts calls closed as `unknown` at start-up (interrupted by a previous stop).
-    pub fn calls_interrupted(&self, op: CallOp, n: u64) {
-        self.calls.get_or_create(&[("op", op.as_str()), ("outcome", Outcome::Unknown.as_str())]).inc_by(n);
+    /// Counts calls closed at start-up (interrupted by a previous stop): `unknown` if they had
+    /// been sent, `failed` if not.
+    pub fn calls_interrupted(&self, op: CallOp, outcome: Outcome, n: u64) {
+        self.calls.get_or_create(&[("op", op.as_str()), ("outcome", outcome.as_str())]).inc_by(n);
     }
 
     /// The OpenMetrics text of every metric, with the values only a scrape can know.
@@ -704,8 +705,9 @@ mod tests {
         metrics.callback(CallbackResult::Overloaded);
         metrics.call(CallOp::Add, Outcome::Succeeded, 3);
         metrics.call(CallOp::Remove, Outcome::Rejected, 1);
-        metrics.calls_interrupted(CallOp::Add, 2);
-        metrics.calls_interrupted(CallOp::Remove, 1);
+        metrics.calls_interrupted(CallOp::Add, Outcome::Unknown, 2);
+        metrics.calls_interrupted(CallOp::Remove, Outcome::Unknown, 1);
+        metrics.calls_interrupted(CallOp::Remove, Outcome::Failed, 4);
         metrics.writer().commit_writes.observe(5.0);
         let text = metrics.render(ScrapeValues::default());
         assert_eq!(metrics.callbacks(CallbackResult::Stored), 2);
@@ -716,6 +718,7 @@ mod tests {
         assert!(text.contains("friendhook_calls_total{op=\"remove\",outcome=\"rejected\"} 1\n"), "{text}");
         assert!(text.contains("friendhook_calls_total{op=\"add\",outcome=\"unknown\"} 2\n"), "{text}");
         assert!(text.contains("friendhook_calls_total{op=\"remove\",outcome=\"unknown\"} 1\n"), "{text}");
+        assert!(text.contains("friendhook_calls_total{op=\"remove\",outcome=\"failed\"} 4\n"), "{text}");
         assert!(text.contains("friendhook_calls_total{op=\"remove\",outcome=\"succeeded\"} 0\n"), "{text}");
         assert!(text.contains("friendhook_easemob_attempts_total{op=\"add\"} 3\n"), "{text}");
         assert!(text.contains("friendhook_easemob_attempts_total{op=\"remove\"} 1\n"), "{text}");

@@ -25,8 +25,9 @@ pub enum AuditCommand {
     /// events, or when SQLite's integrity check finds the file at fault (an index that disagrees
     /// with its table); 2 when the check could not be made (no database, unreadable file, a
     /// malformed --expect-head). Calls still without
-    /// an outcome, which the chain does not cover yet, and calls closed as `unknown` by a restart,
-    /// whose request it cannot vouch for, are listed after an intact verdict. It takes about a minute
+    /// an outcome, which the chain does not cover yet, and calls a restart closed (as `unknown`,
+    /// or as `failed` not sent), whose request it cannot vouch for, are listed after an intact
+    /// verdict. It takes about a minute
     /// for a million events and a million calls on a 2-core machine, SQLite's integrity check of
     /// the file 10-15 s more (--skip-integrity-check).
     Verify {
@@ -51,7 +52,8 @@ pub enum AuditCommand {
         skip_integrity_check: bool,
         /// Print the verdict as one JSON object on stdout, for a script or a monitoring job:
         /// `{"verdict": "intact", "records", "head": {"seq", "hash"}, "expect_head",
-        /// "in_flight": {"count", "ids"}, "closed_unknown": {"count", "ids"}, "integrity_check": "passed"
+        /// "in_flight": {"count", "ids"}, "closed_unknown": {"count", "ids"}, "closed_not_sent":
+        /// {"count", "ids"}, "integrity_check": "passed"
         /// or "skipped"}`,
         /// `{"verdict": "broken", "problem", "next"}`, or `{"verdict": "not_checked", "error"}`.
         /// The exit status is the same (0, 1, 2); progress stays on stderr.
@@ -87,6 +89,9 @@ pub enum Verdict {
         /// Calls closed as `unknown` by a restart: how many, and the first [`IN_FLIGHT_SHOWN`]
         /// ids.
         closed_unknown: (i64, Vec<i64>),
+        /// Calls closed as `failed`, not sent, by a restart: how many, and the first
+        /// [`IN_FLIGHT_SHOWN`] ids.
+        closed_not_sent: (i64, Vec<i64>),
     },
     /// The first problem found.
     Broken(String),
@@ -330,7 +335,8 @@ pub async fn verify_reporting(
     }
     let in_flight = store.calls_without_outcome(IN_FLIGHT_SHOWN).await?;
     let closed_unknown = store.calls_closed_unknown(IN_FLIGHT_SHOWN).await?;
-    Ok(Verdict::Intact { records, head_seq, head_hash: prev, in_flight, closed_unknown })
+    let closed_not_sent = store.calls_closed_not_sent(IN_FLIGHT_SHOWN).await?;
+    Ok(Verdict::Intact { records, head_seq, head_hash: prev, in_flight, closed_unknown, closed_not_sent })
 }
 
 /// What to do after a BROKEN verdict (printed after "What next: ").
@@ -393,7 +399,7 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
         return Ok(if matches!(verdict, Verdict::Intact { .. }) { 0 } else { 1 });
     }
     match verdict {
-        Verdict::Intact { records, head_seq, head_hash, in_flight, closed_unknown } => {
+        Verdict::Intact { records, head_seq, head_hash, in_flight, closed_unknown, closed_not_sent } => {
             match &expect_head {
                 Some(head) => crate::outln!(
                     "intact: {records} records, head seq {head_seq} hash {head_hash}; passes through the published \
@@ -406,7 +412,11 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<u8> {
             if let Some(note) = in_flight_note(&in_flight) {
                 crate::outln!("{note}");
             }
-            if let Some(note) = closed_unknown_note(&closed_unknown) {
+            for note in
+                [closed_note(&closed_unknown, "`unknown`"), closed_note(&closed_not_sent, "`failed`, not sent,")]
+                    .into_iter()
+                    .flatten()
+            {
                 crate::outln!("{note}");
             }
             Ok(0)
@@ -433,16 +443,19 @@ fn not_checked(error: &str, json: bool) -> u8 {
 fn verdict_json(verdict: &Verdict, expect_head: Option<&PublishedHead>, file_check: FileCheck) -> serde_json::Value {
     let listed = |(count, ids): &(i64, Vec<i64>)| serde_json::json!({"count": count, "ids": ids});
     match verdict {
-        Verdict::Intact { records, head_seq, head_hash, in_flight, closed_unknown } => serde_json::json!({
-            "verdict": "intact",
-            "records": records,
-            "head": {"seq": head_seq, "hash": head_hash},
-            "expect_head": expect_head.map(|head| format!("{}:{}", head.seq, head.hash)),
-            "in_flight": listed(in_flight),
-            "closed_unknown": listed(closed_unknown),
-            // Not a boolean: `false` would read as "failed" (a failed check is a broken verdict).
-            "integrity_check": if file_check == FileCheck::Integrity { "passed" } else { "skipped" },
-        }),
+        Verdict::Intact { records, head_seq, head_hash, in_flight, closed_unknown, closed_not_sent } => {
+            serde_json::json!({
+                "verdict": "intact",
+                "records": records,
+                "head": {"seq": head_seq, "hash": head_hash},
+                "expect_head": expect_head.map(|head| format!("{}:{}", head.seq, head.hash)),
+                "in_flight": listed(in_flight),
+                "closed_unknown": listed(closed_unknown),
+                "closed_not_sent": listed(closed_not_sent),
+                // Not a boolean: `false` would read as "failed" (a failed check is a broken verdict).
+                "integrity_check": if file_check == FileCheck::Integrity { "passed" } else { "skipped" },
+            })
+        }
         Verdict::Broken(problem) => serde_json::json!({
             "verdict": "broken",
             "problem": problem,
@@ -463,11 +476,11 @@ fn shown_ids<T: std::fmt::Display>(count: i64, ids: &[T]) -> Option<String> {
     Some(shown)
 }
 
-/// The note on calls closed as `unknown` by a restart; `None` when there are none.
-pub fn closed_unknown_note((count, ids): &(i64, Vec<i64>)) -> Option<String> {
+/// The note on calls a restart closed `as_what`; `None` when there are none.
+fn closed_note((count, ids): &(i64, Vec<i64>), as_what: &str) -> Option<String> {
     let shown = shown_ids(*count, ids)?;
     Some(format!(
-        "note: {count} call(s) were closed as `unknown` by a restart (ids {shown}). The chain vouches for their \
+        "note: {count} call(s) were closed as {as_what} by a restart (ids {shown}). The chain vouches for their \
          closing, not for their request, which carried no link while in flight: a row inserted into the file by \
          hand before a restart would look the same. Check them against your application's own records."
     ))
@@ -479,7 +492,7 @@ pub fn in_flight_note((count, ids): &(i64, Vec<i64>)) -> Option<String> {
     let shown = shown_ids(*count, ids)?;
     Some(format!(
         "note: {count} call(s) have no outcome yet (ids {shown}): in flight, or interrupted by a stop (the next \
-         start closes them as `unknown`). Their intents join the chain with their outcome, so until then the chain \
+         start closes them, as `unknown` if they were sent, as `failed` if not). Their intents join the chain with their outcome, so until then the chain \
          does not vouch for them; a call listed here that nobody requested was inserted outside friendhook"
     ))
 }

@@ -13,6 +13,7 @@ use crate::config::ServeArgs;
 use crate::easemob::{ClientConfig, EasemobClient};
 use crate::http::journal::ReportGate;
 use crate::metrics::{LogThrottle, Metrics, WriterMetrics};
+use crate::model::Outcome;
 use crate::report::TrailingReconciliation;
 use crate::secret::Secret;
 use crate::signature::{Scheme, Verifier};
@@ -370,8 +371,11 @@ pub async fn build(args: &ServeArgs, clock: SharedClock) -> anyhow::Result<Servi
         }
     };
     let easemob = Some(easemob);
-    for (op, n) in store.recovered_calls.by_op() {
-        metrics.calls_interrupted(op, n);
+    for (op, n) in store.recovered_calls.unknown.by_op() {
+        metrics.calls_interrupted(op, Outcome::Unknown, n);
+    }
+    for (op, n) in store.recovered_calls.not_sent.by_op() {
+        metrics.calls_interrupted(op, Outcome::Failed, n);
     }
     let state = Arc::new(AppState {
         store,

@@ -44,6 +44,12 @@ use super::username::validate_username;
 use crate::clock::SharedClock;
 use crate::secret::Secret;
 
+/// What a caller runs once a changing call's turn under the rate limit has come, before its
+/// first request leaves: its chance to record, durably, that the call is about to be sent, so
+/// that a stop between then and the answer can be told from one before it. An `Err` ends the
+/// call as [`ApiFailure::NotSent`] with that text as its reason, nothing sent.
+pub type BeforeFirstSend = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
 /// Most of an answer the client reads. Easemob's answers are a few KB (a full friend list of
 /// 3,000 names some 60 KB); anything longer is not Easemob (a wrong base URL serving a large
 /// page, say), and read whole it would be held by each of up to 1,000 concurrent calls and stored
@@ -231,17 +237,39 @@ impl EasemobClient {
     /// `POST /{org}/{app}/users/{owner}/contacts/users/{friend}`. Easemob adds both directions and
     /// fires the roster `add` callback. `envelope.entities[0]` is the friend.
     pub async fn add_friend(&self, owner: &str, friend: &str) -> Result<ApiSuccess, ApiFailure> {
-        check_usernames(&[owner, friend]).map_err(|f| *f)?;
-        let url = self.app_path(&["users", owner, "contacts", "users", friend]);
-        self.followed_by_callbacks(self.send(Method::POST, url, None)).await
+        self.change_friendship(Method::POST, owner, friend, None).await
     }
 
     /// Ends the friendship in both directions:
     /// `DELETE /{org}/{app}/users/{owner}/contacts/users/{friend}`; fires the roster `remove` callback.
     pub async fn delete_friend(&self, owner: &str, friend: &str) -> Result<ApiSuccess, ApiFailure> {
+        self.change_friendship(Method::DELETE, owner, friend, None).await
+    }
+
+    /// [`EasemobClient::add_friend`] (`remove` false) or [`EasemobClient::delete_friend`]
+    /// (`remove` true), running `before_first_send` once the call's turn has come, before its
+    /// first request leaves.
+    pub async fn change_friendship_noting_send(
+        &self,
+        remove: bool,
+        owner: &str,
+        friend: &str,
+        before_first_send: BeforeFirstSend,
+    ) -> Result<ApiSuccess, ApiFailure> {
+        let method = if remove { Method::DELETE } else { Method::POST };
+        self.change_friendship(method, owner, friend, Some(before_first_send)).await
+    }
+
+    async fn change_friendship(
+        &self,
+        method: Method,
+        owner: &str,
+        friend: &str,
+        before_first_send: Option<BeforeFirstSend>,
+    ) -> Result<ApiSuccess, ApiFailure> {
         check_usernames(&[owner, friend]).map_err(|f| *f)?;
         let url = self.app_path(&["users", owner, "contacts", "users", friend]);
-        self.followed_by_callbacks(self.send(Method::DELETE, url, None)).await
+        self.followed_by_callbacks(self.send_noting(method, url, None, before_first_send)).await
     }
 
     /// The usernames `owner` is friends with: `GET /{org}/{app}/users/{owner}/contacts/users`
@@ -390,6 +418,17 @@ impl EasemobClient {
 
     /// The attempt loop (see the module docs).
     async fn send(&self, method: Method, url: Url, body: Option<Bytes>) -> Result<ApiSuccess, ApiFailure> {
+        self.send_noting(method, url, body, None).await
+    }
+
+    /// [`Self::send`], running `before_first_send` after the first turn and token.
+    async fn send_noting(
+        &self,
+        method: Method,
+        url: Url,
+        body: Option<Bytes>,
+        mut before_first_send: Option<BeforeFirstSend>,
+    ) -> Result<ApiSuccess, ApiFailure> {
         let call = Call { method, url, body };
         let config = &self.inner.config;
         let mut attempts: u32 = 0;
@@ -406,6 +445,9 @@ impl EasemobClient {
 
         loop {
             let token = self.token_at_turn(attempts, uncertain.as_deref(), &last).await?;
+            if let Some(note) = before_first_send.take() {
+                note.await.map_err(|reason| ApiFailure::NotSent { reason })?;
+            }
             attempts += 1;
             let first_attempt_at = *first_attempt_at.get_or_insert_with(Instant::now);
 

@@ -74,7 +74,8 @@ pub enum ApiFailure {
         reason: String,
     },
     /// The client was stopped ([`EasemobClient::stop_sending`](super::EasemobClient::stop_sending):
-    /// the service is shutting down) before the call's first attempt; nothing was sent.
+    /// the service is shutting down) before the call's first attempt, or the caller's
+    /// [`BeforeFirstSend`](super::BeforeFirstSend) failed; nothing was sent.
     #[error("{reason}")]
     NotSent {
         /// Why, and that it is safe to send again.

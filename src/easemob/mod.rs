@@ -28,7 +28,7 @@ mod token;
 mod username;
 
 pub use body::{ApiSuccess, Entity, Envelope, ErrorBody, NewUser};
-pub use client::{CacheBucket, EasemobClient, MAX_USERS_PER_REGISTER};
+pub use client::{BeforeFirstSend, CacheBucket, EasemobClient, MAX_USERS_PER_REGISTER};
 pub use config::ClientConfig;
 pub use error::{ApiFailure, ClientError};
 pub use token::TokenHealth;

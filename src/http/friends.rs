@@ -1,11 +1,13 @@
 //! The trigger API: `POST /v1/friends`, `POST /v1/friends/batch`, `DELETE /v1/friends/{owner}/{friend}`,
 //! and the call records `GET /v1/calls`, `GET /v1/calls/{id}`.
 //!
-//! Every call is recorded before anything is sent (intent) and again once Easemob has answered
-//! (outcome). The Easemob call runs in its own task, so a client that disconnects mid-call cannot
-//! leave a call without an outcome. An outcome the database refuses is retried for up to 10
-//! minutes; a stop (or a crash) before it is recorded leaves the call in flight, and the next
-//! start closes it as `unknown`.
+//! Every call is recorded before anything is sent (intent), marked once its turn under the rate
+//! limit has come and before its first request leaves (sent), and recorded again once Easemob
+//! has answered (outcome). The Easemob call runs in its own task, so a client that disconnects
+//! mid-call cannot leave a call without an outcome. An outcome the database refuses is retried
+//! for up to 10 minutes; a stop (or a crash) before it is recorded leaves the call in flight, and
+//! the next start closes it as `unknown` if it was marked sent, or as `failed` with no attempt
+//! (not sent, safe to send again) if it was not.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -23,7 +25,7 @@ use serde_json::{Value, json};
 
 use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_range};
 use crate::app::{SharedState, WorkStarted};
-use crate::easemob::{self, ApiFailure, EasemobClient};
+use crate::easemob::{self, ApiFailure, BeforeFirstSend, EasemobClient};
 use crate::error::ApiError;
 use crate::model::{CallOp, Outcome};
 use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall, StoreError, pair_key};
@@ -293,10 +295,9 @@ async fn carry_out(
     let id = record.id;
     let (answer, answered) = tokio::sync::oneshot::channel();
     tokio::spawn(async move {
-        let result = match record.op {
-            CallOp::Add => client.add_friend(&record.owner, &record.friend).await,
-            CallOp::Remove => client.delete_friend(&record.owner, &record.friend).await,
-        };
+        let remove = record.op == CallOp::Remove;
+        let note = note_sent(state.clone(), id);
+        let result = client.change_friendship_noting_send(remove, &record.owner, &record.friend, note).await;
         let outcome = match result {
             Ok(ok) => CallOutcome {
                 call: record,
@@ -341,6 +342,36 @@ async fn carry_out(
         .map_err(|_| sent(ApiError::internal(anyhow::anyhow!("the task of call {id} ended without an answer"))))?
         .map_err(|e| sent(outcome_not_recorded(id, &e)))?;
     Ok((record, false))
+}
+
+/// How long marking a call sent is retried while the database cannot commit, before the call
+/// ends not sent: the call waits out a moment's lock rather than failing for it.
+const MARK_SENT_RETRY_FOR: Duration = Duration::from_secs(2);
+
+/// Marks call `id` sent, once its turn has come and before its first request leaves (see
+/// migration 0010): a crash after this closes the call as `unknown` at the next start, one
+/// before it as not sent. A call that cannot be marked is not sent.
+fn note_sent(state: SharedState, id: i64) -> BeforeFirstSend {
+    Box::pin(async move {
+        let started = tokio::time::Instant::now();
+        let mut delay = Duration::from_millis(100);
+        loop {
+            let err = match state.store.mark_call_sent(id).await {
+                Ok(None) => return Ok(()),
+                Ok(Some(why)) => return Err(format!("not sent: {why}")),
+                Err(err) => err,
+            };
+            if matches!(err, StoreError::WriterGone) || started.elapsed() + delay > MARK_SENT_RETRY_FOR {
+                // The database's own error is for the log, not for the record (it can name files).
+                tracing::warn!(call_id = id, error = %err, "could not record that a call was about to be sent; not sending it");
+                return Err("not sent: the database could not record that the call was about to be sent (the log \
+                            has its error); nothing reached Easemob, so it is safe to send again"
+                    .into());
+            }
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
+    })
 }
 
 /// How long recording an outcome is retried when the database cannot commit it (locked, full,

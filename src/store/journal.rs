@@ -18,7 +18,7 @@ use crate::reconcile::{CallRow, CallbackRow};
 /// The triggers the migrations create to keep calls and callbacks append-only (a record written
 /// once, an outcome and a chain link set once, nothing deleted), and promotions from quarantine
 /// (written once, never removed).
-pub const APPEND_ONLY_TRIGGERS: [&str; 9] = [
+pub const APPEND_ONLY_TRIGGERS: [&str; 10] = [
     "callbacks_no_delete",
     "callbacks_immutable",
     "callbacks_chain_once",
@@ -26,13 +26,14 @@ pub const APPEND_ONLY_TRIGGERS: [&str; 9] = [
     "calls_no_delete",
     "calls_immutable",
     "calls_outcome_once",
+    "calls_sent_once",
     "quarantine_promotion_once",
     "quarantine_promoted_no_delete",
 ];
 
 /// The migrations, in order: the append-only triggers are checked against the definitions
 /// they hold (a test keeps this list in step with the directory).
-const MIGRATIONS: [&str; 9] = [
+const MIGRATIONS: [&str; 10] = [
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_callback_users.sql"),
     include_str!("../../migrations/0003_writer_probe_ballast.sql"),
@@ -42,6 +43,7 @@ const MIGRATIONS: [&str; 9] = [
     include_str!("../../migrations/0007_call_outcome_detail.sql"),
     include_str!("../../migrations/0008_call_head_at_intent.sql"),
     include_str!("../../migrations/0009_quarantine_promotions_kept.sql"),
+    include_str!("../../migrations/0010_call_sent_mark.sql"),
 ];
 
 /// The trigger `name` as the last migration that creates it defines it, as SQLite keeps it
@@ -694,29 +696,40 @@ impl Store {
     /// `unknown` by the next start), in id order: their intents carry no chain link until the
     /// outcome is recorded. How many, and the first `limit` ids.
     pub async fn calls_without_outcome(&self, limit: i64) -> Result<(i64, Vec<i64>), StoreError> {
-        self.calls_counted_and_listed("outcome IS NULL", limit).await
+        self.calls_counted_and_listed("outcome IS NULL", None, limit).await
     }
 
     /// Calls closed as `unknown` (interrupted by a stop, closed by the next start), in id order:
     /// the chain vouches for the closing, not for the intent, which carried no link while in
     /// flight. How many, and the first `limit` ids.
     pub async fn calls_closed_unknown(&self, limit: i64) -> Result<(i64, Vec<i64>), StoreError> {
-        self.calls_counted_and_listed("outcome = 'unknown'", limit).await
+        self.calls_counted_and_listed("outcome = 'unknown'", None, limit).await
     }
 
-    /// How many calls match `condition` (a constant SQL condition), and the first `limit` ids.
+    /// Calls closed as `failed`, not sent, by a start (interrupted while they waited for their
+    /// turn): like [`Store::calls_closed_unknown`], the chain vouches for the closing only.
+    pub async fn calls_closed_not_sent(&self, limit: i64) -> Result<(i64, Vec<i64>), StoreError> {
+        let condition = "outcome = 'failed' AND attempts = 0 AND outcome_detail = ?1";
+        self.calls_counted_and_listed(condition, Some(super::writer::CLOSED_NOT_SENT_DETAIL), limit).await
+    }
+
+    /// How many calls match `condition` (a constant SQL condition; `?1` in it is `text`), and the
+    /// first `limit` ids.
     async fn calls_counted_and_listed(
         &self,
         condition: &'static str,
+        text: Option<&str>,
         limit: i64,
     ) -> Result<(i64, Vec<i64>), StoreError> {
-        let count: i64 = sqlx::query_scalar(&format!("SELECT count(*) FROM calls WHERE {condition}"))
-            .fetch_one(self.read_pool())
-            .await?;
-        let ids: Vec<i64> = sqlx::query_scalar(&format!("SELECT id FROM calls WHERE {condition} ORDER BY id LIMIT ?1"))
-            .bind(limit)
-            .fetch_all(self.read_pool())
-            .await?;
+        let count_sql = format!("SELECT count(*) FROM calls WHERE {condition}");
+        let list_sql =
+            format!("SELECT id FROM calls WHERE {condition} ORDER BY id LIMIT ?{}", 1 + text.is_some() as u8);
+        let (mut count, mut list) = (sqlx::query_scalar(&count_sql), sqlx::query_scalar(&list_sql));
+        if let Some(text) = text {
+            (count, list) = (count.bind(text), list.bind(text));
+        }
+        let count: i64 = count.fetch_one(self.read_pool()).await?;
+        let ids: Vec<i64> = list.bind(limit).fetch_all(self.read_pool()).await?;
         Ok((count, ids))
     }
 

@@ -480,7 +480,8 @@ pub struct StoreOptions {
     pub limits: WriterLimits,
     /// Read pool size.
     pub read_connections: u32,
-    /// Close calls left without an outcome by a previous stop as `unknown` when opening. Only the
+    /// Close calls left without an outcome by a previous stop when opening (`unknown` if they were
+    /// marked sent, `failed` not sent if not). Only the
     /// service itself may do this: another process opening the database while the service runs
     /// (e.g. `friendhook quarantine reverify`) would close calls that are still in flight.
     pub recover_interrupted_calls: bool,
@@ -530,18 +531,26 @@ pub struct Store {
     /// Set by [`Store::close`], so that work that would keep a clone alive (an outcome waiting to
     /// be retried) lets go instead of holding up the stop.
     closing: Arc<watch::Sender<bool>>,
-    /// Calls closed as `unknown` at start-up.
+    /// Calls closed at start-up (interrupted by a previous stop).
     pub recovered_calls: RecoveredCalls,
 }
 
-/// Calls closed as `unknown` at start-up (cut off by a previous stop), by what they asked.
+/// Calls closed at start-up (cut off by a previous stop), by what they asked: `unknown` those
+/// that had been sent, `failed` (not sent) those still waiting for their turn.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RecoveredCalls {
+    pub unknown: OpCounts,
+    pub not_sent: OpCounts,
+}
+
+/// Calls counted by their operation.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct OpCounts {
     pub add: u64,
     pub remove: u64,
 }
 
-impl RecoveredCalls {
+impl OpCounts {
     pub fn total(self) -> u64 {
         self.add + self.remove
     }
@@ -549,11 +558,18 @@ impl RecoveredCalls {
     pub fn by_op(self) -> [(CallOp, u64); 2] {
         [(CallOp::Add, self.add), (CallOp::Remove, self.remove)]
     }
+}
 
-    fn count(&mut self, op: CallOp) {
+impl RecoveredCalls {
+    pub fn total(self) -> u64 {
+        self.unknown.total() + self.not_sent.total()
+    }
+
+    fn count(&mut self, op: CallOp, sent: bool) {
+        let counts = if sent { &mut self.unknown } else { &mut self.not_sent };
         match op {
-            CallOp::Add => self.add += 1,
-            CallOp::Remove => self.remove += 1,
+            CallOp::Add => counts.add += 1,
+            CallOp::Remove => counts.remove += 1,
         }
     }
 }
@@ -1031,7 +1047,7 @@ pub async fn other_apps_event(database_url: &str, appkey: &str) -> Result<Option
 
 impl Store {
     /// Opens (creating if missing) the database, applies migrations, closes calls interrupted by
-    /// a previous crash as `unknown` (unless `recover_interrupted_calls` is off), and starts the
+    /// a previous crash, as `unknown` or as not sent (unless `recover_interrupted_calls` is off), and starts the
     /// writer task.
     pub async fn open(opts: StoreOptions, clock: SharedClock) -> Result<Store, StoreError> {
         let sync = match opts.synchronous {
@@ -1142,12 +1158,21 @@ impl Store {
         } else {
             RecoveredCalls::default()
         };
-        if recovered_calls.total() > 0 {
+        let RecoveredCalls { unknown, not_sent } = recovered_calls;
+        if unknown.total() > 0 {
             tracing::warn!(
-                calls = recovered_calls.total(),
-                add = recovered_calls.add,
-                remove = recovered_calls.remove,
-                "closed calls interrupted by a previous stop as outcome=unknown (Easemob may or may not have acted; see GET /v1/calls?outcome=unknown and the reconciliation)"
+                calls = unknown.total(),
+                add = unknown.add,
+                remove = unknown.remove,
+                "closed calls interrupted by a previous stop after they were sent as outcome=unknown (Easemob may or may not have acted; see GET /v1/calls?outcome=unknown and the reconciliation)"
+            );
+        }
+        if not_sent.total() > 0 {
+            tracing::warn!(
+                calls = not_sent.total(),
+                add = not_sent.add,
+                remove = not_sent.remove,
+                "closed calls interrupted by a previous stop before they were sent as outcome=failed with 0 attempts (nothing reached Easemob: safe to send again; see GET /v1/calls?outcome=failed)"
             );
         }
         let (jobs, rx) = mpsc::channel(opts.write_queue.max(1));
@@ -1324,6 +1349,13 @@ impl Store {
         Ok(async move { answer.await.map_err(|_| StoreError::WriterGone)? })
     }
 
+    /// Records that a call is about to be sent (once, before its first request leaves), and
+    /// returns after commit: a start after a crash closes a call without the mark as not sent.
+    /// `Ok(Some(why))` when the call is not to be sent (it has an outcome already).
+    pub async fn mark_call_sent(&self, call_id: i64) -> Result<Option<String>, StoreError> {
+        self.submit(|tx| Job::Sent(call_id, tx)).await
+    }
+
     /// Records a call's outcome (once).
     pub async fn mark_call_outcome(&self, outcome: CallOutcome) -> Result<CallRecord, StoreError> {
         self.submit(|tx| Job::Outcome(Box::new(outcome), tx)).await
@@ -1350,7 +1382,8 @@ impl Store {
     /// [`Store::close`], waiting at most `limit` for the writer. Handles held elsewhere (a call
     /// still retrying Easemob, say) keep the writer alive; past `limit` it is left to the end of
     /// the process. Nothing acknowledged is at stake: a request is answered after its commit, and
-    /// a call whose outcome is not recorded is closed as `unknown` at the next start.
+    /// a call whose outcome is not recorded is closed at the next start (`unknown`, having been
+    /// sent).
     pub async fn close_within(self, limit: Duration) {
         self.closing.send_replace(true);
         let task = self.writer_task.lock().ok().and_then(|mut t| t.take());

@@ -27,7 +27,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use serde_json::{Value, json};
-use sqlx::{Connection, SqliteConnection};
+use sqlx::{Connection, Row, SqliteConnection};
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::chain::{self, CallContent, CallbackContent};
@@ -150,6 +150,8 @@ pub(super) enum Job {
     Promote(Box<Promotion>, oneshot::Sender<Result<PromotionResult, StoreError>>),
     Intent(NewCall, oneshot::Sender<Result<IntentResult, StoreError>>),
     Outcome(Box<CallOutcome>, oneshot::Sender<Result<CallRecord, StoreError>>),
+    /// A call's turn has come: marked sent before its first request leaves (migration 0010).
+    Sent(i64, oneshot::Sender<Result<Option<String>, StoreError>>),
     Probe(oneshot::Sender<Result<(), StoreError>>),
     Purge(PurgeFilter, oneshot::Sender<Result<Purged, StoreError>>),
 }
@@ -192,6 +194,7 @@ impl Job {
             Job::Promote(_, tx) => drop(tx.send(Err(e()))),
             Job::Intent(_, tx) => drop(tx.send(Err(e()))),
             Job::Outcome(_, tx) => drop(tx.send(Err(e()))),
+            Job::Sent(_, tx) => drop(tx.send(Err(e()))),
             Job::Probe(tx) => drop(tx.send(Err(e()))),
             Job::Purge(_, tx) => drop(tx.send(Err(e()))),
         }
@@ -639,11 +642,22 @@ pub fn pair_key(a: &str, b: &str) -> String {
     if a <= b { format!("{a}\u{1f}{b}") } else { format!("{b}\u{1f}{a}") }
 }
 
+/// The detail of a call a start closed as `unknown` (it had been sent).
+const CLOSED_UNKNOWN_DETAIL: &str = "friendhook stopped before Easemob's answer was recorded: Easemob may or may \
+    not have acted; check the pair's friend list (GET /users/{owner}/contacts/users) before sending it again";
+
+/// The detail of a call a start closed as `failed` because it had not been sent: with 0
+/// attempts, this is how `audit verify` finds the calls a restart closed so.
+pub(super) const CLOSED_NOT_SENT_DETAIL: &str = "not sent: friendhook stopped while the call waited for its turn \
+    under the rate limit; nothing reached Easemob, so it is safe to send again";
+
 impl Writer {
-    /// Closes calls that were cut off between intent and outcome (crash, kill) as `unknown`.
+    /// Closes calls that were cut off between intent and outcome (crash, kill): as `unknown` if
+    /// they had been sent, as `failed` with no attempt if they were still waiting for their turn.
     pub async fn close_interrupted_calls(&mut self) -> Result<RecoveredCalls, StoreError> {
         let rows = sqlx::query(
-            "SELECT id, op, owner, friend, idempotency_key, requested_at_ms FROM calls WHERE outcome IS NULL ORDER BY id",
+            "SELECT id, op, owner, friend, idempotency_key, requested_at_ms, sent_at_ms FROM calls
+             WHERE outcome IS NULL ORDER BY id",
         )
         .fetch_all(&mut self.conn)
         .await?;
@@ -657,19 +671,21 @@ impl Writer {
         refresh_head(&mut tx, &mut self.data_version, &mut head).await?;
         for row in &rows {
             let call = CallRecord::intent_from_row(row)?;
-            recovered.count(call.op);
+            let sent = row.try_get::<Option<i64>, _>("sent_at_ms")?.is_some();
+            recovered.count(call.op, sent);
+            let (outcome, detail) = if sent {
+                (Outcome::Unknown, CLOSED_UNKNOWN_DETAIL)
+            } else {
+                (Outcome::Failed, CLOSED_NOT_SENT_DETAIL)
+            };
             let outcome = CallOutcome {
                 call,
-                outcome: Outcome::Unknown,
+                outcome,
                 upstream_status: None,
                 upstream_error: None,
                 attempts: 0,
                 response_body: None,
-                outcome_detail: Some(
-                    "friendhook stopped before Easemob's answer was recorded: Easemob may or may not have acted; \
-                     check the pair's friend list (GET /users/{owner}/contacts/users) before sending it again"
-                        .to_owned(),
-                ),
+                outcome_detail: Some(detail.to_owned()),
             };
             record_outcome(&mut tx, &mut head, &outcome, now).await?;
         }
@@ -1177,6 +1193,35 @@ impl Writer {
                     let rec = record_outcome(&mut tx, head, o, now).await?;
                     answers[i] = Answer::Outcome(Box::new(rec));
                 }
+                Job::Sent(id, _) => {
+                    // Marked already (a retry whose first try committed after all) is as good.
+                    let marked = sqlx::query(
+                        "UPDATE calls SET sent_at_ms = ?1 WHERE id = ?2 AND sent_at_ms IS NULL AND outcome IS NULL",
+                    )
+                    .bind(now)
+                    .bind(id)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                    let refused = if marked == 0 {
+                        let state: Option<(Option<i64>, Option<String>)> =
+                            sqlx::query_as("SELECT sent_at_ms, outcome FROM calls WHERE id = ?1")
+                                .bind(id)
+                                .fetch_optional(&mut *tx)
+                                .await?;
+                        // This job's own answer, not the batch's: the jobs sharing it commit.
+                        match state {
+                            Some((Some(_), None)) => None,
+                            Some((_, Some(outcome))) => {
+                                Some(format!("call {id} already has its outcome ({outcome}); it is not sent again"))
+                            }
+                            _ => Some(format!("call {id} has no recorded intent")),
+                        }
+                    } else {
+                        None
+                    };
+                    answers[i] = Answer::Sent(refused);
+                }
                 Job::Callback(..) | Job::Promote(..) => {}
             }
         }
@@ -1306,6 +1351,8 @@ enum Answer {
     Promote(PromotionResult),
     Intent(Box<IntentResult>),
     Outcome(Box<CallRecord>),
+    /// Why the call is not to be sent, if it is not.
+    Sent(Option<String>),
     Purged(Purged),
 }
 
@@ -1317,6 +1364,7 @@ impl Answer {
             (Job::Callback(_, tx), Answer::Callback(a)) => drop(tx.send(Ok(a))),
             (Job::Rejection(_, tx), Answer::Unit) => drop(tx.send(Ok(()))),
             (Job::Probe(tx), Answer::Unit) => drop(tx.send(Ok(()))),
+            (Job::Sent(_, tx), Answer::Sent(refused)) => drop(tx.send(Ok(refused))),
             (Job::Quarantine(_, tx), Answer::Quarantine(id)) => drop(tx.send(Ok(id))),
             (Job::Promote(_, tx), Answer::Promote(r)) => drop(tx.send(Ok(r))),
             (Job::Intent(_, tx), Answer::Intent(r)) => drop(tx.send(Ok(*r))),

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use friendhook::clock::{self, ManualClock};
-use friendhook::easemob::{ApiFailure, ClientConfig, EasemobClient, NewUser};
+use friendhook::easemob::{ApiFailure, BeforeFirstSend, ClientConfig, EasemobClient, NewUser};
 use friendhook::sandbox::{InjectedFault, SandboxConfig};
 use friendhook::secret::Secret;
 use tokio::net::TcpListener;
@@ -419,6 +419,40 @@ async fn an_add_answered_200_with_a_page_or_nothing_is_not_taken_for_a_success()
         let adds = requests.lock().unwrap().iter().filter(|r| r.contains("/contacts/users/bob")).count();
         assert_eq!(adds, 1, "not sent again");
     }
+}
+
+/// What the caller runs before a call's first request (the service marks the call sent there)
+/// runs once, before anything is sent, however many attempts follow; one that fails ends the
+/// call as not sent, with nothing sent.
+#[tokio::test]
+async fn the_note_before_the_first_send_runs_once_and_a_failed_one_sends_nothing() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let answer = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
+    let (client, requests) = client_of_a_server_answering(answer, false).await;
+    let sent = |what: &str| requests.lock().unwrap().iter().filter(|r| r.contains(what)).count();
+    let notes = Arc::new(AtomicUsize::new(0));
+    let (counted, seen) = (notes.clone(), requests.clone());
+    let note: BeforeFirstSend = Box::pin(async move {
+        let sent_before = seen.lock().unwrap().iter().filter(|r| r.contains("/contacts/")).count();
+        counted.fetch_add(1, Ordering::SeqCst);
+        if sent_before == 0 { Ok(()) } else { Err(format!("{sent_before} request(s) left before the note")) }
+    });
+
+    let failure = client.change_friendship_noting_send(false, "alice", "bob", note).await.expect_err("503 each time");
+    assert!(failure.attempts() > 1, "retried: {failure:?}");
+    assert_eq!(notes.load(Ordering::SeqCst), 1, "once, whatever the retries");
+    assert_eq!(sent("POST /demo-org/demo-app/users/alice/contacts/users/bob"), failure.attempts() as usize);
+
+    let refused: BeforeFirstSend = Box::pin(async { Err("not sent: the database said no".to_string()) });
+    let failure = client.change_friendship_noting_send(true, "alice", "bob", refused).await.expect_err("not sent");
+    assert!(
+        matches!(&failure, ApiFailure::NotSent { reason } if reason == "not sent: the database said no"),
+        "{failure:?}"
+    );
+    assert_eq!((failure.attempts(), failure.may_have_acted()), (0, false));
+    assert_eq!(sent("DELETE "), 0, "nothing sent");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -542,3 +542,131 @@ async fn sigkill_at_seeded_moments_loses_no_acknowledged_callback_or_call() {
         started.elapsed()
     );
 }
+
+/// A proxy in front of a standalone sandbox: passes everything through (the token, users), but
+/// holds every add-friend request unanswered and records whom it was for.
+struct HoldingProxy {
+    base: String,
+    held: Arc<Mutex<Vec<String>>>,
+    arrived: Arc<tokio::sync::Notify>,
+}
+
+impl HoldingProxy {
+    async fn spawn(upstream: String) -> HoldingProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let held = Arc::new(Mutex::new(Vec::new()));
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let (seen, notify, http) = (held.clone(), arrived.clone(), reqwest::Client::new());
+        let forward = move |req: axum::extract::Request| {
+            let (seen, notify, http, upstream) = (seen.clone(), notify.clone(), http.clone(), upstream.clone());
+            async move {
+                let (parts, body) = req.into_parts();
+                let path = parts.uri.path().to_string();
+                if let Some((_, friend)) = path.split_once("/contacts/users/") {
+                    seen.lock().expect("lock").push(friend.to_string());
+                    notify.notify_one();
+                    std::future::pending::<()>().await;
+                }
+                let body = axum::body::to_bytes(body, usize::MAX).await.expect("body");
+                let url = format!("{upstream}{}", parts.uri.path_and_query().expect("path"));
+                let answer =
+                    http.request(parts.method, url).headers(parts.headers).body(body).send().await.expect("upstream");
+                let status = answer.status();
+                let mut response =
+                    axum::response::Response::new(axum::body::Body::from(answer.bytes().await.expect("upstream body")));
+                *response.status_mut() = status;
+                response
+            }
+        };
+        tokio::spawn(async move { axum::serve(listener, axum::Router::new().fallback(forward)).await });
+        HoldingProxy { base, held, arrived }
+    }
+}
+
+/// A SIGKILL in the middle of a batch: the calls already sent are closed `unknown` by the next
+/// start (Easemob may have acted), the ones still waiting for their turn under the rate limit as
+/// `failed` with 0 attempts and "not sent" (nothing reached Easemob), and no call that reached
+/// Easemob is among those.
+#[tokio::test]
+async fn sigkill_mid_batch_tells_the_calls_sent_from_the_ones_still_waiting_for_their_turn() {
+    // Arrange: the service in front of a holding proxy, one call a second.
+    let sandbox = friendhook::sandbox::spawn(
+        tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind"),
+        friendhook::sandbox::SandboxConfig::default(),
+        friendhook::clock::system(),
+    )
+    .await
+    .expect("sandbox");
+    let friends: Vec<String> = (0..30).map(|i| format!("friend{i}")).collect();
+    let users: Vec<friendhook::easemob::NewUser> = std::iter::once("alice".to_string())
+        .chain(friends.iter().cloned())
+        .map(|username| friendhook::easemob::NewUser { username, password: "pw".into(), nickname: None })
+        .collect();
+    sandbox_client(&sandbox).register_users(&users).await.expect("register");
+    let proxy = HoldingProxy::spawn(sandbox.base_url()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db_url = format!("sqlite://{}", dir.path().join("batch.db").display());
+    let mut args = real_easemob_args(&proxy.base);
+    args.extend_from_slice(&["--easemob-rate-limit", "1"]);
+    let mut service = ServeProcess::start(&db_url, &args, &[]).await;
+
+    // Act: a batch of 30 adds; killed once the first has reached "Easemob" (the proxy). At one
+    // call a second, the rest are waiting for their turn then.
+    let pairs: Vec<Value> = friends.iter().map(|f| serde_json::json!({"owner": "alice", "friend": f})).collect();
+    let batch = {
+        let (http, url) = (bounded_client(), format!("{}/v1/friends/batch", service.base));
+        tokio::spawn(async move { http.post(url).json(&serde_json::json!({"pairs": pairs})).send().await })
+    };
+    tokio::time::timeout(WITHIN, proxy.arrived.notified()).await.expect("the first add reaches the proxy");
+    service.kill_now();
+    service.wait_exit(WITHIN).await;
+    // Its connection was cut by the kill: no answer to look at.
+    let _ = batch.await;
+    let reached: Vec<String> = proxy.held.lock().expect("lock").clone();
+
+    // Assert: the restart closes every call, each by whether it was sent.
+    let mut service = ServeProcess::start(&db_url, &args, &[]).await;
+    let mut conn = open_db(&db_url).await;
+    let rows = sqlx::query("SELECT friend, outcome, attempts, outcome_detail FROM calls ORDER BY id")
+        .fetch_all(&mut conn)
+        .await
+        .expect("calls");
+    assert!(rows.len() >= 2, "the batch's intents were recorded: {} calls", rows.len());
+    let (mut unknown, mut not_sent) = (Vec::new(), Vec::new());
+    for row in &rows {
+        let friend: String = row.get("friend");
+        let outcome: String = row.get("outcome");
+        let detail: String = row.get("outcome_detail");
+        match outcome.as_str() {
+            "unknown" => {
+                assert!(detail.contains("may or may not have acted"), "{friend}: {detail}");
+                unknown.push(friend);
+            }
+            "failed" => {
+                assert_eq!(row.get::<i64, _>("attempts"), 0, "{friend}: {detail}");
+                assert!(detail.starts_with("not sent:") && detail.contains("safe to send again"), "{friend}: {detail}");
+                not_sent.push(friend);
+            }
+            other => panic!("call for {friend} closed as {other}: {detail}"),
+        }
+    }
+    for friend in &reached {
+        assert!(unknown.contains(friend), "{friend} reached Easemob, so its call is unknown: {unknown:?}");
+    }
+    assert!(!reached.is_empty() && !not_sent.is_empty(), "reached {reached:?}, not sent {not_sent:?}");
+    println!(
+        "batch cut by SIGKILL: {} calls recorded, {} reached Easemob, closed {} unknown and {} not sent",
+        rows.len(),
+        reached.len(),
+        unknown.len(),
+        not_sent.len()
+    );
+    let log = service.log();
+    let line = log.lines().find(|l| l.contains("before they were sent as outcome=failed")).unwrap_or_default();
+    assert!(line.contains(&format!("calls={}", not_sent.len())), "{log}");
+    service.signal("TERM");
+    assert_eq!(service.wait_exit(WITHIN).await.code(), Some(0), "{}", service.log());
+    assert_audit_verifies(&db_url).await;
+    sandbox.shutdown().await;
+}

@@ -525,37 +525,53 @@ async fn deleting_a_friend_is_a_recorded_call_with_a_remove_callback() {
     app.stop().await;
 }
 
+/// A call cut off after it was marked sent (its turn had come) is closed `unknown` by the next
+/// start; one cut off while it waited for its turn is closed `failed`, not sent.
 #[tokio::test]
-async fn a_call_cut_off_between_intent_and_outcome_shows_as_unknown_after_restart() {
+async fn a_call_cut_off_between_intent_and_outcome_is_unknown_after_restart_if_it_was_sent() {
     let dir = tempfile::tempdir().unwrap();
     let db = dir.path().join("crash.db");
     let url = format!("sqlite://{}", db.display());
-    // Simulate the crash window: the intent is committed, the process dies before the outcome.
+    // Simulate the crash window: intents committed, one marked sent, the process dies before
+    // either outcome.
     let store =
         friendhook::store::Store::open(friendhook::store::StoreOptions::new(url.clone()), friendhook::clock::system())
             .await
             .unwrap();
-    let intent = store
-        .insert_call_intent(friendhook::store::NewCall {
-            op: friendhook::model::CallOp::Add,
-            owner: "alice".into(),
-            friend: "bob".into(),
-            idempotency_key: None,
-        })
-        .await
-        .unwrap();
-    let friendhook::store::IntentResult::Created(record) = intent else { panic!("new intent") };
+    let mut ids = Vec::new();
+    for friend in ["bob", "carol"] {
+        let intent = store
+            .insert_call_intent(friendhook::store::NewCall {
+                op: friendhook::model::CallOp::Add,
+                owner: "alice".into(),
+                friend: friend.into(),
+                idempotency_key: None,
+            })
+            .await
+            .unwrap();
+        let friendhook::store::IntentResult::Created(record) = intent else { panic!("new intent") };
+        ids.push(record.id);
+    }
+    assert_eq!(store.mark_call_sent(ids[0]).await.unwrap(), None, "marked");
+    assert_eq!(store.mark_call_sent(ids[0]).await.unwrap(), None, "marked again: as good");
     store.close().await;
 
     let app = TestApp::spawn_on(&db, &[]).await;
-    let (status, call) = app.get_json(&format!("/v1/calls/{}", record.id)).await;
+    let (status, sent) = app.get_json(&format!("/v1/calls/{}", ids[0])).await;
     assert_eq!(status, 200);
-    assert_eq!(call["outcome"], "unknown");
-    assert!(call["completed_at"].is_i64());
-    assert!(call["attempts"].is_null(), "how many attempts were made was lost with the process: {call}");
-    let detail = call["outcome_detail"].as_str().expect("says what to check");
+    assert_eq!(sent["outcome"], "unknown");
+    assert!(sent["completed_at"].is_i64());
+    assert!(sent["attempts"].is_null(), "how many attempts were made was lost with the process: {sent}");
+    let detail = sent["outcome_detail"].as_str().expect("says what to check");
     assert!(detail.contains("may or may not have acted"), "{detail}");
-    assert_eq!(app.metrics().await["friendhook_calls_total{op=\"add\",outcome=\"unknown\"}"], 1.0);
+    let (_, waiting) = app.get_json(&format!("/v1/calls/{}", ids[1])).await;
+    assert_eq!(waiting["outcome"], "failed", "{waiting}");
+    assert_eq!(waiting["attempts"], 0, "{waiting}");
+    let detail = waiting["outcome_detail"].as_str().expect("says it was not sent");
+    assert!(detail.starts_with("not sent:") && detail.contains("safe to send again"), "{detail}");
+    let m = app.metrics().await;
+    assert_eq!(m["friendhook_calls_total{op=\"add\",outcome=\"unknown\"}"], 1.0);
+    assert_eq!(m["friendhook_calls_total{op=\"add\",outcome=\"failed\"}"], 1.0);
     app.stop().await;
 }
 

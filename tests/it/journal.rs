@@ -524,12 +524,13 @@ async fn a_calls_outcome_detail_is_written_once_and_chained() {
     assert!(out.contains(&format!("seq {seq}")), "names the edited call: {out}");
 }
 
-/// A call closed as `unknown` by a restart made no attempt: its `attempts` is 0, and NULL in
-/// its place was read as 0 and carried the same link. It is named as an edit now.
+/// A call closed by a restart (here as not sent; `unknown` ones alike) records no attempt: its
+/// `attempts` is 0, and NULL in its place was read as 0 and carried the same link. It is named as
+/// an edit now.
 #[tokio::test]
 async fn a_chained_calls_attempts_edited_to_null_is_found() {
     let (db_path, db_url, _dir) = stopped_with_adds_from_alice("76", 1).await;
-    // An intent without an outcome, as a crash leaves it: the next start closes it as `unknown`.
+    // An intent without an outcome, as a crash leaves it: the next start closes it (not sent).
     sqlite(
         &db_path,
         "INSERT INTO calls (op, owner, friend, pair_key, requested_at_ms) VALUES ('add', 'alice', 'bob', 'alice|bob', 1)",
@@ -572,6 +573,30 @@ async fn a_database_of_schema_6_is_upgraded_with_its_chain_intact_and_records_de
     app.stop().await;
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(0), "records from before and after the upgrade verify: {out}");
+}
+
+/// A call in flight when a friendhook of schema 9 stopped may have been sent (that version marked
+/// nothing): the upgrade marks it so, and it is closed `unknown`, as that version would have.
+#[tokio::test]
+async fn a_call_left_in_flight_by_schema_9_is_closed_unknown_after_the_upgrade() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("v9.db");
+    database_where_alice_added_bob(&db).await;
+    let db_url = format!("sqlite://{}", db.display());
+    sqlite(
+        &db,
+        "DROP TRIGGER calls_sent_once; ALTER TABLE calls DROP COLUMN sent_at_ms; \
+         DELETE FROM _sqlx_migrations WHERE version = 10; \
+         INSERT INTO calls (op, owner, friend, pair_key, requested_at_ms) VALUES ('add', 'alice', 'carol', 'k', 1);",
+    );
+
+    let app = TestApp::spawn_on(&db, &[]).await;
+    let (_, call) = app.get_json("/v1/calls/2").await;
+    assert_eq!(call["outcome"], "unknown", "{call}");
+    app.stop().await;
+    let (code, out, _) = audit_verify(&db_url, &[]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("note: 1 call(s) were closed as `unknown` by a restart (ids 2)"), "{out}");
 }
 
 /// Time bounds take RFC 3339 with any offset (Easemob's users are mostly on UTC+8), and a range
@@ -640,12 +665,23 @@ async fn audit_verify_lists_calls_without_outcome_and_fails_without_its_guards()
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("note: 1 call(s) have no outcome yet (ids 2)"), "{out}");
-    // The next start closes it as `unknown` and chains it: still named, since nothing can tell
-    // it from a call a crash interrupted.
+    // And one marked sent, as a call whose request left is.
+    sqlite(
+        &db,
+        "INSERT INTO calls (op, owner, friend, pair_key, requested_at_ms, sent_at_ms) \
+         VALUES ('add', 'mallory', 'bob', 'k2', 1, 2);",
+    );
+    // The next start closes them (not sent, and `unknown`) and chains them: still named, since
+    // nothing can tell them from calls a crash interrupted.
     TestApp::spawn_on(&db, &[]).await.stop().await;
     let (code, out, _) = audit_verify(&db_url, &[]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("note: 1 call(s) were closed as `unknown` by a restart (ids 2)"), "{out}");
+    assert!(out.contains("note: 1 call(s) were closed as `failed`, not sent, by a restart (ids 2)"), "{out}");
+    assert!(out.contains("note: 1 call(s) were closed as `unknown` by a restart (ids 3)"), "{out}");
+    let (_, json, _) = audit_verify(&db_url, &["--json"]);
+    let json: serde_json::Value = serde_json::from_str(&json).expect("one JSON object");
+    assert_eq!(json["closed_not_sent"], serde_json::json!({"count": 1, "ids": [2]}), "{json}");
+    assert_eq!(json["closed_unknown"], serde_json::json!({"count": 1, "ids": [3]}), "{json}");
 
     // Redefined under its own name to guard nothing: as good as dropped.
     sqlite(
