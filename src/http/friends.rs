@@ -494,6 +494,17 @@ async fn trigger(
 ) -> Result<Response, ApiError> {
     let (owner, friend) = validate_pair(owner, friend).map_err(|d| ApiError::bad_request("invalid_request", d))?;
     let key = idempotency_key(&headers)?;
+    if let Some(key) = &key
+        && let Some(first) = state.store.calls_by_idempotency_prefix(&format!("{key} "), 1).await?.first()
+    {
+        return Err(ApiError::Unprocessable {
+            code: "idempotency_key_reused",
+            detail: format!(
+                "Idempotency-Key was already used for a batch (its first call is {}); use a new key",
+                first.id
+            ),
+        });
+    }
     let client = client(&state)?;
     let new = NewCall { op, owner, friend, idempotency_key: key };
     // In a task of its own, from the intent on: a client that disconnects while the intent is
@@ -559,13 +570,7 @@ async fn add_friends_batch(
     headers: HeaderMap,
     body: Result<Json<Object<BatchBody>>, JsonRejection>,
 ) -> Result<Response, ApiError> {
-    // Refused rather than ignored: a client relying on it would send a repeated batch twice.
-    if headers.contains_key("idempotency-key") {
-        return Err(ApiError::bad_request(
-            "idempotency_key_not_supported",
-            "a batch does not take an Idempotency-Key; send the pairs one by one with POST /v1/friends, each with its own key",
-        ));
-    }
+    let key = idempotency_key(&headers)?;
     let Object(body) = json_body(body)?;
     if body.pairs.is_empty() || body.pairs.len() > MAX_BATCH {
         return Err(ApiError::bad_request(
@@ -610,9 +615,22 @@ async fn add_friends_batch(
         let next = calls.len();
         let call = *first_of.entry(pair_key(&owner, &friend)).or_insert(next);
         if call == next {
-            calls.push(NewCall { op: CallOp::Add, owner, friend, idempotency_key: None });
+            // Under a batch's key K, its calls are keyed `K 0`, `K 1`, ... in request order: a
+            // key of one call holds no space, so the two kinds cannot meet.
+            let idempotency_key = key.as_ref().map(|k| batch_call_key(k, next));
+            calls.push(NewCall { op: CallOp::Add, owner, friend, idempotency_key });
         }
         position_of.push(call);
+    }
+    let recorded = match &key {
+        Some(key) => check_batch_replay(&state, key, &calls).await?,
+        None => Vec::new(),
+    };
+    // Sent again whole after the first request recorded every call: answered from the records,
+    // before any token is asked for (while none can be had, a 503 would say nothing was sent).
+    if !calls.is_empty() && recorded.len() == calls.len() {
+        let done = recorded.into_iter().map(|r| ((r.owner.clone(), r.friend.clone()), replayed_in_flight((r, true))));
+        return batch_response(batch_answer(done.collect())?, &position_of, true);
     }
     let client = client(&state)?;
     refuse_while_stopping(&client)?;
@@ -635,14 +653,89 @@ async fn add_friends_batch(
         })
         .collect();
     let mut done = Vec::with_capacity(tasks.len());
+    let mut replayed = false;
     for (t, pair) in tasks.into_iter().zip(pairs) {
         let result = t.await.map_err(|e| CallFailure::from(ApiError::internal(e))).and_then(|r| r);
-        done.push((pair, result.map(|(record, _)| record)));
+        replayed |= matches!(result, Ok((_, true)));
+        done.push((pair, result.and_then(replayed_in_flight)));
     }
-    let mut answer = batch_answer(done)?;
+    batch_response(batch_answer(done)?, &position_of, replayed)
+}
+
+/// The batch's answer with one result per pair as given (a pair given twice gets its call's
+/// result at each position), marked a replay if any call was answered from its record.
+fn batch_response(mut answer: Value, position_of: &[usize], replayed: bool) -> Result<Response, ApiError> {
     let results = std::mem::take(&mut answer["results"]);
     answer["results"] = Value::Array(position_of.iter().map(|&call| results[call].clone()).collect());
-    Ok(Json(answer).into_response())
+    let mut response = Json(answer).into_response();
+    if replayed {
+        response.headers_mut().insert("idempotent-replayed", HeaderValue::from_static("true"));
+    }
+    Ok(response)
+}
+
+/// The key of a batch's `index`th call (in request order, a pair given twice counted once).
+fn batch_call_key(key: &str, index: usize) -> String {
+    format!("{key} {index}")
+}
+
+/// Which of its batch's calls `record` is, by its key (`K 3`: the fourth).
+fn batch_call_index(record: &CallRecord) -> Option<usize> {
+    record.idempotency_key.as_deref()?.rsplit(' ').next()?.parse().ok()
+}
+
+/// A batch sent again under its key: refused (nothing sent) if the key was used for a single
+/// call, or for a batch with other pairs in any position; otherwise the calls already recorded
+/// (returned, in key order) answer from their records and the others (those the first request
+/// could not record) run.
+async fn check_batch_replay(state: &SharedState, key: &str, calls: &[NewCall]) -> Result<Vec<CallRecord>, ApiError> {
+    let reused = |detail: String| ApiError::Unprocessable { code: "idempotency_key_reused", detail };
+    if let Some(single) = state.store.get_call_by_idempotency_key(key).await? {
+        return Err(reused(format!(
+            "Idempotency-Key was already used for call {} (a single call, not a batch); use a new key",
+            single.id
+        )));
+    }
+    let mut recorded = state.store.calls_by_idempotency_prefix(&format!("{key} "), MAX_BATCH as i64 + 1).await?;
+    for record in &recorded {
+        let asked = batch_call_index(record).and_then(|i| calls.get(i));
+        if !asked.is_some_and(|c| c.op == record.op && c.owner == record.owner && c.friend == record.friend) {
+            let now = match asked {
+                Some(c) => format!("this batch has {} -> {} there", c.owner, c.friend),
+                None => format!("this batch has {} distinct pairs", calls.len()),
+            };
+            return Err(reused(format!(
+                "Idempotency-Key was already used for a batch with other pairs: its call {} ({} -> {}, key `{}`) \
+                 differs, {now}; use a new key",
+                record.id,
+                record.owner,
+                record.friend,
+                record.idempotency_key.as_deref().unwrap_or_default()
+            )));
+        }
+    }
+    // In key order (not id order: a pair the first request could not record has a later id).
+    recorded.sort_by_key(|r| batch_call_index(r).unwrap_or(usize::MAX));
+    Ok(recorded)
+}
+
+/// A batch's call answered from its record while still running (the batch sent again before
+/// the first had finished): said so, as for a single call, rather than shown in flight.
+fn replayed_in_flight((record, replayed): (CallRecord, bool)) -> Result<CallRecord, CallFailure> {
+    if replayed && record.outcome == Outcome::InFlight {
+        let id = record.id;
+        return Err(CallFailure {
+            error: ApiError::Conflict {
+                code: "idempotency_in_flight",
+                detail: format!(
+                    "call {id} under this batch's Idempotency-Key is still running; GET /v1/calls/{id} shows its \
+                     outcome once recorded, and sending the batch again then answers with the record"
+                ),
+            },
+            sent: Some(id),
+        });
+    }
+    Ok(record)
 }
 
 /// Bad pairs a 400 to a batch names; past this, it says how many more.

@@ -244,6 +244,20 @@ impl Store {
         Ok(row.as_ref().map(CallRecord::from_row).transpose()?)
     }
 
+    /// The calls recorded under keys that start with `prefix` (a batch's `KEY `, whose pairs are
+    /// keyed `KEY 0`, `KEY 1`, ...), with their keys, at most `limit`. Through the key's unique
+    /// index: keys from `prefix` up to the next string past every one that starts with it.
+    pub async fn calls_by_idempotency_prefix(&self, prefix: &str, limit: i64) -> Result<Vec<CallRecord>, StoreError> {
+        let rows = sqlx::query(&format!(
+            "{SELECT_CALL} WHERE idempotency_key >= ?1 AND idempotency_key < ?1 || char(1114111) ORDER BY id LIMIT ?2"
+        ))
+        .bind(prefix)
+        .bind(limit)
+        .fetch_all(self.read_pool())
+        .await?;
+        Ok(rows.iter().map(CallRecord::from_row).collect::<Result<_, _>>()?)
+    }
+
     /// `GET /v1/calls`: a page in id order.
     pub async fn list_calls(&self, f: &CallFilter) -> Result<Vec<CallRecord>, StoreError> {
         let mut q: QueryBuilder<Sqlite> = QueryBuilder::new(format!("{SELECT_CALL} WHERE 1 = 1"));

@@ -740,3 +740,41 @@ async fn a_database_file_removed_under_the_service_gets_no_more_200s() {
     app.stop().await;
     drop(dir);
 }
+
+/// A batch sent again under its key while its call is still at Easemob: that pair says so
+/// (`idempotency_in_flight`, with its call), nothing is sent again; once the call has ended, the
+/// same request is answered with its record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_batch_sent_again_while_its_call_runs_is_told_so_per_pair() {
+    let sandbox = sandbox_with_alice_and_bob().await;
+    let mut gate = Gate::spawn(sandbox.base_url()).await;
+    let app = TestApp::spawn(&easemob_args(&gate.base)).await;
+    let send = || {
+        app.client
+            .post(app.url("/v1/friends/batch"))
+            .header("idempotency-key", "nightly-1")
+            .json(&serde_json::json!({"pairs": [{"owner": "alice", "friend": "bob"}]}))
+            .send()
+    };
+    let first = tokio::spawn(send());
+    gate.arrived().await;
+
+    let again = send().await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let again: Value = again.json().await.unwrap();
+    let result = &again["results"][0];
+    assert_eq!(result["error"]["code"], "idempotency_in_flight", "{again}");
+    assert_eq!((result["sent"].as_bool(), result["call_id"].as_i64()), (Some(true), Some(1)), "{again}");
+
+    gate.open();
+    let first: Value = first.await.unwrap().unwrap().json().await.unwrap();
+    assert_eq!(first["results"][0]["outcome"], "succeeded", "{first}");
+    let last = send().await.unwrap();
+    assert_eq!(last.headers()["idempotent-replayed"], "true");
+    assert_eq!(last.json::<Value>().await.unwrap(), first);
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"].as_array().map(Vec::len), Some(1), "one call: {calls}");
+    app.stop().await;
+    sandbox.shutdown().await;
+}

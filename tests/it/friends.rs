@@ -592,7 +592,7 @@ async fn the_sandbox_keeps_its_own_rate_limit_so_a_client_limit_set_too_high_sho
 }
 
 #[tokio::test]
-async fn names_are_taken_as_given_and_a_batch_refuses_an_idempotency_key() {
+async fn names_are_taken_as_given() {
     let app = TestApp::spawn(&[]).await;
     app.register(&["alice", "bob"]).await;
 
@@ -601,20 +601,70 @@ async fn names_are_taken_as_given_and_a_batch_refuses_an_idempotency_key() {
     let r = app.client.delete(app.url("/v1/friends/alice/%20bob")).send().await.unwrap();
     assert_eq!(r.status(), 400);
 
-    let batch = json!({"pairs": [{"owner": "alice", "friend": "bob"}]});
-    let r = app
-        .client
-        .post(app.url("/v1/friends/batch"))
-        .header("idempotency-key", "b-1")
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 400);
-    let err: Value = r.json().await.unwrap();
-    assert_eq!(err["code"], "idempotency_key_not_supported", "{err}");
-
     let (_, calls) = app.get_json("/v1/calls").await;
     assert_eq!(calls["items"].as_array().map(Vec::len), Some(0), "nothing was called: {calls}");
+    app.stop().await;
+}
+
+/// A batch sent again under its Idempotency-Key is answered from its records, Easemob is not
+/// called again; the key used with other pairs, or for a single call, is refused, nothing sent.
+#[tokio::test]
+async fn a_batch_sent_again_under_its_idempotency_key_calls_easemob_once() {
+    let app = TestApp::spawn(&[]).await;
+    app.register(&["alice", "bob", "carol", "dave"]).await;
+    let send = |key: &'static str, pairs: Value| {
+        app.client
+            .post(app.url("/v1/friends/batch"))
+            .header("idempotency-key", key)
+            .json(&json!({"pairs": pairs}))
+            .send()
+    };
+    let pairs = json!([
+        {"owner": "alice", "friend": "bob"},
+        {"owner": "alice", "friend": "carol"},
+        {"owner": "bob", "friend": "alice"},
+    ]);
+    let first = send("batch-7", pairs.clone()).await.unwrap();
+    assert_eq!(first.status(), 200);
+    assert!(first.headers().get("idempotent-replayed").is_none());
+    let first: Value = first.json().await.unwrap();
+    let outcomes: Vec<&str> =
+        first["results"].as_array().unwrap().iter().map(|r| r["outcome"].as_str().unwrap()).collect();
+    assert_eq!(outcomes, ["succeeded"; 3], "{first}");
+    let keys: Vec<&str> =
+        first["results"].as_array().unwrap().iter().map(|r| r["idempotency_key"].as_str().unwrap()).collect();
+    assert_eq!(keys, ["batch-7 0", "batch-7 1", "batch-7 0"], "one call per pair, keyed by its place: {first}");
+    let requests = app.sandbox().stats().requests;
+
+    let again = send("batch-7", pairs.clone()).await.unwrap();
+    assert_eq!(again.status(), 200);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    assert_eq!(again.json::<Value>().await.unwrap(), first, "the same records");
+    assert_eq!(app.sandbox().stats().requests, requests, "Easemob was not called again");
+
+    // Other pairs under the key, in any place: refused whole, nothing sent.
+    for other in [
+        json!([{"owner": "alice", "friend": "dave"}, {"owner": "alice", "friend": "carol"}]),
+        json!([{"owner": "alice", "friend": "bob"}]),
+    ] {
+        let refused = send("batch-7", other.clone()).await.unwrap();
+        assert_eq!(refused.status(), 422, "{other}");
+        let err: Value = refused.json().await.unwrap();
+        assert_eq!(err["code"], "idempotency_key_reused", "{err}");
+    }
+    // The key of a batch for a single call, and a single call's key for a batch.
+    let single = |key: &'static str| {
+        app.client
+            .post(app.url("/v1/friends"))
+            .header("idempotency-key", key)
+            .json(&json!({"owner": "alice", "friend": "dave"}))
+            .send()
+    };
+    assert_eq!(single("batch-7").await.unwrap().status(), 422);
+    assert_eq!(single("one-8").await.unwrap().status(), 201);
+    let refused = send("one-8", json!([{"owner": "alice", "friend": "dave"}])).await.unwrap();
+    assert_eq!(refused.status(), 422);
+    let (_, calls) = app.get_json("/v1/calls").await;
+    assert_eq!(calls["items"].as_array().map(Vec::len), Some(3), "two from the batch, one single: {calls}");
     app.stop().await;
 }
