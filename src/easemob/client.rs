@@ -38,7 +38,7 @@ use super::backoff::backoff_delay;
 use super::body::{ApiSuccess, Envelope, ErrorBody, NewUser, body_to_value};
 use super::config::ClientConfig;
 use super::error::{ApiFailure, ClientError, NoAnswer, TIMED_OUT, TOKEN_REASON_PREFIX};
-use super::pacer::RequestPacer;
+use super::pacer::{Lane, RequestPacer};
 use super::token::{AppToken, FetchedToken, TokenCache, TokenFailure};
 use super::username::validate_username;
 use crate::clock::SharedClock;
@@ -49,6 +49,15 @@ use crate::secret::Secret;
 /// that a stop between then and the answer can be told from one before it. An `Err` ends the
 /// call as [`ApiFailure::NotSent`] with that text as its reason, nothing sent.
 pub type BeforeFirstSend = std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), String>> + Send>>;
+
+/// How a call that changes something is sent ([`EasemobClient::change_friendship_with`]).
+#[derive(Default)]
+pub struct Sending {
+    /// Its queue under the rate limit.
+    pub lane: Lane,
+    /// Run once its turn has come, before its first request leaves.
+    pub before_first_send: Option<BeforeFirstSend>,
+}
 
 /// Most of an answer the client reads. Easemob's answers are a few KB (a full friend list of
 /// 3,000 names some 60 KB); anything longer is not Easemob (a wrong base URL serving a large
@@ -237,27 +246,26 @@ impl EasemobClient {
     /// `POST /{org}/{app}/users/{owner}/contacts/users/{friend}`. Easemob adds both directions and
     /// fires the roster `add` callback. `envelope.entities[0]` is the friend.
     pub async fn add_friend(&self, owner: &str, friend: &str) -> Result<ApiSuccess, ApiFailure> {
-        self.change_friendship(Method::POST, owner, friend, None).await
+        self.change_friendship(Method::POST, owner, friend, Sending::default()).await
     }
 
     /// Ends the friendship in both directions:
     /// `DELETE /{org}/{app}/users/{owner}/contacts/users/{friend}`; fires the roster `remove` callback.
     pub async fn delete_friend(&self, owner: &str, friend: &str) -> Result<ApiSuccess, ApiFailure> {
-        self.change_friendship(Method::DELETE, owner, friend, None).await
+        self.change_friendship(Method::DELETE, owner, friend, Sending::default()).await
     }
 
     /// [`EasemobClient::add_friend`] (`remove` false) or [`EasemobClient::delete_friend`]
-    /// (`remove` true), running `before_first_send` once the call's turn has come, before its
-    /// first request leaves.
-    pub async fn change_friendship_noting_send(
+    /// (`remove` true), sent as `sending` says.
+    pub async fn change_friendship_with(
         &self,
         remove: bool,
         owner: &str,
         friend: &str,
-        before_first_send: BeforeFirstSend,
+        sending: Sending,
     ) -> Result<ApiSuccess, ApiFailure> {
         let method = if remove { Method::DELETE } else { Method::POST };
-        self.change_friendship(method, owner, friend, Some(before_first_send)).await
+        self.change_friendship(method, owner, friend, sending).await
     }
 
     async fn change_friendship(
@@ -265,11 +273,11 @@ impl EasemobClient {
         method: Method,
         owner: &str,
         friend: &str,
-        before_first_send: Option<BeforeFirstSend>,
+        sending: Sending,
     ) -> Result<ApiSuccess, ApiFailure> {
         check_usernames(&[owner, friend]).map_err(|f| *f)?;
         let url = self.app_path(&["users", owner, "contacts", "users", friend]);
-        self.followed_by_callbacks(self.send_noting(method, url, None, before_first_send)).await
+        self.followed_by_callbacks(self.send_with(method, url, None, sending)).await
     }
 
     /// The usernames `owner` is friends with: `GET /{org}/{app}/users/{owner}/contacts/users`
@@ -418,17 +426,19 @@ impl EasemobClient {
 
     /// The attempt loop (see the module docs).
     async fn send(&self, method: Method, url: Url, body: Option<Bytes>) -> Result<ApiSuccess, ApiFailure> {
-        self.send_noting(method, url, body, None).await
+        self.send_with(method, url, body, Sending::default()).await
     }
 
-    /// [`Self::send`], running `before_first_send` after the first turn and token.
-    async fn send_noting(
+    /// [`Self::send`], in `sending`'s lane, running its `before_first_send` after the first turn
+    /// and token.
+    async fn send_with(
         &self,
         method: Method,
         url: Url,
         body: Option<Bytes>,
-        mut before_first_send: Option<BeforeFirstSend>,
+        sending: Sending,
     ) -> Result<ApiSuccess, ApiFailure> {
+        let Sending { lane, mut before_first_send } = sending;
         let call = Call { method, url, body };
         let config = &self.inner.config;
         let mut attempts: u32 = 0;
@@ -444,7 +454,7 @@ impl EasemobClient {
         let mut last: LastAnswer = (None, None, None);
 
         loop {
-            let token = self.token_at_turn(attempts, uncertain.as_deref(), &last).await?;
+            let token = self.token_at_turn(attempts, uncertain.as_deref(), &last, lane).await?;
             if let Some(note) = before_first_send.take() {
                 note.await.map_err(|reason| ApiFailure::NotSent { reason })?;
             }
@@ -698,6 +708,7 @@ impl EasemobClient {
         attempts: u32,
         uncertain: Option<&str>,
         last: &LastAnswer,
+        lane: Lane,
     ) -> Result<AppToken, ApiFailure> {
         let no_token = |failure| token_failure(failure, attempts, uncertain, last.clone());
         // Bounded: a token endpoint handing out tokens that expire before a turn comes would
@@ -717,10 +728,10 @@ impl EasemobClient {
                                 .into(),
                         });
                     }
-                    () = self.inner.pacer.wait_turn() => {}
+                    () = self.inner.pacer.wait_turn(lane) => {}
                 }
             } else {
-                self.inner.pacer.wait_turn().await;
+                self.inner.pacer.wait_turn(lane).await;
             }
             if let Some(token) = self.inner.tokens.cached().await {
                 return Ok(token);

@@ -28,8 +28,9 @@ mod token;
 mod username;
 
 pub use body::{ApiSuccess, Entity, Envelope, ErrorBody, NewUser};
-pub use client::{BeforeFirstSend, CacheBucket, EasemobClient, MAX_USERS_PER_REGISTER};
+pub use client::{BeforeFirstSend, CacheBucket, EasemobClient, MAX_USERS_PER_REGISTER, Sending};
 pub use config::ClientConfig;
 pub use error::{ApiFailure, ClientError};
+pub use pacer::Lane;
 pub use token::TokenHealth;
 pub use username::{MAX_USERNAME_BYTES, validate_username};

@@ -22,6 +22,13 @@
 //! waiting task would wake at each release and race for the single slot (a thundering herd of
 //! up to N wake-ups per slot), and the order in which calls leave would be arbitrary, so a call
 //! could starve behind later ones.
+//!
+//! Two lanes share that queue ([`Lane`]): the calls of a batch ([`Lane::Bulk`]) first queue among
+//! themselves on a second fair mutex, so that only one of them at a time waits in the shared
+//! queue. A call someone is waiting on ([`Lane::Interactive`]: a single trigger) therefore waits
+//! behind at most one batch call and the interactive calls before it, not behind a whole batch
+//! (1,000 pairs are 10 s at 100/s: past the request's deadline). Within each lane, calls take
+//! their turns in the order they asked for them.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -33,9 +40,21 @@ use tokio::time::Instant;
 /// How much wider than `1 s / rate` the spacing between requests is (see the module docs).
 pub(crate) const SAFETY_MARGIN: f64 = 0.02;
 
-/// Spaces requests evenly at a fixed rate, first come first served.
+/// Which queue a call waits in for its turn (see the module docs).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Lane {
+    /// A call a client is waiting on (a single trigger, a read): ahead of a batch's calls.
+    #[default]
+    Interactive,
+    /// One of a batch's calls: behind interactive calls, first come first served among themselves.
+    Bulk,
+}
+
+/// Spaces requests evenly at a fixed rate, first come first served within each [`Lane`].
 pub(crate) struct RequestPacer {
     queue: Mutex<()>,
+    /// Bulk calls wait here first, so that at most one of them is in `queue` at a time.
+    bulk: Mutex<()>,
     limiter: DefaultDirectRateLimiter,
     /// No request leaves before this (set after a 429).
     held_until: std::sync::Mutex<Option<Instant>>,
@@ -49,11 +68,21 @@ impl RequestPacer {
         // `with_period` refuses only a zero period, which a rate of at most u32::MAX cannot give.
         let quota =
             Quota::with_period(spacing).unwrap_or_else(|| Quota::per_second(per_second)).allow_burst(NonZeroU32::MIN);
-        Self { queue: Mutex::new(()), limiter: RateLimiter::direct(quota), held_until: std::sync::Mutex::new(None) }
+        Self {
+            queue: Mutex::new(()),
+            bulk: Mutex::new(()),
+            limiter: RateLimiter::direct(quota),
+            held_until: std::sync::Mutex::new(None),
+        }
     }
 
     /// Waits until this caller may send one request.
-    pub(crate) async fn wait_turn(&self) {
+    pub(crate) async fn wait_turn(&self, lane: Lane) {
+        // Held until the turn is taken: the next bulk call then moves into the shared queue.
+        let _bulk = match lane {
+            Lane::Bulk => Some(self.bulk.lock().await),
+            Lane::Interactive => None,
+        };
         let _turn = self.queue.lock().await;
         // Re-read after each wait: another 429 may have moved the hold meanwhile.
         while let Some(until) = self.held_until().filter(|until| *until > Instant::now()) {
@@ -93,7 +122,7 @@ mod tests {
             .map(|_| {
                 let pacer = pacer.clone();
                 tokio::spawn(async move {
-                    pacer.wait_turn().await;
+                    pacer.wait_turn(Lane::Interactive).await;
                     started.elapsed()
                 })
             })
@@ -131,5 +160,35 @@ mod tests {
         for waited in turns_taken(&pacer, 3, started).await {
             assert!(waited >= Duration::from_millis(300), "{waited:?}");
         }
+    }
+
+    /// A call someone waits on overtakes a queued batch: it waits behind at most the one batch
+    /// call already in the shared queue. Each lane keeps its order. (Order only, no timing: on
+    /// one thread, the batch's calls are all queued before the interactive one is spawned.)
+    #[tokio::test(flavor = "current_thread")]
+    async fn an_interactive_call_overtakes_a_queued_batch() {
+        let pacer = Arc::new(RequestPacer::new(NonZeroU32::new(50).expect("non-zero")));
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let (first_turn, mut first_taken) = tokio::sync::mpsc::unbounded_channel();
+        let wait = |lane: Lane, name: String| {
+            let (pacer, order, first_turn) = (pacer.clone(), order.clone(), first_turn.clone());
+            tokio::spawn(async move {
+                pacer.wait_turn(lane).await;
+                order.lock().expect("lock").push(name);
+                let _ = first_turn.send(());
+            })
+        };
+        let mut tasks: Vec<_> = (0..8).map(|i| wait(Lane::Bulk, format!("bulk{i}"))).collect();
+        first_taken.recv().await.expect("the first turn");
+        tasks.push(wait(Lane::Interactive, "single".into()));
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let order = order.lock().expect("lock").clone();
+        let single = order.iter().position(|n| n == "single").expect("taken");
+        assert!(single <= 2, "behind at most the bulk call taking its turn and the one queued: {order:?}");
+        let bulk: Vec<&String> = order.iter().filter(|n| n.starts_with("bulk")).collect();
+        let expected: Vec<String> = (0..8).map(|i| format!("bulk{i}")).collect();
+        assert_eq!(bulk, expected.iter().collect::<Vec<_>>(), "the batch in order");
     }
 }

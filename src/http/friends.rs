@@ -25,7 +25,7 @@ use serde_json::{Value, json};
 
 use super::query::{bad_path, bad_query, parse_cursor, parse_limit, parse_range};
 use crate::app::{SharedState, WorkStarted};
-use crate::easemob::{self, ApiFailure, BeforeFirstSend, EasemobClient};
+use crate::easemob::{self, ApiFailure, BeforeFirstSend, EasemobClient, Lane, Sending};
 use crate::error::ApiError;
 use crate::model::{CallOp, Outcome};
 use crate::store::{CallFilter, CallOutcome, CallRecord, IntentResult, NewCall, StoreError, pair_key};
@@ -276,16 +276,17 @@ async fn execute(
     ensure_token(&client).await?;
     WorkStarted::start(started.as_ref())?;
     let intent = state.store.queue_call_intent(call).map_err(ApiError::from)?;
-    carry_out(state, client, intent, started).await
+    carry_out(state, client, intent, started, Lane::Interactive).await
 }
 
-/// [`execute`] from a queued intent on: waits for it to be recorded, then calls Easemob and
-/// records the outcome.
+/// [`execute`] from a queued intent on: waits for it to be recorded, then calls Easemob (its
+/// turn taken in `lane`) and records the outcome.
 async fn carry_out(
     state: SharedState,
     client: EasemobClient,
     intent: impl Future<Output = Result<IntentResult, StoreError>>,
     started: Option<WorkStarted>,
+    lane: Lane,
 ) -> Result<(CallRecord, bool), CallFailure> {
     let record = match intent.await.map_err(ApiError::from)? {
         IntentResult::Existing(existing) => return Ok((existing, true)),
@@ -297,7 +298,8 @@ async fn carry_out(
     tokio::spawn(async move {
         let remove = record.op == CallOp::Remove;
         let note = note_sent(state.clone(), id);
-        let result = client.change_friendship_noting_send(remove, &record.owner, &record.friend, note).await;
+        let sending = Sending { lane, before_first_send: Some(note) };
+        let result = client.change_friendship_with(remove, &record.owner, &record.friend, sending).await;
         let outcome = match result {
             Ok(ok) => CallOutcome {
                 call: record,
@@ -649,7 +651,8 @@ async fn add_friends_batch(
             let intent = state.store.queue_call_intent(c).map_err(ApiError::from);
             let (state, client) = (state.clone(), client.clone());
             let started = started.as_ref().map(|Extension(started)| started.clone());
-            tokio::spawn(async move { carry_out(state, client, intent?, started).await })
+            // Behind any single call: a batch must not hold up a call someone waits on.
+            tokio::spawn(async move { carry_out(state, client, intent?, started, Lane::Bulk).await })
         })
         .collect();
     let mut done = Vec::with_capacity(tasks.len());

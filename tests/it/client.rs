@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use friendhook::clock::{self, ManualClock};
-use friendhook::easemob::{ApiFailure, BeforeFirstSend, ClientConfig, EasemobClient, NewUser};
+use friendhook::easemob::{ApiFailure, BeforeFirstSend, ClientConfig, EasemobClient, NewUser, Sending};
 use friendhook::sandbox::{InjectedFault, SandboxConfig};
 use friendhook::secret::Secret;
 use tokio::net::TcpListener;
@@ -429,6 +429,7 @@ async fn the_note_before_the_first_send_runs_once_and_a_failed_one_sends_nothing
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
+    let noting = |note| Sending { before_first_send: Some(note), ..Sending::default() };
     let answer = "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: 2\r\n\r\n{}";
     let (client, requests) = client_of_a_server_answering(answer, false).await;
     let sent = |what: &str| requests.lock().unwrap().iter().filter(|r| r.contains(what)).count();
@@ -440,13 +441,13 @@ async fn the_note_before_the_first_send_runs_once_and_a_failed_one_sends_nothing
         if sent_before == 0 { Ok(()) } else { Err(format!("{sent_before} request(s) left before the note")) }
     });
 
-    let failure = client.change_friendship_noting_send(false, "alice", "bob", note).await.expect_err("503 each time");
+    let failure = client.change_friendship_with(false, "alice", "bob", noting(note)).await.expect_err("503 each time");
     assert!(failure.attempts() > 1, "retried: {failure:?}");
     assert_eq!(notes.load(Ordering::SeqCst), 1, "once, whatever the retries");
     assert_eq!(sent("POST /demo-org/demo-app/users/alice/contacts/users/bob"), failure.attempts() as usize);
 
     let refused: BeforeFirstSend = Box::pin(async { Err("not sent: the database said no".to_string()) });
-    let failure = client.change_friendship_noting_send(true, "alice", "bob", refused).await.expect_err("not sent");
+    let failure = client.change_friendship_with(true, "alice", "bob", noting(refused)).await.expect_err("not sent");
     assert!(
         matches!(&failure, ApiFailure::NotSent { reason } if reason == "not sent: the database said no"),
         "{failure:?}"

@@ -668,3 +668,36 @@ async fn a_batch_sent_again_under_its_idempotency_key_calls_easemob_once() {
     assert_eq!(calls["items"].as_array().map(Vec::len), Some(3), "two from the batch, one single: {calls}");
     app.stop().await;
 }
+
+/// A single trigger sent while a batch waits for the rate limiter does not wait behind the whole
+/// batch: it takes one of the next turns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_single_call_overtakes_a_batch_waiting_for_the_rate_limiter() {
+    let app = TestApp::spawn(&["--easemob-rate-limit", "10"]).await;
+    let friends: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
+    let mut names: Vec<&str> = friends.iter().map(String::as_str).collect();
+    names.extend(["alice", "bob", "carol"]);
+    app.register(&names).await;
+    let pairs: Vec<Value> = friends.iter().map(|f| json!({"owner": "alice", "friend": f})).collect();
+    let batch = tokio::spawn({
+        let (http, url) = (app.client.clone(), app.url("/v1/friends/batch"));
+        async move { http.post(url).json(&json!({"pairs": pairs})).send().await.unwrap().json::<Value>().await }
+    });
+    // The batch's first call is done: the other 19 are queued for their turns.
+    loop {
+        let (_, done) = app.get_json("/v1/calls?outcome=succeeded").await;
+        if !done["items"].as_array().unwrap().is_empty() {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+
+    let (status, single) = app.post_json("/v1/friends", json!({"owner": "bob", "friend": "carol"})).await;
+    assert_eq!((status, single["outcome"].as_str()), (201, Some("succeeded")), "{single}");
+    let batch = batch.await.unwrap().unwrap();
+    let completed: Vec<i64> =
+        batch["results"].as_array().unwrap().iter().map(|r| r["completed_at"].as_i64().unwrap()).collect();
+    let ahead = completed.iter().filter(|&&t| t <= single["completed_at"].as_i64().unwrap()).count();
+    assert!(ahead <= 4, "{ahead} of the batch's 20 calls ended before the single one: {completed:?} / {single}");
+    app.stop().await;
+}
