@@ -59,6 +59,9 @@ pub struct CallView {
     pub friend: String,
     /// Intent time (epoch ms).
     pub requested_at: i64,
+    /// When its turn under the rate limit came, just before its first request left (epoch ms):
+    /// `null` while it waits, and for a call never sent. Not covered by the audit chain.
+    pub sent_at: Option<i64>,
     /// Outcome time (epoch ms).
     pub completed_at: Option<i64>,
     /// succeeded / rejected / failed / unknown / in_flight.
@@ -92,6 +95,7 @@ impl From<CallRecord> for CallView {
             owner: c.owner,
             friend: c.friend,
             requested_at: c.requested_at_ms,
+            sent_at: c.sent_at_ms,
             completed_at: c.completed_at_ms,
             outcome: c.outcome,
             upstream_status: c.upstream_status,

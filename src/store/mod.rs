@@ -408,6 +408,9 @@ pub struct CallRecord {
     pub seq: Option<i64>,
     /// The chain link of the record at `seq`, once the outcome is recorded.
     pub chain_hash: Option<String>,
+    /// When its turn under the rate limit came and it was about to be sent (migration 0010;
+    /// not chained). `None` while it waits, and for a call that never was.
+    pub sent_at_ms: Option<i64>,
 }
 
 impl Default for CallRecord {
@@ -428,12 +431,14 @@ impl Default for CallRecord {
             outcome_detail: None,
             seq: None,
             chain_hash: None,
+            sent_at_ms: None,
         }
     }
 }
 
 pub(crate) const SELECT_CALL: &str = "SELECT id, op, owner, friend, idempotency_key, requested_at_ms, completed_at_ms, \
-     outcome, upstream_status, upstream_error, attempts, response_body, outcome_detail, seq, chain_hash FROM calls";
+     outcome, upstream_status, upstream_error, attempts, response_body, outcome_detail, seq, chain_hash, sent_at_ms \
+     FROM calls";
 
 impl CallRecord {
     pub(crate) fn from_row(row: &SqliteRow) -> Result<Self, sqlx::Error> {
@@ -448,6 +453,7 @@ impl CallRecord {
             outcome_detail: row.try_get("outcome_detail")?,
             seq: row.try_get("seq")?,
             chain_hash: row.try_get("chain_hash")?,
+            sent_at_ms: row.try_get("sent_at_ms")?,
             ..Self::intent_from_row(row)?
         })
     }

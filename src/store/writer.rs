@@ -1255,10 +1255,10 @@ async fn record_outcome(
         outcome_detail: o.outcome_detail.as_deref(),
     };
     let hash = chain::link(&head.hash, &content.canonical());
-    let done = sqlx::query(
+    let done: Option<Option<i64>> = sqlx::query_scalar(
         "UPDATE calls SET completed_at_ms = ?1, outcome = ?2, upstream_status = ?3, upstream_error = ?4,
                 attempts = ?5, response_body = ?6, seq = ?7, prev_hash = ?8, chain_hash = ?9, outcome_detail = ?11
-         WHERE id = ?10 AND outcome IS NULL",
+         WHERE id = ?10 AND outcome IS NULL RETURNING sent_at_ms",
     )
     .bind(now)
     .bind(o.outcome.as_str())
@@ -1271,9 +1271,9 @@ async fn record_outcome(
     .bind(&hash)
     .bind(c.id)
     .bind(&o.outcome_detail)
-    .execute(&mut *tx)
+    .fetch_optional(&mut *tx)
     .await?;
-    if done.rows_affected() != 1 {
+    let Some(sent_at_ms) = done else {
         // Recorded already: a retry whose earlier attempt committed after all (its answer was an
         // error). The first outcome stands, and the retry gets it, instead of failing the batch
         // and every callback that shares it.
@@ -1285,7 +1285,7 @@ async fn record_outcome(
             Some(row) => Ok(CallRecord::from_row(&row)?),
             None => Err(StoreError::Write(format!("call {} has no recorded intent", c.id))),
         };
-    }
+    };
     let record_hash = hash.clone();
     *head = ChainHead { seq, hash };
     Ok(CallRecord {
@@ -1298,6 +1298,7 @@ async fn record_outcome(
         outcome_detail: o.outcome_detail.clone(),
         seq: Some(seq),
         chain_hash: Some(record_hash),
+        sent_at_ms,
         ..c.clone()
     })
 }

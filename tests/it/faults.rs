@@ -766,10 +766,15 @@ async fn a_batch_sent_again_while_its_call_runs_is_told_so_per_pair() {
     let result = &again["results"][0];
     assert_eq!(result["error"]["code"], "idempotency_in_flight", "{again}");
     assert_eq!((result["sent"].as_bool(), result["call_id"].as_i64()), (Some(true), Some(1)), "{again}");
+    let (_, running) = app.get_json("/v1/calls/1").await;
+    assert_eq!(running["outcome"], "in_flight", "{running}");
+    assert!(running["sent_at"].is_i64(), "its turn came and its request left: {running}");
 
     gate.open();
     let first: Value = first.await.unwrap().unwrap().json().await.unwrap();
     assert_eq!(first["results"][0]["outcome"], "succeeded", "{first}");
+    let (sent, done) = (&first["results"][0]["sent_at"], &first["results"][0]["completed_at"]);
+    assert!(sent.as_i64().is_some_and(|sent| sent <= done.as_i64().unwrap()), "{first}");
     let last = send().await.unwrap();
     assert_eq!(last.headers()["idempotent-replayed"], "true");
     assert_eq!(last.json::<Value>().await.unwrap(), first);

@@ -562,11 +562,13 @@ async fn a_call_cut_off_between_intent_and_outcome_is_unknown_after_restart_if_i
     assert_eq!(sent["outcome"], "unknown");
     assert!(sent["completed_at"].is_i64());
     assert!(sent["attempts"].is_null(), "how many attempts were made was lost with the process: {sent}");
+    assert!(sent["sent_at"].is_i64(), "{sent}");
     let detail = sent["outcome_detail"].as_str().expect("says what to check");
     assert!(detail.contains("may or may not have acted"), "{detail}");
     let (_, waiting) = app.get_json(&format!("/v1/calls/{}", ids[1])).await;
     assert_eq!(waiting["outcome"], "failed", "{waiting}");
     assert_eq!(waiting["attempts"], 0, "{waiting}");
+    assert!(waiting["sent_at"].is_null(), "{waiting}");
     let detail = waiting["outcome_detail"].as_str().expect("says it was not sent");
     assert!(detail.starts_with("not sent:") && detail.contains("safe to send again"), "{detail}");
     let m = app.metrics().await;
