@@ -686,11 +686,13 @@ async fn a_single_call_overtakes_a_batch_waiting_for_the_rate_limiter() {
         async move { http.post(url).json(&json!({"pairs": pairs})).send().await.unwrap().json::<Value>().await }
     });
     // The batch's first call is done: the other 19 are queued for their turns.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     loop {
         let (_, done) = app.get_json("/v1/calls?outcome=succeeded").await;
         if !done["items"].as_array().unwrap().is_empty() {
             break;
         }
+        assert!(std::time::Instant::now() < deadline, "no call of the batch ended within 30 s");
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
 
@@ -699,7 +701,10 @@ async fn a_single_call_overtakes_a_batch_waiting_for_the_rate_limiter() {
     let batch = batch.await.unwrap().unwrap();
     let completed: Vec<i64> =
         batch["results"].as_array().unwrap().iter().map(|r| r["completed_at"].as_i64().unwrap()).collect();
-    let ahead = completed.iter().filter(|&&t| t <= single["completed_at"].as_i64().unwrap()).count();
-    assert!(ahead <= 4, "{ahead} of the batch's 20 calls ended before the single one: {completed:?} / {single}");
+    // Behind at most the batch call holding the queue (plus any that left while the single call
+    // was being recorded); without the lanes it waited for all 20. Half is the bound asserted,
+    // so that a stalled machine (a second is 10 turns here) cannot fail it.
+    let after = completed.iter().filter(|&&t| t > single["completed_at"].as_i64().unwrap()).count();
+    assert!(after >= 10, "only {after} of the batch's 20 calls ended after the single one: {completed:?} / {single}");
     app.stop().await;
 }
