@@ -567,10 +567,6 @@ impl OpCounts {
 }
 
 impl RecoveredCalls {
-    pub fn total(self) -> u64 {
-        self.unknown.total() + self.not_sent.total()
-    }
-
     fn count(&mut self, op: CallOp, sent: bool) {
         let counts = if sent { &mut self.unknown } else { &mut self.not_sent };
         match op {
